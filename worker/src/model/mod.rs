@@ -1,0 +1,7 @@
+//! The Wan2.1 text-to-video stack in candle: checkpoint loading, tokenizer, umT5 text encoder,
+//! Wan transformer, Wan VAE decoder, schedulers, initial noise and the pipeline that joins them.
+//! No network code lives here.
+
+pub mod compare;
+pub mod loader;
+pub mod noise;

@@ -1,0 +1,104 @@
+//! Counter-based Gaussian noise: every value is a pure function of (seed, stream, index).
+//!
+//! The initial latents of a render must not depend on how the latent is split across ranks or
+//! windows, so no generator state is ever carried from one element to the next. Each latent frame
+//! is its own ChaCha stream, and inside a frame the element at `(c, h, w)` reads the two 32-bit
+//! words at a fixed counter position. Any shard can therefore produce exactly its own slice, and a
+//! longer video shares the noise of its first frames with a shorter one of the same size.
+
+use candle_core::{DType, Device, Result, Tensor};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+
+/// `len` standard-normal values at counter positions `start..start + len` of `(seed, stream)`.
+pub fn gaussian(seed: u64, stream: u64, start: u64, len: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    // Two words per value (Box-Muller on a pair of uniforms, cosine branch only), so the value at
+    // index i always comes from words 2i and 2i+1.
+    rng.set_word_pos(2 * start as u128);
+    (0..len)
+        .map(|_| {
+            // Uniforms in (0, 1]: never 0, so the logarithm is finite.
+            let u1 = (rng.next_u32() as f64 + 1.0) / 4_294_967_296.0;
+            let u2 = rng.next_u32() as f64 / 4_294_967_296.0;
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect()
+}
+
+/// Shape of a video latent: `(channels, frames, height, width)` in latent units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatentShape {
+    pub channels: usize,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// The initial noise for latent frames `frames.start..frames.end` of a render, shaped
+/// `(1, C, frames.len(), H, W)`. The full latent is `initial_latents(seed, shape, 0..shape.frames)`;
+/// any contiguous frame range of it is bit-identical to the same range generated on its own.
+pub fn initial_latents(
+    seed: u64,
+    shape: LatentShape,
+    frames: std::ops::Range<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let LatentShape { channels, height, width, .. } = shape;
+    if frames.end > shape.frames || frames.start >= frames.end {
+        candle_core::bail!(
+            "latent frame range {frames:?} is empty or outside the latent's {} frames",
+            shape.frames
+        );
+    }
+    let per_frame = channels * height * width;
+    let slices = frames
+        .map(|f| {
+            let values = gaussian(seed, f as u64, 0, per_frame);
+            Tensor::from_vec(values, (channels, 1, height, width), device)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&slices, 1)?.unsqueeze(0)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_depend_only_on_position() {
+        let whole = gaussian(7, 3, 0, 1000);
+        let middle = gaussian(7, 3, 400, 100);
+        assert_eq!(&whole[400..500], &middle[..]);
+        assert_ne!(gaussian(8, 3, 0, 16), whole[..16]);
+        assert_ne!(gaussian(7, 4, 0, 16), whole[..16]);
+    }
+
+    #[test]
+    fn looks_standard_normal() {
+        let v = gaussian(1, 0, 0, 200_000);
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        let beyond_2 = v.iter().filter(|x| x.abs() > 2.0).count() as f64 / n;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.01, "variance {var}");
+        assert!((beyond_2 - 0.0455).abs() < 0.003, "tail mass {beyond_2}");
+    }
+
+    #[test]
+    fn frame_ranges_are_slices_of_the_whole() -> Result<()> {
+        let shape = LatentShape { channels: 16, frames: 6, height: 4, width: 5 };
+        let dev = Device::Cpu;
+        let whole = initial_latents(42, shape, 0..6, DType::F32, &dev)?;
+        let part = initial_latents(42, shape, 2..5, DType::F32, &dev)?;
+        assert_eq!(whole.dims(), &[1, 16, 6, 4, 5]);
+        let diff = (whole.narrow(2, 2, 3)? - part)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        let other = initial_latents(43, shape, 0..6, DType::F32, &dev)?;
+        assert!((whole - other)?.abs()?.max_all()?.to_scalar::<f32>()? > 0.1);
+        Ok(())
+    }
+}
