@@ -1,0 +1,4 @@
+//! Wan2.1 model parts.
+
+pub mod vae;
+mod vae_blocks;

@@ -1,0 +1,346 @@
+//! The decode side of Wan2.1's VAE (diffusers' `AutoencoderKLWan`): the config, latent
+//! un-normalisation, `post_quant_conv` and the causal 3D decoder, run one latent frame at a time
+//! with an explicit feature cache ([`DecoderCache`]) so that a video can be decoded in segments.
+//!
+//! Shapes: latents `(B, z_dim, F, H, W)` decode to `(B, 3, 1 + 4(F-1), 8H, 8W)` in [-1, 1] for
+//! the standard Wan2.1 configuration (three ×2 spatial upsamplers, two of them also ×2 in time,
+//! the first latent frame giving a single output frame).
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::vae_blocks::{AttentionBlock, CausalConv3d, ResidualBlock, RmsNorm, Slot, SlotCounter, Upsample};
+
+/// Wan2.1's latent statistics, diffusers' defaults for `latents_mean` / `latents_std`.
+const WAN21_LATENTS_MEAN: [f64; 16] = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517, -0.3632, -0.1922,
+    -0.9497, 0.2503, -0.2921,
+];
+const WAN21_LATENTS_STD: [f64; 16] = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253,
+    2.8251, 1.9160,
+];
+
+/// `vae/config.json` of an `AutoencoderKLWan` checkpoint. Unknown fields are ignored; missing
+/// ones take diffusers' defaults (which are Wan2.1's real sizes).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub base_dim: usize,
+    /// The decoder's width when it differs from the encoder's (`null` in Wan2.1).
+    pub decoder_base_dim: Option<usize>,
+    pub z_dim: usize,
+    pub dim_mult: Vec<usize>,
+    pub num_res_blocks: usize,
+    /// Only the encoder uses attention scales; the decoder's sole attention is in its mid block.
+    pub attn_scales: Vec<f64>,
+    /// Per encoder stage; the decoder upsamples in time where the encoder downsampled, reversed.
+    pub temperal_downsample: Vec<bool>,
+    pub latents_mean: Vec<f64>,
+    pub latents_std: Vec<f64>,
+    /// Wan2.2's residual up blocks; not supported.
+    pub is_residual: bool,
+    pub out_channels: usize,
+    /// Wan2.2's pixel patching; only `null` / 1 is supported.
+    pub patch_size: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            base_dim: 96,
+            decoder_base_dim: None,
+            z_dim: 16,
+            dim_mult: vec![1, 2, 4, 4],
+            num_res_blocks: 2,
+            attn_scales: Vec::new(),
+            temperal_downsample: vec![false, true, true],
+            latents_mean: WAN21_LATENTS_MEAN.to_vec(),
+            latents_std: WAN21_LATENTS_STD.to_vec(),
+            is_residual: false,
+            out_channels: 3,
+            patch_size: None,
+        }
+    }
+}
+
+/// A VAE configuration this decoder cannot run, with the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("vae config: is_residual is true (the Wan2.2 VAE); only the Wan2.1 VAE is supported")]
+    Residual,
+    #[error("vae config: patch_size {0} (the Wan2.2 VAE); only the Wan2.1 VAE (patch_size null) is supported")]
+    Patched(usize),
+    #[error("vae config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Checks that this is a Wan2.1 VAE whose sizes are consistent.
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        if self.is_residual {
+            return Err(ConfigError::Residual);
+        }
+        if let Some(p) = self.patch_size.filter(|&p| p > 1) {
+            return Err(ConfigError::Patched(p));
+        }
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.dim_mult.is_empty() || self.dim_mult.contains(&0) {
+            return invalid(format!("dim_mult {:?} must be non-empty and positive", self.dim_mult));
+        }
+        if self.decoder_dim() == 0 || self.z_dim == 0 || self.out_channels == 0 {
+            return invalid("base_dim, z_dim and out_channels must be positive".into());
+        }
+        if self.temperal_downsample.len() + 1 < self.dim_mult.len() {
+            return invalid(format!(
+                "temperal_downsample has {} entries, dim_mult {:?} needs {}",
+                self.temperal_downsample.len(),
+                self.dim_mult,
+                self.dim_mult.len() - 1
+            ));
+        }
+        for (name, stats) in [("latents_mean", &self.latents_mean), ("latents_std", &self.latents_std)] {
+            if stats.len() != self.z_dim {
+                return invalid(format!("{name} has {} entries, z_dim is {}", stats.len(), self.z_dim));
+            }
+        }
+        // Each upsampler's conv halves the width, which must leave whole channels.
+        if self.dims().iter().skip(1).any(|d| d % 2 != 0) {
+            return invalid(format!("the decoder widths {:?} must be even", self.dims()));
+        }
+        Ok(())
+    }
+
+    fn decoder_dim(&self) -> usize {
+        self.decoder_base_dim.unwrap_or(self.base_dim)
+    }
+
+    /// The decoder's stage widths: the mid block's, then each up block's output.
+    fn dims(&self) -> Vec<usize> {
+        let dim = self.decoder_dim();
+        let last = self.dim_mult.last().copied().unwrap_or(1);
+        std::iter::once(last).chain(self.dim_mult.iter().rev().copied()).map(|m| dim * m).collect()
+    }
+
+    /// Whether up block `i` upsamples in time (the encoder's downsampling, mirrored).
+    fn temporal_upsample(&self, i: usize) -> bool {
+        let stages = self.dim_mult.len() - 1;
+        self.temperal_downsample[stages - 1 - i]
+    }
+
+    /// The number of video frames `latent_frames` decode to.
+    pub fn output_frames(&self, latent_frames: usize) -> usize {
+        let stages = self.dim_mult.len().saturating_sub(1);
+        let factor: usize = (0..stages).map(|i| if self.temporal_upsample(i) { 2 } else { 1 }).product();
+        if latent_frames == 0 {
+            0
+        } else {
+            1 + factor * (latent_frames - 1)
+        }
+    }
+
+    /// `latents · std + mean` per channel of `(B, z_dim, F, H, W)`: what the pipeline hands the
+    /// decoder (diffusers writes it as `latents / (1 / std) + mean`).
+    pub fn unnormalize_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let channels = latents.dim(1)?;
+        if channels != self.z_dim || self.latents_mean.len() != channels || self.latents_std.len() != channels {
+            candle_core::bail!(
+                "latents have {channels} channels, the VAE config has z_dim {} with {} means and {} stds",
+                self.z_dim,
+                self.latents_mean.len(),
+                self.latents_std.len()
+            );
+        }
+        let mut shape = vec![1; latents.rank()];
+        shape[1] = channels;
+        let stat = |values: &[f64]| -> Result<Tensor> {
+            Tensor::new(values, latents.device())?.to_dtype(latents.dtype())?.reshape(shape.as_slice())
+        };
+        latents.broadcast_mul(&stat(&self.latents_std)?)?.broadcast_add(&stat(&self.latents_mean)?)
+    }
+}
+
+/// The causal state of the decoder after some latent frames: for each temporal convolution the
+/// last input frames it saw (and the time upsamplers' first-chunk marks). Decoding frames
+/// `[a, b)` with the cache left by frames `[0, a)` gives exactly the frames one whole decode
+/// would. Cheap to clone (the tensors are shared), so a segment boundary can be kept.
+#[derive(Debug, Clone, Default)]
+pub struct DecoderCache {
+    slots: Vec<Slot>,
+    latent_frames: usize,
+}
+
+impl DecoderCache {
+    /// The state before the first frame of a video.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many latent frames have gone through this cache.
+    pub fn latent_frames(&self) -> usize {
+        self.latent_frames
+    }
+
+    /// The device the cached frames live on, if any were cached.
+    pub fn device(&self) -> Option<Device> {
+        self.slots.iter().find_map(|s| match s {
+            Slot::Frames(t) => Some(t.device().clone()),
+            _ => None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct UpBlock {
+    resnets: Vec<ResidualBlock>,
+    upsampler: Option<Upsample>,
+}
+
+/// The Wan2.1 VAE decoder: `post_quant_conv` and `decoder.*` of an `AutoencoderKLWan`.
+#[derive(Debug, Clone)]
+pub struct WanVaeDecoder {
+    config: Config,
+    post_quant_conv: CausalConv3d,
+    conv_in: CausalConv3d,
+    mid_resnets: [ResidualBlock; 2],
+    mid_attention: AttentionBlock,
+    up_blocks: Vec<UpBlock>,
+    norm_out: RmsNorm,
+    conv_out: CausalConv3d,
+    /// How many cache slots a [`DecoderCache`] needs.
+    slot_count: usize,
+    dtype: DType,
+}
+
+impl WanVaeDecoder {
+    /// Loads the decoder from the VAE component's weights (the encoder's are not read).
+    pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::wrap)?;
+        let mut slots = SlotCounter::default();
+        let z = config.z_dim;
+        let post_quant_conv = CausalConv3d::new(z, z, (1, 1, 1), 0, vb.pp("post_quant_conv"), &mut slots)?;
+
+        let vb = vb.pp("decoder");
+        let dims = config.dims();
+        let conv_in = CausalConv3d::new(z, dims[0], (3, 3, 3), 1, vb.pp("conv_in"), &mut slots)?;
+        let mid = vb.pp("mid_block");
+        let mid_resnets = [
+            ResidualBlock::new(dims[0], dims[0], mid.pp("resnets.0"), &mut slots)?,
+            ResidualBlock::new(dims[0], dims[0], mid.pp("resnets.1"), &mut slots)?,
+        ];
+        let mid_attention = AttentionBlock::new(dims[0], mid.pp("attentions.0"))?;
+
+        let stages = config.dim_mult.len();
+        let mut up_blocks = Vec::with_capacity(stages);
+        for i in 0..stages {
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            // After the first stage the input comes out of an upsampler, which halved the width.
+            let mut in_dim = if i > 0 { dims[i] / 2 } else { dims[i] };
+            let out_dim = dims[i + 1];
+            let mut resnets = Vec::with_capacity(config.num_res_blocks + 1);
+            for j in 0..=config.num_res_blocks {
+                resnets.push(ResidualBlock::new(in_dim, out_dim, vb.pp(format!("resnets.{j}")), &mut slots)?);
+                in_dim = out_dim;
+            }
+            let upsampler = if i + 1 < stages {
+                let temporal = config.temporal_upsample(i);
+                Some(Upsample::new(out_dim, temporal, vb.pp("upsamplers.0"), &mut slots)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, upsampler });
+        }
+        let last = dims[stages];
+        let norm_out = RmsNorm::new(last, false, vb.pp("norm_out"))?;
+        let conv_out = CausalConv3d::new(last, config.out_channels, (3, 3, 3), 1, vb.pp("conv_out"), &mut slots)?;
+        Ok(Self {
+            config: config.clone(),
+            post_quant_conv,
+            conv_in,
+            mid_resnets,
+            mid_attention,
+            up_blocks,
+            norm_out,
+            conv_out,
+            slot_count: slots.count(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// See [`Config::unnormalize_latents`].
+    pub fn unnormalize_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        self.config.unnormalize_latents(latents)
+    }
+
+    /// Decodes un-normalised latents `(B, z_dim, F, H, W)` into a video `(B, C, F', H', W')` in
+    /// [-1, 1], as diffusers' `AutoencoderKLWan.decode` does. Each video is decoded on its own.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let batch = z.dim(0)?;
+        let videos = (0..batch)
+            .map(|b| self.decode_with_cache(&z.narrow(0, b, 1)?, &mut DecoderCache::new()))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&videos, 0)
+    }
+
+    /// Decodes the latent frames `z` `(1, z_dim, F, H, W)` that follow those already passed
+    /// through `cache`, and leaves in `cache` the state after them. With a fresh cache the
+    /// first latent frame yields one video frame, every later one four (Wan2.1's sizes), so
+    /// decoding `[0, a)` then `[a, b)` gives exactly the frames of decoding `[0, b)` at once.
+    pub fn decode_with_cache(&self, z: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
+        let (batch, channels, frames, _, _) = z.dims5()?;
+        if batch != 1 || channels != self.config.z_dim {
+            candle_core::bail!(
+                "decode_with_cache takes one video of {} latent channels, got shape {:?}",
+                self.config.z_dim,
+                z.dims()
+            );
+        }
+        if cache.slots.is_empty() {
+            cache.slots = vec![Slot::Empty; self.slot_count];
+        } else if cache.slots.len() != self.slot_count {
+            candle_core::bail!(
+                "the decoder cache has {} slots, this decoder needs {}; it comes from another VAE",
+                cache.slots.len(),
+                self.slot_count
+            );
+        }
+        let z = z.to_dtype(self.dtype)?;
+        // Frames-first (F, C, H, W) for the whole decoder; post_quant_conv is pointwise in time.
+        let x = z.squeeze(0)?.permute((1, 0, 2, 3))?.contiguous()?;
+        let x = self.post_quant_conv.forward(&x, &mut cache.slots)?;
+        // One latent frame at a time like diffusers: the time upsamplers treat a video's first
+        // frame apart, and peak memory stays at one chunk's activations.
+        let chunks = (0..frames)
+            .map(|f| {
+                let out = self.decode_chunk(&x.narrow(0, f, 1)?, &mut cache.slots);
+                cache.latent_frames += 1;
+                out
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let video = Tensor::cat(&chunks, 0)?.clamp(-1f64, 1f64)?;
+        video.permute((1, 0, 2, 3))?.unsqueeze(0)?.contiguous()
+    }
+
+    /// The decoder on one chunk of frames `(T, z_dim, H, W)` → `(T', C, 8H, 8W)`, unclamped.
+    fn decode_chunk(&self, x: &Tensor, cache: &mut [Slot]) -> Result<Tensor> {
+        let mut x = self.conv_in.forward(x, cache)?;
+        x = self.mid_resnets[0].forward(&x, cache)?;
+        x = self.mid_attention.forward(&x)?;
+        x = self.mid_resnets[1].forward(&x, cache)?;
+        for block in &self.up_blocks {
+            for resnet in &block.resnets {
+                x = resnet.forward(&x, cache)?;
+            }
+            if let Some(up) = &block.upsampler {
+                x = up.forward(&x, cache)?;
+            }
+        }
+        let x = self.norm_out.forward(&x)?.silu()?;
+        self.conv_out.forward(&x, cache)
+    }
+}
