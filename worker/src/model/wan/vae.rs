@@ -344,3 +344,154 @@ impl WanVaeDecoder {
         self.conv_out.forward(&x, cache)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use candle_core::{DType, Device, IndexOp, Tensor};
+
+    use super::*;
+    use crate::model::compare::relative_l2;
+    use crate::model::loader::{seeded_var_builder, Checkpoint, SafetensorsWeights};
+    use crate::model::noise;
+
+    /// Fixture directories (with `pipeline/` and `cases/`) under `LONGTAKE_REFERENCE_DIR` (a
+    /// path list, each entry a fixture or a directory of fixtures), by default the shared
+    /// `reference` beside the repository and the repository's own `tests/fixtures`.
+    fn fixture_dirs() -> Vec<PathBuf> {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let roots: Vec<PathBuf> = match std::env::var_os("LONGTAKE_REFERENCE_DIR") {
+            Some(list) => std::env::split_paths(&list).collect(),
+            None => vec![repo.join("../shared/reference"), repo.join("tests/fixtures")],
+        };
+        let is_fixture = |d: &Path| d.join("pipeline").is_dir() && d.join("cases").is_dir();
+        let mut dirs = Vec::new();
+        for root in roots {
+            if is_fixture(&root) {
+                dirs.push(root);
+            } else if let Ok(entries) = std::fs::read_dir(&root) {
+                let mut found: Vec<PathBuf> =
+                    entries.filter_map(|e| Some(e.ok()?.path())).filter(|d| is_fixture(d)).collect();
+                found.sort();
+                dirs.extend(found);
+            }
+        }
+        dirs
+    }
+
+    fn random(shape: &[usize], stream: u64) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(noise::gaussian(7, stream, 0, n), shape, &Device::Cpu).unwrap()
+    }
+
+    fn tiny_config(base_dim: usize) -> Config {
+        Config { base_dim, num_res_blocks: 1, ..Config::default() }
+    }
+
+    #[test]
+    fn decode_matches_reference() {
+        let dirs = fixture_dirs();
+        assert!(!dirs.is_empty(), "no reference fixtures found: set LONGTAKE_REFERENCE_DIR");
+        let dev = Device::Cpu;
+        for dir in dirs {
+            let component = Checkpoint::open(dir.join("pipeline")).unwrap().component("vae").unwrap();
+            let config: Config = component.config().unwrap();
+            let vae = WanVaeDecoder::new(&config, component.var_builder(DType::F32, &dev).unwrap()).unwrap();
+            let case = SafetensorsWeights::open_file(dir.join("cases/vae_decode.safetensors")).unwrap();
+            let z = case.load("z", &dev).unwrap();
+            let reference = case.load("video", &dev).unwrap();
+            let ours = vae.decode(&z).unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "{}", dir.display());
+            assert_eq!(ours.dim(2).unwrap(), config.output_frames(z.dim(2).unwrap()));
+            let err = relative_l2(&ours, &reference).unwrap();
+            println!("{}: vae_decode relative L2 {err:.3e}", dir.display());
+            assert!(err <= 1e-4, "{}: vae_decode relative L2 {err:.3e} > 1e-4", dir.display());
+        }
+    }
+
+    #[test]
+    fn decoding_in_segments_equals_one_decode() {
+        let dev = Device::Cpu;
+        let vae = WanVaeDecoder::new(&tiny_config(8), seeded_var_builder(3, DType::F32, &dev)).unwrap();
+        let z = random(&[1, 16, 5, 4, 6], 1);
+        let whole = vae.decode(&z).unwrap();
+        assert_eq!(whole.dims(), &[1, 3, 17, 32, 48]);
+        for split in [1, 2, 4] {
+            let mut cache = DecoderCache::new();
+            let a = vae.decode_with_cache(&z.narrow(2, 0, split).unwrap(), &mut cache).unwrap();
+            assert_eq!(cache.latent_frames(), split);
+            // A saved cache resumes just as well as the live one.
+            let mut resumed = cache.clone();
+            let b = vae.decode_with_cache(&z.narrow(2, split, 5 - split).unwrap(), &mut resumed).unwrap();
+            assert_eq!(a.dim(2).unwrap(), 1 + 4 * (split - 1));
+            let joined = Tensor::cat(&[&a, &b], 2).unwrap();
+            let err = relative_l2(&joined, &whole).unwrap();
+            assert!(err < 1e-6, "split at {split}: relative L2 {err:.3e}");
+        }
+    }
+
+    #[test]
+    fn batch_items_decode_independently() {
+        let dev = Device::Cpu;
+        let vae = WanVaeDecoder::new(&tiny_config(8), seeded_var_builder(5, DType::F32, &dev)).unwrap();
+        let z = random(&[2, 16, 2, 2, 3], 2);
+        let both = vae.decode(&z).unwrap();
+        let second = vae.decode(&z.narrow(0, 1, 1).unwrap()).unwrap();
+        assert!(relative_l2(&both.i(1..2).unwrap(), &second).unwrap() < 1e-7);
+        // The output is clamped, and not constant.
+        let values = both.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(values.iter().all(|v| (-1.0..=1.0).contains(v)));
+        assert!(values.iter().any(|v| (v - values[0]).abs() > 1e-3));
+    }
+
+    #[test]
+    fn a_mismatched_cache_is_refused() {
+        let dev = Device::Cpu;
+        let small = WanVaeDecoder::new(&tiny_config(8), seeded_var_builder(1, DType::F32, &dev)).unwrap();
+        let config = Config { num_res_blocks: 2, ..tiny_config(8) };
+        let other = WanVaeDecoder::new(&config, seeded_var_builder(1, DType::F32, &dev)).unwrap();
+        let z = random(&[1, 16, 1, 2, 2], 3);
+        let mut cache = DecoderCache::new();
+        small.decode_with_cache(&z, &mut cache).unwrap();
+        let err = other.decode_with_cache(&z, &mut cache).unwrap_err().to_string();
+        assert!(err.contains("another VAE"), "{err}");
+    }
+
+    #[test]
+    fn unnormalize_scales_and_shifts_each_channel() {
+        let config = Config::default();
+        let latents = Tensor::ones((1, 16, 2, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        let z = config.unnormalize_latents(&latents).unwrap();
+        let got = z.i((0, .., 1, 0, 0)).unwrap().to_vec1::<f32>().unwrap();
+        for (c, v) in got.iter().enumerate() {
+            let want = config.latents_std[c] + config.latents_mean[c];
+            assert!((*v as f64 - want).abs() < 1e-5, "channel {c}: {v} vs {want}");
+        }
+        let wrong = Tensor::ones((1, 4, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
+        assert!(config.unnormalize_latents(&wrong).is_err());
+    }
+
+    #[test]
+    fn unsupported_configs_are_named() {
+        let parse = |json: &str| serde_json::from_str::<Config>(json).unwrap();
+        let cfg = parse(r#"{"base_dim": 16, "some_new_field": 3}"#);
+        assert_eq!(cfg.base_dim, 16);
+        assert_eq!(cfg.z_dim, 16);
+        assert!(cfg.validate().is_ok());
+        assert_eq!(cfg.output_frames(21), 81);
+        let residual = parse(r#"{"is_residual": true}"#).validate().unwrap_err().to_string();
+        assert!(residual.contains("is_residual"), "{residual}");
+        let patched = parse(r#"{"patch_size": 2}"#).validate().unwrap_err().to_string();
+        assert!(patched.contains("patch_size"), "{patched}");
+        let stats = parse(r#"{"z_dim": 48}"#).validate().unwrap_err().to_string();
+        assert!(stats.contains("latents_mean"), "{stats}");
+        let err = WanVaeDecoder::new(
+            &parse(r#"{"is_residual": true}"#),
+            seeded_var_builder(0, DType::F32, &Device::Cpu),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is_residual"), "{err}");
+    }
+}
