@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::vae_blocks::{AttentionBlock, CausalConv3d, ResidualBlock, RmsNorm, Slot, SlotCounter, Upsample};
+use super::vae_blocks::{AttentionBlock, ResidualBlock, RmsNorm, Slot, SlotCounter, Upsample};
+use super::vae_conv::CausalConv3d;
 
 /// Wan2.1's latent statistics, diffusers' defaults for `latents_mean` / `latents_std`.
 const WAN21_LATENTS_MEAN: [f64; 16] = [
@@ -219,11 +220,11 @@ impl WanVaeDecoder {
         config.validate().map_err(candle_core::Error::wrap)?;
         let mut slots = SlotCounter::default();
         let z = config.z_dim;
-        let post_quant_conv = CausalConv3d::new(z, z, (1, 1, 1), 0, vb.pp("post_quant_conv"), &mut slots)?;
+        let post_quant_conv = CausalConv3d::new(z, z, (1, 1, 1), vb.pp("post_quant_conv"), &mut slots)?;
 
         let vb = vb.pp("decoder");
         let dims = config.dims();
-        let conv_in = CausalConv3d::new(z, dims[0], (3, 3, 3), 1, vb.pp("conv_in"), &mut slots)?;
+        let conv_in = CausalConv3d::new(z, dims[0], (3, 3, 3), vb.pp("conv_in"), &mut slots)?;
         let mid = vb.pp("mid_block");
         let mid_resnets = [
             ResidualBlock::new(dims[0], dims[0], mid.pp("resnets.0"), &mut slots)?,
@@ -253,7 +254,7 @@ impl WanVaeDecoder {
         }
         let last = dims[stages];
         let norm_out = RmsNorm::new(last, false, vb.pp("norm_out"))?;
-        let conv_out = CausalConv3d::new(last, config.out_channels, (3, 3, 3), 1, vb.pp("conv_out"), &mut slots)?;
+        let conv_out = CausalConv3d::new(last, config.out_channels, (3, 3, 3), vb.pp("conv_out"), &mut slots)?;
         Ok(Self {
             config: config.clone(),
             post_quant_conv,

@@ -10,6 +10,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::vae_conv::{CausalConv3d, Conv2d};
+
 /// The state a causal layer keeps between two chunks of frames (diffusers' `feat_cache` entry).
 #[derive(Debug, Clone, Default)]
 pub(crate) enum Slot {
@@ -36,102 +38,6 @@ impl SlotCounter {
 
     pub(crate) fn count(&self) -> usize {
         self.0
-    }
-}
-
-/// `WanCausalConv3d`: a 3D convolution padded on the past side only in time and symmetrically in
-/// space. Candle has no conv3d, so the `kernel_t` temporal taps are stacked along the channels
-/// (frame `t` of tap `k` is input frame `t + k`) and run as one 2D convolution over the frames;
-/// one larger matmul is faster than `kernel_t` small ones plus their sums.
-#[derive(Debug, Clone)]
-pub(crate) struct CausalConv3d {
-    /// `(C_out, kernel_t * C_in, k_h, k_w)`, tap-major along the input channels.
-    weight: Tensor,
-    /// `(1, C_out, 1, 1)`, ready to broadcast over frames.
-    bias: Tensor,
-    kernel_t: usize,
-    padding: usize,
-    slot: usize,
-}
-
-impl CausalConv3d {
-    /// `kernel` is `(t, h, w)` with `h == w`; `padding` is the spatial padding (the temporal one
-    /// is always `kernel_t - 1` frames of history).
-    pub(crate) fn new(
-        in_dim: usize,
-        out_dim: usize,
-        kernel: (usize, usize, usize),
-        padding: usize,
-        vb: VarBuilder,
-        slots: &mut SlotCounter,
-    ) -> Result<Self> {
-        let (kt, kh, kw) = kernel;
-        let w = vb.get((out_dim, in_dim, kt, kh, kw), "weight")?;
-        let weight = w
-            .permute((0, 2, 1, 3, 4))?
-            .reshape((out_dim, kt * in_dim, kh, kw))?
-            .contiguous()?;
-        let bias = vb.get(out_dim, "bias")?.reshape((1, out_dim, 1, 1))?;
-        let slot = if kt > 1 { slots.next() } else { usize::MAX };
-        Ok(Self { weight, bias, kernel_t: kt, padding, slot })
-    }
-
-    /// The convolution of `x` `(T, C_in, H, W)` given the frames before it, `(T, C_out, H', W')`.
-    /// Updates the layer's slot with the last `kernel_t - 1` frames of its input.
-    pub(crate) fn forward(&self, x: &Tensor, cache: &mut [Slot]) -> Result<Tensor> {
-        if self.kernel_t == 1 {
-            // Pointwise in time: diffusers keeps no cache for these either.
-            return self.conv(x);
-        }
-        let history = self.kernel_t - 1;
-        let past = match &cache[self.slot] {
-            Slot::Frames(frames) => frames.clone(),
-            Slot::Empty | Slot::Started => {
-                let (_, c, h, w) = x.dims4()?;
-                Tensor::zeros((history, c, h, w), x.dtype(), x.device())?
-            }
-        };
-        let padded = Tensor::cat(&[&past, x], 0)?;
-        let t = x.dim(0)?;
-        // Copy the kept frames out so that the cache does not pin the whole padded input.
-        cache[self.slot] = Slot::Frames(padded.narrow(0, t, history)?.copy()?);
-        self.conv_padded(&padded, t)
-    }
-
-    /// The convolution of `padded` `(T + kernel_t - 1, C_in, H, W)`, whose first frames are the
-    /// history, without touching any cache.
-    fn conv_padded(&self, padded: &Tensor, t: usize) -> Result<Tensor> {
-        let taps: Vec<Tensor> = (0..self.kernel_t)
-            .map(|k| padded.narrow(0, k, t))
-            .collect::<Result<_>>()?;
-        let stacked = Tensor::cat(&taps, 1)?;
-        self.conv(&stacked)
-    }
-
-    fn conv(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, 1, 1, 1)?.broadcast_add(&self.bias)
-    }
-}
-
-/// A plain 2D convolution with bias over `(N, C, H, W)`.
-#[derive(Debug, Clone)]
-pub(crate) struct Conv2d {
-    weight: Tensor,
-    bias: Tensor,
-    padding: usize,
-}
-
-impl Conv2d {
-    pub(crate) fn new(in_dim: usize, out_dim: usize, k: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim, k, k), "weight")?;
-        let bias = vb.get(out_dim, "bias")?.reshape((1, out_dim, 1, 1))?;
-        Ok(Self { weight, bias, padding })
-    }
-}
-
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, 1, 1, 1)?.broadcast_add(&self.bias)
     }
 }
 
@@ -181,11 +87,11 @@ pub(crate) struct ResidualBlock {
 impl ResidualBlock {
     pub(crate) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder, slots: &mut SlotCounter) -> Result<Self> {
         let norm1 = RmsNorm::new(in_dim, false, vb.pp("norm1"))?;
-        let conv1 = CausalConv3d::new(in_dim, out_dim, (3, 3, 3), 1, vb.pp("conv1"), slots)?;
+        let conv1 = CausalConv3d::new(in_dim, out_dim, (3, 3, 3), vb.pp("conv1"), slots)?;
         let norm2 = RmsNorm::new(out_dim, false, vb.pp("norm2"))?;
-        let conv2 = CausalConv3d::new(out_dim, out_dim, (3, 3, 3), 1, vb.pp("conv2"), slots)?;
+        let conv2 = CausalConv3d::new(out_dim, out_dim, (3, 3, 3), vb.pp("conv2"), slots)?;
         let shortcut = if in_dim != out_dim {
-            Some(CausalConv3d::new(in_dim, out_dim, (1, 1, 1), 0, vb.pp("conv_shortcut"), slots)?)
+            Some(CausalConv3d::new(in_dim, out_dim, (1, 1, 1), vb.pp("conv_shortcut"), slots)?)
         } else {
             None
         };
@@ -217,8 +123,8 @@ pub(crate) struct AttentionBlock {
 impl AttentionBlock {
     pub(crate) fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let norm = RmsNorm::new(dim, true, vb.pp("norm"))?;
-        let to_qkv = Conv2d::new(dim, 3 * dim, 1, 0, vb.pp("to_qkv"))?;
-        let proj = Conv2d::new(dim, dim, 1, 0, vb.pp("proj"))?;
+        let to_qkv = Conv2d::new(dim, 3 * dim, 1, vb.pp("to_qkv"))?;
+        let proj = Conv2d::new(dim, dim, 1, vb.pp("proj"))?;
         Ok(Self { norm, to_qkv, proj, dim })
     }
 }
@@ -253,13 +159,13 @@ pub(crate) struct Upsample {
 impl Upsample {
     pub(crate) fn new(dim: usize, temporal: bool, vb: VarBuilder, slots: &mut SlotCounter) -> Result<Self> {
         let (time_conv, slot) = if temporal {
-            let conv = CausalConv3d::new(dim, 2 * dim, (3, 1, 1), 0, vb.pp("time_conv"), slots)?;
+            let conv = CausalConv3d::new(dim, 2 * dim, (3, 1, 1), vb.pp("time_conv"), slots)?;
             let slot = conv.slot;
             (Some(conv), slot)
         } else {
             (None, usize::MAX)
         };
-        let resample = Conv2d::new(dim, dim / 2, 3, 1, vb.pp("resample.1"))?;
+        let resample = Conv2d::new(dim, dim / 2, 3, vb.pp("resample.1"))?;
         Ok(Self { resample, time_conv, slot })
     }
 
