@@ -341,7 +341,7 @@ impl WanVaeDecoder {
                 x = up.forward(&x, cache)?;
             }
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x, cache)
     }
 }

@@ -7,7 +7,8 @@
 //! slices along the first dimension and the time upsampler's interleave is a free reshape.
 //! The tensor names mirror diffusers' `AutoencoderKLWan` exactly.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use rayon::prelude::*;
 use candle_nn::VarBuilder;
 
 use super::vae_conv::{CausalConv3d, Conv2d};
@@ -42,11 +43,14 @@ impl SlotCounter {
 }
 
 /// `WanRMS_norm` (without bias, as in Wan2.1): `x / max(‖x‖₂, 1e-12) · √C · γ` over the channel
-/// dimension of `(N, C, H, W)`, computed in f32 whatever the model dtype.
+/// dimension of `(N, C, H, W)`, computed in f32 whatever the model dtype. Every use but the
+/// attention's is followed by SiLU, which [`RmsNorm::forward_silu`] fuses in.
 #[derive(Debug, Clone)]
 pub(crate) struct RmsNorm {
     /// `γ · √C` as `(C, 1, 1)`, f32.
     scale: Tensor,
+    /// The same values on the host, for the fused CPU kernel.
+    scale_host: Vec<f32>,
 }
 
 impl RmsNorm {
@@ -59,17 +63,98 @@ impl RmsNorm {
             vb.get((dim, 1, 1, 1), "gamma")?
         };
         let scale = (gamma.to_dtype(DType::F32)?.reshape((dim, 1, 1))? * (dim as f64).sqrt())?;
-        Ok(Self { scale })
+        let scale_host = scale.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self { scale, scale_host })
+    }
+
+    /// `silu(norm(x))`.
+    pub(crate) fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let y = if x.device().is_cpu() {
+            // One pass over memory instead of the six of the tensor-op version below.
+            x.contiguous()?.apply_op1_no_bwd(&ChannelRmsNorm { scale: &self.scale_host, silu })?
+        } else {
+            // F.normalize's eps bounds the norm from below, it is not added to it.
+            let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f64, f64::INFINITY)?;
+            let y = x.broadcast_div(&norm)?.broadcast_mul(&self.scale)?;
+            if silu {
+                y.silu()?
+            } else {
+                y
+            }
+        };
+        y.to_dtype(dtype)
     }
 }
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        // F.normalize's eps bounds the norm from below, it is not added to it.
-        let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f64, f64::INFINITY)?;
-        x.broadcast_div(&norm)?.broadcast_mul(&self.scale)?.to_dtype(dtype)
+        self.apply(x, false)
+    }
+}
+
+/// The CPU kernel of [`RmsNorm`] on contiguous f32 `(N, C, H, W)`, optionally followed by SiLU.
+struct ChannelRmsNorm<'a> {
+    scale: &'a [f32],
+    silu: bool,
+}
+
+impl ChannelRmsNorm<'_> {
+    /// Pixels normalised together: their channel sums stay in L1 while the channels stream by.
+    const BLOCK: usize = 256;
+
+    fn frame(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
+        let channels = self.scale.len();
+        let mut inv = [0f32; Self::BLOCK];
+        for p0 in (0..pixels).step_by(Self::BLOCK) {
+            let len = Self::BLOCK.min(pixels - p0);
+            let inv = &mut inv[..len];
+            inv.fill(0.0);
+            for c in 0..channels {
+                let row = &src[c * pixels + p0..c * pixels + p0 + len];
+                for (acc, v) in inv.iter_mut().zip(row) {
+                    *acc += v * v;
+                }
+            }
+            for acc in inv.iter_mut() {
+                *acc = 1.0 / acc.sqrt().max(1e-12);
+            }
+            for (c, &scale) in self.scale.iter().enumerate() {
+                let range = c * pixels + p0..c * pixels + p0 + len;
+                for ((out, v), i) in dst[range.clone()].iter_mut().zip(&src[range]).zip(inv.iter()) {
+                    let y = v * i * scale;
+                    *out = if self.silu { y / (1.0 + (-y).exp()) } else { y };
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for ChannelRmsNorm<'_> {
+    fn name(&self) -> &'static str {
+        "wan-vae-channel-rms-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let (CpuStorage::F32(src), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("channel rms norm needs contiguous f32");
+        };
+        if c != self.scale.len() {
+            candle_core::bail!("channel rms norm over {c} channels with {} scales", self.scale.len());
+        }
+        let src = &src[start..end];
+        let frame = c * h * w;
+        let mut dst = vec![0f32; n * frame];
+        dst.par_chunks_mut(frame.max(1))
+            .zip(src.par_chunks(frame.max(1)))
+            .for_each(|(dst, src)| self.frame(src, dst, h * w));
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 }
 
@@ -103,9 +188,9 @@ impl ResidualBlock {
             Some(conv) => conv.forward(x, cache)?,
             None => x.clone(),
         };
-        let h = self.norm1.forward(x)?.silu()?;
+        let h = self.norm1.forward_silu(x)?;
         let h = self.conv1.forward(&h, cache)?;
-        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h, cache)?;
         h + residual
     }
@@ -186,5 +271,33 @@ impl Upsample {
         // Nearest-exact at an integer ×2 factor is plain nearest; diffusers upsamples in f32.
         let up = x.to_dtype(DType::F32)?.upsample_nearest2d(2 * h, 2 * w)?.to_dtype(dtype)?;
         self.resample.forward(&up)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Module, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::*;
+    use crate::model::compare::relative_l2;
+
+    #[test]
+    fn fused_norm_matches_its_definition() {
+        let dev = Device::Cpu;
+        let gamma = Tensor::randn(1f32, 0.3, (5, 1, 1, 1), &dev).unwrap();
+        let vb = VarBuilder::from_tensors([("gamma".to_string(), gamma.clone())].into(), DType::F32, &dev);
+        let norm = RmsNorm::new(5, false, vb).unwrap();
+        // 300 pixels: one full block of 256 and a partial one; one pixel all zeros.
+        let x = Tensor::randn(0f32, 2.0, (3, 5, 10, 30), &dev).unwrap();
+        let x = x.slice_assign(&[0..1, 0..5, 0..1, 0..1], &Tensor::zeros((1, 5, 1, 1), DType::F32, &dev).unwrap()).unwrap();
+        let l2 = x.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap().clamp(1e-12f64, f64::INFINITY).unwrap();
+        let want = (x.broadcast_div(&l2).unwrap() * 5f64.sqrt())
+            .unwrap()
+            .broadcast_mul(&gamma.reshape((5, 1, 1)).unwrap())
+            .unwrap();
+        assert!(relative_l2(&norm.forward(&x).unwrap(), &want).unwrap() < 1e-6);
+        let want = want.silu().unwrap();
+        assert!(relative_l2(&norm.forward_silu(&x).unwrap(), &want).unwrap() < 1e-6);
     }
 }
