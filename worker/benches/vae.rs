@@ -48,11 +48,30 @@ fn time_case(case: &Case, device: &Device) -> candle_core::Result<()> {
 fn main() -> candle_core::Result<()> {
     let full = std::env::args().any(|a| a == "--bench");
     let device = Device::Cpu;
-    let fixture = Config { base_dim: 8, num_res_blocks: 1, ..Config::default() };
-    let mut cases = vec![Case { name: "fixture-size (base_dim 8)", config: fixture.clone(), latent: (3, 4, 6), runs: 3 }];
+    let fixture = Config {
+        base_dim: 8,
+        num_res_blocks: 1,
+        ..Config::default()
+    };
+    let mut cases = vec![Case {
+        name: "fixture-size (base_dim 8)",
+        config: fixture.clone(),
+        latent: (3, 4, 6),
+        runs: 3,
+    }];
     if full {
-        cases.push(Case { name: "tiny model (base_dim 8)", config: fixture, latent: (21, 32, 32), runs: 1 });
-        cases.push(Case { name: "real Wan2.1 dims (base_dim 96)", config: Config::default(), latent: (5, 16, 16), runs: 1 });
+        cases.push(Case {
+            name: "tiny model (base_dim 8)",
+            config: fixture,
+            latent: (21, 32, 32),
+            runs: 1,
+        });
+        cases.push(Case {
+            name: "real Wan2.1 dims (base_dim 96)",
+            config: Config::default(),
+            latent: (5, 16, 16),
+            runs: 1,
+        });
     } else {
         cases[0].runs = 1;
     }

@@ -6,7 +6,7 @@
 //! the standard Wan2.1 configuration (three ×2 spatial upsamplers, two of them also ×2 in time,
 //! the first latent frame giving a single output frame).
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -15,12 +15,12 @@ use super::vae_conv::CausalConv3d;
 
 /// Wan2.1's latent statistics, diffusers' defaults for `latents_mean` / `latents_std`.
 const WAN21_LATENTS_MEAN: [f64; 16] = [
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517, -0.3632, -0.1922,
-    -0.9497, 0.2503, -0.2921,
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+    -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
 ];
 const WAN21_LATENTS_STD: [f64; 16] = [
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253,
-    2.8251, 1.9160,
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+    1.6382, 1.1253, 2.8251, 1.9160,
 ];
 
 /// `vae/config.json` of an `AutoencoderKLWan` checkpoint. Unknown fields are ignored; missing
@@ -88,7 +88,10 @@ impl Config {
         }
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.dim_mult.is_empty() || self.dim_mult.contains(&0) {
-            return invalid(format!("dim_mult {:?} must be non-empty and positive", self.dim_mult));
+            return invalid(format!(
+                "dim_mult {:?} must be non-empty and positive",
+                self.dim_mult
+            ));
         }
         if self.decoder_dim() == 0 || self.z_dim == 0 || self.out_channels == 0 {
             return invalid("base_dim, z_dim and out_channels must be positive".into());
@@ -101,9 +104,16 @@ impl Config {
                 self.dim_mult.len() - 1
             ));
         }
-        for (name, stats) in [("latents_mean", &self.latents_mean), ("latents_std", &self.latents_std)] {
+        for (name, stats) in [
+            ("latents_mean", &self.latents_mean),
+            ("latents_std", &self.latents_std),
+        ] {
             if stats.len() != self.z_dim {
-                return invalid(format!("{name} has {} entries, z_dim is {}", stats.len(), self.z_dim));
+                return invalid(format!(
+                    "{name} has {} entries, z_dim is {}",
+                    stats.len(),
+                    self.z_dim
+                ));
             }
         }
         // Each upsampler's conv halves the width, which must leave whole channels.
@@ -121,7 +131,10 @@ impl Config {
     fn dims(&self) -> Vec<usize> {
         let dim = self.decoder_dim();
         let last = self.dim_mult.last().copied().unwrap_or(1);
-        std::iter::once(last).chain(self.dim_mult.iter().rev().copied()).map(|m| dim * m).collect()
+        std::iter::once(last)
+            .chain(self.dim_mult.iter().rev().copied())
+            .map(|m| dim * m)
+            .collect()
     }
 
     /// Whether up block `i` upsamples in time (the encoder's downsampling, mirrored).
@@ -133,7 +146,9 @@ impl Config {
     /// The number of video frames `latent_frames` decode to.
     pub fn output_frames(&self, latent_frames: usize) -> usize {
         let stages = self.dim_mult.len().saturating_sub(1);
-        let factor: usize = (0..stages).map(|i| if self.temporal_upsample(i) { 2 } else { 1 }).product();
+        let factor: usize = (0..stages)
+            .map(|i| if self.temporal_upsample(i) { 2 } else { 1 })
+            .product();
         if latent_frames == 0 {
             0
         } else {
@@ -145,7 +160,10 @@ impl Config {
     /// decoder (diffusers writes it as `latents / (1 / std) + mean`).
     pub fn unnormalize_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let channels = latents.dim(1)?;
-        if channels != self.z_dim || self.latents_mean.len() != channels || self.latents_std.len() != channels {
+        if channels != self.z_dim
+            || self.latents_mean.len() != channels
+            || self.latents_std.len() != channels
+        {
             candle_core::bail!(
                 "latents have {channels} channels, the VAE config has z_dim {} with {} means and {} stds",
                 self.z_dim,
@@ -156,9 +174,13 @@ impl Config {
         let mut shape = vec![1; latents.rank()];
         shape[1] = channels;
         let stat = |values: &[f64]| -> Result<Tensor> {
-            Tensor::new(values, latents.device())?.to_dtype(latents.dtype())?.reshape(shape.as_slice())
+            Tensor::new(values, latents.device())?
+                .to_dtype(latents.dtype())?
+                .reshape(shape.as_slice())
         };
-        latents.broadcast_mul(&stat(&self.latents_std)?)?.broadcast_add(&stat(&self.latents_mean)?)
+        latents
+            .broadcast_mul(&stat(&self.latents_std)?)?
+            .broadcast_add(&stat(&self.latents_mean)?)
     }
 }
 
@@ -181,14 +203,6 @@ impl DecoderCache {
     /// How many latent frames have gone through this cache.
     pub fn latent_frames(&self) -> usize {
         self.latent_frames
-    }
-
-    /// The device the cached frames live on, if any were cached.
-    pub fn device(&self) -> Option<Device> {
-        self.slots.iter().find_map(|s| match s {
-            Slot::Frames(t) => Some(t.device().clone()),
-            _ => None,
-        })
     }
 }
 
@@ -220,7 +234,8 @@ impl WanVaeDecoder {
         config.validate().map_err(candle_core::Error::wrap)?;
         let mut slots = SlotCounter::default();
         let z = config.z_dim;
-        let post_quant_conv = CausalConv3d::new(z, z, (1, 1, 1), vb.pp("post_quant_conv"), &mut slots)?;
+        let post_quant_conv =
+            CausalConv3d::new(z, z, (1, 1, 1), vb.pp("post_quant_conv"), &mut slots)?;
 
         let vb = vb.pp("decoder");
         let dims = config.dims();
@@ -241,12 +256,22 @@ impl WanVaeDecoder {
             let out_dim = dims[i + 1];
             let mut resnets = Vec::with_capacity(config.num_res_blocks + 1);
             for j in 0..=config.num_res_blocks {
-                resnets.push(ResidualBlock::new(in_dim, out_dim, vb.pp(format!("resnets.{j}")), &mut slots)?);
+                resnets.push(ResidualBlock::new(
+                    in_dim,
+                    out_dim,
+                    vb.pp(format!("resnets.{j}")),
+                    &mut slots,
+                )?);
                 in_dim = out_dim;
             }
             let upsampler = if i + 1 < stages {
                 let temporal = config.temporal_upsample(i);
-                Some(Upsample::new(out_dim, temporal, vb.pp("upsamplers.0"), &mut slots)?)
+                Some(Upsample::new(
+                    out_dim,
+                    temporal,
+                    vb.pp("upsamplers.0"),
+                    &mut slots,
+                )?)
             } else {
                 None
             };
@@ -254,7 +279,13 @@ impl WanVaeDecoder {
         }
         let last = dims[stages];
         let norm_out = RmsNorm::new(last, false, vb.pp("norm_out"))?;
-        let conv_out = CausalConv3d::new(last, config.out_channels, (3, 3, 3), vb.pp("conv_out"), &mut slots)?;
+        let conv_out = CausalConv3d::new(
+            last,
+            config.out_channels,
+            (3, 3, 3),
+            vb.pp("conv_out"),
+            &mut slots,
+        )?;
         Ok(Self {
             config: config.clone(),
             post_quant_conv,
@@ -318,12 +349,14 @@ impl WanVaeDecoder {
         // frame apart, and peak memory stays at one chunk's activations.
         let chunks = (0..frames)
             .map(|f| {
-                let out = self.decode_chunk(&x.narrow(0, f, 1)?, &mut cache.slots);
+                let out = self
+                    .decode_chunk(&x.narrow(0, f, 1)?, &mut cache.slots)?
+                    .clamp(-1f64, 1f64);
                 cache.latent_frames += 1;
                 out
             })
             .collect::<Result<Vec<_>>>()?;
-        let video = Tensor::cat(&chunks, 0)?.clamp(-1f64, 1f64)?;
+        let video = Tensor::cat(&chunks, 0)?;
         video.permute((1, 0, 2, 3))?.unsqueeze(0)?.contiguous()
     }
 
@@ -364,7 +397,10 @@ mod tests {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let roots: Vec<PathBuf> = match std::env::var_os("LONGTAKE_REFERENCE_DIR") {
             Some(list) => std::env::split_paths(&list).collect(),
-            None => vec![repo.join("../shared/reference"), repo.join("tests/fixtures")],
+            None => vec![
+                repo.join("../shared/reference"),
+                repo.join("tests/fixtures"),
+            ],
         };
         let is_fixture = |d: &Path| d.join("pipeline").is_dir() && d.join("cases").is_dir();
         let mut dirs = Vec::new();
@@ -372,8 +408,10 @@ mod tests {
             if is_fixture(&root) {
                 dirs.push(root);
             } else if let Ok(entries) = std::fs::read_dir(&root) {
-                let mut found: Vec<PathBuf> =
-                    entries.filter_map(|e| Some(e.ok()?.path())).filter(|d| is_fixture(d)).collect();
+                let mut found: Vec<PathBuf> = entries
+                    .filter_map(|e| Some(e.ok()?.path()))
+                    .filter(|d| is_fixture(d))
+                    .collect();
                 found.sort();
                 dirs.extend(found);
             }
@@ -387,44 +425,68 @@ mod tests {
     }
 
     fn tiny_config(base_dim: usize) -> Config {
-        Config { base_dim, num_res_blocks: 1, ..Config::default() }
+        Config {
+            base_dim,
+            num_res_blocks: 1,
+            ..Config::default()
+        }
     }
 
     #[test]
     fn decode_matches_reference() {
         let dirs = fixture_dirs();
-        assert!(!dirs.is_empty(), "no reference fixtures found: set LONGTAKE_REFERENCE_DIR");
+        assert!(
+            !dirs.is_empty(),
+            "no reference fixtures found: set LONGTAKE_REFERENCE_DIR"
+        );
         let dev = Device::Cpu;
         for dir in dirs {
-            let component = Checkpoint::open(dir.join("pipeline")).unwrap().component("vae").unwrap();
+            let component = Checkpoint::open(dir.join("pipeline"))
+                .unwrap()
+                .component("vae")
+                .unwrap();
             let config: Config = component.config().unwrap();
-            let vae = WanVaeDecoder::new(&config, component.var_builder(DType::F32, &dev).unwrap()).unwrap();
-            let case = SafetensorsWeights::open_file(dir.join("cases/vae_decode.safetensors")).unwrap();
+            let vae = WanVaeDecoder::new(&config, component.var_builder(DType::F32, &dev).unwrap())
+                .unwrap();
+            let case =
+                SafetensorsWeights::open_file(dir.join("cases/vae_decode.safetensors")).unwrap();
             let z = case.load("z", &dev).unwrap();
             let reference = case.load("video", &dev).unwrap();
             let ours = vae.decode(&z).unwrap();
             assert_eq!(ours.dims(), reference.dims(), "{}", dir.display());
-            assert_eq!(ours.dim(2).unwrap(), config.output_frames(z.dim(2).unwrap()));
+            assert_eq!(
+                ours.dim(2).unwrap(),
+                config.output_frames(z.dim(2).unwrap())
+            );
             let err = relative_l2(&ours, &reference).unwrap();
             println!("{}: vae_decode relative L2 {err:.3e}", dir.display());
-            assert!(err <= 1e-4, "{}: vae_decode relative L2 {err:.3e} > 1e-4", dir.display());
+            assert!(
+                err <= 1e-4,
+                "{}: vae_decode relative L2 {err:.3e} > 1e-4",
+                dir.display()
+            );
         }
     }
 
     #[test]
     fn decoding_in_segments_equals_one_decode() {
         let dev = Device::Cpu;
-        let vae = WanVaeDecoder::new(&tiny_config(8), seeded_var_builder(3, DType::F32, &dev)).unwrap();
+        let vae =
+            WanVaeDecoder::new(&tiny_config(8), seeded_var_builder(3, DType::F32, &dev)).unwrap();
         let z = random(&[1, 16, 5, 4, 6], 1);
         let whole = vae.decode(&z).unwrap();
         assert_eq!(whole.dims(), &[1, 3, 17, 32, 48]);
         for split in [1, 2, 4] {
             let mut cache = DecoderCache::new();
-            let a = vae.decode_with_cache(&z.narrow(2, 0, split).unwrap(), &mut cache).unwrap();
+            let a = vae
+                .decode_with_cache(&z.narrow(2, 0, split).unwrap(), &mut cache)
+                .unwrap();
             assert_eq!(cache.latent_frames(), split);
             // A saved cache resumes just as well as the live one.
             let mut resumed = cache.clone();
-            let b = vae.decode_with_cache(&z.narrow(2, split, 5 - split).unwrap(), &mut resumed).unwrap();
+            let b = vae
+                .decode_with_cache(&z.narrow(2, split, 5 - split).unwrap(), &mut resumed)
+                .unwrap();
             assert_eq!(a.dim(2).unwrap(), 1 + 4 * (split - 1));
             let joined = Tensor::cat(&[&a, &b], 2).unwrap();
             let err = relative_l2(&joined, &whole).unwrap();
@@ -435,7 +497,8 @@ mod tests {
     #[test]
     fn batch_items_decode_independently() {
         let dev = Device::Cpu;
-        let vae = WanVaeDecoder::new(&tiny_config(8), seeded_var_builder(5, DType::F32, &dev)).unwrap();
+        let vae =
+            WanVaeDecoder::new(&tiny_config(8), seeded_var_builder(5, DType::F32, &dev)).unwrap();
         let z = random(&[2, 16, 2, 2, 3], 2);
         let both = vae.decode(&z).unwrap();
         let second = vae.decode(&z.narrow(0, 1, 1).unwrap()).unwrap();
@@ -449,13 +512,20 @@ mod tests {
     #[test]
     fn a_mismatched_cache_is_refused() {
         let dev = Device::Cpu;
-        let small = WanVaeDecoder::new(&tiny_config(8), seeded_var_builder(1, DType::F32, &dev)).unwrap();
-        let config = Config { num_res_blocks: 2, ..tiny_config(8) };
+        let small =
+            WanVaeDecoder::new(&tiny_config(8), seeded_var_builder(1, DType::F32, &dev)).unwrap();
+        let config = Config {
+            num_res_blocks: 2,
+            ..tiny_config(8)
+        };
         let other = WanVaeDecoder::new(&config, seeded_var_builder(1, DType::F32, &dev)).unwrap();
         let z = random(&[1, 16, 1, 2, 2], 3);
         let mut cache = DecoderCache::new();
         small.decode_with_cache(&z, &mut cache).unwrap();
-        let err = other.decode_with_cache(&z, &mut cache).unwrap_err().to_string();
+        let err = other
+            .decode_with_cache(&z, &mut cache)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("another VAE"), "{err}");
     }
 
@@ -467,7 +537,10 @@ mod tests {
         let got = z.i((0, .., 1, 0, 0)).unwrap().to_vec1::<f32>().unwrap();
         for (c, v) in got.iter().enumerate() {
             let want = config.latents_std[c] + config.latents_mean[c];
-            assert!((*v as f64 - want).abs() < 1e-5, "channel {c}: {v} vs {want}");
+            assert!(
+                (*v as f64 - want).abs() < 1e-5,
+                "channel {c}: {v} vs {want}"
+            );
         }
         let wrong = Tensor::ones((1, 4, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
         assert!(config.unnormalize_latents(&wrong).is_err());
@@ -481,11 +554,20 @@ mod tests {
         assert_eq!(cfg.z_dim, 16);
         assert!(cfg.validate().is_ok());
         assert_eq!(cfg.output_frames(21), 81);
-        let residual = parse(r#"{"is_residual": true}"#).validate().unwrap_err().to_string();
+        let residual = parse(r#"{"is_residual": true}"#)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(residual.contains("is_residual"), "{residual}");
-        let patched = parse(r#"{"patch_size": 2}"#).validate().unwrap_err().to_string();
+        let patched = parse(r#"{"patch_size": 2}"#)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(patched.contains("patch_size"), "{patched}");
-        let stats = parse(r#"{"z_dim": 48}"#).validate().unwrap_err().to_string();
+        let stats = parse(r#"{"z_dim": 48}"#)
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(stats.contains("latents_mean"), "{stats}");
         let err = WanVaeDecoder::new(
             &parse(r#"{"is_residual": true}"#),

@@ -8,8 +8,8 @@
 //! The tensor names mirror diffusers' `AutoencoderKLWan` exactly.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
-use rayon::prelude::*;
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use super::vae_conv::{CausalConv3d, Conv2d};
 
@@ -77,10 +77,17 @@ impl RmsNorm {
         let x = x.to_dtype(DType::F32)?;
         let y = if x.device().is_cpu() {
             // One pass over memory instead of the six of the tensor-op version below.
-            x.contiguous()?.apply_op1_no_bwd(&ChannelRmsNorm { scale: &self.scale_host, silu })?
+            x.contiguous()?.apply_op1_no_bwd(&ChannelRmsNorm {
+                scale: &self.scale_host,
+                silu,
+            })?
         } else {
             // F.normalize's eps bounds the norm from below, it is not added to it.
-            let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f64, f64::INFINITY)?;
+            let norm = x
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .clamp(1e-12f64, f64::INFINITY)?;
             let y = x.broadcast_div(&norm)?.broadcast_mul(&self.scale)?;
             if silu {
                 y.silu()?
@@ -126,7 +133,11 @@ impl ChannelRmsNorm<'_> {
             }
             for (c, &scale) in self.scale.iter().enumerate() {
                 let range = c * pixels + p0..c * pixels + p0 + len;
-                for ((out, v), i) in dst[range.clone()].iter_mut().zip(&src[range]).zip(inv.iter()) {
+                for ((out, v), i) in dst[range.clone()]
+                    .iter_mut()
+                    .zip(&src[range])
+                    .zip(inv.iter())
+                {
                     let y = v * i * scale;
                     *out = if self.silu { y / (1.0 + (-y).exp()) } else { y };
                 }
@@ -142,11 +153,15 @@ impl CustomOp1 for ChannelRmsNorm<'_> {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = layout.shape().dims4()?;
-        let (CpuStorage::F32(src), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        let (CpuStorage::F32(src), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
             candle_core::bail!("channel rms norm needs contiguous f32");
         };
         if c != self.scale.len() {
-            candle_core::bail!("channel rms norm over {c} channels with {} scales", self.scale.len());
+            candle_core::bail!(
+                "channel rms norm over {c} channels with {} scales",
+                self.scale.len()
+            );
         }
         let src = &src[start..end];
         let frame = c * h * w;
@@ -170,17 +185,34 @@ pub(crate) struct ResidualBlock {
 }
 
 impl ResidualBlock {
-    pub(crate) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder, slots: &mut SlotCounter) -> Result<Self> {
+    pub(crate) fn new(
+        in_dim: usize,
+        out_dim: usize,
+        vb: VarBuilder,
+        slots: &mut SlotCounter,
+    ) -> Result<Self> {
         let norm1 = RmsNorm::new(in_dim, false, vb.pp("norm1"))?;
         let conv1 = CausalConv3d::new(in_dim, out_dim, (3, 3, 3), vb.pp("conv1"), slots)?;
         let norm2 = RmsNorm::new(out_dim, false, vb.pp("norm2"))?;
         let conv2 = CausalConv3d::new(out_dim, out_dim, (3, 3, 3), vb.pp("conv2"), slots)?;
         let shortcut = if in_dim != out_dim {
-            Some(CausalConv3d::new(in_dim, out_dim, (1, 1, 1), vb.pp("conv_shortcut"), slots)?)
+            Some(CausalConv3d::new(
+                in_dim,
+                out_dim,
+                (1, 1, 1),
+                vb.pp("conv_shortcut"),
+                slots,
+            )?)
         } else {
             None
         };
-        Ok(Self { norm1, conv1, norm2, conv2, shortcut })
+        Ok(Self {
+            norm1,
+            conv1,
+            norm2,
+            conv2,
+            shortcut,
+        })
     }
 
     pub(crate) fn forward(&self, x: &Tensor, cache: &mut [Slot]) -> Result<Tensor> {
@@ -210,21 +242,30 @@ impl AttentionBlock {
         let norm = RmsNorm::new(dim, true, vb.pp("norm"))?;
         let to_qkv = Conv2d::new(dim, 3 * dim, 1, vb.pp("to_qkv"))?;
         let proj = Conv2d::new(dim, dim, 1, vb.pp("proj"))?;
-        Ok(Self { norm, to_qkv, proj, dim })
+        Ok(Self {
+            norm,
+            to_qkv,
+            proj,
+            dim,
+        })
     }
 }
 
 impl Module for AttentionBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (t, c, h, w) = x.dims4()?;
-        let qkv = self.to_qkv.forward(&self.norm.forward(x)?)?.reshape((t, 3 * c, h * w))?;
+        let qkv = self
+            .to_qkv
+            .forward(&self.norm.forward(x)?)?
+            .reshape((t, 3 * c, h * w))?;
         // Channels-first (T, C, HW) operands: scores = qᵀk, out = v·attnᵀ, so no transposed copy
         // of the activations is needed.
         let q = qkv.narrow(1, 0, c)?;
         let k = qkv.narrow(1, c, c)?;
         let v = qkv.narrow(1, 2 * c, c)?;
         let scores = (q.transpose(1, 2)?.matmul(&k)? / (self.dim as f64).sqrt())?;
-        let attn = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+        let attn =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
         let out = v.matmul(&attn.transpose(1, 2)?)?.reshape((t, c, h, w))?;
         self.proj.forward(&out)? + x
     }
@@ -242,7 +283,12 @@ pub(crate) struct Upsample {
 }
 
 impl Upsample {
-    pub(crate) fn new(dim: usize, temporal: bool, vb: VarBuilder, slots: &mut SlotCounter) -> Result<Self> {
+    pub(crate) fn new(
+        dim: usize,
+        temporal: bool,
+        vb: VarBuilder,
+        slots: &mut SlotCounter,
+    ) -> Result<Self> {
         let (time_conv, slot) = if temporal {
             let conv = CausalConv3d::new(dim, 2 * dim, (3, 1, 1), vb.pp("time_conv"), slots)?;
             let slot = conv.slot;
@@ -251,7 +297,11 @@ impl Upsample {
             (None, usize::MAX)
         };
         let resample = Conv2d::new(dim, dim / 2, 3, vb.pp("resample.1"))?;
-        Ok(Self { resample, time_conv, slot })
+        Ok(Self {
+            resample,
+            time_conv,
+            slot,
+        })
     }
 
     pub(crate) fn forward(&self, x: &Tensor, cache: &mut [Slot]) -> Result<Tensor> {
@@ -269,7 +319,10 @@ impl Upsample {
         let (_, _, h, w) = x.dims4()?;
         let dtype = x.dtype();
         // Nearest-exact at an integer ×2 factor is plain nearest; diffusers upsamples in f32.
-        let up = x.to_dtype(DType::F32)?.upsample_nearest2d(2 * h, 2 * w)?.to_dtype(dtype)?;
+        let up = x
+            .to_dtype(DType::F32)?
+            .upsample_nearest2d(2 * h, 2 * w)?
+            .to_dtype(dtype)?;
         self.resample.forward(&up)
     }
 }
@@ -286,12 +339,29 @@ mod tests {
     fn fused_norm_matches_its_definition() {
         let dev = Device::Cpu;
         let gamma = Tensor::randn(1f32, 0.3, (5, 1, 1, 1), &dev).unwrap();
-        let vb = VarBuilder::from_tensors([("gamma".to_string(), gamma.clone())].into(), DType::F32, &dev);
+        let vb = VarBuilder::from_tensors(
+            [("gamma".to_string(), gamma.clone())].into(),
+            DType::F32,
+            &dev,
+        );
         let norm = RmsNorm::new(5, false, vb).unwrap();
         // 300 pixels: one full block of 256 and a partial one; one pixel all zeros.
         let x = Tensor::randn(0f32, 2.0, (3, 5, 10, 30), &dev).unwrap();
-        let x = x.slice_assign(&[0..1, 0..5, 0..1, 0..1], &Tensor::zeros((1, 5, 1, 1), DType::F32, &dev).unwrap()).unwrap();
-        let l2 = x.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap().clamp(1e-12f64, f64::INFINITY).unwrap();
+        let x = x
+            .slice_assign(
+                &[0..1, 0..5, 0..1, 0..1],
+                &Tensor::zeros((1, 5, 1, 1), DType::F32, &dev).unwrap(),
+            )
+            .unwrap();
+        let l2 = x
+            .sqr()
+            .unwrap()
+            .sum_keepdim(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .clamp(1e-12f64, f64::INFINITY)
+            .unwrap();
         let want = (x.broadcast_div(&l2).unwrap() * 5f64.sqrt())
             .unwrap()
             .broadcast_mul(&gamma.reshape((5, 1, 1)).unwrap())

@@ -49,14 +49,24 @@ impl FrameConv {
             candle_core::bail!("only 1×1 and 3×3 spatial kernels are supported, got {k}×{kw}");
         }
         let kernel = if device.is_cpu() {
-            let w = weight.permute((2, 1, 3, 4, 0))?.reshape((kernel_t * in_dim * k * k, out_dim))?;
+            let w = weight
+                .permute((2, 1, 3, 4, 0))?
+                .reshape((kernel_t * in_dim * k * k, out_dim))?;
             Kernel::Gemm(w.contiguous()?)
         } else {
-            let w = weight.permute((0, 2, 1, 3, 4))?.reshape((out_dim, kernel_t * in_dim, k, k))?;
+            let w = weight
+                .permute((0, 2, 1, 3, 4))?
+                .reshape((out_dim, kernel_t * in_dim, k, k))?;
             Kernel::Conv2d(w.contiguous()?)
         };
         let bias = bias.reshape((1, out_dim, 1))?;
-        Ok(Self { kernel, bias, kernel_t, k, out_dim })
+        Ok(Self {
+            kernel,
+            bias,
+            kernel_t,
+            k,
+            out_dim,
+        })
     }
 
     /// Convolves `padded` `(T + kernel_t - 1, C_in, H, W)`, whose first frames are the history,
@@ -85,9 +95,18 @@ impl FrameConv {
                     let pixels = rows * w;
                     // Window j of the flattened (N·rows_k, pixels) patch rows is output frame j's
                     // (kernel_t·rows_k) patch matrix, read transposed: (T, pixels, kernel_t·rows_k).
-                    let windows = cols.reshape((n * rows_k, pixels))?.unfold(0, self.kernel_t * rows_k, rows_k)?;
+                    let windows = cols.reshape((n * rows_k, pixels))?.unfold(
+                        0,
+                        self.kernel_t * rows_k,
+                        rows_k,
+                    )?;
                     let out = windows.broadcast_matmul(weight)?; // (T, pixels, C_out)
-                    bands.push(out.transpose(1, 2)?.broadcast_add(&self.bias)?.reshape((t, self.out_dim, rows, w))?);
+                    bands.push(out.transpose(1, 2)?.broadcast_add(&self.bias)?.reshape((
+                        t,
+                        self.out_dim,
+                        rows,
+                        w,
+                    ))?);
                 }
                 if bands.len() == 1 {
                     Ok(bands.remove(0))
@@ -96,8 +115,14 @@ impl FrameConv {
                 }
             }
             Kernel::Conv2d(weight) => {
-                let taps: Vec<Tensor> = (0..self.kernel_t).map(|k| padded.narrow(0, k, t)).collect::<Result<_>>()?;
-                let stacked = if taps.len() == 1 { taps[0].clone() } else { Tensor::cat(&taps, 1)? };
+                let taps: Vec<Tensor> = (0..self.kernel_t)
+                    .map(|k| padded.narrow(0, k, t))
+                    .collect::<Result<_>>()?;
+                let stacked = if taps.len() == 1 {
+                    taps[0].clone()
+                } else {
+                    Tensor::cat(&taps, 1)?
+                };
                 let out = stacked.conv2d(weight, self.k / 2, 1, 1, 1)?;
                 out.broadcast_add(&self.bias.unsqueeze(3)?)
             }
@@ -113,31 +138,37 @@ struct Im2Col3x3 {
 }
 
 impl Im2Col3x3 {
-    fn run<T: Copy + Default + Send + Sync>(&self, src: &[T], (n, c, h, w): (usize, usize, usize, usize)) -> Vec<T> {
+    fn run<T: Copy + Default + Send + Sync>(
+        &self,
+        src: &[T],
+        (n, c, h, w): (usize, usize, usize, usize),
+    ) -> Vec<T> {
         let plane = self.rows * w;
         let mut dst = vec![T::default(); n * c * 9 * plane];
         // One (frame, channel) input plane fills 9 consecutive output planes.
-        dst.par_chunks_mut(9 * plane).enumerate().for_each(|(fc, out)| {
-            let src = &src[fc * h * w..(fc + 1) * h * w];
-            for ky in 0..3 {
-                for kx in 0..3 {
-                    let out = &mut out[(ky * 3 + kx) * plane..(ky * 3 + kx + 1) * plane];
-                    for r in 0..self.rows {
-                        let y = self.y0 + r + ky;
-                        if y == 0 || y > h {
-                            continue; // the zero padding above or below the frame
-                        }
-                        let line = &src[(y - 1) * w..y * w];
-                        let dst = &mut out[r * w..(r + 1) * w];
-                        match kx {
-                            0 => dst[1..].copy_from_slice(&line[..w - 1]),
-                            1 => dst.copy_from_slice(line),
-                            _ => dst[..w - 1].copy_from_slice(&line[1..]),
+        dst.par_chunks_mut(9 * plane)
+            .enumerate()
+            .for_each(|(fc, out)| {
+                let src = &src[fc * h * w..(fc + 1) * h * w];
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let out = &mut out[(ky * 3 + kx) * plane..(ky * 3 + kx + 1) * plane];
+                        for r in 0..self.rows {
+                            let y = self.y0 + r + ky;
+                            if y == 0 || y > h {
+                                continue; // the zero padding above or below the frame
+                            }
+                            let line = &src[(y - 1) * w..y * w];
+                            let dst = &mut out[r * w..(r + 1) * w];
+                            match kx {
+                                0 => dst[1..].copy_from_slice(&line[..w - 1]),
+                                1 => dst.copy_from_slice(line),
+                                _ => dst[..w - 1].copy_from_slice(&line[1..]),
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
         dst
     }
 }
@@ -154,7 +185,11 @@ impl CustomOp1 for Im2Col3x3 {
             candle_core::bail!("im2col needs a contiguous input");
         };
         if self.y0 + self.rows > h || w == 0 {
-            candle_core::bail!("im2col rows {}..{} outside a frame of {h} rows", self.y0, self.y0 + self.rows);
+            candle_core::bail!(
+                "im2col rows {}..{} outside a frame of {h} rows",
+                self.y0,
+                self.y0 + self.rows
+            );
         }
         let out = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end], dims)),
@@ -189,7 +224,11 @@ impl CausalConv3d {
         let weight = vb.get((out_dim, in_dim, kt, kh, kw), "weight")?;
         let conv = FrameConv::new(weight, vb.get(out_dim, "bias")?, vb.device())?;
         let slot = if kt > 1 { slots.next() } else { usize::MAX };
-        Ok(Self { conv, history: kt - 1, slot })
+        Ok(Self {
+            conv,
+            history: kt - 1,
+            slot,
+        })
     }
 
     /// The convolution of `x` `(T, C_in, H, W)` given the frames before it, `(T, C_out, H, W)`.
@@ -223,7 +262,9 @@ pub(crate) struct Conv2d {
 impl Conv2d {
     pub(crate) fn new(in_dim: usize, out_dim: usize, k: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim, k, k), "weight")?.unsqueeze(2)?;
-        Ok(Self { conv: FrameConv::new(weight, vb.get(out_dim, "bias")?, vb.device())? })
+        Ok(Self {
+            conv: FrameConv::new(weight, vb.get(out_dim, "bias")?, vb.device())?,
+        })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -244,8 +285,15 @@ mod tests {
             let weight = Tensor::randn(0f32, 1., (5, 4, kt, k, k), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1., 5, &dev).unwrap();
             let conv = FrameConv::new(weight.clone(), bias, &dev).unwrap();
-            let stacked = weight.permute((0, 2, 1, 3, 4)).unwrap().reshape((5, kt * 4, k, k)).unwrap();
-            let direct = FrameConv { kernel: Kernel::Conv2d(stacked.contiguous().unwrap()), ..conv.clone() };
+            let stacked = weight
+                .permute((0, 2, 1, 3, 4))
+                .unwrap()
+                .reshape((5, kt * 4, k, k))
+                .unwrap();
+            let direct = FrameConv {
+                kernel: Kernel::Conv2d(stacked.contiguous().unwrap()),
+                ..conv.clone()
+            };
             let want = direct.forward_banded(&x, usize::MAX).unwrap();
             assert_eq!(want.dims(), &[6 - kt, 5, 7, 6]);
             // Whole frames, then bands of 1 and 3 rows.
