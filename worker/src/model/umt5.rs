@@ -8,7 +8,7 @@
 //! trained weights). Norms, the position bias and the softmax run in f32 whatever the model
 //! dtype, as in the reference. The decoder of a full checkpoint is never loaded.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Activation, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
@@ -121,9 +121,10 @@ fn relative_position_bucket(relative_position: i64, num_buckets: usize, max_dist
     bucket += if distance < max_exact {
         distance
     } else {
-        // Same f32 arithmetic and truncation toward zero as the reference.
-        let log_ratio = ((distance as f32 / max_exact as f32).ln() / (max_distance as f32 / max_exact as f32).ln())
-            * (num_buckets - max_exact) as f32;
+        // The reference works in f32 with a denominator from Python's f64 `math.log`, and
+        // truncates toward zero; mirror that so bucket edges fall on the same offsets.
+        let denominator = (max_distance as f64 / max_exact as f64).ln() as f32;
+        let log_ratio = (distance as f32 / max_exact as f32).ln() / denominator * (num_buckets - max_exact) as f32;
         (max_exact + log_ratio as i64).min(num_buckets - 1)
     };
     bucket as u32
@@ -147,7 +148,9 @@ struct SelfAttention {
     k: Linear,
     v: Linear,
     o: Linear,
-    relative_attention_bias: Embedding,
+    /// The layer's bias table transposed to (heads, buckets), in f32, so that looking the
+    /// buckets up gives (heads, L·L) directly, already in score layout.
+    bias_table: Tensor,
     num_heads: usize,
     d_kv: usize,
 }
@@ -160,11 +163,11 @@ impl SelfAttention {
             k: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
             v: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
             o: candle_nn::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
-            relative_attention_bias: candle_nn::embedding(
-                cfg.relative_attention_num_buckets,
-                cfg.num_heads,
-                vb.pp("relative_attention_bias"),
-            )?,
+            bias_table: vb
+                .get((cfg.relative_attention_num_buckets, cfg.num_heads), "relative_attention_bias.weight")?
+                .to_dtype(DType::F32)?
+                .t()?
+                .contiguous()?,
             num_heads: cfg.num_heads,
             d_kv: cfg.d_kv,
         })
@@ -179,13 +182,7 @@ impl SelfAttention {
         let k = heads(self.k.forward(xs)?)?;
         let v = heads(self.v.forward(xs)?)?;
 
-        // (L·L, H) → (1, H, L, L)
-        let position_bias = self
-            .relative_attention_bias
-            .forward(buckets)?
-            .to_dtype(DType::F32)?
-            .t()?
-            .reshape((1, self.num_heads, l, l))?;
+        let position_bias = self.bias_table.index_select(buckets, 1)?.reshape((1, self.num_heads, l, l))?;
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
         let scores = scores.broadcast_add(&position_bias)?.broadcast_add(mask_bias)?;
         let weights = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
