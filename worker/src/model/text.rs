@@ -39,19 +39,41 @@ pub struct PromptEncoder {
 }
 
 impl PromptEncoder {
-    pub fn new(tokenizer: PromptTokenizer, encoder: UMT5EncoderModel, max_sequence_length: usize) -> Result<Self> {
-        let (tokenizer_vocab, encoder_vocab) = (tokenizer.vocab_size(), encoder.config().vocab_size);
+    pub fn new(
+        tokenizer: PromptTokenizer,
+        encoder: UMT5EncoderModel,
+        max_sequence_length: usize,
+    ) -> Result<Self> {
+        let (tokenizer_vocab, encoder_vocab) =
+            (tokenizer.vocab_size(), encoder.config().vocab_size);
         // Real checkpoints pad the embedding table beyond the tokenizer (256384 vs 256300);
         // the reverse would index out of the table at run time.
         if tokenizer_vocab > encoder_vocab {
-            return Err(TextError::VocabMismatch { tokenizer: tokenizer_vocab, encoder: encoder_vocab });
+            return Err(TextError::VocabMismatch {
+                tokenizer: tokenizer_vocab,
+                encoder: encoder_vocab,
+            });
         }
-        Ok(Self { tokenizer, encoder, max_sequence_length })
+        Ok(Self {
+            tokenizer,
+            encoder,
+            max_sequence_length,
+        })
     }
 
     /// Loads `tokenizer/tokenizer.json` and `text_encoder/` from a checkpoint directory.
-    pub fn load(checkpoint: &Checkpoint, max_sequence_length: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let tokenizer = PromptTokenizer::from_file(checkpoint.component("tokenizer")?.dir().join("tokenizer.json"))?;
+    pub fn load(
+        checkpoint: &Checkpoint,
+        max_sequence_length: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let tokenizer = PromptTokenizer::from_file(
+            checkpoint
+                .component("tokenizer")?
+                .dir()
+                .join("tokenizer.json"),
+        )?;
         let component = checkpoint.component("text_encoder")?;
         let config: Config = component.config()?;
         let encoder = UMT5EncoderModel::new(&config, component.var_builder(dtype, device)?)?;
@@ -120,26 +142,32 @@ fn html_unescape(text: &str) -> String {
     while let Some(start) = rest.find('&') {
         out.push_str(&rest[..start]);
         rest = &rest[start..];
-        let decoded = rest[1..].find(';').filter(|&end| end <= 32).and_then(|end| {
-            let name = &rest[1..1 + end];
-            let c = match name {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                "nbsp" => Some('\u{a0}'),
-                _ => {
-                    let code = if let Some(hex) = name.strip_prefix("#x").or_else(|| name.strip_prefix("#X")) {
-                        u32::from_str_radix(hex, 16).ok()
-                    } else {
-                        name.strip_prefix('#').and_then(|dec| dec.parse::<u32>().ok())
-                    };
-                    code.and_then(char::from_u32)
-                }
-            }?;
-            Some((c, end + 2))
-        });
+        let decoded = rest[1..]
+            .find(';')
+            .filter(|&end| end <= 32)
+            .and_then(|end| {
+                let name = &rest[1..1 + end];
+                let c = match name {
+                    "amp" => Some('&'),
+                    "lt" => Some('<'),
+                    "gt" => Some('>'),
+                    "quot" => Some('"'),
+                    "apos" => Some('\''),
+                    "nbsp" => Some('\u{a0}'),
+                    _ => {
+                        let code = if let Some(hex) =
+                            name.strip_prefix("#x").or_else(|| name.strip_prefix("#X"))
+                        {
+                            u32::from_str_radix(hex, 16).ok()
+                        } else {
+                            name.strip_prefix('#')
+                                .and_then(|dec| dec.parse::<u32>().ok())
+                        };
+                        code.and_then(char::from_u32)
+                    }
+                }?;
+                Some((c, end + 2))
+            });
         match decoded {
             Some((c, consumed)) => {
                 out.push(c);
@@ -158,12 +186,85 @@ fn html_unescape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::loader::seeded_var_builder;
+
+    fn tiny_config(vocab_size: usize) -> Config {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": vocab_size, "d_model": 16, "d_kv": 4, "d_ff": 24, "num_layers": 2, "num_heads": 4,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn builtin_tiny_prompt_encoder_runs_on_seeded_weights() {
+        let tokenizer = PromptTokenizer::builtin_tiny().unwrap();
+        let dev = Device::Cpu;
+        let cfg = tiny_config(tokenizer.vocab_size());
+        let encoder = UMT5EncoderModel::new(&cfg, seeded_var_builder(7, DType::F32, &dev)).unwrap();
+        let prompts = [
+            "A red fox in the snow",
+            "与中国龙一起庆祝中国农历新年的视频。",
+            "",
+        ];
+        let pe = PromptEncoder::new(tokenizer.clone(), encoder.clone(), 32).unwrap();
+        let a = pe.encode(&prompts).unwrap();
+        assert_eq!(a.dims(), &[3, 32, 16]);
+        let b = pe.encode(&prompts).unwrap();
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        // The empty prompt keeps exactly one real token (`</s>`).
+        let empty = a.get(2).unwrap();
+        assert!(
+            empty
+                .get(0)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+        assert_eq!(
+            empty
+                .narrow(0, 1, 31)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+
+        let small =
+            UMT5EncoderModel::new(&tiny_config(10), seeded_var_builder(7, DType::F32, &dev))
+                .unwrap();
+        assert!(matches!(
+            PromptEncoder::new(tokenizer, small, 32),
+            Err(TextError::VocabMismatch { .. })
+        ));
+        assert!(matches!(pe.encode(&[]), Err(TextError::NoPrompts)));
+    }
 
     #[test]
     fn prompt_clean_matches_the_pipeline() {
-        assert_eq!(prompt_clean("  a  cat\n\ton\u{3000}a mat  "), "a cat on a mat");
-        assert_eq!(prompt_clean("Tom &amp;amp; Jerry &#39;s &lt;3"), "Tom & Jerry 's <3");
-        assert_eq!(prompt_clean("\u{201C}hi\u{201D} it\u{2019}s"), "\"hi\" it's");
+        assert_eq!(
+            prompt_clean("  a  cat\n\ton\u{3000}a mat  "),
+            "a cat on a mat"
+        );
+        assert_eq!(
+            prompt_clean("Tom &amp;amp; Jerry &#39;s &lt;3"),
+            "Tom & Jerry 's <3"
+        );
+        assert_eq!(
+            prompt_clean("\u{201C}hi\u{201D} it\u{2019}s"),
+            "\"hi\" it's"
+        );
         assert_eq!(prompt_clean("a & b &unknown; &#x41;"), "a & b &unknown; A");
         assert_eq!(prompt_clean("bell\u{7}"), "bell");
         assert_eq!(prompt_clean(""), "");

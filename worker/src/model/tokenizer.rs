@@ -19,15 +19,24 @@ use tokenizers::{PaddingDirection, Tokenizer, TruncationDirection};
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error("{}: cannot load tokenizer: {source}", path.display())]
-    Load { path: PathBuf, source: tokenizers::Error },
+    Load {
+        path: PathBuf,
+        source: tokenizers::Error,
+    },
     #[error("{}: invalid tokenizer_config.json: {source}", path.display())]
-    Config { path: PathBuf, source: serde_json::Error },
+    Config {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("the tokenizer has no `{token}` token, needed as the {role} token")]
     MissingToken { token: String, role: &'static str },
     #[error("cannot build the built-in tokenizer: {0}")]
     Build(tokenizers::Error),
     #[error("cannot tokenize prompt {text:?}: {source}")]
-    Encode { text: String, source: tokenizers::Error },
+    Encode {
+        text: String,
+        source: tokenizers::Error,
+    },
     #[error("max_length {max_length} leaves no room for the {special} special token(s) the tokenizer adds")]
     MaxLengthTooSmall { max_length: usize, special: usize },
 }
@@ -80,8 +89,10 @@ impl PromptTokenizer {
     /// it when there is one (that is what transformers pads with), `<pad>` otherwise.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let tokenizer =
-            Tokenizer::from_file(path).map_err(|source| TokenizerError::Load { path: path.to_path_buf(), source })?;
+        let tokenizer = Tokenizer::from_file(path).map_err(|source| TokenizerError::Load {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let pad_token = match path.parent().map(|dir| dir.join("tokenizer_config.json")) {
             Some(config_path) if config_path.is_file() => read_pad_token(&config_path)?,
             _ => None,
@@ -95,7 +106,10 @@ impl PromptTokenizer {
     /// special tokens (`<pad>` = 0, `</s>` = 1, `<unk>` = 2), NFKC and whitespace normalisation,
     /// a Metaspace pre-tokenizer and a `$A </s>` post-processor, like the reference tokenizer.
     pub fn builtin_tiny() -> Result<Self> {
-        let mut vocab: Vec<(String, f64)> = [PAD, EOS, UNK].iter().map(|t| (t.to_string(), 0.0)).collect();
+        let mut vocab: Vec<(String, f64)> = [PAD, EOS, UNK]
+            .iter()
+            .map(|t| (t.to_string(), 0.0))
+            .collect();
         // Equal scores: every piece is one character, so segmentation does not depend on them,
         // except that a byte sequence must never beat a real character.
         vocab.push(("▁".to_string(), -2.0));
@@ -104,10 +118,16 @@ impl PromptTokenizer {
         let model = Unigram::from(vocab, Some(2), true).map_err(TokenizerError::Build)?;
 
         let mut tokenizer = Tokenizer::new(model);
-        let whitespace = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(TokenizerError::Build)?;
+        let whitespace = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+            " ",
+        )
+        .map_err(TokenizerError::Build)?;
         tokenizer
-            .with_normalizer(Some(NormalizerSequence::new(vec![NFKC.into(), whitespace.into()])))
+            .with_normalizer(Some(NormalizerSequence::new(vec![
+                NFKC.into(),
+                whitespace.into(),
+            ])))
             .map_err(TokenizerError::Build)?;
         tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)));
         let post = TemplateProcessing::builder()
@@ -122,14 +142,24 @@ impl PromptTokenizer {
     }
 
     fn with_pad_token(mut tokenizer: Tokenizer, pad_token: String) -> Result<Self> {
-        let pad_id = tokenizer
-            .token_to_id(&pad_token)
-            .ok_or_else(|| TokenizerError::MissingToken { token: pad_token.clone(), role: "padding" })?;
+        let pad_id =
+            tokenizer
+                .token_to_id(&pad_token)
+                .ok_or_else(|| TokenizerError::MissingToken {
+                    token: pad_token.clone(),
+                    role: "padding",
+                })?;
         // transformers overrides whatever truncation/padding a tokenizer.json carries with the
         // call's own; `encode` does both itself, so the file's settings must not interfere.
         tokenizer.with_padding(None);
-        tokenizer.with_truncation(None).map_err(TokenizerError::Build)?;
-        Ok(Self { tokenizer, pad_id, pad_token })
+        tokenizer
+            .with_truncation(None)
+            .map_err(TokenizerError::Build)?;
+        Ok(Self {
+            tokenizer,
+            pad_id,
+            pad_token,
+        })
     }
 
     /// The number of ids the tokenizer can produce (its vocabulary plus added tokens): the text
@@ -144,32 +174,58 @@ impl PromptTokenizer {
 
     /// Tokenizes `text` with the special tokens, truncated and padded to exactly `max_length`.
     pub fn encode(&self, text: &str, max_length: usize) -> Result<TokenizedPrompt> {
-        let encode_err = |source| TokenizerError::Encode { text: text.to_string(), source };
+        let encode_err = |source| TokenizerError::Encode {
+            text: text.to_string(),
+            source,
+        };
         let special = self.tokenizer.get_post_processor().map_or(0, |p| {
             use tokenizers::PostProcessor;
             p.added_tokens(false)
         });
         if max_length < special {
-            return Err(TokenizerError::MaxLengthTooSmall { max_length, special });
+            return Err(TokenizerError::MaxLengthTooSmall {
+                max_length,
+                special,
+            });
         }
         let mut encoding = self.tokenizer.encode(text, false).map_err(encode_err)?;
         // Truncate before the special tokens are added, so that `</s>` is always kept.
         encoding.truncate(max_length - special, 0, TruncationDirection::Right);
-        let mut encoding = self.tokenizer.post_process(encoding, None, true).map_err(encode_err)?;
-        encoding.pad(max_length, self.pad_id, 0, &self.pad_token, PaddingDirection::Right);
-        Ok(TokenizedPrompt { ids: encoding.get_ids().to_vec(), attention_mask: encoding.get_attention_mask().to_vec() })
+        let mut encoding = self
+            .tokenizer
+            .post_process(encoding, None, true)
+            .map_err(encode_err)?;
+        encoding.pad(
+            max_length,
+            self.pad_id,
+            0,
+            &self.pad_token,
+            PaddingDirection::Right,
+        );
+        Ok(TokenizedPrompt {
+            ids: encoding.get_ids().to_vec(),
+            attention_mask: encoding.get_attention_mask().to_vec(),
+        })
     }
 }
 
 fn read_pad_token(path: &Path) -> Result<Option<String>> {
-    let config_err = |source| TokenizerError::Config { path: path.to_path_buf(), source };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), source: e.into() })?;
+    let config_err = |source| TokenizerError::Config {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| TokenizerError::Load {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
     let config: serde_json::Value = serde_json::from_str(&text).map_err(config_err)?;
     // `pad_token` is either a plain string or an AddedToken object with a `content` field.
     Ok(match config.get("pad_token") {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     })
 }
@@ -183,9 +239,17 @@ mod tests {
         let tok = PromptTokenizer::builtin_tiny().unwrap();
         assert_eq!(tok.vocab_size(), 3 + 1 + 94 + 256);
         assert_eq!(tok.pad_id(), 0);
-        for text in ["A cat on a skateboard, 4K.", "与中国龙一起庆祝中国农历新年的视频。", "", "  tabs\tand\nnewlines  "] {
+        for text in [
+            "A cat on a skateboard, 4K.",
+            "与中国龙一起庆祝中国农历新年的视频。",
+            "",
+            "  tabs\tand\nnewlines  ",
+        ] {
             let a = tok.encode(text, 24).unwrap();
-            let b = PromptTokenizer::builtin_tiny().unwrap().encode(text, 24).unwrap();
+            let b = PromptTokenizer::builtin_tiny()
+                .unwrap()
+                .encode(text, 24)
+                .unwrap();
             assert_eq!(a, b, "{text:?}");
             assert_eq!(a.ids.len(), 24);
             assert_eq!(a.attention_mask.len(), 24);
@@ -195,7 +259,13 @@ mod tests {
             assert_eq!(a.ids[n - 1], 1, "{text:?}: {:?}", a.ids);
             assert!(a.ids[n..].iter().all(|&id| id == 0));
             assert!(a.attention_mask[..n].iter().all(|&m| m == 1));
-            assert!(a.ids[..n - 1].iter().all(|&id| id >= 3 && (id as usize) < tok.vocab_size()), "{text:?}: {:?}", a.ids);
+            assert!(
+                a.ids[..n - 1]
+                    .iter()
+                    .all(|&id| id >= 3 && (id as usize) < tok.vocab_size()),
+                "{text:?}: {:?}",
+                a.ids
+            );
         }
         // Unknown characters fall back to their UTF-8 bytes instead of `<unk>`.
         let cjk = tok.encode("龙", 8).unwrap();
@@ -215,12 +285,20 @@ mod tests {
         assert_eq!(cut.ids[5], 1);
         let full = tok.encode(long, 64).unwrap();
         assert_eq!(cut.ids[..5], full.ids[..5]);
-        assert!(matches!(tok.encode(long, 0), Err(TokenizerError::MaxLengthTooSmall { .. })));
+        assert!(matches!(
+            tok.encode(long, 0),
+            Err(TokenizerError::MaxLengthTooSmall { .. })
+        ));
     }
 
     #[test]
     fn missing_file_is_named() {
-        let err = PromptTokenizer::from_file("/nonexistent/tokenizer/tokenizer.json").unwrap_err().to_string();
-        assert!(err.contains("/nonexistent/tokenizer/tokenizer.json"), "{err}");
+        let err = PromptTokenizer::from_file("/nonexistent/tokenizer/tokenizer.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/tokenizer/tokenizer.json"),
+            "{err}"
+        );
     }
 }

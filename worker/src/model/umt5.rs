@@ -86,7 +86,9 @@ impl Config {
             (_, "gelu") => Activation::Gelu,
             (_, "relu") => Activation::Relu,
             (_, "silu" | "swish") => Activation::Silu,
-            _ => candle_core::bail!("umT5 config: unsupported activation in feed_forward_proj {proj:?}"),
+            _ => candle_core::bail!(
+                "umT5 config: unsupported activation in feed_forward_proj {proj:?}"
+            ),
         };
         Ok((gated, act))
     }
@@ -107,15 +109,24 @@ impl RmsNorm {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dtype = xs.dtype();
-        candle_nn::ops::rms_norm(&xs.to_dtype(DType::F32)?, &self.weight, self.eps as f32)?.to_dtype(dtype)
+        candle_nn::ops::rms_norm(&xs.to_dtype(DType::F32)?, &self.weight, self.eps as f32)?
+            .to_dtype(dtype)
     }
 }
 
 /// Bidirectional T5 bucketing of `key − query` offsets: half the buckets for each direction,
 /// exact for small offsets, logarithmic up to `max_distance`, the last bucket beyond.
-fn relative_position_bucket(relative_position: i64, num_buckets: usize, max_distance: usize) -> u32 {
+fn relative_position_bucket(
+    relative_position: i64,
+    num_buckets: usize,
+    max_distance: usize,
+) -> u32 {
     let num_buckets = (num_buckets / 2) as i64;
-    let mut bucket = if relative_position > 0 { num_buckets } else { 0 };
+    let mut bucket = if relative_position > 0 {
+        num_buckets
+    } else {
+        0
+    };
     let distance = relative_position.abs();
     let max_exact = num_buckets / 2;
     bucket += if distance < max_exact {
@@ -124,7 +135,8 @@ fn relative_position_bucket(relative_position: i64, num_buckets: usize, max_dist
         // The reference works in f32 with a denominator from Python's f64 `math.log`, and
         // truncates toward zero; mirror that so bucket edges fall on the same offsets.
         let denominator = (max_distance as f64 / max_exact as f64).ln() as f32;
-        let log_ratio = (distance as f32 / max_exact as f32).ln() / denominator * (num_buckets - max_exact) as f32;
+        let log_ratio = (distance as f32 / max_exact as f32).ln() / denominator
+            * (num_buckets - max_exact) as f32;
         (max_exact + log_ratio as i64).min(num_buckets - 1)
     };
     bucket as u32
@@ -135,7 +147,11 @@ fn bucket_table(len: usize, cfg: &Config, device: &Device) -> Result<Tensor> {
     let buckets: Vec<u32> = (0..len as i64)
         .flat_map(|q| {
             (0..len as i64).map(move |k| {
-                relative_position_bucket(k - q, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+                relative_position_bucket(
+                    k - q,
+                    cfg.relative_attention_num_buckets,
+                    cfg.relative_attention_max_distance,
+                )
             })
         })
         .collect();
@@ -164,7 +180,10 @@ impl SelfAttention {
             v: candle_nn::linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
             o: candle_nn::linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
             bias_table: vb
-                .get((cfg.relative_attention_num_buckets, cfg.num_heads), "relative_attention_bias.weight")?
+                .get(
+                    (cfg.relative_attention_num_buckets, cfg.num_heads),
+                    "relative_attention_bias.weight",
+                )?
                 .to_dtype(DType::F32)?
                 .t()?
                 .contiguous()?,
@@ -177,16 +196,29 @@ impl SelfAttention {
     /// keys and a large negative number for padding.
     fn forward(&self, xs: &Tensor, buckets: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
-        let heads = |t: Tensor| t.reshape((b, l, self.num_heads, self.d_kv))?.transpose(1, 2)?.contiguous();
+        let heads = |t: Tensor| {
+            t.reshape((b, l, self.num_heads, self.d_kv))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let q = heads(self.q.forward(xs)?)?;
         let k = heads(self.k.forward(xs)?)?;
         let v = heads(self.v.forward(xs)?)?;
 
-        let position_bias = self.bias_table.index_select(buckets, 1)?.reshape((1, self.num_heads, l, l))?;
+        let position_bias =
+            self.bias_table
+                .index_select(buckets, 1)?
+                .reshape((1, self.num_heads, l, l))?;
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let scores = scores.broadcast_add(&position_bias)?.broadcast_add(mask_bias)?;
+        let scores = scores
+            .broadcast_add(&position_bias)?
+            .broadcast_add(mask_bias)?;
         let weights = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let context = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.num_heads * self.d_kv))?;
+        let context =
+            weights
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, l, self.num_heads * self.d_kv))?;
         self.o.forward(&context)
     }
 }
@@ -206,13 +238,25 @@ impl FeedForward {
         let (wi_0, wi_1) = if gated {
             (
                 candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
-                Some(candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?),
+                Some(candle_nn::linear_no_bias(
+                    cfg.d_model,
+                    cfg.d_ff,
+                    vb.pp("wi_1"),
+                )?),
             )
         } else {
-            (candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?, None)
+            (
+                candle_nn::linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?,
+                None,
+            )
         };
         let wo = candle_nn::linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?;
-        Ok(Self { wi_0, wi_1, wo, act })
+        Ok(Self {
+            wi_0,
+            wi_1,
+            wo,
+            act,
+        })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -237,7 +281,11 @@ impl Block {
         let attn = vb.pp("layer.0");
         let ff = vb.pp("layer.1");
         Ok(Self {
-            attention_norm: RmsNorm::new(cfg.d_model, cfg.layer_norm_epsilon, attn.pp("layer_norm"))?,
+            attention_norm: RmsNorm::new(
+                cfg.d_model,
+                cfg.layer_norm_epsilon,
+                attn.pp("layer_norm"),
+            )?,
             attention: SelfAttention::new(cfg, attn.pp("SelfAttention"))?,
             ff_norm: RmsNorm::new(cfg.d_model, cfg.layer_norm_epsilon, ff.pp("layer_norm"))?,
             ff: FeedForward::new(cfg, ff.pp("DenseReluDense"))?,
@@ -245,7 +293,10 @@ impl Block {
     }
 
     fn forward(&self, xs: &Tensor, buckets: &Tensor, mask_bias: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.attention.forward(&self.attention_norm.forward(xs)?, buckets, mask_bias)?)?;
+        let xs = (xs
+            + self
+                .attention
+                .forward(&self.attention_norm.forward(xs)?, buckets, mask_bias)?)?;
         let xs = clamp_f16(xs)?;
         let xs = (&xs + self.ff.forward(&self.ff_norm.forward(&xs)?)?)?;
         clamp_f16(xs)
@@ -259,7 +310,12 @@ fn clamp_f16(xs: Tensor) -> Result<Tensor> {
         return Ok(xs);
     }
     let max = f64::from(half::f16::MAX);
-    let has_inf = xs.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?.is_infinite();
+    let has_inf = xs
+        .to_dtype(DType::F32)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?
+        .is_infinite();
     let limit = if has_inf { max - 1000.0 } else { max };
     xs.clamp(-limit, limit)
 }
@@ -279,19 +335,29 @@ impl UMT5EncoderModel {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         // Full checkpoints tie the encoder's embedding to `shared`; some exports keep only
         // `encoder.embed_tokens`.
-        let embed_name =
-            if vb.contains_tensor("shared.weight") || !vb.contains_tensor("encoder.embed_tokens.weight") {
-                "shared"
-            } else {
-                "encoder.embed_tokens"
-            };
+        let embed_name = if vb.contains_tensor("shared.weight")
+            || !vb.contains_tensor("encoder.embed_tokens.weight")
+        {
+            "shared"
+        } else {
+            "encoder.embed_tokens"
+        };
         let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp(embed_name))?;
         let encoder = vb.pp("encoder");
         let blocks = (0..cfg.num_layers)
             .map(|i| Block::new(cfg, encoder.pp(format!("block.{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = RmsNorm::new(cfg.d_model, cfg.layer_norm_epsilon, encoder.pp("final_layer_norm"))?;
-        Ok(Self { embed_tokens, blocks, final_layer_norm, config: cfg.clone() })
+        let final_layer_norm = RmsNorm::new(
+            cfg.d_model,
+            cfg.layer_norm_epsilon,
+            encoder.pp("final_layer_norm"),
+        )?;
+        Ok(Self {
+            embed_tokens,
+            blocks,
+            final_layer_norm,
+            config: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -323,7 +389,10 @@ impl UMT5EncoderModel {
         // (1 − mask)·f32::MIN, as the reference's extended mask: padding keys get the most
         // negative finite value, so a row that masks everything still has a finite softmax.
         let min = f64::from(f32::MIN);
-        let mask_bias = attention_mask.to_dtype(DType::F32)?.affine(-min, min)?.reshape((b, 1, 1, l))?;
+        let mask_bias = attention_mask
+            .to_dtype(DType::F32)?
+            .affine(-min, min)?
+            .reshape((b, 1, 1, l))?;
         let buckets = bucket_table(l, &self.config, device)?;
         let mut xs = self.embed_tokens.forward(input_ids)?;
         for block in &self.blocks {
@@ -341,8 +410,23 @@ mod tests {
     fn buckets_match_t5() {
         // Values from transformers' `_relative_position_bucket` (bidirectional, 32 buckets, 128).
         let b = |d| relative_position_bucket(d, 32, 128);
-        assert_eq!([b(0), b(1), b(7), b(8), b(-1), b(-8)], [0, 17, 23, 24, 1, 8]);
-        assert_eq!([b(12), b(-12), b(100), b(127), b(128), b(1000), b(-1000)], [25, 9, 30, 31, 31, 31, 15]);
+        assert_eq!(
+            [b(0), b(1), b(7), b(8), b(-1), b(-8)],
+            [0, 17, 23, 24, 1, 8]
+        );
+        assert_eq!(
+            [
+                b(12),
+                b(-12),
+                b(20),
+                b(-50),
+                b(100),
+                b(128),
+                b(1000),
+                b(-1000)
+            ],
+            [25, 9, 26, 13, 31, 31, 31, 15]
+        );
     }
 
     #[test]
@@ -350,9 +434,15 @@ mod tests {
         let cfg: Config = serde_json::from_str(r#"{"d_model": 8, "unknown": 1}"#).unwrap();
         assert_eq!(cfg.d_model, 8);
         assert_eq!(cfg.num_heads, 6);
-        assert!(matches!(cfg.feed_forward().unwrap(), (true, Activation::NewGelu)));
+        assert!(matches!(
+            cfg.feed_forward().unwrap(),
+            (true, Activation::NewGelu)
+        ));
         let relu: Config = serde_json::from_str(r#"{"feed_forward_proj": "relu"}"#).unwrap();
-        assert!(matches!(relu.feed_forward().unwrap(), (false, Activation::Relu)));
+        assert!(matches!(
+            relu.feed_forward().unwrap(),
+            (false, Activation::Relu)
+        ));
         let bad: Config = serde_json::from_str(r#"{"feed_forward_proj": "gated-nope"}"#).unwrap();
         assert!(bad.feed_forward().is_err());
     }
