@@ -1,1 +1,48 @@
-fn main() {}
+//! `longtake`: the studio command line.
+//!
+//! `render` runs a text-to-video job and writes the clip; `check-reference` compares the model
+//! stack with PyTorch reference fixtures. Errors end the process with one line on stderr and a
+//! non-zero exit status.
+
+mod check_reference;
+mod render;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "longtake", version, about = "Render long text-to-video clips with open video diffusion transformers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Render a clip from a text prompt and write it as MP4 (H.264) or a PNG sequence.
+    Render(render::RenderArgs),
+    /// Run every case of reference fixture directories and report the error of each.
+    CheckReference(check_reference::CheckReferenceArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LONGTAKE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Render(args) => render::run(args),
+        Command::CheckReference(args) => check_reference::run(args),
+    };
+    match outcome {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            // One line: the whole cause chain, outermost first.
+            eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The single-process Wan2.1 text-to-video pipeline: prompts → umT5 embeddings → denoising loop
+//! with classifier-free guidance → VAE decode → frames.
+//!
+//! This is the reference every distributed path is tested against. It loads a checkpoint in the
+//! diffusers layout ([`WanPipeline::load`]) or builds the built-in `tiny` model from a seed
+//! ([`WanPipeline::tiny`]), which makes abstract motion rather than pictures and exists to
+//! exercise the system without any files.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::loader::{seeded_var_builder, Checkpoint, LoadError};
+use super::noise::{self, LatentShape};
+use super::scheduler::{self, SchedulerKind};
+use super::text::PromptEncoder;
+use super::tokenizer::PromptTokenizer;
+use super::umt5::{self, UMT5EncoderModel};
+use super::video;
+use super::wan::transformer::{self as wan_transformer, WanTransformer3DModel};
+use super::wan::vae::{self as wan_vae, WanVaeDecoder};
+
+/// Everything that can stop a render, each naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{component}: {source}")]
+    Component { component: &'static str, source: candle_core::Error },
+    #[error(transparent)]
+    Scheduler(#[from] scheduler::SchedulerError),
+    #[error("{0}")]
+    Spec(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, PipelineError>;
+
+fn component<T>(component: &'static str, r: candle_core::Result<T>) -> Result<T> {
+    r.map_err(|source| PipelineError::Component { component, source })
+}
+
+/// What to render. Sizes are in pixels; `frames` must already be of the form 4k+1
+/// (see [`video::round_frames`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderSpec {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub frames: usize,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// Overrides the scheduler's flow shift.
+    pub shift: Option<f64>,
+    /// Overrides the checkpoint's scheduler class.
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+}
+
+/// A progress report from [`WanPipeline::render`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Prompts encoded; the denoising loop of `total` steps starts.
+    Encoded { total: usize },
+    /// Denoising step `index` (0-based) of `total` finished after `elapsed`.
+    Step { index: usize, total: usize, elapsed: Duration },
+    /// The latents are being decoded into frames.
+    Decoding,
+}
+
+/// Decoded frames: `frames × height × width × 3` RGB bytes, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Video {
+    pub rgb: Vec<u8>,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// Sizes of a pipeline's components that the CLI needs for defaults and validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineInfo {
+    /// `tiny` or the checkpoint directory.
+    pub name: String,
+    pub default_width: usize,
+    pub default_height: usize,
+    pub default_steps: usize,
+    pub max_sequence_length: usize,
+}
+
+pub struct WanPipeline {
+    info: PipelineInfo,
+    text: PromptEncoder,
+    transformer: WanTransformer3DModel,
+    transformer_config: wan_transformer::Config,
+    vae: WanVaeDecoder,
+    vae_config: wan_vae::Config,
+    scheduler_config: serde_json::Value,
+    device: Device,
+    dtype: DType,
+}
+
+/// Wan's prompt length for the published checkpoints.
+const WAN_MAX_SEQUENCE_LENGTH: usize = 512;
+
+impl WanPipeline {
+    /// Loads a checkpoint directory in the diffusers layout (e.g. `Wan2.1-T2V-1.3B-Diffusers`).
+    pub fn load(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
+        let ckpt = Checkpoint::open(dir.as_ref())?;
+        let tokenizer_dir = ckpt.component("tokenizer")?;
+        let tokenizer = component(
+            "tokenizer",
+            PromptTokenizer::from_file(tokenizer_dir.dir().join("tokenizer.json")),
+        )?;
+
+        let text_dir = ckpt.component("text_encoder")?;
+        let text_config: umt5::Config = text_dir.config()?;
+        // umT5 is numerically fragile in half precision (its activations overflow f16): the
+        // reference runs it in f32 and so do we, whatever the transformer's dtype.
+        let text_vb = text_dir.var_builder(DType::F32, device)?;
+        let encoder = component("text_encoder", UMT5EncoderModel::new(&text_config, text_vb))?;
+
+        let transformer_dir = ckpt.component("transformer")?;
+        let transformer_config: wan_transformer::Config = transformer_dir.config()?;
+        let transformer = component(
+            "transformer",
+            WanTransformer3DModel::new(&transformer_config, transformer_dir.var_builder(dtype, device)?),
+        )?;
+
+        let vae_dir = ckpt.component("vae")?;
+        let vae_config: wan_vae::Config = vae_dir.config()?;
+        let vae = component("vae", WanVaeDecoder::new(&vae_config, vae_dir.var_builder(dtype, device)?))?;
+
+        let scheduler_config = ckpt.component("scheduler")?.json("scheduler_config.json")?;
+        let info = PipelineInfo {
+            name: ckpt.root().display().to_string(),
+            default_width: 832,
+            default_height: 480,
+            default_steps: 50,
+            max_sequence_length: WAN_MAX_SEQUENCE_LENGTH,
+        };
+        Ok(Self {
+            info,
+            text: PromptEncoder::new(tokenizer, encoder, WAN_MAX_SEQUENCE_LENGTH),
+            transformer,
+            transformer_config,
+            vae,
+            vae_config,
+            scheduler_config,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The built-in tiny model: Wan2.1's architecture at a toy size with weights made from a
+    /// fixed seed. It needs no files and renders in seconds on a CPU, but it was never trained:
+    /// it makes abstract motion, not pictures.
+    pub fn tiny(device: &Device, dtype: DType) -> Result<Self> {
+        const WEIGHT_SEED: u64 = 0x5EED_0F_1_0_7A_4E;
+        let tokenizer = component("tokenizer", PromptTokenizer::builtin_tiny())?;
+        let text_config: umt5::Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": tokenizer.vocab_size(),
+            "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+            "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+            "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
+        }))
+        .map_err(|e| PipelineError::Spec(format!("built-in tiny text encoder config: {e}")))?;
+        let encoder = component(
+            "text_encoder",
+            UMT5EncoderModel::new(&text_config, seeded_var_builder(WEIGHT_SEED, DType::F32, device).pp("tiny_text")),
+        )?;
+        let transformer_config: wan_transformer::Config = serde_json::from_value(serde_json::json!({
+            "patch_size": [1, 2, 2], "num_attention_heads": 4, "attention_head_dim": 16,
+            "in_channels": 16, "out_channels": 16, "text_dim": 32, "freq_dim": 64, "ffn_dim": 128,
+            "num_layers": 2, "cross_attn_norm": true, "qk_norm": "rms_norm_across_heads",
+            "eps": 1e-6, "rope_max_seq_len": 1024,
+        }))
+        .map_err(|e| PipelineError::Spec(format!("built-in tiny transformer config: {e}")))?;
+        let transformer = component(
+            "transformer",
+            WanTransformer3DModel::new(
+                &transformer_config,
+                seeded_var_builder(WEIGHT_SEED, dtype, device).pp("tiny_transformer"),
+            ),
+        )?;
+        // Wan2.1's own latent statistics, so the tiny model un-normalises like the real one.
+        let vae_config: wan_vae::Config = serde_json::from_value(serde_json::json!({
+            "base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
+            "attn_scales": [], "temperal_downsample": [false, true, true], "dropout": 0.0,
+            "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                             0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+            "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                            3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916],
+        }))
+        .map_err(|e| PipelineError::Spec(format!("built-in tiny VAE config: {e}")))?;
+        let vae = component(
+            "vae",
+            WanVaeDecoder::new(&vae_config, seeded_var_builder(WEIGHT_SEED, dtype, device).pp("tiny_vae")),
+        )?;
+        let scheduler_config = serde_json::json!({
+            "_class_name": "UniPCMultistepScheduler",
+            "num_train_timesteps": 1000, "prediction_type": "flow_prediction",
+            "use_flow_sigmas": true, "flow_shift": 3.0, "solver_order": 2, "solver_type": "bh2",
+            "predict_x0": true, "lower_order_final": true, "final_sigmas_type": "zero",
+            "timestep_spacing": "linspace", "disable_corrector": [],
+        });
+        let info = PipelineInfo {
+            name: "tiny".into(),
+            default_width: 256,
+            default_height: 256,
+            default_steps: 10,
+            max_sequence_length: 64,
+        };
+        Ok(Self {
+            text: PromptEncoder::new(tokenizer, encoder, info.max_sequence_length),
+            info,
+            transformer,
+            transformer_config,
+            vae,
+            vae_config,
+            scheduler_config,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Overrides the prompt length in tokens (Wan's checkpoints use 512; the reference fixtures
+    /// use less).
+    pub fn with_max_sequence_length(mut self, max_sequence_length: usize) -> Self {
+        self.info.max_sequence_length = max_sequence_length;
+        self.text.max_sequence_length = max_sequence_length;
+        self
+    }
+
+    pub fn info(&self) -> &PipelineInfo {
+        &self.info
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The latent shape for a spec, rejecting sizes the model cannot make.
+    pub fn latent_shape(&self, spec: &RenderSpec) -> Result<LatentShape> {
+        if spec.frames == 0 || (spec.frames - 1) % 4 != 0 {
+            return Err(PipelineError::Spec(format!(
+                "frames must be of the form 4k+1 (Wan's VAE packs 4 frames per latent frame after the first); got {}, try {}",
+                spec.frames,
+                video::round_frames(spec.frames)
+            )));
+        }
+        if spec.steps == 0 {
+            return Err(PipelineError::Spec("steps must be at least 1".into()));
+        }
+        let patch = &self.transformer_config.patch_size;
+        video::latent_shape(spec.frames, spec.height, spec.width, patch[1].max(patch[2]), self.vae_config.z_dim)
+            .map_err(PipelineError::Spec)
+    }
+
+    /// Embeddings of the prompt and the negative prompt, each `(1, max_sequence_length, text_dim)`.
+    pub fn encode_prompts(&self, prompt: &str, negative_prompt: &str) -> Result<(Tensor, Tensor)> {
+        let both = component("text_encoder", self.text.encode(&[prompt, negative_prompt]))?;
+        let both = both.to_dtype(self.dtype)?;
+        Ok((both.narrow(0, 0, 1)?, both.narrow(0, 1, 1)?))
+    }
+
+    /// The initial noise of a spec: a pure function of the seed and the latent position.
+    pub fn initial_latents(&self, spec: &RenderSpec) -> Result<Tensor> {
+        let shape = self.latent_shape(spec)?;
+        Ok(noise::initial_latents(spec.seed, shape, 0..shape.frames, DType::F32, &self.device)?)
+    }
+
+    /// Runs the denoising loop from `latents` with classifier-free guidance and returns the
+    /// final latents (f32, `(1, C, F, H, W)`).
+    pub fn denoise(
+        &self,
+        spec: &RenderSpec,
+        prompt_embeds: &Tensor,
+        negative_prompt_embeds: &Tensor,
+        latents: Tensor,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Tensor> {
+        let mut scheduler =
+            scheduler::build(&self.scheduler_config, spec.scheduler, spec.steps, spec.shift)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let guided = spec.guidance_scale > 1.0;
+        // Both branches in one batch: one transformer call per step instead of two.
+        let context = if guided {
+            Tensor::cat(&[prompt_embeds, negative_prompt_embeds], 0)?
+        } else {
+            prompt_embeds.clone()
+        };
+        let batch = context.dim(0)?;
+        let mut latents = latents.to_dtype(DType::F32)?;
+        progress(Progress::Encoded { total: timesteps.len() });
+        let start = Instant::now();
+        for (index, &t) in timesteps.iter().enumerate() {
+            let input = latents.to_dtype(self.dtype)?.repeat((batch, 1, 1, 1, 1))?;
+            let timestep = Tensor::full(t as f32, batch, &self.device)?;
+            let flow = component("transformer", self.transformer.forward(&input, &timestep, &context))?;
+            let flow = flow.to_dtype(DType::F32)?;
+            let flow = if guided {
+                let cond = flow.narrow(0, 0, 1)?;
+                let uncond = flow.narrow(0, 1, 1)?;
+                (&uncond + ((cond - &uncond)? * spec.guidance_scale)?)?
+            } else {
+                flow
+            };
+            latents = component("scheduler", scheduler.step(&flow, &latents))?;
+            progress(Progress::Step { index, total: timesteps.len(), elapsed: start.elapsed() });
+        }
+        Ok(latents)
+    }
+
+    /// Decodes final latents into a video tensor `(1, 3, frames, H, W)` in [-1, 1].
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = component("vae", self.vae.unnormalize_latents(&latents.to_dtype(self.dtype)?))?;
+        let video = component("vae", self.vae.decode(&z))?;
+        Ok(video.to_dtype(DType::F32)?)
+    }
+
+    /// The whole text-to-video run for a spec.
+    pub fn render(&self, spec: &RenderSpec, progress: &mut dyn FnMut(Progress)) -> Result<Video> {
+        let latents = self.initial_latents(spec)?;
+        let (cond, uncond) = self.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
+        let latents = self.denoise(spec, &cond, &uncond, latents, progress)?;
+        progress(Progress::Decoding);
+        let video = self.decode(&latents)?;
+        let (rgb, frames, height, width) = video::video_to_rgb8(&video)?;
+        Ok(Video { rgb, frames, height, width })
+    }
+}

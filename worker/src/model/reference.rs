@@ -1,0 +1,314 @@
+//! Parity checks against reference fixtures made by the PyTorch implementation.
+//!
+//! A fixture directory is laid out like `shared/reference/wan-tiny/`: `pipeline/` is a checkpoint
+//! in the diffusers layout and `cases/` holds inputs and reference outputs (see that directory's
+//! README). [`check_fixture`] runs every case and reports one [`CaseResult`] per comparison; the
+//! `longtake check-reference` command and the parity tests both use it, so what the CLI prints is
+//! exactly what the tests assert.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::compare::relative_l2;
+use super::loader::{read_json, Checkpoint, SafetensorsWeights};
+use super::pipeline::{RenderSpec, WanPipeline};
+use super::scheduler::{self, SchedulerKind};
+use super::text::PromptEncoder;
+use super::tokenizer::PromptTokenizer;
+use super::umt5::{self, UMT5EncoderModel};
+use super::video;
+use super::wan::transformer::{self as wan_transformer, WanTransformer3DModel};
+use super::wan::vae::{self as wan_vae, WanVaeDecoder};
+
+/// Tolerance on the relative L2 error of a single module.
+pub const MODULE_TOLERANCE: f64 = 1e-4;
+/// Tolerance on the relative L2 error of the whole pipeline.
+pub const PIPELINE_TOLERANCE: f64 = 1e-3;
+
+/// The outcome of one comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaseResult {
+    /// e.g. `transformer` or `pipeline/video`.
+    pub case: String,
+    /// Relative L2 error (for the tokenizer: the fraction of ids that differ). `None` when the
+    /// case could not run.
+    pub error: Option<f64>,
+    pub tolerance: f64,
+    /// Why the case could not run, or extra detail.
+    pub note: Option<String>,
+}
+
+impl CaseResult {
+    pub fn passed(&self) -> bool {
+        matches!(self.error, Some(e) if e <= self.tolerance)
+    }
+
+    fn measured(case: &str, error: f64, tolerance: f64) -> Self {
+        Self { case: case.into(), error: Some(error), tolerance, note: None }
+    }
+
+    fn failed(case: &str, tolerance: f64, why: impl std::fmt::Display) -> Self {
+        Self { case: case.into(), error: None, tolerance, note: Some(why.to_string()) }
+    }
+}
+
+impl std::fmt::Display for CaseResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = if self.passed() { "PASS" } else { "FAIL" };
+        match self.error {
+            Some(e) => write!(f, "{verdict}  {:<28} rel_l2 {e:.3e}  (tolerance {:.0e})", self.case, self.tolerance)?,
+            None => write!(f, "{verdict}  {:<28} did not run", self.case)?,
+        }
+        if let Some(note) = &self.note {
+            write!(f, "  {note}")?;
+        }
+        Ok(())
+    }
+}
+
+/// True when `dir` looks like a fixture directory.
+pub fn is_fixture_dir(dir: &Path) -> bool {
+    dir.join("pipeline").is_dir() && dir.join("cases").is_dir()
+}
+
+/// The fixture directories at `root`: `root` itself if it is one, otherwise its sub-directories
+/// that are, sorted by name.
+pub fn find_fixture_dirs(root: &Path) -> Vec<PathBuf> {
+    if is_fixture_dir(root) {
+        return vec![root.to_path_buf()];
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| is_fixture_dir(p))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+type CaseOutcome = Result<Vec<CaseResult>, String>;
+
+/// Runs every case of one fixture directory on `device` in f32.
+pub fn check_fixture(dir: &Path, device: &Device) -> Vec<CaseResult> {
+    let cases: [(&str, f64, fn(&Fixture) -> CaseOutcome); 7] = [
+        ("tokenizer", 0.0, Fixture::tokenizer),
+        ("text_encoder", MODULE_TOLERANCE, Fixture::text_encoder),
+        ("transformer", MODULE_TOLERANCE, Fixture::transformer),
+        ("vae_decode", MODULE_TOLERANCE, Fixture::vae_decode),
+        ("scheduler_unipc", MODULE_TOLERANCE, Fixture::scheduler_unipc),
+        ("scheduler_euler", MODULE_TOLERANCE, Fixture::scheduler_euler),
+        ("pipeline", PIPELINE_TOLERANCE, Fixture::pipeline),
+    ];
+    let fixture = Fixture { dir: dir.to_path_buf(), device: device.clone() };
+    let mut results = Vec::new();
+    for (name, tolerance, run) in cases {
+        match run(&fixture) {
+            Ok(r) => results.extend(r),
+            Err(why) => results.push(CaseResult::failed(name, tolerance, why)),
+        }
+    }
+    results
+}
+
+struct Fixture {
+    dir: PathBuf,
+    device: Device,
+}
+
+fn msg<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+impl Fixture {
+    fn pipeline_dir(&self) -> PathBuf {
+        self.dir.join("pipeline")
+    }
+
+    fn case(&self, file: &str) -> Result<SafetensorsWeights, String> {
+        SafetensorsWeights::open_file(self.dir.join("cases").join(file)).map_err(msg)
+    }
+
+    fn tensor(&self, case: &SafetensorsWeights, name: &str) -> Result<Tensor, String> {
+        case.load(name, &self.device).map_err(msg)?.to_dtype(DType::F32).map_err(msg)
+    }
+
+    fn checkpoint(&self) -> Result<Checkpoint, String> {
+        Checkpoint::open(self.pipeline_dir()).map_err(msg)
+    }
+
+    fn tokenizer(&self) -> CaseOutcome {
+        #[derive(serde::Deserialize)]
+        struct Cases {
+            max_length: usize,
+            cases: Vec<Case>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Case {
+            text: String,
+            input_ids: Vec<u32>,
+            attention_mask: Vec<u32>,
+        }
+        let cases: Cases = read_json(&self.dir.join("cases/tokenizer.json")).map_err(msg)?;
+        let tokenizer =
+            PromptTokenizer::from_file(self.pipeline_dir().join("tokenizer/tokenizer.json")).map_err(msg)?;
+        let (mut wrong, mut total) = (0usize, 0usize);
+        let mut first_bad = None;
+        for case in &cases.cases {
+            let got = tokenizer.encode(&case.text, cases.max_length).map_err(msg)?;
+            let bad = got.ids.len().abs_diff(case.input_ids.len())
+                + got.ids.iter().zip(&case.input_ids).filter(|(a, b)| a != b).count()
+                + got.attention_mask.iter().zip(&case.attention_mask).filter(|(a, b)| a != b).count();
+            if bad > 0 && first_bad.is_none() {
+                first_bad = Some(case.text.clone());
+            }
+            wrong += bad;
+            total += case.input_ids.len() + case.attention_mask.len();
+        }
+        let mut result = CaseResult::measured("tokenizer", wrong as f64 / total.max(1) as f64, 0.0);
+        result.note = Some(match first_bad {
+            Some(text) => format!("{} cases, first mismatch on {text:?}", cases.cases.len()),
+            None => format!("{} cases, ids and masks exact", cases.cases.len()),
+        });
+        Ok(vec![result])
+    }
+
+    fn text_encoder(&self) -> CaseOutcome {
+        let case = self.case("text_encoder.safetensors")?;
+        let component = self.checkpoint()?.component("text_encoder").map_err(msg)?;
+        let config: umt5::Config = component.config().map_err(msg)?;
+        let model =
+            UMT5EncoderModel::new(&config, component.var_builder(DType::F32, &self.device).map_err(msg)?)
+                .map_err(msg)?;
+        let ids = case.load("input_ids", &self.device).map_err(msg)?.to_dtype(DType::U32).map_err(msg)?;
+        let mask = case.load("attention_mask", &self.device).map_err(msg)?.to_dtype(DType::U32).map_err(msg)?;
+        let ours = model.forward(&ids, &mask).map_err(msg)?;
+        let reference = self.tensor(&case, "last_hidden_state")?;
+        Ok(vec![CaseResult::measured("text_encoder", relative_l2(&ours, &reference).map_err(msg)?, MODULE_TOLERANCE)])
+    }
+
+    fn transformer_model(&self) -> Result<WanTransformer3DModel, String> {
+        let component = self.checkpoint()?.component("transformer").map_err(msg)?;
+        let config: wan_transformer::Config = component.config().map_err(msg)?;
+        WanTransformer3DModel::new(&config, component.var_builder(DType::F32, &self.device).map_err(msg)?)
+            .map_err(msg)
+    }
+
+    fn transformer(&self) -> CaseOutcome {
+        let case = self.case("transformer.safetensors")?;
+        let model = self.transformer_model()?;
+        let ours = model
+            .forward(
+                &self.tensor(&case, "hidden_states")?,
+                &self.tensor(&case, "timestep")?,
+                &self.tensor(&case, "encoder_hidden_states")?,
+            )
+            .map_err(msg)?;
+        let reference = self.tensor(&case, "output")?;
+        Ok(vec![CaseResult::measured("transformer", relative_l2(&ours, &reference).map_err(msg)?, MODULE_TOLERANCE)])
+    }
+
+    fn vae_model(&self) -> Result<WanVaeDecoder, String> {
+        let component = self.checkpoint()?.component("vae").map_err(msg)?;
+        let config: wan_vae::Config = component.config().map_err(msg)?;
+        WanVaeDecoder::new(&config, component.var_builder(DType::F32, &self.device).map_err(msg)?).map_err(msg)
+    }
+
+    fn vae_decode(&self) -> CaseOutcome {
+        let case = self.case("vae_decode.safetensors")?;
+        let ours = self.vae_model()?.decode(&self.tensor(&case, "z")?).map_err(msg)?;
+        let reference = self.tensor(&case, "video")?;
+        Ok(vec![CaseResult::measured("vae_decode", relative_l2(&ours, &reference).map_err(msg)?, MODULE_TOLERANCE)])
+    }
+
+    fn scheduler_case(&self, name: &str, file: &str, config: PathBuf, kind: SchedulerKind) -> CaseOutcome {
+        let case = self.case(file)?;
+        let config: serde_json::Value = read_json(&config).map_err(msg)?;
+        let steps = case.names().filter(|n| n.starts_with("model_output_")).count();
+        let mut scheduler = scheduler::build(&config, Some(kind), steps, None).map_err(msg)?;
+        let timesteps = Tensor::new(scheduler.timesteps().iter().map(|&t| t as f32).collect::<Vec<_>>(), &self.device)
+            .map_err(msg)?;
+        let mut worst = relative_l2(&timesteps, &self.tensor(&case, "timesteps")?).map_err(msg)?;
+        let mut sample = self.tensor(&case, "sample_0")?;
+        for i in 0..steps {
+            let model_output = self.tensor(&case, &format!("model_output_{i}"))?;
+            sample = scheduler.step(&model_output, &sample).map_err(msg)?;
+            let reference = self.tensor(&case, &format!("sample_{}", i + 1))?;
+            worst = worst.max(relative_l2(&sample, &reference).map_err(msg)?);
+        }
+        let mut result = CaseResult::measured(name, worst, MODULE_TOLERANCE);
+        result.note = Some(format!("{steps} steps, worst step shown"));
+        Ok(vec![result])
+    }
+
+    fn scheduler_unipc(&self) -> CaseOutcome {
+        let config = self.pipeline_dir().join("scheduler/scheduler_config.json");
+        self.scheduler_case("scheduler_unipc", "scheduler_unipc.safetensors", config, SchedulerKind::UniPc)
+    }
+
+    fn scheduler_euler(&self) -> CaseOutcome {
+        let config = self.dir.join("cases/euler_scheduler/scheduler_config.json");
+        self.scheduler_case("scheduler_euler", "scheduler_euler.safetensors", config, SchedulerKind::Euler)
+    }
+
+    /// The whole run from the reference's initial latents (torch's noise cannot be reproduced, so
+    /// it is given), with our own prompt embeddings.
+    fn pipeline(&self) -> CaseOutcome {
+        #[derive(serde::Deserialize)]
+        struct Spec {
+            prompt: String,
+            negative_prompt: String,
+            height: usize,
+            width: usize,
+            num_frames: usize,
+            num_inference_steps: usize,
+            guidance_scale: f64,
+            max_sequence_length: usize,
+        }
+        let spec: Spec = read_json(&self.dir.join("cases/pipeline.json")).map_err(msg)?;
+        let case = self.case("pipeline.safetensors")?;
+        let pipe = WanPipeline::load(self.pipeline_dir(), &self.device, DType::F32)
+            .map_err(msg)?
+            .with_max_sequence_length(spec.max_sequence_length);
+        let render = RenderSpec {
+            prompt: spec.prompt,
+            negative_prompt: spec.negative_prompt,
+            frames: spec.num_frames,
+            width: spec.width,
+            height: spec.height,
+            steps: spec.num_inference_steps,
+            guidance_scale: spec.guidance_scale,
+            shift: None,
+            scheduler: None,
+            seed: 0,
+        };
+        let (cond, uncond) = pipe.encode_prompts(&render.prompt, &render.negative_prompt).map_err(msg)?;
+        let mut results = vec![
+            CaseResult::measured(
+                "pipeline/prompt_embeds",
+                relative_l2(&cond, &self.tensor(&case, "prompt_embeds")?).map_err(msg)?,
+                MODULE_TOLERANCE,
+            ),
+            CaseResult::measured(
+                "pipeline/negative_embeds",
+                relative_l2(&uncond, &self.tensor(&case, "negative_prompt_embeds")?).map_err(msg)?,
+                MODULE_TOLERANCE,
+            ),
+        ];
+        let initial = self.tensor(&case, "initial_latents")?;
+        let latents = pipe.denoise(&render, &cond, &uncond, initial, &mut |_| {}).map_err(msg)?;
+        results.push(CaseResult::measured(
+            "pipeline/final_latents",
+            relative_l2(&latents, &self.tensor(&case, "final_latents")?).map_err(msg)?,
+            PIPELINE_TOLERANCE,
+        ));
+        let video = video::video_to_unit_frames(&pipe.decode(&latents).map_err(msg)?).map_err(msg)?;
+        results.push(CaseResult::measured(
+            "pipeline/video",
+            relative_l2(&video, &self.tensor(&case, "video")?).map_err(msg)?,
+            PIPELINE_TOLERANCE,
+        ));
+        Ok(results)
+    }
+}
