@@ -1,6 +1,6 @@
 //! Parity of the tokenizer, the umT5 encoder and the prompt encoder with the PyTorch reference
-//! fixtures, for every case directory under the reference dir (`LONGTAKE_REFERENCE_DIR`, by default
-//! `shared/reference` beside the repository).
+//! fixtures, for every case directory under the reference dir (`LONGTAKE_REFERENCE_DIR`, by
+//! default `shared/reference` beside the repository) and under the repository's `tests/fixtures`.
 
 use std::path::PathBuf;
 
@@ -13,29 +13,28 @@ use longtake_worker::model::umt5::{Config, UMT5EncoderModel};
 
 const TOLERANCE: f64 = 1e-4;
 
-/// Every directory under the reference dir with `pipeline/` and `cases/`; panics if there is none,
-/// so that a missing fixture fails the tests instead of skipping them.
+/// Every directory with `pipeline/` and `cases/` under the reference dir and the repository's
+/// `tests/fixtures`; panics if there is none, so that missing fixtures fail the tests instead of
+/// skipping them.
 fn case_dirs() -> Vec<PathBuf> {
-    let root = std::env::var_os("LONGTAKE_REFERENCE_DIR")
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let reference = std::env::var_os("LONGTAKE_REFERENCE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference")
-        });
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| {
-            panic!(
-                "reference dir {}: {e} (set LONGTAKE_REFERENCE_DIR)",
-                root.display()
-            )
-        })
+        .unwrap_or_else(|| manifest.join("../../shared/reference"));
+    let roots = [reference, manifest.join("../tests/fixtures")];
+    let mut dirs: Vec<PathBuf> = roots
+        .iter()
+        .filter_map(|root| std::fs::read_dir(root).ok())
+        .flatten()
         .filter_map(|e| Some(e.ok()?.path()))
         .filter(|p| p.join("pipeline").is_dir() && p.join("cases").is_dir())
         .collect();
     dirs.sort();
     assert!(
         !dirs.is_empty(),
-        "no case directories (with pipeline/ and cases/) under {}",
-        root.display()
+        "no case directories (with pipeline/ and cases/) under {} or {} (set LONGTAKE_REFERENCE_DIR)",
+        roots[0].display(),
+        roots[1].display()
     );
     dirs
 }

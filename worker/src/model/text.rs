@@ -24,8 +24,8 @@ pub enum TextError {
     Candle(#[from] candle_core::Error),
     #[error("no prompts to encode")]
     NoPrompts,
-    #[error("the tokenizer produces ids up to {tokenizer}, but the text encoder's vocab_size is {encoder}")]
-    VocabMismatch { tokenizer: usize, encoder: usize },
+    #[error("the tokenizer produced id {id}, beyond the text encoder's vocab_size {vocab_size}: tokenizer and text encoder do not match")]
+    VocabMismatch { id: u32, vocab_size: usize },
 }
 
 pub type Result<T> = std::result::Result<T, TextError>;
@@ -43,22 +43,12 @@ impl PromptEncoder {
         tokenizer: PromptTokenizer,
         encoder: UMT5EncoderModel,
         max_sequence_length: usize,
-    ) -> Result<Self> {
-        let (tokenizer_vocab, encoder_vocab) =
-            (tokenizer.vocab_size(), encoder.config().vocab_size);
-        // Real checkpoints pad the embedding table beyond the tokenizer (256384 vs 256300);
-        // the reverse would index out of the table at run time.
-        if tokenizer_vocab > encoder_vocab {
-            return Err(TextError::VocabMismatch {
-                tokenizer: tokenizer_vocab,
-                encoder: encoder_vocab,
-            });
-        }
-        Ok(Self {
+    ) -> Self {
+        Self {
             tokenizer,
             encoder,
             max_sequence_length,
-        })
+        }
     }
 
     /// Loads `tokenizer/tokenizer.json` and `text_encoder/` from a checkpoint directory.
@@ -77,7 +67,7 @@ impl PromptEncoder {
         let component = checkpoint.component("text_encoder")?;
         let config: Config = component.config()?;
         let encoder = UMT5EncoderModel::new(&config, component.var_builder(dtype, device)?)?;
-        Self::new(tokenizer, encoder, max_sequence_length)
+        Ok(Self::new(tokenizer, encoder, max_sequence_length))
     }
 
     /// Embeds a batch of prompts: `(B, max_sequence_length, d_model)` in the encoder's dtype, on
@@ -95,6 +85,15 @@ impl PromptEncoder {
             lengths.push(tokens.len());
             ids.extend_from_slice(&tokens.ids);
             mask.extend_from_slice(&tokens.attention_mask);
+        }
+        // Real checkpoints pad the embedding table beyond the tokenizer (256384 rows for 256300
+        // ids); an id past the table means a tokenizer and an encoder that do not belong together.
+        let vocab = self.encoder.config().vocab_size;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(TextError::VocabMismatch {
+                id,
+                vocab_size: vocab,
+            });
         }
         let device = self.encoder.device();
         let batch = prompts.len();
@@ -206,7 +205,7 @@ mod tests {
             "与中国龙一起庆祝中国农历新年的视频。",
             "",
         ];
-        let pe = PromptEncoder::new(tokenizer.clone(), encoder.clone(), 32).unwrap();
+        let pe = PromptEncoder::new(tokenizer.clone(), encoder.clone(), 32);
         let a = pe.encode(&prompts).unwrap();
         assert_eq!(a.dims(), &[3, 32, 16]);
         let b = pe.encode(&prompts).unwrap();
@@ -244,8 +243,9 @@ mod tests {
         let small =
             UMT5EncoderModel::new(&tiny_config(10), seeded_var_builder(7, DType::F32, &dev))
                 .unwrap();
+        let mismatched = PromptEncoder::new(tokenizer, small, 32);
         assert!(matches!(
-            PromptEncoder::new(tokenizer, small, 32),
+            mismatched.encode(&["hello"]),
             Err(TextError::VocabMismatch { .. })
         ));
         assert!(matches!(pe.encode(&[]), Err(TextError::NoPrompts)));
