@@ -110,8 +110,8 @@ impl PromptTokenizer {
             .iter()
             .map(|t| (t.to_string(), 0.0))
             .collect();
-        // Equal scores: every piece is one character, so segmentation does not depend on them,
-        // except that a byte sequence must never beat a real character.
+        // Every piece is a single character, so segmentation is unique and the scores barely
+        // matter; byte pieces score lowest so they are only ever used for characters outside it.
         vocab.push(("▁".to_string(), -2.0));
         vocab.extend((0x21u8..=0x7e).map(|c| ((c as char).to_string(), -3.0)));
         vocab.extend((0u16..=255).map(|b| (format!("<0x{b:02X}>"), -10.0)));
@@ -269,7 +269,15 @@ mod tests {
         }
         // Unknown characters fall back to their UTF-8 bytes instead of `<unk>`.
         let cjk = tok.encode("龙", 8).unwrap();
-        assert_eq!(cjk.len(), 5, "{:?}", cjk.ids); // ▁ + 3 bytes + </s>
+        // ▁, the bytes E9 BE 99, </s>
+        assert_eq!(
+            cjk.ids,
+            vec![3, 98 + 0xE9, 98 + 0xBE, 98 + 0x99, 1, 0, 0, 0]
+        );
+        assert_eq!(
+            tok.encode("A", 4).unwrap().ids,
+            vec![3, 4 + 0x41 - 0x21, 1, 0]
+        );
         assert_ne!(tok.encode("a", 8).unwrap(), tok.encode("b", 8).unwrap());
         // The empty prompt is just `</s>`, as with the reference tokenizer.
         assert_eq!(tok.encode("", 4).unwrap().ids, vec![1, 0, 0, 0]);
