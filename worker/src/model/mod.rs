@@ -5,3 +5,6 @@
 pub mod compare;
 pub mod loader;
 pub mod noise;
+pub mod text;
+pub mod tokenizer;
+pub mod umt5;
