@@ -232,7 +232,7 @@ impl Mp4Writer {
         if width == 0 || height == 0 {
             return Err(size_err("width and height must be positive"));
         }
-        if width % 2 != 0 || height % 2 != 0 {
+        if (width | height) & 1 != 0 {
             return Err(size_err(
                 "H.264 4:2:0 needs even width and height (crop or pad by one pixel)",
             ));
@@ -249,7 +249,7 @@ impl Mp4Writer {
             // Every pushed frame must become exactly one sample.
             .skip_frames(false)
             .max_frame_rate(FrameRate::from_hz(fps as f32))
-            .usage_type(UsageType::CameraVideoNonRealTime)
+            .usage_type(UsageType::CameraVideoRealTime)
             .complexity(Complexity::High)
             // Baseline decodes everywhere; openh264 has no CABAC/B-frames to gain from High.
             .profile(Profile::Baseline)
