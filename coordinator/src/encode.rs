@@ -83,7 +83,8 @@ pub enum Quality {
     /// Constant quantiser, 0 (best) ..= 51 (worst). Independent of resolution, which is why it
     /// is the default for renders: the picture quality does not depend on guessing a bitrate.
     ConstantQp(u8),
-    /// Target average bitrate in bits per second (the encoder varies the quantiser).
+    /// Target average bitrate in bits per second (the encoder varies the quantiser). Frames are
+    /// never dropped to meet it, so complex scenes may overshoot.
     Bitrate(u32),
 }
 
@@ -192,6 +193,9 @@ fn check_frame(
 /// duration an exact integer and is fine-grained enough that players never round.
 const TICKS_PER_FRAME: u32 = 1000;
 
+/// H.264 level 5.2's bitrate ceiling for Baseline; openh264 refuses to initialise above it.
+const MAX_BITRATE: u32 = 240_000_000;
+
 /// Streaming H.264 (yuv420p, BT.709 limited range) MP4 writer.
 pub struct Mp4Writer {
     path: PathBuf,
@@ -267,19 +271,20 @@ impl Mp4Writer {
                         reason: format!("QP {qp} is outside 0..=51"),
                     });
                 }
-                // Pinning min = max QP makes the rate controller's choices irrelevant; the
-                // nominal bitrate (~1 bit/pixel) only keeps its buffer model out of the way.
-                let nominal = pixels_per_second.min(i32::MAX as u64) as u32;
+                // Pinning min = max QP makes the rate controller's choices irrelevant. The
+                // nominal bitrate still picks the H.264 level, so keep it modest (1/8 bit per
+                // pixel, what QP ~18 renders actually use) instead of inflating the level.
+                let nominal = (pixels_per_second / 8).clamp(100_000, MAX_BITRATE.into()) as u32;
                 config
                     .rate_control_mode(RateControlMode::Quality)
                     .bitrate(BitRate::from_bps(nominal))
                     .qp(QpRange::new(qp, qp))
             }
             Quality::Bitrate(bps) => {
-                if bps == 0 || bps > i32::MAX as u32 {
+                if !(1..=MAX_BITRATE).contains(&bps) {
                     return Err(EncodeError::InvalidQuality {
                         path,
-                        reason: format!("bitrate {bps} bit/s is outside 1..={}", i32::MAX),
+                        reason: format!("bitrate {bps} bit/s is outside 1..={MAX_BITRATE}"),
                     });
                 }
                 config
@@ -717,5 +722,49 @@ impl FrameSink for PngSequenceWriter {
     }
     fn finish(self: Box<Self>) -> Result<()> {
         PngSequenceWriter::finish(*self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn convert(rgb: [u8; 3]) -> (u8, u8, u8) {
+        let block = rgb.repeat(4);
+        let (mut y, mut u, mut v) = ([0u8; 4], [0u8; 1], [0u8; 1]);
+        rgb_to_yuv420_bt709(&block, 2, 2, &mut y, &mut u, &mut v);
+        assert!(y.iter().all(|&l| l == y[0]));
+        (y[0], u[0], v[0])
+    }
+
+    #[test]
+    fn bt709_limited_range_reference_values() {
+        // Values from ITU-R BT.709 with 8-bit studio swing (Y 16..235, C 16..240).
+        assert_eq!(convert([0, 0, 0]), (16, 128, 128));
+        assert_eq!(convert([255, 255, 255]), (235, 128, 128));
+        assert_eq!(convert([128, 128, 128]), (126, 128, 128));
+        assert_eq!(convert([255, 0, 0]), (63, 102, 240));
+        assert_eq!(convert([0, 255, 0]), (173, 42, 26));
+        assert_eq!(convert([0, 0, 255]), (32, 240, 118));
+    }
+
+    #[test]
+    fn chroma_is_the_mean_of_each_block() {
+        // Left block black, right block white: chroma stays neutral, luma is per pixel.
+        let mut rgb = vec![0u8; 4 * 2 * 3];
+        for row in 0..2 {
+            rgb[(row * 4 + 2) * 3..(row * 4 + 4) * 3].fill(255);
+        }
+        let (mut y, mut u, mut v) = ([0u8; 8], [0u8; 2], [0u8; 2]);
+        rgb_to_yuv420_bt709(&rgb, 4, 2, &mut y, &mut u, &mut v);
+        assert_eq!(y, [16, 16, 235, 235, 16, 16, 235, 235]);
+        assert_eq!((u, v), ([128, 128], [128, 128]));
+    }
+
+    #[test]
+    fn start_codes_are_stripped() {
+        assert_eq!(strip_start_code(&[0, 0, 0, 1, 0x67, 1]), &[0x67, 1]);
+        assert_eq!(strip_start_code(&[0, 0, 1, 0x68]), &[0x68]);
+        assert_eq!(strip_start_code(&[0x65, 0, 0, 1]), &[0x65, 0, 0, 1]);
     }
 }
