@@ -132,8 +132,9 @@ impl VideoFormat {
     }
 }
 
-/// A destination for frames, so callers can switch on the format with one code path.
-pub trait FrameSink {
+/// A destination for frames, so callers can switch on the format with one code path. `Send` so
+/// encoding can run on its own thread while the next frames are decoded.
+pub trait FrameSink: Send {
     /// Frame width in pixels.
     fn width(&self) -> u32;
     /// Frame height in pixels.
@@ -196,7 +197,9 @@ const TICKS_PER_FRAME: u32 = 1000;
 /// H.264 level 5.2's bitrate ceiling for Baseline; openh264 refuses to initialise above it.
 const MAX_BITRATE: u32 = 240_000_000;
 
-/// Streaming H.264 (yuv420p, BT.709 limited range) MP4 writer.
+/// Streaming H.264 (yuv420p, BT.709 limited range) MP4 writer. Samples go to disk about once a
+/// second of video; only the sample tables stay in memory. The index (moov) is written by
+/// [`Mp4Writer::finish`], so a writer dropped without it leaves an unplayable file.
 pub struct Mp4Writer {
     path: PathBuf,
     width: u32,

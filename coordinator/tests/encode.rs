@@ -244,6 +244,7 @@ fn mp4_is_deterministic_and_quality_option_matters() {
         std::fs::metadata(&a).unwrap().len(),
         std::fs::metadata(&low).unwrap().len(),
     );
+    eprintln!("81 frames 256x144: QP 18 {hi_len} bytes, QP 40 {low_len} bytes");
     assert!(
         low_len * 2 < hi_len,
         "QP 40 ({low_len} B) not much smaller than QP 18 ({hi_len} B)"
