@@ -6,3 +6,4 @@ pub mod compare;
 pub mod loader;
 pub mod noise;
 pub mod scheduler;
+pub mod video;
