@@ -67,8 +67,9 @@ pub fn latent_shape_with(
             "invalid model geometry: temporal scale {vae_scale_temporal}, spatial scale {vae_scale_spatial}, patch {patch}, z_dim {z_dim} must all be positive"
         ));
     }
-    if frames == 0 || (frames - 1) % vae_scale_temporal != 0 {
-        let below = frames.saturating_sub(1) / vae_scale_temporal * vae_scale_temporal + 1;
+    // The valid count at or below `frames`; anything else is not of the form tk+1.
+    let below = frames.saturating_sub(1) / vae_scale_temporal * vae_scale_temporal + 1;
+    if frames != below {
         let above = below + vae_scale_temporal;
         let nearest = if frames == 0 || frames - below <= above - frames {
             below
@@ -219,7 +220,7 @@ mod tests {
             0.25, // G
             // B: −0.0078431368 maps to a unit value whose product with 255 is exactly 126.5: ties
             // go to even (126), where rounding half away from zero would give 127.
-            -0.007_843_136_8,
+            -0.007_843_137,
             0.0,
             0.999,
             -0.999,
