@@ -312,17 +312,27 @@ impl UniPCMultistepScheduler {
         &self.state
     }
 
-    /// Replaces the multistep state, e.g. with one saved from an interrupted render.
+    /// Replaces the multistep state, e.g. with one saved from an interrupted render. The state
+    /// must be one this schedule can have reached: its step within the schedule, and as many
+    /// stored outputs as its warm-up counter says.
     pub fn set_state(&mut self, state: UniPcState) -> candle_core::Result<()> {
-        if state.model_outputs.len() != self.config.solver_order
-            || state.step_index > self.timesteps.len()
-        {
+        let order = self.config.solver_order;
+        let stored = state.model_outputs.iter().filter(|m| m.is_some()).count();
+        let consistent = state.model_outputs.len() == order
+            && state.step_index <= self.timesteps.len()
+            && state.lower_order_nums == state.step_index.min(order)
+            && stored >= state.lower_order_nums
+            && state.this_order <= state.lower_order_nums
+            && (state.step_index == 0 || (state.this_order >= 1 && state.last_sample.is_some()));
+        if !consistent {
             bail!(
-                "UniPC state does not fit this schedule: {} stored outputs for solver_order {}, step {} of {}",
-                state.model_outputs.len(),
-                self.config.solver_order,
+                "UniPC state does not fit this schedule (solver_order {order}, {} steps): step {}, {} of {} outputs stored, lower_order_nums {}, this_order {}",
+                self.timesteps.len(),
                 state.step_index,
-                self.timesteps.len()
+                stored,
+                state.model_outputs.len(),
+                state.lower_order_nums,
+                state.this_order
             );
         }
         self.state = state;
@@ -660,6 +670,15 @@ mod tests {
             }
         }
         assert_eq!(xa.to_vec1::<f32>()?, xb.to_vec1::<f32>()?);
+
+        // A state this schedule cannot have reached is refused.
+        let mut bad = a.state().clone();
+        bad.lower_order_nums = 0;
+        assert!(b.set_state(bad).is_err());
+        let mut bad = a.state().clone();
+        bad.model_outputs.pop();
+        assert!(b.set_state(bad).is_err());
+        assert!(b.set_state(UniPcState::default()).is_err());
         Ok(())
     }
 
