@@ -5,6 +5,8 @@
 pub mod compare;
 pub mod loader;
 pub mod noise;
+pub mod scheduler;
 pub mod text;
 pub mod tokenizer;
 pub mod umt5;
+pub mod video;
