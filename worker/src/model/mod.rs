@@ -5,3 +5,4 @@
 pub mod compare;
 pub mod loader;
 pub mod noise;
+pub mod wan;
