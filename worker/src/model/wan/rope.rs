@@ -1,13 +1,9 @@
 //! The 3D rotary position embedding of the Wan transformer.
 //!
-//! Each attention head's channels are split into a frame, a height and a width part, and each
-//! part rotates interleaved channel pairs `(2i, 2i + 1)` by the token's position along its axis.
-//! The tables are built exactly the way diffusers' `WanRotaryPosEmbed` builds them: three 1D
-//! tables (frame: `d - 4·⌊d/6⌋` channels, height and width: `2·⌊d/6⌋` each) concatenated, then
-//! split again along `[d - 2·⌊d/3⌋, ⌊d/3⌋, ⌊d/3⌋]` to pick the position axis. For the published
-//! head sizes (128, and any multiple of 6) both splits agree; for other head sizes (e.g. 16) they
-//! do not, and we reproduce the reference's tables rather than an idealised version so that
-//! checkpoints behave as they do in diffusers.
+//! Each attention head's channels are split into a frame, a height and a width part (height and
+//! width get `2·⌊d/6⌋` channels each, the frame part the rest: 44/42/42 for d = 128), and each part
+//! rotates its interleaved channel pairs `(2i, 2i + 1)` by the token's position along its axis
+//! with frequencies `θ^(−2i/part)`, as diffusers' `WanRotaryPosEmbed` does.
 
 use candle_core::{Device, Result, Tensor};
 
@@ -56,21 +52,12 @@ impl WanRope {
             candle_core::bail!("rotary embedding needs an even attention_head_dim of at least 6, got {head_dim}");
         }
         let hw_dim = 2 * (head_dim / 6);
-        let table_dims = [head_dim - 2 * hw_dim, hw_dim, hw_dim];
-        let split = [head_dim - 2 * (head_dim / 3), head_dim / 3];
+        let parts = [(Axis::Frame, head_dim - 2 * hw_dim), (Axis::Height, hw_dim), (Axis::Width, hw_dim)];
         let mut columns = Vec::with_capacity(head_dim);
-        for &dim in &table_dims {
+        for (axis, dim) in parts {
             for j in 0..dim {
-                // 1D tables repeat each frequency for the two channels of a pair.
+                // Each frequency serves the two channels of a pair.
                 let exponent = (2 * (j / 2)) as f64 / dim as f64;
-                let c = columns.len();
-                let axis = if c < split[0] {
-                    Axis::Frame
-                } else if c < split[0] + split[1] {
-                    Axis::Height
-                } else {
-                    Axis::Width
-                };
                 columns.push(Column { axis, freq: 1.0 / theta.powf(exponent) });
             }
         }

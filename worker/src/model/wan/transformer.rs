@@ -347,3 +347,122 @@ impl WanTransformer3DModel {
             .reshape((b, c, nf * pt, nh * ph, nw * pw))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::compare::relative_l2;
+    use crate::model::loader::{seeded_var_builder, Checkpoint, SafetensorsWeights};
+    use candle_core::Device;
+    use std::path::PathBuf;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    const TOLERANCE: f64 = 1e-4;
+
+    /// Every fixture directory (one with `pipeline/` and `cases/`) under the reference dir:
+    /// `LONGTAKE_REFERENCE_DIR`, or `shared/reference` beside the repository.
+    fn reference_cases() -> Vec<PathBuf> {
+        let root = std::env::var_os("LONGTAKE_REFERENCE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference"));
+        let is_case = |p: &PathBuf| p.join("pipeline").is_dir() && p.join("cases").is_dir();
+        let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
+            .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).filter(is_case).collect())
+            .unwrap_or_default();
+        if is_case(&root) {
+            cases.push(root.clone());
+        }
+        cases.sort();
+        assert!(
+            !cases.is_empty(),
+            "no reference fixtures (directories with pipeline/ and cases/) under {}; set LONGTAKE_REFERENCE_DIR",
+            root.display()
+        );
+        cases
+    }
+
+    #[test]
+    fn matches_reference_cases() -> TestResult {
+        let dev = Device::Cpu;
+        let mut failures = Vec::new();
+        for case in reference_cases() {
+            let component = Checkpoint::open(case.join("pipeline"))?.component("transformer")?;
+            let config: Config = component.config()?;
+            let model = WanTransformer3DModel::new(&config, component.var_builder(DType::F32, &dev)?)?;
+            let refs = SafetensorsWeights::open_file(case.join("cases/transformer.safetensors"))?;
+            let x = refs.load("hidden_states", &dev)?;
+            let t = refs.load("timestep", &dev)?;
+            let text = refs.load("encoder_hidden_states", &dev)?;
+            let (_, _, f, h, w) = x.dims5()?;
+
+            let mut checks = Vec::new();
+            let (cos, sin) = model.rope_diffusers_tables(f, h, w, &dev)?;
+            checks.push(("rope_cos".to_string(), relative_l2(&cos, &refs.load("rope_cos", &dev)?)?));
+            checks.push(("rope_sin".to_string(), relative_l2(&sin, &refs.load("rope_sin", &dev)?)?));
+            let trace = model.forward_with_block_outputs(&x, &t, &text)?;
+            assert_eq!(trace.blocks.len(), config.num_layers);
+            for (i, block) in trace.blocks.iter().enumerate() {
+                let name = format!("block_{i}");
+                checks.push((name.clone(), relative_l2(block, &refs.load(&name, &dev)?)?));
+            }
+            checks.push(("output".to_string(), relative_l2(&trace.output, &refs.load("output", &dev)?)?));
+            for (name, err) in checks {
+                println!("{}: {name} relative L2 {err:.3e}", case.display());
+                if !(err <= TOLERANCE) {
+                    failures.push(format!("{}: {name} {err:.3e}", case.display()));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "above tolerance {TOLERANCE}: {failures:?}");
+        Ok(())
+    }
+
+    fn small_config() -> Config {
+        Config {
+            num_attention_heads: 2,
+            attention_head_dim: 12,
+            text_dim: 8,
+            freq_dim: 16,
+            ffn_dim: 32,
+            num_layers: 2,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn batch_rows_are_independent_and_chunking_does_not_change_the_output() -> TestResult {
+        let dev = Device::Cpu;
+        let cfg = small_config();
+        let mut model = WanTransformer3DModel::new(&cfg, seeded_var_builder(5, DType::F32, &dev))?;
+        let x = Tensor::randn(0f32, 1.0, (2, 16, 3, 4, 6), &dev)?;
+        let t = Tensor::new(&[900f32, 20.0], &dev)?;
+        let text = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?;
+        let both = model.forward(&x, &t, &text)?;
+        assert_eq!(both.dims(), &[2, 16, 3, 4, 6]);
+        let second = model.forward(&x.narrow(0, 1, 1)?, &t.narrow(0, 1, 1)?, &text.narrow(0, 1, 1)?)?;
+        assert!(relative_l2(&second, &both.narrow(0, 1, 1)?)? < 1e-6);
+
+        model.set_attention_options(AttentionOptions { max_scores: 2 * 2 * 18 * 4 });
+        let chunked = model.forward(&x, &t, &text)?;
+        assert!(relative_l2(&chunked, &both)? < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn image_conditioning_is_rejected() {
+        let cfg = Config { image_dim: Some(1280), added_kv_proj_dim: Some(5120), ..small_config() };
+        let err = WanTransformer3DModel::new(&cfg, seeded_var_builder(0, DType::F32, &Device::Cpu))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("image-to-video"), "{err}");
+    }
+
+    #[test]
+    fn config_defaults_and_unknown_fields() -> TestResult {
+        let cfg: Config = serde_json::from_str(r#"{"num_layers": 3, "some_future_field": 1, "out_channels": null}"#)?;
+        assert_eq!((cfg.num_layers, cfg.dim(), cfg.out_channels()), (3, 5120, 16));
+        cfg.validate()?;
+        Ok(())
+    }
+}
