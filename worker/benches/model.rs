@@ -52,7 +52,13 @@ fn bench_transformer(
     let t = Tensor::new(&[999f32, 999.0], device)?;
     let text = Tensor::randn(0f32, 1.0, (2, text_len, cfg.text_dim), device)?;
     let (nf, nh, nw) = model.token_grid(f, h, w);
-    let label = format!("{name} (B=2, {}x{}x{} = {} tokens)", nf, nh, nw, nf * nh * nw);
+    let label = format!(
+        "{name} (B=2, {}x{}x{} = {} tokens)",
+        nf,
+        nh,
+        nw,
+        nf * nh * nw
+    );
     time(&label, iters, || {
         model.forward(&x, &t, &text)?;
         Ok(())
@@ -72,8 +78,16 @@ fn main() -> BenchResult {
             Ok(ckpt) => {
                 let component = ckpt.component("transformer")?;
                 let cfg: Config = component.config()?;
-                let model = WanTransformer3DModel::new(&cfg, component.var_builder(DType::F32, &device)?)?;
-                bench_transformer("transformer_tiny forward", &model, (21, 4, 6), 16, 10, &device)?;
+                let model =
+                    WanTransformer3DModel::new(&cfg, component.var_builder(DType::F32, &device)?)?;
+                bench_transformer(
+                    "transformer_tiny forward",
+                    &model,
+                    (21, 4, 6),
+                    16,
+                    10,
+                    &device,
+                )?;
             }
             Err(e) => println!("transformer_tiny: skipped, no reference pipeline: {e}"),
         }
@@ -91,7 +105,14 @@ fn main() -> BenchResult {
             ..Config::default()
         };
         let model = WanTransformer3DModel::new(&cfg, seeded_var_builder(0, DType::F32, &device))?;
-        bench_transformer("transformer_mid forward", &model, (21, 16, 16), 64, 3, &device)?;
+        bench_transformer(
+            "transformer_mid forward",
+            &model,
+            (21, 16, 16),
+            64,
+            3,
+            &device,
+        )?;
     }
 
     // VAE decode: the VAE engineer adds its case here.

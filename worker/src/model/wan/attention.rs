@@ -23,7 +23,9 @@ pub struct AttentionOptions {
 impl Default for AttentionOptions {
     fn default() -> Self {
         // 2^26 f32 scores = 256 MiB, plus as much again for the softmax output.
-        Self { max_scores: 1 << 26 }
+        Self {
+            max_scores: 1 << 26,
+        }
     }
 }
 
@@ -85,10 +87,18 @@ pub fn merge_blocks(blocks: &[(Tensor, Tensor)]) -> Result<Tensor> {
     let Some((first, _)) = blocks.first() else {
         candle_core::bail!("merge_blocks needs at least one block");
     };
-    let lses: Vec<Tensor> = blocks.iter().map(|(_, lse)| lse.unsqueeze(D::Minus1)).collect::<Result<_>>()?;
+    let lses: Vec<Tensor> = blocks
+        .iter()
+        .map(|(_, lse)| lse.unsqueeze(D::Minus1))
+        .collect::<Result<_>>()?;
     let total = Tensor::cat(&lses, D::Minus1)?;
     let max = total.max_keepdim(D::Minus1)?;
-    let lse_all = (total.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    let lse_all = (total
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max)?;
     let mut acc: Option<Tensor> = None;
     for (out, lse) in blocks {
         let weight = lse.unsqueeze(D::Minus1)?.broadcast_sub(&lse_all)?.exp()?;
@@ -125,7 +135,9 @@ fn attend(q: &Tensor, kt: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// `(B, L, H·D)` → `(B, H, L, D)`, contiguous (the layout the core and `rope_i` take).
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, hd) = x.dims3()?;
-    x.reshape((b, l, heads, hd / heads))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, l, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// `(B, H, L, D)` → `(B, L, H·D)`.
@@ -139,7 +151,8 @@ pub fn apply_rope(x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
     if x.dtype() == DType::F32 {
         candle_nn::rotary_emb::rope_i(x, &rope.cos, &rope.sin)
     } else {
-        candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?, &rope.cos, &rope.sin)?.to_dtype(x.dtype())
+        candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?, &rope.cos, &rope.sin)?
+            .to_dtype(x.dtype())
     }
 }
 
@@ -247,7 +260,9 @@ mod tests {
         let whole = attention_unchunked(&q, &k, &v)?;
         // 2·3 rows × 29 keys per query: a budget of 5 queries' worth gives chunks of 5 and a
         // ragged last chunk of 2.
-        let options = AttentionOptions { max_scores: 2 * 3 * 29 * 5 };
+        let options = AttentionOptions {
+            max_scores: 2 * 3 * 29 * 5,
+        };
         assert_eq!(options.query_chunk(6, 29), 5);
         let chunked = attention(&q, &k, &v, &options)?;
         let err = relative_l2(&chunked, &whole)?;

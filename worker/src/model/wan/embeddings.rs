@@ -22,7 +22,11 @@ impl PatchEmbedding {
         let weight = vb.get((dim, in_channels, pt, ph, pw), "weight")?;
         let weight = weight.reshape((dim, in_channels * pt * ph * pw))?;
         let bias = vb.get(dim, "bias")?;
-        Ok(Self { weight, bias, patch })
+        Ok(Self {
+            weight,
+            bias,
+            patch,
+        })
     }
 
     /// `(B, C, F, H, W)` → `(B, F'·H'·W', dim)` with `F' = F / pt` etc., tokens frame-major.
@@ -32,7 +36,9 @@ impl PatchEmbedding {
         let (nf, nh, nw) = (f / pt, h / ph, w / pw);
         // Like the reference conv, trailing positions that do not fill a patch are dropped.
         let x = if nf * pt != f || nh * ph != h || nw * pw != w {
-            x.narrow(2, 0, nf * pt)?.narrow(3, 0, nh * ph)?.narrow(4, 0, nw * pw)?
+            x.narrow(2, 0, nf * pt)?
+                .narrow(3, 0, nh * ph)?
+                .narrow(4, 0, nw * pw)?
         } else {
             x.clone()
         };
@@ -41,7 +47,9 @@ impl PatchEmbedding {
             .permute([0, 2, 4, 6, 1, 3, 5, 7])?
             .contiguous()?
             .reshape((b * nf * nh * nw, c * pt * ph * pw))?;
-        let tokens = patches.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        let tokens = patches
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
         tokens.reshape((b, nf * nh * nw, ()))
     }
 }
@@ -56,7 +64,10 @@ pub fn timestep_embedding(timestep: &Tensor, freq_dim: usize) -> Result<Tensor> 
     let exponent = (Tensor::arange(0u32, half as u32, device)?.to_dtype(DType::F32)?
         * (-(10000f64.ln()) / half as f64))?;
     let freqs = exponent.exp()?.unsqueeze(0)?;
-    let args = timestep.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let args = timestep
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
     let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?;
     if freq_dim % 2 == 1 {
         // Odd sizes are zero-padded at the end, as in the reference.
@@ -85,7 +96,8 @@ impl TwoLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.act.forward(&self.linear_1.forward(x)?)?)
+        self.linear_2
+            .forward(&self.act.forward(&self.linear_1.forward(x)?)?)
     }
 }
 
@@ -141,7 +153,11 @@ impl ConditionEmbedder {
             .reshape((b, 6, self.dim))?
             .to_dtype(DType::F32)?;
         let context = self.text_embedder.forward(text)?;
-        Ok(Conditioning { temb: temb.to_dtype(DType::F32)?, modulation, context })
+        Ok(Conditioning {
+            temb: temb.to_dtype(DType::F32)?,
+            modulation,
+            context,
+        })
     }
 }
 
@@ -164,7 +180,9 @@ mod tests {
         let mut frames = Vec::new();
         for f in 0..3 {
             let xf = x.narrow(2, f, 1)?.squeeze(2)?;
-            let y = xf.conv2d(&w, 0, 2, 1, 1)?.broadcast_add(&bias.reshape((1, dim, 1, 1))?)?;
+            let y = xf
+                .conv2d(&w, 0, 2, 1, 1)?
+                .broadcast_add(&bias.reshape((1, dim, 1, 1))?)?;
             frames.push(y.flatten_from(2)?.transpose(1, 2)?); // (B, H'W', dim)
         }
         let reference = Tensor::cat(&frames, 1)?;

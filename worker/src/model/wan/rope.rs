@@ -34,7 +34,10 @@ pub struct RopeTables {
 impl RopeTables {
     /// The rows for tokens `start..start + len`, for a rank that holds only part of the sequence.
     pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
-        Ok(Self { cos: self.cos.narrow(0, start, len)?, sin: self.sin.narrow(0, start, len)? })
+        Ok(Self {
+            cos: self.cos.narrow(0, start, len)?,
+            sin: self.sin.narrow(0, start, len)?,
+        })
     }
 }
 
@@ -48,20 +51,33 @@ pub struct WanRope {
 
 impl WanRope {
     pub fn new(head_dim: usize, max_seq_len: usize, theta: f64) -> Result<Self> {
-        if head_dim % 2 != 0 || head_dim < 6 {
-            candle_core::bail!("rotary embedding needs an even attention_head_dim of at least 6, got {head_dim}");
+        if head_dim % 2 == 1 || head_dim < 6 {
+            candle_core::bail!(
+                "rotary embedding needs an even attention_head_dim of at least 6, got {head_dim}"
+            );
         }
         let hw_dim = 2 * (head_dim / 6);
-        let parts = [(Axis::Frame, head_dim - 2 * hw_dim), (Axis::Height, hw_dim), (Axis::Width, hw_dim)];
+        let parts = [
+            (Axis::Frame, head_dim - 2 * hw_dim),
+            (Axis::Height, hw_dim),
+            (Axis::Width, hw_dim),
+        ];
         let mut columns = Vec::with_capacity(head_dim);
         for (axis, dim) in parts {
             for j in 0..dim {
                 // Each frequency serves the two channels of a pair.
                 let exponent = (2 * (j / 2)) as f64 / dim as f64;
-                columns.push(Column { axis, freq: 1.0 / theta.powf(exponent) });
+                columns.push(Column {
+                    axis,
+                    freq: 1.0 / theta.powf(exponent),
+                });
             }
         }
-        Ok(Self { head_dim, max_seq_len, columns })
+        Ok(Self {
+            head_dim,
+            max_seq_len,
+            columns,
+        })
     }
 
     pub fn head_dim(&self) -> usize {
@@ -79,7 +95,12 @@ impl WanRope {
     }
 
     /// For each column, its value at every position along its axis.
-    fn per_axis(&self, grid: (usize, usize, usize), trig: fn(f64) -> f64, cols: impl Iterator<Item = usize>) -> Vec<(Axis, Vec<f32>)> {
+    fn per_axis(
+        &self,
+        grid: (usize, usize, usize),
+        trig: fn(f64) -> f64,
+        cols: impl Iterator<Item = usize>,
+    ) -> Vec<(Axis, Vec<f32>)> {
         cols.map(|c| {
             let Column { axis, freq } = self.columns[c];
             let n = match axis {
@@ -116,8 +137,14 @@ impl WanRope {
         self.check_grid(grid)?;
         let half = self.head_dim / 2;
         let tokens = grid.0 * grid.1 * grid.2;
-        let cos = Self::fill(grid, &self.per_axis(grid, f64::cos, (0..half).map(|i| 2 * i)));
-        let sin = Self::fill(grid, &self.per_axis(grid, f64::sin, (0..half).map(|i| 2 * i + 1)));
+        let cos = Self::fill(
+            grid,
+            &self.per_axis(grid, f64::cos, (0..half).map(|i| 2 * i)),
+        );
+        let sin = Self::fill(
+            grid,
+            &self.per_axis(grid, f64::sin, (0..half).map(|i| 2 * i + 1)),
+        );
         Ok(RopeTables {
             cos: Tensor::from_vec(cos, (tokens, half), device)?,
             sin: Tensor::from_vec(sin, (tokens, half), device)?,
@@ -126,13 +153,20 @@ impl WanRope {
 
     /// The full tables in diffusers' layout, `(1, tokens, 1, head_dim)` each, as
     /// `WanRotaryPosEmbed.forward` returns them; for comparing against reference outputs.
-    pub fn diffusers_tables(&self, grid: (usize, usize, usize), device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn diffusers_tables(
+        &self,
+        grid: (usize, usize, usize),
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         self.check_grid(grid)?;
         let tokens = grid.0 * grid.1 * grid.2;
         let shape = (1, tokens, 1, self.head_dim);
         let cos = Self::fill(grid, &self.per_axis(grid, f64::cos, 0..self.head_dim));
         let sin = Self::fill(grid, &self.per_axis(grid, f64::sin, 0..self.head_dim));
-        Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
+        Ok((
+            Tensor::from_vec(cos, shape, device)?,
+            Tensor::from_vec(sin, shape, device)?,
+        ))
     }
 }
 
@@ -148,8 +182,18 @@ mod tests {
             let grid = (3, 4, 5);
             let (cos, sin) = rope.diffusers_tables(grid, &dev)?;
             let t = rope.tables(grid, &dev)?;
-            let cos = cos.squeeze(2)?.squeeze(0)?.reshape((60, head_dim / 2, 2))?.narrow(2, 0, 1)?.squeeze(2)?;
-            let sin = sin.squeeze(2)?.squeeze(0)?.reshape((60, head_dim / 2, 2))?.narrow(2, 1, 1)?.squeeze(2)?;
+            let cos = cos
+                .squeeze(2)?
+                .squeeze(0)?
+                .reshape((60, head_dim / 2, 2))?
+                .narrow(2, 0, 1)?
+                .squeeze(2)?;
+            let sin = sin
+                .squeeze(2)?
+                .squeeze(0)?
+                .reshape((60, head_dim / 2, 2))?
+                .narrow(2, 1, 1)?
+                .squeeze(2)?;
             assert_eq!(cos.to_vec2::<f32>()?, t.cos.to_vec2::<f32>()?);
             assert_eq!(sin.to_vec2::<f32>()?, t.sin.to_vec2::<f32>()?);
         }
