@@ -8,7 +8,7 @@
 //! ring attention calls the core on blocks of keys and merges them with the log-sum-exp.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
+use candle_nn::{linear, Linear, VarBuilder};
 
 use super::rope::RopeTables;
 
@@ -164,8 +164,10 @@ pub struct WanAttention {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
-    norm_q: RmsNorm,
-    norm_k: RmsNorm,
+    /// RMS-norm scales `(dim,)`, kept as tensors so a tensor-parallel rank can take its slice.
+    norm_q: Tensor,
+    norm_k: Tensor,
+    eps: f64,
     heads: usize,
     options: AttentionOptions,
 }
@@ -179,8 +181,9 @@ impl WanAttention {
             to_k: linear(dim, dim, vb.pp("to_k"))?,
             to_v: linear(dim, dim, vb.pp("to_v"))?,
             to_out: linear(dim, dim, vb.pp("to_out.0"))?,
-            norm_q: candle_nn::rms_norm(dim, eps, vb.pp("norm_q"))?,
-            norm_k: candle_nn::rms_norm(dim, eps, vb.pp("norm_k"))?,
+            norm_q: vb.get(dim, "norm_q.weight")?,
+            norm_k: vb.get(dim, "norm_k.weight")?,
+            eps,
             heads,
             options: AttentionOptions::default(),
         })
@@ -206,7 +209,21 @@ impl WanAttention {
 
     /// RMS-normalises queries and keys over the whole `dim` row (all heads together).
     pub fn norm_qk(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.norm_q.forward(q)?, self.norm_k.forward(k)?))
+        let eps = self.eps as f32;
+        Ok((
+            candle_nn::ops::rms_norm(q, &self.norm_q, eps)?,
+            candle_nn::ops::rms_norm(k, &self.norm_k, eps)?,
+        ))
+    }
+
+    /// The projections `to_q`, `to_k`, `to_v`, `to_out.0`, for sharding.
+    pub fn projections(&self) -> [&Linear; 4] {
+        [&self.to_q, &self.to_k, &self.to_v, &self.to_out]
+    }
+
+    /// The RMS-norm scales of q and k and their epsilon.
+    pub fn norm_weights(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.norm_q, &self.norm_k, self.eps)
     }
 
     /// The output projection of merged heads `(B, L, dim)`.

@@ -103,7 +103,7 @@ fn modulate(x: &Tensor, one_plus_scale: &Tensor, shift: &Tensor) -> Result<Tenso
 
 /// `ffn`: `net.0.proj` → GELU (tanh) → `net.2`.
 #[derive(Debug, Clone)]
-struct FeedForward {
+pub struct FeedForward {
     proj_in: Linear,
     proj_out: Linear,
 }
@@ -116,8 +116,13 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+    }
+
+    /// `net.0.proj` (column-parallel under tensor parallelism) and `net.2` (row-parallel).
+    pub fn projections(&self) -> (&Linear, &Linear) {
+        (&self.proj_in, &self.proj_out)
     }
 }
 
@@ -161,6 +166,10 @@ impl WanTransformerBlock {
 
     pub fn attn2(&self) -> &WanAttention {
         &self.attn2
+    }
+
+    pub fn ffn(&self) -> &FeedForward {
+        &self.ffn
     }
 
     fn set_attention_options(&mut self, options: AttentionOptions) {
