@@ -10,3 +10,4 @@ pub mod text;
 pub mod tokenizer;
 pub mod umt5;
 pub mod video;
+pub mod wan;
