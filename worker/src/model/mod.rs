@@ -5,4 +5,9 @@
 pub mod compare;
 pub mod loader;
 pub mod noise;
+pub mod scheduler;
+pub mod text;
+pub mod tokenizer;
+pub mod umt5;
+pub mod video;
 pub mod wan;

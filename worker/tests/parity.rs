@@ -1,0 +1,41 @@
+//! Parity with the PyTorch reference: every case of every fixture directory must pass.
+//!
+//! Fixtures are looked up in `LONGTAKE_REFERENCE_DIR` (a `:`-separated list of directories, each a
+//! fixture or a directory of fixtures); by default `../shared/reference` beside the repository and
+//! the repository's own `tests/fixtures`. Finding none is a failure, not a skip.
+
+use std::path::PathBuf;
+
+use longtake_worker::model::reference::{check_fixture, find_fixture_dirs};
+
+fn fixture_dirs() -> Vec<PathBuf> {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let roots: Vec<PathBuf> = match std::env::var_os("LONGTAKE_REFERENCE_DIR") {
+        Some(list) => std::env::split_paths(&list).collect(),
+        None => vec![repo.join("../shared/reference"), repo.join("tests/fixtures")],
+    };
+    roots.iter().flat_map(|root| find_fixture_dirs(root)).collect()
+}
+
+#[test]
+fn every_reference_case_passes() {
+    let dirs = fixture_dirs();
+    assert!(
+        !dirs.is_empty(),
+        "no reference fixtures found: set LONGTAKE_REFERENCE_DIR or put shared/reference beside the repository"
+    );
+    let mut report = Vec::new();
+    let mut failed = 0;
+    for dir in &dirs {
+        report.push(dir.display().to_string());
+        for result in check_fixture(dir, &candle_core::Device::Cpu) {
+            if !result.passed() {
+                failed += 1;
+            }
+            report.push(format!("  {result}"));
+        }
+    }
+    let report = report.join("\n");
+    println!("{report}");
+    assert_eq!(failed, 0, "{failed} reference cases failed:\n{report}");
+}
