@@ -468,6 +468,41 @@ mod tests {
         }
     }
 
+    /// The bf16 path (weights, activations and convolutions in bf16, norms, softmax and
+    /// upsampling in f32) runs and stays close to the f32 reference: bf16 rounding only.
+    #[test]
+    fn bf16_decode_stays_close_to_the_reference() {
+        let dev = Device::Cpu;
+        let dirs = fixture_dirs();
+        assert!(
+            !dirs.is_empty(),
+            "no reference fixtures found: set LONGTAKE_REFERENCE_DIR"
+        );
+        for dir in dirs {
+            let component = Checkpoint::open(dir.join("pipeline"))
+                .unwrap()
+                .component("vae")
+                .unwrap();
+            let config: Config = component.config().unwrap();
+            let vae =
+                WanVaeDecoder::new(&config, component.var_builder(DType::BF16, &dev).unwrap())
+                    .unwrap();
+            let case =
+                SafetensorsWeights::open_file(dir.join("cases/vae_decode.safetensors")).unwrap();
+            let z = case.load("z", &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let ours = vae.decode(&z).unwrap();
+            assert_eq!(ours.dtype(), DType::BF16);
+            let ours = ours.to_dtype(DType::F32).unwrap();
+            let err = relative_l2(&ours, &case.load("video", &dev).unwrap()).unwrap();
+            println!("{}: bf16 vae_decode relative L2 {err:.3e}", dir.display());
+            assert!(
+                err < 5e-2,
+                "{}: bf16 vae_decode relative L2 {err:.3e}",
+                dir.display()
+            );
+        }
+    }
+
     #[test]
     fn decoding_in_segments_equals_one_decode() {
         let dev = Device::Cpu;

@@ -1,10 +1,10 @@
-//! The building blocks of the Wan2.1 VAE decoder: the causal 3D convolution with its per-layer
-//! frame cache, the channel RMS norm, residual blocks, the single-head attention of the mid
-//! block and the spatial / spatio-temporal upsamplers.
+//! The building blocks of the Wan2.1 VAE decoder above the convolutions (those are in
+//! `vae_conv`): the cache slots of causal layers, the channel RMS norm, residual blocks, the
+//! single-head attention of the mid block and the spatial / spatio-temporal upsamplers.
 //!
 //! Every block works on one video laid out frames-first, `(T, C, H, W)`: the frames are the
-//! batch of the 2D convolutions, so that the temporal taps of a causal 3D convolution are plain
-//! slices along the first dimension and the time upsampler's interleave is a free reshape.
+//! batch of the 2D operations, so that the temporal taps of a causal 3D convolution are slices
+//! along the first dimension and the time upsampler's interleave is a free reshape.
 //! The tensor names mirror diffusers' `AutoencoderKLWan` exactly.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
