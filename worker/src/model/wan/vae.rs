@@ -6,7 +6,7 @@
 //! the standard Wan2.1 configuration (three ×2 spatial upsamplers, two of them also ×2 in time,
 //! the first latent frame giving a single output frame).
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -203,6 +203,22 @@ impl DecoderCache {
     /// How many latent frames have gone through this cache.
     pub fn latent_frames(&self) -> usize {
         self.latent_frames
+    }
+
+    /// The same state on another device, e.g. to continue a video on another GPU.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let slots = self
+            .slots
+            .iter()
+            .map(|slot| match slot {
+                Slot::Frames(frames) => Ok(Slot::Frames(frames.to_device(device)?)),
+                other => Ok(other.clone()),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            slots,
+            latent_frames: self.latent_frames,
+        })
     }
 }
 
@@ -517,8 +533,8 @@ mod tests {
                 .decode_with_cache(&z.narrow(2, 0, split).unwrap(), &mut cache)
                 .unwrap();
             assert_eq!(cache.latent_frames(), split);
-            // A saved cache resumes just as well as the live one.
-            let mut resumed = cache.clone();
+            // A saved (and moved) cache resumes just as well as the live one.
+            let mut resumed = cache.to_device(&dev).unwrap();
             let b = vae
                 .decode_with_cache(&z.narrow(2, split, 5 - split).unwrap(), &mut resumed)
                 .unwrap();
