@@ -10,7 +10,11 @@ mod render;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "longtake", version, about = "Render long text-to-video clips with open video diffusion transformers")]
+#[command(
+    name = "longtake",
+    version,
+    about = "Render long text-to-video clips with open video diffusion transformers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Render a clip from a text prompt and write it as MP4 (H.264) or a PNG sequence.
-    Render(render::RenderArgs),
+    Render(Box<render::RenderArgs>),
     /// Run every case of reference fixture directories and report the error of each.
     CheckReference(check_reference::CheckReferenceArgs),
 }
@@ -34,7 +38,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Render(args) => render::run(args),
+        Command::Render(args) => render::run(*args),
         Command::CheckReference(args) => check_reference::run(args),
     };
     match outcome {

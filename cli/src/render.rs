@@ -82,8 +82,14 @@ fn parse_size(text: &str) -> Result<(usize, usize), String> {
     let (w, h) = text
         .split_once(['x', 'X'])
         .ok_or_else(|| format!("size must be WIDTHxHEIGHT, e.g. 832x480; got {text:?}"))?;
-    let w = w.trim().parse().map_err(|_| format!("width in {text:?} is not a number"))?;
-    let h = h.trim().parse().map_err(|_| format!("height in {text:?} is not a number"))?;
+    let w = w
+        .trim()
+        .parse()
+        .map_err(|_| format!("width in {text:?} is not a number"))?;
+    let h = h
+        .trim()
+        .parse()
+        .map_err(|_| format!("height in {text:?} is not a number"))?;
     Ok((w, h))
 }
 
@@ -91,10 +97,15 @@ fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
-            let ordinal = cuda.strip_prefix("cuda:").map(str::parse).transpose()
+            let ordinal = cuda
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()
                 .with_context(|| format!("--device {cuda}: the GPU ordinal is not a number"))?
                 .unwrap_or(0);
-            Device::new_cuda(ordinal).with_context(|| format!("--device {cuda}: no usable CUDA device (is this a CUDA build?)"))
+            Device::new_cuda(ordinal).with_context(|| {
+                format!("--device {cuda}: no usable CUDA device (is this a CUDA build?)")
+            })
         }
         other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
     }
@@ -147,7 +158,9 @@ pub fn run(args: RenderArgs) -> Result<i32> {
         WanPipeline::load(&args.model, &device, dtype)?
     };
     let info = pipeline.info().clone();
-    let (width, height) = args.size.unwrap_or((info.default_width, info.default_height));
+    let (width, height) = args
+        .size
+        .unwrap_or((info.default_width, info.default_height));
     let spec = RenderSpec {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
@@ -180,33 +193,55 @@ pub fn run(args: RenderArgs) -> Result<i32> {
     let bar = ProgressBar::new(spec.steps as u64);
     let interactive = std::io::stderr().is_terminal();
     bar.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} steps  {elapsed} elapsed, ETA {eta}")
-            .expect("static progress template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] {pos}/{len} steps  {elapsed} elapsed, ETA {eta}",
+        )
+        .expect("static progress template")
+        .progress_chars("=> "),
     );
     bar.set_message("denoising");
+    // Open the output first: an unwritable path fails before the render, not after it.
+    let mut sink = encode::open_writer(
+        &args.out,
+        Some(format),
+        width as u32,
+        height as u32,
+        args.fps,
+        Quality::default(),
+    )?;
     let start = Instant::now();
-    let video = pipeline.render(&spec, &mut |event| match event {
+    let rendered = pipeline.render(&spec, &mut |event| match event {
         Progress::Encoded { .. } => {}
-        Progress::Step { index, total, elapsed } => {
+        Progress::Step {
+            index,
+            total,
+            elapsed,
+        } => {
             bar.set_position(index as u64 + 1);
             if !interactive {
-                eprintln!("step {}/{total} ({:.1} s)", index + 1, elapsed.as_secs_f64());
+                eprintln!(
+                    "step {}/{total} ({:.1} s)",
+                    index + 1,
+                    elapsed.as_secs_f64()
+                );
             }
         }
         Progress::Decoding => {
             bar.finish_and_clear();
             eprintln!("decoding {frames} frames");
         }
-    })?;
-    let mut sink = encode::open_writer(
-        &args.out,
-        Some(format),
-        video.width as u32,
-        video.height as u32,
-        args.fps,
-        Quality::default(),
-    )?;
+    });
+    let video = match rendered {
+        Ok(video) => video,
+        Err(err) => {
+            // An MP4 without its index does not play: do not leave one behind.
+            drop(sink);
+            if format == VideoFormat::Mp4 {
+                let _ = std::fs::remove_file(&args.out);
+            }
+            return Err(err.into());
+        }
+    };
     let frame_bytes = video.width * video.height * 3;
     for frame in video.rgb.chunks_exact(frame_bytes) {
         sink.push_frame(frame)?;

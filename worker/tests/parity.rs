@@ -12,9 +12,15 @@ fn fixture_dirs() -> Vec<PathBuf> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let roots: Vec<PathBuf> = match std::env::var_os("LONGTAKE_REFERENCE_DIR") {
         Some(list) => std::env::split_paths(&list).collect(),
-        None => vec![repo.join("../shared/reference"), repo.join("tests/fixtures")],
+        None => vec![
+            repo.join("../shared/reference"),
+            repo.join("tests/fixtures"),
+        ],
     };
-    roots.iter().flat_map(|root| find_fixture_dirs(root)).collect()
+    roots
+        .iter()
+        .flat_map(|root| find_fixture_dirs(root))
+        .collect()
 }
 
 #[test]

@@ -14,7 +14,11 @@ pub fn relative_l2(ours: &Tensor, reference: &Tensor) -> Result<f64> {
     }
     let ours = ours.to_dtype(DType::F64)?;
     let reference = reference.to_dtype(DType::F64)?;
-    let err = (ours - &reference)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
+    let err = (ours - &reference)?
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_scalar::<f64>()?;
     let norm = reference.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?;
     Ok(if norm == 0.0 { err } else { err / norm })
 }

@@ -29,33 +29,59 @@ pub enum LoadError {
     #[error("{}: {what} not found; a checkpoint directory needs model_index.json and the tokenizer/, text_encoder/, transformer/, vae/ and scheduler/ components (diffusers layout)", path.display())]
     Missing { path: PathBuf, what: String },
     #[error("{}: cannot read: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: invalid JSON: {source}", path.display())]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{}: not a valid safetensors file ({reason}); it is corrupt or truncated, copy it again", path.display())]
     Corrupt { path: PathBuf, reason: String },
     #[error("{}: no weights (*.safetensors or *.safetensors.index.json) in this component directory", dir.display())]
     NoWeights { dir: PathBuf },
     #[error("{}: the shard index lists {shard}, which is missing", index.display())]
     MissingShard { index: PathBuf, shard: String },
-    #[error("tensor `{tensor}` not found in {files}; the checkpoint does not match this model's layout")]
+    #[error(
+        "tensor `{tensor}` not found in {files}; the checkpoint does not match this model's layout"
+    )]
     MissingTensor { tensor: String, files: String },
     #[error("tensor `{tensor}` in {} has shape {got:?}, this model expects {expected:?}; the config.json and the weights disagree", file.display())]
-    ShapeMismatch { tensor: String, file: PathBuf, expected: Vec<usize>, got: Vec<usize> },
+    ShapeMismatch {
+        tensor: String,
+        file: PathBuf,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     #[error("tensor `{tensor}` in {} has dtype {dtype:?}; only f32, f16 and bf16 weights are supported", file.display())]
-    UnsupportedDtype { tensor: String, file: PathBuf, dtype: DType },
+    UnsupportedDtype {
+        tensor: String,
+        file: PathBuf,
+        dtype: DType,
+    },
 }
 
 /// Reads and parses a JSON file, with errors naming the file.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
-            LoadError::Missing { path: path.to_path_buf(), what: "file".into() }
+            LoadError::Missing {
+                path: path.to_path_buf(),
+                what: "file".into(),
+            }
         } else {
-            LoadError::Io { path: path.to_path_buf(), source }
+            LoadError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
         }
     })?;
-    serde_json::from_str(&text).map_err(|source| LoadError::Json { path: path.to_path_buf(), source })
+    serde_json::from_str(&text).map_err(|source| LoadError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A checkpoint directory in the diffusers layout.
@@ -70,7 +96,10 @@ impl Checkpoint {
     pub fn open(root: impl AsRef<Path>) -> Result<Self, LoadError> {
         let root = root.as_ref().to_path_buf();
         if !root.is_dir() {
-            return Err(LoadError::Missing { path: root, what: "checkpoint directory".into() });
+            return Err(LoadError::Missing {
+                path: root,
+                what: "checkpoint directory".into(),
+            });
         }
         let index = read_json(&root.join("model_index.json"))?;
         Ok(Self { root, index })
@@ -89,7 +118,10 @@ impl Checkpoint {
     pub fn component(&self, name: &str) -> Result<Component, LoadError> {
         let dir = self.root.join(name);
         if !dir.is_dir() {
-            return Err(LoadError::Missing { path: dir, what: format!("{name} component directory") });
+            return Err(LoadError::Missing {
+                path: dir,
+                what: format!("{name} component directory"),
+            });
         }
         Ok(Component { dir })
     }
@@ -118,13 +150,18 @@ impl Component {
     /// The component's weight files: the shards of a `*.safetensors.index.json` if there is one,
     /// otherwise every `*.safetensors` file in the directory.
     pub fn weight_files(&self) -> Result<Vec<PathBuf>, LoadError> {
-        let entries = std::fs::read_dir(&self.dir)
-            .map_err(|source| LoadError::Io { path: self.dir.clone(), source })?;
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| LoadError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
         let mut names: Vec<String> = entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .collect();
         names.sort();
-        if let Some(index_name) = names.iter().find(|n| n.ends_with(".safetensors.index.json")) {
+        if let Some(index_name) = names
+            .iter()
+            .find(|n| n.ends_with(".safetensors.index.json"))
+        {
             #[derive(serde::Deserialize)]
             struct ShardIndex {
                 weight_map: HashMap<String, String>,
@@ -141,7 +178,10 @@ impl Component {
                     if path.is_file() {
                         Ok(path)
                     } else {
-                        Err(LoadError::MissingShard { index: index_path.clone(), shard })
+                        Err(LoadError::MissingShard {
+                            index: index_path.clone(),
+                            shard,
+                        })
                     }
                 })
                 .collect();
@@ -152,15 +192,25 @@ impl Component {
             .map(|n| self.dir.join(n))
             .collect();
         if files.is_empty() {
-            return Err(LoadError::NoWeights { dir: self.dir.clone() });
+            return Err(LoadError::NoWeights {
+                dir: self.dir.clone(),
+            });
         }
         Ok(files)
     }
 
     /// A `VarBuilder` over the component's weights, converting them to `dtype` on `device`.
-    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, LoadError> {
+    pub fn var_builder(
+        &self,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>, LoadError> {
         let backend = SafetensorsWeights::open(&self.weight_files()?)?;
-        Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+        Ok(VarBuilder::from_backend(
+            Box::new(backend),
+            dtype,
+            device.clone(),
+        ))
     }
 }
 
@@ -178,12 +228,18 @@ impl SafetensorsWeights {
         let mut location = HashMap::new();
         for path in paths {
             if !path.is_file() {
-                return Err(LoadError::Missing { path: path.clone(), what: "weights file".into() });
+                return Err(LoadError::Missing {
+                    path: path.clone(),
+                    what: "weights file".into(),
+                });
             }
             // SAFETY: the file is mapped read-only; like every safetensors loader we rely on it not
             // being modified while the model is loaded.
-            let mapped = unsafe { MmapedSafetensors::new(path) }
-                .map_err(|e| LoadError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+            let mapped =
+                unsafe { MmapedSafetensors::new(path) }.map_err(|e| LoadError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             for (name, _) in mapped.tensors() {
                 location.insert(name, files.len());
             }
@@ -202,25 +258,40 @@ impl SafetensorsWeights {
     }
 
     fn file_list(&self) -> String {
-        let names: Vec<String> = self.files.iter().map(|(p, _)| p.display().to_string()).collect();
+        let names: Vec<String> = self
+            .files
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
         names.join(", ")
     }
 
     /// Loads a tensor in its stored dtype.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, LoadError> {
         let Some(&i) = self.location.get(name) else {
-            return Err(LoadError::MissingTensor { tensor: name.into(), files: self.file_list() });
+            return Err(LoadError::MissingTensor {
+                tensor: name.into(),
+                files: self.file_list(),
+            });
         };
         let (path, file) = &self.files[i];
-        file.load(name, device)
-            .map_err(|e| LoadError::Corrupt { path: path.clone(), reason: format!("tensor `{name}`: {e}") })
+        file.load(name, device).map_err(|e| LoadError::Corrupt {
+            path: path.clone(),
+            reason: format!("tensor `{name}`: {e}"),
+        })
     }
 
     fn load_as(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, LoadError> {
         let tensor = self.load(name, device)?;
-        if !matches!(tensor.dtype(), DType::F32 | DType::F16 | DType::BF16) && tensor.dtype() != dtype {
+        if !matches!(tensor.dtype(), DType::F32 | DType::F16 | DType::BF16)
+            && tensor.dtype() != dtype
+        {
             let file = self.files[self.location[name]].0.clone();
-            return Err(LoadError::UnsupportedDtype { tensor: name.into(), file, dtype: tensor.dtype() });
+            return Err(LoadError::UnsupportedDtype {
+                tensor: name.into(),
+                file,
+                dtype: tensor.dtype(),
+            });
         }
         tensor.to_dtype(dtype).map_err(|e| LoadError::Corrupt {
             path: self.files[self.location[name]].0.clone(),
@@ -230,8 +301,17 @@ impl SafetensorsWeights {
 }
 
 impl SimpleBackend for SafetensorsWeights {
-    fn get(&self, shape: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let tensor = self.load_as(name, dtype, dev).map_err(candle_core::Error::wrap)?;
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .load_as(name, dtype, dev)
+            .map_err(candle_core::Error::wrap)?;
         if tensor.shape() != &shape {
             return Err(candle_core::Error::wrap(LoadError::ShapeMismatch {
                 tensor: name.into(),
@@ -244,7 +324,8 @@ impl SimpleBackend for SafetensorsWeights {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load_as(name, dtype, dev).map_err(candle_core::Error::wrap)
+        self.load_as(name, dtype, dev)
+            .map_err(candle_core::Error::wrap)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -286,15 +367,25 @@ impl SeededWeights {
             0.02
         };
         // FNV-1a of the name picks the stream, so tensors do not share values.
-        let stream = name
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
-        noise::gaussian(self.seed, stream, 0, n).into_iter().map(|v| v * scale).collect()
+        let stream = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        noise::gaussian(self.seed, stream, 0, n)
+            .into_iter()
+            .map(|v| v * scale)
+            .collect()
     }
 }
 
 impl SimpleBackend for SeededWeights {
-    fn get(&self, shape: Shape, name: &str, hint: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        hint: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let values = self.values(name, &shape, hint);
         Tensor::from_vec(values, shape, dev)?.to_dtype(dtype)
     }
@@ -318,7 +409,10 @@ mod tests {
     use super::*;
 
     fn write_weights(path: &Path, tensors: &[(&str, Tensor)]) {
-        let map: HashMap<String, Tensor> = tensors.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        let map: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
         candle_core::safetensors::save(&map, path).unwrap();
     }
 
@@ -326,8 +420,13 @@ mod tests {
     fn loads_and_converts_half_precision() {
         let dir = tempfile::tempdir().unwrap();
         let t = Tensor::new(&[1.5f32, -2.0, 3.25], &Device::Cpu).unwrap();
-        write_weights(&dir.path().join("model.safetensors"), &[("a.weight", t.to_dtype(DType::BF16).unwrap())]);
-        let component = Component { dir: dir.path().to_path_buf() };
+        write_weights(
+            &dir.path().join("model.safetensors"),
+            &[("a.weight", t.to_dtype(DType::BF16).unwrap())],
+        );
+        let component = Component {
+            dir: dir.path().to_path_buf(),
+        };
         let vb = component.var_builder(DType::F32, &Device::Cpu).unwrap();
         let got = vb.get(3, "a.weight").unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(got, vec![1.5, -2.0, 3.25]);
@@ -337,15 +436,28 @@ mod tests {
     fn sharded_weights_follow_the_index() {
         let dir = tempfile::tempdir().unwrap();
         let dev = Device::Cpu;
-        write_weights(&dir.path().join("m-00001-of-00002.safetensors"), &[("x", Tensor::ones(2, DType::F16, &dev).unwrap())]);
-        write_weights(&dir.path().join("m-00002-of-00002.safetensors"), &[("y", Tensor::zeros(3, DType::F32, &dev).unwrap())]);
+        write_weights(
+            &dir.path().join("m-00001-of-00002.safetensors"),
+            &[("x", Tensor::ones(2, DType::F16, &dev).unwrap())],
+        );
+        write_weights(
+            &dir.path().join("m-00002-of-00002.safetensors"),
+            &[("y", Tensor::zeros(3, DType::F32, &dev).unwrap())],
+        );
         std::fs::write(
             dir.path().join("m.safetensors.index.json"),
             r#"{"metadata": {}, "weight_map": {"x": "m-00001-of-00002.safetensors", "y": "m-00002-of-00002.safetensors"}}"#,
         )
         .unwrap();
-        let vb = Component { dir: dir.path().to_path_buf() }.var_builder(DType::F32, &dev).unwrap();
-        assert_eq!(vb.get(2, "x").unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 1.0]);
+        let vb = Component {
+            dir: dir.path().to_path_buf(),
+        }
+        .var_builder(DType::F32, &dev)
+        .unwrap();
+        assert_eq!(
+            vb.get(2, "x").unwrap().to_vec1::<f32>().unwrap(),
+            vec![1.0, 1.0]
+        );
         assert_eq!(vb.get(3, "y").unwrap().dims(), &[3]);
     }
 
@@ -354,26 +466,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dev = Device::Cpu;
         let path = dir.path().join("model.safetensors");
-        write_weights(&path, &[("w", Tensor::zeros((2, 3), DType::F32, &dev).unwrap())]);
-        let vb = Component { dir: dir.path().to_path_buf() }.var_builder(DType::F32, &dev).unwrap();
+        write_weights(
+            &path,
+            &[("w", Tensor::zeros((2, 3), DType::F32, &dev).unwrap())],
+        );
+        let vb = Component {
+            dir: dir.path().to_path_buf(),
+        }
+        .var_builder(DType::F32, &dev)
+        .unwrap();
 
         let missing = vb.get((2, 3), "nope").unwrap_err().to_string();
-        assert!(missing.contains("`nope`") && missing.contains("model.safetensors"), "{missing}");
+        assert!(
+            missing.contains("`nope`") && missing.contains("model.safetensors"),
+            "{missing}"
+        );
         let shape = vb.get((3, 2), "w").unwrap_err().to_string();
-        assert!(shape.contains("`w`") && shape.contains("[2, 3]") && shape.contains("[3, 2]"), "{shape}");
+        assert!(
+            shape.contains("`w`") && shape.contains("[2, 3]") && shape.contains("[3, 2]"),
+            "{shape}"
+        );
 
         // Truncate the file: opening it must fail and name it.
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
-        let err = Component { dir: dir.path().to_path_buf() }
-            .var_builder(DType::F32, &dev)
+        let err = Component {
+            dir: dir.path().to_path_buf(),
+        }
+        .var_builder(DType::F32, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("corrupt or truncated"),
+            "{err}"
+        );
+
+        std::fs::write(&path, b"garbage that is not safetensors").unwrap();
+        let err = SafetensorsWeights::open_file(&path)
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("model.safetensors") && err.contains("corrupt or truncated"), "{err}");
-
-        std::fs::write(&path, b"garbage that is not safetensors").unwrap();
-        let err = SafetensorsWeights::open_file(&path).err().unwrap().to_string();
         assert!(err.contains("corrupt or truncated"), "{err}");
     }
 
@@ -382,25 +515,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("model_index.json"), "{err}");
-        std::fs::write(dir.path().join("model_index.json"), r#"{"vae": ["diffusers", "AutoencoderKLWan"]}"#).unwrap();
+        std::fs::write(
+            dir.path().join("model_index.json"),
+            r#"{"vae": ["diffusers", "AutoencoderKLWan"]}"#,
+        )
+        .unwrap();
         let ckpt = Checkpoint::open(dir.path()).unwrap();
         assert_eq!(ckpt.component_class("vae"), Some("AutoencoderKLWan"));
         let err = ckpt.component("vae").unwrap_err().to_string();
         assert!(err.contains("vae component directory"), "{err}");
         std::fs::create_dir(dir.path().join("vae")).unwrap();
-        let err = ckpt.component("vae").unwrap().weight_files().unwrap_err().to_string();
+        let err = ckpt
+            .component("vae")
+            .unwrap()
+            .weight_files()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no weights"), "{err}");
     }
 
     #[test]
     fn seeded_weights_are_deterministic() {
         let dev = Device::Cpu;
-        let a = seeded_var_builder(3, DType::F32, &dev).get((4, 8), "blocks.0.w").unwrap();
-        let b = seeded_var_builder(3, DType::F32, &dev).get((4, 8), "blocks.0.w").unwrap();
-        let c = seeded_var_builder(3, DType::F32, &dev).get((4, 8), "blocks.1.w").unwrap();
+        let a = seeded_var_builder(3, DType::F32, &dev)
+            .get((4, 8), "blocks.0.w")
+            .unwrap();
+        let b = seeded_var_builder(3, DType::F32, &dev)
+            .get((4, 8), "blocks.0.w")
+            .unwrap();
+        let c = seeded_var_builder(3, DType::F32, &dev)
+            .get((4, 8), "blocks.1.w")
+            .unwrap();
         assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
         assert_ne!(a.to_vec2::<f32>().unwrap(), c.to_vec2::<f32>().unwrap());
-        let norm = seeded_var_builder(3, DType::F32, &dev).get(4, "norm_q.weight").unwrap();
+        let norm = seeded_var_builder(3, DType::F32, &dev)
+            .get(4, "norm_q.weight")
+            .unwrap();
         assert_eq!(norm.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
     }
 }

@@ -46,7 +46,12 @@ pub fn initial_latents(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let LatentShape { channels, height, width, .. } = shape;
+    let LatentShape {
+        channels,
+        height,
+        width,
+        ..
+    } = shape;
     if frames.end > shape.frames || frames.start >= frames.end {
         candle_core::bail!(
             "latent frame range {frames:?} is empty or outside the latent's {} frames",
@@ -90,12 +95,20 @@ mod tests {
 
     #[test]
     fn frame_ranges_are_slices_of_the_whole() -> Result<()> {
-        let shape = LatentShape { channels: 16, frames: 6, height: 4, width: 5 };
+        let shape = LatentShape {
+            channels: 16,
+            frames: 6,
+            height: 4,
+            width: 5,
+        };
         let dev = Device::Cpu;
         let whole = initial_latents(42, shape, 0..6, DType::F32, &dev)?;
         let part = initial_latents(42, shape, 2..5, DType::F32, &dev)?;
         assert_eq!(whole.dims(), &[1, 16, 6, 4, 5]);
-        let diff = (whole.narrow(2, 2, 3)? - part)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (whole.narrow(2, 2, 3)? - part)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
         let other = initial_latents(43, shape, 0..6, DType::F32, &dev)?;
         assert!((whole - other)?.abs()?.max_all()?.to_scalar::<f32>()? > 0.1);

@@ -27,7 +27,10 @@ pub enum PipelineError {
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error("{component}: {source}")]
-    Component { component: &'static str, source: candle_core::Error },
+    Component {
+        component: &'static str,
+        source: candle_core::Error,
+    },
     #[error(transparent)]
     Scheduler(#[from] scheduler::SchedulerError),
     #[error(transparent)]
@@ -70,7 +73,11 @@ pub enum Progress {
     /// Prompts encoded; the denoising loop of `total` steps starts.
     Encoded { total: usize },
     /// Denoising step `index` (0-based) of `total` finished after `elapsed`.
-    Step { index: usize, total: usize, elapsed: Duration },
+    Step {
+        index: usize,
+        total: usize,
+        elapsed: Duration,
+    },
     /// The latents are being decoded into frames.
     Decoding,
 }
@@ -128,12 +135,18 @@ impl WanPipeline {
         let transformer_config: wan_transformer::Config = transformer_dir.config()?;
         let transformer = component(
             "transformer",
-            WanTransformer3DModel::new(&transformer_config, transformer_dir.var_builder(dtype, device)?),
+            WanTransformer3DModel::new(
+                &transformer_config,
+                transformer_dir.var_builder(dtype, device)?,
+            ),
         )?;
 
         let vae_dir = ckpt.component("vae")?;
         let vae_config: wan_vae::Config = vae_dir.config()?;
-        let vae = component("vae", WanVaeDecoder::new(&vae_config, vae_dir.var_builder(dtype, device)?))?;
+        let vae = component(
+            "vae",
+            WanVaeDecoder::new(&vae_config, vae_dir.var_builder(dtype, device)?),
+        )?;
 
         let scheduler_config = ckpt.component("scheduler")?.json("scheduler_config.json")?;
         let info = PipelineInfo {
@@ -160,7 +173,7 @@ impl WanPipeline {
     /// fixed seed. It needs no files and renders in seconds on a CPU, but it was never trained:
     /// it makes abstract motion, not pictures.
     pub fn tiny(device: &Device, dtype: DType) -> Result<Self> {
-        const WEIGHT_SEED: u64 = 0x5EED_0F_1_0_7A_4E;
+        const WEIGHT_SEED: u64 = 0x5EED_0F10_7A4E;
         let tokenizer = PromptTokenizer::builtin_tiny()?;
         let text_config: umt5::Config = serde_json::from_value(serde_json::json!({
             "vocab_size": tokenizer.vocab_size(),
@@ -171,7 +184,10 @@ impl WanPipeline {
         .map_err(|e| PipelineError::Spec(format!("built-in tiny text encoder config: {e}")))?;
         let encoder = component(
             "text_encoder",
-            UMT5EncoderModel::new(&text_config, seeded_var_builder(WEIGHT_SEED, DType::F32, device).pp("tiny_text")),
+            UMT5EncoderModel::new(
+                &text_config,
+                seeded_var_builder(WEIGHT_SEED, DType::F32, device).pp("tiny_text"),
+            ),
         )?;
         let transformer_config: wan_transformer::Config = serde_json::from_value(serde_json::json!({
             "patch_size": [1, 2, 2], "num_attention_heads": 4, "attention_head_dim": 16,
@@ -199,7 +215,10 @@ impl WanPipeline {
         .map_err(|e| PipelineError::Spec(format!("built-in tiny VAE config: {e}")))?;
         let vae = component(
             "vae",
-            WanVaeDecoder::new(&vae_config, seeded_var_builder(WEIGHT_SEED, dtype, device).pp("tiny_vae")),
+            WanVaeDecoder::new(
+                &vae_config,
+                seeded_var_builder(WEIGHT_SEED, dtype, device).pp("tiny_vae"),
+            ),
         )?;
         let scheduler_config = serde_json::json!({
             "_class_name": "UniPCMultistepScheduler",
@@ -250,7 +269,7 @@ impl WanPipeline {
 
     /// The latent shape for a spec, rejecting sizes the model cannot make.
     pub fn latent_shape(&self, spec: &RenderSpec) -> Result<LatentShape> {
-        if spec.frames == 0 || (spec.frames - 1) % 4 != 0 {
+        if spec.frames % 4 != 1 {
             return Err(PipelineError::Spec(format!(
                 "frames must be of the form 4k+1 (Wan's VAE packs 4 frames per latent frame after the first); got {}, try {}",
                 spec.frames,
@@ -261,8 +280,14 @@ impl WanPipeline {
             return Err(PipelineError::Spec("steps must be at least 1".into()));
         }
         let patch = &self.transformer_config.patch_size;
-        video::latent_shape(spec.frames, spec.height, spec.width, patch[1].max(patch[2]), self.vae_config.z_dim)
-            .map_err(PipelineError::Spec)
+        video::latent_shape(
+            spec.frames,
+            spec.height,
+            spec.width,
+            patch[1].max(patch[2]),
+            self.vae_config.z_dim,
+        )
+        .map_err(PipelineError::Spec)
     }
 
     /// Embeddings of the prompt and the negative prompt, each `(1, max_sequence_length, text_dim)`.
@@ -275,7 +300,13 @@ impl WanPipeline {
     /// The initial noise of a spec: a pure function of the seed and the latent position.
     pub fn initial_latents(&self, spec: &RenderSpec) -> Result<Tensor> {
         let shape = self.latent_shape(spec)?;
-        Ok(noise::initial_latents(spec.seed, shape, 0..shape.frames, DType::F32, &self.device)?)
+        Ok(noise::initial_latents(
+            spec.seed,
+            shape,
+            0..shape.frames,
+            DType::F32,
+            &self.device,
+        )?)
     }
 
     /// Runs the denoising loop from `latents` with classifier-free guidance and returns the
@@ -288,8 +319,12 @@ impl WanPipeline {
         latents: Tensor,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Tensor> {
-        let mut scheduler =
-            scheduler::build(&self.scheduler_config, spec.scheduler, spec.steps, spec.shift)?;
+        let mut scheduler = scheduler::build(
+            &self.scheduler_config,
+            spec.scheduler,
+            spec.steps,
+            spec.shift,
+        )?;
         let timesteps = scheduler.timesteps().to_vec();
         let guided = spec.guidance_scale > 1.0;
         // Both branches in one batch: one transformer call per step instead of two.
@@ -300,12 +335,17 @@ impl WanPipeline {
         };
         let batch = context.dim(0)?;
         let mut latents = latents.to_dtype(DType::F32)?;
-        progress(Progress::Encoded { total: timesteps.len() });
+        progress(Progress::Encoded {
+            total: timesteps.len(),
+        });
         let start = Instant::now();
         for (index, &t) in timesteps.iter().enumerate() {
             let input = latents.to_dtype(self.dtype)?.repeat((batch, 1, 1, 1, 1))?;
             let timestep = Tensor::full(t as f32, batch, &self.device)?;
-            let flow = component("transformer", self.transformer.forward(&input, &timestep, &context))?;
+            let flow = component(
+                "transformer",
+                self.transformer.forward(&input, &timestep, &context),
+            )?;
             let flow = flow.to_dtype(DType::F32)?;
             let flow = if guided {
                 let cond = flow.narrow(0, 0, 1)?;
@@ -315,14 +355,21 @@ impl WanPipeline {
                 flow
             };
             latents = component("scheduler", scheduler.step(&flow, &latents))?;
-            progress(Progress::Step { index, total: timesteps.len(), elapsed: start.elapsed() });
+            progress(Progress::Step {
+                index,
+                total: timesteps.len(),
+                elapsed: start.elapsed(),
+            });
         }
         Ok(latents)
     }
 
     /// Decodes final latents into a video tensor `(1, 3, frames, H, W)` in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = component("vae", self.vae.unnormalize_latents(&latents.to_dtype(self.dtype)?))?;
+        let z = component(
+            "vae",
+            self.vae.unnormalize_latents(&latents.to_dtype(self.dtype)?),
+        )?;
         let video = component("vae", self.vae.decode(&z))?;
         Ok(video.to_dtype(DType::F32)?)
     }
@@ -335,6 +382,11 @@ impl WanPipeline {
         progress(Progress::Decoding);
         let video = self.decode(&latents)?;
         let (rgb, frames, height, width) = video::video_to_rgb8(&video)?;
-        Ok(Video { rgb, frames, height, width })
+        Ok(Video {
+            rgb,
+            frames,
+            height,
+            width,
+        })
     }
 }

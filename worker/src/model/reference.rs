@@ -44,11 +44,21 @@ impl CaseResult {
     }
 
     fn measured(case: &str, error: f64, tolerance: f64) -> Self {
-        Self { case: case.into(), error: Some(error), tolerance, note: None }
+        Self {
+            case: case.into(),
+            error: Some(error),
+            tolerance,
+            note: None,
+        }
     }
 
     fn failed(case: &str, tolerance: f64, why: impl std::fmt::Display) -> Self {
-        Self { case: case.into(), error: None, tolerance, note: Some(why.to_string()) }
+        Self {
+            case: case.into(),
+            error: None,
+            tolerance,
+            note: Some(why.to_string()),
+        }
     }
 }
 
@@ -56,7 +66,11 @@ impl std::fmt::Display for CaseResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let verdict = if self.passed() { "PASS" } else { "FAIL" };
         match self.error {
-            Some(e) => write!(f, "{verdict}  {:<28} rel_l2 {e:.3e}  (tolerance {:.0e})", self.case, self.tolerance)?,
+            Some(e) => write!(
+                f,
+                "{verdict}  {:<28} rel_l2 {e:.3e}  (tolerance {:.0e})",
+                self.case, self.tolerance
+            )?,
             None => write!(f, "{verdict}  {:<28} did not run", self.case)?,
         }
         if let Some(note) = &self.note {
@@ -88,19 +102,32 @@ pub fn find_fixture_dirs(root: &Path) -> Vec<PathBuf> {
 }
 
 type CaseOutcome = Result<Vec<CaseResult>, String>;
+/// A case: its name, its tolerance and the function that runs it.
+type Case = (&'static str, f64, fn(&Fixture) -> CaseOutcome);
 
 /// Runs every case of one fixture directory on `device` in f32.
 pub fn check_fixture(dir: &Path, device: &Device) -> Vec<CaseResult> {
-    let cases: [(&str, f64, fn(&Fixture) -> CaseOutcome); 7] = [
+    let cases: [Case; 7] = [
         ("tokenizer", 0.0, Fixture::tokenizer),
         ("text_encoder", MODULE_TOLERANCE, Fixture::text_encoder),
         ("transformer", MODULE_TOLERANCE, Fixture::transformer),
         ("vae_decode", MODULE_TOLERANCE, Fixture::vae_decode),
-        ("scheduler_unipc", MODULE_TOLERANCE, Fixture::scheduler_unipc),
-        ("scheduler_euler", MODULE_TOLERANCE, Fixture::scheduler_euler),
+        (
+            "scheduler_unipc",
+            MODULE_TOLERANCE,
+            Fixture::scheduler_unipc,
+        ),
+        (
+            "scheduler_euler",
+            MODULE_TOLERANCE,
+            Fixture::scheduler_euler,
+        ),
         ("pipeline", PIPELINE_TOLERANCE, Fixture::pipeline),
     ];
-    let fixture = Fixture { dir: dir.to_path_buf(), device: device.clone() };
+    let fixture = Fixture {
+        dir: dir.to_path_buf(),
+        device: device.clone(),
+    };
     let mut results = Vec::new();
     for (name, tolerance, run) in cases {
         match run(&fixture) {
@@ -130,7 +157,10 @@ impl Fixture {
     }
 
     fn tensor(&self, case: &SafetensorsWeights, name: &str) -> Result<Tensor, String> {
-        case.load(name, &self.device).map_err(msg)?.to_dtype(DType::F32).map_err(msg)
+        case.load(name, &self.device)
+            .map_err(msg)?
+            .to_dtype(DType::F32)
+            .map_err(msg)
     }
 
     fn checkpoint(&self) -> Result<Checkpoint, String> {
@@ -151,14 +181,27 @@ impl Fixture {
         }
         let cases: Cases = read_json(&self.dir.join("cases/tokenizer.json")).map_err(msg)?;
         let tokenizer =
-            PromptTokenizer::from_file(self.pipeline_dir().join("tokenizer/tokenizer.json")).map_err(msg)?;
+            PromptTokenizer::from_file(self.pipeline_dir().join("tokenizer/tokenizer.json"))
+                .map_err(msg)?;
         let (mut wrong, mut total) = (0usize, 0usize);
         let mut first_bad = None;
         for case in &cases.cases {
-            let got = tokenizer.encode(&case.text, cases.max_length).map_err(msg)?;
+            let got = tokenizer
+                .encode(&case.text, cases.max_length)
+                .map_err(msg)?;
             let bad = got.ids.len().abs_diff(case.input_ids.len())
-                + got.ids.iter().zip(&case.input_ids).filter(|(a, b)| a != b).count()
-                + got.attention_mask.iter().zip(&case.attention_mask).filter(|(a, b)| a != b).count();
+                + got
+                    .ids
+                    .iter()
+                    .zip(&case.input_ids)
+                    .filter(|(a, b)| a != b)
+                    .count()
+                + got
+                    .attention_mask
+                    .iter()
+                    .zip(&case.attention_mask)
+                    .filter(|(a, b)| a != b)
+                    .count();
             if bad > 0 && first_bad.is_none() {
                 first_bad = Some(case.text.clone());
             }
@@ -177,21 +220,42 @@ impl Fixture {
         let case = self.case("text_encoder.safetensors")?;
         let component = self.checkpoint()?.component("text_encoder").map_err(msg)?;
         let config: umt5::Config = component.config().map_err(msg)?;
-        let model =
-            UMT5EncoderModel::new(&config, component.var_builder(DType::F32, &self.device).map_err(msg)?)
-                .map_err(msg)?;
-        let ids = case.load("input_ids", &self.device).map_err(msg)?.to_dtype(DType::U32).map_err(msg)?;
-        let mask = case.load("attention_mask", &self.device).map_err(msg)?.to_dtype(DType::U32).map_err(msg)?;
+        let model = UMT5EncoderModel::new(
+            &config,
+            component
+                .var_builder(DType::F32, &self.device)
+                .map_err(msg)?,
+        )
+        .map_err(msg)?;
+        let ids = case
+            .load("input_ids", &self.device)
+            .map_err(msg)?
+            .to_dtype(DType::U32)
+            .map_err(msg)?;
+        let mask = case
+            .load("attention_mask", &self.device)
+            .map_err(msg)?
+            .to_dtype(DType::U32)
+            .map_err(msg)?;
         let ours = model.forward(&ids, &mask).map_err(msg)?;
         let reference = self.tensor(&case, "last_hidden_state")?;
-        Ok(vec![CaseResult::measured("text_encoder", relative_l2(&ours, &reference).map_err(msg)?, MODULE_TOLERANCE)])
+        Ok(vec![CaseResult::measured(
+            "text_encoder",
+            relative_l2(&ours, &reference).map_err(msg)?,
+            MODULE_TOLERANCE,
+        )])
     }
 
     fn transformer_model(&self) -> Result<WanTransformer3DModel, String> {
         let component = self.checkpoint()?.component("transformer").map_err(msg)?;
         let config: wan_transformer::Config = component.config().map_err(msg)?;
-        WanTransformer3DModel::new(&config, component.var_builder(DType::F32, &self.device).map_err(msg)?)
-            .map_err(msg)
+        WanTransformer3DModel::new(
+            &config,
+            component
+                .var_builder(DType::F32, &self.device)
+                .map_err(msg)?,
+        )
+        .map_err(msg)
     }
 
     fn transformer(&self) -> CaseOutcome {
@@ -205,29 +269,62 @@ impl Fixture {
             )
             .map_err(msg)?;
         let reference = self.tensor(&case, "output")?;
-        Ok(vec![CaseResult::measured("transformer", relative_l2(&ours, &reference).map_err(msg)?, MODULE_TOLERANCE)])
+        Ok(vec![CaseResult::measured(
+            "transformer",
+            relative_l2(&ours, &reference).map_err(msg)?,
+            MODULE_TOLERANCE,
+        )])
     }
 
     fn vae_model(&self) -> Result<WanVaeDecoder, String> {
         let component = self.checkpoint()?.component("vae").map_err(msg)?;
         let config: wan_vae::Config = component.config().map_err(msg)?;
-        WanVaeDecoder::new(&config, component.var_builder(DType::F32, &self.device).map_err(msg)?).map_err(msg)
+        WanVaeDecoder::new(
+            &config,
+            component
+                .var_builder(DType::F32, &self.device)
+                .map_err(msg)?,
+        )
+        .map_err(msg)
     }
 
     fn vae_decode(&self) -> CaseOutcome {
         let case = self.case("vae_decode.safetensors")?;
-        let ours = self.vae_model()?.decode(&self.tensor(&case, "z")?).map_err(msg)?;
+        let ours = self
+            .vae_model()?
+            .decode(&self.tensor(&case, "z")?)
+            .map_err(msg)?;
         let reference = self.tensor(&case, "video")?;
-        Ok(vec![CaseResult::measured("vae_decode", relative_l2(&ours, &reference).map_err(msg)?, MODULE_TOLERANCE)])
+        Ok(vec![CaseResult::measured(
+            "vae_decode",
+            relative_l2(&ours, &reference).map_err(msg)?,
+            MODULE_TOLERANCE,
+        )])
     }
 
-    fn scheduler_case(&self, name: &str, file: &str, config: PathBuf, kind: SchedulerKind) -> CaseOutcome {
+    fn scheduler_case(
+        &self,
+        name: &str,
+        file: &str,
+        config: PathBuf,
+        kind: SchedulerKind,
+    ) -> CaseOutcome {
         let case = self.case(file)?;
         let config: serde_json::Value = read_json(&config).map_err(msg)?;
-        let steps = case.names().filter(|n| n.starts_with("model_output_")).count();
+        let steps = case
+            .names()
+            .filter(|n| n.starts_with("model_output_"))
+            .count();
         let mut scheduler = scheduler::build(&config, Some(kind), steps, None).map_err(msg)?;
-        let timesteps = Tensor::new(scheduler.timesteps().iter().map(|&t| t as f32).collect::<Vec<_>>(), &self.device)
-            .map_err(msg)?;
+        let timesteps = Tensor::new(
+            scheduler
+                .timesteps()
+                .iter()
+                .map(|&t| t as f32)
+                .collect::<Vec<_>>(),
+            &self.device,
+        )
+        .map_err(msg)?;
         let mut worst = relative_l2(&timesteps, &self.tensor(&case, "timesteps")?).map_err(msg)?;
         let mut sample = self.tensor(&case, "sample_0")?;
         for i in 0..steps {
@@ -243,12 +340,22 @@ impl Fixture {
 
     fn scheduler_unipc(&self) -> CaseOutcome {
         let config = self.pipeline_dir().join("scheduler/scheduler_config.json");
-        self.scheduler_case("scheduler_unipc", "scheduler_unipc.safetensors", config, SchedulerKind::UniPc)
+        self.scheduler_case(
+            "scheduler_unipc",
+            "scheduler_unipc.safetensors",
+            config,
+            SchedulerKind::UniPc,
+        )
     }
 
     fn scheduler_euler(&self) -> CaseOutcome {
         let config = self.dir.join("cases/euler_scheduler/scheduler_config.json");
-        self.scheduler_case("scheduler_euler", "scheduler_euler.safetensors", config, SchedulerKind::Euler)
+        self.scheduler_case(
+            "scheduler_euler",
+            "scheduler_euler.safetensors",
+            config,
+            SchedulerKind::Euler,
+        )
     }
 
     /// The whole run from the reference's initial latents (torch's noise cannot be reproduced, so
@@ -282,7 +389,9 @@ impl Fixture {
             scheduler: None,
             seed: 0,
         };
-        let (cond, uncond) = pipe.encode_prompts(&render.prompt, &render.negative_prompt).map_err(msg)?;
+        let (cond, uncond) = pipe
+            .encode_prompts(&render.prompt, &render.negative_prompt)
+            .map_err(msg)?;
         let mut results = vec![
             CaseResult::measured(
                 "pipeline/prompt_embeds",
@@ -291,18 +400,22 @@ impl Fixture {
             ),
             CaseResult::measured(
                 "pipeline/negative_embeds",
-                relative_l2(&uncond, &self.tensor(&case, "negative_prompt_embeds")?).map_err(msg)?,
+                relative_l2(&uncond, &self.tensor(&case, "negative_prompt_embeds")?)
+                    .map_err(msg)?,
                 MODULE_TOLERANCE,
             ),
         ];
         let initial = self.tensor(&case, "initial_latents")?;
-        let latents = pipe.denoise(&render, &cond, &uncond, initial, &mut |_| {}).map_err(msg)?;
+        let latents = pipe
+            .denoise(&render, &cond, &uncond, initial, &mut |_| {})
+            .map_err(msg)?;
         results.push(CaseResult::measured(
             "pipeline/final_latents",
             relative_l2(&latents, &self.tensor(&case, "final_latents")?).map_err(msg)?,
             PIPELINE_TOLERANCE,
         ));
-        let video = video::video_to_unit_frames(&pipe.decode(&latents).map_err(msg)?).map_err(msg)?;
+        let video =
+            video::video_to_unit_frames(&pipe.decode(&latents).map_err(msg)?).map_err(msg)?;
         results.push(CaseResult::measured(
             "pipeline/video",
             relative_l2(&video, &self.tensor(&case, "video")?).map_err(msg)?,
