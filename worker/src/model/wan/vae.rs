@@ -340,11 +340,12 @@ impl WanVaeDecoder {
     /// through `cache`, and leaves in `cache` the state after them. With a fresh cache the
     /// first latent frame yields one video frame, every later one four (Wan2.1's sizes), so
     /// decoding `[0, a)` then `[a, b)` gives exactly the frames of decoding `[0, b)` at once.
+    /// After an error the cache is in an unspecified state and must not be reused.
     pub fn decode_with_cache(&self, z: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
         let (batch, channels, frames, _, _) = z.dims5()?;
-        if batch != 1 || channels != self.config.z_dim {
+        if batch != 1 || channels != self.config.z_dim || frames == 0 {
             candle_core::bail!(
-                "decode_with_cache takes one video of {} latent channels, got shape {:?}",
+                "decode_with_cache takes one video of {} latent channels and at least one frame, got shape {:?}",
                 self.config.z_dim,
                 z.dims()
             );
