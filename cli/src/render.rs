@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use longtake_coordinator::encode::{self, VideoFormat};
+use longtake_coordinator::encode::{self, Quality, VideoFormat};
 use longtake_worker::model::pipeline::{Progress, RenderSpec, WanPipeline};
 use longtake_worker::model::scheduler::SchedulerKind;
 use longtake_worker::model::video;
@@ -127,11 +127,13 @@ pub fn run(args: RenderArgs) -> Result<i32> {
     if frames != requested {
         eprintln!("note: Wan renders 4k+1 frames; {requested} frames rounded up to {frames}");
     }
-    let format = match args.format {
-        Some(FormatArg::Mp4) => VideoFormat::Mp4,
-        Some(FormatArg::Png) => VideoFormat::PngSequence,
-        None => VideoFormat::for_path(&args.out),
-    };
+    let format = VideoFormat::for_path(
+        &args.out,
+        args.format.map(|f| match f {
+            FormatArg::Mp4 => VideoFormat::Mp4,
+            FormatArg::Png => VideoFormat::PngSequence,
+        }),
+    )?;
 
     let load_start = Instant::now();
     let pipeline = if args.model == "tiny" {
@@ -197,7 +199,14 @@ pub fn run(args: RenderArgs) -> Result<i32> {
             eprintln!("decoding {frames} frames");
         }
     })?;
-    let mut sink = encode::open_writer(&args.out, format, video.width, video.height, args.fps)?;
+    let mut sink = encode::open_writer(
+        &args.out,
+        Some(format),
+        video.width as u32,
+        video.height as u32,
+        args.fps,
+        Quality::default(),
+    )?;
     let frame_bytes = video.width * video.height * 3;
     for frame in video.rgb.chunks_exact(frame_bytes) {
         sink.push_frame(frame)?;

@@ -5,6 +5,8 @@
 pub mod compare;
 pub mod loader;
 pub mod noise;
+pub mod pipeline;
+pub mod reference;
 pub mod scheduler;
 pub mod text;
 pub mod tokenizer;

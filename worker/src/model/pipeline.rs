@@ -14,8 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use super::loader::{seeded_var_builder, Checkpoint, LoadError};
 use super::noise::{self, LatentShape};
 use super::scheduler::{self, SchedulerKind};
-use super::text::PromptEncoder;
-use super::tokenizer::PromptTokenizer;
+use super::text::{PromptEncoder, TextError};
+use super::tokenizer::{PromptTokenizer, TokenizerError};
 use super::umt5::{self, UMT5EncoderModel};
 use super::video;
 use super::wan::transformer::{self as wan_transformer, WanTransformer3DModel};
@@ -30,6 +30,10 @@ pub enum PipelineError {
     Component { component: &'static str, source: candle_core::Error },
     #[error(transparent)]
     Scheduler(#[from] scheduler::SchedulerError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Text(#[from] TextError),
     #[error("{0}")]
     Spec(String),
     #[error(transparent)]
@@ -111,10 +115,7 @@ impl WanPipeline {
     pub fn load(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
         let ckpt = Checkpoint::open(dir.as_ref())?;
         let tokenizer_dir = ckpt.component("tokenizer")?;
-        let tokenizer = component(
-            "tokenizer",
-            PromptTokenizer::from_file(tokenizer_dir.dir().join("tokenizer.json")),
-        )?;
+        let tokenizer = PromptTokenizer::from_file(tokenizer_dir.dir().join("tokenizer.json"))?;
 
         let text_dir = ckpt.component("text_encoder")?;
         let text_config: umt5::Config = text_dir.config()?;
@@ -160,7 +161,7 @@ impl WanPipeline {
     /// it makes abstract motion, not pictures.
     pub fn tiny(device: &Device, dtype: DType) -> Result<Self> {
         const WEIGHT_SEED: u64 = 0x5EED_0F_1_0_7A_4E;
-        let tokenizer = component("tokenizer", PromptTokenizer::builtin_tiny())?;
+        let tokenizer = PromptTokenizer::builtin_tiny()?;
         let text_config: umt5::Config = serde_json::from_value(serde_json::json!({
             "vocab_size": tokenizer.vocab_size(),
             "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
@@ -266,7 +267,7 @@ impl WanPipeline {
 
     /// Embeddings of the prompt and the negative prompt, each `(1, max_sequence_length, text_dim)`.
     pub fn encode_prompts(&self, prompt: &str, negative_prompt: &str) -> Result<(Tensor, Tensor)> {
-        let both = component("text_encoder", self.text.encode(&[prompt, negative_prompt]))?;
+        let both = self.text.encode(&[prompt, negative_prompt])?;
         let both = both.to_dtype(self.dtype)?;
         Ok((both.narrow(0, 0, 1)?, both.narrow(0, 1, 1)?))
     }

@@ -14,7 +14,6 @@ use super::compare::relative_l2;
 use super::loader::{read_json, Checkpoint, SafetensorsWeights};
 use super::pipeline::{RenderSpec, WanPipeline};
 use super::scheduler::{self, SchedulerKind};
-use super::text::PromptEncoder;
 use super::tokenizer::PromptTokenizer;
 use super::umt5::{self, UMT5EncoderModel};
 use super::video;
