@@ -137,10 +137,11 @@ impl Config {
             .collect()
     }
 
-    /// Whether up block `i` upsamples in time (the encoder's downsampling, mirrored).
+    /// Whether up block `i` upsamples in time: diffusers reverses the whole
+    /// `temperal_downsample` list, whatever its length.
     fn temporal_upsample(&self, i: usize) -> bool {
-        let stages = self.dim_mult.len() - 1;
-        self.temperal_downsample[stages - 1 - i]
+        let list = &self.temperal_downsample;
+        list.len().checked_sub(1 + i).is_some_and(|j| list[j])
     }
 
     /// The number of video frames `latent_frames` decode to.
@@ -339,11 +340,12 @@ impl WanVaeDecoder {
     /// through `cache`, and leaves in `cache` the state after them. With a fresh cache the
     /// first latent frame yields one video frame, every later one four (Wan2.1's sizes), so
     /// decoding `[0, a)` then `[a, b)` gives exactly the frames of decoding `[0, b)` at once.
+    /// After an error the cache is in an unspecified state and must not be reused.
     pub fn decode_with_cache(&self, z: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
         let (batch, channels, frames, _, _) = z.dims5()?;
-        if batch != 1 || channels != self.config.z_dim {
+        if batch != 1 || channels != self.config.z_dim || frames == 0 {
             candle_core::bail!(
-                "decode_with_cache takes one video of {} latent channels, got shape {:?}",
+                "decode_with_cache takes one video of {} latent channels and at least one frame, got shape {:?}",
                 self.config.z_dim,
                 z.dims()
             );
@@ -546,6 +548,38 @@ mod tests {
     }
 
     #[test]
+    fn other_temporal_layouts_decode_to_their_frame_counts() {
+        let dev = Device::Cpu;
+        for layout in [
+            [false, true, true],
+            [true, false, false],
+            [false, false, false],
+        ] {
+            let config = Config {
+                temperal_downsample: layout.to_vec(),
+                ..tiny_config(4)
+            };
+            let vae = WanVaeDecoder::new(&config, seeded_var_builder(2, DType::F32, &dev)).unwrap();
+            let z = random(&[1, 16, 3, 2, 2], 4);
+            let whole = vae.decode(&z).unwrap();
+            assert_eq!(
+                whole.dims(),
+                &[1, 3, config.output_frames(3), 16, 16],
+                "{layout:?}"
+            );
+            let mut cache = DecoderCache::new();
+            let a = vae
+                .decode_with_cache(&z.narrow(2, 0, 2).unwrap(), &mut cache)
+                .unwrap();
+            let b = vae
+                .decode_with_cache(&z.narrow(2, 2, 1).unwrap(), &mut cache)
+                .unwrap();
+            let joined = Tensor::cat(&[&a, &b], 2).unwrap();
+            assert!(relative_l2(&joined, &whole).unwrap() < 1e-6, "{layout:?}");
+        }
+    }
+
+    #[test]
     fn batch_items_decode_independently() {
         let dev = Device::Cpu;
         let vae =
@@ -605,6 +639,14 @@ mod tests {
         assert_eq!(cfg.z_dim, 16);
         assert!(cfg.validate().is_ok());
         assert_eq!(cfg.output_frames(21), 81);
+        // Only the up blocks' own entries of the reversed list count.
+        let last_only = parse(r#"{"temperal_downsample": [true, false, false]}"#);
+        assert_eq!(last_only.output_frames(3), 5);
+        let short = parse(r#"{"temperal_downsample": [false, true]}"#)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(short.contains("temperal_downsample"), "{short}");
         let residual = parse(r#"{"is_residual": true}"#)
             .validate()
             .unwrap_err()
