@@ -4,32 +4,11 @@
 //! fixture or a directory of fixtures); by default `../shared/reference` beside the repository and
 //! the repository's own `tests/fixtures`. Finding none is a failure, not a skip.
 
-use std::path::PathBuf;
-
-use longtake_worker::model::reference::{check_fixture, find_fixture_dirs};
-
-fn fixture_dirs() -> Vec<PathBuf> {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let roots: Vec<PathBuf> = match std::env::var_os("LONGTAKE_REFERENCE_DIR") {
-        Some(list) => std::env::split_paths(&list).collect(),
-        None => vec![
-            repo.join("../shared/reference"),
-            repo.join("tests/fixtures"),
-        ],
-    };
-    roots
-        .iter()
-        .flat_map(|root| find_fixture_dirs(root))
-        .collect()
-}
+use longtake_worker::model::reference::{check_fixture, test_fixture_dirs};
 
 #[test]
 fn every_reference_case_passes() {
-    let dirs = fixture_dirs();
-    assert!(
-        !dirs.is_empty(),
-        "no reference fixtures found: set LONGTAKE_REFERENCE_DIR or put shared/reference beside the repository"
-    );
+    let dirs = test_fixture_dirs();
     let mut report = Vec::new();
     let mut failed = 0;
     for dir in &dirs {

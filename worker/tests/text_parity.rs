@@ -7,37 +7,12 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use longtake_worker::model::compare::relative_l2;
 use longtake_worker::model::loader::{Checkpoint, SafetensorsWeights};
+use longtake_worker::model::reference::test_fixture_dirs;
 use longtake_worker::model::text::PromptEncoder;
 use longtake_worker::model::tokenizer::PromptTokenizer;
 use longtake_worker::model::umt5::{Config, UMT5EncoderModel};
 
 const TOLERANCE: f64 = 1e-4;
-
-/// Every directory with `pipeline/` and `cases/` under the reference dir and the repository's
-/// `tests/fixtures`; panics if there is none, so that missing fixtures fail the tests instead of
-/// skipping them.
-fn case_dirs() -> Vec<PathBuf> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let reference = std::env::var_os("LONGTAKE_REFERENCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest.join("../../shared/reference"));
-    let roots = [reference, manifest.join("../tests/fixtures")];
-    let mut dirs: Vec<PathBuf> = roots
-        .iter()
-        .filter_map(|root| std::fs::read_dir(root).ok())
-        .flatten()
-        .filter_map(|e| Some(e.ok()?.path()))
-        .filter(|p| p.join("pipeline").is_dir() && p.join("cases").is_dir())
-        .collect();
-    dirs.sort();
-    assert!(
-        !dirs.is_empty(),
-        "no case directories (with pipeline/ and cases/) under {} or {} (set LONGTAKE_REFERENCE_DIR)",
-        roots[0].display(),
-        roots[1].display()
-    );
-    dirs
-}
 
 fn read_json(path: PathBuf) -> serde_json::Value {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -66,7 +41,7 @@ fn load_encoder(dir: &std::path::Path) -> UMT5EncoderModel {
 
 #[test]
 fn tokenizer_matches_reference_ids_and_masks() {
-    for dir in case_dirs() {
+    for dir in test_fixture_dirs() {
         let tokenizer =
             PromptTokenizer::from_file(dir.join("pipeline/tokenizer/tokenizer.json")).unwrap();
         let fixture = read_json(dir.join("cases/tokenizer.json"));
@@ -94,7 +69,7 @@ fn tokenizer_matches_reference_ids_and_masks() {
 
 #[test]
 fn text_encoder_matches_reference() {
-    for dir in case_dirs() {
+    for dir in test_fixture_dirs() {
         let encoder = load_encoder(&dir);
         let case =
             SafetensorsWeights::open_file(dir.join("cases/text_encoder.safetensors")).unwrap();
@@ -142,7 +117,7 @@ fn text_encoder_matches_reference() {
 
 #[test]
 fn prompt_encoder_matches_pipeline_embeddings() {
-    for dir in case_dirs() {
+    for dir in test_fixture_dirs() {
         let settings = read_json(dir.join("cases/pipeline.json"));
         let max_len = settings["max_sequence_length"].as_u64().unwrap() as usize;
         let ckpt = Checkpoint::open(dir.join("pipeline")).unwrap();

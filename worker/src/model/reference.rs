@@ -101,6 +101,32 @@ pub fn find_fixture_dirs(root: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// The fixture directories the test suite checks: the fixtures in each entry of
+/// `LONGTAKE_REFERENCE_DIR` (a path list, `:`-separated) or, by default, in `shared/reference`
+/// beside the repository and in the repository's own `tests/fixtures`.
+///
+/// Panics when there is none: a parity test that checks nothing must not pass.
+pub fn test_fixture_dirs() -> Vec<PathBuf> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let roots: Vec<PathBuf> = match std::env::var_os("LONGTAKE_REFERENCE_DIR") {
+        Some(list) => std::env::split_paths(&list).collect(),
+        None => vec![
+            repo.join("../shared/reference"),
+            repo.join("tests/fixtures"),
+        ],
+    };
+    let dirs: Vec<PathBuf> = roots
+        .iter()
+        .flat_map(|root| find_fixture_dirs(root))
+        .collect();
+    assert!(
+        !dirs.is_empty(),
+        "no reference fixtures (directories with pipeline/ and cases/) in {roots:?}: put shared/reference \
+         beside the repository or set LONGTAKE_REFERENCE_DIR"
+    );
+    dirs
+}
+
 type CaseOutcome = Result<Vec<CaseResult>, String>;
 /// A case: its name, its tolerance and the function that runs it.
 type Case = (&'static str, f64, fn(&Fixture) -> CaseOutcome);

@@ -255,7 +255,7 @@ mod tests {
     #[test]
     fn unit_frames_match_the_reference_layout() {
         let dev = Device::Cpu;
-        for case in crate::model::scheduler::test_support::reference_cases() {
+        for case in crate::model::reference::test_fixture_dirs() {
             let cases = case.join("cases");
             let spec: serde_json::Value = serde_json::from_str(
                 &std::fs::read_to_string(cases.join("pipeline.json")).unwrap(),

@@ -218,7 +218,6 @@ impl Scheduler for FlowMatchEulerDiscreteScheduler {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::reference_cases;
     use super::*;
     use crate::model::compare::relative_l2;
     use crate::model::loader::SafetensorsWeights;
@@ -227,7 +226,7 @@ mod tests {
     #[test]
     fn matches_reference_euler() {
         let dev = Device::Cpu;
-        for case in reference_cases() {
+        for case in crate::model::reference::test_fixture_dirs() {
             let dir = case.join("cases");
             let text =
                 std::fs::read_to_string(dir.join("euler_scheduler/scheduler_config.json")).unwrap();

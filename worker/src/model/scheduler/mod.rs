@@ -262,39 +262,6 @@ fn f32_round(x: f64) -> f64 {
 }
 
 #[cfg(test)]
-pub(crate) mod test_support {
-    use std::path::PathBuf;
-
-    /// Every reference case directory (one with `pipeline/` and `cases/`) under
-    /// `LONGTAKE_REFERENCE_DIR`, default `../shared/reference` beside the repository. Panics if
-    /// there is none: a parity test that checks nothing must not pass.
-    pub fn reference_cases() -> Vec<PathBuf> {
-        let root = std::env::var_os("LONGTAKE_REFERENCE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference")
-            });
-        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "reference dir {} unreadable ({e}); set LONGTAKE_REFERENCE_DIR",
-                    root.display()
-                )
-            })
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| p.join("pipeline").is_dir() && p.join("cases").is_dir())
-            .collect();
-        dirs.sort();
-        assert!(
-            !dirs.is_empty(),
-            "no reference case directory (with pipeline/ and cases/) under {}",
-            root.display()
-        );
-        dirs
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;

@@ -552,7 +552,6 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> candle_core::Result<Vec<f64>>
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::reference_cases;
     use super::*;
     use crate::model::compare::relative_l2;
     use crate::model::loader::SafetensorsWeights;
@@ -567,7 +566,7 @@ mod tests {
     #[test]
     fn matches_reference_unipc() {
         let dev = Device::Cpu;
-        for case in reference_cases() {
+        for case in crate::model::reference::test_fixture_dirs() {
             let fixture =
                 SafetensorsWeights::open_file(case.join("cases/scheduler_unipc.safetensors"))
                     .unwrap();

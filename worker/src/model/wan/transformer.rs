@@ -406,46 +406,16 @@ mod tests {
     use crate::model::compare::relative_l2;
     use crate::model::loader::{seeded_var_builder, Checkpoint, SafetensorsWeights};
     use candle_core::Device;
-    use std::path::PathBuf;
 
     type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
     const TOLERANCE: f64 = 1e-4;
 
-    /// Every fixture directory (one with `pipeline/` and `cases/`) under the reference dir:
-    /// `LONGTAKE_REFERENCE_DIR`, or `shared/reference` beside the repository.
-    fn reference_cases() -> Vec<PathBuf> {
-        let root = std::env::var_os("LONGTAKE_REFERENCE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference")
-            });
-        let is_case = |p: &PathBuf| p.join("pipeline").is_dir() && p.join("cases").is_dir();
-        let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| Some(e.ok()?.path()))
-                    .filter(is_case)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if is_case(&root) {
-            cases.push(root.clone());
-        }
-        cases.sort();
-        assert!(
-            !cases.is_empty(),
-            "no reference fixtures (directories with pipeline/ and cases/) under {}; set LONGTAKE_REFERENCE_DIR",
-            root.display()
-        );
-        cases
-    }
-
     #[test]
     fn matches_reference_cases() -> TestResult {
         let dev = Device::Cpu;
         let mut failures = Vec::new();
-        for case in reference_cases() {
+        for case in crate::model::reference::test_fixture_dirs() {
             let component = Checkpoint::open(case.join("pipeline"))?.component("transformer")?;
             let config: Config = component.config()?;
             let model =
@@ -495,7 +465,7 @@ mod tests {
     #[test]
     fn bf16_stays_close_to_the_reference() -> TestResult {
         let dev = Device::Cpu;
-        for case in reference_cases() {
+        for case in crate::model::reference::test_fixture_dirs() {
             let component = Checkpoint::open(case.join("pipeline"))?.component("transformer")?;
             let config: Config = component.config()?;
             let model =

@@ -399,7 +399,6 @@ impl WanVaeDecoder {
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
 
     use candle_core::{DType, Device, IndexOp, Tensor};
 
@@ -407,35 +406,6 @@ mod tests {
     use crate::model::compare::relative_l2;
     use crate::model::loader::{seeded_var_builder, Checkpoint, SafetensorsWeights};
     use crate::model::noise;
-
-    /// Fixture directories (with `pipeline/` and `cases/`) under `LONGTAKE_REFERENCE_DIR` (a
-    /// path list, each entry a fixture or a directory of fixtures), by default the shared
-    /// `reference` beside the repository and the repository's own `tests/fixtures`.
-    fn fixture_dirs() -> Vec<PathBuf> {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let roots: Vec<PathBuf> = match std::env::var_os("LONGTAKE_REFERENCE_DIR") {
-            Some(list) => std::env::split_paths(&list).collect(),
-            None => vec![
-                repo.join("../shared/reference"),
-                repo.join("tests/fixtures"),
-            ],
-        };
-        let is_fixture = |d: &Path| d.join("pipeline").is_dir() && d.join("cases").is_dir();
-        let mut dirs = Vec::new();
-        for root in roots {
-            if is_fixture(&root) {
-                dirs.push(root);
-            } else if let Ok(entries) = std::fs::read_dir(&root) {
-                let mut found: Vec<PathBuf> = entries
-                    .filter_map(|e| Some(e.ok()?.path()))
-                    .filter(|d| is_fixture(d))
-                    .collect();
-                found.sort();
-                dirs.extend(found);
-            }
-        }
-        dirs
-    }
 
     fn random(shape: &[usize], stream: u64) -> Tensor {
         let n = shape.iter().product();
@@ -452,7 +422,7 @@ mod tests {
 
     #[test]
     fn decode_matches_reference() {
-        let dirs = fixture_dirs();
+        let dirs = crate::model::reference::test_fixture_dirs();
         assert!(
             !dirs.is_empty(),
             "no reference fixtures found: set LONGTAKE_REFERENCE_DIR"
@@ -491,7 +461,7 @@ mod tests {
     #[test]
     fn bf16_decode_stays_close_to_the_reference() {
         let dev = Device::Cpu;
-        let dirs = fixture_dirs();
+        let dirs = crate::model::reference::test_fixture_dirs();
         assert!(
             !dirs.is_empty(),
             "no reference fixtures found: set LONGTAKE_REFERENCE_DIR"
