@@ -90,29 +90,13 @@ impl EulerConfig {
                 "must be \"exponential\" or \"linear\"",
             ));
         }
-        if !(self.shift.is_finite() && self.shift > 0.0) {
-            return Err(unsupported(
-                "shift",
-                self.shift.to_string(),
-                "must be a positive number",
-            ));
-        }
-        if let Some(t) = self.shift_terminal {
-            if !(t.is_finite() && t < 1.0) {
-                return Err(unsupported(
-                    "shift_terminal",
-                    t.to_string(),
-                    "must be below 1",
-                ));
-            }
-        }
-        if self.num_train_timesteps == 0 {
-            return Err(unsupported(
-                "num_train_timesteps",
-                "0".into(),
-                "must be positive",
-            ));
-        }
+        super::check_flow_shift(
+            NAME,
+            "shift",
+            self.shift,
+            self.shift_terminal,
+            self.num_train_timesteps,
+        )?;
         Ok(())
     }
 }

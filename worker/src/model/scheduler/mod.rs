@@ -244,6 +244,47 @@ fn reject_flag(
     Ok(())
 }
 
+/// The checks both flow-matching schedulers make of their shared options: the shift (named
+/// `shift_option` in the scheduler's config), the terminal shift and the training timesteps.
+pub(crate) fn check_flow_shift(
+    scheduler: &'static str,
+    shift_option: &'static str,
+    shift: f64,
+    shift_terminal: Option<f64>,
+    num_train_timesteps: usize,
+) -> Result<(), SchedulerError> {
+    let unsupported = |option, value: String, why: &str| SchedulerError::Unsupported {
+        scheduler,
+        option,
+        value,
+        why: why.into(),
+    };
+    if !(shift.is_finite() && shift > 0.0) {
+        return Err(unsupported(
+            shift_option,
+            shift.to_string(),
+            "must be a positive number",
+        ));
+    }
+    if let Some(t) = shift_terminal {
+        if !(t.is_finite() && t < 1.0) {
+            return Err(unsupported(
+                "shift_terminal",
+                t.to_string(),
+                "must be below 1",
+            ));
+        }
+    }
+    if num_train_timesteps == 0 {
+        return Err(unsupported(
+            "num_train_timesteps",
+            "0".into(),
+            "must be positive",
+        ));
+    }
+    Ok(())
+}
+
 /// diffusers' `stretch_shift_to_terminal`: rescales `1 − σ` so that the last sigma becomes
 /// `terminal`.
 fn stretch_to_terminal(sigmas: &mut [f64], terminal: f64) {

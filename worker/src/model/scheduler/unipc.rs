@@ -198,29 +198,13 @@ impl UniPcConfig {
                 "with final_sigmas_type \"zero\" and solver_order > 1 the last step divides by zero; set lower_order_final: true",
             ));
         }
-        if !(self.flow_shift.is_finite() && self.flow_shift > 0.0) {
-            return Err(unsupported(
-                "flow_shift",
-                self.flow_shift.to_string(),
-                "must be a positive number",
-            ));
-        }
-        if let Some(t) = self.shift_terminal {
-            if !(t.is_finite() && t < 1.0) {
-                return Err(unsupported(
-                    "shift_terminal",
-                    t.to_string(),
-                    "must be below 1",
-                ));
-            }
-        }
-        if self.num_train_timesteps == 0 {
-            return Err(unsupported(
-                "num_train_timesteps",
-                "0".into(),
-                "must be positive",
-            ));
-        }
+        super::check_flow_shift(
+            NAME,
+            "flow_shift",
+            self.flow_shift,
+            self.shift_terminal,
+            self.num_train_timesteps,
+        )?;
         // diffusers maps these legacy DPM-Solver names to bh2.
         match self.solver_type.as_str() {
             "bh1" => Ok(true),
