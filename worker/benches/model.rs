@@ -1,13 +1,13 @@
-//! Timings of the model stack's hot paths, one forward at a time: the Wan transformer at the
-//! reference tiny size and at a mid size with random weights. Run with
+//! Timings of one Wan transformer forward: the built-in tiny model on its default render's latent,
+//! and a mid-size random-weight configuration. Run with
 //! `cargo bench -p longtake-worker --bench model [filter]`; a filter keeps the cases whose name
-//! contains it. `LONGTAKE_REFERENCE_DIR` points at the fixtures as for the tests.
+//! contains it. The VAE decode has its own bench (`--bench vae`).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use longtake_worker::model::loader::{seeded_var_builder, Checkpoint};
+use longtake_worker::model::loader::seeded_var_builder;
+use longtake_worker::model::pipeline::tiny_configs;
 use longtake_worker::model::wan::transformer::{Config, WanTransformer3DModel};
 
 type BenchResult = Result<(), Box<dyn std::error::Error>>;
@@ -28,12 +28,6 @@ fn time(name: &str, iters: usize, mut f: impl FnMut() -> BenchResult) -> BenchRe
         samples[iters / 2].as_secs_f64() * 1e3
     );
     Ok(())
-}
-
-fn reference_root() -> PathBuf {
-    std::env::var_os("LONGTAKE_REFERENCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference"))
 }
 
 /// One transformer forward with classifier-free guidance's batch of 2 on a latent of
@@ -71,26 +65,18 @@ fn main() -> BenchResult {
     let device = Device::Cpu;
 
     if wanted("transformer_tiny") {
-        // The reference pipeline's own transformer, on the latent of its 81-frame render
-        // (32x48 pixels → 21x4x6 latent).
-        let pipeline = reference_root().join("wan-tiny/pipeline");
-        match Checkpoint::open(&pipeline) {
-            Ok(ckpt) => {
-                let component = ckpt.component("transformer")?;
-                let cfg: Config = component.config()?;
-                let model =
-                    WanTransformer3DModel::new(&cfg, component.var_builder(DType::F32, &device)?)?;
-                bench_transformer(
-                    "transformer_tiny forward",
-                    &model,
-                    (21, 4, 6),
-                    16,
-                    10,
-                    &device,
-                )?;
-            }
-            Err(e) => println!("transformer_tiny: skipped, no reference pipeline: {e}"),
-        }
+        // The built-in tiny model's transformer on the latent of its default render: 81 frames
+        // at 256x256 → a 21x32x32 latent.
+        let cfg = tiny_configs(256)?.transformer;
+        let model = WanTransformer3DModel::new(&cfg, seeded_var_builder(0, DType::F32, &device))?;
+        bench_transformer(
+            "transformer_tiny forward",
+            &model,
+            (21, 32, 32),
+            64,
+            5,
+            &device,
+        )?;
     }
 
     if wanted("transformer_mid") {
@@ -114,8 +100,6 @@ fn main() -> BenchResult {
             &device,
         )?;
     }
-
-    // VAE decode: the VAE engineer adds its case here.
 
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use longtake_worker::model::loader::seeded_var_builder;
 use longtake_worker::model::noise;
+use longtake_worker::model::pipeline::tiny_configs;
 use longtake_worker::model::wan::vae::{Config, WanVaeDecoder};
 
 struct Case {
@@ -45,7 +46,7 @@ fn time_case(case: &Case, device: &Device) -> candle_core::Result<()> {
     Ok(())
 }
 
-fn main() -> candle_core::Result<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let full = std::env::args().any(|a| a == "--bench");
     let device = Device::Cpu;
     let fixture = Config {
@@ -61,8 +62,8 @@ fn main() -> candle_core::Result<()> {
     }];
     if full {
         cases.push(Case {
-            name: "tiny model (base_dim 8)",
-            config: fixture,
+            name: "built-in tiny model",
+            config: tiny_configs(256)?.vae,
             latent: (21, 32, 32),
             runs: 1,
         });

@@ -49,6 +49,52 @@ fn component<T>(component: &'static str, r: candle_core::Result<T>) -> Result<T>
     r.map_err(|source| PipelineError::Component { component, source })
 }
 
+/// The configurations of the built-in tiny model's parts: Wan2.1's architecture at a toy size.
+pub struct TinyConfigs {
+    pub text: umt5::Config,
+    pub transformer: wan_transformer::Config,
+    pub vae: wan_vae::Config,
+}
+
+/// The tiny model's configurations, for a tokenizer of `vocab_size` entries.
+pub fn tiny_configs(vocab_size: usize) -> Result<TinyConfigs> {
+    let text_config: umt5::Config = builtin_config(
+        "text encoder",
+        serde_json::json!({
+            "vocab_size": vocab_size,
+            "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+            "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+            "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
+        }),
+    )?;
+    let transformer_config: wan_transformer::Config = builtin_config(
+        "transformer",
+        serde_json::json!({
+            "patch_size": [1, 2, 2], "num_attention_heads": 4, "attention_head_dim": 16,
+            "in_channels": 16, "out_channels": 16, "text_dim": 32, "freq_dim": 64, "ffn_dim": 128,
+            "num_layers": 2, "cross_attn_norm": true, "qk_norm": "rms_norm_across_heads",
+            "eps": 1e-6, "rope_max_seq_len": 1024,
+        }),
+    )?;
+    // Wan2.1's own latent statistics, so the tiny model un-normalises like the real one.
+    let vae_config: wan_vae::Config = builtin_config(
+        "VAE",
+        serde_json::json!({
+            "base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
+            "attn_scales": [], "temperal_downsample": [false, true, true], "dropout": 0.0,
+            "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                             0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+            "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                            3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916],
+        }),
+    )?;
+    Ok(TinyConfigs {
+        text: text_config,
+        transformer: transformer_config,
+        vae: vae_config,
+    })
+}
+
 /// Parses a configuration of the built-in tiny model.
 fn builtin_config<T: serde::de::DeserializeOwned>(
     component: &str,
@@ -184,15 +230,11 @@ impl WanPipeline {
     pub fn tiny(device: &Device, dtype: DType) -> Result<Self> {
         const WEIGHT_SEED: u64 = 0x5EED_0F10_7A4E;
         let tokenizer = PromptTokenizer::builtin_tiny()?;
-        let text_config: umt5::Config = builtin_config(
-            "text encoder",
-            serde_json::json!({
-                "vocab_size": tokenizer.vocab_size(),
-                "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
-                "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-                "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
-            }),
-        )?;
+        let TinyConfigs {
+            text: text_config,
+            transformer: transformer_config,
+            vae: vae_config,
+        } = tiny_configs(tokenizer.vocab_size())?;
         let encoder = component(
             "text_encoder",
             UMT5EncoderModel::new(
@@ -200,33 +242,12 @@ impl WanPipeline {
                 seeded_var_builder(WEIGHT_SEED, DType::F32, device).pp("tiny_text"),
             ),
         )?;
-        let transformer_config: wan_transformer::Config = builtin_config(
-            "transformer",
-            serde_json::json!({
-                "patch_size": [1, 2, 2], "num_attention_heads": 4, "attention_head_dim": 16,
-                "in_channels": 16, "out_channels": 16, "text_dim": 32, "freq_dim": 64, "ffn_dim": 128,
-                "num_layers": 2, "cross_attn_norm": true, "qk_norm": "rms_norm_across_heads",
-                "eps": 1e-6, "rope_max_seq_len": 1024,
-            }),
-        )?;
         let transformer = component(
             "transformer",
             WanTransformer3DModel::new(
                 &transformer_config,
                 seeded_var_builder(WEIGHT_SEED, dtype, device).pp("tiny_transformer"),
             ),
-        )?;
-        // Wan2.1's own latent statistics, so the tiny model un-normalises like the real one.
-        let vae_config: wan_vae::Config = builtin_config(
-            "VAE",
-            serde_json::json!({
-                "base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
-                "attn_scales": [], "temperal_downsample": [false, true, true], "dropout": 0.0,
-                "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
-                "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                                3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916],
-            }),
         )?;
         let vae = component(
             "vae",
