@@ -44,9 +44,22 @@ fn main() {
     match outcome {
         Ok(code) => std::process::exit(code),
         Err(err) => {
-            // One line: the whole cause chain, outermost first.
-            eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
+            eprintln!("error: {}", one_line(&err));
             std::process::exit(1);
         }
     }
+}
+
+/// The error and its causes on one line, outermost first. Causes whose text an outer message
+/// already quotes are left out, so nothing is said twice.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line.replace('\n', " ")
 }

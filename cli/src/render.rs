@@ -129,6 +129,7 @@ pub fn run(args: RenderArgs) -> Result<i32> {
         bail!("--fps must be at least 1");
     }
     let requested = match (args.frames, args.seconds) {
+        (Some(0), _) => bail!("--frames must be at least 1"),
         (Some(n), _) => n,
         (None, Some(s)) if s > 0.0 && s.is_finite() => video::frame_count_for(s, args.fps),
         (None, Some(s)) => bail!("--seconds must be a positive number; got {s}"),
@@ -176,6 +177,18 @@ pub fn run(args: RenderArgs) -> Result<i32> {
         }),
         seed: args.seed,
     };
+    for (what, text) in [
+        ("prompt", &spec.prompt),
+        ("negative prompt", &spec.negative_prompt),
+    ] {
+        let overflow = pipeline.prompt_overflow(text)?;
+        if overflow > 0 {
+            eprintln!(
+                "warning: the {what} is {overflow} tokens longer than the text encoder takes ({}); the end is cut off",
+                info.max_sequence_length
+            );
+        }
+    }
     // Validate before any heavy work so a bad size fails at once.
     let latent = pipeline.latent_shape(&spec)?;
     eprintln!(

@@ -143,10 +143,12 @@ fn same_seed_same_frames_other_seed_other_frames() {
 fn png_sequence_output() {
     let dir = tempfile::tempdir().unwrap();
     let frames = dir.path().join("frames");
+    let long_prompt =
+        "waves rolling onto a black sand beach under a violet sky, seen from a drone at dusk";
     let run = longtake(&[
         "render",
         "--prompt",
-        "waves",
+        long_prompt,
         "--frames",
         "5",
         "--size",
@@ -166,6 +168,12 @@ fn png_sequence_output() {
     names.sort();
     assert_eq!(names.len(), 5, "{names:?}");
     assert!(names.iter().all(|n| n.ends_with(".png")));
+    // The tiny text encoder takes 64 tokens: the CLI must say that the prompt was cut.
+    assert!(
+        stderr(&run).contains("warning: the prompt is"),
+        "{}",
+        stderr(&run)
+    );
 }
 
 /// Asserts a failed run with exactly one line on stderr containing every `needle`.

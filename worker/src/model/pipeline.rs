@@ -326,6 +326,17 @@ impl WanPipeline {
         .map_err(PipelineError::Spec)
     }
 
+    /// The number of tokens of `prompt` beyond the text encoder's length, which are cut off as
+    /// the reference pipeline cuts them (0 when it fits).
+    pub fn prompt_overflow(&self, prompt: &str) -> Result<usize> {
+        let limit = self.text.max_sequence_length;
+        Ok(self
+            .text
+            .tokenizer
+            .count_tokens(prompt)?
+            .saturating_sub(limit))
+    }
+
     /// Embeddings of the prompt and the negative prompt, each `(1, max_sequence_length, text_dim)`.
     pub fn encode_prompts(&self, prompt: &str, negative_prompt: &str) -> Result<(Tensor, Tensor)> {
         let both = self.text.encode(&[prompt, negative_prompt])?;

@@ -173,15 +173,32 @@ impl PromptTokenizer {
     }
 
     /// Tokenizes `text` with the special tokens, truncated and padded to exactly `max_length`.
+    /// How many special tokens (`</s>`) the post-processor adds to a single text.
+    fn special_tokens(&self) -> usize {
+        self.tokenizer.get_post_processor().map_or(0, |p| {
+            use tokenizers::PostProcessor;
+            p.added_tokens(false)
+        })
+    }
+
+    /// The number of tokens of `text` with its special tokens, before any truncation.
+    pub fn count_tokens(&self, text: &str) -> Result<usize> {
+        let encoding =
+            self.tokenizer
+                .encode(text, false)
+                .map_err(|source| TokenizerError::Encode {
+                    text: text.to_string(),
+                    source,
+                })?;
+        Ok(encoding.len() + self.special_tokens())
+    }
+
     pub fn encode(&self, text: &str, max_length: usize) -> Result<TokenizedPrompt> {
         let encode_err = |source| TokenizerError::Encode {
             text: text.to_string(),
             source,
         };
-        let special = self.tokenizer.get_post_processor().map_or(0, |p| {
-            use tokenizers::PostProcessor;
-            p.added_tokens(false)
-        });
+        let special = self.special_tokens();
         if max_length < special {
             return Err(TokenizerError::MaxLengthTooSmall {
                 max_length,
@@ -233,6 +250,21 @@ fn read_pad_token(path: &Path) -> Result<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn count_tokens_is_the_untruncated_length() {
+        let tok = PromptTokenizer::builtin_tiny().unwrap();
+        let text = "a wolf howling at the moon";
+        let n = tok.count_tokens(text).unwrap();
+        let fitted = tok.encode(text, n + 5).unwrap();
+        assert_eq!(fitted.len(), n, "real tokens when nothing is cut");
+        assert_eq!(tok.encode(text, n - 3).unwrap().len(), n - 3);
+        assert_eq!(
+            tok.count_tokens("").unwrap(),
+            1,
+            "the empty prompt is just </s>"
+        );
+    }
 
     #[test]
     fn builtin_tiny_encodes_any_text_deterministically() {
