@@ -290,14 +290,14 @@ impl Layout {
             });
         }
         let product = self.tp * self.ulysses;
-        if model.heads % product != 0 {
+        if !model.heads.is_multiple_of(product) {
             return Err(LayoutError::Heads {
                 product,
                 heads: model.heads,
                 suggestion: self.suggest(model),
             });
         }
-        if model.ffn_dim % self.tp != 0 {
+        if !model.ffn_dim.is_multiple_of(self.tp) {
             return Err(LayoutError::FfnDim {
                 tp: self.tp,
                 ffn_dim: model.ffn_dim,
@@ -311,8 +311,10 @@ impl Layout {
     /// first, then `ulysses` within the heads left to each tensor-parallel rank.
     pub fn suggest(&self, model: &LayoutLimits) -> Layout {
         let max_cfg = if model.guidance { 2 } else { 1 };
-        let tp = largest_at_most(self.tp, |t| model.heads % t == 0 && model.ffn_dim % t == 0);
-        let ulysses = largest_at_most(self.ulysses, |u| (model.heads / tp) % u == 0);
+        let tp = largest_at_most(self.tp, |t| {
+            model.heads.is_multiple_of(t) && model.ffn_dim.is_multiple_of(t)
+        });
+        let ulysses = largest_at_most(self.ulysses, |u| (model.heads / tp).is_multiple_of(u));
         Layout {
             cfg: self.cfg.clamp(1, max_cfg),
             tp,
@@ -663,7 +665,7 @@ mod tests {
         for len in 0..50 {
             for parts in 1..7 {
                 let p = padded_len(len, parts);
-                assert!(p >= len && p < len + parts && p % parts == 0);
+                assert!(p >= len && p < len + parts && p.is_multiple_of(parts));
                 // Equal shards of the padded length, as Ulysses needs.
                 let s: Vec<_> = (0..parts).map(|i| shard_range(p, parts, i).len()).collect();
                 assert!(s.iter().all(|&n| n == p / parts));
