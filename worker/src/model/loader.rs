@@ -77,6 +77,12 @@ pub enum LoadError {
         file: PathBuf,
         dtype: DType,
     },
+    #[error("tensor `{tensor}` in {} is stored as {dtype}; only f32, f16 and bf16 weights are supported", file.display())]
+    UnsupportedStoredDtype {
+        tensor: String,
+        file: PathBuf,
+        dtype: String,
+    },
 }
 
 /// Reads and parses a JSON file, with errors naming the file.
@@ -379,17 +385,24 @@ impl SafetensorsWeights {
                 range,
             });
         }
-        let dtype = DType::try_from(view.dtype()).ok();
-        let elem = match dtype {
-            Some(d @ (DType::F32 | DType::F16 | DType::BF16)) => d.size_in_bytes(),
-            _ => {
+        let dtype = match DType::try_from(view.dtype()) {
+            Ok(d @ (DType::F32 | DType::F16 | DType::BF16)) => d,
+            Ok(dtype) => {
                 return Err(LoadError::UnsupportedDtype {
                     tensor: name.into(),
                     file: path.clone(),
-                    dtype: dtype.unwrap_or(DType::U8),
+                    dtype,
+                })
+            }
+            Err(_) => {
+                return Err(LoadError::UnsupportedStoredDtype {
+                    tensor: name.into(),
+                    file: path.clone(),
+                    dtype: format!("{:?}", view.dtype()),
                 })
             }
         };
+        let elem = dtype.size_in_bytes();
         let inner: usize = shape[dim + 1..].iter().product::<usize>() * elem;
         let runs = Runs {
             data: view.data(),
@@ -404,10 +417,8 @@ impl SafetensorsWeights {
         // Decoding straight into the typed buffer copies the slice once; safetensors data is
         // little-endian by definition.
         let tensor = match dtype {
-            Some(DType::F32) => Tensor::from_vec(runs.decode(f32::from_le_bytes), dims, device),
-            Some(DType::F16) => {
-                Tensor::from_vec(runs.decode(half::f16::from_le_bytes), dims, device)
-            }
+            DType::F32 => Tensor::from_vec(runs.decode(f32::from_le_bytes), dims, device),
+            DType::F16 => Tensor::from_vec(runs.decode(half::f16::from_le_bytes), dims, device),
             _ => Tensor::from_vec(runs.decode(half::bf16::from_le_bytes), dims, device),
         };
         tensor.map_err(|e| LoadError::Corrupt {
@@ -913,7 +924,13 @@ mod tests {
     fn out_of_range_slices_name_the_tensor_and_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.safetensors");
-        write_weights(&path, &[("w", counting(&[4, 6], DType::F32))]);
+        write_weights(
+            &path,
+            &[
+                ("w", counting(&[4, 6], DType::F32)),
+                ("ids", Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap()),
+            ],
+        );
         let weights = SafetensorsWeights::open_file(&path).unwrap();
         let dev = Device::Cpu;
         for (dim, range) in [
@@ -936,6 +953,11 @@ mod tests {
         }
         let err = weights.load_slice("v", 0, 0..1, &dev).unwrap_err();
         assert!(err.to_string().contains("`v`"), "{err}");
+        let err = weights.load_slice("ids", 0, 0..1, &dev).unwrap_err();
+        assert!(
+            err.to_string().contains("`ids`") && err.to_string().contains("U32"),
+            "{err}"
+        );
     }
 
     /// One attention block's projections at width `dim`, stored as bf16.
