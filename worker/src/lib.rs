@@ -2,3 +2,4 @@
 //! parallel runtime and the daemon join it in later issues.
 
 pub mod model;
+pub mod parallel;
