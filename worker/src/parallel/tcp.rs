@@ -1,0 +1,852 @@
+//! The TCP mesh: one socket between every pair of ranks, over loopback or a LAN, for CPU jobs
+//! and tests. Ranks may be threads of one process or separate processes.
+//!
+//! Each rank listens on its own address; rank j dials every rank i < j and accepts the ranks
+//! above it. A handshake carries (world size, dialing rank, expected rank), so a peer from
+//! another job or a misconfigured rank list is rejected with an error that says why.
+//!
+//! The mesh owns a small tokio runtime. One reader task per peer drains its socket into an
+//! inbox keyed by (group, sender), so sends never wait for the receiver's code to call `recv`
+//! and two ranks sending to each other cannot deadlock. The synchronous `Communicator` calls
+//! write on the caller's thread (blocking on the runtime) and wait on the inbox with a deadline.
+//! They must not be called from inside another tokio runtime's async context.
+//!
+//! Frame (little-endian): magic u32, group u64, sequence u64, op u8, dtype u8, rank of the
+//! shape u8, payload length u64, the dims (u64 each), the payload (the tensor's raw bytes).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::task::JoinSet;
+
+use super::comm::{
+    self, check_subgroup, dtype_from_code, CommError, Communicator, Encoded, Op, PeerId,
+    PointToPoint, Received, Result,
+};
+
+const FRAME_MAGIC: u32 = 0x4C54_4B46; // "LTKF"
+const HELLO_MAGIC: u32 = 0x4C54_4B48; // "LTKH"
+const ACK_MAGIC: u32 = 0x4C54_4B41; // "LTKA"
+const PROTOCOL_VERSION: u16 = 1;
+const FRAME_HEADER_LEN: usize = 4 + 8 + 8 + 1 + 1 + 1 + 8;
+const MAX_TENSOR_RANK: usize = 16;
+/// The group of the whole mesh; subgroups derive theirs from it.
+const WORLD_GROUP: u64 = 1;
+
+/// How long the blocking operations of a mesh may wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Deadline for the whole mesh to come up: peers may start late, dials are retried until
+    /// then.
+    pub connect: Duration,
+    /// Deadline for one collective (or one send / recv) to complete on this rank.
+    pub op: Duration,
+    /// Pause between dial attempts while a peer is not listening yet.
+    pub retry_interval: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(30),
+            op: Duration::from_secs(60),
+            retry_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TcpMeshConfig {
+    /// This rank, an index into `peers`.
+    pub rank: usize,
+    /// Every rank's listening address, this rank's own included; the world size is its length.
+    pub peers: Vec<SocketAddr>,
+    pub timeouts: Timeouts,
+}
+
+impl TcpMeshConfig {
+    pub fn new(rank: usize, peers: Vec<SocketAddr>) -> Self {
+        Self {
+            rank,
+            peers,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// A communicator over a TCP mesh: the whole mesh (from [`TcpMesh::connect`]) or one of its
+/// subgroups, which share the mesh's sockets.
+pub struct TcpMesh {
+    mesh: Arc<Mesh>,
+    group: u64,
+    /// Global ranks of the members; group rank i is `members[i]`.
+    members: Vec<usize>,
+    group_rank: usize,
+    /// Next sequence number per member, for messages to it and from it.
+    send_seq: Mutex<Vec<u64>>,
+    recv_seq: Mutex<Vec<u64>>,
+    /// How many subgroups with a given member list this communicator has made, so that the
+    /// same list asked for twice gives two distinct groups on every member.
+    subgroups_made: Mutex<HashMap<Vec<usize>, u64>>,
+    bytes_sent: AtomicU64,
+}
+
+/// The connections of one rank, shared by the world communicator and its subgroups.
+struct Mesh {
+    rank: usize,
+    addrs: Vec<SocketAddr>,
+    timeouts: Timeouts,
+    /// Write half of the socket to each peer (`None` for this rank).
+    writers: Vec<Option<tokio::sync::Mutex<OwnedWriteHalf>>>,
+    inbox: Arc<Inbox>,
+    total_bytes_sent: AtomicU64,
+    /// Declared last: the sockets close before the runtime (and its reader tasks) goes away.
+    runtime: Runtime,
+}
+
+struct Frame {
+    seq: u64,
+    op: u8,
+    message: Received,
+}
+
+#[derive(Default)]
+struct InboxState {
+    queues: HashMap<(u64, usize), VecDeque<Frame>>,
+    /// Why the connection to a peer is gone, once it is.
+    lost: Vec<Option<String>>,
+}
+
+/// Messages that arrived and are not taken yet, filled by the reader tasks.
+struct Inbox {
+    state: Mutex<InboxState>,
+    arrived: Condvar,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, group: u64, from: usize, frame: Frame) {
+        self.lock()
+            .queues
+            .entry((group, from))
+            .or_default()
+            .push_back(frame);
+        self.arrived.notify_all();
+    }
+
+    fn mark_lost(&self, peer: usize, reason: String) {
+        let mut state = self.lock();
+        if state.lost[peer].is_none() {
+            state.lost[peer] = Some(reason);
+        }
+        drop(state);
+        self.arrived.notify_all();
+    }
+
+    fn lost(&self, peer: usize) -> Option<String> {
+        self.lock().lost[peer].clone()
+    }
+}
+
+impl TcpMesh {
+    /// Binds this rank's address from `config.peers` and connects to every other rank.
+    pub fn connect(config: TcpMeshConfig) -> Result<Self> {
+        let addr = check_config(&config)?;
+        let listener = std::net::TcpListener::bind(addr).map_err(|source| CommError::Listen {
+            rank: config.rank,
+            addr,
+            source,
+        })?;
+        Self::connect_with_listener(config, listener)
+    }
+
+    /// Like [`TcpMesh::connect`], with this rank's listener already bound (e.g. to port 0, the
+    /// real address then being handed to the other ranks): no race for a free port.
+    pub fn connect_with_listener(
+        config: TcpMeshConfig,
+        listener: std::net::TcpListener,
+    ) -> Result<Self> {
+        let own_addr = check_config(&config)?;
+        let TcpMeshConfig {
+            rank,
+            peers,
+            timeouts,
+        } = config;
+        let world = peers.len();
+        let listen_err = |source| CommError::Listen {
+            rank,
+            addr: own_addr,
+            source,
+        };
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("longtake-comm")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|source| CommError::Runtime { rank, source })?;
+
+        let streams =
+            runtime.block_on(establish(rank, peers.clone(), timeouts.clone(), listener))?;
+
+        let inbox = Arc::new(Inbox {
+            state: Mutex::new(InboxState {
+                queues: HashMap::new(),
+                lost: vec![None; world],
+            }),
+            arrived: Condvar::new(),
+        });
+        let mut writers = Vec::with_capacity(world);
+        for (peer, stream) in streams.into_iter().enumerate() {
+            writers.push(stream.map(|stream| {
+                let (read, write) = stream.into_split();
+                runtime.spawn(read_frames(read, peer, inbox.clone()));
+                tokio::sync::Mutex::new(write)
+            }));
+        }
+        let mesh = Arc::new(Mesh {
+            rank,
+            addrs: peers,
+            timeouts,
+            writers,
+            inbox,
+            total_bytes_sent: AtomicU64::new(0),
+            runtime,
+        });
+        Ok(Self::group(mesh, WORLD_GROUP, (0..world).collect()))
+    }
+
+    fn group(mesh: Arc<Mesh>, group: u64, members: Vec<usize>) -> Self {
+        let n = members.len();
+        let group_rank = members
+            .iter()
+            .position(|&r| r == mesh.rank)
+            .expect("members include this rank");
+        Self {
+            mesh,
+            group,
+            members,
+            group_rank,
+            send_seq: Mutex::new(vec![0; n]),
+            recv_seq: Mutex::new(vec![0; n]),
+            subgroups_made: Mutex::new(HashMap::new()),
+            bytes_sent: AtomicU64::new(0),
+        }
+    }
+
+    /// This rank in the mesh's (global) numbering.
+    pub fn global_rank(&self) -> usize {
+        self.mesh.rank
+    }
+
+    /// The global ranks of this communicator's members, in group-rank order.
+    pub fn members(&self) -> &[usize] {
+        &self.members
+    }
+
+    /// Bytes this rank has written to the mesh through all its communicators.
+    pub fn total_bytes_sent(&self) -> u64 {
+        self.mesh.total_bytes_sent.load(Ordering::Relaxed)
+    }
+}
+
+fn check_config(config: &TcpMeshConfig) -> Result<SocketAddr> {
+    config
+        .peers
+        .get(config.rank)
+        .copied()
+        .ok_or_else(|| CommError::Usage {
+            rank: config.rank,
+            op: Op::Connect,
+            reason: format!(
+                "rank {} is out of range for {} peer addresses",
+                config.rank,
+                config.peers.len()
+            ),
+        })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A 64-bit FNV-1a hash: stable across processes and builds, unlike std's hasher.
+fn fnv1a(words: impl IntoIterator<Item = u64>) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for w in words {
+        for b in w.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl PointToPoint for TcpMesh {
+    fn global_rank(&self) -> usize {
+        self.mesh.rank
+    }
+
+    fn group_rank(&self) -> usize {
+        self.group_rank
+    }
+
+    fn group_size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn op_timeout(&self) -> Duration {
+        self.mesh.timeouts.op
+    }
+
+    fn peer(&self, group_rank: usize) -> PeerId {
+        self.mesh.peer(self.members[group_rank])
+    }
+
+    fn send_message(&self, to: usize, op: Op, message: &Encoded) -> Result<()> {
+        let seq = {
+            let mut seqs = lock(&self.send_seq);
+            let seq = seqs[to];
+            seqs[to] += 1;
+            seq
+        };
+        let mut header = Vec::with_capacity(FRAME_HEADER_LEN + 8 * message.shape.len());
+        let payload = message.bytes();
+        header.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+        header.extend_from_slice(&self.group.to_le_bytes());
+        header.extend_from_slice(&seq.to_le_bytes());
+        header.push(op.wire_code());
+        header.push(message.dtype);
+        // Tensors of rank > 255 do not exist in this code base; the reader rejects > 16.
+        header.push(message.shape.len() as u8);
+        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        for &d in &message.shape {
+            header.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        self.mesh
+            .write_frame(self.members[to], op, &header, payload)?;
+        let bytes = (header.len() + payload.len()) as u64;
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+        self.mesh
+            .total_bytes_sent
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn recv_message(&self, from: usize, op: Op, deadline: Instant) -> Result<Received> {
+        let frame = self
+            .mesh
+            .take_frame(self.group, self.members[from], op, deadline)?;
+        let expected = lock(&self.recv_seq)[from];
+        let protocol = |reason: String| CommError::Protocol {
+            rank: self.mesh.rank,
+            peer: self.peer(from),
+            op,
+            reason,
+        };
+        if frame.op != op.wire_code() {
+            let theirs = Op::from_wire_code(frame.op).map_or_else(
+                || format!("unknown operation {}", frame.op),
+                |o| o.to_string(),
+            );
+            return Err(protocol(format!(
+                "it is in {theirs}; every rank of a group must call the collectives in the same order"
+            )));
+        }
+        if frame.seq != expected {
+            return Err(protocol(format!(
+                "message {} arrived where message {expected} was due",
+                frame.seq
+            )));
+        }
+        lock(&self.recv_seq)[from] += 1;
+        Ok(frame.message)
+    }
+}
+
+impl Mesh {
+    fn peer(&self, rank: usize) -> PeerId {
+        PeerId {
+            rank,
+            addr: self.addrs.get(rank).copied(),
+        }
+    }
+
+    fn lost_error(&self, peer: usize, op: Op, reason: String) -> CommError {
+        CommError::ConnectionLost {
+            rank: self.rank,
+            peer: self.peer(peer),
+            op,
+            reason,
+        }
+    }
+
+    fn write_frame(&self, to: usize, op: Op, header: &[u8], payload: &[u8]) -> Result<()> {
+        if let Some(reason) = self.inbox.lost(to) {
+            return Err(self.lost_error(to, op, reason));
+        }
+        let Some(writer) = self.writers[to].as_ref() else {
+            unreachable!("group members other than this rank have a socket");
+        };
+        let write = async {
+            let mut w = writer.lock().await;
+            w.write_all(header).await?;
+            w.write_all(payload).await
+        };
+        match self
+            .runtime
+            .block_on(tokio::time::timeout(self.timeouts.op, write))
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let reason = e.to_string();
+                self.inbox.mark_lost(to, reason.clone());
+                Err(self.lost_error(to, op, reason))
+            }
+            Err(_) => {
+                // Part of a frame may be on the wire: the stream cannot be used any more.
+                self.inbox
+                    .mark_lost(to, format!("a send timed out after {:?}", self.timeouts.op));
+                Err(CommError::Timeout {
+                    rank: self.rank,
+                    direction: "send to",
+                    peer: self.peer(to),
+                    op,
+                    after: self.timeouts.op,
+                })
+            }
+        }
+    }
+
+    fn take_frame(&self, group: u64, from: usize, op: Op, deadline: Instant) -> Result<Frame> {
+        let mut state = self.inbox.lock();
+        loop {
+            if let Some(frame) = state
+                .queues
+                .get_mut(&(group, from))
+                .and_then(VecDeque::pop_front)
+            {
+                return Ok(frame);
+            }
+            if let Some(reason) = &state.lost[from] {
+                return Err(self.lost_error(from, op, reason.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(CommError::Timeout {
+                    rank: self.rank,
+                    direction: "recv from",
+                    peer: self.peer(from),
+                    op,
+                    after: self.timeouts.op,
+                });
+            }
+            state = self
+                .inbox
+                .arrived
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// Drains one peer's socket into the inbox until it closes or sends garbage.
+async fn read_frames(read: OwnedReadHalf, peer: usize, inbox: Arc<Inbox>) {
+    let mut read = BufReader::with_capacity(1 << 16, read);
+    let reason = loop {
+        match read_frame(&mut read).await {
+            Ok(Some((group, frame))) => inbox.push(group, peer, frame),
+            Ok(None) => break "the peer closed the connection".to_string(),
+            Err(e) => break e,
+        }
+    };
+    inbox.mark_lost(peer, reason);
+}
+
+/// One frame, or `None` at a clean end of stream (between frames).
+async fn read_frame(
+    read: &mut BufReader<OwnedReadHalf>,
+) -> std::result::Result<Option<(u64, Frame)>, String> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    match read.read_exact(&mut header[..1]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let io = |e: std::io::Error| format!("reading a message: {e}");
+    read.read_exact(&mut header[1..]).await.map_err(io)?;
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    let magic = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    if magic != FRAME_MAGIC {
+        return Err(format!("protocol error: bad frame magic {magic:#x}"));
+    }
+    let group = u64_at(4);
+    let seq = u64_at(12);
+    let (op, dtype_code, ndim) = (header[20], header[21], header[22] as usize);
+    let payload_len = u64_at(23);
+    if ndim > MAX_TENSOR_RANK {
+        return Err(format!("protocol error: a tensor of rank {ndim}"));
+    }
+    let mut dims = [0u8; 8 * MAX_TENSOR_RANK];
+    read.read_exact(&mut dims[..8 * ndim]).await.map_err(io)?;
+    let shape: Vec<usize> = dims[..8 * ndim]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize)
+        .collect();
+    let dtype = dtype_from_code(dtype_code)
+        .ok_or_else(|| format!("protocol error: unknown dtype code {dtype_code}"))?;
+    let expected = shape
+        .iter()
+        .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d));
+    if expected != Some(payload_len as usize) {
+        return Err(format!(
+            "protocol error: {payload_len} payload bytes for a {dtype:?} tensor of shape {shape:?}"
+        ));
+    }
+    let mut payload = vec![0u8; payload_len as usize];
+    read.read_exact(&mut payload).await.map_err(io)?;
+    Ok(Some((
+        group,
+        Frame {
+            seq,
+            op,
+            message: Received {
+                dtype: dtype_code,
+                shape,
+                payload,
+            },
+        },
+    )))
+}
+
+/// Dials the ranks below this one and accepts those above, all before one deadline. Returns
+/// one stream per rank (`None` for this rank).
+async fn establish(
+    rank: usize,
+    addrs: Vec<SocketAddr>,
+    timeouts: Timeouts,
+    listener: std::net::TcpListener,
+) -> Result<Vec<Option<TcpStream>>> {
+    let world = addrs.len();
+    let own_addr = addrs[rank];
+    let deadline = tokio::time::Instant::now() + timeouts.connect;
+    let listener = TcpListener::from_std(listener).map_err(|source| CommError::Listen {
+        rank,
+        addr: own_addr,
+        source,
+    })?;
+    let addrs = Arc::new(addrs);
+    let mut tasks = JoinSet::new();
+    for peer in 0..rank {
+        let (addrs, timeouts) = (addrs.clone(), timeouts.clone());
+        tasks.spawn(async move {
+            dial(rank, peer, &addrs, &timeouts, deadline)
+                .await
+                .map(|s| vec![(peer, s)])
+        });
+    }
+    if rank + 1 < world {
+        let (addrs, after) = (addrs.clone(), timeouts.connect);
+        tasks.spawn(async move { accept(listener, rank, &addrs, after, deadline).await });
+    }
+    let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let connected = joined.map_err(|e| CommError::Runtime {
+            rank,
+            source: std::io::Error::other(e),
+        })??;
+        for (peer, stream) in connected {
+            streams[peer] = Some(stream);
+        }
+    }
+    Ok(streams)
+}
+
+enum DialError {
+    /// Worth another attempt (the peer is starting, or went away during the handshake).
+    Retry(String),
+    Fatal(CommError),
+}
+
+async fn dial(
+    rank: usize,
+    peer: usize,
+    addrs: &[SocketAddr],
+    timeouts: &Timeouts,
+    deadline: tokio::time::Instant,
+) -> Result<TcpStream> {
+    let addr = addrs[peer];
+    let peer_id = PeerId {
+        rank: peer,
+        addr: Some(addr),
+    };
+    let mut last_error = String::from("not reachable");
+    loop {
+        let attempt = async {
+            let mut stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| DialError::Retry(e.to_string()))?;
+            // Frames are written as header + payload; do not let Nagle hold the small header.
+            let _ = stream.set_nodelay(true);
+            dial_handshake(&mut stream, rank, peer, addrs.len())
+                .await
+                .map_err(|e| match e {
+                    HandshakeError::Io(e) => {
+                        DialError::Retry(format!("connection dropped in the handshake: {e}"))
+                    }
+                    HandshakeError::Rejected(reason) => DialError::Fatal(CommError::Handshake {
+                        rank,
+                        peer: peer_id,
+                        reason,
+                    }),
+                })?;
+            Ok::<_, DialError>(stream)
+        };
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(DialError::Fatal(e))) => return Err(e),
+            Ok(Err(DialError::Retry(reason))) => last_error = reason,
+            Err(_) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(CommError::Connect {
+                rank,
+                peer: peer_id,
+                after: timeouts.connect,
+                reason: format!("dialing it failed: {last_error}"),
+            });
+        }
+        tokio::time::sleep_until((now + timeouts.retry_interval).min(deadline)).await;
+    }
+}
+
+enum HandshakeError {
+    Io(std::io::Error),
+    Rejected(String),
+}
+
+impl From<std::io::Error> for HandshakeError {
+    fn from(e: std::io::Error) -> Self {
+        HandshakeError::Io(e)
+    }
+}
+
+/// Hello: magic u32, version u16, world size u32, dialing rank u32, expected rank u32.
+/// Answer: magic u32, accepted u8, reason length u16, reason (UTF-8).
+async fn dial_handshake(
+    stream: &mut TcpStream,
+    rank: usize,
+    peer: usize,
+    world: usize,
+) -> std::result::Result<(), HandshakeError> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
+    hello.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    hello.extend_from_slice(&(world as u32).to_le_bytes());
+    hello.extend_from_slice(&(rank as u32).to_le_bytes());
+    hello.extend_from_slice(&(peer as u32).to_le_bytes());
+    stream.write_all(&hello).await?;
+    let mut answer = [0u8; 7];
+    stream.read_exact(&mut answer).await?;
+    if u32::from_le_bytes(answer[..4].try_into().expect("4 bytes")) != ACK_MAGIC {
+        return Err(HandshakeError::Rejected(
+            "the process at that address is not a longtake rank".into(),
+        ));
+    }
+    let reason_len = u16::from_le_bytes([answer[5], answer[6]]) as usize;
+    let mut reason = vec![0u8; reason_len];
+    stream.read_exact(&mut reason).await?;
+    if answer[4] == 1 {
+        Ok(())
+    } else {
+        Err(HandshakeError::Rejected(format!(
+            "it rejected this rank: {}",
+            String::from_utf8_lossy(&reason)
+        )))
+    }
+}
+
+/// Accepts the ranks above `rank`. Connections that fail the handshake are answered with the
+/// reason and dropped; the wait goes on for the right peers until the deadline.
+async fn accept(
+    listener: TcpListener,
+    rank: usize,
+    addrs: &[SocketAddr],
+    after: Duration,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<(usize, TcpStream)>> {
+    let world = addrs.len();
+    let mut connected: Vec<(usize, TcpStream)> = Vec::with_capacity(world - rank - 1);
+    let mut rejected: Option<String> = None;
+    while connected.len() < world - rank - 1 {
+        let accepted = tokio::time::timeout_at(deadline, async {
+            loop {
+                match listener.accept().await {
+                    Ok(accepted) => break accepted,
+                    // e.g. out of file descriptors: wait a little rather than spin.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        })
+        .await;
+        let Ok((mut stream, from_addr)) = accepted else {
+            let missing = (rank + 1..world)
+                .find(|r| connected.iter().all(|(c, _)| c != r))
+                .expect("a rank is missing");
+            let mut reason = format!("it did not connect to {}", addrs[rank]);
+            if let Some(rejected) = rejected {
+                reason.push_str(&format!(" (rejected: {rejected})"));
+            }
+            return Err(CommError::Connect {
+                rank,
+                peer: PeerId {
+                    rank: missing,
+                    addr: Some(addrs[missing]),
+                },
+                after,
+                reason,
+            });
+        };
+        let _ = stream.set_nodelay(true);
+        let checked = tokio::time::timeout_at(
+            deadline,
+            accept_handshake(&mut stream, rank, world, &connected),
+        )
+        .await;
+        match checked {
+            Ok(Ok(from)) => connected.push((from, stream)),
+            Ok(Err(reason)) => rejected = Some(format!("a connection from {from_addr}: {reason}")),
+            Err(_) => rejected = Some(format!("a connection from {from_addr} sent no handshake")),
+        }
+    }
+    Ok(connected)
+}
+
+/// Reads a hello, checks it and answers it; returns the dialing rank.
+async fn accept_handshake(
+    stream: &mut TcpStream,
+    rank: usize,
+    world: usize,
+    connected: &[(usize, TcpStream)],
+) -> std::result::Result<usize, String> {
+    let mut hello = [0u8; 18];
+    stream
+        .read_exact(&mut hello)
+        .await
+        .map_err(|e| format!("no complete handshake: {e}"))?;
+    let u32_at = |at: usize| u32::from_le_bytes(hello[at..at + 4].try_into().expect("4 bytes"));
+    let verdict = if u32_at(0) != HELLO_MAGIC {
+        Err("not a longtake rank".to_string())
+    } else {
+        let version = u16::from_le_bytes([hello[4], hello[5]]);
+        let (their_world, from, to) =
+            (u32_at(6) as usize, u32_at(10) as usize, u32_at(14) as usize);
+        if version != PROTOCOL_VERSION {
+            Err(format!(
+                "protocol version {version}, this rank speaks {PROTOCOL_VERSION}"
+            ))
+        } else if their_world != world {
+            Err(format!(
+                "rank {from} has a world size of {their_world}, rank {rank} has {world}"
+            ))
+        } else if to != rank {
+            Err(format!(
+                "rank {from} dialed rank {to} but reached rank {rank}; the address lists differ"
+            ))
+        } else if from <= rank || from >= world {
+            Err(format!(
+                "rank {from} must not dial rank {rank} (ranks dial only lower ranks)"
+            ))
+        } else if connected.iter().any(|(c, _)| *c == from) {
+            Err(format!("rank {from} is already connected"))
+        } else {
+            Ok(from)
+        }
+    };
+    let reason = verdict.as_ref().err().map_or("", String::as_str).as_bytes();
+    let reason = &reason[..reason.len().min(u16::MAX as usize)];
+    let mut answer = Vec::with_capacity(7 + reason.len());
+    answer.extend_from_slice(&ACK_MAGIC.to_le_bytes());
+    answer.push(u8::from(verdict.is_ok()));
+    answer.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+    answer.extend_from_slice(reason);
+    if let Err(e) = stream.write_all(&answer).await {
+        return Err(verdict
+            .err()
+            .unwrap_or_else(|| format!("answering the handshake: {e}")));
+    }
+    verdict
+}
+
+impl Communicator for TcpMesh {
+    fn rank(&self) -> usize {
+        self.group_rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
+        comm::all_reduce_sum(self, tensor)
+    }
+
+    fn all_gather(&self, tensor: &Tensor, dim: usize) -> Result<Tensor> {
+        comm::all_gather(self, tensor, dim)
+    }
+
+    fn all_to_all(&self, tensors: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        comm::all_to_all(self, tensors)
+    }
+
+    fn send(&self, tensor: &Tensor, to: usize) -> Result<()> {
+        comm::send(self, tensor, to)
+    }
+
+    fn recv(&self, from: usize, device: &Device) -> Result<Tensor> {
+        comm::recv(self, from, device)
+    }
+
+    fn broadcast(&self, tensor: Option<&Tensor>, root: usize, device: &Device) -> Result<Tensor> {
+        comm::broadcast(self, tensor, root, device)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        comm::barrier(self)
+    }
+
+    fn subgroup(&self, ranks: &[usize]) -> Result<Box<dyn Communicator>> {
+        check_subgroup(self.mesh.rank, self.group_rank, self.members.len(), ranks)?;
+        let nth = {
+            let mut made = lock(&self.subgroups_made);
+            let count = made.entry(ranks.to_vec()).or_insert(0);
+            *count += 1;
+            *count
+        };
+        let group = fnv1a(
+            [self.group, ranks.len() as u64, nth]
+                .into_iter()
+                .chain(ranks.iter().map(|&r| r as u64)),
+        );
+        let members = ranks.iter().map(|&r| self.members[r]).collect();
+        Ok(Box::new(Self::group(self.mesh.clone(), group, members)))
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+}
