@@ -407,7 +407,8 @@ impl Mesh {
         };
         match self
             .runtime
-            .block_on(tokio::time::timeout(self.timeouts.op, write))
+            // The timer must be created inside the runtime: `timeout` registers with its reactor.
+            .block_on(async { tokio::time::timeout(self.timeouts.op, write).await })
         {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
