@@ -736,6 +736,35 @@ mod tests {
     }
 
     #[test]
+    fn ulysses_with_padding_matches_single_process() -> TestResult {
+        run_all(&[layout(LAYOUTS[1])])
+    }
+
+    #[test]
+    fn sequence_shards_pad_the_end_and_mask_it_from_attention() {
+        let tokens = 9;
+        // ulysses 2 × ring 2: padded to 12, 3 tokens per rank, ring blocks of 6.
+        let layout = Layout {
+            cfg: 1,
+            tp: 1,
+            ulysses: 2,
+            ring: 2,
+        };
+        let shards: Vec<_> = (0..4)
+            .map(|rank| SequenceShard::new(tokens, &layout, rank))
+            .collect();
+        assert_eq!(
+            shards.iter().map(|s| s.start).collect::<Vec<_>>(),
+            [0, 3, 6, 9]
+        );
+        assert!(shards.iter().all(|s| s.local == 3 && s.ring_block == 6));
+        assert_eq!((shards[0].valid_keys(0), shards[0].valid_keys(1)), (6, 3));
+        // A whole block of padding contributes no keys.
+        let one = SequenceShard::new(1, &layout, 0);
+        assert_eq!((one.valid_keys(0), one.valid_keys(1)), (1, 0));
+    }
+
+    #[test]
     fn a_tensor_parallel_rank_loads_half_of_the_sharded_weights() -> TestResult {
         let dev = Device::Cpu;
         let dir = crate::model::reference::test_fixture_dirs()

@@ -84,7 +84,25 @@ mod tests {
     use super::*;
     use crate::model::compare::relative_l2;
     use crate::model::wan::attention::attention_unchunked;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn padded_keys_do_not_change_the_result() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 7, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 7, 8), &dev)?;
+        // Large padding keys would dominate the softmax if they took part.
+        let pad = (Tensor::ones((1, 2, 3, 8), DType::F32, &dev)? * 50.0)?;
+        let (kp, vp) = (Tensor::cat(&[&k, &pad], 2)?, Tensor::cat(&[&v, &pad], 2)?);
+        let options = AttentionOptions::default();
+        let masked = ring_attention(&q, &kp, &vp, |_| 7, &Group::solo(), &options)?;
+        let exact = attention_unchunked(&q, &k, &v)?;
+        assert!(relative_l2(&masked, &exact)? < 1e-6);
+        let unmasked = ring_attention(&q, &kp, &vp, |_| 10, &Group::solo(), &options)?;
+        assert!(relative_l2(&unmasked, &exact)? > 1e-2);
+        Ok(())
+    }
 
     #[test]
     fn chunked_lse_equals_whole_block() -> Result<()> {

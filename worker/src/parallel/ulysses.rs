@@ -20,8 +20,10 @@ pub fn tokens_to_heads(x: &Tensor, group: &Group) -> Result<Tensor> {
         candle_core::bail!("Ulysses degree {n} does not divide the {heads} heads of this rank");
     }
     let chunk = heads / n;
+    // Contiguous parts: the wire copies them anyway, and the part kept by this rank then lets
+    // `cat` produce a contiguous result the attention matmuls can take.
     let parts = (0..n)
-        .map(|j| x.narrow(1, j * chunk, chunk))
+        .map(|j| x.narrow(1, j * chunk, chunk)?.contiguous())
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&group.all_to_all(parts)?, 2)
 }
@@ -38,7 +40,7 @@ pub fn heads_to_tokens(x: &Tensor, group: &Group) -> Result<Tensor> {
     }
     let chunk = tokens / n;
     let parts = (0..n)
-        .map(|j| x.narrow(2, j * chunk, chunk))
+        .map(|j| x.narrow(2, j * chunk, chunk)?.contiguous())
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&group.all_to_all(parts)?, 1)
 }
