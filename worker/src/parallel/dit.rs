@@ -741,6 +741,11 @@ mod tests {
     }
 
     #[test]
+    fn ring_attention_matches_single_process() -> TestResult {
+        run_all(&[layout(LAYOUTS[2])])
+    }
+
+    #[test]
     fn sequence_shards_pad_the_end_and_mask_it_from_attention() {
         let tokens = 9;
         // ulysses 2 × ring 2: padded to 12, 3 tokens per rank, ring blocks of 6.
