@@ -647,9 +647,13 @@ mod tests {
             let seen = seen.lock().map_err(|_| "recording lock poisoned")?;
             candle_core::safetensors::save(&seen, &path)?;
         }
-        let x = Tensor::randn(0f32, 1.0, (2, 16, 3, 2, 6), &dev)?;
+        let normal = |stream: u64, shape: &[usize]| -> Result<Tensor> {
+            let n = shape.iter().product();
+            Tensor::from_vec(crate::model::noise::gaussian(3, stream, 0, n), shape, &dev)
+        };
+        let x = normal(0, &[2, 16, 3, 2, 6])?;
         let t = Tensor::new(&[700f32, 40.0], &dev)?;
-        let text = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?;
+        let text = normal(1, &[2, 5, 8])?;
         let expected = single.forward(&x, &t, &text)?;
         Ok(Case {
             name: "random 9-token model".into(),
@@ -743,6 +747,53 @@ mod tests {
     #[test]
     fn ring_attention_matches_single_process() -> TestResult {
         run_all(&[layout(LAYOUTS[2])])
+    }
+
+    #[test]
+    fn cfg_branches_on_different_ranks_match_single_process() -> TestResult {
+        run_all(&[layout(LAYOUTS[3])])
+    }
+
+    /// tp × ulysses, ulysses × ring (USP), tp × ring and ulysses × cfg.
+    #[test]
+    fn combined_layouts_match_single_process() -> TestResult {
+        run_all(&LAYOUTS[4..].iter().copied().map(layout).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn layouts_the_model_cannot_take_are_refused_with_the_reason() -> TestResult {
+        let config = Config {
+            num_attention_heads: 3,
+            attention_head_dim: 8,
+            text_dim: 8,
+            freq_dim: 16,
+            ffn_dim: 24,
+            num_layers: 1,
+            ..Config::default()
+        };
+        let err = DistributedWanTransformer::new(
+            &config,
+            layout(LAYOUTS[0]),
+            Box::new(crate::parallel::SingleRank::new()),
+            seeded_var_builder(0, DType::F32, &Device::Cpu),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+        .err()
+        .ok_or("tp=2 with 3 heads was accepted")?;
+        assert!(err.contains("does not divide the 3 heads"), "{err}");
+        let err = DistributedWanTransformer::new(
+            &config,
+            layout(LAYOUTS[2]),
+            Box::new(crate::parallel::SingleRank::new()),
+            seeded_var_builder(0, DType::F32, &Device::Cpu),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+        .err()
+        .ok_or("a 2-rank layout on a 1-rank communicator was accepted")?;
+        assert!(err.contains("needs 2 ranks"), "{err}");
+        Ok(())
     }
 
     #[test]
