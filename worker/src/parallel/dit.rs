@@ -621,8 +621,12 @@ mod tests {
         }
     }
 
-    /// A random model whose 3·1·3 = 9 tokens divide by neither 2 nor 4, with 4 heads.
-    fn random_case(dir: &std::path::Path) -> TestResult<Case> {
+    /// A random model with 4 heads on a latent of `(frames, height, width)`; `(3, 2, 6)` gives
+    /// 3·1·3 = 9 tokens, which divide by neither 2 nor 4.
+    fn random_case(
+        dir: &std::path::Path,
+        (frames, height, width): (usize, usize, usize),
+    ) -> TestResult<Case> {
         let dev = Device::Cpu;
         let config = Config {
             num_attention_heads: 4,
@@ -651,12 +655,13 @@ mod tests {
             let n = shape.iter().product();
             Tensor::from_vec(crate::model::noise::gaussian(3, stream, 0, n), shape, &dev)
         };
-        let x = normal(0, &[2, 16, 3, 2, 6])?;
+        let x = normal(0, &[2, 16, frames, height, width])?;
         let t = Tensor::new(&[700f32, 40.0], &dev)?;
         let text = normal(1, &[2, 5, 8])?;
         let expected = single.forward(&x, &t, &text)?;
+        let tokens = frames * (height / 2) * (width / 2);
         Ok(Case {
-            name: "random 9-token model".into(),
+            name: format!("random {tokens}-token model"),
             config,
             weight_files: vec![path],
             x,
@@ -727,7 +732,7 @@ mod tests {
     fn run_all(layouts: &[Layout]) -> TestResult {
         let tmp = tempfile::tempdir()?;
         let mut cases = fixture_cases()?;
-        cases.push(random_case(tmp.path())?);
+        cases.push(random_case(tmp.path(), (3, 2, 6))?);
         for case in &cases {
             let ran = check_layouts(case, layouts)?;
             let valid = layouts
@@ -768,6 +773,17 @@ mod tests {
     #[test]
     fn combined_layouts_match_single_process() -> TestResult {
         run_all(&LAYOUTS[4..].iter().copied().map(layout).collect::<Vec<_>>())
+    }
+
+    /// One token over up to four sequence ranks: some ranks hold padding only, and whole ring
+    /// blocks of padding are skipped.
+    #[test]
+    fn fewer_tokens_than_sequence_ranks() -> TestResult {
+        let tmp = tempfile::tempdir()?;
+        let case = random_case(tmp.path(), (1, 2, 2))?;
+        let layouts: Vec<Layout> = LAYOUTS.iter().copied().map(layout).collect();
+        assert_eq!(check_layouts(&case, &layouts)?, layouts.len());
+        Ok(())
     }
 
     #[test]
