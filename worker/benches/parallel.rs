@@ -236,9 +236,21 @@ impl StepInputs {
 struct Report {
     rank: usize,
     elapsed: Duration,
+    /// CPU time of the rank's compute thread during the step, where the OS reports it.
+    cpu: Option<Duration>,
     bytes: u64,
     /// Rank 0's output of the first step, to be checked against the single-rank output.
     output: Option<Tensor>,
+}
+
+/// CPU time the calling thread has used so far (Linux: the first field of
+/// `/proc/thread-self/schedstat`, in nanoseconds); `None` elsewhere. On a machine with fewer free
+/// cores than ranks the wall time cannot show the split of the work; the per-rank CPU time still
+/// does.
+fn thread_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns = stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    Some(Duration::from_nanos(ns))
 }
 
 /// How one rank joins its mesh and talks to the driver.
@@ -292,13 +304,18 @@ fn run_rank(
             // holds only the step's own traffic.
             mesh.barrier()?;
             let before = mesh.total_bytes_sent();
+            let cpu_before = thread_cpu_time();
             let start = Instant::now();
             let out = model.forward(&inputs.x, &inputs.t, &inputs.text)?;
             let bytes = mesh.total_bytes_sent() - before;
+            let cpu = thread_cpu_time()
+                .zip(cpu_before)
+                .map(|(after, before)| after.saturating_sub(before));
             mesh.barrier()?;
             Ok(Report {
                 rank,
                 elapsed: start.elapsed(),
+                cpu,
                 bytes,
                 output: (first && rank == 0).then_some(out),
             })
@@ -317,6 +334,8 @@ struct LayoutResult {
     layout: Layout,
     /// Per round: the slowest rank's step time.
     steps: Vec<Duration>,
+    /// Per round: the busiest rank's compute-thread CPU time, where known.
+    cpu: Vec<Duration>,
     /// Bytes each rank sent in one step (the first round; every round sends the same).
     bytes_per_rank: Vec<u64>,
     output: Option<Tensor>,
@@ -324,10 +343,18 @@ struct LayoutResult {
 
 impl LayoutResult {
     fn median(&self) -> Duration {
-        let mut s = self.steps.clone();
-        s.sort();
-        s[s.len() / 2]
+        median(&self.steps)
     }
+
+    fn median_cpu(&self) -> Option<Duration> {
+        (self.cpu.len() == self.steps.len()).then(|| median(&self.cpu))
+    }
+}
+
+fn median(samples: &[Duration]) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    s.get(s.len() / 2).copied().unwrap_or_default()
 }
 
 fn run_case(case: &Case, checkpoint: &Path) -> BenchResult<Vec<LayoutResult>> {
@@ -376,6 +403,7 @@ fn run_case(case: &Case, checkpoint: &Path) -> BenchResult<Vec<LayoutResult>> {
             .map(|&layout| LayoutResult {
                 layout,
                 steps: Vec::new(),
+                cpu: Vec::new(),
                 bytes_per_rank: Vec::new(),
                 output: None,
             })
@@ -388,10 +416,12 @@ fn run_case(case: &Case, checkpoint: &Path) -> BenchResult<Vec<LayoutResult>> {
                     let _ = tx.send(());
                 }
                 let mut slowest = Duration::ZERO;
+                let mut busiest = Some(Duration::ZERO);
                 let mut bytes = vec![0; step_txs.len()];
                 for _ in step_txs {
                     let report = report_rx.recv().map_err(|_| "a rank exited early")??;
                     slowest = slowest.max(report.elapsed);
+                    busiest = busiest.zip(report.cpu).map(|(a, b)| a.max(b));
                     bytes[report.rank] = report.bytes;
                     if report.output.is_some() {
                         result.output = report.output;
@@ -401,6 +431,7 @@ fn run_case(case: &Case, checkpoint: &Path) -> BenchResult<Vec<LayoutResult>> {
                     result.bytes_per_rank = bytes;
                 } else {
                     result.steps.push(slowest);
+                    result.cpu.extend(busiest);
                 }
             }
         }
@@ -437,9 +468,18 @@ fn print_results(case: &Case, results: &[LayoutResult]) -> BenchResult {
         .ok_or("no single-rank layout")?;
     let reference = single.output.as_ref().ok_or("no single-rank output")?;
     let base = single.median().as_secs_f64();
+    let base_cpu = single.median_cpu();
     println!(
-        "{:<28} {:>5} {:>11} {:>11} {:>11} {:>8} {:>15} {:>10}",
-        "layout", "ranks", "median ms", "min ms", "max ms", "speedup", "MB sent/rank", "rel L2"
+        "{:<28} {:>5} {:>10} {:>10} {:>8} {:>12} {:>8} {:>17} {:>8}",
+        "layout",
+        "ranks",
+        "median ms",
+        "min ms",
+        "speedup",
+        "rank CPU ms",
+        "CPU x",
+        "MB sent/rank",
+        "rel L2"
     );
     let mut failures = Vec::new();
     for r in results {
@@ -452,17 +492,25 @@ fn print_results(case: &Case, results: &[LayoutResult]) -> BenchResult {
         let bytes = r
             .bytes_per_rank
             .iter()
-            .map(|&b| format!("{:.2}", b as f64 / 1e6))
+            .map(|&b| format!("{:.3}", b as f64 / 1e6))
             .collect::<Vec<_>>()
             .join("/");
+        let (cpu, cpu_speedup) = match (r.median_cpu(), base_cpu) {
+            (Some(cpu), Some(base)) => (
+                format!("{:.1}", ms(cpu)),
+                format!("{:.2}x", base.as_secs_f64() / cpu.as_secs_f64()),
+            ),
+            _ => ("n/a".to_string(), "n/a".to_string()),
+        };
         println!(
-            "{:<28} {:>5} {:>11.1} {:>11.1} {:>11.1} {:>7.2}x {:>15} {:>10.1e}",
+            "{:<28} {:>5} {:>10.1} {:>10.1} {:>7.2}x {:>12} {:>8} {:>17} {:>8.1e}",
             r.layout.to_string(),
             r.layout.world_size(),
             ms(r.median()),
             ms(*r.steps.iter().min().ok_or("no rounds")?),
-            ms(*r.steps.iter().max().ok_or("no rounds")?),
             base / r.median().as_secs_f64(),
+            cpu,
+            cpu_speedup,
             bytes,
             l2
         );
