@@ -67,6 +67,8 @@ struct Rank {
     /// The last lines of its stderr.
     stderr: VecDeque<String>,
     exit: Option<ExitStatus>,
+    /// Whether the launcher killed it (then it is not a cause).
+    killed: bool,
 }
 
 impl Rank {
@@ -145,6 +147,7 @@ pub fn run(args: &RenderArgs, layout_text: &str, launch_args: Vec<OsString>) -> 
             phase: Phase::Starting,
             stderr: VecDeque::new(),
             exit: None,
+            killed: false,
         });
     }
     drop(tx);
@@ -273,7 +276,10 @@ fn on_stdout(
 fn kill_all(ranks: &mut [Rank]) {
     for r in ranks.iter_mut() {
         if r.exit.is_none() {
-            let _ = r.child.kill();
+            r.exit = r.child.try_wait().ok().flatten();
+        }
+        if r.exit.is_none() {
+            r.killed = r.child.kill().is_ok();
         }
     }
     for r in ranks.iter_mut() {
@@ -302,10 +308,7 @@ fn failure_line(ranks: &[Rank]) -> String {
         .iter()
         .enumerate()
         .filter_map(|(i, r)| r.exit.filter(|s| !s.success()).map(|s| (i, r, s)))
-        .filter(|(_, r, s)| {
-            // Ranks the launcher killed itself are not a cause.
-            !(s.signal() == Some(9) && r.error_line().is_none())
-        })
+        .filter(|(_, r, _)| !r.killed)
         .collect();
     // A rank killed by a signal, then one with its own error, then any.
     let culprit = failed
