@@ -295,7 +295,11 @@ fn drain(rx: &mpsc::Receiver<Event>, ranks: &mut [Rank]) {
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         match rx.recv_timeout(left) {
             Ok(Event::Stderr(rank, line)) => ranks[rank].stderr.push_back(line),
-            Ok(Event::Stdout(rank, line)) if rank == 0 => println!("{line}"),
+            Ok(Event::Stdout(0, line))
+                if !line.starts_with("progress ") && !line.starts_with("port ") =>
+            {
+                println!("{line}")
+            }
             Ok(_) => {}
             Err(_) => break,
         }
