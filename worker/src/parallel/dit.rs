@@ -234,7 +234,7 @@ pub struct DistributedWanTransformer {
     coords: Coords,
     groups: Groups,
     /// The whole-job communicator the groups were made from; kept alive with them.
-    _world: Box<dyn Communicator>,
+    world: Box<dyn Communicator>,
     patch_embedding: PatchEmbedding,
     condition_embedder: ConditionEmbedder,
     blocks: Vec<DistributedBlock>,
@@ -293,7 +293,7 @@ impl DistributedWanTransformer {
             rank,
             coords,
             groups,
-            _world: world,
+            world,
             patch_embedding: PatchEmbedding::new(
                 config.in_channels,
                 dim,
@@ -356,6 +356,11 @@ impl DistributedWanTransformer {
 
     pub fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// The whole-job communicator (every rank of the layout).
+    pub fn world(&self) -> &dyn Communicator {
+        self.world.as_ref()
     }
 
     /// Bytes of weights this rank read from the checkpoint, when built by [`Self::load`].
