@@ -495,8 +495,9 @@ fn print_results(case: &Case, results: &[LayoutResult]) -> BenchResult {
             .map(|&b| format!("{:.3}", b as f64 / 1e6))
             .collect::<Vec<_>>()
             .join("/");
+        // schedstat is updated at scheduler events, so a step of a millisecond may read as 0.
         let (cpu, cpu_speedup) = match (r.median_cpu(), base_cpu) {
-            (Some(cpu), Some(base)) => (
+            (Some(cpu), Some(base)) if !cpu.is_zero() && !base.is_zero() => (
                 format!("{:.1}", ms(cpu)),
                 format!("{:.2}x", base.as_secs_f64() / cpu.as_secs_f64()),
             ),
