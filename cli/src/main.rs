@@ -5,6 +5,7 @@
 //! non-zero exit status.
 
 mod check_reference;
+mod launch;
 mod render;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,9 @@ enum Command {
     Render(Box<render::RenderArgs>),
     /// Run every case of reference fixture directories and report the error of each.
     CheckReference(check_reference::CheckReferenceArgs),
+    /// One process of a parallel render (started by `render --layout`).
+    #[command(hide = true)]
+    Rank(Box<render::RankArgs>),
 }
 
 fn main() {
@@ -38,7 +42,15 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let outcome = match cli.command {
-        Command::Render(args) => render::run(*args),
+        Command::Render(args) => {
+            // The launcher hands a parallel render's ranks the same arguments.
+            let raw: Vec<_> = std::env::args_os()
+                .skip_while(|a| a != "render")
+                .skip(1)
+                .collect();
+            render::run(*args, raw)
+        }
+        Command::Rank(args) => render::run_rank(*args),
         Command::CheckReference(args) => check_reference::run(args),
     };
     match outcome {

@@ -355,3 +355,138 @@ fn check_reference_passes_on_the_shared_fixture_and_fails_on_a_wrong_one() {
         "{report}"
     );
 }
+
+/// A small tiny-model render into a PNG directory, with extra arguments (e.g. `--layout`).
+fn render_png(out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "render",
+        "--prompt",
+        "a wolf howling at the moon",
+        "--frames",
+        "5",
+        "--size",
+        "64x48",
+        "--steps",
+        "3",
+        "--seed",
+        "7",
+        "--format",
+        "png",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    longtake(&args)
+}
+
+/// The RGB bytes of every PNG in `dir`, frames in name order.
+fn png_frames(dir: &Path) -> Vec<Vec<u8>> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|path| {
+            let decoder =
+                png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+            let mut reader = decoder.read_info().unwrap();
+            let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+            let info = reader.next_frame(&mut buf).unwrap();
+            buf.truncate(info.buffer_size());
+            buf
+        })
+        .collect()
+}
+
+#[test]
+fn parallel_layouts_render_the_single_process_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single");
+    let run = render_png(&single, &[]);
+    assert!(run.status.success(), "render failed: {}", stderr(&run));
+    let expected = png_frames(&single);
+    assert_eq!(expected.len(), 5);
+    for (name, layout) in [("tp2", "tp=2"), ("cfg2u2", "cfg=2,ulysses=2")] {
+        let out = dir.path().join(name);
+        let run = render_png(&out, &["--layout", layout]);
+        assert!(
+            run.status.success(),
+            "--layout {layout} failed: {}",
+            stderr(&run)
+        );
+        let frames = png_frames(&out);
+        assert_eq!(frames.len(), expected.len(), "--layout {layout}");
+        // 1e-7 differences in the latents may flip a rounding, no more.
+        let worst = frames
+            .iter()
+            .zip(&expected)
+            .flat_map(|(a, b)| {
+                assert_eq!(a.len(), b.len());
+                a.iter().zip(b).map(|(x, y)| x.abs_diff(*y))
+            })
+            .max()
+            .unwrap();
+        assert!(worst <= 2, "--layout {layout}: max |diff| {worst} levels");
+        assert!(
+            stderr(&run).contains("step 3/3"),
+            "rank 0's progress is shown: {}",
+            stderr(&run)
+        );
+    }
+}
+
+#[test]
+fn invalid_layout_is_one_line_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("frames");
+    let run = render_png(&out, &["--layout", "tp=3"]);
+    assert_eq!(run.status.code(), Some(1));
+    assert_one_line_error(&run, &["tp × ulysses = 3", "4 heads", "try"]);
+    assert!(!stderr(&run).contains("starting"), "{}", stderr(&run));
+    let run = render_png(&out, &["--layout", "cfg=2", "--guidance", "1"]);
+    assert_eq!(run.status.code(), Some(1));
+    assert_one_line_error(&run, &["cfg = 2 needs classifier-free guidance"]);
+    let run = render_png(&out, &["--layout", "tp=two"]);
+    assert_eq!(run.status.code(), Some(1));
+    assert_one_line_error(&run, &["--layout"]);
+    assert!(!out.exists(), "nothing is written");
+}
+
+/// `LONGTAKE_TEST_ABORT_RANK=R:K` makes rank R abort after step K: the launcher stops the other
+/// ranks and names rank R, within seconds.
+#[test]
+fn a_dying_rank_is_named_and_the_job_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("frames");
+    let start = std::time::Instant::now();
+    let run = Command::new(env!("CARGO_BIN_EXE_longtake"))
+        .env("LONGTAKE_TEST_ABORT_RANK", "2:1")
+        .args([
+            "render",
+            "--prompt",
+            "a wolf",
+            "--frames",
+            "5",
+            "--size",
+            "64x48",
+            "--steps",
+            "3",
+            "--format",
+            "png",
+            "--layout",
+            "cfg=2,ulysses=2",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(run.status.code(), Some(1));
+    assert_one_line_error(&run, &["rank 2", "signal 6", "during step 2"]);
+}

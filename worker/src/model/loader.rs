@@ -8,13 +8,21 @@
 //! dtype the model runs in as they are loaded. Every failure names the file, and the tensor where
 //! there is one, so that a user knows what to re-download.
 //!
+//! A tensor-parallel rank needs only its slice of some weights: [`SafetensorsWeights::load_slice`]
+//! copies just that slice out of the memory map, and [`Component::sharded_var_builder`] serves the
+//! tensors a [`ShardPlan`] names as slices and the rest whole, so a rank materialises about 1/tp
+//! of the sharded weights.
+//!
 //! The built-in `tiny` model has no files: [`seeded_var_builder`] makes its weights from a seed
 //! with the same counter-based generator as the initial noise.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
+use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
@@ -55,11 +63,25 @@ pub enum LoadError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    #[error("tensor `{tensor}` in {} has shape {shape:?}; cannot take {}..{} along dim {dim}", file.display(), range.start, range.end)]
+    SliceOutOfRange {
+        tensor: String,
+        file: PathBuf,
+        shape: Vec<usize>,
+        dim: usize,
+        range: Range<usize>,
+    },
     #[error("tensor `{tensor}` in {} has dtype {dtype:?}; only f32, f16 and bf16 weights are supported", file.display())]
     UnsupportedDtype {
         tensor: String,
         file: PathBuf,
         dtype: DType,
+    },
+    #[error("tensor `{tensor}` in {} is stored as {dtype}; only f32, f16 and bf16 weights are supported", file.display())]
+    UnsupportedStoredDtype {
+        tensor: String,
+        file: PathBuf,
+        dtype: String,
     },
 }
 
@@ -212,6 +234,45 @@ impl Component {
             device.clone(),
         ))
     }
+
+    /// The component's weights with the tensors `plan` names cut to their slice (see
+    /// [`ShardedWeights`]).
+    pub fn sharded_weights(&self, plan: ShardPlan) -> Result<ShardedWeights, LoadError> {
+        Ok(ShardedWeights::new(
+            SafetensorsWeights::open(&self.weight_files()?)?,
+            plan,
+        ))
+    }
+
+    /// A `VarBuilder` like [`Self::var_builder`] that serves the tensors `plan` names as slices:
+    /// the model asks for the slice's shape under the tensor's full name.
+    pub fn sharded_var_builder(
+        &self,
+        dtype: DType,
+        device: &Device,
+        plan: ShardPlan,
+    ) -> Result<VarBuilder<'static>, LoadError> {
+        Ok(VarBuilder::from_backend(
+            Box::new(self.sharded_weights(plan)?),
+            dtype,
+            device.clone(),
+        ))
+    }
+}
+
+/// Counts the bytes copied out of the memory-mapped weights, i.e. what a rank materialises. Clones
+/// share the count, so a handle taken before the weights move into a `VarBuilder` still reads it.
+#[derive(Debug, Clone, Default)]
+pub struct ByteCounter(Arc<AtomicU64>);
+
+impl ByteCounter {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, bytes: usize) {
+        self.0.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
 }
 
 /// Memory-mapped safetensors files that know which file holds which tensor, so that errors can
@@ -220,6 +281,7 @@ pub struct SafetensorsWeights {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     /// tensor name → index into `files`
     location: HashMap<String, usize>,
+    bytes_read: ByteCounter,
 }
 
 impl SafetensorsWeights {
@@ -245,7 +307,11 @@ impl SafetensorsWeights {
             }
             files.push((path.clone(), mapped));
         }
-        Ok(Self { files, location })
+        Ok(Self {
+            files,
+            location,
+            bytes_read: ByteCounter::default(),
+        })
     }
 
     /// Opens one safetensors file, e.g. a reference case.
@@ -266,16 +332,96 @@ impl SafetensorsWeights {
         names.join(", ")
     }
 
-    /// Loads a tensor in its stored dtype.
-    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, LoadError> {
-        let Some(&i) = self.location.get(name) else {
-            return Err(LoadError::MissingTensor {
+    /// A handle on the count of bytes copied out of the files by [`Self::load`] and
+    /// [`Self::load_slice`].
+    pub fn bytes_read(&self) -> ByteCounter {
+        self.bytes_read.clone()
+    }
+
+    fn locate(&self, name: &str) -> Result<&(PathBuf, MmapedSafetensors), LoadError> {
+        match self.location.get(name) {
+            Some(&i) => Ok(&self.files[i]),
+            None => Err(LoadError::MissingTensor {
                 tensor: name.into(),
                 files: self.file_list(),
-            });
+            }),
+        }
+    }
+
+    /// Loads a tensor in its stored dtype.
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, LoadError> {
+        let (path, file) = self.locate(name)?;
+        let corrupt = |e: candle_core::Error| LoadError::Corrupt {
+            path: path.clone(),
+            reason: format!("tensor `{name}`: {e}"),
         };
-        let (path, file) = &self.files[i];
-        file.load(name, device).map_err(|e| LoadError::Corrupt {
+        let view = file.get(name).map_err(corrupt)?;
+        self.bytes_read.add(view.data().len());
+        view.load(device).map_err(corrupt)
+    }
+
+    /// Loads `range` along `dim` of a tensor, in its stored dtype, copying only that slice's bytes
+    /// out of the memory map: one contiguous run for dim 0, one run per outer index otherwise (the
+    /// rows of a matrix, for dim 1). The result equals `load(name)?.narrow(dim, start, len)`.
+    pub fn load_slice(
+        &self,
+        name: &str,
+        dim: usize,
+        range: Range<usize>,
+        device: &Device,
+    ) -> Result<Tensor, LoadError> {
+        let (path, file) = self.locate(name)?;
+        let view = file.get(name).map_err(|e| LoadError::Corrupt {
+            path: path.clone(),
+            reason: format!("tensor `{name}`: {e}"),
+        })?;
+        let shape = view.shape();
+        if dim >= shape.len() || range.start > range.end || range.end > shape[dim] {
+            return Err(LoadError::SliceOutOfRange {
+                tensor: name.into(),
+                file: path.clone(),
+                shape: shape.to_vec(),
+                dim,
+                range,
+            });
+        }
+        let dtype = match DType::try_from(view.dtype()) {
+            Ok(d @ (DType::F32 | DType::F16 | DType::BF16)) => d,
+            Ok(dtype) => {
+                return Err(LoadError::UnsupportedDtype {
+                    tensor: name.into(),
+                    file: path.clone(),
+                    dtype,
+                })
+            }
+            Err(_) => {
+                return Err(LoadError::UnsupportedStoredDtype {
+                    tensor: name.into(),
+                    file: path.clone(),
+                    dtype: format!("{:?}", view.dtype()),
+                })
+            }
+        };
+        let elem = dtype.size_in_bytes();
+        let inner: usize = shape[dim + 1..].iter().product::<usize>() * elem;
+        let runs = Runs {
+            data: view.data(),
+            outer: shape[..dim].iter().product(),
+            stride: shape[dim] * inner,
+            offset: range.start * inner,
+            len: range.len() * inner,
+        };
+        let mut dims = shape.to_vec();
+        dims[dim] = range.len();
+        self.bytes_read.add(runs.outer * runs.len);
+        // Decoding straight into the typed buffer copies the slice once; safetensors data is
+        // little-endian by definition.
+        let tensor = match dtype {
+            DType::F32 => Tensor::from_vec(runs.decode(f32::from_le_bytes), dims, device),
+            DType::F16 => Tensor::from_vec(runs.decode(half::f16::from_le_bytes), dims, device),
+            _ => Tensor::from_vec(runs.decode(half::bf16::from_le_bytes), dims, device),
+        };
+        tensor.map_err(|e| LoadError::Corrupt {
             path: path.clone(),
             reason: format!("tensor `{name}`: {e}"),
         })
@@ -283,6 +429,11 @@ impl SafetensorsWeights {
 
     fn load_as(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, LoadError> {
         let tensor = self.load(name, device)?;
+        self.convert(name, tensor, dtype)
+    }
+
+    /// Converts a loaded tensor (or slice) to the dtype the model runs in.
+    fn convert(&self, name: &str, tensor: Tensor, dtype: DType) -> Result<Tensor, LoadError> {
         if !matches!(tensor.dtype(), DType::F32 | DType::F16 | DType::BF16)
             && tensor.dtype() != dtype
         {
@@ -297,6 +448,31 @@ impl SafetensorsWeights {
             path: self.files[self.location[name]].0.clone(),
             reason: format!("tensor `{name}`: {e}"),
         })
+    }
+}
+
+/// The byte runs that make up a slice of a row-major tensor: `outer` runs of `len` bytes, each
+/// `offset` bytes into a block of `stride` bytes.
+struct Runs<'a> {
+    data: &'a [u8],
+    outer: usize,
+    stride: usize,
+    offset: usize,
+    len: usize,
+}
+
+impl Runs<'_> {
+    fn decode<T, const N: usize>(&self, from_le: fn([u8; N]) -> T) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.outer * self.len / N);
+        for o in 0..self.outer {
+            let start = o * self.stride + self.offset;
+            out.extend(self.data[start..start + self.len].chunks_exact(N).map(|c| {
+                let mut bytes = [0; N];
+                bytes.copy_from_slice(c);
+                from_le(bytes)
+            }));
+        }
+        out
     }
 }
 
@@ -330,6 +506,140 @@ impl SimpleBackend for SafetensorsWeights {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.location.contains_key(name)
+    }
+}
+
+/// A slice of one tensor: `range` along dimension `dim`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    pub dim: usize,
+    pub range: Range<usize>,
+}
+
+impl Shard {
+    /// Rows `range` of a matrix (dim 0): a column-parallel linear layer's output features, or a
+    /// bias's entries.
+    pub fn rows(range: Range<usize>) -> Self {
+        Self { dim: 0, range }
+    }
+
+    /// Columns `range` of a matrix (dim 1): a row-parallel linear layer's input features.
+    pub fn cols(range: Range<usize>) -> Self {
+        Self { dim: 1, range }
+    }
+}
+
+type ShardRule = Box<dyn Fn(&str) -> Option<Shard> + Send + Sync>;
+
+/// Which tensors a rank loads as slices. Exact names are looked up first, then the rules in the
+/// order they were added; the first rule that answers wins. Tensors nobody names load whole.
+#[derive(Default)]
+pub struct ShardPlan {
+    exact: HashMap<String, Shard>,
+    rules: Vec<ShardRule>,
+}
+
+impl ShardPlan {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Loads `range` along `dim` of the tensor called `name`.
+    pub fn tensor(mut self, name: impl Into<String>, shard: Shard) -> Self {
+        self.exact.insert(name.into(), shard);
+        self
+    }
+
+    /// Asks `rule` for the slice of every tensor not named exactly, e.g. "rows `r` of every
+    /// `*.attn1.to_q.weight`".
+    pub fn rule(mut self, rule: impl Fn(&str) -> Option<Shard> + Send + Sync + 'static) -> Self {
+        self.rules.push(Box::new(rule));
+        self
+    }
+
+    /// The slice `name` loads as, or `None` to load it whole.
+    pub fn shard_of(&self, name: &str) -> Option<Shard> {
+        if let Some(shard) = self.exact.get(name) {
+            return Some(shard.clone());
+        }
+        self.rules.iter().find_map(|rule| rule(name))
+    }
+}
+
+impl std::fmt::Debug for ShardPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardPlan")
+            .field("exact", &self.exact)
+            .field("rules", &self.rules.len())
+            .finish()
+    }
+}
+
+/// [`SafetensorsWeights`] that serve the tensors of a [`ShardPlan`] as slices, read straight from
+/// the memory map, and every other tensor whole. The model asks for a planned tensor under its
+/// full checkpoint name with the slice's shape.
+pub struct ShardedWeights {
+    weights: SafetensorsWeights,
+    plan: ShardPlan,
+}
+
+impl ShardedWeights {
+    pub fn new(weights: SafetensorsWeights, plan: ShardPlan) -> Self {
+        Self { weights, plan }
+    }
+
+    /// A handle on the count of bytes this rank has copied out of the weight files.
+    pub fn bytes_read(&self) -> ByteCounter {
+        self.weights.bytes_read()
+    }
+
+    fn load_as(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor, LoadError> {
+        match self.plan.shard_of(name) {
+            Some(Shard { dim, range }) => {
+                let slice = self.weights.load_slice(name, dim, range, dev)?;
+                self.weights.convert(name, slice, dtype)
+            }
+            None => self.weights.load_as(name, dtype, dev),
+        }
+    }
+}
+
+impl SimpleBackend for ShardedWeights {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .load_as(name, dtype, dev)
+            .map_err(candle_core::Error::wrap)?;
+        if tensor.shape() != &shape {
+            let tensor_name = match self.plan.shard_of(name) {
+                Some(Shard { dim, range }) => {
+                    format!("{name}[{}..{} along dim {dim}]", range.start, range.end)
+                }
+                None => name.to_string(),
+            };
+            return Err(candle_core::Error::wrap(LoadError::ShapeMismatch {
+                tensor: tensor_name,
+                file: self.weights.files[self.weights.location[name]].0.clone(),
+                expected: shape.dims().to_vec(),
+                got: tensor.dims().to_vec(),
+            }));
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load_as(name, dtype, dev)
+            .map_err(candle_core::Error::wrap)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.weights.contains_tensor(name)
     }
 }
 
@@ -552,5 +862,227 @@ mod tests {
             .get(4, "norm_q.weight")
             .unwrap();
         assert_eq!(norm.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
+    }
+
+    /// Distinct values that survive f16 and bf16 exactly (small integers).
+    fn counting(dims: &[usize], dtype: DType) -> Tensor {
+        let n: usize = dims.iter().product();
+        Tensor::arange(0u32, n as u32, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .affine(1.0, -64.0)
+            .unwrap()
+            .reshape(dims)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    fn flat_f32(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn slices_equal_narrow_for_every_dtype_and_dim() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let path = dir.path().join(format!("{dtype:?}.safetensors"));
+            let tensors = [
+                ("matrix", counting(&[6, 10], dtype)),
+                ("bias", counting(&[10], dtype)),
+                ("kernel", counting(&[4, 5, 3, 2], dtype)),
+            ];
+            write_weights(&path, &tensors);
+            let weights = SafetensorsWeights::open_file(&path).unwrap();
+            for (name, full) in &tensors {
+                for dim in 0..full.rank() {
+                    let size = full.dim(dim).unwrap();
+                    for (start, end) in [(0, size), (1, size), (0, 1), (size / 2, size), (2, 2)] {
+                        let slice = weights.load_slice(name, dim, start..end, &dev).unwrap();
+                        let want = full.narrow(dim, start, end - start).unwrap();
+                        assert_eq!(slice.dtype(), dtype);
+                        assert_eq!(slice.dims(), want.dims(), "{name} {dim} {start}..{end}");
+                        assert_eq!(
+                            flat_f32(&slice),
+                            flat_f32(&want),
+                            "{dtype:?} {name} dim {dim} {start}..{end}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_range_slices_name_the_tensor_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        write_weights(
+            &path,
+            &[
+                ("w", counting(&[4, 6], DType::F32)),
+                ("ids", Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap()),
+            ],
+        );
+        let weights = SafetensorsWeights::open_file(&path).unwrap();
+        let dev = Device::Cpu;
+        for (dim, range) in [
+            (0, 0..5),
+            (1, 5..7),
+            (2, 0..1),
+            (0, Range { start: 3, end: 2 }),
+        ] {
+            let err = weights
+                .load_slice("w", dim, range.clone(), &dev)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`w`")
+                    && err.contains("model.safetensors")
+                    && err.contains("[4, 6]")
+                    && err.contains(&format!("{}..{} along dim {dim}", range.start, range.end)),
+                "{err}"
+            );
+        }
+        let err = weights.load_slice("v", 0, 0..1, &dev).unwrap_err();
+        assert!(err.to_string().contains("`v`"), "{err}");
+        let err = weights.load_slice("ids", 0, 0..1, &dev).unwrap_err();
+        assert!(
+            err.to_string().contains("`ids`") && err.to_string().contains("U32"),
+            "{err}"
+        );
+    }
+
+    /// One attention block's projections at width `dim`, stored as bf16.
+    fn attention_checkpoint(dir: &Path, dim: usize) -> Vec<(&'static str, Tensor)> {
+        let tensors = vec![
+            (
+                "blocks.0.attn1.to_q.weight",
+                counting(&[dim, dim], DType::BF16),
+            ),
+            ("blocks.0.attn1.to_q.bias", counting(&[dim], DType::BF16)),
+            (
+                "blocks.0.attn1.to_out.0.weight",
+                counting(&[dim, dim], DType::BF16),
+            ),
+            (
+                "blocks.0.attn1.to_out.0.bias",
+                counting(&[dim], DType::BF16),
+            ),
+        ];
+        write_weights(&dir.join("model.safetensors"), &tensors);
+        tensors
+    }
+
+    fn tensor_parallel_plan(dim: usize, tp: usize, rank: usize) -> ShardPlan {
+        let parts = crate::parallel::layout::shard_range(dim, tp, rank);
+        let cols = parts.clone();
+        ShardPlan::new()
+            .tensor("blocks.0.attn1.to_q.bias", Shard::rows(parts.clone()))
+            .rule(move |name| {
+                name.ends_with("to_q.weight")
+                    .then(|| Shard::rows(parts.clone()))
+            })
+            .rule(move |name| {
+                name.ends_with("to_out.0.weight")
+                    .then(|| Shard::cols(cols.clone()))
+            })
+    }
+
+    #[test]
+    fn sharded_var_builder_serves_slices_and_whole_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let (dim, tp) = (16, 4);
+        let full = attention_checkpoint(dir.path(), dim);
+        let component = Component {
+            dir: dir.path().to_path_buf(),
+        };
+        for rank in 0..tp {
+            let vb = component
+                .sharded_var_builder(DType::F32, &dev, tensor_parallel_plan(dim, tp, rank))
+                .unwrap()
+                .pp("blocks.0.attn1");
+            let start = rank * dim / tp;
+            let part = dim / tp;
+            let q = vb.get((part, dim), "to_q.weight").unwrap();
+            let q_bias = vb.get(part, "to_q.bias").unwrap();
+            let out = vb.get((dim, part), "to_out.0.weight").unwrap();
+            let out_bias = vb.get(dim, "to_out.0.bias").unwrap();
+            assert_eq!(q.dtype(), DType::F32);
+            assert_eq!(
+                flat_f32(&q),
+                flat_f32(&full[0].1.narrow(0, start, part).unwrap())
+            );
+            assert_eq!(
+                flat_f32(&q_bias),
+                flat_f32(&full[1].1.narrow(0, start, part).unwrap())
+            );
+            assert_eq!(
+                flat_f32(&out),
+                flat_f32(&full[2].1.narrow(1, start, part).unwrap())
+            );
+            assert_eq!(flat_f32(&out_bias), flat_f32(&full[3].1));
+
+            // Asking for the whole shape of a sliced tensor is the model's mistake; say so.
+            let err = vb.get((dim, dim), "to_q.weight").unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(
+                    "to_q.weight[{start}..{} along dim 0]",
+                    start + part
+                )) && err.contains("model.safetensors"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tensor_parallel_rank_materialises_a_tp_th_of_the_sharded_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let (dim, tp) = (64, 4);
+        attention_checkpoint(dir.path(), dim);
+        let component = Component {
+            dir: dir.path().to_path_buf(),
+        };
+        let whole = component.sharded_weights(ShardPlan::new()).unwrap();
+        let whole_read = whole.bytes_read();
+        let vb = VarBuilder::from_backend(Box::new(whole), DType::BF16, dev.clone());
+        for name in ["to_q.weight", "to_q.bias", "to_out.0.weight"] {
+            vb.pp("blocks.0.attn1").get_unchecked(name).unwrap();
+        }
+        let bf16 = 2u64;
+        let sharded_total = (2 * dim * dim + dim) as u64 * bf16;
+        assert_eq!(whole_read.get(), sharded_total);
+
+        let mut sum = 0;
+        for rank in 0..tp {
+            let weights = component
+                .sharded_weights(tensor_parallel_plan(dim, tp, rank))
+                .unwrap();
+            let read = weights.bytes_read();
+            let vb = VarBuilder::from_backend(Box::new(weights), DType::BF16, dev.clone())
+                .pp("blocks.0.attn1");
+            let mut resident = 0;
+            for (name, shape) in [
+                ("to_q.weight", vec![dim / tp, dim]),
+                ("to_q.bias", vec![dim / tp]),
+                ("to_out.0.weight", vec![dim, dim / tp]),
+            ] {
+                let t = vb.get(shape, name).unwrap();
+                resident += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+            }
+            assert_eq!(read.get(), sharded_total / tp as u64, "rank {rank}");
+            assert_eq!(resident, sharded_total / tp as u64, "rank {rank}");
+            sum += read.get();
+        }
+        assert_eq!(sum, sharded_total);
     }
 }

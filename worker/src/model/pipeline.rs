@@ -157,17 +157,52 @@ pub struct PipelineInfo {
     pub max_sequence_length: usize,
 }
 
+/// A model of the flow (velocity) the sampler integrates: Wan's transformer in one process, or
+/// the same transformer run by the ranks of a parallel layout. The denoising loop only needs this.
+pub trait FlowModel {
+    /// The predicted flow for latents `x` `(B, C, F, H, W)` at timesteps `t` `(B,)` under text
+    /// embeddings `context` `(B, Lt, text_dim)`.
+    fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl FlowModel for WanTransformer3DModel {
+    fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(x, t, context)
+    }
+}
+
+/// Which of the heavy parts a pipeline loads. A rank of a parallel job brings its own share of
+/// the transformer, and only the rank that writes the video needs the VAE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts {
+    pub transformer: bool,
+    pub vae: bool,
+}
+
+impl Parts {
+    pub const ALL: Parts = Parts {
+        transformer: true,
+        vae: true,
+    };
+}
+
 pub struct WanPipeline {
     info: PipelineInfo,
     text: PromptEncoder,
-    transformer: WanTransformer3DModel,
+    transformer: Option<WanTransformer3DModel>,
     transformer_config: wan_transformer::Config,
-    vae: WanVaeDecoder,
+    vae: Option<WanVaeDecoder>,
     vae_config: wan_vae::Config,
     scheduler_config: serde_json::Value,
     device: Device,
     dtype: DType,
 }
+
+/// The seed of the built-in tiny model's weights.
+pub const TINY_WEIGHT_SEED: u64 = 0x5EED_0F10_7A4E;
+/// The name prefix of the tiny transformer's seeded weights (a seeded tensor is a function of
+/// its full name, so a rank building a slice of the model must ask under the same names).
+pub const TINY_TRANSFORMER_PREFIX: &str = "tiny_transformer";
 
 /// Wan's prompt length for the published checkpoints.
 const WAN_MAX_SEQUENCE_LENGTH: usize = 512;
@@ -175,6 +210,17 @@ const WAN_MAX_SEQUENCE_LENGTH: usize = 512;
 impl WanPipeline {
     /// Loads a checkpoint directory in the diffusers layout (e.g. `Wan2.1-T2V-1.3B-Diffusers`).
     pub fn load(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_parts(dir, device, dtype, Parts::ALL)
+    }
+
+    /// [`Self::load`] with only the heavy `parts` asked for; the text encoder, tokenizer and
+    /// scheduler are always loaded.
+    pub fn load_parts(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        dtype: DType,
+        parts: Parts,
+    ) -> Result<Self> {
         let ckpt = Checkpoint::open(dir.as_ref())?;
         let tokenizer_dir = ckpt.component("tokenizer")?;
         let tokenizer = PromptTokenizer::from_file(tokenizer_dir.dir().join("tokenizer.json"))?;
@@ -188,20 +234,28 @@ impl WanPipeline {
 
         let transformer_dir = ckpt.component("transformer")?;
         let transformer_config: wan_transformer::Config = transformer_dir.config()?;
-        let transformer = component(
-            "transformer",
-            WanTransformer3DModel::new(
-                &transformer_config,
-                transformer_dir.var_builder(dtype, device)?,
-            ),
-        )?;
+        let transformer = if parts.transformer {
+            Some(component(
+                "transformer",
+                WanTransformer3DModel::new(
+                    &transformer_config,
+                    transformer_dir.var_builder(dtype, device)?,
+                ),
+            )?)
+        } else {
+            None
+        };
 
         let vae_dir = ckpt.component("vae")?;
         let vae_config: wan_vae::Config = vae_dir.config()?;
-        let vae = component(
-            "vae",
-            WanVaeDecoder::new(&vae_config, vae_dir.var_builder(dtype, device)?),
-        )?;
+        let vae = if parts.vae {
+            Some(component(
+                "vae",
+                WanVaeDecoder::new(&vae_config, vae_dir.var_builder(dtype, device)?),
+            )?)
+        } else {
+            None
+        };
 
         let scheduler_config = ckpt.component("scheduler")?.json("scheduler_config.json")?;
         let info = PipelineInfo {
@@ -228,7 +282,11 @@ impl WanPipeline {
     /// fixed seed. It needs no files and renders in seconds on a CPU, but it was never trained:
     /// it makes abstract motion, not pictures.
     pub fn tiny(device: &Device, dtype: DType) -> Result<Self> {
-        const WEIGHT_SEED: u64 = 0x5EED_0F10_7A4E;
+        Self::tiny_parts(device, dtype, Parts::ALL)
+    }
+
+    /// [`Self::tiny`] with only the heavy `parts` asked for.
+    pub fn tiny_parts(device: &Device, dtype: DType, parts: Parts) -> Result<Self> {
         let tokenizer = PromptTokenizer::builtin_tiny()?;
         let TinyConfigs {
             text: text_config,
@@ -239,23 +297,31 @@ impl WanPipeline {
             "text_encoder",
             UMT5EncoderModel::new(
                 &text_config,
-                seeded_var_builder(WEIGHT_SEED, DType::F32, device).pp("tiny_text"),
+                seeded_var_builder(TINY_WEIGHT_SEED, DType::F32, device).pp("tiny_text"),
             ),
         )?;
-        let transformer = component(
-            "transformer",
-            WanTransformer3DModel::new(
-                &transformer_config,
-                seeded_var_builder(WEIGHT_SEED, dtype, device).pp("tiny_transformer"),
-            ),
-        )?;
-        let vae = component(
-            "vae",
-            WanVaeDecoder::new(
-                &vae_config,
-                seeded_var_builder(WEIGHT_SEED, dtype, device).pp("tiny_vae"),
-            ),
-        )?;
+        let transformer = if parts.transformer {
+            Some(component(
+                "transformer",
+                WanTransformer3DModel::new(
+                    &transformer_config,
+                    seeded_var_builder(TINY_WEIGHT_SEED, dtype, device).pp(TINY_TRANSFORMER_PREFIX),
+                ),
+            )?)
+        } else {
+            None
+        };
+        let vae = if parts.vae {
+            Some(component(
+                "vae",
+                WanVaeDecoder::new(
+                    &vae_config,
+                    seeded_var_builder(TINY_WEIGHT_SEED, dtype, device).pp("tiny_vae"),
+                ),
+            )?)
+        } else {
+            None
+        };
         let scheduler_config = serde_json::json!({
             "_class_name": "UniPCMultistepScheduler",
             "num_train_timesteps": 1000, "prediction_type": "flow_prediction",
@@ -301,6 +367,11 @@ impl WanPipeline {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The transformer's configuration (also when the transformer itself was not loaded).
+    pub fn transformer_config(&self) -> &wan_transformer::Config {
+        &self.transformer_config
     }
 
     /// The latent shape for a spec, rejecting sizes the model cannot make.
@@ -366,6 +437,30 @@ impl WanPipeline {
         latents: Tensor,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Tensor> {
+        let transformer = self.transformer.as_ref().ok_or_else(|| {
+            PipelineError::Spec("this pipeline was loaded without its transformer".into())
+        })?;
+        self.denoise_with(
+            transformer,
+            spec,
+            prompt_embeds,
+            negative_prompt_embeds,
+            latents,
+            progress,
+        )
+    }
+
+    /// [`Self::denoise`] with another flow model in place of the pipeline's own transformer
+    /// (e.g. a [`DistributedWanTransformer`](crate::parallel::DistributedWanTransformer)).
+    pub fn denoise_with(
+        &self,
+        model: &dyn FlowModel,
+        spec: &RenderSpec,
+        prompt_embeds: &Tensor,
+        negative_prompt_embeds: &Tensor,
+        latents: Tensor,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Tensor> {
         let mut scheduler = scheduler::build(
             &self.scheduler_config,
             spec.scheduler,
@@ -389,10 +484,7 @@ impl WanPipeline {
         for (index, &t) in timesteps.iter().enumerate() {
             let input = latents.to_dtype(self.dtype)?.repeat((batch, 1, 1, 1, 1))?;
             let timestep = Tensor::full(t as f32, batch, &self.device)?;
-            let flow = component(
-                "transformer",
-                self.transformer.forward(&input, &timestep, &context),
-            )?;
+            let flow = component("transformer", model.predict(&input, &timestep, &context))?;
             let flow = flow.to_dtype(DType::F32)?;
             let flow = if guided {
                 let cond = flow.narrow(0, 0, 1)?;
@@ -413,11 +505,14 @@ impl WanPipeline {
 
     /// Decodes final latents into a video tensor `(1, 3, frames, H, W)` in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let vae = self.vae.as_ref().ok_or_else(|| {
+            PipelineError::Spec("this pipeline was loaded without its VAE".into())
+        })?;
         let z = component(
             "vae",
-            self.vae.unnormalize_latents(&latents.to_dtype(self.dtype)?),
+            vae.unnormalize_latents(&latents.to_dtype(self.dtype)?),
         )?;
-        let video = component("vae", self.vae.decode(&z))?;
+        let video = component("vae", vae.decode(&z))?;
         Ok(video.to_dtype(DType::F32)?)
     }
 
@@ -427,7 +522,12 @@ impl WanPipeline {
         let (cond, uncond) = self.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
         let latents = self.denoise(spec, &cond, &uncond, latents, progress)?;
         progress(Progress::Decoding);
-        let video = self.decode(&latents)?;
+        self.decode_to_video(&latents)
+    }
+
+    /// Decodes final latents into RGB frames.
+    pub fn decode_to_video(&self, latents: &Tensor) -> Result<Video> {
+        let video = self.decode(latents)?;
         let (rgb, frames, height, width) = video::video_to_rgb8(&video)?;
         Ok(Video {
             rgb,

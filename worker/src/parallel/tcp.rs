@@ -405,11 +405,10 @@ impl Mesh {
             w.write_all(header).await?;
             w.write_all(payload).await
         };
-        // The timer must be created inside the runtime, hence the async block.
-        let limit = self.timeouts.op;
         match self
             .runtime
-            .block_on(async { tokio::time::timeout(limit, write).await })
+            // The timer must be created inside the runtime: `timeout` registers with its reactor.
+            .block_on(async { tokio::time::timeout(self.timeouts.op, write).await })
         {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {

@@ -88,7 +88,11 @@ impl Config {
 }
 
 /// LayerNorm without learned parameters (`norm1`, `norm3`, `norm_out`), in f32.
-fn plain_layer_norm(dim: usize, eps: f64, device: &candle_core::Device) -> Result<LayerNorm> {
+pub(crate) fn plain_layer_norm(
+    dim: usize,
+    eps: f64,
+    device: &candle_core::Device,
+) -> Result<LayerNorm> {
     Ok(LayerNorm::new(
         Tensor::ones(dim, DType::F32, device)?,
         Tensor::zeros(dim, DType::F32, device)?,
@@ -97,7 +101,7 @@ fn plain_layer_norm(dim: usize, eps: f64, device: &candle_core::Device) -> Resul
 }
 
 /// `x · (1 + scale) + shift` on f32 `(B, L, dim)` with `(B, 1, dim)` modulation.
-fn modulate(x: &Tensor, one_plus_scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+pub(crate) fn modulate(x: &Tensor, one_plus_scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(one_plus_scale)?.broadcast_add(shift)
 }
 
@@ -391,13 +395,28 @@ impl WanTransformer3DModel {
         b: usize,
         (nf, nh, nw): (usize, usize, usize),
     ) -> Result<Tensor> {
-        let [pt, ph, pw] = self.config.patch_size;
-        let c = self.config.out_channels();
-        x.reshape(vec![b, nf, nh, nw, pt, ph, pw, c])?
-            .permute([0, 7, 1, 4, 2, 5, 3, 6])?
-            .contiguous()?
-            .reshape((b, c, nf * pt, nh * ph, nw * pw))
+        unpatchify(
+            x,
+            b,
+            (nf, nh, nw),
+            self.config.patch_size,
+            self.config.out_channels(),
+        )
     }
+}
+
+/// `(B, F'·H'·W', pt·ph·pw·C)` → `(B, C, F'·pt, H'·ph, W'·pw)`.
+pub(crate) fn unpatchify(
+    x: &Tensor,
+    b: usize,
+    (nf, nh, nw): (usize, usize, usize),
+    [pt, ph, pw]: [usize; 3],
+    c: usize,
+) -> Result<Tensor> {
+    x.reshape(vec![b, nf, nh, nw, pt, ph, pw, c])?
+        .permute([0, 7, 1, 4, 2, 5, 3, 6])?
+        .contiguous()?
+        .reshape((b, c, nf * pt, nh * ph, nw * pw))
 }
 
 #[cfg(test)]

@@ -1,0 +1,525 @@
+//! The whole text-to-video pipeline run by the ranks of a parallel [`Layout`].
+//!
+//! Every rank encodes the prompts itself (the text encoder is small and gives the same result
+//! everywhere), holds the full latents and takes the same scheduler step after each
+//! [`DistributedWanTransformer`] forward, whose output is bit-identical on every rank. So the
+//! ranks never exchange latents; a fingerprint of the latents is compared across ranks before
+//! every step, so a rank that drifted is an error instead of a silently torn video. Only rank 0
+//! loads the VAE and decodes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+
+use super::comm::Communicator;
+use super::dit::DistributedWanTransformer;
+use super::layout::{Layout, LayoutLimits};
+use super::tensor_parallel::tensor_parallel_plan;
+use crate::model::loader::{seeded_var_builder, Checkpoint, Shard, ShardPlan};
+use crate::model::pipeline::{
+    FlowModel, Parts, PipelineError, Progress, RenderSpec, Result, Video, WanPipeline,
+    TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED,
+};
+use crate::model::wan::transformer::{Config, WanTransformer3DModel};
+
+/// The rank that decodes and writes the video.
+pub const ROOT: usize = 0;
+
+impl FlowModel for DistributedWanTransformer {
+    fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(x, t, context)
+    }
+}
+
+/// A [`DistributedWanTransformer`] that first checks that every rank holds the same latents.
+struct CheckedFlow<'a>(&'a DistributedWanTransformer);
+
+impl FlowModel for CheckedFlow<'_> {
+    fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        check_in_sync(self.0.world(), x, "latents")?;
+        self.0.forward(x, t, context)
+    }
+}
+
+/// A 64-bit FNV-1a hash of a tensor's f32 bits.
+fn fingerprint(t: &Tensor) -> candle_core::Result<u64> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(values.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+        (h ^ v.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    }))
+}
+
+/// Fails unless `t` is bit-identical on every rank of `world`; costs one all-gather of 8 bytes.
+fn check_in_sync(world: &dyn Communicator, t: &Tensor, what: &str) -> candle_core::Result<()> {
+    if world.world_size() == 1 {
+        return Ok(());
+    }
+    let hash = fingerprint(t)?;
+    let mine = Tensor::new(&[[hash as u32, (hash >> 32) as u32]], t.device())?;
+    let all = world.all_gather(&mine, 0)?.to_vec2::<u32>()?;
+    let first = &all[0];
+    if let Some(other) = all.iter().position(|h| h != first) {
+        candle_core::bail!(
+            "rank {}: the {what} of rank {other} differ from rank 0's: the ranks are out of sync",
+            world.rank()
+        );
+    }
+    Ok(())
+}
+
+/// Seeded weights (as [`seeded_var_builder`] makes them) of which the tensors of a [`ShardPlan`]
+/// are served as slices: each rank makes the whole seeded tensor and keeps only its slice, so the
+/// slices of all ranks put together are the single-process model's tensors.
+struct SeededSlices {
+    seeded: VarBuilder<'static>,
+    plan: ShardPlan,
+    full_shapes: HashMap<String, Shape>,
+}
+
+impl SimpleBackend for SeededSlices {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        hint: Init,
+        dtype: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let Some(Shard { dim, range }) = self.plan.shard_of(name) else {
+            return self.seeded.get_with_hints_dtype(shape, name, hint, dtype);
+        };
+        let full = self.full_shapes.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("no full shape known for sliced tensor `{name}`"))
+        })?;
+        let slice = self
+            .seeded
+            .get_with_hints_dtype(full.clone(), name, hint, dtype)?
+            .narrow(dim, range.start, range.len())?
+            .contiguous()?;
+        if slice.shape() != &shape {
+            candle_core::bail!(
+                "`{name}`[{}..{} along dim {dim}] has shape {:?}, the model expects {:?}",
+                range.start,
+                range.end,
+                slice.dims(),
+                shape.dims()
+            );
+        }
+        Ok(slice)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("seeded weights need a shape for tensor `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Records the shape of every tensor a model asks for, handing out zeros.
+struct ShapeRecorder(Arc<Mutex<HashMap<String, Shape>>>);
+
+impl SimpleBackend for ShapeRecorder {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Ok(mut shapes) = self.0.lock() {
+            shapes.insert(name.to_string(), shape.clone());
+        }
+        Tensor::zeros(shape, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("the shape recorder needs a shape for tensor `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// The single-process shapes of a transformer's tensors, by name. Builds the model once from
+/// zeros: meant for the built-in tiny model only.
+fn transformer_shapes(
+    config: &Config,
+    device: &Device,
+) -> candle_core::Result<HashMap<String, Shape>> {
+    let shapes = Arc::new(Mutex::new(HashMap::new()));
+    let vb = VarBuilder::from_backend(
+        Box::new(ShapeRecorder(shapes.clone())),
+        DType::F32,
+        device.clone(),
+    );
+    drop(WanTransformer3DModel::new(config, vb)?);
+    let shapes = shapes
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("shape recorder lock poisoned".into()))?;
+    Ok(shapes.clone())
+}
+
+fn transformer_err(source: candle_core::Error) -> PipelineError {
+    PipelineError::Component {
+        component: "transformer",
+        source,
+    }
+}
+
+/// One rank's share of a text-to-video job under a [`Layout`].
+pub struct DistributedPipeline {
+    pipeline: WanPipeline,
+    transformer: DistributedWanTransformer,
+}
+
+impl DistributedPipeline {
+    /// Loads this rank's part of a checkpoint in the diffusers layout: the text encoder, its
+    /// tensor-parallel slices of the transformer, and on rank 0 the VAE. `world` spans the
+    /// layout; its rank is this rank.
+    pub fn load(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        dtype: DType,
+        layout: Layout,
+        world: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        check_rank(layout, world.as_ref())?;
+        let parts = Parts {
+            transformer: false,
+            vae: world.rank() == ROOT,
+        };
+        let pipeline = WanPipeline::load_parts(dir, device, dtype, parts)?;
+        let component = Checkpoint::open(dir)?.component("transformer")?;
+        let transformer = DistributedWanTransformer::load(&component, dtype, device, layout, world)
+            .map_err(transformer_err)?;
+        Ok(Self {
+            pipeline,
+            transformer,
+        })
+    }
+
+    /// This rank's part of the built-in tiny model (see [`WanPipeline::tiny`]): the same seeded
+    /// weights as the single-process model, of which a tensor-parallel rank keeps its slices.
+    pub fn tiny(
+        device: &Device,
+        dtype: DType,
+        layout: Layout,
+        world: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        check_rank(layout, world.as_ref())?;
+        let parts = Parts {
+            transformer: false,
+            vae: world.rank() == ROOT,
+        };
+        let pipeline = WanPipeline::tiny_parts(device, dtype, parts)?;
+        let config = pipeline.transformer_config().clone();
+        let plan = tensor_parallel_plan(&config, layout.tp, layout.coords(world.rank()).tp);
+        let backend = SeededSlices {
+            seeded: seeded_var_builder(TINY_WEIGHT_SEED, dtype, device).pp(TINY_TRANSFORMER_PREFIX),
+            plan,
+            full_shapes: transformer_shapes(&config, device).map_err(transformer_err)?,
+        };
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        let transformer =
+            DistributedWanTransformer::new(&config, layout, world, vb).map_err(transformer_err)?;
+        Ok(Self {
+            pipeline,
+            transformer,
+        })
+    }
+
+    /// See [`WanPipeline::with_max_sequence_length`].
+    pub fn with_max_sequence_length(mut self, max_sequence_length: usize) -> Self {
+        self.pipeline = self.pipeline.with_max_sequence_length(max_sequence_length);
+        self
+    }
+
+    /// The single-process pipeline's shared pieces (text encoder, scheduler, sizes; the VAE on
+    /// rank 0); its own transformer is not loaded.
+    pub fn pipeline(&self) -> &WanPipeline {
+        &self.pipeline
+    }
+
+    pub fn transformer(&self) -> &DistributedWanTransformer {
+        &self.transformer
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.transformer.layout()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.transformer.rank()
+    }
+
+    /// Checks that the layout can run `spec` (e.g. `cfg = 2` needs guidance).
+    pub fn check_spec(&self, spec: &RenderSpec) -> Result<()> {
+        let limits = LayoutLimits::for_transformer(
+            self.pipeline.transformer_config(),
+            spec.guidance_scale > 1.0,
+        );
+        self.layout()
+            .validate(&limits)
+            .map_err(|e| PipelineError::Spec(e.to_string()))
+    }
+
+    /// [`WanPipeline::denoise`] computed by the whole layout; every rank passes the same inputs
+    /// and gets the same final latents.
+    pub fn denoise(
+        &self,
+        spec: &RenderSpec,
+        prompt_embeds: &Tensor,
+        negative_prompt_embeds: &Tensor,
+        latents: Tensor,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Tensor> {
+        self.check_spec(spec)?;
+        let latents = self.pipeline.denoise_with(
+            &CheckedFlow(&self.transformer),
+            spec,
+            prompt_embeds,
+            negative_prompt_embeds,
+            latents,
+            progress,
+        )?;
+        check_in_sync(self.transformer.world(), &latents, "final latents")
+            .map_err(transformer_err)?;
+        Ok(latents)
+    }
+
+    /// The whole run on this rank: the video on rank 0, `None` on the others.
+    pub fn render(
+        &self,
+        spec: &RenderSpec,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Option<Video>> {
+        let latents = self.pipeline.initial_latents(spec)?;
+        let (cond, uncond) = self
+            .pipeline
+            .encode_prompts(&spec.prompt, &spec.negative_prompt)?;
+        let latents = self.denoise(spec, &cond, &uncond, latents, progress)?;
+        if self.rank() != ROOT {
+            return Ok(None);
+        }
+        progress(Progress::Decoding);
+        Ok(Some(self.pipeline.decode_to_video(&latents)?))
+    }
+}
+
+fn check_rank(layout: Layout, world: &dyn Communicator) -> Result<()> {
+    if world.world_size() != layout.world_size() || world.rank() >= layout.world_size() {
+        return Err(PipelineError::Spec(format!(
+            "layout {layout} needs {} ranks; this rank is {} of {}",
+            layout.world_size(),
+            world.rank(),
+            world.world_size()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::compare::relative_l2;
+    use crate::model::loader::{read_json, SafetensorsWeights};
+    use crate::parallel::tcp::{TcpMesh, TcpMeshConfig};
+
+    type TestResult<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+    const TOLERANCE: f64 = 1e-4;
+
+    /// (tp, ulysses, ring, cfg)
+    const LAYOUTS: [(usize, usize, usize, usize); 8] = [
+        (2, 1, 1, 1),
+        (1, 2, 1, 1),
+        (1, 1, 2, 1),
+        (1, 1, 1, 2),
+        (2, 2, 1, 1),
+        (1, 2, 2, 1),
+        (2, 1, 2, 1),
+        (1, 2, 1, 2),
+    ];
+
+    /// Runs `f(world)` on `n` threads joined by a loopback TCP mesh; results by rank.
+    fn run_ranks<T: Send>(
+        n: usize,
+        f: impl Fn(Box<dyn Communicator>) -> TestResult<T> + Sync,
+    ) -> TestResult<Vec<T>> {
+        let listeners = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let addrs = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let (f, addrs) = (&f, &addrs);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    scope.spawn(move || -> TestResult<T> {
+                        let config = TcpMeshConfig::new(rank, addrs.clone());
+                        f(Box::new(TcpMesh::connect_with_listener(config, listener)?))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(rank, h)| match h.join() {
+                    Ok(r) => r.map_err(|e| format!("rank {rank}: {e}").into()),
+                    Err(_) => Err(format!("rank {rank} panicked").into()),
+                })
+                .collect()
+        })
+    }
+
+    fn bits(t: &Tensor) -> TestResult<Vec<u32>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect())
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Spec {
+        prompt: String,
+        negative_prompt: String,
+        height: usize,
+        width: usize,
+        num_frames: usize,
+        num_inference_steps: usize,
+        guidance_scale: f64,
+        max_sequence_length: usize,
+    }
+
+    /// The whole pipeline on each fixture checkpoint under every layout: the final latents match
+    /// the single-process pipeline's, are bit-identical on every rank, and a second job gives
+    /// the same bits.
+    #[test]
+    fn every_layout_renders_the_single_process_latents() -> TestResult {
+        let dev = Device::Cpu;
+        for dir in crate::model::reference::test_fixture_dirs() {
+            let spec: Spec = read_json(&dir.join("cases/pipeline.json"))?;
+            let render = RenderSpec {
+                prompt: spec.prompt,
+                negative_prompt: spec.negative_prompt,
+                frames: spec.num_frames,
+                width: spec.width,
+                height: spec.height,
+                steps: spec.num_inference_steps,
+                guidance_scale: spec.guidance_scale,
+                shift: None,
+                scheduler: None,
+                seed: 0,
+            };
+            let checkpoint = dir.join("pipeline");
+            let initial = SafetensorsWeights::open_file(dir.join("cases/pipeline.safetensors"))?
+                .load("initial_latents", &dev)?;
+            let single = WanPipeline::load(&checkpoint, &dev, DType::F32)?
+                .with_max_sequence_length(spec.max_sequence_length);
+            let (cond, uncond) = single.encode_prompts(&render.prompt, &render.negative_prompt)?;
+            let expected = single.denoise(&render, &cond, &uncond, initial.clone(), &mut |_| {})?;
+            let limits = LayoutLimits::for_transformer(single.transformer_config(), true);
+            let mut ran = 0;
+            for (tp, ulysses, ring, cfg) in LAYOUTS {
+                let layout = Layout {
+                    cfg,
+                    tp,
+                    ulysses,
+                    ring,
+                };
+                if let Err(why) = layout.validate(&limits) {
+                    println!("{}: {layout} skipped: {why}", dir.display());
+                    continue;
+                }
+                let job = || {
+                    run_ranks(layout.world_size(), |world| {
+                        let pipe = DistributedPipeline::load(
+                            &checkpoint,
+                            &dev,
+                            DType::F32,
+                            layout,
+                            world,
+                        )?
+                        .with_max_sequence_length(spec.max_sequence_length);
+                        let (c, u) = pipe
+                            .pipeline()
+                            .encode_prompts(&render.prompt, &render.negative_prompt)?;
+                        let mut steps = 0;
+                        let latents = pipe.denoise(&render, &c, &u, initial.clone(), &mut |p| {
+                            if let Progress::Step { .. } = p {
+                                steps += 1;
+                            }
+                        })?;
+                        assert_eq!(steps, render.steps);
+                        Ok(latents)
+                    })
+                };
+                let (first, second) = (job()?, job()?);
+                let err = relative_l2(&first[0], &expected)?;
+                println!("{}: {layout}: relative L2 {err:.3e}", dir.display());
+                assert!(err <= TOLERANCE, "{layout}: relative L2 {err:e}");
+                let reference = bits(&first[0])?;
+                for (rank, latents) in first.iter().chain(&second).enumerate() {
+                    assert!(
+                        bits(latents)? == reference,
+                        "{layout}: latents of job {} rank {} differ from job 0 rank 0",
+                        rank / layout.world_size(),
+                        rank % layout.world_size()
+                    );
+                }
+                ran += 1;
+            }
+            assert!(ran > 0, "{}: no layout fits the fixture", dir.display());
+        }
+        Ok(())
+    }
+
+    /// The built-in tiny model with its transformer split over tp ranks (each making only its
+    /// slices of the seeded weights) gives the single-process tiny model's render.
+    #[test]
+    fn tiny_model_under_tp_matches_single_process() -> TestResult {
+        let dev = Device::Cpu;
+        let spec = RenderSpec {
+            prompt: "a wolf".into(),
+            negative_prompt: String::new(),
+            frames: 5,
+            width: 32,
+            height: 32,
+            steps: 2,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: None,
+            seed: 3,
+        };
+        let single = WanPipeline::tiny(&dev, DType::F32)?;
+        let (c, u) = single.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
+        let initial = single.initial_latents(&spec)?;
+        let expected = single.denoise(&spec, &c, &u, initial.clone(), &mut |_| {})?;
+        let layout: Layout = "tp=2,cfg=2".parse()?;
+        let outputs = run_ranks(layout.world_size(), |world| {
+            let pipe = DistributedPipeline::tiny(&dev, DType::F32, layout, world)?;
+            let (c, u) = pipe
+                .pipeline()
+                .encode_prompts(&spec.prompt, &spec.negative_prompt)?;
+            Ok(pipe.denoise(&spec, &c, &u, initial.clone(), &mut |_| {})?)
+        })?;
+        let err = relative_l2(&outputs[0], &expected)?;
+        println!("tiny tp=2,cfg=2: relative L2 {err:.3e}");
+        assert!(err <= TOLERANCE, "relative L2 {err:e}");
+        Ok(())
+    }
+}
