@@ -264,6 +264,12 @@ impl NcclCommunicator {
         if let Some(why) = &state.aborted {
             return Err(self.backend(op, format!("the communicator was aborted earlier: {why}")));
         }
+        // NCCL and the CUDA calls around it act on the thread's current context; callers may
+        // come from any thread.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| self.backend(op, format!("binding the CUDA context: {e:?}")))?;
         Ok(state)
     }
 
