@@ -24,9 +24,13 @@
 //!   Only waits the communicator makes itself are bounded: header exchanges, `barrier`, and
 //!   every operation when [`NcclConfig::synchronous`] is set. Otherwise results stay on the
 //!   device stream without a host wait, and a hang shows up at the caller's next
-//!   synchronisation (for instance `to_vec`), which NCCL cannot bound. `ncclCommInitRank` (in
-//!   [`NcclCommunicator::new`] and `subgroup`) blocks until every rank has joined, without a
-//!   time-out.
+//!   synchronisation (for instance `to_vec`), which NCCL cannot bound. Host calls that block
+//!   inside NCCL have no time-out either: `ncclCommInitRank` (in [`NcclCommunicator::new`] and
+//!   `subgroup`) until every rank has joined, and `ncclGroupEnd` while it sets up the
+//!   connection to a peer on first use, which needs that peer to take part (a peer whose
+//!   process died closes its sockets, which ends the wait with an error).
+//! - As with any NCCL program, ranks that share GPUs between several communicators (parents and
+//!   subgroups) must issue their operations in an order that cannot deadlock across them.
 //! - Point-to-point: NCCL's send/recv are rendezvous operations (a send completes once the peer
 //!   receives), unlike the TCP mesh where `send` returns once the message is on its way. To keep
 //!   the common patterns deadlock-free (ring attention: every rank sends to its successor, then
@@ -164,7 +168,9 @@ fn nccl_error(e: &nccl::NcclError) -> String {
 
 impl NcclCommunicator {
     /// Joins the communicator `id` as `rank` of `world_size`, on the CUDA `device` (one GPU per
-    /// rank). Blocks until all ranks have joined.
+    /// rank). Blocks until all ranks have joined. The tensors passed to the collectives must be
+    /// on this very `device` (not another candle `Device` of the same GPU, which has its own
+    /// stream); results are on it too.
     pub fn new(
         id: &NcclId,
         rank: usize,
@@ -309,6 +315,13 @@ impl NcclCommunicator {
 
     /// `tensor`, contiguous and checked to live on this communicator's device (and stream).
     fn local(&self, op: Op, tensor: &Tensor) -> Result<Tensor> {
+        self.check_device(op, tensor)?;
+        tensor.contiguous().map_err(self.tensor_err(op))
+    }
+
+    /// Only tensors of this very candle device are accepted: another `Device` for the same GPU
+    /// has its own stream, which the stream-order argument of the module notes does not cover.
+    fn check_device(&self, op: Op, tensor: &Tensor) -> Result<()> {
         if !tensor.device().same_device(&self.device) {
             return Err(self.usage(
                 op,
@@ -319,7 +332,7 @@ impl NcclCommunicator {
                 ),
             ));
         }
-        tensor.contiguous().map_err(self.tensor_err(op))
+        Ok(())
     }
 
     fn zeros(&self, op: Op, shape: &[usize], dtype: DType) -> Result<Tensor> {
@@ -686,7 +699,7 @@ impl Communicator for NcclCommunicator {
                 ),
             ));
         }
-        self.local(op, tensor)?;
+        self.check_device(op, tensor)?;
         let mut state = self.lock(op)?;
         self.flush(&mut state, op)?;
         if self.world_size == 1 {
@@ -1301,8 +1314,18 @@ mod tests {
             timeout: Duration::from_secs(2),
             synchronous: false,
         };
+        // Rank 1 stays alive (its sockets open) well past rank 0's time-out, so that rank 0's
+        // wait can only end by the time-out (a sleep rather than a handshake, so that a failing
+        // rank 0 cannot leave rank 1 waiting forever).
         let Some(results) = on_ranks(2, config, |comm| {
+            let dev = comm.device().clone();
+            // Connect both directions first: NCCL sets up a peer connection inside
+            // ncclGroupEnd on first use, and that wait is not bounded (see the module notes).
+            let other = 1 - comm.rank();
+            comm.send(&Tensor::ones(3, DType::F32, &dev)?, other)?;
+            comm.recv(other, &dev)?;
             if comm.rank() == 1 {
+                std::thread::sleep(Duration::from_secs(8));
                 return Ok(true);
             }
             let start = Instant::now();
@@ -1321,7 +1344,7 @@ mod tests {
                 ),
                 "{err}"
             );
-            assert!(start.elapsed() < Duration::from_secs(20));
+            assert!(start.elapsed() < Duration::from_secs(8));
             // Aborted: every later call fails at once.
             assert!(comm.barrier().is_err());
             Ok(false)
