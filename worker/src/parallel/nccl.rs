@@ -36,10 +36,13 @@
 //!   the common patterns deadlock-free (ring attention: every rank sends to its successor, then
 //!   receives from its predecessor), `send` only queues the message; the next `recv` issues the
 //!   queued sends (the oldest one to each peer) in one NCCL group with its own receive, and any
-//!   collective first issues all queued sends. A program is therefore correct here if every
-//!   send is received before the sender's next collective completes, and a rank does not queue
-//!   two messages to a peer that posts its matching receives only after a receive from that
-//!   rank.
+//!   collective first issues all queued sends. A queued send completes only when its receiver
+//!   posts the matching receive, so a program is correct here if, whenever a rank receives or
+//!   enters a collective with messages queued, their receivers post those receives without
+//!   first waiting for that rank to do something else. Ring exchanges and send-then-receive
+//!   pairs satisfy this; arbitrary buffered patterns that the TCP mesh tolerates may not.
+//!   Because the send goes out with the receive, the ring's transfer no longer overlaps the
+//!   attention computed between the two calls (a send on a second stream would restore that).
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
