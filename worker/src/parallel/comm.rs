@@ -145,6 +145,10 @@ pub enum CommError {
     /// number of tensors, ...).
     #[error("rank {rank}: {op}: {reason}")]
     Usage { rank: usize, op: Op, reason: String },
+    /// A device-side backend (NCCL) reported an error, or did not finish an operation in time
+    /// (`reason` names the call and the peer where there is one).
+    #[error("rank {rank}: {op}: {reason}")]
+    Backend { rank: usize, op: Op, reason: String },
     #[error("rank {rank}: {op}: {source}")]
     Tensor {
         rank: usize,
