@@ -5,8 +5,8 @@ use candle_core::{bail, Tensor};
 use serde::Deserialize;
 
 use super::{
-    compute_dtype, f32_round, linear_combination, reject_flag, stretch_to_terminal, Scheduler,
-    SchedulerError,
+    compute_dtype, f32_round, linear_combination, reject_flag, reject_sigma_schedules,
+    stretch_to_terminal, Scheduler, SchedulerError,
 };
 
 const NAME: &str = "FlowMatchEulerDiscreteScheduler";
@@ -46,30 +46,16 @@ impl Default for EulerConfig {
 
 impl EulerConfig {
     fn validate(&self) -> Result<(), SchedulerError> {
-        let sigma_schedule = "only the shifted linear sigma schedule is supported";
-        reject_flag(
+        reject_sigma_schedules(
             NAME,
-            "use_karras_sigmas",
-            self.use_karras_sigmas,
-            sigma_schedule,
-        )?;
-        reject_flag(
-            NAME,
-            "use_exponential_sigmas",
-            self.use_exponential_sigmas,
-            sigma_schedule,
-        )?;
-        reject_flag(
-            NAME,
-            "use_beta_sigmas",
-            self.use_beta_sigmas,
-            sigma_schedule,
-        )?;
-        reject_flag(
-            NAME,
-            "use_dynamic_shifting",
+            "only the shifted linear sigma schedule is supported",
+            [
+                self.use_karras_sigmas,
+                self.use_exponential_sigmas,
+                self.use_beta_sigmas,
+            ],
             self.use_dynamic_shifting,
-            "resolution-dependent shifting is not implemented; set shift instead",
+            "shift",
         )?;
         reject_flag(
             NAME,

@@ -244,6 +244,32 @@ fn reject_flag(
     Ok(())
 }
 
+/// The sigma-schedule options of diffusers' flow schedulers that this port does not implement:
+/// the Karras, exponential and beta schedules (rejected with `schedule_why`) and
+/// resolution-dependent shifting (the config's fixed shift is named `shift_option`).
+fn reject_sigma_schedules(
+    scheduler: &'static str,
+    schedule_why: &str,
+    [karras, exponential, beta]: [bool; 3],
+    dynamic_shifting: bool,
+    shift_option: &str,
+) -> Result<(), SchedulerError> {
+    reject_flag(scheduler, "use_karras_sigmas", karras, schedule_why)?;
+    reject_flag(
+        scheduler,
+        "use_exponential_sigmas",
+        exponential,
+        schedule_why,
+    )?;
+    reject_flag(scheduler, "use_beta_sigmas", beta, schedule_why)?;
+    reject_flag(
+        scheduler,
+        "use_dynamic_shifting",
+        dynamic_shifting,
+        &format!("resolution-dependent shifting is not implemented; set {shift_option} instead"),
+    )
+}
+
 /// The checks both flow-matching schedulers make of their shared options: the shift (named
 /// `shift_option` in the scheduler's config), the terminal shift and the training timesteps.
 pub(crate) fn check_flow_shift(
