@@ -398,7 +398,7 @@ mod tests {
         seeded_var_builder, Checkpoint, SafetensorsWeights, ShardPlan, ShardedWeights,
     };
     use crate::model::wan::transformer::WanTransformer3DModel;
-    use crate::parallel::tcp::{TcpMesh, TcpMeshConfig};
+    use crate::parallel::testing::{layout, run_ranks, TestResult, LAYOUTS};
     use candle_core::Device;
     use candle_nn::var_builder::SimpleBackend;
     use candle_nn::Init;
@@ -406,70 +406,7 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
 
-    type TestError = Box<dyn std::error::Error + Send + Sync>;
-    type TestResult<T = ()> = std::result::Result<T, TestError>;
-
     const TOLERANCE: f64 = 1e-4;
-
-    /// The layouts every case runs, as (tp, ulysses, ring, cfg).
-    const LAYOUTS: [(usize, usize, usize, usize); 8] = [
-        (2, 1, 1, 1),
-        (1, 2, 1, 1),
-        (1, 1, 2, 1),
-        (1, 1, 1, 2),
-        (2, 2, 1, 1),
-        (1, 2, 2, 1),
-        (2, 1, 2, 1),
-        (1, 2, 1, 2),
-    ];
-
-    fn layout((tp, ulysses, ring, cfg): (usize, usize, usize, usize)) -> Layout {
-        Layout {
-            cfg,
-            tp,
-            ulysses,
-            ring,
-        }
-    }
-
-    /// Runs `f(rank, world)` on `world` threads joined by a loopback TCP mesh; results by rank.
-    fn run_ranks<T: Send>(
-        world: usize,
-        f: impl Fn(usize, Box<dyn Communicator>) -> TestResult<T> + Sync,
-    ) -> TestResult<Vec<T>> {
-        let listeners = (0..world)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let addrs = listeners
-            .iter()
-            .map(|l| l.local_addr())
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let f = &f;
-        let addrs = &addrs;
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    scope.spawn(move || -> TestResult<T> {
-                        let mesh = TcpMesh::connect_with_listener(
-                            TcpMeshConfig::new(rank, addrs.clone()),
-                            listener,
-                        )?;
-                        f(rank, Box::new(mesh))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .map(|(rank, h)| match h.join() {
-                    Ok(result) => result.map_err(|e| format!("rank {rank}: {e}").into()),
-                    Err(_) => Err(format!("rank {rank} panicked").into()),
-                })
-                .collect()
-        })
-    }
 
     /// One model and inputs, with the single-process output to match.
     struct Case {

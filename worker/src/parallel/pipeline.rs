@@ -332,58 +332,9 @@ mod tests {
     use super::*;
     use crate::model::compare::relative_l2;
     use crate::model::loader::{read_json, SafetensorsWeights};
-    use crate::parallel::tcp::{TcpMesh, TcpMeshConfig};
-
-    type TestResult<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+    use crate::parallel::testing::{run_ranks, TestResult, LAYOUTS};
 
     const TOLERANCE: f64 = 1e-4;
-
-    /// (tp, ulysses, ring, cfg)
-    const LAYOUTS: [(usize, usize, usize, usize); 8] = [
-        (2, 1, 1, 1),
-        (1, 2, 1, 1),
-        (1, 1, 2, 1),
-        (1, 1, 1, 2),
-        (2, 2, 1, 1),
-        (1, 2, 2, 1),
-        (2, 1, 2, 1),
-        (1, 2, 1, 2),
-    ];
-
-    /// Runs `f(world)` on `n` threads joined by a loopback TCP mesh; results by rank.
-    fn run_ranks<T: Send>(
-        n: usize,
-        f: impl Fn(Box<dyn Communicator>) -> TestResult<T> + Sync,
-    ) -> TestResult<Vec<T>> {
-        let listeners = (0..n)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let addrs = listeners
-            .iter()
-            .map(|l| l.local_addr())
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let (f, addrs) = (&f, &addrs);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    scope.spawn(move || -> TestResult<T> {
-                        let config = TcpMeshConfig::new(rank, addrs.clone());
-                        f(Box::new(TcpMesh::connect_with_listener(config, listener)?))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .map(|(rank, h)| match h.join() {
-                    Ok(r) => r.map_err(|e| format!("rank {rank}: {e}").into()),
-                    Err(_) => Err(format!("rank {rank} panicked").into()),
-                })
-                .collect()
-        })
-    }
 
     fn bits(t: &Tensor) -> TestResult<Vec<u32>> {
         Ok(t.flatten_all()?
@@ -446,7 +397,7 @@ mod tests {
                     continue;
                 }
                 let job = || {
-                    run_ranks(layout.world_size(), |world| {
+                    run_ranks(layout.world_size(), |_, world| {
                         let pipe = DistributedPipeline::load(
                             &checkpoint,
                             &dev,
@@ -510,7 +461,7 @@ mod tests {
         let initial = single.initial_latents(&spec)?;
         let expected = single.denoise(&spec, &c, &u, initial.clone(), &mut |_| {})?;
         let layout: Layout = "tp=2,cfg=2".parse()?;
-        let outputs = run_ranks(layout.world_size(), |world| {
+        let outputs = run_ranks(layout.world_size(), |_, world| {
             let pipe = DistributedPipeline::tiny(&dev, DType::F32, layout, world)?;
             let (c, u) = pipe
                 .pipeline()
