@@ -331,7 +331,8 @@ fn check_rank(layout: Layout, world: &dyn Communicator) -> Result<()> {
 mod tests {
     use super::*;
     use crate::model::compare::relative_l2;
-    use crate::model::loader::{read_json, SafetensorsWeights};
+    use crate::model::loader::SafetensorsWeights;
+    use crate::model::reference::PipelineCase;
     use crate::parallel::testing::{run_ranks, TestResult, LAYOUTS};
 
     const TOLERANCE: f64 = 1e-4;
@@ -344,18 +345,6 @@ mod tests {
             .collect())
     }
 
-    #[derive(serde::Deserialize)]
-    struct Spec {
-        prompt: String,
-        negative_prompt: String,
-        height: usize,
-        width: usize,
-        num_frames: usize,
-        num_inference_steps: usize,
-        guidance_scale: f64,
-        max_sequence_length: usize,
-    }
-
     /// The whole pipeline on each fixture checkpoint under every layout: the final latents match
     /// the single-process pipeline's, are bit-identical on every rank, and a second job gives
     /// the same bits.
@@ -363,19 +352,8 @@ mod tests {
     fn every_layout_renders_the_single_process_latents() -> TestResult {
         let dev = Device::Cpu;
         for dir in crate::model::reference::test_fixture_dirs() {
-            let spec: Spec = read_json(&dir.join("cases/pipeline.json"))?;
-            let render = RenderSpec {
-                prompt: spec.prompt,
-                negative_prompt: spec.negative_prompt,
-                frames: spec.num_frames,
-                width: spec.width,
-                height: spec.height,
-                steps: spec.num_inference_steps,
-                guidance_scale: spec.guidance_scale,
-                shift: None,
-                scheduler: None,
-                seed: 0,
-            };
+            let spec = PipelineCase::read(&dir)?;
+            let render = spec.render();
             let checkpoint = dir.join("pipeline");
             let initial = SafetensorsWeights::open_file(dir.join("cases/pipeline.safetensors"))?
                 .load("initial_latents", &dev)?;
