@@ -19,7 +19,9 @@ use super::comm::Communicator;
 use super::dit::DistributedWanTransformer;
 use super::layout::{Layout, LayoutLimits};
 use super::tensor_parallel::tensor_parallel_plan;
-use crate::model::loader::{seeded_var_builder, Checkpoint, Shard, ShardPlan};
+use crate::model::loader::{
+    seeded_var_builder, seeded_without_shape, Checkpoint, Shard, ShardPlan,
+};
 use crate::model::pipeline::{
     FlowModel, Parts, PipelineError, Progress, RenderSpec, Result, Video, WanPipeline,
     TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED,
@@ -113,7 +115,7 @@ impl SimpleBackend for SeededSlices {
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("seeded weights need a shape for tensor `{name}`")
+        seeded_without_shape(name)
     }
 
     fn contains_tensor(&self, _: &str) -> bool {
