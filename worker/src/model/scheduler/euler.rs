@@ -188,14 +188,12 @@ impl Scheduler for FlowMatchEulerDiscreteScheduler {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{fixture_steps, step_through_fixture};
     use super::*;
-    use crate::model::compare::relative_l2;
     use crate::model::loader::SafetensorsWeights;
-    use candle_core::{DType, Device};
 
     #[test]
     fn matches_reference_euler() {
-        let dev = Device::Cpu;
         for case in crate::model::reference::test_fixture_dirs() {
             let dir = case.join("cases");
             let text =
@@ -203,48 +201,9 @@ mod tests {
             let cfg: EulerConfig = serde_json::from_str(&text).unwrap();
             let fixture =
                 SafetensorsWeights::open_file(dir.join("scheduler_euler.safetensors")).unwrap();
-            let steps = fixture
-                .names()
-                .filter(|n| n.starts_with("model_output_"))
-                .count();
-            assert!(steps > 0, "{}: no model_output_* tensors", case.display());
+            let steps = fixture_steps(&fixture, &case);
             let mut s = FlowMatchEulerDiscreteScheduler::new(cfg, steps).unwrap();
-
-            let load64 = |name: &str| {
-                fixture
-                    .load(name, &dev)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-            };
-            assert_eq!(
-                s.timesteps(),
-                &load64("timesteps")[..],
-                "{}",
-                case.display()
-            );
-            assert_eq!(s.sigmas(), &load64("sigmas")[..], "{}", case.display());
-
-            let mut sample = fixture.load("sample_0", &dev).unwrap();
-            for i in 0..steps {
-                let mo = fixture.load(&format!("model_output_{i}"), &dev).unwrap();
-                sample = s.step(&mo, &sample).unwrap();
-                let reference = fixture.load(&format!("sample_{}", i + 1), &dev).unwrap();
-                let err = relative_l2(&sample, &reference).unwrap();
-                eprintln!(
-                    "{} euler sample_{}: rel L2 {err:.3e}",
-                    case.display(),
-                    i + 1
-                );
-                assert!(
-                    err <= 1e-4,
-                    "{} sample_{}: rel L2 {err}",
-                    case.display(),
-                    i + 1
-                );
-            }
+            let sample = step_through_fixture(&mut s, &fixture, steps, &case, "euler");
             assert!(
                 s.step(&sample, &sample).is_err(),
                 "stepping past the end must fail"

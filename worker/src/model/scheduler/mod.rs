@@ -331,8 +331,69 @@ fn f32_round(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::compare::relative_l2;
+    use crate::model::loader::SafetensorsWeights;
     use candle_core::Device;
     use serde_json::json;
+
+    /// The steps of a scheduler fixture of `case`: how many `model_output_*` tensors it holds.
+    pub(super) fn fixture_steps(fixture: &SafetensorsWeights, case: &std::path::Path) -> usize {
+        let steps = fixture
+            .names()
+            .filter(|n| n.starts_with("model_output_"))
+            .count();
+        assert!(steps > 0, "{}: no model_output_* tensors", case.display());
+        steps
+    }
+
+    /// Runs `s` through a scheduler fixture: its `timesteps` and `sigmas` must be the fixture's
+    /// exactly and every `sample_{i}` after the fixture's `model_output_{i - 1}` within 1e-4
+    /// (errors printed under `label`). Returns the last sample.
+    pub(super) fn step_through_fixture(
+        s: &mut impl Scheduler,
+        fixture: &SafetensorsWeights,
+        steps: usize,
+        case: &std::path::Path,
+        label: &str,
+    ) -> Tensor {
+        let dev = Device::Cpu;
+        let load64 = |name: &str| {
+            fixture
+                .load(name, &dev)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        assert_eq!(
+            s.timesteps(),
+            &load64("timesteps")[..],
+            "{}",
+            case.display()
+        );
+        assert_eq!(s.sigmas(), &load64("sigmas")[..], "{}", case.display());
+
+        let mut sample = fixture.load("sample_0", &dev).unwrap();
+        for i in 0..steps {
+            let mo = fixture.load(&format!("model_output_{i}"), &dev).unwrap();
+            sample = s.step(&mo, &sample).unwrap();
+            let reference = fixture.load(&format!("sample_{}", i + 1), &dev).unwrap();
+            let err = relative_l2(&sample, &reference).unwrap();
+            eprintln!(
+                "{} {label} sample_{}: rel L2 {err:.3e}",
+                case.display(),
+                i + 1
+            );
+            assert!(
+                err <= 1e-4,
+                "{} sample_{}: rel L2 {err}",
+                case.display(),
+                i + 1
+            );
+        }
+        sample
+    }
 
     fn wan_unipc() -> Value {
         json!({
