@@ -398,7 +398,7 @@ mod tests {
         seeded_var_builder, Checkpoint, SafetensorsWeights, ShardPlan, ShardedWeights,
     };
     use crate::model::wan::transformer::WanTransformer3DModel;
-    use crate::parallel::testing::{layout, run_ranks, TestResult, LAYOUTS};
+    use crate::parallel::testing::{bits, layout, run_ranks, TestResult, LAYOUTS};
     use candle_core::Device;
     use candle_nn::var_builder::SimpleBackend;
     use candle_nn::Init;
@@ -543,14 +543,6 @@ mod tests {
             text,
             expected,
         })
-    }
-
-    fn bits(t: &Tensor) -> TestResult<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f32::to_bits)
-            .collect())
     }
 
     /// Runs `layouts` on `case`; returns how many ran (the rest the model cannot take).

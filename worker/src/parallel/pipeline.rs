@@ -335,17 +335,9 @@ mod tests {
     use crate::model::compare::relative_l2;
     use crate::model::loader::SafetensorsWeights;
     use crate::model::reference::PipelineCase;
-    use crate::parallel::testing::{run_ranks, TestResult, LAYOUTS};
+    use crate::parallel::testing::{bits, run_ranks, TestResult, LAYOUTS};
 
     const TOLERANCE: f64 = 1e-4;
-
-    fn bits(t: &Tensor) -> TestResult<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f32::to_bits)
-            .collect())
-    }
 
     /// The whole pipeline on each fixture checkpoint under every layout: the final latents match
     /// the single-process pipeline's, are bit-identical on every rank, and a second job gives

@@ -1,6 +1,8 @@
 //! Test helpers shared by the distributed transformer's and pipeline's tests: the layouts they
 //! cover and a loopback job whose ranks are threads.
 
+use candle_core::Tensor;
+
 use super::comm::Communicator;
 use super::layout::Layout;
 use super::tcp::{loopback_listeners, TcpMesh, TcpMeshConfig};
@@ -59,4 +61,13 @@ pub(crate) fn run_ranks<T: Send>(
             })
             .collect()
     })
+}
+
+/// The bit patterns of an f32 tensor, for comparing runs that must be bit-identical.
+pub(crate) fn bits(t: &Tensor) -> TestResult<Vec<u32>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f32::to_bits)
+        .collect())
 }
