@@ -31,6 +31,7 @@ use longtake_worker::model::compare::relative_l2;
 use longtake_worker::model::loader::{seeded_var_builder, SafetensorsWeights, ShardedWeights};
 use longtake_worker::model::wan::transformer::Config;
 use longtake_worker::parallel::layout::Layout;
+use longtake_worker::parallel::tcp::loopback_listeners;
 use longtake_worker::parallel::tensor_parallel::tensor_parallel_plan;
 use longtake_worker::parallel::{
     CommError, Communicator, DistributedWanTransformer, SingleRank, TcpMesh, TcpMeshConfig,
@@ -366,13 +367,7 @@ fn run_case(case: &Case, checkpoint: &Path) -> BenchResult<Vec<LayoutResult>> {
         let mut running = Vec::new();
         for &layout in &layouts {
             let world = layout.world_size();
-            let listeners = (0..world)
-                .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-                .collect::<std::io::Result<Vec<_>>>()?;
-            let addrs = listeners
-                .iter()
-                .map(|l| l.local_addr())
-                .collect::<std::io::Result<Vec<_>>>()?;
+            let (listeners, addrs) = loopback_listeners(world)?;
             let (report_tx, report_rx) = mpsc::channel();
             let mut step_txs = Vec::with_capacity(world);
             let mut handles = Vec::with_capacity(world);

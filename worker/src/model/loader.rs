@@ -701,12 +701,18 @@ impl SimpleBackend for SeededWeights {
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("seeded weights need a shape for tensor `{name}`")
+        seeded_without_shape(name)
     }
 
     fn contains_tensor(&self, _: &str) -> bool {
         true
     }
+}
+
+/// The answer of seeded weights (and of backends made from them) to a tensor asked for without
+/// its shape: a seeded tensor is made to the shape asked for, so there is none to give.
+pub(crate) fn seeded_without_shape(name: &str) -> candle_core::Result<Tensor> {
+    candle_core::bail!("seeded weights need a shape for tensor `{name}`")
 }
 
 /// A `VarBuilder` whose every tensor is made from `seed` (see [`SeededWeights`]).

@@ -49,6 +49,11 @@ fn component<T>(component: &'static str, r: candle_core::Result<T>) -> Result<T>
     r.map_err(|source| PipelineError::Component { component, source })
 }
 
+/// A heavy part of the pipeline, built only when it is `wanted` (see [`Parts`]).
+fn optional_part<T>(wanted: bool, build: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    wanted.then(build).transpose()
+}
+
 /// The configurations of the built-in tiny model's parts: Wan2.1's architecture at a toy size.
 pub struct TinyConfigs {
     pub text: umt5::Config,
@@ -234,28 +239,24 @@ impl WanPipeline {
 
         let transformer_dir = ckpt.component("transformer")?;
         let transformer_config: wan_transformer::Config = transformer_dir.config()?;
-        let transformer = if parts.transformer {
-            Some(component(
+        let transformer = optional_part(parts.transformer, || {
+            component(
                 "transformer",
                 WanTransformer3DModel::new(
                     &transformer_config,
                     transformer_dir.var_builder(dtype, device)?,
                 ),
-            )?)
-        } else {
-            None
-        };
+            )
+        })?;
 
         let vae_dir = ckpt.component("vae")?;
         let vae_config: wan_vae::Config = vae_dir.config()?;
-        let vae = if parts.vae {
-            Some(component(
+        let vae = optional_part(parts.vae, || {
+            component(
                 "vae",
                 WanVaeDecoder::new(&vae_config, vae_dir.var_builder(dtype, device)?),
-            )?)
-        } else {
-            None
-        };
+            )
+        })?;
 
         let scheduler_config = ckpt.component("scheduler")?.json("scheduler_config.json")?;
         let info = PipelineInfo {
@@ -300,28 +301,24 @@ impl WanPipeline {
                 seeded_var_builder(TINY_WEIGHT_SEED, DType::F32, device).pp("tiny_text"),
             ),
         )?;
-        let transformer = if parts.transformer {
-            Some(component(
+        let transformer = optional_part(parts.transformer, || {
+            component(
                 "transformer",
                 WanTransformer3DModel::new(
                     &transformer_config,
                     seeded_var_builder(TINY_WEIGHT_SEED, dtype, device).pp(TINY_TRANSFORMER_PREFIX),
                 ),
-            )?)
-        } else {
-            None
-        };
-        let vae = if parts.vae {
-            Some(component(
+            )
+        })?;
+        let vae = optional_part(parts.vae, || {
+            component(
                 "vae",
                 WanVaeDecoder::new(
                     &vae_config,
                     seeded_var_builder(TINY_WEIGHT_SEED, dtype, device).pp("tiny_vae"),
                 ),
-            )?)
-        } else {
-            None
-        };
+            )
+        })?;
         let scheduler_config = serde_json::json!({
             "_class_name": "UniPCMultistepScheduler",
             "num_train_timesteps": 1000, "prediction_type": "flow_prediction",

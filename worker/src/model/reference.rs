@@ -25,6 +25,43 @@ pub const MODULE_TOLERANCE: f64 = 1e-4;
 /// Tolerance on the relative L2 error of the whole pipeline.
 pub const PIPELINE_TOLERANCE: f64 = 1e-3;
 
+/// A fixture's `cases/pipeline.json`: the settings of the reference pipeline run.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub(crate) struct PipelineCase {
+    prompt: String,
+    negative_prompt: String,
+    height: usize,
+    width: usize,
+    num_frames: usize,
+    num_inference_steps: usize,
+    guidance_scale: f64,
+    pub(crate) max_sequence_length: usize,
+}
+
+impl PipelineCase {
+    /// Reads `cases/pipeline.json` of the fixture directory `dir`.
+    pub(crate) fn read(dir: &Path) -> Result<Self, super::loader::LoadError> {
+        read_json(&dir.join("cases/pipeline.json"))
+    }
+
+    /// The render the reference ran. Its noise is given as initial latents, so the seed is
+    /// unused.
+    pub(crate) fn render(&self) -> RenderSpec {
+        RenderSpec {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            frames: self.num_frames,
+            width: self.width,
+            height: self.height,
+            steps: self.num_inference_steps,
+            guidance_scale: self.guidance_scale,
+            shift: None,
+            scheduler: None,
+            seed: 0,
+        }
+    }
+}
+
 /// The outcome of one comparison.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaseResult {
@@ -387,34 +424,12 @@ impl Fixture {
     /// The whole run from the reference's initial latents (torch's noise cannot be reproduced, so
     /// it is given), with our own prompt embeddings.
     fn pipeline(&self) -> CaseOutcome {
-        #[derive(serde::Deserialize)]
-        struct Spec {
-            prompt: String,
-            negative_prompt: String,
-            height: usize,
-            width: usize,
-            num_frames: usize,
-            num_inference_steps: usize,
-            guidance_scale: f64,
-            max_sequence_length: usize,
-        }
-        let spec: Spec = read_json(&self.dir.join("cases/pipeline.json")).map_err(msg)?;
+        let spec = PipelineCase::read(&self.dir).map_err(msg)?;
         let case = self.case("pipeline.safetensors")?;
         let pipe = WanPipeline::load(self.pipeline_dir(), &self.device, DType::F32)
             .map_err(msg)?
             .with_max_sequence_length(spec.max_sequence_length);
-        let render = RenderSpec {
-            prompt: spec.prompt,
-            negative_prompt: spec.negative_prompt,
-            frames: spec.num_frames,
-            width: spec.width,
-            height: spec.height,
-            steps: spec.num_inference_steps,
-            guidance_scale: spec.guidance_scale,
-            shift: None,
-            scheduler: None,
-            seed: 0,
-        };
+        let render = spec.render();
         let (cond, uncond) = pipe
             .encode_prompts(&render.prompt, &render.negative_prompt)
             .map_err(msg)?;

@@ -13,8 +13,8 @@
 //! its tp all-reduce. Cross-attention and the FFN only need tp. Modulation, norms, embeddings and
 //! the output head are replicated.
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{linear, LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
 
 use super::comm::Communicator;
 use super::group::Group;
@@ -26,9 +26,10 @@ use crate::model::loader::Component;
 use crate::model::wan::attention::{
     apply_rope, attention, merge_heads, split_heads, AttentionOptions,
 };
-use crate::model::wan::embeddings::{ConditionEmbedder, PatchEmbedding};
-use crate::model::wan::rope::{RopeTables, WanRope};
-use crate::model::wan::transformer::{modulate, plain_layer_norm, unpatchify, Config};
+use crate::model::wan::rope::RopeTables;
+use crate::model::wan::transformer::{
+    check_batch, unpatchify, BlockResiduals, Config, TransformerEnds,
+};
 
 /// The groups one rank belongs to.
 #[derive(Debug)]
@@ -108,13 +109,10 @@ impl SequenceShard {
 /// One `blocks.{i}` as a rank of the layout holds it.
 #[derive(Debug, Clone)]
 struct DistributedBlock {
-    norm1: LayerNorm,
+    residuals: BlockResiduals,
     attn1: TpAttention,
-    norm2: Option<LayerNorm>,
     attn2: TpAttention,
-    norm3: LayerNorm,
     ffn: TpFeedForward,
-    scale_shift_table: Tensor,
 }
 
 /// What a block needs besides its input.
@@ -129,48 +127,23 @@ struct BlockContext<'a> {
 
 impl DistributedBlock {
     fn new(cfg: &Config, tp: usize, tp_rank: usize, vb: VarBuilder) -> Result<Self> {
-        let dim = cfg.dim();
-        let f32_vb = vb.to_dtype(DType::F32);
-        let norm2 = if cfg.cross_attn_norm {
-            Some(candle_nn::layer_norm(dim, cfg.eps, f32_vb.pp("norm2"))?)
-        } else {
-            None
-        };
         Ok(Self {
-            norm1: plain_layer_norm(dim, cfg.eps, vb.device())?,
+            residuals: BlockResiduals::new(cfg, &vb)?,
             attn1: TpAttention::new(cfg, tp, tp_rank, vb.pp("attn1"))?,
-            norm2,
             attn2: TpAttention::new(cfg, tp, tp_rank, vb.pp("attn2"))?,
-            norm3: plain_layer_norm(dim, cfg.eps, vb.device())?,
             ffn: TpFeedForward::new(cfg, tp, tp_rank, vb.pp("ffn"))?,
-            scale_shift_table: f32_vb.get((1, 6, dim), "scale_shift_table")?,
         })
     }
 
     /// The same computation as `WanTransformerBlock::forward`, on this rank's tokens.
     fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let m = ctx.modulation.broadcast_add(&self.scale_shift_table)?;
-        let part = |i: usize| m.narrow(1, i, 1);
-        let (shift_msa, scale_msa, gate_msa) = (part(0)?, (part(1)? + 1.0)?, part(2)?);
-        let (c_shift, c_scale, c_gate) = (part(3)?, (part(4)? + 1.0)?, part(5)?);
-
-        let xf = x.to_dtype(DType::F32)?;
-        let h = modulate(&self.norm1.forward(&xf)?, &scale_msa, &shift_msa)?.to_dtype(dtype)?;
-        let attn = self.self_attention(&h, ctx)?;
-        let xf = (xf + attn.to_dtype(DType::F32)?.broadcast_mul(&gate_msa)?)?;
-        let x = xf.to_dtype(dtype)?;
-
-        let h = match &self.norm2 {
-            Some(norm) => norm.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
-            None => x.clone(),
-        };
-        let x = (&x + self.cross_attention(&h, ctx)?)?;
-
-        let xf = x.to_dtype(DType::F32)?;
-        let h = modulate(&self.norm3.forward(&xf)?, &c_scale, &c_shift)?.to_dtype(dtype)?;
-        let ff = self.ffn.forward(&h, &ctx.groups.tp)?;
-        (xf + ff.to_dtype(DType::F32)?.broadcast_mul(&c_gate)?)?.to_dtype(dtype)
+        self.residuals.forward(
+            x,
+            ctx.modulation,
+            |h| self.self_attention(h, ctx),
+            |h| self.cross_attention(h, ctx),
+            |h| self.ffn.forward(h, &ctx.groups.tp),
+        )
     }
 
     fn self_attention(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
@@ -235,13 +208,8 @@ pub struct DistributedWanTransformer {
     groups: Groups,
     /// The whole-job communicator the groups were made from; kept alive with them.
     world: Box<dyn Communicator>,
-    patch_embedding: PatchEmbedding,
-    condition_embedder: ConditionEmbedder,
+    ends: TransformerEnds,
     blocks: Vec<DistributedBlock>,
-    norm_out: LayerNorm,
-    scale_shift_table: Tensor,
-    proj_out: Linear,
-    rope: WanRope,
     options: AttentionOptions,
     loaded_weight_bytes: Option<u64>,
 }
@@ -280,8 +248,6 @@ impl DistributedWanTransformer {
         let rank = world.rank();
         let coords = layout.coords(rank);
         let groups = Groups::new(&layout, rank, world.as_ref())?;
-        let dim = config.dim();
-        let patch_len: usize = config.patch_size.iter().product();
         let blocks = (0..config.num_layers)
             .map(|i| {
                 DistributedBlock::new(config, layout.tp, coords.tp, vb.pp(format!("blocks.{i}")))
@@ -294,25 +260,8 @@ impl DistributedWanTransformer {
             coords,
             groups,
             world,
-            patch_embedding: PatchEmbedding::new(
-                config.in_channels,
-                dim,
-                config.patch_size,
-                vb.pp("patch_embedding"),
-            )?,
-            condition_embedder: ConditionEmbedder::new(
-                dim,
-                config.freq_dim,
-                config.text_dim,
-                vb.pp("condition_embedder"),
-            )?,
+            ends: TransformerEnds::new(config, &vb)?,
             blocks,
-            norm_out: plain_layer_norm(dim, config.eps, vb.device())?,
-            scale_shift_table: vb
-                .to_dtype(DType::F32)
-                .get((1, 2, dim), "scale_shift_table")?,
-            proj_out: linear(dim, config.out_channels() * patch_len, vb.pp("proj_out"))?,
-            rope: WanRope::new(config.attention_head_dim, config.rope_max_seq_len, 10000.0)?,
             options: AttentionOptions::default(),
             loaded_weight_bytes: None,
         })
@@ -383,15 +332,7 @@ impl DistributedWanTransformer {
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
-        let (b, _, f, h, w) = hidden_states.dims5()?;
-        if timestep.dims() != [b] || encoder_hidden_states.dim(0)? != b {
-            candle_core::bail!(
-                "batch mismatch: hidden_states {:?}, timestep {:?}, encoder_hidden_states {:?}",
-                hidden_states.dims(),
-                timestep.dims(),
-                encoder_hidden_states.dims()
-            );
-        }
+        let (b, f, h, w) = check_batch(hidden_states, timestep, encoder_hidden_states)?;
         if b < self.layout.cfg {
             candle_core::bail!(
                 "layout {} splits the batch over {} CFG ranks, but the batch has {b} rows",
@@ -407,21 +348,18 @@ impl DistributedWanTransformer {
             branch(encoder_hidden_states)?,
         );
 
-        let dtype = self.proj_out.weight().dtype();
         let device = x.device();
         let [pt, ph, pw] = self.config.patch_size;
         let grid = (f / pt, h / ph, w / pw);
         let sequence = SequenceShard::new(grid.0 * grid.1 * grid.2, &self.layout, self.rank);
-        let rope = self.rope.tables(grid, device)?;
+        let rope = self.ends.rope().tables(grid, device)?;
         let rope = RopeTables {
             cos: sequence.take(&rope.cos, 0)?,
             sin: sequence.take(&rope.sin, 0)?,
         };
 
-        let mut x = sequence.take(&self.patch_embedding.forward(&x.to_dtype(dtype)?)?, 1)?;
-        let cond = self
-            .condition_embedder
-            .forward(&timestep, &text.to_dtype(dtype)?)?;
+        let (x, cond) = self.ends.embed(&x, &timestep, &text)?;
+        let mut x = sequence.take(&x, 1)?;
         let ctx = BlockContext {
             modulation: &cond.modulation,
             context: &cond.context,
@@ -434,13 +372,7 @@ impl DistributedWanTransformer {
             x = block.forward(&x, &ctx)?;
         }
 
-        let table = self
-            .scale_shift_table
-            .broadcast_add(&cond.temb.unsqueeze(1)?)?;
-        let (shift, scale) = (table.narrow(1, 0, 1)?, (table.narrow(1, 1, 1)? + 1.0)?);
-        let xf = self.norm_out.forward(&x.to_dtype(DType::F32)?)?;
-        let x = modulate(&xf, &scale, &shift)?.to_dtype(dtype)?;
-        let x = self.proj_out.forward(&x)?;
+        let x = self.ends.head(&x, &cond.temb)?;
         // Gathered after the output projection, where a token is smallest.
         let x = self
             .groups
@@ -466,7 +398,7 @@ mod tests {
         seeded_var_builder, Checkpoint, SafetensorsWeights, ShardPlan, ShardedWeights,
     };
     use crate::model::wan::transformer::WanTransformer3DModel;
-    use crate::parallel::tcp::{TcpMesh, TcpMeshConfig};
+    use crate::parallel::testing::{bits, layout, run_ranks, TestResult, LAYOUTS};
     use candle_core::Device;
     use candle_nn::var_builder::SimpleBackend;
     use candle_nn::Init;
@@ -474,70 +406,7 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
 
-    type TestError = Box<dyn std::error::Error + Send + Sync>;
-    type TestResult<T = ()> = std::result::Result<T, TestError>;
-
     const TOLERANCE: f64 = 1e-4;
-
-    /// The layouts every case runs, as (tp, ulysses, ring, cfg).
-    const LAYOUTS: [(usize, usize, usize, usize); 8] = [
-        (2, 1, 1, 1),
-        (1, 2, 1, 1),
-        (1, 1, 2, 1),
-        (1, 1, 1, 2),
-        (2, 2, 1, 1),
-        (1, 2, 2, 1),
-        (2, 1, 2, 1),
-        (1, 2, 1, 2),
-    ];
-
-    fn layout((tp, ulysses, ring, cfg): (usize, usize, usize, usize)) -> Layout {
-        Layout {
-            cfg,
-            tp,
-            ulysses,
-            ring,
-        }
-    }
-
-    /// Runs `f(rank, world)` on `world` threads joined by a loopback TCP mesh; results by rank.
-    fn run_ranks<T: Send>(
-        world: usize,
-        f: impl Fn(usize, Box<dyn Communicator>) -> TestResult<T> + Sync,
-    ) -> TestResult<Vec<T>> {
-        let listeners = (0..world)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let addrs = listeners
-            .iter()
-            .map(|l| l.local_addr())
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let f = &f;
-        let addrs = &addrs;
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    scope.spawn(move || -> TestResult<T> {
-                        let mesh = TcpMesh::connect_with_listener(
-                            TcpMeshConfig::new(rank, addrs.clone()),
-                            listener,
-                        )?;
-                        f(rank, Box::new(mesh))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .map(|(rank, h)| match h.join() {
-                    Ok(result) => result.map_err(|e| format!("rank {rank}: {e}").into()),
-                    Err(_) => Err(format!("rank {rank} panicked").into()),
-                })
-                .collect()
-        })
-    }
 
     /// One model and inputs, with the single-process output to match.
     struct Case {
@@ -674,14 +543,6 @@ mod tests {
             text,
             expected,
         })
-    }
-
-    fn bits(t: &Tensor) -> TestResult<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f32::to_bits)
-            .collect())
     }
 
     /// Runs `layouts` on `case`; returns how many ran (the rest the model cannot take).

@@ -18,6 +18,8 @@ pub mod ring;
 pub mod single;
 pub mod tcp;
 pub mod tensor_parallel;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod ulysses;
 
 pub use comm::{CommError, Communicator, Op, PeerId};

@@ -19,7 +19,9 @@ use super::comm::Communicator;
 use super::dit::DistributedWanTransformer;
 use super::layout::{Layout, LayoutLimits};
 use super::tensor_parallel::tensor_parallel_plan;
-use crate::model::loader::{seeded_var_builder, Checkpoint, Shard, ShardPlan};
+use crate::model::loader::{
+    seeded_var_builder, seeded_without_shape, Checkpoint, Shard, ShardPlan,
+};
 use crate::model::pipeline::{
     FlowModel, Parts, PipelineError, Progress, RenderSpec, Result, Video, WanPipeline,
     TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED,
@@ -113,7 +115,7 @@ impl SimpleBackend for SeededSlices {
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("seeded weights need a shape for tensor `{name}`")
+        seeded_without_shape(name)
     }
 
     fn contains_tensor(&self, _: &str) -> bool {
@@ -331,79 +333,11 @@ fn check_rank(layout: Layout, world: &dyn Communicator) -> Result<()> {
 mod tests {
     use super::*;
     use crate::model::compare::relative_l2;
-    use crate::model::loader::{read_json, SafetensorsWeights};
-    use crate::parallel::tcp::{TcpMesh, TcpMeshConfig};
-
-    type TestResult<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+    use crate::model::loader::SafetensorsWeights;
+    use crate::model::reference::PipelineCase;
+    use crate::parallel::testing::{bits, run_ranks, TestResult, LAYOUTS};
 
     const TOLERANCE: f64 = 1e-4;
-
-    /// (tp, ulysses, ring, cfg)
-    const LAYOUTS: [(usize, usize, usize, usize); 8] = [
-        (2, 1, 1, 1),
-        (1, 2, 1, 1),
-        (1, 1, 2, 1),
-        (1, 1, 1, 2),
-        (2, 2, 1, 1),
-        (1, 2, 2, 1),
-        (2, 1, 2, 1),
-        (1, 2, 1, 2),
-    ];
-
-    /// Runs `f(world)` on `n` threads joined by a loopback TCP mesh; results by rank.
-    fn run_ranks<T: Send>(
-        n: usize,
-        f: impl Fn(Box<dyn Communicator>) -> TestResult<T> + Sync,
-    ) -> TestResult<Vec<T>> {
-        let listeners = (0..n)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let addrs = listeners
-            .iter()
-            .map(|l| l.local_addr())
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let (f, addrs) = (&f, &addrs);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, listener)| {
-                    scope.spawn(move || -> TestResult<T> {
-                        let config = TcpMeshConfig::new(rank, addrs.clone());
-                        f(Box::new(TcpMesh::connect_with_listener(config, listener)?))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .map(|(rank, h)| match h.join() {
-                    Ok(r) => r.map_err(|e| format!("rank {rank}: {e}").into()),
-                    Err(_) => Err(format!("rank {rank} panicked").into()),
-                })
-                .collect()
-        })
-    }
-
-    fn bits(t: &Tensor) -> TestResult<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f32::to_bits)
-            .collect())
-    }
-
-    #[derive(serde::Deserialize)]
-    struct Spec {
-        prompt: String,
-        negative_prompt: String,
-        height: usize,
-        width: usize,
-        num_frames: usize,
-        num_inference_steps: usize,
-        guidance_scale: f64,
-        max_sequence_length: usize,
-    }
 
     /// The whole pipeline on each fixture checkpoint under every layout: the final latents match
     /// the single-process pipeline's, are bit-identical on every rank, and a second job gives
@@ -412,19 +346,8 @@ mod tests {
     fn every_layout_renders_the_single_process_latents() -> TestResult {
         let dev = Device::Cpu;
         for dir in crate::model::reference::test_fixture_dirs() {
-            let spec: Spec = read_json(&dir.join("cases/pipeline.json"))?;
-            let render = RenderSpec {
-                prompt: spec.prompt,
-                negative_prompt: spec.negative_prompt,
-                frames: spec.num_frames,
-                width: spec.width,
-                height: spec.height,
-                steps: spec.num_inference_steps,
-                guidance_scale: spec.guidance_scale,
-                shift: None,
-                scheduler: None,
-                seed: 0,
-            };
+            let spec = PipelineCase::read(&dir)?;
+            let render = spec.render();
             let checkpoint = dir.join("pipeline");
             let initial = SafetensorsWeights::open_file(dir.join("cases/pipeline.safetensors"))?
                 .load("initial_latents", &dev)?;
@@ -446,7 +369,7 @@ mod tests {
                     continue;
                 }
                 let job = || {
-                    run_ranks(layout.world_size(), |world| {
+                    run_ranks(layout.world_size(), |_, world| {
                         let pipe = DistributedPipeline::load(
                             &checkpoint,
                             &dev,
@@ -510,7 +433,7 @@ mod tests {
         let initial = single.initial_latents(&spec)?;
         let expected = single.denoise(&spec, &c, &u, initial.clone(), &mut |_| {})?;
         let layout: Layout = "tp=2,cfg=2".parse()?;
-        let outputs = run_ranks(layout.world_size(), |world| {
+        let outputs = run_ranks(layout.world_size(), |_, world| {
             let pipe = DistributedPipeline::tiny(&dev, DType::F32, layout, world)?;
             let (c, u) = pipe
                 .pipeline()

@@ -41,6 +41,22 @@ const MAX_TENSOR_RANK: usize = 16;
 /// The group of the whole mesh; subgroups derive theirs from it.
 const WORLD_GROUP: u64 = 1;
 
+/// `n` listeners on loopback ports the OS picks, with their addresses: the mesh of a job whose
+/// ranks all run on this machine (tests, benchmarks), before each rank connects with
+/// [`TcpMesh::connect_with_listener`].
+pub fn loopback_listeners(
+    n: usize,
+) -> std::io::Result<(Vec<std::net::TcpListener>, Vec<SocketAddr>)> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let addrs = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok((listeners, addrs))
+}
+
 /// How long the blocking operations of a mesh may wait.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Timeouts {

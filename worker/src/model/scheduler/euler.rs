@@ -5,8 +5,8 @@ use candle_core::{bail, Tensor};
 use serde::Deserialize;
 
 use super::{
-    compute_dtype, f32_round, linear_combination, reject_flag, stretch_to_terminal, Scheduler,
-    SchedulerError,
+    compute_dtype, f32_round, linear_combination, reject_flag, reject_sigma_schedules,
+    stretch_to_terminal, Scheduler, SchedulerError,
 };
 
 const NAME: &str = "FlowMatchEulerDiscreteScheduler";
@@ -46,30 +46,16 @@ impl Default for EulerConfig {
 
 impl EulerConfig {
     fn validate(&self) -> Result<(), SchedulerError> {
-        let sigma_schedule = "only the shifted linear sigma schedule is supported";
-        reject_flag(
+        reject_sigma_schedules(
             NAME,
-            "use_karras_sigmas",
-            self.use_karras_sigmas,
-            sigma_schedule,
-        )?;
-        reject_flag(
-            NAME,
-            "use_exponential_sigmas",
-            self.use_exponential_sigmas,
-            sigma_schedule,
-        )?;
-        reject_flag(
-            NAME,
-            "use_beta_sigmas",
-            self.use_beta_sigmas,
-            sigma_schedule,
-        )?;
-        reject_flag(
-            NAME,
-            "use_dynamic_shifting",
+            "only the shifted linear sigma schedule is supported",
+            [
+                self.use_karras_sigmas,
+                self.use_exponential_sigmas,
+                self.use_beta_sigmas,
+            ],
             self.use_dynamic_shifting,
-            "resolution-dependent shifting is not implemented; set shift instead",
+            "shift",
         )?;
         reject_flag(
             NAME,
@@ -202,14 +188,12 @@ impl Scheduler for FlowMatchEulerDiscreteScheduler {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{fixture_steps, step_through_fixture};
     use super::*;
-    use crate::model::compare::relative_l2;
     use crate::model::loader::SafetensorsWeights;
-    use candle_core::{DType, Device};
 
     #[test]
     fn matches_reference_euler() {
-        let dev = Device::Cpu;
         for case in crate::model::reference::test_fixture_dirs() {
             let dir = case.join("cases");
             let text =
@@ -217,48 +201,9 @@ mod tests {
             let cfg: EulerConfig = serde_json::from_str(&text).unwrap();
             let fixture =
                 SafetensorsWeights::open_file(dir.join("scheduler_euler.safetensors")).unwrap();
-            let steps = fixture
-                .names()
-                .filter(|n| n.starts_with("model_output_"))
-                .count();
-            assert!(steps > 0, "{}: no model_output_* tensors", case.display());
+            let steps = fixture_steps(&fixture, &case);
             let mut s = FlowMatchEulerDiscreteScheduler::new(cfg, steps).unwrap();
-
-            let load64 = |name: &str| {
-                fixture
-                    .load(name, &dev)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-            };
-            assert_eq!(
-                s.timesteps(),
-                &load64("timesteps")[..],
-                "{}",
-                case.display()
-            );
-            assert_eq!(s.sigmas(), &load64("sigmas")[..], "{}", case.display());
-
-            let mut sample = fixture.load("sample_0", &dev).unwrap();
-            for i in 0..steps {
-                let mo = fixture.load(&format!("model_output_{i}"), &dev).unwrap();
-                sample = s.step(&mo, &sample).unwrap();
-                let reference = fixture.load(&format!("sample_{}", i + 1), &dev).unwrap();
-                let err = relative_l2(&sample, &reference).unwrap();
-                eprintln!(
-                    "{} euler sample_{}: rel L2 {err:.3e}",
-                    case.display(),
-                    i + 1
-                );
-                assert!(
-                    err <= 1e-4,
-                    "{} sample_{}: rel L2 {err}",
-                    case.display(),
-                    i + 1
-                );
-            }
+            let sample = step_through_fixture(&mut s, &fixture, steps, &case, "euler");
             assert!(
                 s.step(&sample, &sample).is_err(),
                 "stepping past the end must fail"

@@ -244,6 +244,32 @@ fn reject_flag(
     Ok(())
 }
 
+/// The sigma-schedule options of diffusers' flow schedulers that this port does not implement:
+/// the Karras, exponential and beta schedules (rejected with `schedule_why`) and
+/// resolution-dependent shifting (the config's fixed shift is named `shift_option`).
+fn reject_sigma_schedules(
+    scheduler: &'static str,
+    schedule_why: &str,
+    [karras, exponential, beta]: [bool; 3],
+    dynamic_shifting: bool,
+    shift_option: &str,
+) -> Result<(), SchedulerError> {
+    reject_flag(scheduler, "use_karras_sigmas", karras, schedule_why)?;
+    reject_flag(
+        scheduler,
+        "use_exponential_sigmas",
+        exponential,
+        schedule_why,
+    )?;
+    reject_flag(scheduler, "use_beta_sigmas", beta, schedule_why)?;
+    reject_flag(
+        scheduler,
+        "use_dynamic_shifting",
+        dynamic_shifting,
+        &format!("resolution-dependent shifting is not implemented; set {shift_option} instead"),
+    )
+}
+
 /// The checks both flow-matching schedulers make of their shared options: the shift (named
 /// `shift_option` in the scheduler's config), the terminal shift and the training timesteps.
 pub(crate) fn check_flow_shift(
@@ -305,8 +331,69 @@ fn f32_round(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::compare::relative_l2;
+    use crate::model::loader::SafetensorsWeights;
     use candle_core::Device;
     use serde_json::json;
+
+    /// The steps of a scheduler fixture of `case`: how many `model_output_*` tensors it holds.
+    pub(super) fn fixture_steps(fixture: &SafetensorsWeights, case: &std::path::Path) -> usize {
+        let steps = fixture
+            .names()
+            .filter(|n| n.starts_with("model_output_"))
+            .count();
+        assert!(steps > 0, "{}: no model_output_* tensors", case.display());
+        steps
+    }
+
+    /// Runs `s` through a scheduler fixture: its `timesteps` and `sigmas` must be the fixture's
+    /// exactly and every `sample_{i}` after the fixture's `model_output_{i - 1}` within 1e-4
+    /// (errors printed under `label`). Returns the last sample.
+    pub(super) fn step_through_fixture(
+        s: &mut impl Scheduler,
+        fixture: &SafetensorsWeights,
+        steps: usize,
+        case: &std::path::Path,
+        label: &str,
+    ) -> Tensor {
+        let dev = Device::Cpu;
+        let load64 = |name: &str| {
+            fixture
+                .load(name, &dev)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        assert_eq!(
+            s.timesteps(),
+            &load64("timesteps")[..],
+            "{}",
+            case.display()
+        );
+        assert_eq!(s.sigmas(), &load64("sigmas")[..], "{}", case.display());
+
+        let mut sample = fixture.load("sample_0", &dev).unwrap();
+        for i in 0..steps {
+            let mo = fixture.load(&format!("model_output_{i}"), &dev).unwrap();
+            sample = s.step(&mo, &sample).unwrap();
+            let reference = fixture.load(&format!("sample_{}", i + 1), &dev).unwrap();
+            let err = relative_l2(&sample, &reference).unwrap();
+            eprintln!(
+                "{} {label} sample_{}: rel L2 {err:.3e}",
+                case.display(),
+                i + 1
+            );
+            assert!(
+                err <= 1e-4,
+                "{} sample_{}: rel L2 {err}",
+                case.display(),
+                i + 1
+            );
+        }
+        sample
+    }
 
     fn wan_unipc() -> Value {
         json!({

@@ -10,8 +10,8 @@ use candle_core::{bail, Tensor};
 use serde::Deserialize;
 
 use super::{
-    compute_dtype, f32_round, linear_combination, reject_flag, stretch_to_terminal, Scheduler,
-    SchedulerError,
+    compute_dtype, f32_round, linear_combination, reject_flag, reject_sigma_schedules,
+    stretch_to_terminal, Scheduler, SchedulerError,
 };
 
 const NAME: &str = "UniPCMultistepScheduler";
@@ -108,30 +108,16 @@ impl UniPcConfig {
                 "flow_prediction needs the flow sigma schedule (use_flow_sigmas: true)",
             ));
         }
-        let sigma_schedule = "only the flow sigma schedule is supported";
-        reject_flag(
+        reject_sigma_schedules(
             NAME,
-            "use_karras_sigmas",
-            self.use_karras_sigmas,
-            sigma_schedule,
-        )?;
-        reject_flag(
-            NAME,
-            "use_exponential_sigmas",
-            self.use_exponential_sigmas,
-            sigma_schedule,
-        )?;
-        reject_flag(
-            NAME,
-            "use_beta_sigmas",
-            self.use_beta_sigmas,
-            sigma_schedule,
-        )?;
-        reject_flag(
-            NAME,
-            "use_dynamic_shifting",
+            "only the flow sigma schedule is supported",
+            [
+                self.use_karras_sigmas,
+                self.use_exponential_sigmas,
+                self.use_beta_sigmas,
+            ],
             self.use_dynamic_shifting,
-            "resolution-dependent shifting is not implemented; set flow_shift instead",
+            "flow_shift",
         )?;
         reject_flag(
             NAME,
@@ -536,6 +522,7 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> candle_core::Result<Vec<f64>>
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{fixture_steps, step_through_fixture};
     use super::*;
     use crate::model::compare::relative_l2;
     use crate::model::loader::SafetensorsWeights;
@@ -549,53 +536,13 @@ mod tests {
 
     #[test]
     fn matches_reference_unipc() {
-        let dev = Device::Cpu;
         for case in crate::model::reference::test_fixture_dirs() {
             let fixture =
                 SafetensorsWeights::open_file(case.join("cases/scheduler_unipc.safetensors"))
                     .unwrap();
-            let steps = fixture
-                .names()
-                .filter(|n| n.starts_with("model_output_"))
-                .count();
-            assert!(steps > 0, "{}: no model_output_* tensors", case.display());
+            let steps = fixture_steps(&fixture, &case);
             let mut s = UniPCMultistepScheduler::new(scheduler_config(&case), steps).unwrap();
-
-            let ref_t = fixture
-                .load("timesteps", &dev)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let ref_s = fixture
-                .load("sigmas", &dev)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            assert_eq!(s.timesteps(), &ref_t[..], "{}", case.display());
-            assert_eq!(s.sigmas(), &ref_s[..], "{}", case.display());
-
-            let mut sample = fixture.load("sample_0", &dev).unwrap();
-            for i in 0..steps {
-                let mo = fixture.load(&format!("model_output_{i}"), &dev).unwrap();
-                sample = s.step(&mo, &sample).unwrap();
-                let reference = fixture.load(&format!("sample_{}", i + 1), &dev).unwrap();
-                let err = relative_l2(&sample, &reference).unwrap();
-                eprintln!(
-                    "{} unipc sample_{}: rel L2 {err:.3e}",
-                    case.display(),
-                    i + 1
-                );
-                assert!(
-                    err <= 1e-4,
-                    "{} sample_{}: rel L2 {err}",
-                    case.display(),
-                    i + 1
-                );
-            }
+            let sample = step_through_fixture(&mut s, &fixture, steps, &case, "unipc");
             assert_eq!(s.step_index(), steps);
             assert!(
                 s.step(&sample, &sample).is_err(),

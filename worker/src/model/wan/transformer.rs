@@ -10,7 +10,7 @@ use candle_nn::{linear, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::{AttentionOptions, WanAttention};
-use super::embeddings::{ConditionEmbedder, PatchEmbedding};
+use super::embeddings::{ConditionEmbedder, Conditioning, PatchEmbedding};
 use super::rope::{RopeTables, WanRope};
 
 /// `transformer/config.json`. Unknown fields are ignored; defaults are diffusers' (the 14B model).
@@ -130,23 +130,22 @@ impl FeedForward {
     }
 }
 
-/// One `blocks.{i}`.
+/// What a block has besides its attention and FFN: the norms, the `(1, 6, dim)` f32
+/// modulation table (shift/scale/gate for attention, then for the FFN) and the gated residual
+/// structure. Shared with the distributed transformer, whose attention and FFN are sharded but
+/// whose residual arithmetic must stay the same op for op.
 #[derive(Debug, Clone)]
-pub struct WanTransformerBlock {
+pub(crate) struct BlockResiduals {
     norm1: LayerNorm,
-    attn1: WanAttention,
     norm2: Option<LayerNorm>,
-    attn2: WanAttention,
     norm3: LayerNorm,
-    ffn: FeedForward,
-    /// `(1, 6, dim)` f32: shift/scale/gate for attention, then for the FFN.
     scale_shift_table: Tensor,
 }
 
-impl WanTransformerBlock {
-    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+impl BlockResiduals {
+    /// Reads `norm2` and `scale_shift_table` of the block at `vb`.
+    pub(crate) fn new(cfg: &Config, vb: &VarBuilder) -> Result<Self> {
         let dim = cfg.dim();
-        let heads = cfg.num_attention_heads;
         let f32_vb = vb.to_dtype(DType::F32);
         let norm2 = if cfg.cross_attn_norm {
             Some(candle_nn::layer_norm(dim, cfg.eps, f32_vb.pp("norm2"))?)
@@ -155,12 +154,65 @@ impl WanTransformerBlock {
         };
         Ok(Self {
             norm1: plain_layer_norm(dim, cfg.eps, vb.device())?,
-            attn1: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn1"))?,
             norm2,
-            attn2: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?,
             norm3: plain_layer_norm(dim, cfg.eps, vb.device())?,
-            ffn: FeedForward::new(dim, cfg.ffn_dim, vb.pp("ffn"))?,
             scale_shift_table: f32_vb.get((1, 6, dim), "scale_shift_table")?,
+        })
+    }
+
+    /// One block around its sublayers: `x` `(B, L, dim)`, `modulation` `(B, 6, dim)` f32; each
+    /// sublayer maps its (normed) input in the dtype of `x` to an output of the same shape.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        modulation: &Tensor,
+        self_attention: impl FnOnce(&Tensor) -> Result<Tensor>,
+        cross_attention: impl FnOnce(&Tensor) -> Result<Tensor>,
+        ffn: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let m = modulation.broadcast_add(&self.scale_shift_table)?;
+        let part = |i: usize| m.narrow(1, i, 1);
+        let (shift_msa, scale_msa, gate_msa) = (part(0)?, (part(1)? + 1.0)?, part(2)?);
+        let (c_shift, c_scale, c_gate) = (part(3)?, (part(4)? + 1.0)?, part(5)?);
+
+        let xf = x.to_dtype(DType::F32)?;
+        let h = modulate(&self.norm1.forward(&xf)?, &scale_msa, &shift_msa)?.to_dtype(dtype)?;
+        let attn = self_attention(&h)?;
+        let xf = (xf + attn.to_dtype(DType::F32)?.broadcast_mul(&gate_msa)?)?;
+        let x = xf.to_dtype(dtype)?;
+
+        let h = match &self.norm2 {
+            Some(norm) => norm.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
+            None => x.clone(),
+        };
+        let x = (&x + cross_attention(&h)?)?;
+
+        let xf = x.to_dtype(DType::F32)?;
+        let h = modulate(&self.norm3.forward(&xf)?, &c_scale, &c_shift)?.to_dtype(dtype)?;
+        let ff = ffn(&h)?;
+        (xf + ff.to_dtype(DType::F32)?.broadcast_mul(&c_gate)?)?.to_dtype(dtype)
+    }
+}
+
+/// One `blocks.{i}`.
+#[derive(Debug, Clone)]
+pub struct WanTransformerBlock {
+    residuals: BlockResiduals,
+    attn1: WanAttention,
+    attn2: WanAttention,
+    ffn: FeedForward,
+}
+
+impl WanTransformerBlock {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.dim();
+        let heads = cfg.num_attention_heads;
+        Ok(Self {
+            residuals: BlockResiduals::new(cfg, &vb)?,
+            attn1: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn1"))?,
+            attn2: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?,
+            ffn: FeedForward::new(dim, cfg.ffn_dim, vb.pp("ffn"))?,
         })
     }
 
@@ -189,43 +241,118 @@ impl WanTransformerBlock {
         context: &Tensor,
         rope: &RopeTables,
     ) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let m = modulation.broadcast_add(&self.scale_shift_table)?;
-        let part = |i: usize| m.narrow(1, i, 1);
-        let (shift_msa, scale_msa, gate_msa) = (part(0)?, (part(1)? + 1.0)?, part(2)?);
-        let (c_shift, c_scale, c_gate) = (part(3)?, (part(4)? + 1.0)?, part(5)?);
-
-        let xf = x.to_dtype(DType::F32)?;
-        let h = modulate(&self.norm1.forward(&xf)?, &scale_msa, &shift_msa)?.to_dtype(dtype)?;
-        let attn = self.attn1.self_attention(&h, rope)?;
-        let xf = (xf + attn.to_dtype(DType::F32)?.broadcast_mul(&gate_msa)?)?;
-        let x = xf.to_dtype(dtype)?;
-
-        let h = match &self.norm2 {
-            Some(norm) => norm.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
-            None => x.clone(),
-        };
-        let x = (&x + self.attn2.cross_attention(&h, context)?)?;
-
-        let xf = x.to_dtype(DType::F32)?;
-        let h = modulate(&self.norm3.forward(&xf)?, &c_scale, &c_shift)?.to_dtype(dtype)?;
-        let ff = self.ffn.forward(&h)?;
-        (xf + ff.to_dtype(DType::F32)?.broadcast_mul(&c_gate)?)?.to_dtype(dtype)
+        self.residuals.forward(
+            x,
+            modulation,
+            |h| self.attn1.self_attention(h, rope),
+            |h| self.attn2.cross_attention(h, context),
+            |h| self.ffn.forward(h),
+        )
     }
+}
+
+/// The transformer's ends, replicated whole under every parallel layout: the patch and
+/// condition embeddings, the rotary tables and the output head (modulated norm, projection).
+#[derive(Debug, Clone)]
+pub(crate) struct TransformerEnds {
+    patch_embedding: PatchEmbedding,
+    condition_embedder: ConditionEmbedder,
+    norm_out: LayerNorm,
+    /// `(1, 2, dim)` f32: shift and scale of the output norm, added to the time embedding.
+    scale_shift_table: Tensor,
+    proj_out: Linear,
+    rope: WanRope,
+}
+
+impl TransformerEnds {
+    pub(crate) fn new(config: &Config, vb: &VarBuilder) -> Result<Self> {
+        let dim = config.dim();
+        let patch_len: usize = config.patch_size.iter().product();
+        Ok(Self {
+            patch_embedding: PatchEmbedding::new(
+                config.in_channels,
+                dim,
+                config.patch_size,
+                vb.pp("patch_embedding"),
+            )?,
+            condition_embedder: ConditionEmbedder::new(
+                dim,
+                config.freq_dim,
+                config.text_dim,
+                vb.pp("condition_embedder"),
+            )?,
+            norm_out: plain_layer_norm(dim, config.eps, vb.device())?,
+            scale_shift_table: vb
+                .to_dtype(DType::F32)
+                .get((1, 2, dim), "scale_shift_table")?,
+            proj_out: linear(dim, config.out_channels() * patch_len, vb.pp("proj_out"))?,
+            rope: WanRope::new(config.attention_head_dim, config.rope_max_seq_len, 10000.0)?,
+        })
+    }
+
+    /// The model dtype (that of the weights).
+    pub(crate) fn dtype(&self) -> DType {
+        self.proj_out.weight().dtype()
+    }
+
+    pub(crate) fn rope(&self) -> &WanRope {
+        &self.rope
+    }
+
+    /// The patch tokens `(B, tokens, dim)` of `hidden_states` and the conditioning of
+    /// `timestep` and `text`, in the model dtype.
+    pub(crate) fn embed(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        text: &Tensor,
+    ) -> Result<(Tensor, Conditioning)> {
+        let dtype = self.dtype();
+        let x = self
+            .patch_embedding
+            .forward(&hidden_states.to_dtype(dtype)?)?;
+        let cond = self
+            .condition_embedder
+            .forward(timestep, &text.to_dtype(dtype)?)?;
+        Ok((x, cond))
+    }
+
+    /// The output head on tokens `x` `(B, L, dim)`: the norm modulated by the time embedding
+    /// `temb`, then `proj_out`; returns `(B, L, pt·ph·pw·C_out)`.
+    pub(crate) fn head(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let table = self.scale_shift_table.broadcast_add(&temb.unsqueeze(1)?)?;
+        let (shift, scale) = (table.narrow(1, 0, 1)?, (table.narrow(1, 1, 1)? + 1.0)?);
+        let xf = self.norm_out.forward(&x.to_dtype(DType::F32)?)?;
+        let x = modulate(&xf, &scale, &shift)?.to_dtype(self.dtype())?;
+        self.proj_out.forward(&x)
+    }
+}
+
+/// Checks that the three forward inputs agree on the batch; returns `(B, F, H, W)` of
+/// `hidden_states`.
+pub(crate) fn check_batch(
+    hidden_states: &Tensor,
+    timestep: &Tensor,
+    text: &Tensor,
+) -> Result<(usize, usize, usize, usize)> {
+    let (b, _, f, h, w) = hidden_states.dims5()?;
+    if timestep.dims() != [b] || text.dim(0)? != b {
+        candle_core::bail!(
+            "batch mismatch: hidden_states {:?}, timestep {:?}, encoder_hidden_states {:?}",
+            hidden_states.dims(),
+            timestep.dims(),
+            text.dims()
+        );
+    }
+    Ok((b, f, h, w))
 }
 
 /// The Wan2.1 text-to-video transformer.
 #[derive(Debug, Clone)]
 pub struct WanTransformer3DModel {
     config: Config,
-    patch_embedding: PatchEmbedding,
-    condition_embedder: ConditionEmbedder,
+    ends: TransformerEnds,
     blocks: Vec<WanTransformerBlock>,
-    norm_out: LayerNorm,
-    /// `(1, 2, dim)` f32: shift and scale of the output norm, added to the time embedding.
-    scale_shift_table: Tensor,
-    proj_out: Linear,
-    rope: WanRope,
 }
 
 /// Intermediate results of one forward pass, for parity tests and debugging.
@@ -240,32 +367,13 @@ pub struct ForwardTrace {
 impl WanTransformer3DModel {
     pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
-        let dim = config.dim();
-        let patch_len: usize = config.patch_size.iter().product();
         let blocks = (0..config.num_layers)
             .map(|i| WanTransformerBlock::new(config, vb.pp(format!("blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: config.clone(),
-            patch_embedding: PatchEmbedding::new(
-                config.in_channels,
-                dim,
-                config.patch_size,
-                vb.pp("patch_embedding"),
-            )?,
-            condition_embedder: ConditionEmbedder::new(
-                dim,
-                config.freq_dim,
-                config.text_dim,
-                vb.pp("condition_embedder"),
-            )?,
+            ends: TransformerEnds::new(config, &vb)?,
             blocks,
-            norm_out: plain_layer_norm(dim, config.eps, vb.device())?,
-            scale_shift_table: vb
-                .to_dtype(DType::F32)
-                .get((1, 2, dim), "scale_shift_table")?,
-            proj_out: linear(dim, config.out_channels() * patch_len, vb.pp("proj_out"))?,
-            rope: WanRope::new(config.attention_head_dim, config.rope_max_seq_len, 10000.0)?,
         })
     }
 
@@ -298,7 +406,8 @@ impl WanTransformer3DModel {
         width: usize,
         device: &candle_core::Device,
     ) -> Result<RopeTables> {
-        self.rope
+        self.ends
+            .rope()
             .tables(self.token_grid(frames, height, width), device)
     }
 
@@ -310,7 +419,8 @@ impl WanTransformer3DModel {
         width: usize,
         device: &candle_core::Device,
     ) -> Result<(Tensor, Tensor)> {
-        self.rope
+        self.ends
+            .rope()
             .diffusers_tables(self.token_grid(frames, height, width), device)
     }
 
@@ -345,27 +455,11 @@ impl WanTransformer3DModel {
         text: &Tensor,
         keep_blocks: bool,
     ) -> Result<ForwardTrace> {
-        let (b, _, f, h, w) = hidden_states.dims5()?;
-        if timestep.dims() != [b] || text.dim(0)? != b {
-            candle_core::bail!(
-                "batch mismatch: hidden_states {:?}, timestep {:?}, encoder_hidden_states {:?}",
-                hidden_states.dims(),
-                timestep.dims(),
-                text.dims()
-            );
-        }
-        let dtype = self.proj_out.weight().dtype();
-        let device = hidden_states.device();
+        let (b, f, h, w) = check_batch(hidden_states, timestep, text)?;
         let grid = self.token_grid(f, h, w);
-        let rope = self.rope.tables(grid, device)?;
+        let rope = self.ends.rope().tables(grid, hidden_states.device())?;
 
-        let mut x = self
-            .patch_embedding
-            .forward(&hidden_states.to_dtype(dtype)?)?;
-        let cond = self
-            .condition_embedder
-            .forward(timestep, &text.to_dtype(dtype)?)?;
-
+        let (mut x, cond) = self.ends.embed(hidden_states, timestep, text)?;
         let mut block_outputs = Vec::new();
         for block in &self.blocks {
             x = block.forward(&x, &cond.modulation, &cond.context, &rope)?;
@@ -374,13 +468,7 @@ impl WanTransformer3DModel {
             }
         }
 
-        let table = self
-            .scale_shift_table
-            .broadcast_add(&cond.temb.unsqueeze(1)?)?;
-        let (shift, scale) = (table.narrow(1, 0, 1)?, (table.narrow(1, 1, 1)? + 1.0)?);
-        let xf = self.norm_out.forward(&x.to_dtype(DType::F32)?)?;
-        let x = modulate(&xf, &scale, &shift)?.to_dtype(dtype)?;
-        let x = self.proj_out.forward(&x)?;
+        let x = self.ends.head(&x, &cond.temb)?;
         let output = self.unpatchify(&x, b, grid)?;
         Ok(ForwardTrace {
             output,
