@@ -332,6 +332,23 @@ impl SafetensorsWeights {
         names.join(", ")
     }
 
+    /// The error for tensor `name` (reported as `shown`) loaded with another shape than the model
+    /// expects; it names the file the tensor came from.
+    fn shape_mismatch(
+        &self,
+        name: &str,
+        shown: String,
+        expected: &Shape,
+        got: &Tensor,
+    ) -> LoadError {
+        LoadError::ShapeMismatch {
+            tensor: shown,
+            file: self.files[self.location[name]].0.clone(),
+            expected: expected.dims().to_vec(),
+            got: got.dims().to_vec(),
+        }
+    }
+
     /// A handle on the count of bytes copied out of the files by [`Self::load`] and
     /// [`Self::load_slice`].
     pub fn bytes_read(&self) -> ByteCounter {
@@ -489,12 +506,12 @@ impl SimpleBackend for SafetensorsWeights {
             .load_as(name, dtype, dev)
             .map_err(candle_core::Error::wrap)?;
         if tensor.shape() != &shape {
-            return Err(candle_core::Error::wrap(LoadError::ShapeMismatch {
-                tensor: name.into(),
-                file: self.files[self.location[name]].0.clone(),
-                expected: shape.dims().to_vec(),
-                got: tensor.dims().to_vec(),
-            }));
+            return Err(candle_core::Error::wrap(self.shape_mismatch(
+                name,
+                name.into(),
+                &shape,
+                &tensor,
+            )));
         }
         Ok(tensor)
     }
@@ -623,12 +640,12 @@ impl SimpleBackend for ShardedWeights {
                 }
                 None => name.to_string(),
             };
-            return Err(candle_core::Error::wrap(LoadError::ShapeMismatch {
-                tensor: tensor_name,
-                file: self.weights.files[self.weights.location[name]].0.clone(),
-                expected: shape.dims().to_vec(),
-                got: tensor.dims().to_vec(),
-            }));
+            return Err(candle_core::Error::wrap(self.weights.shape_mismatch(
+                name,
+                tensor_name,
+                &shape,
+                &tensor,
+            )));
         }
         Ok(tensor)
     }
