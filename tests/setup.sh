@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs on a fresh Debian machine: ffmpeg (ffprobe decodes the
-# rendered videos). Safe to run again; installs only what is missing.
+# Installs what building and testing longtake need on a fresh Debian machine. Safe to run again;
+# installs only what is missing:
+# - protoc (protobuf-compiler): the build scripts of the gRPC crates (ours and etcd-client's);
+# - etcd (etcd-server): the cluster tests start their own etcd on free loopback ports;
+# - ffprobe (ffmpeg): the tests decode the rendered videos.
 set -euo pipefail
 need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v ffprobe >/dev/null 2>&1 || need+=(ffmpeg)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

@@ -1,4 +1,120 @@
-//! The coordinator: for now only the output side (turning decoded frames into a clip); the job
-//! API, planner and membership arrive with the render-farm service issue.
+//! The coordinator: takes render jobs from studios (`RenderService`), keeps them in a priority
+//! queue and a job store, places each on a group of live idle workers that matches its layout,
+//! drives the workers' tasks (`WorkerService`), encodes the frames rank 0 streams back into the
+//! clip in the artifact directory, and serves it back (`FetchOutput`). Operators see the workers
+//! through `ClusterService`.
+//!
+//! Modules, one job each: `limits` (spec checks with field-named errors), `queue` (priority,
+//! FIFO within a priority), `store` (job records: etcd or in memory), `artifacts` (where outputs
+//! live), `placement` (which workers run a job), `dispatch` (one attempt of a job on its
+//! workers), `scheduler` (the job state machine and the loop that places queued jobs), `service`
+//! (the thin gRPC edge), and `encode` (frames → MP4 / PNG).
 
 pub mod encode;
+pub mod store;
+
+pub use store::{EtcdJobStore, InMemoryJobStore, JobStore, StoreError};
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use longtake_proto::membership::Membership;
+
+/// What specs the coordinator accepts; a spec over a limit is refused with InvalidArgument naming
+/// the field and the limit.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frames: u32,
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_steps: u32,
+    /// Prompt and negative prompt, in characters.
+    pub max_prompt_chars: u32,
+    /// Ranks (workers) one job may use.
+    pub max_ranks: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            // one minute at 16 fps, rounded to 4k+1, with room for 24 fps
+            max_frames: 1441,
+            max_width: 1920,
+            max_height: 1088,
+            max_steps: 200,
+            max_prompt_chars: 4000,
+            max_ranks: 64,
+        }
+    }
+}
+
+/// How a coordinator runs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub limits: Limits,
+    /// Where finished outputs are written (`<dir>/<job id>/...`) and served from.
+    pub artifact_dir: PathBuf,
+    /// Attempts a job gets when its workers die or fail to start before it fails.
+    pub max_attempts: u32,
+    /// How long reserving and starting a job's ranks may take before the attempt is abandoned.
+    pub start_timeout: Duration,
+}
+
+impl CoordinatorConfig {
+    pub fn new(artifact_dir: PathBuf) -> Self {
+        Self {
+            limits: Limits::default(),
+            artifact_dir,
+            max_attempts: 3,
+            start_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything that stops a coordinator from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Membership(#[from] longtake_proto::membership::MembershipError),
+    #[error("artifact directory {dir}: {source}")]
+    Artifacts {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("coordinator gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A running coordinator: its job table, queue and scheduling loop. Cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    _private: Arc<()>,
+}
+
+impl Coordinator {
+    /// Loads the stored jobs (re-queuing those that were planned or running), subscribes to the
+    /// membership and starts the scheduling loop.
+    pub async fn start(
+        config: CoordinatorConfig,
+        membership: Arc<dyn Membership>,
+        store: Arc<dyn JobStore>,
+    ) -> Result<Self, CoordinatorError> {
+        let _ = (config, membership, store);
+        todo!("issue 4: coordinator")
+    }
+
+    /// Serves `RenderService` and `ClusterService` on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), CoordinatorError> {
+        let _ = (listener, shutdown);
+        todo!("issue 4: coordinator")
+    }
+}

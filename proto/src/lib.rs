@@ -1,3 +1,24 @@
-//! The gRPC protocol between the CLI, the coordinator and the workers.
-//!
-//! Empty until the render-farm service issue lands `longtake.proto` and its tonic bindings.
+//! longtake's cluster protocol: the gRPC messages and services of `longtake.proto` (CLI ↔
+//! coordinator ↔ workers), and `membership`, how workers announce themselves (in etcd, or in
+//! process for the embedded farm). Both the coordinator and the worker daemon build on it.
+
+pub mod membership;
+
+/// The generated messages, clients and servers of package `longtake.v1`.
+pub mod v1 {
+    tonic::include_proto!("longtake.v1");
+}
+
+pub use v1::*;
+
+/// Largest gRPC message either side accepts: a batch of decoded frames (a 1280×720 RGB frame is
+/// 2.8 MB) must fit, well above tonic's 4 MB default.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Milliseconds since the Unix epoch, the time unit of every `*_ms` field.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

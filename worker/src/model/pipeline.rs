@@ -41,6 +41,29 @@ pub enum PipelineError {
     Spec(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// The render was stopped through its [`CancelToken`] between two steps.
+    #[error("cancelled after step {after_step} of {total}")]
+    Cancelled { after_step: usize, total: usize },
+}
+
+/// Stops a running render at the next step boundary (a worker aborting its task). Clones share
+/// one flag; the pipeline checks it after every denoising step.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Clears the flag before the next render of a reused pipeline.
+    pub fn reset(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 pub type Result<T> = std::result::Result<T, PipelineError>;
@@ -201,6 +224,7 @@ pub struct WanPipeline {
     scheduler_config: serde_json::Value,
     device: Device,
     dtype: DType,
+    cancel: CancelToken,
 }
 
 /// The seed of the built-in tiny model's weights.
@@ -276,6 +300,7 @@ impl WanPipeline {
             scheduler_config,
             device: device.clone(),
             dtype,
+            cancel: CancelToken::default(),
         })
     }
 
@@ -343,7 +368,13 @@ impl WanPipeline {
             scheduler_config,
             device: device.clone(),
             dtype,
+            cancel: CancelToken::default(),
         })
+    }
+
+    /// The token that stops this pipeline's renders between steps.
+    pub fn cancel_token(&self) -> &CancelToken {
+        &self.cancel
     }
 
     /// Overrides the prompt length in tokens (Wan's checkpoints use 512; the reference fixtures
@@ -496,6 +527,12 @@ impl WanPipeline {
                 total: timesteps.len(),
                 elapsed: start.elapsed(),
             });
+            if self.cancel.is_cancelled() && index + 1 < timesteps.len() {
+                return Err(PipelineError::Cancelled {
+                    after_step: index + 1,
+                    total: timesteps.len(),
+                });
+            }
         }
         Ok(latents)
     }

@@ -1,0 +1,101 @@
+//! A throw-away etcd server for tests: Debian's `etcd` binary on free loopback ports with a
+//! temporary data directory, killed (and its directory removed) on drop. Tests that need etcd
+//! fail with a message saying how to install it rather than skipping.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running etcd server owned by a test.
+pub struct EtcdServer {
+    child: Child,
+    client_url: String,
+    _data: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it answers on its client port (panics with the reason if it
+    /// cannot: missing binary, or no answer within 20 s).
+    pub fn start() -> Self {
+        let data = tempfile::tempdir().expect("temporary directory for etcd");
+        let (client, peer) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(data.path().join("etcd.log")).expect("etcd log file");
+        let child = Command::new(std::env::var("LONGTAKE_ETCD_BIN").unwrap_or("etcd".into()))
+            .args(["--name", "test", "--data-dir"])
+            .arg(data.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start etcd ({e}); install it with tests/setup.sh (Debian: apt-get install etcd-server)")
+            });
+        let mut server = Self {
+            child,
+            client_url,
+            _data: data,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let health = format!("127.0.0.1:{}", self.port());
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("etcd exited at start with {status}");
+            }
+            if let Ok(mut stream) = std::net::TcpStream::connect(&health) {
+                use std::io::{Read, Write};
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                let request = "GET /health HTTP/1.0\r\n\r\n";
+                let mut reply = String::new();
+                if stream.write_all(request.as_bytes()).is_ok()
+                    && stream.read_to_string(&mut reply).is_ok()
+                    && reply.contains("\"health\":\"true\"")
+                {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "etcd did not become healthy at {} within 20 s",
+            self.client_url
+        );
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:23791`.
+    pub fn url(&self) -> &str {
+        &self.client_url
+    }
+
+    fn port(&self) -> u16 {
+        self.client_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("client URL ends with a port")
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
