@@ -349,7 +349,7 @@ impl JobTable {
         id: &str,
         workers: &[Worker],
         now_ms: u64,
-    ) -> Result<(Change, Assignment), Option<Change>> {
+    ) -> Result<(Change, Assignment), Option<Box<Change>>> {
         let Some(entry) = self.jobs.get_mut(id) else {
             return Err(None);
         };
@@ -373,11 +373,11 @@ impl JobTable {
                 let body = job_event::Event::Failed(Failed {
                     reason: job.message.clone(),
                 });
-                return Err(Some(Change {
+                return Err(Some(Box::new(Change {
                     event: event(job, body, now_ms),
                     job: job.clone(),
                     persist: true,
-                }));
+                })));
             }
         };
         let job = &mut entry.job;

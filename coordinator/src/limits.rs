@@ -114,7 +114,7 @@ pub fn resolve(
     check_steps(spec.steps, limits.max_steps)?;
     let heads = model.attention_heads as usize;
     let split = layout.tp * layout.ulysses;
-    if heads != 0 && heads % split != 0 {
+    if heads != 0 && !heads.is_multiple_of(split) {
         return Err(bad(
             "layout",
             format!(
@@ -149,7 +149,7 @@ fn check_frames(frames: u32, max: u32) -> Result<(), SpecError> {
             "must be set (Wan renders 4k+1 frames, e.g. 81 for 5 s at 16 fps)",
         ));
     }
-    if (frames - 1) % 4 != 0 {
+    if !(frames - 1).is_multiple_of(4) {
         let nearest = (frames + 1) / 4 * 4 + 1;
         return Err(bad(
             "frames",
@@ -167,7 +167,7 @@ fn check_frames(frames: u32, max: u32) -> Result<(), SpecError> {
 
 /// Zero means "the model's default" and passes here.
 fn check_size(field: &'static str, value: u32, max: u32) -> Result<(), SpecError> {
-    if value % 16 != 0 {
+    if !value.is_multiple_of(16) {
         return Err(bad(field, format!("{value} is not a multiple of 16")));
     }
     if value > max {

@@ -110,7 +110,7 @@ fn pick(free: &[&Worker], n: usize) -> Vec<Worker> {
         .into_iter()
         .flat_map(|(_, ws)| ws)
         .take(n)
-        .map(|w| w.clone())
+        .cloned()
         .collect()
 }
 

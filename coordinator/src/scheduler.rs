@@ -257,7 +257,7 @@ impl Inner {
                             inner.finish(&job_id, number, outcome).await;
                         });
                     }
-                    Err(failed) => self.apply(&table, failed).await,
+                    Err(failed) => self.apply(&table, failed.map(|c| *c)).await,
                 },
                 Decision::Wait(reason) | Decision::Skip(reason) => {
                     let change = table.set_waiting(&id, &reason, now_ms());
