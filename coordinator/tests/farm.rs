@@ -16,8 +16,8 @@ use longtake_proto::cluster_service_client::ClusterServiceClient;
 use longtake_proto::membership::{InProcessMembership, Membership};
 use longtake_proto::render_service_client::RenderServiceClient;
 use longtake_proto::{
-    job_event, CancelRequest, Job, JobEvent, JobRequest, JobState, ListRequest,
-    ListWorkersRequest, RenderSpec, SubmitRequest, WorkerState,
+    job_event, CancelRequest, Job, JobEvent, JobRequest, JobState, ListRequest, ListWorkersRequest,
+    RenderSpec, SubmitRequest, WorkerState,
 };
 use longtake_worker::daemon::{self, DaemonConfig};
 use tokio::sync::oneshot;
@@ -161,12 +161,19 @@ async fn submit(c: &mut RenderServiceClient<Channel>, spec: RenderSpec, priority
 }
 
 async fn get(c: &mut RenderServiceClient<Channel>, id: &str) -> Job {
-    c.get(JobRequest { id: id.into() }).await.unwrap().into_inner()
+    c.get(JobRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Every event of the job until its stream closes (after the terminal one).
 async fn watch_all(c: &mut RenderServiceClient<Channel>, id: &str) -> Vec<(Instant, JobEvent)> {
-    let mut stream = c.watch(JobRequest { id: id.into() }).await.unwrap().into_inner();
+    let mut stream = c
+        .watch(JobRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
     let mut events = Vec::new();
     while let Some(event) = tokio::time::timeout(PATIENCE, stream.message())
         .await
@@ -211,7 +218,10 @@ async fn fetch(c: &mut RenderServiceClient<Channel>, id: &str, out: &Path) {
 fn ffprobe_frames(path: &Path) -> HashMap<String, String> {
     let out = Command::new("ffprobe")
         .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
-        .args(["-show_entries", "stream=codec_name,width,height,nb_read_frames"])
+        .args([
+            "-show_entries",
+            "stream=codec_name,width,height,nb_read_frames",
+        ])
         .args(["-of", "default=noprint_wrappers=1"])
         .arg(path)
         .output()
@@ -294,7 +304,10 @@ async fn a_submitted_job_renders_and_matches_the_single_process_clip() {
         })
         .collect();
     assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
-    assert!(kinds.contains(&"decoding") && kinds.contains(&"encoding"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"decoding") && kinds.contains(&"encoding"),
+        "{kinds:?}"
+    );
     let steps: Vec<(u32, f64, Instant)> = events
         .iter()
         .filter_map(|(at, e)| match e.event.as_ref()? {
@@ -313,7 +326,10 @@ async fn a_submitted_job_renders_and_matches_the_single_process_clip() {
     assert_eq!(std::fs::metadata(&out).unwrap().len(), job.output_bytes);
     let probe = ffprobe_frames(&out);
     assert_eq!(probe["codec_name"], "h264");
-    assert_eq!((probe["width"].as_str(), probe["height"].as_str()), ("64", "64"));
+    assert_eq!(
+        (probe["width"].as_str(), probe["height"].as_str()),
+        ("64", "64")
+    );
     assert_eq!(probe["nb_read_frames"], "9");
     let reference = farm.artifacts.path().join("reference.mp4");
     reference_clip(&spec(4), &reference);
@@ -393,7 +409,10 @@ async fn queued_jobs_wait_for_a_worker_and_run_in_priority_order() {
         .unwrap()
         .into_inner()
         .workers;
-    assert_eq!(listed.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(), ["w1"]);
+    assert_eq!(
+        listed.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(),
+        ["w1"]
+    );
 
     let high = wait_state(&mut c, &high.id, JobState::Done).await;
     let low = wait_state(&mut c, &low.id, JobState::Done).await;
@@ -425,7 +444,7 @@ async fn cancel_stops_a_running_job_and_frees_its_worker() {
     let (_coordinator, url, served) = farm.coordinator().await;
     let worker = farm.worker("w1").await;
     let mut c = client(&url).await;
-    let mut cluster = ClusterServiceClient::connect(url.clone()).await.unwrap();
+    let cluster = ClusterServiceClient::connect(url.clone()).await.unwrap();
 
     let long = submit(&mut c, spec(200), 0).await;
     let mut stream = c
@@ -463,7 +482,10 @@ async fn cancel_stops_a_running_job_and_frees_its_worker() {
         }
     };
     assert!(matches!(last.event, Some(job_event::Event::Cancelled(_))));
-    assert!(stream.message().await.unwrap().is_none(), "the watch closes after the end");
+    assert!(
+        stream.message().await.unwrap().is_none(),
+        "the watch closes after the end"
+    );
 
     eventually("the worker is idle again", || {
         let mut cluster = cluster.clone();
@@ -495,9 +517,19 @@ async fn bad_requests_get_their_status_codes() {
     let (_coordinator, url, served) = farm.coordinator().await;
     let mut c = client(&url).await;
 
-    let e = c.get(JobRequest { id: "j-nope".into() }).await.unwrap_err();
+    let e = c
+        .get(JobRequest {
+            id: "j-nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!((e.code(), e.message()), (Code::NotFound, "no job j-nope"));
-    let e = c.watch(JobRequest { id: "j-nope".into() }).await.unwrap_err();
+    let e = c
+        .watch(JobRequest {
+            id: "j-nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = c
         .cancel(CancelRequest {
@@ -508,7 +540,9 @@ async fn bad_requests_get_their_status_codes() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = c
-        .fetch_output(JobRequest { id: "j-nope".into() })
+        .fetch_output(JobRequest {
+            id: "j-nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
