@@ -23,6 +23,9 @@ use crate::jobs::{Control, Outcome};
 
 /// How long connecting to one worker may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the workers of a failed start stay claimed, so that a worker whose published state
+/// lags (it says idle, it answers busy) is not asked again in a tight loop.
+const START_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
 /// How long an `Abort` may take; it is best effort (the stream closing aborts the task too).
 const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -76,6 +79,12 @@ pub async fn run(
         Ok(s) => s,
         Err(outcome) => {
             abort_all(&attempt, "the attempt did not start");
+            if matches!(outcome, Outcome::StartFailed { .. }) {
+                tokio::select! {
+                    _ = tokio::time::sleep(START_FAILURE_BACKOFF) => {}
+                    Some(Control::Cancel(reason)) = control.recv() => return Outcome::Cancelled(reason),
+                }
+            }
             return outcome;
         }
     };

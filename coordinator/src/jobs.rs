@@ -83,6 +83,10 @@ struct Entry {
     layout: Layout,
     events: broadcast::Sender<JobEvent>,
     attempt: Option<AttemptHandle>,
+    /// Why the job went back to the queue, kept in front of the reasons it waits since.
+    requeued: Option<String>,
+    /// The queue position its watchers last heard.
+    announced: Option<u32>,
 }
 
 /// Why a job-level request was refused.
@@ -167,7 +171,8 @@ impl JobTable {
         let mut changes = Vec::new();
         for mut job in stored {
             let layout = job.spec.as_ref().map(limits::layout_of).unwrap_or_default();
-            if is_active(job.state) {
+            let is_active_before = is_active(job.state);
+            if is_active_before {
                 job.state = JobState::Queued as i32;
                 job.message = format!(
                     "re-queued: the coordinator restarted during attempt {}",
@@ -179,14 +184,17 @@ impl JobTable {
             if job.state == JobState::Queued as i32 {
                 self.queue.push(&job.id, job.priority, job.submitted_at_ms);
             }
+            let requeued = is_active_before.then(|| job.message.clone());
             let (events, _) = broadcast::channel(EVENT_BUFFER);
             self.jobs.insert(
                 job.id.clone(),
                 Entry {
+                    requeued,
                     job,
                     layout,
                     events,
                     attempt: None,
+                    announced: None,
                 },
             );
         }
@@ -227,6 +235,8 @@ impl JobTable {
                 layout,
                 events,
                 attempt: None,
+                requeued: None,
+                announced: None,
             },
         );
         Ok(self.queued_change(&id, now_ms))
@@ -335,10 +345,14 @@ impl JobTable {
     /// Records why a queued job waits; a change only when the reason is new.
     pub fn set_waiting(&mut self, id: &str, reason: &str, now_ms: u64) -> Option<Change> {
         let entry = self.jobs.get_mut(id)?;
-        if entry.job.state != JobState::Queued as i32 || entry.job.message == reason {
+        let message = match &entry.requeued {
+            Some(requeued) => format!("{requeued}; {reason}"),
+            None => reason.to_string(),
+        };
+        if entry.job.state != JobState::Queued as i32 || entry.job.message == message {
             return None;
         }
-        entry.job.message = reason.to_string();
+        entry.job.message = message;
         Some(self.queued_change(id, now_ms))
     }
 
@@ -357,6 +371,8 @@ impl JobTable {
             return Err(None);
         }
         self.queue.remove(id);
+        entry.requeued = None;
+        entry.announced = None;
         let spec = entry.job.spec.clone().unwrap_or_default();
         let model = workers
             .first()
@@ -544,6 +560,7 @@ impl JobTable {
         let state = job.state;
         if state == JobState::Queued as i32 {
             let (priority, at) = (job.priority, job.submitted_at_ms);
+            entry.requeued = Some(entry.job.message.clone());
             self.queue.push(id, priority, at);
             return Some(self.queued_change(id, now_ms));
         }
@@ -618,8 +635,37 @@ impl JobTable {
             .unwrap_or_default()
     }
 
-    fn queued_change(&self, id: &str, now_ms: u64) -> Change {
-        let job = self.jobs[id].job.clone();
+    /// Queued events for the jobs whose place in the queue moved since their watchers last
+    /// heard it (not stored: positions are derived).
+    pub fn position_updates(&mut self, now_ms: u64) -> Vec<Change> {
+        let moved: Vec<String> = self
+            .queue
+            .iter()
+            .enumerate()
+            .filter(|(i, id)| {
+                self.jobs
+                    .get(*id)
+                    .is_some_and(|e| e.announced != Some(*i as u32))
+            })
+            .map(|(_, id)| id.to_string())
+            .collect();
+        moved
+            .iter()
+            .map(|id| Change {
+                persist: false,
+                ..self.queued_change(id, now_ms)
+            })
+            .collect()
+    }
+
+    fn queued_change(&mut self, id: &str, now_ms: u64) -> Change {
+        let position = self.queue.position(id);
+        let entry = self
+            .jobs
+            .get_mut(id)
+            .expect("a queued change of a known job");
+        entry.announced = position;
+        let job = entry.job.clone();
         Change {
             event: self.current_event(&job, now_ms),
             job,
@@ -856,6 +902,47 @@ mod tests {
             c.job.message,
             "spec.steps: 3 is over this farm's limit of 2"
         );
+    }
+
+    #[test]
+    fn requeue_reasons_stay_in_front_of_waiting_reasons() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let id = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let (_, a) = t.plan(&id, &[worker("w1")], 20).unwrap();
+        t.finish(
+            &id,
+            a.attempt,
+            Outcome::Lost("worker w1 (rank 0) lost".into()),
+            30,
+        );
+        let c = t
+            .set_waiting(&id, "waiting: no live worker serves model tiny", 40)
+            .unwrap();
+        assert_eq!(
+            c.job.message,
+            "re-queued: worker w1 (rank 0) lost; waiting: no live worker serves model tiny"
+        );
+        // planned again, the old reason goes
+        t.plan(&id, &[worker("w2")], 50).unwrap();
+        assert_eq!(t.get(&id).unwrap().message, "");
+    }
+
+    #[test]
+    fn watchers_hear_when_their_place_in_the_queue_moves() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let a = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let b = t.submit(&spec(), 0, "", 11).unwrap().job.id;
+        assert!(t.position_updates(12).is_empty());
+        t.plan(&a, &[worker("w1")], 13).unwrap();
+        let moved = t.position_updates(14);
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved[0].job.id, b);
+        assert!(!moved[0].persist);
+        assert!(matches!(
+            moved[0].event.event,
+            Some(job_event::Event::Queued(Queued { position: 0, .. }))
+        ));
+        assert!(t.position_updates(15).is_empty());
     }
 
     #[test]

@@ -215,6 +215,11 @@ impl Inner {
 
     /// One placement round over the queue.
     async fn schedule(self: &Arc<Self>) {
+        // reap the attempts that ended, so the set does not grow
+        {
+            let mut attempts = lock(&self.attempts);
+            while attempts.try_join_next().is_some() {}
+        }
         let live: Vec<Worker> = lock(&self.workers).values().cloned().collect();
         let mut table = self.table.lock().await;
         let requests = table.queued_requests();
@@ -265,9 +270,9 @@ impl Inner {
                 }
             }
         }
-        // reap the attempts that ended, so the set does not grow
-        let mut attempts = lock(&self.attempts);
-        while attempts.try_join_next().is_some() {}
+        for change in table.position_updates(now_ms()) {
+            announce(&table, change);
+        }
     }
 
     async fn finish(&self, id: &str, attempt: u32, outcome: crate::jobs::Outcome) {

@@ -75,8 +75,16 @@ impl Farm {
     }
 
     async fn coordinator(&self) -> (Coordinator, String, Running) {
+        self.coordinator_over(self.membership.clone()).await
+    }
+
+    /// A coordinator over this farm's job store, seeing the workers of `membership`.
+    async fn coordinator_over(
+        &self,
+        membership: Arc<InProcessMembership>,
+    ) -> (Coordinator, String, Running) {
         let config = CoordinatorConfig::new(self.artifacts.path().to_path_buf());
-        let membership: Arc<dyn Membership> = self.membership.clone();
+        let membership: Arc<dyn Membership> = membership;
         let store: Arc<dyn JobStore> = self.store.clone();
         let coordinator = Coordinator::start(config, membership, store).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -620,7 +628,10 @@ async fn a_restarted_coordinator_lists_its_jobs_and_requeues_the_running_one() {
     assert_eq!(state_of(&running.id), JobState::Running as i32);
     assert_eq!(state_of(&queued.id), JobState::Queued as i32);
 
-    let (_second, url, served) = farm.coordinator().await;
+    // a coordinator that sees no worker yet: the jobs wait where the restart put them
+    let (_second, url, served) = farm
+        .coordinator_over(Arc::new(InProcessMembership::new()))
+        .await;
     let mut c = client(&url).await;
     let listed = c
         .list(ListRequest { states: vec![] })
@@ -630,8 +641,18 @@ async fn a_restarted_coordinator_lists_its_jobs_and_requeues_the_running_one() {
         .jobs;
     let ids: Vec<&str> = listed.iter().map(|j| j.id.as_str()).collect();
     assert_eq!(ids, [running.id.as_str(), queued.id.as_str()]);
-    let first = &listed[0];
-    assert_ne!(first.state, JobState::Running as i32, "{first:?}");
+    let requeued = &listed[0];
+    assert_eq!(requeued.state, JobState::Queued as i32, "{requeued:?}");
+    assert!(
+        requeued
+            .message
+            .starts_with("re-queued: the coordinator restarted during attempt 1"),
+        "{requeued:?}"
+    );
+    served.stop().await;
+
+    let (_third, url, served) = farm.coordinator().await;
+    let mut c = client(&url).await;
     // the re-queued job runs again (its worker aborted the orphaned task) as attempt 2
     eventually("the re-queued job starts its second attempt", || {
         let mut c = c.clone();
