@@ -103,6 +103,8 @@ pub struct JobTable {
     queue: crate::queue::JobQueue,
     limits: Limits,
     max_attempts: u32,
+    /// The latest `submitted_at_ms` handed out.
+    last_submitted_ms: u64,
 }
 
 fn is_terminal(state: i32) -> bool {
@@ -161,6 +163,7 @@ impl JobTable {
             queue: Default::default(),
             limits,
             max_attempts: max_attempts.max(1),
+            last_submitted_ms: 0,
         }
     }
 
@@ -170,6 +173,7 @@ impl JobTable {
     pub fn restore(&mut self, stored: Vec<Job>, now_ms: u64) -> Vec<Change> {
         let mut changes = Vec::new();
         for mut job in stored {
+            self.last_submitted_ms = self.last_submitted_ms.max(job.submitted_at_ms);
             let layout = job.spec.as_ref().map(limits::layout_of).unwrap_or_default();
             let is_active_before = is_active(job.state);
             if is_active_before {
@@ -213,6 +217,10 @@ impl JobTable {
         now_ms: u64,
     ) -> Result<Change, TableError> {
         let (spec, layout) = limits::check(spec, &self.limits)?;
+        // Submission times are strictly increasing, so FIFO within a priority (and the ids,
+        // which start with the time) follow the order of arrival, even within a millisecond.
+        let now_ms = now_ms.max(self.last_submitted_ms + 1);
+        self.last_submitted_ms = now_ms;
         let mut id = new_job_id(now_ms);
         while self.jobs.contains_key(&id) {
             id = new_job_id(now_ms);
@@ -735,6 +743,19 @@ mod tests {
         assert!(a < b);
         let same: HashSet<String> = (0..50).map(|_| new_job_id(5)).collect();
         assert!(same.len() > 40, "ids of one millisecond collide too often");
+    }
+
+    #[test]
+    fn jobs_of_one_millisecond_keep_their_order() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let ids: Vec<String> = (0..20)
+            .map(|_| t.submit(&spec(), 0, "", 10).unwrap().job.id)
+            .collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted);
+        let queued: Vec<String> = t.queued_requests().into_iter().map(|r| r.job_id).collect();
+        assert_eq!(queued, ids);
     }
 
     #[test]
