@@ -5,6 +5,7 @@
 //! disappears when its lease expires) and [`InProcessMembership`] for the embedded farm of
 //! `longtake render` without a coordinator.
 
+pub mod client;
 mod etcd;
 mod memory;
 #[cfg(feature = "testing")]
