@@ -115,12 +115,13 @@ async fn a_registration_whose_lease_is_revoked_registers_again() {
 
 #[tokio::test]
 async fn keep_alive_and_watch_outlive_the_request_timeout() {
-    // Both are streams on a client whose unary requests time out after 5 s: they must not.
+    // Both are streams on a client whose unary requests time out after 5 s: they must not. 11 s
+    // also spans an HTTP/2 keep-alive ping (every 10 s), which etcd must not answer with GOAWAY.
     let server = EtcdServer::start();
     let membership = EtcdMembership::connect(config(&server, 2)).await.unwrap();
     let registration = membership.register(worker("w1")).await.unwrap();
     let mut sub = membership.subscribe().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
     assert!(sub.events.try_recv().is_err(), "no change while kept alive");
     assert_eq!(membership.list().await.unwrap(), vec![worker("w1")]);
     let busy = longtake_proto::Worker {

@@ -24,8 +24,11 @@ pub async fn connect(config: &EtcdConfig) -> Result<Client, etcd_client::Error> 
     let options = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
-        // Notices a silently dead connection (e.g. a partition) instead of waiting on it.
-        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        // HTTP/2 pings notice a silently dead connection (a partition) under a watch that would
+        // otherwise wait on it forever. Not more often than etcd's --grpc-keepalive-min-time
+        // (5 s), and not while idle: etcd answers either with GOAWAY (too many pings).
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(false);
     let mut client = Client::connect(&config.endpoints, Some(options)).await?;
     within(CONNECT_TIMEOUT, client.status()).await?;
     Ok(client)
