@@ -156,10 +156,9 @@ pub async fn run(
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await?;
-    match left_rx.await {
-        Ok(left) => left?,
-        // The server stopped on its own: the registration goes with `control`.
-        Err(_) => {}
+    // No answer: the server stopped on its own, and the registration goes with `control`.
+    if let Ok(left) = left_rx.await {
+        left?;
     }
     tracing::info!(worker = %control.id(), "left");
     Ok(())

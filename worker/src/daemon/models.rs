@@ -31,7 +31,7 @@ pub enum ModelError {
     Checkpoint {
         name: String,
         #[source]
-        source: LoadError,
+        source: Box<LoadError>,
     },
     #[error("model tiny: {0}")]
     Tiny(#[source] PipelineError),
@@ -108,7 +108,7 @@ impl ServedModel {
                 let transformer =
                     check_checkpoint(dir).map_err(|source| ModelError::Checkpoint {
                         name: name.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
                 (
                     PipelineInfo::checkpoint(dir.display().to_string()),

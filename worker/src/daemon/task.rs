@@ -203,6 +203,10 @@ impl Outcome {
     }
 }
 
+/// A pipeline's render with its progress callback: the video on the rank that decodes it.
+type RenderFn<'a> =
+    dyn FnMut(&mut dyn FnMut(Progress)) -> Result<Option<Video>, PipelineError> + 'a;
+
 /// Runs tasks on one device, keeping the last single-process pipeline so that the next task of
 /// the same model skips loading it.
 pub struct TaskRunner {
@@ -334,7 +338,7 @@ impl TaskRunner {
         plan: &TaskPlan,
         abort: &Abort,
         emit: &mut dyn FnMut(TaskEvent),
-        render: &mut dyn FnMut(&mut dyn FnMut(Progress)) -> Result<Option<Video>, PipelineError>,
+        render: &mut RenderFn<'_>,
     ) -> Result<(), TaskError> {
         if abort.is_aborted() {
             return Ok(());
