@@ -582,3 +582,81 @@ async fn a_missing_checkpoint_stops_the_daemon_before_it_registers() -> TestResu
     assert!(membership.list().await?.is_empty());
     Ok(())
 }
+
+/// A checkpoint served as `NAME=DIR`: the task loads it from disk once, renders the frames of
+/// `WanPipeline::load`, and the next task of that model reuses the loaded pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_model_is_loaded_once_and_renders_like_the_pipeline() -> TestResult {
+    let dir = longtake_worker::model::reference::test_fixture_dirs()[0].join("pipeline");
+    let source = daemon::ModelSource::parse(&format!("fixture={}", dir.display()))?;
+    let membership = InProcessMembership::new();
+    let daemon = Daemon::start("w1", &membership, |c| c.models = vec![source]).await?;
+    let record = &membership.list().await?[0];
+    assert_eq!(record.models.len(), 1);
+    assert_eq!(record.models[0].name, "fixture");
+    assert_eq!((record.models[0].default_width, record.models[0].default_steps), (832, 50));
+
+    let spec = RenderSpec {
+        model: "fixture".into(),
+        width: 48,
+        height: 32,
+        steps: 4,
+        ..spec(4, "")
+    };
+    let reference_dir = dir.clone();
+    let expected = tokio::task::spawn_blocking(move || -> TestResult<_> {
+        let pipeline = WanPipeline::load(&reference_dir, &Device::Cpu, DType::F32)?;
+        let spec = pipeline::RenderSpec {
+            prompt: "a wolf howls at the moon".into(),
+            negative_prompt: String::new(),
+            frames: 9,
+            width: 48,
+            height: 32,
+            steps: 4,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: None,
+            seed: 7,
+        };
+        Ok(pipeline.render(&spec, &mut |_| {})?)
+    })
+    .await??;
+
+    let mut client = daemon.client().await?;
+    let mut load_s = Vec::new();
+    for job in ["j1", "j2"] {
+        let mut stream = start_task(&mut client, job, spec.clone()).await?;
+        let events = collect(&mut stream).await?;
+        assert_eq!(finished(&events), TaskFinished::default());
+        let rgb: Vec<u8> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Frames(b) => Some(b.rgb.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(rgb == expected.rgb, "{job}: frames differ from WanPipeline::load's");
+        match &events[0] {
+            Event::Started(s) => load_s.push(s.load_s),
+            other => panic!("{job}: first event {other:?}"),
+        }
+    }
+    println!(
+        "fixture checkpoint: loaded in {:.3} s, cached task {:.4} s",
+        load_s[0], load_s[1]
+    );
+    assert!(load_s[1] < load_s[0], "the second task loaded the checkpoint again");
+
+    let unknown = RenderSpec {
+        model: "wan".into(),
+        ..spec
+    };
+    let mut stream = start_task(&mut client, "j3", unknown).await?;
+    let end = finished(&collect(&mut stream).await?);
+    assert_eq!(
+        end.error,
+        "spec.model: this worker serves no model \"wan\" (it serves fixture)"
+    );
+    daemon.stop().await
+}
