@@ -594,7 +594,13 @@ async fn a_checkpoint_model_is_loaded_once_and_renders_like_the_pipeline() -> Te
     let record = &membership.list().await?[0];
     assert_eq!(record.models.len(), 1);
     assert_eq!(record.models[0].name, "fixture");
-    assert_eq!((record.models[0].default_width, record.models[0].default_steps), (832, 50));
+    assert_eq!(
+        (
+            record.models[0].default_width,
+            record.models[0].default_steps
+        ),
+        (832, 50)
+    );
 
     let spec = RenderSpec {
         model: "fixture".into(),
@@ -636,7 +642,10 @@ async fn a_checkpoint_model_is_loaded_once_and_renders_like_the_pipeline() -> Te
             })
             .flatten()
             .collect();
-        assert!(rgb == expected.rgb, "{job}: frames differ from WanPipeline::load's");
+        assert!(
+            rgb == expected.rgb,
+            "{job}: frames differ from WanPipeline::load's"
+        );
         match &events[0] {
             Event::Started(s) => load_s.push(s.load_s),
             other => panic!("{job}: first event {other:?}"),
@@ -646,7 +655,10 @@ async fn a_checkpoint_model_is_loaded_once_and_renders_like_the_pipeline() -> Te
         "fixture checkpoint: loaded in {:.3} s, cached task {:.4} s",
         load_s[0], load_s[1]
     );
-    assert!(load_s[1] < load_s[0], "the second task loaded the checkpoint again");
+    assert!(
+        load_s[1] < load_s[0],
+        "the second task loaded the checkpoint again"
+    );
 
     let unknown = RenderSpec {
         model: "wan".into(),

@@ -14,6 +14,10 @@ use super::models::Models;
 use super::slot::{Aborted, Assignment, Granted, Slot, SlotError};
 use super::task::{event, Outcome, TaskPlan, TaskRunner};
 
+/// How long a record update may hold up a request (Reserve answers after its BUSY record is
+/// written) before the worker carries on without it.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Events a task may queue ahead of a slow reader before its thread waits.
 const EVENT_BUFFER: usize = 16;
 
@@ -89,8 +93,15 @@ impl Control {
         if let Some(registration) = registration.as_ref() {
             // Read under the lock: the last writer always writes the latest state.
             let record = self.record();
-            if let Err(e) = registration.update(record).await {
-                tracing::warn!(worker = %self.identity.id, "cannot update the worker record: {e}");
+            match tokio::time::timeout(PUBLISH_TIMEOUT, registration.update(record)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(worker = %self.identity.id, "cannot update the worker record: {e}")
+                }
+                Err(_) => tracing::warn!(
+                    worker = %self.identity.id,
+                    "the membership took over {PUBLISH_TIMEOUT:?} to update the worker record; carrying on"
+                ),
             }
         }
     }

@@ -65,7 +65,11 @@ impl TaskPlan {
         let model = models
             .get(&spec.model)
             .ok_or_else(|| TaskError::UnknownModel {
-                name: spec.model.clone(),
+                name: if spec.model.is_empty() {
+                    super::models::TINY.to_string()
+                } else {
+                    spec.model.clone()
+                },
                 served: models.names().join(", "),
             })?
             .clone();
@@ -245,8 +249,8 @@ impl TaskRunner {
             _ if abort.is_aborted() => Outcome::Cancelled {
                 reason: abort.reason(),
                 detail: match result {
-                    Err(TaskError::Pipeline(cancelled @ PipelineError::Cancelled { .. })) => {
-                        cancelled.to_string().replace("cancelled ", "")
+                    Err(TaskError::Pipeline(PipelineError::Cancelled { after_step, total })) => {
+                        format!("after step {after_step} of {total}")
                     }
                     _ => String::new(),
                 },
