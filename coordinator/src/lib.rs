@@ -5,10 +5,12 @@
 //! through `ClusterService`.
 //!
 //! Modules, one job each: `limits` (spec checks with field-named errors), `queue` (priority,
-//! FIFO within a priority), `store` (job records: etcd or in memory), `artifacts` (where outputs
-//! live), `placement` (which workers run a job), `dispatch` (one attempt of a job on its
-//! workers), `scheduler` (the job state machine and the loop that places queued jobs), `service`
-//! (the thin gRPC edge), and `encode` (frames → MP4 / PNG).
+//! FIFO within a priority), `placement` (which workers run a job), `jobs` (the job table and its
+//! state machine, without I/O), `store` (job records: etcd or in memory), `artifacts` (where
+//! outputs live, read back in chunks), `dispatch` (one attempt of a job on its workers over
+//! `WorkerService`), `scheduler` (the job table behind its lock, the store writes, the live
+//! worker view and the placement loop), `service` (the thin gRPC edge), and `encode` (frames →
+//! MP4 / PNG).
 
 pub mod artifacts;
 pub mod dispatch;
