@@ -675,3 +675,88 @@ async fn a_restarted_coordinator_lists_its_jobs_and_requeues_the_running_one() {
     worker.stop().await;
     served.stop().await;
 }
+
+/// A worker daemon on a runtime of its own, so the test can make it vanish the way a killed
+/// process does: its connections and its membership record go at once, without a goodbye.
+fn doomed_worker(farm: &Farm, id: &str) -> tokio::runtime::Runtime {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let membership: Arc<dyn Membership> = farm.membership.clone();
+    let config = DaemonConfig::new(id, "127.0.0.1");
+    runtime.spawn(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _ = daemon::run(config, membership, listener, std::future::pending()).await;
+    });
+    runtime
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_whose_worker_dies_is_requeued_and_finishes_on_another() {
+    let farm = Farm::new();
+    let (_coordinator, url, served) = farm.coordinator().await;
+    let doomed = doomed_worker(&farm, "w1");
+    eventually("the doomed worker registers", || {
+        let membership = farm.membership.clone();
+        async move {
+            membership
+                .list()
+                .await
+                .unwrap()
+                .iter()
+                .any(|w| w.id == "w1")
+        }
+    })
+    .await;
+    let survivor = farm.worker("w2").await;
+    let mut c = client(&url).await;
+
+    let job = submit(&mut c, spec(60), 0).await;
+    let mut stream = c
+        .watch(JobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let e = stream.message().await.unwrap().expect("the job runs");
+        if matches!(e.event, Some(job_event::Event::Step(ref s)) if s.step >= 1) {
+            break;
+        }
+    }
+    assert_eq!(
+        get(&mut c, &job.id).await.workers,
+        ["w1"],
+        "ids order the ranks"
+    );
+    doomed.shutdown_background();
+
+    let mut requeued = None;
+    while let Some(e) = tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("the job ends in time")
+        .unwrap()
+    {
+        if let Some(job_event::Event::Queued(q)) = &e.event {
+            requeued.get_or_insert(q.reason.clone());
+        }
+    }
+    let requeued = requeued.expect("the job went back to the queue");
+    assert!(
+        requeued.starts_with("re-queued: worker w1 (rank 0) lost during step"),
+        "{requeued}"
+    );
+    let job = get(&mut c, &job.id).await;
+    assert_eq!(job.state, JobState::Done as i32, "{job:?}");
+    assert_eq!(
+        (job.attempts, job.workers.as_slice()),
+        (2, &["w2".to_string()][..])
+    );
+    let out = farm.artifacts.path().join("survived.mp4");
+    fetch(&mut c, &job.id, &out).await;
+    assert_eq!(ffprobe_frames(&out)["nb_read_frames"], "9");
+
+    survivor.stop().await;
+    served.stop().await;
+}
