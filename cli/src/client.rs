@@ -123,7 +123,7 @@ pub fn status_error(url: &str, status: tonic::Status) -> anyhow::Error {
 /// tonic reports a dropped connection as UNAVAILABLE with the transport's words, while a busy
 /// worker is UNAVAILABLE with the coordinator's: only the former needs the URL.
 fn looks_like_transport(message: &str) -> bool {
-    ["transport", "connection", "broken pipe", "h2 protocol"]
+    ["transport", "connect", "broken pipe", "h2 protocol"]
         .iter()
         .any(|w| message.to_ascii_lowercase().contains(w))
 }

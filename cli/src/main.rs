@@ -64,7 +64,7 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|err| usage_error(err));
     let outcome = match cli.command {
         Command::CheckReference(args) => check_reference::run(args),
         command => tokio::runtime::Builder::new_multi_thread()
@@ -95,6 +95,29 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Serve(command) => serve::run(command).await,
         Command::CheckReference(args) => check_reference::run(args),
     }
+}
+
+/// Help and version go out as clap prints them; a usage error becomes the one `error:` line
+/// (with clap's tip, if any) and exit status 1, like every other failure.
+fn usage_error(err: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        err.exit();
+    }
+    let text = err.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("error: bad arguments");
+    let mut line = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    if let Some(tip) = lines.find(|l| l.starts_with("tip:")) {
+        line.push_str(&format!(" ({tip})"));
+    }
+    eprintln!("error: {line}; see `longtake --help`");
+    std::process::exit(1);
 }
 
 /// The error and its causes on one line, outermost first. Causes whose text an outer message

@@ -2,7 +2,6 @@
 //! named it runs the whole farm in this process (see `embedded.rs`), so one command still
 //! renders on a machine with nothing else installed.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -184,11 +183,10 @@ async fn watch(client: &mut Client, id: &str, farm: &mut Option<Farm>) -> Result
     last
 }
 
-fn failure(farm: &mut Option<Farm>) -> impl Future<Output = anyhow::Error> + '_ {
-    async move {
-        match farm {
-            Some(farm) => farm.failure().await,
-            None => std::future::pending().await,
-        }
+/// Why the embedded farm broke down; never resolves for a farm elsewhere.
+async fn failure(farm: &mut Option<Farm>) -> anyhow::Error {
+    match farm {
+        Some(farm) => farm.failure().await,
+        None => std::future::pending().await,
     }
 }

@@ -30,7 +30,7 @@ pub struct SpecArgs {
     #[arg(long, conflicts_with = "seconds")]
     pub frames: Option<usize>,
     /// Clip length in seconds (frames = seconds × fps, rounded up to 4k+1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seconds: Option<f64>,
     /// Frames per second of the output.
     #[arg(long, default_value_t = 16)]
