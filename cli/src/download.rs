@@ -34,7 +34,10 @@ pub struct Destination {
 
 enum Target {
     Mp4(File),
-    Png,
+    /// `created`: the directory did not exist before, so an empty one is ours to remove.
+    Png {
+        created: bool,
+    },
 }
 
 /// What was written.
@@ -62,12 +65,13 @@ impl Destination {
                 )
             }
             OutputFormat::Png => {
+                let created = !path.exists();
                 std::fs::create_dir_all(path).with_context(|| {
                     format!("cannot create the --out directory {}", path.display())
                 })?;
                 tempfile::NamedTempFile::new_in(path)
                     .with_context(|| format!("cannot write into --out {}", path.display()))?;
-                Target::Png
+                Target::Png { created }
             }
         };
         Ok(Self {
@@ -127,7 +131,7 @@ impl Destination {
         let progress = files.get_mut(name).expect("inserted above");
         let file = match &mut self.target {
             Target::Mp4(file) => file,
-            Target::Png => {
+            Target::Png { .. } => {
                 if progress.file.is_none() {
                     let path = self.path.join(name);
                     progress.file = Some(
@@ -145,11 +149,19 @@ impl Destination {
         Ok(())
     }
 
-    /// A failed job or download leaves no half-written MP4 behind (it would not play).
+    /// A failed job or download leaves no half-written MP4 behind (it would not play), nor an
+    /// empty directory it made; frames already downloaded into a directory stay.
     pub fn discard(self) {
-        if let Target::Mp4(file) = self.target {
-            drop(file);
-            let _ = std::fs::remove_file(&self.path);
+        match self.target {
+            Target::Mp4(file) => {
+                drop(file);
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Target::Png { created: true } => {
+                // Fails, as it should, when the directory is not empty.
+                let _ = std::fs::remove_dir(&self.path);
+            }
+            Target::Png { created: false } => {}
         }
     }
 }
@@ -275,6 +287,16 @@ mod tests {
             .unwrap()
             .discard();
         assert!(!path.exists());
+        let frames = dir.path().join("frames");
+        Destination::prepare(&frames, OutputFormat::Png)
+            .unwrap()
+            .discard();
+        assert!(!frames.exists());
+        std::fs::create_dir(&frames).unwrap();
+        Destination::prepare(&frames, OutputFormat::Png)
+            .unwrap()
+            .discard();
+        assert!(frames.exists(), "a directory that was there stays");
     }
 
     #[test]
