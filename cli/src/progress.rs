@@ -68,12 +68,26 @@ impl JobDisplay {
                     p.attempt
                 ))
             }
+            Event::Step(s) if s.step == 0 => {
+                self.clear();
+                Some(format!(
+                    "running: loading the model and encoding the prompts ({} steps to go)",
+                    s.total
+                ))
+            }
             Event::Step(s) => {
                 if self.interactive {
                     let bar = self.bar.get_or_insert_with(|| step_bar(s.total));
                     bar.set_length(s.total as u64);
+                    if s.step == 1 {
+                        // The ETA is the rate of denoising steps, not of model loading.
+                        bar.reset_eta();
+                    }
                     bar.set_position(s.step as u64);
                     None
+                } else if s.elapsed_s == 0.0 && s.step_s == 0.0 {
+                    // A watch that joins a running job starts with its state, without timings.
+                    Some(format!("running: step {}/{}", s.step, s.total))
                 } else {
                     Some(format!(
                         "step {}/{} ({:.1} s, {:.2} s/step)",
@@ -167,6 +181,18 @@ mod tests {
             reason: String::new(),
         })));
         assert_eq!(queued.as_deref(), Some("queued (2 jobs ahead)"));
+        let running = display.update(&event(job_event::Event::Step(Step {
+            step: 0,
+            total: 3,
+            ..Default::default()
+        })));
+        assert!(running.unwrap().starts_with("running: loading the model"));
+        let joined = display.update(&event(job_event::Event::Step(Step {
+            step: 2,
+            total: 3,
+            ..Default::default()
+        })));
+        assert_eq!(joined.as_deref(), Some("running: step 2/3"));
     }
 
     #[test]

@@ -515,7 +515,10 @@ fn invalid_layout_is_one_line_before_anything_starts() {
     let out = dir.path().join("frames");
     let run = render_png(&out, &["--layout", "tp=3"]);
     assert_eq!(run.status.code(), Some(1));
-    assert_one_line_error(&run, &["tp × ulysses = 3", "4 heads"]);
+    assert_one_line_error(
+        &run,
+        &["spec.layout", "tp × ulysses = 3", "4 attention heads"],
+    );
     let run = render_png(&out, &["--layout", "cfg=2", "--guidance", "1"]);
     assert_eq!(run.status.code(), Some(1));
     assert_one_line_error(&run, &["cfg = 2 needs classifier-free guidance"]);
