@@ -527,3 +527,245 @@ fn invalid_layout_is_one_line_before_anything_starts() {
     assert_one_line_error(&run, &["--layout tp=two"]);
     assert!(!out.exists(), "nothing is written");
 }
+
+/// `kill -SIGNAL pid` for a child this test started.
+fn signal(child: &std::process::Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {}", child.id());
+}
+
+/// Ctrl-C while an embedded render runs cancels its job: exit 1 with the job's reason, and no
+/// half-written clip.
+#[test]
+fn ctrl_c_cancels_an_embedded_render() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("long.mp4");
+    let mut child = longtake_cmd()
+        .args([
+            "render", "--prompt", "x", "--frames", "33", "--size", "128x128", "--steps", "200",
+            "--out",
+        ])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.starts_with("step 1/200") {
+            break;
+        }
+    }
+    assert!(
+        log.contains("step 1/200"),
+        "the render never started: {log}"
+    );
+    signal(&child, "INT");
+    let start = std::time::Instant::now();
+    for line in lines {
+        log.push_str(&line.unwrap());
+        log.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(30),
+        "cancelling took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(status.code(), Some(1), "{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(
+        errors[0].contains("cancelled") && errors[0].contains("Ctrl-C"),
+        "{log}"
+    );
+    assert!(!log.contains("step 200/200"), "{log}");
+    assert!(!out.exists(), "no half-written clip");
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Served {
+    child: std::process::Child,
+    ready: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `longtake serve ...` and waits for its ready line on stdout.
+fn serve(args: &[&str]) -> Served {
+    use std::io::BufRead;
+    let mut child = longtake_cmd()
+        .arg("serve")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    Served {
+        child,
+        ready: ready.trim().to_string(),
+    }
+}
+
+fn json_out(run: &Output) -> serde_json::Value {
+    assert!(run.status.success(), "failed: {}", stderr(run));
+    serde_json::from_slice(&run.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&run.stdout)))
+}
+
+/// The farm commands against `serve coordinator` and `serve worker` processes on a real etcd:
+/// ready lines, the contract's JSON, a job from submit to fetch, NotFound and InvalidArgument
+/// as one line, and a SIGTERM'd worker leaving the farm.
+#[test]
+fn farm_commands_against_served_processes() {
+    let etcd = longtake_proto::membership::testing::EtcdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let artifacts = dir.path().join("artifacts");
+    let coordinator = serve(&[
+        "coordinator",
+        "--etcd",
+        etcd.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--artifacts",
+        artifacts.to_str().unwrap(),
+        "--prefix",
+        "/cli-test",
+    ]);
+    let address = coordinator
+        .ready
+        .strip_prefix("coordinator listening on ")
+        .unwrap_or_else(|| panic!("ready line: {:?}", coordinator.ready))
+        .to_string();
+    let mut worker = serve(&[
+        "worker",
+        "--etcd",
+        etcd.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--id",
+        "cli-w1",
+        "--label",
+        "zone=t",
+        "--prefix",
+        "/cli-test",
+    ]);
+    assert!(
+        worker
+            .ready
+            .starts_with("worker cli-w1 listening on 127.0.0.1:"),
+        "{:?}",
+        worker.ready
+    );
+    let farm = |args: &[&str]| {
+        longtake_cmd()
+            .env("LONGTAKE_COORDINATOR", &address)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let workers = json_out(&farm(&["workers", "--json"]));
+    assert_eq!(workers.as_array().unwrap().len(), 1, "{workers}");
+    assert_eq!(workers[0]["id"], "cli-w1");
+    assert_eq!(workers[0]["state"], "idle");
+    assert_eq!(workers[0]["labels"]["zone"], "t");
+    assert_eq!(workers[0]["models"][0]["name"], "tiny");
+
+    let small = [
+        "--prompt", "a wolf", "--frames", "9", "--size", "64x64", "--steps", "3",
+    ];
+    let mut submit = vec!["submit", "--json", "--name", "wolf", "--priority", "3"];
+    submit.extend_from_slice(&small);
+    let job = json_out(&farm(&submit));
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (job["name"].as_str(), job["priority"].as_i64()),
+        (Some("wolf"), Some(3))
+    );
+
+    let watch = farm(&["watch", &id, "--json"]);
+    assert!(watch.status.success(), "{}", stderr(&watch));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&watch.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.last().unwrap()["event"], "done", "{events:?}");
+    assert_eq!(events.last().unwrap()["state"], "done");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "step" && e["step"] == 3 && e["total"] == 3)
+            || events.len() == 1,
+        "{events:?}"
+    );
+
+    let status = json_out(&farm(&["status", &id, "--json"]));
+    assert_eq!(status["state"], "done");
+    assert_eq!(status["steps_done"], 3);
+    assert_eq!(status["workers"], serde_json::json!(["cli-w1"]));
+    assert_eq!(status["spec"]["format"], "mp4");
+    assert!(status["output_bytes"].as_u64().unwrap() > 0);
+    let done = json_out(&farm(&["list", "--state", "done", "--json"]));
+    assert!(done
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["id"] == id.as_str()));
+    let queued = json_out(&farm(&["list", "--state", "queued,running", "--json"]));
+    assert!(!queued
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["id"] == id.as_str()));
+    let table = farm(&["list"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&id));
+
+    let clip = dir.path().join("wolf.mp4");
+    let fetch = farm(&["fetch", &id, "--out", clip.to_str().unwrap()]);
+    assert!(fetch.status.success(), "{}", stderr(&fetch));
+    assert_eq!(probe(&clip)["nb_read_frames"], "9");
+
+    assert_one_line_error(&farm(&["status", "j-nope"]), &["no job j-nope"]);
+    assert_one_line_error(&farm(&["cancel", "j-nope"]), &["no job j-nope"]);
+    assert_one_line_error(
+        &farm(&["submit", "--prompt", "x", "--size", "250x256"]),
+        &["spec.width"],
+    );
+
+    // SIGTERM: the worker drains, leaves at once (no lease expiry wait) and exits 0.
+    signal(&worker.child, "TERM");
+    assert!(worker.child.wait().unwrap().success());
+    // The coordinator hears of it through its etcd watch: give that a moment, not a lease.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let workers = json_out(&farm(&["workers", "--json"]));
+        if workers.as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still listed: {workers}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut coordinator = coordinator;
+    signal(&coordinator.child, "TERM");
+    assert!(coordinator.child.wait().unwrap().success());
+}
