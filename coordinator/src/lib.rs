@@ -9,14 +9,15 @@
 //! state machine, without I/O), `store` (job records: etcd or in memory), `artifacts` (where
 //! outputs live, read back in chunks), `dispatch` (one attempt of a job on its workers over
 //! `WorkerService`), `scheduler` (the job table behind its lock, the store writes, the live
-//! worker view and the placement loop), `service` (the thin gRPC edge), and `encode` (frames →
-//! MP4 / PNG).
+//! worker view and the placement loop), `service` (the thin gRPC edge), `encode` (frames →
+//! MP4 / PNG), and `local` (a whole farm in one process over loopback, for tests and benches).
 
 pub mod artifacts;
 pub mod dispatch;
 pub mod encode;
 pub mod jobs;
 pub mod limits;
+pub mod local;
 pub mod placement;
 pub mod queue;
 pub mod scheduler;

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use longtake_coordinator::encode::{open_writer, Quality, VideoFormat};
-use longtake_coordinator::{Coordinator, CoordinatorConfig, InMemoryJobStore, JobStore};
+use longtake_coordinator::local::{LocalFarm, Served};
+use longtake_coordinator::{Coordinator, CoordinatorConfig, JobStore};
 use longtake_proto::cluster_service_client::ClusterServiceClient;
 use longtake_proto::membership::{InProcessMembership, Membership};
 use longtake_proto::render_service_client::RenderServiceClient;
@@ -20,8 +21,6 @@ use longtake_proto::{
     RenderSpec, SubmitRequest, WorkerState,
 };
 use longtake_worker::daemon::{self, DaemonConfig};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -42,40 +41,35 @@ fn spec(steps: u32) -> RenderSpec {
     }
 }
 
-struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+/// A [`LocalFarm`] over a temporary artifact directory.
+struct Farm {
+    local: LocalFarm,
+    artifacts: tempfile::TempDir,
 }
 
+/// A part of the farm; stopping it waits at most [`PATIENCE`] and must succeed.
+struct Running(Served);
+
 impl Running {
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(PATIENCE, &mut self.task)
+    async fn stop(self) {
+        tokio::time::timeout(PATIENCE, self.0.stop())
             .await
             .expect("it stops in time")
             .expect("it stops cleanly");
     }
 }
 
-struct Farm {
-    membership: Arc<InProcessMembership>,
-    store: Arc<InMemoryJobStore>,
-    artifacts: tempfile::TempDir,
-}
-
 impl Farm {
     fn new() -> Self {
+        let artifacts = tempfile::tempdir().unwrap();
         Self {
-            membership: Arc::new(InProcessMembership::new()),
-            store: Arc::new(InMemoryJobStore::new()),
-            artifacts: tempfile::tempdir().unwrap(),
+            local: LocalFarm::new(artifacts.path()),
+            artifacts,
         }
     }
 
     async fn coordinator(&self) -> (Coordinator, String, Running) {
-        self.coordinator_over(self.membership.clone()).await
+        self.coordinator_over(self.local.membership.clone()).await
     }
 
     /// A coordinator over this farm's job store, seeing the workers of `membership`.
@@ -84,55 +78,17 @@ impl Farm {
         membership: Arc<InProcessMembership>,
     ) -> (Coordinator, String, Running) {
         let config = CoordinatorConfig::new(self.artifacts.path().to_path_buf());
-        let membership: Arc<dyn Membership> = membership;
-        let store: Arc<dyn JobStore> = self.store.clone();
-        let coordinator = Coordinator::start(config, membership, store).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let serving = coordinator.clone();
-        let task = tokio::spawn(async move {
-            serving
-                .serve(listener, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .unwrap();
-        });
-        (
-            coordinator,
-            url,
-            Running {
-                stop: Some(stop),
-                task,
-            },
-        )
+        let (coordinator, served) = self
+            .local
+            .coordinator_with(config, membership)
+            .await
+            .unwrap();
+        (coordinator, served.url().to_string(), Running(served))
     }
 
     async fn worker(&self, id: &str) -> Running {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let membership: Arc<dyn Membership> = self.membership.clone();
-        let (stop, stopped) = oneshot::channel::<()>();
         let config = DaemonConfig::new(id, "127.0.0.1");
-        let task = tokio::spawn(async move {
-            daemon::run(config, membership, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let running = Running {
-            stop: Some(stop),
-            task,
-        };
-        let id = id.to_string();
-        eventually("the worker registers", || {
-            let membership = self.membership.clone();
-            let id = id.clone();
-            async move { membership.list().await.unwrap().iter().any(|w| w.id == id) }
-        })
-        .await;
-        running
+        Running(self.local.worker(config).await.unwrap())
     }
 }
 
@@ -623,7 +579,7 @@ async fn a_restarted_coordinator_lists_its_jobs_and_requeues_the_running_one() {
     served.stop().await;
 
     // the records are as the first coordinator left them: nothing recorded its end
-    let stored = farm.store.load_all().await.unwrap();
+    let stored = farm.local.store.load_all().await.unwrap();
     let state_of = |id: &str| stored.iter().find(|j| j.id == id).unwrap().state;
     assert_eq!(state_of(&running.id), JobState::Running as i32);
     assert_eq!(state_of(&queued.id), JobState::Queued as i32);
@@ -684,7 +640,7 @@ fn doomed_worker(farm: &Farm, id: &str) -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap();
-    let membership: Arc<dyn Membership> = farm.membership.clone();
+    let membership: Arc<dyn Membership> = farm.local.membership.clone();
     let config = DaemonConfig::new(id, "127.0.0.1");
     runtime.spawn(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -699,7 +655,7 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes_on_another() {
     let (_coordinator, url, served) = farm.coordinator().await;
     let doomed = doomed_worker(&farm, "w1");
     eventually("the doomed worker registers", || {
-        let membership = farm.membership.clone();
+        let membership = farm.local.membership.clone();
         async move {
             membership
                 .list()
