@@ -152,9 +152,14 @@ pub async fn run(
     let service = WorkerServiceServer::new(service::Service(control.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Without TCP_NODELAY (tonic sets it only on sockets it accepts itself) every small reply
+    // (Reserve, a step event) waits out the coordinator's delayed ACK: ~40 ms on Linux.
+    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |accepted| {
+        accepted.inspect(|stream| drop(stream.set_nodelay(true)))
+    });
     tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(incoming, stop)
         .await?;
     // No answer: the server stopped on its own, and the registration goes with `control`.
     if let Ok(left) = left_rx.await {
