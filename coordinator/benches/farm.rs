@@ -7,7 +7,8 @@
 //! figure includes and the figures measured.
 //!
 //! `cargo bench -p longtake-coordinator --bench farm -- [--rounds N] [--spec WxHxFxS ...]
-//! [--cfg2-spec WxHxFxS | --no-cfg2] [--quick]`
+//! [--cfg2-spec WxHxFxS | --no-cfg2] [--quick]` (`cargo bench --profile dev ...` reuses the dev
+//! build). `cargo test` does not run it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -219,10 +220,11 @@ fn direct(pipeline: &WanPipeline, spec: &RenderSpec, dir: &Path) -> Result<Direc
 /// One job through the farm, as its client saw it, in seconds from the start of `Submit`.
 struct FarmJob {
     submit_rpc: f64,
-    /// The coordinator's `planned` and `running` (every rank's task started) events, from their
-    /// server timestamps (milliseconds) against the job's `submitted_at_ms`.
+    /// The coordinator's `planned` event (when Watch saw it live) and the job's `started_at_ms`
+    /// (every rank's task started), from the server's clock (milliseconds) against the job's
+    /// `submitted_at_ms`.
     planned_ms: Option<u64>,
-    running_ms: Option<u64>,
+    running_ms: u64,
     /// The first `Step` event seen by Watch; `None` when Watch attached after it.
     first_step: Option<f64>,
     last_step: f64,
@@ -257,18 +259,20 @@ async fn farm_job(
         .watch(JobRequest { id: job.id.clone() })
         .await?
         .into_inner();
-    let (mut planned_ms, mut running_ms, mut first_step, mut last_step, mut done) =
-        (None, None, None, None, None);
+    let (mut planned_ms, mut first_step, mut last_step, mut done) = (None, None, None, None);
     let mut first_event = true;
     while let Some(event) = stream.message().await? {
         let at = start.elapsed().as_secs_f64();
         let since_submit = event.at_ms.saturating_sub(job.submitted_at_ms);
+        // The first event is a snapshot of the job stamped when Watch attached, not when it
+        // happened: it times nothing.
+        let live = !first_event;
+        first_event = false;
         match event.event {
-            Some(job_event::Event::Planned(_)) => planned_ms = Some(since_submit),
-            Some(job_event::Event::Step(s)) if s.step == 0 => running_ms = Some(since_submit),
+            Some(job_event::Event::Planned(_)) if live => planned_ms = Some(since_submit),
+            Some(job_event::Event::Step(s)) if s.step == 0 => {}
             Some(job_event::Event::Step(s)) => {
-                // the first event is a snapshot: a step in it happened before Watch attached
-                if s.step == 1 && !first_event {
+                if s.step == 1 && live {
                     first_step = Some(at);
                 }
                 last_step = Some(at);
@@ -282,7 +286,6 @@ async fn farm_job(
             }
             _ => {}
         }
-        first_event = false;
     }
     let done = done.ok_or("the watch ended without `done`")?;
     let last_step = last_step.ok_or("the watch saw no step")?;
@@ -312,7 +315,7 @@ async fn farm_job(
     Ok(FarmJob {
         submit_rpc,
         planned_ms,
-        running_ms,
+        running_ms: job.started_at_ms.saturating_sub(job.submitted_at_ms),
         first_step,
         last_step,
         done,
@@ -506,9 +509,11 @@ fn compare(table: &mut Table, group: &str, steps: u32, d: &Direct, f: &FarmJob) 
     if let Some(p) = f.planned_ms {
         table.add(group, "farm: submit → planned (server clock, ms)", p as f64);
     }
-    if let Some(r) = f.running_ms {
-        table.add(group, "farm: submit → running (server clock, ms)", r as f64);
-    }
+    table.add(
+        group,
+        "farm: submit → running (server clock, ms)",
+        f.running_ms as f64,
+    );
     let total = (f.done - d.render - d.mp4) / steps * ms;
     table.add(group, "DIFF per step: (farm − render − MP4) / steps", total);
     if let Some(first) = f.first_step {
