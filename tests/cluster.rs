@@ -17,12 +17,12 @@ use support::media::{max_diff, png_frames, probe};
 
 /// Upper bound for a small job to finish on a loaded two-core machine.
 const JOB: Duration = Duration::from_secs(120);
-/// Steps of a job that must still be running while the test acts on it (cancel, kills). The
-/// tiny model's steps at 64×64 take tens of milliseconds each, so this is seconds of work.
-const LONG_STEPS: u32 = 150;
-/// Steps of a job that is killed mid-way and re-run: long enough to be caught running, short
-/// enough to render twice.
-const MEDIUM_STEPS: u32 = 40;
+/// Steps of a job that must still be running while the test acts on it (cancel, drain). The
+/// tiny model's steps at 64×64×9 take about 5 ms on a loaded two-core machine: ~10 s of work.
+const LONG_STEPS: u32 = 2000;
+/// Steps of a job that is interrupted mid-way and re-run: long enough (~4 s) to be caught
+/// running, short enough to render twice.
+const MEDIUM_STEPS: u32 = 800;
 
 fn ids(jobs: &[Value]) -> Vec<String> {
     jobs.iter().map(|j| field(j, "id").to_string()).collect()
@@ -46,14 +46,19 @@ fn a_submitted_job_completes_and_equals_the_single_process_render() {
     let watch = farm.cli(&["watch", &id, "--json"]).ok();
     let events = watch.json_values();
     assert!(
-        events.last().is_some_and(|e| e.to_string().contains("done")),
+        events
+            .last()
+            .is_some_and(|e| e.to_string().contains("done")),
         "watch's last event should say done: {}",
         watch.describe()
     );
     let job = farm.job(&id);
     assert_eq!(job["state"], "done", "{job}");
     assert_eq!(field(&job, "name"), "wolf");
-    assert_eq!((number(&job, "steps_done"), number(&job, "steps_total")), (3, 3));
+    assert_eq!(
+        (number(&job, "steps_done"), number(&job, "steps_total")),
+        (3, 3)
+    );
     assert_eq!(number(&job, "attempts"), 1, "{job}");
     assert_eq!(workers_of(&job).len(), 1, "{job}");
     let (submitted, started, finished) = (
@@ -66,7 +71,8 @@ fn a_submitted_job_completes_and_equals_the_single_process_render() {
         "{job}"
     );
     let clip = farm.path("wolf.mp4");
-    farm.cli(&["fetch", &id, "--out", clip.to_str().unwrap()]).ok();
+    farm.cli(&["fetch", &id, "--out", clip.to_str().unwrap()])
+        .ok();
     assert_eq!(
         std::fs::metadata(&clip).unwrap().len(),
         number(&job, "output_bytes"),
@@ -75,7 +81,10 @@ fn a_submitted_job_completes_and_equals_the_single_process_render() {
     let stream = probe(&clip);
     assert_eq!(stream["codec_name"], "h264", "{stream}");
     assert_eq!(stream["nb_read_frames"], "9", "{stream}");
-    assert_eq!((stream["width"].as_u64(), stream["height"].as_u64()), (Some(64), Some(64)));
+    assert_eq!(
+        (stream["width"].as_u64(), stream["height"].as_u64()),
+        (Some(64), Some(64))
+    );
 
     // PNG through `render --coordinator`: exactly the embedded single-process frames.
     let mut png = spec(3);
@@ -107,7 +116,10 @@ fn a_submitted_job_completes_and_equals_the_single_process_render() {
     args.extend(["--out", two_ranks.to_str().unwrap()]);
     farm.cli(&args).ok();
     let worst = max_diff(&png_frames(&two_ranks), &expected);
-    assert!(worst <= 2, "cfg=2 on two workers: max |diff| {worst} levels");
+    assert!(
+        worst <= 2,
+        "cfg=2 on two workers: max |diff| {worst} levels"
+    );
     let jobs = farm.jobs();
     let cfg2 = jobs
         .iter()
@@ -171,26 +183,38 @@ fn workers_appear_and_leave_when_stopped_or_killed() {
             .ok_or(format!("{states:?}"))
     });
     let job = farm.wait_done(&id, JOB);
-    assert_eq!(workers_of(&job), ["w1"], "the draining worker finished it: {job}");
+    assert_eq!(
+        workers_of(&job),
+        ["w1"],
+        "the draining worker finished it: {job}"
+    );
     assert_eq!(number(&job, "attempts"), 1, "{job}");
     let status = farm.worker("w1").wait_exit(JOB);
     assert!(status.success(), "a drained worker exits 0: {status}");
     let left = Instant::now();
-    farm.wait_until("w1 gone right after it exited", Duration::from_secs(3), || {
-        let states = farm.worker_states();
-        (states == [("w2".into(), "idle".into())])
-            .then_some(())
-            .ok_or(format!("{states:?}"))
-    });
+    farm.wait_until(
+        "w1 gone right after it exited",
+        Duration::from_secs(3),
+        || {
+            let states = farm.worker_states();
+            (states == [("w2".into(), "idle".into())])
+                .then_some(())
+                .ok_or(format!("{states:?}"))
+        },
+    );
     eprintln!("w1 unlisted {:?} after its exit", left.elapsed());
 
     // SIGKILL: w2 cannot say goodbye; its 2 s lease expires.
     farm.worker("w2").kill();
     let killed = Instant::now();
-    farm.wait_until("w2 gone after its lease expired", Duration::from_secs(15), || {
-        let states = farm.worker_states();
-        states.is_empty().then_some(()).ok_or(format!("{states:?}"))
-    });
+    farm.wait_until(
+        "w2 gone after its lease expired",
+        Duration::from_secs(15),
+        || {
+            let states = farm.worker_states();
+            states.is_empty().then_some(()).ok_or(format!("{states:?}"))
+        },
+    );
     eprintln!("w2 unlisted {:?} after SIGKILL", killed.elapsed());
 }
 
@@ -199,7 +223,12 @@ fn a_job_queued_with_no_free_worker_starts_when_one_joins() {
     let mut farm = Farm::start();
     let id = farm.submit(&spec(3), &[]);
     let queued = farm.cli(&["list", "--state", "queued", "--json"]).ok();
-    assert_eq!(ids(&queued.json_values()), [id.clone()], "{}", queued.describe());
+    assert_eq!(
+        ids(&queued.json_values()),
+        [id.clone()],
+        "{}",
+        queued.describe()
+    );
     let job = farm.job(&id);
     assert_eq!(job["state"], "queued", "{job}");
     assert_eq!(number(&job, "started_at_ms"), 0, "{job}");
@@ -208,7 +237,12 @@ fn a_job_queued_with_no_free_worker_starts_when_one_joins() {
     let job = farm.wait_done(&id, JOB);
     assert_eq!(workers_of(&job), ["w1"], "{job}");
     let done = farm.cli(&["list", "--state", "done", "--json"]).ok();
-    assert_eq!(ids(&done.json_values()), [id.clone()], "{}", done.describe());
+    assert_eq!(
+        ids(&done.json_values()),
+        [id.clone()],
+        "{}",
+        done.describe()
+    );
     let queued = farm.cli(&["list", "--state", "queued", "--json"]).ok();
     assert!(queued.json_values().is_empty(), "{}", queued.describe());
 }
@@ -226,7 +260,8 @@ fn cancel_frees_the_worker_and_queued_jobs_run_by_priority() {
     }
 
     let mut watch = farm.spawn_cli("watch", &["watch", &long]);
-    farm.cli(&["cancel", &long, "--reason", "wrong prompt"]).ok();
+    farm.cli(&["cancel", &long, "--reason", "wrong prompt"])
+        .ok();
     let job = farm.wait_job(&long, "cancelled", JOB, |j| j["state"] == "cancelled");
     assert!(
         number(&job, "steps_done") < number(&job, "steps_total"),
@@ -234,7 +269,12 @@ fn cancel_frees_the_worker_and_queued_jobs_run_by_priority() {
     );
     assert!(field(&job, "message").contains("wrong prompt"), "{job}");
     let status = watch.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.code(), Some(1), "watch of a cancelled job exits 1\n{}", watch.logs());
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "watch of a cancelled job exits 1\n{}",
+        watch.logs()
+    );
     assert!(
         watch.stderr().contains("cancel"),
         "watch says why: {}",
@@ -306,7 +346,11 @@ fn a_restarted_coordinator_keeps_its_jobs_and_runs_the_queue() {
     farm.kill_coordinator();
     farm.start_coordinator();
     let after = farm.jobs();
-    assert_eq!(ids(&after), ids(&before), "the restarted coordinator lists its jobs");
+    assert_eq!(
+        ids(&after),
+        ids(&before),
+        "the restarted coordinator lists its jobs"
+    );
     for (b, a) in before.iter().zip(&after) {
         for key in ["name", "priority", "submitted_at_ms", "spec"] {
             assert_eq!(a[key], b[key], "{key} survives the restart:\n{b}\n{a}");
@@ -331,7 +375,8 @@ fn a_restarted_coordinator_keeps_its_jobs_and_runs_the_queue() {
         "the queue kept its priorities across the restart:\n{third_job}\n{second_job}"
     );
     let clip = farm.path("second.mp4");
-    farm.cli(&["fetch", &second, "--out", clip.to_str().unwrap()]).ok();
+    farm.cli(&["fetch", &second, "--out", clip.to_str().unwrap()])
+        .ok();
     assert_eq!(probe(&clip)["nb_read_frames"], "9");
 }
 
@@ -357,7 +402,8 @@ fn a_worker_killed_mid_job_is_replaced_and_the_result_is_unchanged() {
     });
 
     let fetched = farm.path("fetched");
-    farm.cli(&["fetch", &id, "--out", fetched.to_str().unwrap()]).ok();
+    farm.cli(&["fetch", &id, "--out", fetched.to_str().unwrap()])
+        .ok();
     let reference = farm.path("reference");
     let mut args = strs(&png);
     args.extend(["--out", reference.to_str().unwrap()]);

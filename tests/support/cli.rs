@@ -58,7 +58,12 @@ impl Run {
             .lines()
             .filter(|l| l.starts_with("error:"))
             .collect();
-        assert_eq!(lines.len(), 1, "one error line expected: {}", self.describe());
+        assert_eq!(
+            lines.len(),
+            1,
+            "one error line expected: {}",
+            self.describe()
+        );
         lines[0].to_string()
     }
 
@@ -84,7 +89,12 @@ impl Run {
     /// The single JSON object printed on stdout.
     pub fn json(&self) -> Value {
         let mut values = self.json_values();
-        assert_eq!(values.len(), 1, "one JSON value expected: {}", self.describe());
+        assert_eq!(
+            values.len(),
+            1,
+            "one JSON value expected: {}",
+            self.describe()
+        );
         values.remove(0)
     }
 }

@@ -41,7 +41,9 @@ impl Farm {
 
     /// etcd and a coordinator started with `coordinator_args` (e.g. `--max-frames 33`).
     pub fn start_with(coordinator_args: &[&str]) -> Farm {
-        let serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut farm = Farm {
             workers: BTreeMap::new(),
             coordinator: None,
@@ -68,7 +70,10 @@ impl Farm {
     /// Starts (or restarts) the coordinator over this farm's etcd and artifact directory and
     /// points the CLI at its new address.
     pub fn start_coordinator(&mut self) {
-        assert!(self.coordinator.is_none(), "a coordinator is already running");
+        assert!(
+            self.coordinator.is_none(),
+            "a coordinator is already running"
+        );
         let mut cmd = longtake();
         cmd.args(["serve", "coordinator", "--etcd", self.etcd.url()])
             .args(["--listen", "127.0.0.1:0", "--artifacts"])
