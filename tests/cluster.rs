@@ -45,12 +45,24 @@ fn a_submitted_job_completes_and_equals_the_single_process_render() {
     let id = farm.submit(&spec(3), &["--name", "wolf"]);
     let watch = farm.cli(&["watch", &id, "--json"]).ok();
     let events = watch.json_values();
-    assert!(
-        events
-            .last()
-            .is_some_and(|e| e.to_string().contains("done")),
-        "watch's last event should say done: {}",
+    let last = events
+        .last()
+        .expect("watch prints at least the current state");
+    assert_eq!(
+        (&last["event"], &last["state"]),
+        (&"done".into(), &"done".into()),
+        "watch ends with the done event: {}",
         watch.describe()
+    );
+    // Watch may attach after some steps: the step events it saw count up to 3/3.
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "step")
+        .map(|e| number(e, "step"))
+        .collect();
+    assert!(
+        steps.windows(2).all(|w| w[0] < w[1]) && steps.iter().all(|&s| (1..=3).contains(&s)),
+        "step events in order: {steps:?}"
     );
     let job = farm.job(&id);
     assert_eq!(job["state"], "done", "{job}");
