@@ -11,7 +11,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::cli::{embedded_render, field, number, spec, strs};
+use support::cli::{embedded_render, field, number, spec, spec_of, strs};
 use support::farm::Farm;
 use support::media::{max_diff, png_frames, probe};
 
@@ -324,10 +324,8 @@ fn unknown_ids_and_malformed_specs_are_refused_with_their_names() {
     }
     assert!(!out.exists(), "a failed fetch writes nothing");
 
-    let mut bad_width = spec(3);
-    bad_width.extend(["--size", "250x256"].map(String::from));
-    let mut bad_frames = spec(3);
-    bad_frames.extend(["--frames", "97"].map(String::from));
+    let bad_width = spec_of("9", "250x256", 3);
+    let bad_frames = spec_of("97", "64x64", 3);
     for (spec, field_name) in [(bad_width, "spec.width"), (bad_frames, "spec.frames")] {
         let mut args = vec!["submit"];
         args.extend(strs(&spec));

@@ -101,20 +101,26 @@ impl Run {
 
 /// The spec flags of a small tiny-model render (64×64, 9 frames) with `steps` steps.
 pub fn spec(steps: u32) -> Vec<String> {
+    spec_of("9", "64x64", steps)
+}
+
+/// The spec flags of a tiny-model render with these frames, size and steps (seed 7).
+pub fn spec_of(frames: &str, size: &str, steps: u32) -> Vec<String> {
+    let steps = steps.to_string();
     [
         "--prompt",
         "a wolf howling at the moon",
         "--frames",
-        "9",
+        frames,
         "--size",
-        "64x64",
+        size,
         "--seed",
         "7",
         "--steps",
+        &steps,
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([steps.to_string()])
     .collect()
 }
 
