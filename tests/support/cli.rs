@@ -5,9 +5,13 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// The binary under test.
+/// The binary under test: cargo's, or `LONGTAKE_TEST_BIN` when set (a copy taken right after
+/// the build, where several checkouts share one target directory and overwrite its binary).
 pub fn longtake() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_longtake"))
+    match std::env::var_os("LONGTAKE_TEST_BIN") {
+        Some(path) => Command::new(path),
+        None => Command::new(env!("CARGO_BIN_EXE_longtake")),
+    }
 }
 
 /// One finished run of the CLI.
