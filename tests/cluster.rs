@@ -238,7 +238,7 @@ fn a_job_queued_with_no_free_worker_starts_when_one_joins() {
     let queued = farm.cli(&["list", "--state", "queued", "--json"]).ok();
     assert_eq!(
         ids(&queued.json_values()),
-        [id.clone()],
+        vec![id.clone()],
         "{}",
         queued.describe()
     );
@@ -252,7 +252,7 @@ fn a_job_queued_with_no_free_worker_starts_when_one_joins() {
     let done = farm.cli(&["list", "--state", "done", "--json"]).ok();
     assert_eq!(
         ids(&done.json_values()),
-        [id.clone()],
+        vec![id.clone()],
         "{}",
         done.describe()
     );
@@ -262,7 +262,7 @@ fn a_job_queued_with_no_free_worker_starts_when_one_joins() {
 
 #[test]
 fn cancel_frees_the_worker_and_queued_jobs_run_by_priority() {
-    let mut farm = Farm::with_workers(&["w1"]);
+    let farm = Farm::with_workers(&["w1"]);
     let long = farm.submit(&long_spec(100), &["--name", "long"]);
     farm.wait_running(&long, JOB);
     let low = farm.submit(&spec(3), &["--priority", "0", "--name", "low"]);
@@ -307,7 +307,6 @@ fn cancel_frees_the_worker_and_queued_jobs_run_by_priority() {
             .then_some(())
             .ok_or(format!("{states:?}"))
     });
-    let _ = farm.worker("w1");
 }
 
 #[test]
