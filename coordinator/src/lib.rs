@@ -5,14 +5,25 @@
 //! through `ClusterService`.
 //!
 //! Modules, one job each: `limits` (spec checks with field-named errors), `queue` (priority,
-//! FIFO within a priority), `store` (job records: etcd or in memory), `artifacts` (where outputs
-//! live), `placement` (which workers run a job), `dispatch` (one attempt of a job on its
-//! workers), `scheduler` (the job state machine and the loop that places queued jobs), `service`
-//! (the thin gRPC edge), and `encode` (frames → MP4 / PNG).
+//! FIFO within a priority), `placement` (which workers run a job), `jobs` (the job table and its
+//! state machine, without I/O), `store` (job records: etcd or in memory), `artifacts` (where
+//! outputs live, read back in chunks), `dispatch` (one attempt of a job on its workers over
+//! `WorkerService`), `scheduler` (the job table behind its lock, the store writes, the live
+//! worker view and the placement loop), `service` (the thin gRPC edge), and `encode` (frames →
+//! MP4 / PNG).
 
+pub mod artifacts;
+pub mod dispatch;
 pub mod encode;
+pub mod jobs;
+pub mod limits;
+pub mod placement;
+pub mod queue;
+pub mod scheduler;
+pub mod service;
 pub mod store;
 
+pub use scheduler::StepOverhead;
 pub use store::{EtcdJobStore, InMemoryJobStore, JobStore, StoreError};
 
 use std::future::Future;
@@ -93,7 +104,7 @@ pub enum CoordinatorError {
 /// A running coordinator: its job table, queue and scheduling loop. Cheap to clone.
 #[derive(Clone)]
 pub struct Coordinator {
-    _private: Arc<()>,
+    scheduler: scheduler::Scheduler,
 }
 
 impl Coordinator {
@@ -104,17 +115,47 @@ impl Coordinator {
         membership: Arc<dyn Membership>,
         store: Arc<dyn JobStore>,
     ) -> Result<Self, CoordinatorError> {
-        let _ = (config, membership, store);
-        todo!("issue 4: coordinator")
+        let scheduler = scheduler::Scheduler::start(config, membership, store).await?;
+        Ok(Self { scheduler })
     }
 
-    /// Serves `RenderService` and `ClusterService` on `listener` until `shutdown` resolves.
+    /// Serves `RenderService` and `ClusterService` on `listener` until `shutdown` resolves, then
+    /// stops the coordinator (see [`Coordinator::stop`]).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), CoordinatorError> {
-        let _ = (listener, shutdown);
-        todo!("issue 4: coordinator")
+        use longtake_proto::cluster_service_server::ClusterServiceServer;
+        use longtake_proto::render_service_server::RenderServiceServer;
+        use longtake_proto::MAX_MESSAGE_BYTES;
+
+        let render = RenderServiceServer::new(service::Service::new(self.scheduler.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let cluster = ClusterServiceServer::new(service::Service::new(self.scheduler.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let served = tonic::transport::Server::builder()
+            .add_service(render)
+            .add_service(cluster)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        self.stop();
+        Ok(served?)
+    }
+
+    /// Stops the scheduling loop and abandons the running attempts without recording their end,
+    /// as a crash would: their workers see the task streams close and abort, and the next
+    /// coordinator over the same store re-queues those jobs.
+    pub fn stop(&self) {
+        self.scheduler.stop();
+    }
+
+    /// The coordinator's own time per denoising step so far: from rank 0's step event arriving
+    /// to the job event being broadcast to watchers.
+    pub fn step_overhead(&self) -> StepOverhead {
+        self.scheduler.step_overhead()
     }
 }

@@ -1,28 +1,78 @@
 //! Job records in etcd under `<prefix>/jobs/<id>`, as JSON.
+//!
+//! Unlike the membership, which skips a worker record it cannot read, [`JobStore::load_all`]
+//! refuses with [`StoreError::Decode`] naming the key: a skipped job would be lost silently (a
+//! studio's submission gone from `list`), which is worse than a coordinator that will not start
+//! until the record is fixed or removed.
 
+use etcd_client::{Client, GetOptions};
+use longtake_proto::membership::client::{bounded, connect};
 use longtake_proto::membership::EtcdConfig;
 use longtake_proto::Job;
 
-use super::{JobStore, Result};
+use super::{JobStore, Result, StoreError};
 
 pub struct EtcdJobStore {
-    config: EtcdConfig,
+    client: Client,
+    /// `<prefix>/jobs/`
+    jobs: String,
+    endpoints: String,
 }
 
 impl EtcdJobStore {
-    /// Connects to etcd (only `endpoints` and `prefix` of the config are used).
+    /// Connects to etcd (only `endpoints` and `prefix` of the config are used); fails within a
+    /// few seconds with an error naming the endpoints when it cannot.
     pub async fn connect(config: EtcdConfig) -> Result<Self> {
-        todo!("issue 4: etcd job store {:?}", config.endpoints)
+        let endpoints = config.endpoints_text();
+        let client = connect(&config).await.map_err(|source| StoreError::Etcd {
+            endpoints: endpoints.clone(),
+            source,
+        })?;
+        Ok(Self {
+            client,
+            jobs: config.keys_of("jobs"),
+            endpoints,
+        })
+    }
+
+    fn error(&self, source: etcd_client::Error) -> StoreError {
+        StoreError::Etcd {
+            endpoints: self.endpoints.clone(),
+            source,
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl JobStore for EtcdJobStore {
     async fn put(&self, job: &Job) -> Result<()> {
-        todo!("{:?} {}", self.config, job.id)
+        let value = serde_json::to_vec(job).expect("a job record always serialises");
+        let key = format!("{}{}", self.jobs, job.id);
+        bounded(self.client.clone().put(key, value, None))
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
     }
 
     async fn load_all(&self) -> Result<Vec<Job>> {
-        todo!()
+        let found = bounded(
+            self.client
+                .clone()
+                .get(self.jobs.clone(), Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        .map_err(|e| self.error(e))?;
+        let mut jobs = found
+            .kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice::<Job>(kv.value()).map_err(|source| StoreError::Decode {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<Job>>>()?;
+        jobs.sort_by(|a, b| (a.submitted_at_ms, &a.id).cmp(&(b.submitted_at_ms, &b.id)));
+        Ok(jobs)
     }
 }

@@ -5,6 +5,7 @@
 //! disappears when its lease expires) and [`InProcessMembership`] for the embedded farm of
 //! `longtake render` without a coordinator.
 
+pub mod client;
 mod etcd;
 mod memory;
 #[cfg(feature = "testing")]
@@ -25,7 +26,8 @@ pub enum MembershipError {
         #[source]
         source: etcd_client::Error,
     },
-    /// A record under the workers' prefix is not a worker record.
+    /// A record under the workers' prefix is not a worker record. The etcd membership logs this
+    /// and skips the record rather than failing: one bad key must not hide the farm.
     #[error("worker record {key} is not valid JSON of a worker: {source}")]
     Decode {
         key: String,

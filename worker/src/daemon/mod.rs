@@ -3,24 +3,28 @@
 //! a time with the model stack. On shutdown it stops taking tasks, finishes (or hands back) the
 //! one it has, and leaves the membership.
 
+mod control;
+pub mod models;
+mod service;
+pub mod slot;
+pub mod system;
+pub mod task;
+
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use longtake_proto::membership::Membership;
+use longtake_proto::worker_service_server::WorkerServiceServer;
+use longtake_proto::{WorkerState, MAX_MESSAGE_BYTES};
+use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::model::device::{parse_device, parse_dtype, DeviceError};
 use crate::parallel::Timeouts;
-
-/// A model this worker can run.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModelSource {
-    /// The built-in tiny Wan2.1 (seeded random weights), served as `tiny`.
-    Tiny,
-    /// A checkpoint directory in the diffusers layout, served under `name`.
-    Checkpoint { name: String, dir: PathBuf },
-}
+use control::{Control, Identity};
+pub use models::{ModelError, ModelSource};
+use task::TaskRunner;
 
 /// How a worker daemon runs.
 #[derive(Debug, Clone)]
@@ -34,6 +38,7 @@ pub struct DaemonConfig {
     pub device: String,
     /// `f32`, `bf16` or `f16`; `None`: f32 on CPU, bf16 on CUDA.
     pub dtype: Option<String>,
+    /// What it serves; empty: the tiny model.
     pub models: Vec<ModelSource>,
     /// Free-form placement labels (node, zone, ...).
     pub labels: BTreeMap<String, String>,
@@ -50,18 +55,111 @@ pub enum DaemonError {
     Membership(#[from] longtake_proto::membership::MembershipError),
     #[error("worker {id}: {message}")]
     Config { id: String, message: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("worker gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
 
+impl DaemonConfig {
+    /// A worker on the CPU in f32 serving the tiny model, with default time-outs.
+    pub fn new(id: impl Into<String>, advertise_host: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            advertise_host: advertise_host.into(),
+            device: "cpu".into(),
+            dtype: None,
+            models: vec![ModelSource::Tiny],
+            labels: BTreeMap::new(),
+            mesh_timeouts: Timeouts::default(),
+            reservation_timeout: DEFAULT_RESERVATION_TIMEOUT,
+        }
+    }
+}
+
+/// How long a reservation waits for its RunTask by default: the coordinator sends it right after
+/// every rank has answered Reserve.
+pub const DEFAULT_RESERVATION_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `WorkerService` on `listener` and keeps the worker registered in `membership` until
 /// `shutdown` resolves; then drains (finishes the running task) and leaves.
+///
+/// The device, dtype and every model are checked before the worker registers, so a bad
+/// configuration fails here and never shows up in the farm.
 pub async fn run(
     config: DaemonConfig,
     membership: Arc<dyn Membership>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let _ = (config, membership, listener, shutdown);
-    todo!("issue 4: worker daemon")
+    let config_err = |message: String| DaemonError::Config {
+        id: config.id.clone(),
+        message,
+    };
+    if config.id.trim().is_empty() {
+        return Err(config_err("the worker id is empty; pass --id".into()));
+    }
+    if config.advertise_host.trim().is_empty() {
+        return Err(config_err(
+            "the advertised host is empty; pass --advertise HOST".into(),
+        ));
+    }
+    let device = parse_device(&config.device)?;
+    let dtype = parse_dtype(config.dtype.as_deref(), &device)?;
+    let models = models::Models::open(&config.models)?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| config_err(format!("the gRPC listener has no address: {e}")))?
+        .port();
+    let address = if config.advertise_host.contains(':') {
+        format!("[{}]:{port}", config.advertise_host)
+    } else {
+        format!("{}:{port}", config.advertise_host)
+    };
+    let identity = Identity {
+        id: config.id.clone(),
+        address,
+        advertise_host: config.advertise_host.clone(),
+        devices: vec![system::device_info(&device)],
+        memory_bytes: system::host_memory_bytes(),
+        labels: config.labels.clone().into_iter().collect(),
+        models: models.infos(),
+        started_at_ms: longtake_proto::now_ms(),
+    };
+    let runner = TaskRunner::new(device, dtype, config.mesh_timeouts.clone());
+    let control = Arc::new(Control::new(
+        identity,
+        models,
+        runner,
+        config.reservation_timeout,
+    ));
+    let record = control.record();
+    debug_assert_eq!(record.state, WorkerState::Idle as i32);
+    control
+        .set_registration(membership.register(record).await?)
+        .await;
+    tracing::info!(worker = %control.id(), "registered");
+
+    let (left_tx, left_rx) = tokio::sync::oneshot::channel();
+    let drainer = control.clone();
+    let stop = async move {
+        shutdown.await;
+        tracing::info!(worker = %drainer.id(), "draining");
+        let _ = left_tx.send(drainer.drain().await);
+    };
+    let service = WorkerServiceServer::new(service::Service(control.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await?;
+    // No answer: the server stopped on its own, and the registration goes with `control`.
+    if let Ok(left) = left_rx.await {
+        left?;
+    }
+    tracing::info!(worker = %control.id(), "left");
+    Ok(())
 }

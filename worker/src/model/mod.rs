@@ -3,6 +3,7 @@
 //! No network code lives here.
 
 pub mod compare;
+pub mod device;
 pub mod loader;
 pub mod noise;
 pub mod pipeline;

@@ -185,6 +185,31 @@ pub struct PipelineInfo {
     pub max_sequence_length: usize,
 }
 
+impl PipelineInfo {
+    /// The defaults of a checkpoint loaded by [`WanPipeline::load`] (Wan2.1's published
+    /// 480p settings), named `name`.
+    pub fn checkpoint(name: String) -> Self {
+        Self {
+            name,
+            default_width: 832,
+            default_height: 480,
+            default_steps: 50,
+            max_sequence_length: WAN_MAX_SEQUENCE_LENGTH,
+        }
+    }
+
+    /// The defaults of the built-in tiny model ([`WanPipeline::tiny`]).
+    pub fn tiny() -> Self {
+        Self {
+            name: "tiny".into(),
+            default_width: 256,
+            default_height: 256,
+            default_steps: 10,
+            max_sequence_length: 64,
+        }
+    }
+}
+
 /// A model of the flow (velocity) the sampler integrates: Wan's transformer in one process, or
 /// the same transformer run by the ranks of a parallel layout. The denoising loop only needs this.
 pub trait FlowModel {
@@ -283,13 +308,7 @@ impl WanPipeline {
         })?;
 
         let scheduler_config = ckpt.component("scheduler")?.json("scheduler_config.json")?;
-        let info = PipelineInfo {
-            name: ckpt.root().display().to_string(),
-            default_width: 832,
-            default_height: 480,
-            default_steps: 50,
-            max_sequence_length: WAN_MAX_SEQUENCE_LENGTH,
-        };
+        let info = PipelineInfo::checkpoint(ckpt.root().display().to_string());
         Ok(Self {
             info,
             text: PromptEncoder::new(tokenizer, encoder, WAN_MAX_SEQUENCE_LENGTH),
@@ -351,13 +370,7 @@ impl WanPipeline {
             "predict_x0": true, "lower_order_final": true, "final_sigmas_type": "zero",
             "timestep_spacing": "linspace", "disable_corrector": [],
         });
-        let info = PipelineInfo {
-            name: "tiny".into(),
-            default_width: 256,
-            default_height: 256,
-            default_steps: 10,
-            max_sequence_length: 64,
-        };
+        let info = PipelineInfo::tiny();
         Ok(Self {
             text: PromptEncoder::new(tokenizer, encoder, info.max_sequence_length),
             info,

@@ -1,0 +1,230 @@
+//! Where finished outputs live: `<artifact_dir>/<job id>/<name>.mp4`, or `<name>/` holding
+//! `frame_00000.png`, ... for a PNG sequence (`<name>` is the job's name made file-safe, or
+//! `output`), and how `FetchOutput` reads them back in 1 MiB chunks.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use longtake_proto::{Job, OutputChunk, OutputFormat};
+
+/// Size of the `data` of one `OutputChunk`.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// The artifact directory.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    dir: PathBuf,
+}
+
+impl Artifacts {
+    /// Uses `dir`, creating it if needed.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where `job`'s output is written: an `.mp4` file or a PNG sequence directory.
+    pub fn output_path(&self, job: &Job) -> PathBuf {
+        let name = file_safe(&job.name);
+        let png = job
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.format == OutputFormat::Png as i32);
+        let job_dir = self.dir.join(&job.id);
+        if png {
+            job_dir.join(name)
+        } else {
+            job_dir.join(format!("{name}.mp4"))
+        }
+    }
+
+    /// Removes whatever an attempt of the job left (a partial clip, stray frames).
+    pub fn clear(&self, job_id: &str) -> io::Result<()> {
+        match std::fs::remove_dir_all(self.dir.join(job_id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The files of `job`'s finished output, in order, each with the name it is fetched under
+    /// (the clip's file name, or a frame's within the sequence).
+    pub fn files(&self, job: &Job) -> io::Result<Vec<(String, PathBuf)>> {
+        let path = self.output_path(job);
+        if path.is_dir() {
+            let mut files = Vec::new();
+            for entry in std::fs::read_dir(&path)? {
+                let entry = entry?;
+                if entry.file_type()?.is_file() {
+                    files.push((
+                        entry.file_name().to_string_lossy().into_owned(),
+                        entry.path(),
+                    ));
+                }
+            }
+            files.sort();
+            Ok(files)
+        } else {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            std::fs::metadata(&path)?;
+            Ok(vec![(name, path)])
+        }
+    }
+
+    /// Total bytes of `job`'s output.
+    pub fn output_bytes(&self, job: &Job) -> io::Result<u64> {
+        let mut total = 0;
+        for (_, path) in self.files(job)? {
+            total += std::fs::metadata(path)?.len();
+        }
+        Ok(total)
+    }
+}
+
+/// Reads `files` as chunks of at most [`CHUNK_BYTES`], handing each to `send` (which returns
+/// false when the receiver is gone, ending the read). Blocking: run it off the async threads.
+pub fn read_chunks(
+    files: &[(String, PathBuf)],
+    mut send: impl FnMut(OutputChunk) -> bool,
+) -> io::Result<()> {
+    for (name, path) in files {
+        let mut file = File::open(path)?;
+        let file_size = file.metadata()?.len();
+        let mut offset = 0u64;
+        loop {
+            let mut data = vec![0u8; CHUNK_BYTES];
+            let mut filled = 0;
+            while filled < CHUNK_BYTES {
+                let n = file.read(&mut data[filled..])?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            data.truncate(filled);
+            // an empty file is still sent once, so the client creates it
+            if filled == 0 && offset > 0 {
+                break;
+            }
+            let chunk = OutputChunk {
+                file: name.clone(),
+                offset,
+                data,
+                file_size,
+            };
+            if !send(chunk) {
+                return Ok(());
+            }
+            offset += filled as u64;
+            if filled < CHUNK_BYTES {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `name` with everything but letters, digits, `-`, `_` and `.` replaced, or `output`.
+fn file_safe(name: &str) -> String {
+    let safe: String = name
+        .trim()
+        .chars()
+        .take(100)
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if safe.is_empty() || safe.chars().all(|c| c == '.') {
+        "output".to_string()
+    } else {
+        safe
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use longtake_proto::RenderSpec;
+
+    fn job(name: &str, format: OutputFormat) -> Job {
+        Job {
+            id: "j-1".into(),
+            name: name.into(),
+            spec: Some(RenderSpec {
+                format: format as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn paths_are_under_the_job_and_file_safe() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Artifacts::open(dir.path()).unwrap();
+        assert_eq!(
+            a.output_path(&job("wolf at night", OutputFormat::Mp4)),
+            dir.path().join("j-1/wolf_at_night.mp4")
+        );
+        assert_eq!(
+            a.output_path(&job("../..", OutputFormat::Png)),
+            dir.path().join("j-1/.._..")
+        );
+        assert_eq!(
+            a.output_path(&job("", OutputFormat::Png)),
+            dir.path().join("j-1/output")
+        );
+    }
+
+    #[test]
+    fn chunks_cover_every_byte_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Artifacts::open(dir.path()).unwrap();
+        let j = job("clip", OutputFormat::Png);
+        let seq = a.output_path(&j);
+        std::fs::create_dir_all(&seq).unwrap();
+        let big: Vec<u8> = (0..CHUNK_BYTES * 2 + 7).map(|i| (i % 251) as u8).collect();
+        std::fs::write(seq.join("frame_00001.png"), b"").unwrap();
+        std::fs::write(seq.join("frame_00000.png"), &big).unwrap();
+        let files = a.files(&j).unwrap();
+        assert_eq!(a.output_bytes(&j).unwrap(), big.len() as u64);
+        let mut chunks = Vec::new();
+        read_chunks(&files, |c| {
+            chunks.push(c);
+            true
+        })
+        .unwrap();
+        let shape: Vec<(&str, u64, usize, u64)> = chunks
+            .iter()
+            .map(|c| (c.file.as_str(), c.offset, c.data.len(), c.file_size))
+            .collect();
+        let size = big.len() as u64;
+        assert_eq!(
+            shape,
+            [
+                ("frame_00000.png", 0, CHUNK_BYTES, size),
+                ("frame_00000.png", CHUNK_BYTES as u64, CHUNK_BYTES, size),
+                ("frame_00000.png", 2 * CHUNK_BYTES as u64, 7, size),
+                ("frame_00001.png", 0, 0, 0),
+            ]
+        );
+        let joined: Vec<u8> = chunks[..3].iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(joined, big);
+        a.clear("j-1").unwrap();
+        assert!(a.files(&j).is_err());
+        a.clear("j-1").unwrap();
+    }
+}

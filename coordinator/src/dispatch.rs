@@ -1,0 +1,440 @@
+//! One attempt of a job on its workers. `Reserve` on each rank in order (all within the start
+//! time-out), then `RunTask` on each with every rank's mesh address; then the ranks' event
+//! streams are merged: rank 0's steps and decoding become job events, rank 0's frames go to the
+//! encoder as they arrive, and when every rank has finished and every frame is written the clip
+//! is closed. A rank whose stream breaks (process died, connection lost, worker left the farm)
+//! makes the attempt `Lost` (the job is re-queued); a rank that reports an error fails the job;
+//! in both cases the other ranks are told to abort.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use longtake_proto::worker_service_client::WorkerServiceClient;
+use longtake_proto::{
+    task_event, AbortRequest, FrameBatch, OutputFormat, RenderSpec, ReserveRequest, Step,
+    TaskEvent, TaskRequest, Worker, MAX_MESSAGE_BYTES,
+};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+use crate::encode::{self, FrameSink, Quality, VideoFormat};
+use crate::jobs::{Control, Outcome};
+
+/// How long connecting to one worker may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the workers of a failed start stay claimed, so that a worker whose published state
+/// lags (it says idle, it answers busy) is not asked again in a tight loop.
+const START_FAILURE_BACKOFF: Duration = Duration::from_secs(1);
+/// How long an `Abort` may take; it is best effort (the stream closing aborts the task too).
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where an attempt reports its progress (the scheduler, which records and broadcasts it).
+#[async_trait::async_trait]
+pub trait Reporter: Send + Sync {
+    /// Every rank's task is running.
+    async fn running(&self);
+    /// Rank 0 finished a step; `received` is when its event arrived here.
+    async fn step(&self, step: Step, received: Instant);
+    async fn decoding(&self, frames: u32);
+    async fn encoding(&self, frames_written: u32, frames_total: u32);
+}
+
+/// What one attempt runs.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub job_id: String,
+    pub attempt: u32,
+    /// Resolved spec (no zero size or steps).
+    pub spec: RenderSpec,
+    /// In rank order.
+    pub workers: Vec<Worker>,
+    /// Where the encoder writes the clip (or the PNG directory).
+    pub output: PathBuf,
+    pub start_timeout: Duration,
+}
+
+type Client = WorkerServiceClient<Channel>;
+
+/// Runs the attempt to its end and says how it ended.
+pub async fn run(
+    attempt: Attempt,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    reporter: &dyn Reporter,
+) -> Outcome {
+    let started = tokio::select! {
+        started = tokio::time::timeout(attempt.start_timeout, start(&attempt)) => match started {
+            Ok(started) => started,
+            Err(_) => Err(Outcome::StartFailed {
+                reason: format!(
+                    "the ranks did not start within {:?}",
+                    attempt.start_timeout
+                ),
+                counts: true,
+            }),
+        },
+        Some(Control::Cancel(reason)) = control.recv() => Err(Outcome::Cancelled(reason)),
+    };
+    let (clients, streams) = match started {
+        Ok(s) => s,
+        Err(outcome) => {
+            abort_all(&attempt, "the attempt did not start");
+            if matches!(outcome, Outcome::StartFailed { .. }) {
+                tokio::select! {
+                    _ = tokio::time::sleep(START_FAILURE_BACKOFF) => {}
+                    Some(Control::Cancel(reason)) = control.recv() => return Outcome::Cancelled(reason),
+                }
+            }
+            return outcome;
+        }
+    };
+    reporter.running().await;
+    let outcome = follow(&attempt, streams, &mut control, reporter).await;
+    if !matches!(outcome, Outcome::Done { .. }) {
+        let reason = match &outcome {
+            Outcome::Cancelled(r) | Outcome::Failed(r) | Outcome::Lost(r) => r.clone(),
+            _ => String::new(),
+        };
+        abort_all(&attempt, &reason);
+    }
+    drop(clients);
+    outcome
+}
+
+async fn connect(worker: &Worker) -> Result<Client, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(format!("http://{}", worker.address))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect()
+        .await?;
+    Ok(WorkerServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+type Streams = Vec<tonic::Streaming<TaskEvent>>;
+
+/// Reserves every rank, then starts every task.
+async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
+    let world = a.workers.len() as u32;
+    let mut clients = Vec::with_capacity(a.workers.len());
+    let mut mesh = Vec::with_capacity(a.workers.len());
+    for (rank, worker) in a.workers.iter().enumerate() {
+        let mut client = connect(worker).await.map_err(|e| Outcome::StartFailed {
+            reason: format!(
+                "worker {} (rank {rank}) at {} is unreachable: {e}",
+                worker.id, worker.address
+            ),
+            counts: true,
+        })?;
+        let reply = client
+            .reserve(ReserveRequest {
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+                rank: rank as u32,
+                world_size: world,
+            })
+            .await
+            .map_err(|s| Outcome::StartFailed {
+                reason: format!(
+                    "worker {} (rank {rank}) refused the reservation: {}",
+                    worker.id,
+                    s.message()
+                ),
+                counts: s.code() != Code::Unavailable,
+            })?;
+        mesh.push(reply.into_inner().mesh_address);
+        clients.push(client);
+    }
+    let peers = if world > 1 { mesh } else { Vec::new() };
+    let mut streams = Vec::with_capacity(clients.len());
+    for (rank, client) in clients.iter_mut().enumerate() {
+        let stream = client
+            .run_task(TaskRequest {
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+                rank: rank as u32,
+                spec: Some(a.spec.clone()),
+                peers: peers.clone(),
+            })
+            .await
+            .map_err(|s| Outcome::StartFailed {
+                reason: format!(
+                    "worker {} (rank {rank}) did not start its task: {}",
+                    a.workers[rank].id,
+                    s.message()
+                ),
+                counts: true,
+            })?;
+        streams.push(stream.into_inner());
+    }
+    Ok((clients, streams))
+}
+
+/// What a rank's stream yielded.
+enum Item {
+    Event(TaskEvent),
+    /// The stream ended (`None`: cleanly, but without `TaskFinished`).
+    Broken(Option<tonic::Status>),
+}
+
+/// Where the attempt is, for the reason of a lost rank.
+fn phase(step: u32, total: u32, decoding: bool, frames: u32) -> String {
+    if frames > 0 {
+        format!("while sending frames ({frames} received)")
+    } else if decoding {
+        "during decoding".to_string()
+    } else if step == 0 {
+        "before the first step".to_string()
+    } else {
+        format!("during step {} of {total}", step + 1)
+    }
+}
+
+async fn follow(
+    a: &Attempt,
+    streams: Streams,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+    reporter: &dyn Reporter,
+) -> Outcome {
+    let (tx, mut rx) = mpsc::channel::<(usize, Item)>(64);
+    let mut forwarders = tokio::task::JoinSet::new();
+    for (rank, mut stream) in streams.into_iter().enumerate() {
+        let tx = tx.clone();
+        forwarders.spawn(async move {
+            loop {
+                let item = match stream.message().await {
+                    Ok(Some(event)) => Item::Event(event),
+                    Ok(None) => Item::Broken(None),
+                    Err(status) => Item::Broken(Some(status)),
+                };
+                let end = matches!(item, Item::Broken(_));
+                if tx.send((rank, item)).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+
+    let frames_total = a.spec.frames;
+    let mut finished = vec![false; a.workers.len()];
+    let mut step = 0u32;
+    let mut total = a.spec.steps;
+    let mut decoding = false;
+    let mut encoder = Encoder::new(a);
+    let lost = |rank: usize, how: String, step, total, decoding, frames| {
+        Outcome::Lost(format!(
+            "worker {} (rank {rank}) lost {}: {how}",
+            a.workers[rank].id,
+            phase(step, total, decoding, frames)
+        ))
+    };
+    loop {
+        tokio::select! {
+            item = rx.recv() => {
+                let Some((rank, item)) = item else {
+                    // every forwarder ended without every rank finishing: handled per rank below
+                    return Outcome::Lost("every rank's stream closed".into());
+                };
+                let event = match item {
+                    Item::Event(TaskEvent { event: Some(e) }) => e,
+                    Item::Event(TaskEvent { event: None }) => continue,
+                    Item::Broken(status) => {
+                        if finished[rank] {
+                            continue;
+                        }
+                        let how = match status {
+                            Some(s) => format!("{} ({:?})", s.message(), s.code()),
+                            None => "its task stream ended without a result".to_string(),
+                        };
+                        return lost(rank, how, step, total, decoding, encoder.written);
+                    }
+                };
+                match event {
+                    task_event::Event::Started(_) => {}
+                    task_event::Event::Step(s) if rank == 0 => {
+                        let received = Instant::now();
+                        step = s.step;
+                        if s.total != 0 {
+                            total = s.total;
+                        }
+                        reporter.step(s, received).await;
+                    }
+                    task_event::Event::Decoding(d) if rank == 0 => {
+                        decoding = true;
+                        reporter.decoding(d.frames).await;
+                    }
+                    task_event::Event::Frames(batch) if rank == 0 => {
+                        if let Err(reason) = encoder.push(batch).await {
+                            return Outcome::Failed(reason);
+                        }
+                        reporter.encoding(encoder.written, frames_total).await;
+                    }
+                    task_event::Event::Finished(f) => {
+                        if !f.error.is_empty() || f.cancelled {
+                            let why = if f.error.is_empty() { "cancelled" } else { &f.error };
+                            return Outcome::Failed(format!(
+                                "worker {} (rank {rank}): {why}",
+                                a.workers[rank].id
+                            ));
+                        }
+                        finished[rank] = true;
+                        if finished.iter().all(|&f| f) {
+                            return encoder.finish(frames_total).await;
+                        }
+                    }
+                    // steps, decoding and frames of other ranks carry nothing the job needs
+                    _ => {}
+                }
+            }
+            c = control.recv() => match c {
+                Some(Control::Cancel(reason)) => return Outcome::Cancelled(reason),
+                Some(Control::WorkerLeft(id)) => {
+                    if let Some(rank) = a.workers.iter().position(|w| w.id == id) {
+                        if !finished[rank] {
+                            return lost(rank, "it left the farm".into(), step, total, decoding, encoder.written);
+                        }
+                    }
+                }
+                // the scheduler dropped the handle: it is stopping, nothing to report to
+                None => return Outcome::Cancelled("the coordinator is stopping".into()),
+            },
+        }
+    }
+}
+
+/// The clip being written from rank 0's frames; the writer runs on the blocking pool.
+struct Encoder {
+    output: PathBuf,
+    format: VideoFormat,
+    fps: u32,
+    sink: Option<Box<dyn FrameSink>>,
+    written: u32,
+    started: Instant,
+}
+
+impl Encoder {
+    fn new(a: &Attempt) -> Self {
+        let format = if a.spec.format == OutputFormat::Png as i32 {
+            VideoFormat::PngSequence
+        } else {
+            VideoFormat::Mp4
+        };
+        Self {
+            output: a.output.clone(),
+            format,
+            fps: a.spec.fps,
+            sink: None,
+            written: 0,
+            started: Instant::now(),
+        }
+    }
+
+    async fn push(&mut self, batch: FrameBatch) -> Result<(), String> {
+        if batch.first != self.written {
+            return Err(format!(
+                "rank 0 sent frames from {} but {} were written (frames must come in order)",
+                batch.first, self.written
+            ));
+        }
+        let frame_bytes = batch.width as usize * batch.height as usize * 3;
+        if batch.rgb.len() != frame_bytes * batch.count as usize {
+            return Err(format!(
+                "rank 0 sent {} bytes for {} frames of {}x{}",
+                batch.rgb.len(),
+                batch.count,
+                batch.width,
+                batch.height
+            ));
+        }
+        let (output, format, fps) = (self.output.clone(), self.format, self.fps);
+        let sink = self.sink.take();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut sink = match sink {
+                Some(sink) => sink,
+                None => {
+                    if let Some(parent) = output.parent() {
+                        std::fs::create_dir_all(parent)
+                            .map_err(|e| format!("artifact directory {}: {e}", parent.display()))?;
+                    }
+                    encode::open_writer(
+                        &output,
+                        Some(format),
+                        batch.width,
+                        batch.height,
+                        fps,
+                        Quality::default(),
+                    )
+                    .map_err(|e| e.to_string())?
+                }
+            };
+            for frame in batch.rgb.chunks_exact(frame_bytes.max(1)) {
+                sink.push_frame(frame).map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(sink)
+        })
+        .await
+        .map_err(|e| format!("the encoder panicked: {e}"))?;
+        let sink = result.map_err(|e| format!("encoding the output: {e}"))?;
+        self.written = sink.frames_written() as u32;
+        self.sink = Some(sink);
+        Ok(())
+    }
+
+    async fn finish(&mut self, frames_total: u32) -> Outcome {
+        if self.written != frames_total {
+            return Outcome::Failed(format!(
+                "rank 0 finished after sending {} of {frames_total} frames",
+                self.written
+            ));
+        }
+        let Some(sink) = self.sink.take() else {
+            return Outcome::Failed("rank 0 sent no frames".into());
+        };
+        let output = self.output.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            sink.finish()?;
+            Ok::<_, encode::EncodeError>(output_size(&output))
+        })
+        .await;
+        match result {
+            Ok(Ok(output_bytes)) => Outcome::Done {
+                output_bytes,
+                render_s: self.started.elapsed().as_secs_f64(),
+            },
+            Ok(Err(e)) => Outcome::Failed(format!("encoding the output: {e}")),
+            Err(e) => Outcome::Failed(format!("the encoder panicked: {e}")),
+        }
+    }
+}
+
+fn output_size(path: &std::path::Path) -> u64 {
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    } else {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Tells every worker of the attempt to drop its task of the job, without waiting.
+fn abort_all(a: &Attempt, reason: &str) {
+    for worker in &a.workers {
+        let (worker, job_id, reason) = (worker.clone(), a.job_id.clone(), reason.to_string());
+        tokio::spawn(async move {
+            let abort = async {
+                let mut client = connect(&worker).await.ok()?;
+                client.abort(AbortRequest { job_id, reason }).await.ok()
+            };
+            if tokio::time::timeout(ABORT_TIMEOUT, abort).await.is_err() {
+                tracing::debug!(worker = %worker.id, "abort timed out");
+            }
+        });
+    }
+}

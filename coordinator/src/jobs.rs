@@ -1,0 +1,1030 @@
+//! The job table and its state machine, without I/O: QUEUED → PLANNED → RUNNING → DONE | FAILED |
+//! CANCELLED, QUEUED/PLANNED/RUNNING → CANCELLED, PLANNED/RUNNING → QUEUED when an attempt's
+//! workers are lost. Every method that changes a job returns a [`Change`]: the caller writes the
+//! record to the job store (when `persist`) before it broadcasts the event to the job's watchers.
+//! Events of an attempt that is no longer the job's current one (a cancelled job's, a re-queued
+//! one's) are ignored.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
+
+use longtake_proto::{
+    job_event, Cancelled, Decoding, Done, Encoding, Failed, Job, JobEvent, JobState, Planned,
+    Queued, RenderSpec, Step, Worker,
+};
+use longtake_worker::parallel::layout::Layout;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::limits::{self, SpecError};
+use crate::placement::Request;
+use crate::Limits;
+
+/// Events a slow watcher may lag behind before it is resynchronised with the job's state.
+const EVENT_BUFFER: usize = 1024;
+
+/// What the coordinator tells a running attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    /// The job was cancelled: abort the ranks.
+    Cancel(String),
+    /// This worker left the farm (its lease expired or it deregistered).
+    WorkerLeft(String),
+}
+
+/// How an attempt ended, as dispatch reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Done {
+        output_bytes: u64,
+        render_s: f64,
+    },
+    /// A rank failed; the job fails with this reason.
+    Failed(String),
+    Cancelled(String),
+    /// A rank's worker died or became unreachable: re-queue while attempts remain.
+    Lost(String),
+    /// The ranks could not be started. `counts`: whether it uses up one of the job's attempts
+    /// (a worker that only said "busy" does not).
+    StartFailed {
+        reason: String,
+        counts: bool,
+    },
+}
+
+/// A change to a job: its new record and the event that announces it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub job: Job,
+    pub event: JobEvent,
+    /// Whether the record must be written to the store (state transitions and messages; not
+    /// per-step progress, which a restart re-does anyway).
+    pub persist: bool,
+}
+
+/// A job that placement gave workers: what dispatch needs to run its attempt.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub job: Job,
+    /// The spec with the model's defaults filled in.
+    pub spec: RenderSpec,
+    pub attempt: u32,
+    pub workers: Vec<Worker>,
+}
+
+/// The attempt a job is running, while its dispatch task lives.
+pub struct AttemptHandle {
+    pub attempt: u32,
+    pub workers: Vec<String>,
+    pub control: mpsc::UnboundedSender<Control>,
+}
+
+struct Entry {
+    job: Job,
+    layout: Layout,
+    events: broadcast::Sender<JobEvent>,
+    attempt: Option<AttemptHandle>,
+    /// Why the job went back to the queue, kept in front of the reasons it waits since.
+    requeued: Option<String>,
+    /// The queue position its watchers last heard.
+    announced: Option<u32>,
+}
+
+/// Why a job-level request was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TableError {
+    #[error("no job {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+}
+
+pub struct JobTable {
+    jobs: HashMap<String, Entry>,
+    queue: crate::queue::JobQueue,
+    limits: Limits,
+    max_attempts: u32,
+    /// The latest `submitted_at_ms` handed out.
+    last_submitted_ms: u64,
+}
+
+fn is_terminal(state: i32) -> bool {
+    state == JobState::Done as i32
+        || state == JobState::Failed as i32
+        || state == JobState::Cancelled as i32
+}
+
+fn is_active(state: i32) -> bool {
+    state == JobState::Planned as i32 || state == JobState::Running as i32
+}
+
+fn event(job: &Job, body: job_event::Event, now_ms: u64) -> JobEvent {
+    JobEvent {
+        job_id: job.id.clone(),
+        state: job.state,
+        at_ms: now_ms,
+        event: Some(body),
+    }
+}
+
+/// A new job id: `j-` + base36 milliseconds (so ids sort by submission time) + 4 random base36
+/// characters.
+pub fn new_job_id(now_ms: u64) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut millis = Vec::new();
+    let mut n = now_ms;
+    loop {
+        millis.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    millis.reverse();
+    // RandomState is seeded per process and per instance: enough to tell jobs of one
+    // millisecond apart without a random-number dependency.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(now_ms);
+    let mut r = hasher.finish();
+    let mut suffix = String::new();
+    for _ in 0..4 {
+        suffix.push(DIGITS[(r % 36) as usize] as char);
+        r /= 36;
+    }
+    format!(
+        "j-{}{suffix}",
+        String::from_utf8(millis).unwrap_or_default()
+    )
+}
+
+impl JobTable {
+    pub fn new(limits: Limits, max_attempts: u32) -> Self {
+        Self {
+            jobs: HashMap::new(),
+            queue: Default::default(),
+            limits,
+            max_attempts: max_attempts.max(1),
+            last_submitted_ms: 0,
+        }
+    }
+
+    /// Takes the stored jobs: queued ones queue again, planned or running ones (their attempt
+    /// died with the previous coordinator) go back to the queue, ended ones are listed as they
+    /// were. Returns the changes of the re-queued jobs.
+    pub fn restore(&mut self, stored: Vec<Job>, now_ms: u64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for mut job in stored {
+            self.last_submitted_ms = self.last_submitted_ms.max(job.submitted_at_ms);
+            let layout = job.spec.as_ref().map(limits::layout_of).unwrap_or_default();
+            let is_active_before = is_active(job.state);
+            if is_active_before {
+                job.state = JobState::Queued as i32;
+                job.message = format!(
+                    "re-queued: the coordinator restarted during attempt {}",
+                    job.attempts
+                );
+                job.steps_done = 0;
+                changes.push(job.id.clone());
+            }
+            if job.state == JobState::Queued as i32 {
+                self.queue.push(&job.id, job.priority, job.submitted_at_ms);
+            }
+            let requeued = is_active_before.then(|| job.message.clone());
+            let (events, _) = broadcast::channel(EVENT_BUFFER);
+            self.jobs.insert(
+                job.id.clone(),
+                Entry {
+                    requeued,
+                    job,
+                    layout,
+                    events,
+                    attempt: None,
+                    announced: None,
+                },
+            );
+        }
+        changes
+            .into_iter()
+            .map(|id| self.queued_change(&id, now_ms))
+            .collect()
+    }
+
+    /// Accepts a job: checks the spec, gives it an id and queues it.
+    pub fn submit(
+        &mut self,
+        spec: &RenderSpec,
+        priority: i32,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<Change, TableError> {
+        let (spec, layout) = limits::check(spec, &self.limits)?;
+        // Submission times are strictly increasing, so FIFO within a priority (and the ids,
+        // which start with the time) follow the order of arrival, even within a millisecond.
+        let now_ms = now_ms.max(self.last_submitted_ms + 1);
+        self.last_submitted_ms = now_ms;
+        let mut id = new_job_id(now_ms);
+        while self.jobs.contains_key(&id) {
+            id = new_job_id(now_ms);
+        }
+        let job = Job {
+            id: id.clone(),
+            spec: Some(spec),
+            priority,
+            state: JobState::Queued as i32,
+            submitted_at_ms: now_ms,
+            name: name.to_string(),
+            ..Default::default()
+        };
+        self.queue.push(&id, priority, now_ms);
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        self.jobs.insert(
+            id.clone(),
+            Entry {
+                job,
+                layout,
+                events,
+                attempt: None,
+                requeued: None,
+                announced: None,
+            },
+        );
+        Ok(self.queued_change(&id, now_ms))
+    }
+
+    /// Takes back a submission that could not be stored.
+    pub fn forget(&mut self, id: &str) {
+        self.queue.remove(id);
+        self.jobs.remove(id);
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Job> {
+        self.jobs.get(id).map(|e| &e.job)
+    }
+
+    /// Jobs in the given states (all when empty), oldest first.
+    pub fn list(&self, states: &[i32]) -> Vec<Job> {
+        let mut jobs: Vec<Job> = self
+            .jobs
+            .values()
+            .filter(|e| states.is_empty() || states.contains(&e.job.state))
+            .map(|e| e.job.clone())
+            .collect();
+        jobs.sort_by(|a, b| (a.submitted_at_ms, &a.id).cmp(&(b.submitted_at_ms, &b.id)));
+        jobs
+    }
+
+    /// A receiver of the job's future events and the event that describes it now.
+    pub fn watch(
+        &self,
+        id: &str,
+        now_ms: u64,
+    ) -> Option<(JobEvent, broadcast::Receiver<JobEvent>)> {
+        let entry = self.jobs.get(id)?;
+        Some((
+            self.current_event(&entry.job, now_ms),
+            entry.events.subscribe(),
+        ))
+    }
+
+    /// The event that sums up the job's state, the first one a watcher gets.
+    pub fn current_event(&self, job: &Job, now_ms: u64) -> JobEvent {
+        use job_event::Event;
+        let body = match JobState::try_from(job.state).unwrap_or(JobState::Unspecified) {
+            JobState::Queued | JobState::Unspecified => Event::Queued(Queued {
+                position: self.queue.position(&job.id).unwrap_or(0),
+                reason: job.message.clone(),
+            }),
+            JobState::Planned => Event::Planned(Planned {
+                workers: job.workers.clone(),
+                layout: self.layout_text(&job.id),
+                attempt: job.attempts,
+            }),
+            JobState::Running => Event::Step(Step {
+                step: job.steps_done,
+                total: job.steps_total,
+                elapsed_s: 0.0,
+                step_s: 0.0,
+            }),
+            JobState::Done => Event::Done(Done {
+                output_bytes: job.output_bytes,
+                render_s: render_s(job),
+            }),
+            JobState::Failed => Event::Failed(Failed {
+                reason: job.message.clone(),
+            }),
+            JobState::Cancelled => Event::Cancelled(Cancelled {
+                reason: job.message.clone(),
+            }),
+        };
+        event(job, body, now_ms)
+    }
+
+    /// The broadcast channel of a job's events.
+    pub fn sender(&self, id: &str) -> Option<&broadcast::Sender<JobEvent>> {
+        self.jobs.get(id).map(|e| &e.events)
+    }
+
+    /// The queued jobs in the order they run, as placement sees them.
+    pub fn queued_requests(&self) -> Vec<Request> {
+        self.queue
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .map(|e| Request {
+                job_id: e.job.id.clone(),
+                model: e
+                    .job
+                    .spec
+                    .as_ref()
+                    .map(|s| s.model.clone())
+                    .unwrap_or_default(),
+                world_size: e.layout.world_size(),
+            })
+            .collect()
+    }
+
+    /// Workers that a live attempt holds.
+    pub fn claimed(&self) -> HashSet<String> {
+        self.jobs
+            .values()
+            .filter_map(|e| e.attempt.as_ref())
+            .flat_map(|a| a.workers.iter().cloned())
+            .collect()
+    }
+
+    /// Records why a queued job waits; a change only when the reason is new.
+    pub fn set_waiting(&mut self, id: &str, reason: &str, now_ms: u64) -> Option<Change> {
+        let entry = self.jobs.get_mut(id)?;
+        let message = match &entry.requeued {
+            Some(requeued) => format!("{requeued}; {reason}"),
+            None => reason.to_string(),
+        };
+        if entry.job.state != JobState::Queued as i32 || entry.job.message == message {
+            return None;
+        }
+        entry.job.message = message;
+        Some(self.queued_change(id, now_ms))
+    }
+
+    /// Moves a queued job onto `workers` (rank order): PLANNED, one more attempt. A spec whose
+    /// defaults break a limit fails the job instead (the error names the field).
+    pub fn plan(
+        &mut self,
+        id: &str,
+        workers: &[Worker],
+        now_ms: u64,
+    ) -> Result<(Change, Assignment), Option<Box<Change>>> {
+        let Some(entry) = self.jobs.get_mut(id) else {
+            return Err(None);
+        };
+        if entry.job.state != JobState::Queued as i32 {
+            return Err(None);
+        }
+        self.queue.remove(id);
+        entry.requeued = None;
+        entry.announced = None;
+        let spec = entry.job.spec.clone().unwrap_or_default();
+        let model = workers
+            .first()
+            .and_then(|w| w.models.iter().find(|m| m.name == spec.model))
+            .cloned()
+            .unwrap_or_default();
+        let resolved = match limits::resolve(&spec, &entry.layout, &model, &self.limits) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                let job = &mut entry.job;
+                job.state = JobState::Failed as i32;
+                job.message = e.to_string();
+                job.finished_at_ms = now_ms;
+                let body = job_event::Event::Failed(Failed {
+                    reason: job.message.clone(),
+                });
+                return Err(Some(Box::new(Change {
+                    event: event(job, body, now_ms),
+                    job: job.clone(),
+                    persist: true,
+                })));
+            }
+        };
+        let job = &mut entry.job;
+        job.state = JobState::Planned as i32;
+        job.attempts += 1;
+        job.workers = workers.iter().map(|w| w.id.clone()).collect();
+        job.steps_done = 0;
+        job.steps_total = resolved.steps;
+        job.message.clear();
+        let body = job_event::Event::Planned(Planned {
+            workers: job.workers.clone(),
+            layout: entry.layout.to_string(),
+            attempt: job.attempts,
+        });
+        let change = Change {
+            event: event(job, body, now_ms),
+            job: job.clone(),
+            persist: true,
+        };
+        let assignment = Assignment {
+            job: job.clone(),
+            spec: resolved,
+            attempt: job.attempts,
+            workers: workers.to_vec(),
+        };
+        Ok((change, assignment))
+    }
+
+    /// Binds the live attempt's handle to its job (its workers count as claimed until
+    /// [`JobTable::finish`]).
+    pub fn attach(&mut self, id: &str, handle: AttemptHandle) {
+        if let Some(entry) = self.jobs.get_mut(id) {
+            entry.attempt = Some(handle);
+        }
+    }
+
+    /// The entry of `id` if `attempt` is its current, still active attempt.
+    fn current(&mut self, id: &str, attempt: u32) -> Option<&mut Entry> {
+        self.jobs
+            .get_mut(id)
+            .filter(|e| e.job.attempts == attempt && is_active(e.job.state))
+    }
+
+    /// The ranks are running: PLANNED → RUNNING.
+    pub fn running(&mut self, id: &str, attempt: u32, now_ms: u64) -> Option<Change> {
+        let entry = self.current(id, attempt)?;
+        let job = &mut entry.job;
+        job.state = JobState::Running as i32;
+        job.started_at_ms = now_ms;
+        let body = job_event::Event::Step(Step {
+            step: 0,
+            total: job.steps_total,
+            elapsed_s: 0.0,
+            step_s: 0.0,
+        });
+        Some(Change {
+            event: event(job, body, now_ms),
+            job: job.clone(),
+            persist: true,
+        })
+    }
+
+    /// Rank 0 finished a denoising step.
+    pub fn step(&mut self, id: &str, attempt: u32, step: Step, now_ms: u64) -> Option<Change> {
+        let entry = self.current(id, attempt)?;
+        let job = &mut entry.job;
+        job.steps_done = step.step;
+        if step.total != 0 {
+            job.steps_total = step.total;
+        }
+        Some(Change {
+            event: event(job, job_event::Event::Step(step), now_ms),
+            job: job.clone(),
+            persist: false,
+        })
+    }
+
+    /// Rank 0 is decoding (`Decoding`) or the coordinator is encoding (`Encoding`).
+    pub fn progress(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        body: job_event::Event,
+        now_ms: u64,
+    ) -> Option<Change> {
+        debug_assert!(matches!(
+            body,
+            job_event::Event::Decoding(Decoding { .. })
+                | job_event::Event::Encoding(Encoding { .. })
+        ));
+        let entry = self.current(id, attempt)?;
+        Some(Change {
+            event: event(&entry.job, body, now_ms),
+            job: entry.job.clone(),
+            persist: false,
+        })
+    }
+
+    /// The attempt's dispatch ended: releases its workers and applies the outcome (a stale
+    /// attempt's outcome only releases the workers).
+    pub fn finish(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        outcome: Outcome,
+        now_ms: u64,
+    ) -> Option<Change> {
+        let max_attempts = self.max_attempts;
+        let entry = self.jobs.get_mut(id)?;
+        if entry.attempt.as_ref().is_some_and(|a| a.attempt == attempt) {
+            entry.attempt = None;
+        }
+        if entry.job.attempts != attempt || !is_active(entry.job.state) {
+            return None;
+        }
+        let job = &mut entry.job;
+        let requeue = |job: &mut Job, reason: String| {
+            job.state = JobState::Queued as i32;
+            job.message = reason;
+            job.steps_done = 0;
+        };
+        let end = |job: &mut Job, state: JobState, reason: String| {
+            job.state = state as i32;
+            job.message = reason;
+            job.finished_at_ms = now_ms;
+        };
+        match outcome {
+            Outcome::Done {
+                output_bytes,
+                render_s: _,
+            } => {
+                end(job, JobState::Done, String::new());
+                job.output_bytes = output_bytes;
+                job.steps_done = job.steps_total;
+            }
+            Outcome::Failed(reason) => end(job, JobState::Failed, reason),
+            Outcome::Cancelled(reason) => end(job, JobState::Cancelled, reason),
+            Outcome::Lost(reason) => {
+                if job.attempts < max_attempts {
+                    requeue(job, format!("re-queued: {reason}"));
+                } else {
+                    end(
+                        job,
+                        JobState::Failed,
+                        format!("{reason}; gave up after {} attempts", job.attempts),
+                    );
+                }
+            }
+            Outcome::StartFailed { reason, counts } => {
+                if !counts {
+                    job.attempts -= 1;
+                }
+                if !counts || job.attempts < max_attempts {
+                    requeue(job, format!("re-queued: {reason}"));
+                } else {
+                    end(
+                        job,
+                        JobState::Failed,
+                        format!("{reason}; gave up after {} attempts", job.attempts),
+                    );
+                }
+            }
+        }
+        let state = job.state;
+        if state == JobState::Queued as i32 {
+            let (priority, at) = (job.priority, job.submitted_at_ms);
+            entry.requeued = Some(entry.job.message.clone());
+            self.queue.push(id, priority, at);
+            return Some(self.queued_change(id, now_ms));
+        }
+        let job = self.jobs.get(id)?.job.clone();
+        Some(Change {
+            event: self.current_event(&job, now_ms),
+            job,
+            persist: true,
+        })
+    }
+
+    /// Cancels a job that has not ended: a queued one at once; an active one is marked
+    /// CANCELLED and its attempt told to abort (its workers stay claimed until the attempt
+    /// ends). An ended job is returned as it is.
+    pub fn cancel(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(Job, Option<Change>), TableError> {
+        let entry = self
+            .jobs
+            .get_mut(id)
+            .ok_or_else(|| TableError::NotFound(id.to_string()))?;
+        if is_terminal(entry.job.state) {
+            return Ok((entry.job.clone(), None));
+        }
+        let reason = if reason.trim().is_empty() {
+            "cancelled by request".to_string()
+        } else {
+            reason.to_string()
+        };
+        if let Some(attempt) = &entry.attempt {
+            let _ = attempt.control.send(Control::Cancel(reason.clone()));
+        }
+        let job = &mut entry.job;
+        job.state = JobState::Cancelled as i32;
+        job.message = reason.clone();
+        job.finished_at_ms = now_ms;
+        let body = job_event::Event::Cancelled(Cancelled { reason });
+        let change = Change {
+            event: event(job, body, now_ms),
+            job: job.clone(),
+            persist: true,
+        };
+        self.queue.remove(id);
+        Ok((change.job.clone(), Some(change)))
+    }
+
+    /// Tells every attempt that runs on `worker_id` that it left the farm.
+    pub fn worker_left(&self, worker_id: &str) {
+        for entry in self.jobs.values() {
+            if let Some(a) = &entry.attempt {
+                if a.workers.iter().any(|w| w == worker_id) {
+                    let _ = a.control.send(Control::WorkerLeft(worker_id.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Drops every attempt handle (the coordinator is stopping; nothing is recorded).
+    pub fn abandon_attempts(&mut self) {
+        for entry in self.jobs.values_mut() {
+            entry.attempt = None;
+        }
+    }
+
+    fn layout_text(&self, id: &str) -> String {
+        self.jobs
+            .get(id)
+            .map(|e| e.layout.to_string())
+            .unwrap_or_default()
+    }
+
+    /// Queued events for the jobs whose place in the queue moved since their watchers last
+    /// heard it (not stored: positions are derived).
+    pub fn position_updates(&mut self, now_ms: u64) -> Vec<Change> {
+        let moved: Vec<String> = self
+            .queue
+            .iter()
+            .enumerate()
+            .filter(|(i, id)| {
+                self.jobs
+                    .get(*id)
+                    .is_some_and(|e| e.announced != Some(*i as u32))
+            })
+            .map(|(_, id)| id.to_string())
+            .collect();
+        moved
+            .iter()
+            .map(|id| Change {
+                persist: false,
+                ..self.queued_change(id, now_ms)
+            })
+            .collect()
+    }
+
+    fn queued_change(&mut self, id: &str, now_ms: u64) -> Change {
+        let position = self.queue.position(id);
+        let entry = self
+            .jobs
+            .get_mut(id)
+            .expect("a queued change of a known job");
+        entry.announced = position;
+        let job = entry.job.clone();
+        Change {
+            event: self.current_event(&job, now_ms),
+            job,
+            persist: true,
+        }
+    }
+}
+
+fn render_s(job: &Job) -> f64 {
+    job.finished_at_ms.saturating_sub(job.started_at_ms) as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{InMemoryJobStore, JobStore};
+    use longtake_proto::{ModelInfo, WorkerState};
+
+    fn spec() -> RenderSpec {
+        RenderSpec {
+            prompt: "a wolf".into(),
+            frames: 9,
+            steps: 0,
+            guidance_scale: 5.0,
+            fps: 16,
+            ..Default::default()
+        }
+    }
+
+    fn worker(id: &str) -> Worker {
+        Worker {
+            id: id.into(),
+            state: WorkerState::Idle as i32,
+            models: vec![ModelInfo {
+                name: "tiny".into(),
+                default_width: 64,
+                default_height: 64,
+                default_steps: 3,
+                attention_heads: 2,
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn state(t: &JobTable, id: &str) -> JobState {
+        JobState::try_from(t.get(id).unwrap().state).unwrap()
+    }
+
+    fn handle(t: &mut JobTable, a: &Assignment) -> mpsc::UnboundedReceiver<Control> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        t.attach(
+            &a.job.id,
+            AttemptHandle {
+                attempt: a.attempt,
+                workers: a.workers.iter().map(|w| w.id.clone()).collect(),
+                control: tx,
+            },
+        );
+        rx
+    }
+
+    #[test]
+    fn ids_are_unique_and_sort_by_time() {
+        let a = new_job_id(1_700_000_000_000);
+        let b = new_job_id(1_700_000_000_001);
+        assert!(a.starts_with("j-") && a.len() <= 14, "{a}");
+        assert!(a < b);
+        let same: HashSet<String> = (0..50).map(|_| new_job_id(5)).collect();
+        assert!(same.len() > 40, "ids of one millisecond collide too often");
+    }
+
+    #[test]
+    fn jobs_of_one_millisecond_keep_their_order() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let ids: Vec<String> = (0..20)
+            .map(|_| t.submit(&spec(), 0, "", 10).unwrap().job.id)
+            .collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted);
+        let queued: Vec<String> = t.queued_requests().into_iter().map(|r| r.job_id).collect();
+        assert_eq!(queued, ids);
+    }
+
+    #[test]
+    fn a_job_runs_through_to_done() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let c = t.submit(&spec(), 0, "wolf", 10).unwrap();
+        let id = c.job.id.clone();
+        assert!(c.persist);
+        assert!(matches!(
+            c.event.event,
+            Some(job_event::Event::Queued(Queued { position: 0, .. }))
+        ));
+        assert_eq!(
+            t.submit(
+                &RenderSpec {
+                    frames: 8,
+                    ..spec()
+                },
+                0,
+                "",
+                11
+            )
+            .unwrap_err()
+            .to_string()[..12],
+            *"spec.frames:"
+        );
+
+        let (c, a) = t.plan(&id, &[worker("w1")], 20).unwrap();
+        assert_eq!(state(&t, &id), JobState::Planned);
+        assert_eq!((a.attempt, a.spec.steps, a.spec.width), (1, 3, 64));
+        assert_eq!(c.job.workers, ["w1"]);
+        let _rx = handle(&mut t, &a);
+        assert_eq!(t.claimed(), HashSet::from(["w1".to_string()]));
+        assert!(t.queued_requests().is_empty());
+
+        t.running(&id, 1, 30).unwrap();
+        assert_eq!(state(&t, &id), JobState::Running);
+        let c = t
+            .step(
+                &id,
+                1,
+                Step {
+                    step: 2,
+                    total: 3,
+                    elapsed_s: 1.0,
+                    step_s: 0.5,
+                },
+                40,
+            )
+            .unwrap();
+        assert!(!c.persist);
+        assert_eq!(c.job.steps_done, 2);
+        // a stale attempt's events change nothing
+        assert!(t.step(&id, 7, Step::default(), 41).is_none());
+
+        let c = t
+            .finish(
+                &id,
+                1,
+                Outcome::Done {
+                    output_bytes: 1234,
+                    render_s: 1.0,
+                },
+                50,
+            )
+            .unwrap();
+        assert_eq!(state(&t, &id), JobState::Done);
+        assert_eq!(
+            (c.job.output_bytes, c.job.steps_done, c.job.finished_at_ms),
+            (1234, 3, 50)
+        );
+        assert!(t.claimed().is_empty());
+        assert!(matches!(c.event.event, Some(job_event::Event::Done(_))));
+    }
+
+    #[test]
+    fn lost_workers_requeue_until_attempts_run_out() {
+        let mut t = JobTable::new(Limits::default(), 2);
+        let id = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let (_, a) = t.plan(&id, &[worker("w1")], 20).unwrap();
+        let c = t
+            .finish(
+                &id,
+                a.attempt,
+                Outcome::Lost("worker w1 (rank 0) lost during step 2: gone".into()),
+                30,
+            )
+            .unwrap();
+        assert_eq!(state(&t, &id), JobState::Queued);
+        assert_eq!(
+            c.job.message,
+            "re-queued: worker w1 (rank 0) lost during step 2: gone"
+        );
+        // a busy refusal does not use up an attempt
+        let (_, a) = t.plan(&id, &[worker("w1")], 40).unwrap();
+        t.finish(
+            &id,
+            a.attempt,
+            Outcome::StartFailed {
+                reason: "worker w1 is busy".into(),
+                counts: false,
+            },
+            50,
+        );
+        assert_eq!(t.get(&id).unwrap().attempts, 1);
+        let (_, a) = t.plan(&id, &[worker("w1")], 60).unwrap();
+        assert_eq!(a.attempt, 2);
+        let c = t
+            .finish(&id, 2, Outcome::Lost("worker w1 (rank 0) lost".into()), 70)
+            .unwrap();
+        assert_eq!(state(&t, &id), JobState::Failed);
+        assert_eq!(
+            c.job.message,
+            "worker w1 (rank 0) lost; gave up after 2 attempts"
+        );
+    }
+
+    #[test]
+    fn cancel_queued_at_once_and_running_through_its_attempt() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let q = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let r = t.submit(&spec(), 0, "", 11).unwrap().job.id;
+        let (job, _) = t.cancel(&q, "", 12).unwrap();
+        assert_eq!(job.state, JobState::Cancelled as i32);
+        assert_eq!(job.message, "cancelled by request");
+        assert_eq!(t.queued_requests().len(), 1);
+
+        let (_, a) = t.plan(&r, &[worker("w1")], 20).unwrap();
+        let mut control = handle(&mut t, &a);
+        t.running(&r, 1, 21);
+        t.cancel(&r, "wrong prompt", 22).unwrap();
+        assert_eq!(state(&t, &r), JobState::Cancelled);
+        assert_eq!(
+            control.try_recv().unwrap(),
+            Control::Cancel("wrong prompt".into())
+        );
+        // the workers stay claimed until the attempt ends; its outcome does not override
+        assert_eq!(t.claimed().len(), 1);
+        assert!(t
+            .finish(&r, 1, Outcome::Lost("closed".into()), 23)
+            .is_none());
+        assert!(t.claimed().is_empty());
+        assert_eq!(state(&t, &r), JobState::Cancelled);
+        // cancelling an ended job changes nothing; an unknown one is NotFound
+        assert!(t.cancel(&r, "again", 24).unwrap().1.is_none());
+        assert_eq!(
+            t.cancel("j-nope", "", 25).unwrap_err().to_string(),
+            "no job j-nope"
+        );
+    }
+
+    #[test]
+    fn a_default_over_the_limits_fails_the_job_at_planning() {
+        let mut t = JobTable::new(
+            Limits {
+                max_steps: 2,
+                ..Limits::default()
+            },
+            3,
+        );
+        let id = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let c = t.plan(&id, &[worker("w1")], 20).unwrap_err().unwrap();
+        assert_eq!(c.job.state, JobState::Failed as i32);
+        assert_eq!(
+            c.job.message,
+            "spec.steps: 3 is over this farm's limit of 2"
+        );
+    }
+
+    #[test]
+    fn requeue_reasons_stay_in_front_of_waiting_reasons() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let id = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let (_, a) = t.plan(&id, &[worker("w1")], 20).unwrap();
+        t.finish(
+            &id,
+            a.attempt,
+            Outcome::Lost("worker w1 (rank 0) lost".into()),
+            30,
+        );
+        let c = t
+            .set_waiting(&id, "waiting: no live worker serves model tiny", 40)
+            .unwrap();
+        assert_eq!(
+            c.job.message,
+            "re-queued: worker w1 (rank 0) lost; waiting: no live worker serves model tiny"
+        );
+        // planned again, the old reason goes
+        t.plan(&id, &[worker("w2")], 50).unwrap();
+        assert_eq!(t.get(&id).unwrap().message, "");
+    }
+
+    #[test]
+    fn watchers_hear_when_their_place_in_the_queue_moves() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let a = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let b = t.submit(&spec(), 0, "", 11).unwrap().job.id;
+        assert!(t.position_updates(12).is_empty());
+        t.plan(&a, &[worker("w1")], 13).unwrap();
+        let moved = t.position_updates(14);
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved[0].job.id, b);
+        assert!(!moved[0].persist);
+        assert!(matches!(
+            moved[0].event.event,
+            Some(job_event::Event::Queued(Queued { position: 0, .. }))
+        ));
+        assert!(t.position_updates(15).is_empty());
+    }
+
+    #[test]
+    fn waiting_reasons_are_changes_only_when_new() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let id = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let c = t
+            .set_waiting(&id, "waiting: needs 2 workers, 1 live", 11)
+            .unwrap();
+        assert!(matches!(
+            c.event.event,
+            Some(job_event::Event::Queued(Queued { ref reason, .. })) if reason == "waiting: needs 2 workers, 1 live"
+        ));
+        assert!(t
+            .set_waiting(&id, "waiting: needs 2 workers, 1 live", 12)
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_restart_requeues_active_jobs_and_keeps_ended_ones() {
+        let store = InMemoryJobStore::new();
+        let mut t = JobTable::new(Limits::default(), 3);
+        let ids: Vec<String> = (0..4)
+            .map(|i| t.submit(&spec(), i, "", 10 + i as u64).unwrap().job.id)
+            .collect();
+        let (_, a) = t.plan(&ids[3], &[worker("w1")], 20).unwrap();
+        t.running(&ids[3], a.attempt, 21);
+        t.step(
+            &ids[3],
+            a.attempt,
+            Step {
+                step: 1,
+                total: 3,
+                ..Default::default()
+            },
+            22,
+        );
+        t.plan(&ids[2], &[worker("w2")], 23).unwrap();
+        t.cancel(&ids[1], "no", 24).unwrap();
+        for job in t.list(&[]) {
+            store.put(&job).await.unwrap();
+        }
+
+        let mut restarted = JobTable::new(Limits::default(), 3);
+        let changes = restarted.restore(store.load_all().await.unwrap(), 100);
+        assert_eq!(changes.len(), 2);
+        let job = restarted.get(&ids[3]).unwrap();
+        assert_eq!(job.state, JobState::Queued as i32);
+        assert_eq!(
+            job.message,
+            "re-queued: the coordinator restarted during attempt 1"
+        );
+        assert_eq!(job.steps_done, 0);
+        assert_eq!(state(&restarted, &ids[1]), JobState::Cancelled);
+        let order: Vec<String> = restarted
+            .queued_requests()
+            .into_iter()
+            .map(|r| r.job_id)
+            .collect();
+        assert_eq!(order, [ids[3].clone(), ids[2].clone(), ids[0].clone()]);
+        assert_eq!(restarted.list(&[]).len(), 4);
+        assert_eq!(restarted.list(&[JobState::Cancelled as i32]).len(), 1);
+    }
+}

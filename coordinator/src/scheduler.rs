@@ -1,0 +1,425 @@
+//! The running coordinator's core: the job table behind one lock, the job store every transition
+//! is written to before it is broadcast, the live view of the workers (from the membership
+//! subscription, resubscribed with back-off when it closes), and the loop that re-runs placement
+//! on submit, membership changes, attempt ends and a 1 s tick, starting a dispatch task for every
+//! job placement gives workers.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, Weak};
+use std::time::{Duration, Instant};
+
+use longtake_proto::membership::{Membership, MembershipEvent};
+use longtake_proto::{
+    job_event, now_ms, Decoding, Encoding, Job, JobEvent, RenderSpec, Step, Worker,
+};
+use tokio::sync::{broadcast, mpsc, watch, Mutex, Notify};
+
+use crate::artifacts::Artifacts;
+use crate::dispatch::{self, Attempt, Reporter};
+use crate::jobs::{AttemptHandle, Change, JobTable, TableError};
+use crate::placement::{self, Decision};
+use crate::{CoordinatorConfig, CoordinatorError, JobStore};
+
+const TICK: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The coordinator's own time per step: from rank 0's step event arriving to the job event
+/// being broadcast.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepOverhead {
+    pub steps: u64,
+    pub total: Duration,
+    pub max: Duration,
+}
+
+pub(crate) struct Inner {
+    config: CoordinatorConfig,
+    store: Arc<dyn JobStore>,
+    pub(crate) artifacts: Artifacts,
+    table: Mutex<JobTable>,
+    workers: StdMutex<BTreeMap<String, Worker>>,
+    wake: Notify,
+    stop: watch::Sender<bool>,
+    attempts: StdMutex<tokio::task::JoinSet<()>>,
+    step_count: AtomicU64,
+    step_nanos: AtomicU64,
+    step_max_nanos: AtomicU64,
+}
+
+/// Handle on the scheduler; clones share it.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+impl Scheduler {
+    pub async fn start(
+        config: CoordinatorConfig,
+        membership: Arc<dyn Membership>,
+        store: Arc<dyn JobStore>,
+    ) -> Result<Self, CoordinatorError> {
+        let artifacts = Artifacts::open(&config.artifact_dir).map_err(|source| {
+            CoordinatorError::Artifacts {
+                dir: config.artifact_dir.clone(),
+                source,
+            }
+        })?;
+        let mut table = JobTable::new(config.limits.clone(), config.max_attempts);
+        let restored = table.restore(store.load_all().await?, now_ms());
+        for change in &restored {
+            store.put(&change.job).await?;
+        }
+        let subscription = membership.subscribe().await?;
+        let (stop, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            config,
+            store,
+            artifacts,
+            table: Mutex::new(table),
+            workers: StdMutex::new(
+                subscription
+                    .workers
+                    .iter()
+                    .map(|w| (w.id.clone(), w.clone()))
+                    .collect(),
+            ),
+            wake: Notify::new(),
+            stop,
+            attempts: StdMutex::new(tokio::task::JoinSet::new()),
+            step_count: AtomicU64::new(0),
+            step_nanos: AtomicU64::new(0),
+            step_max_nanos: AtomicU64::new(0),
+        });
+        tokio::spawn(watch_membership(
+            Arc::downgrade(&inner),
+            membership,
+            subscription.events,
+        ));
+        tokio::spawn(schedule_loop(Arc::downgrade(&inner)));
+        inner.wake.notify_one();
+        Ok(Self { inner })
+    }
+
+    /// Stops the loops and abandons the running attempts without recording anything, as a crash
+    /// would: their workers see the task streams close, and the next start re-queues the jobs.
+    pub fn stop(&self) {
+        let _ = self.inner.stop.send(true);
+        lock(&self.inner.attempts).abort_all();
+    }
+
+    pub fn artifacts(&self) -> &Artifacts {
+        &self.inner.artifacts
+    }
+
+    pub async fn submit(
+        &self,
+        spec: &RenderSpec,
+        priority: i32,
+        name: &str,
+    ) -> Result<Job, SubmitError> {
+        let mut table = self.inner.table.lock().await;
+        let change = table.submit(spec, priority, name, now_ms())?;
+        // nothing a user submitted is lost: the job is accepted only once it is stored
+        if let Err(e) = self.inner.store.put(&change.job).await {
+            table.forget(&change.job.id);
+            return Err(SubmitError::Store(e));
+        }
+        let job = change.job.clone();
+        announce(&table, change);
+        drop(table);
+        self.inner.wake.notify_one();
+        Ok(job)
+    }
+
+    pub async fn get(&self, id: &str) -> Option<Job> {
+        self.inner.table.lock().await.get(id).cloned()
+    }
+
+    pub async fn list(&self, states: &[i32]) -> Vec<Job> {
+        self.inner.table.lock().await.list(states)
+    }
+
+    pub async fn watch(&self, id: &str) -> Option<(JobEvent, broadcast::Receiver<JobEvent>)> {
+        self.inner.table.lock().await.watch(id, now_ms())
+    }
+
+    /// The event that sums up a job now (to resynchronise a lagging watcher).
+    pub async fn current_event(&self, id: &str) -> Option<JobEvent> {
+        let table = self.inner.table.lock().await;
+        let job = table.get(id)?.clone();
+        Some(table.current_event(&job, now_ms()))
+    }
+
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<Job, TableError> {
+        let mut table = self.inner.table.lock().await;
+        let (job, change) = table.cancel(id, reason, now_ms())?;
+        if let Some(change) = change {
+            self.inner.persist(&change).await;
+            announce(&table, change);
+        }
+        drop(table);
+        self.inner.wake.notify_one();
+        Ok(job)
+    }
+
+    pub fn workers(&self) -> Vec<Worker> {
+        lock(&self.inner.workers).values().cloned().collect()
+    }
+
+    pub fn step_overhead(&self) -> StepOverhead {
+        let i = &self.inner;
+        StepOverhead {
+            steps: i.step_count.load(Ordering::Relaxed),
+            total: Duration::from_nanos(i.step_nanos.load(Ordering::Relaxed)),
+            max: Duration::from_nanos(i.step_max_nanos.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Why a submission was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Invalid(#[from] TableError),
+    #[error("the job could not be stored, so it was not accepted: {0}")]
+    Store(#[from] crate::StoreError),
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn announce(table: &JobTable, change: Change) {
+    if let Some(tx) = table.sender(&change.job.id) {
+        // no watcher is not an error
+        let _ = tx.send(change.event);
+    }
+}
+
+impl Inner {
+    async fn persist(&self, change: &Change) {
+        if change.persist {
+            if let Err(e) = self.store.put(&change.job).await {
+                tracing::warn!(job = %change.job.id, "job store: {e}");
+            }
+        }
+    }
+
+    async fn apply(&self, table: &JobTable, change: Option<Change>) {
+        if let Some(change) = change {
+            self.persist(&change).await;
+            announce(table, change);
+        }
+    }
+
+    /// One placement round over the queue.
+    async fn schedule(self: &Arc<Self>) {
+        // reap the attempts that ended, so the set does not grow
+        {
+            let mut attempts = lock(&self.attempts);
+            while attempts.try_join_next().is_some() {}
+        }
+        let live: Vec<Worker> = lock(&self.workers).values().cloned().collect();
+        let mut table = self.table.lock().await;
+        let requests = table.queued_requests();
+        if requests.is_empty() {
+            return;
+        }
+        let decisions = placement::plan(&requests, &live, &table.claimed());
+        for (id, decision) in decisions {
+            match decision {
+                Decision::Place(workers) => match table.plan(&id, &workers, now_ms()) {
+                    Ok((change, assignment)) => {
+                        self.apply(&table, Some(change)).await;
+                        let (control, control_rx) = mpsc::unbounded_channel();
+                        table.attach(
+                            &id,
+                            AttemptHandle {
+                                attempt: assignment.attempt,
+                                workers: workers.iter().map(|w| w.id.clone()).collect(),
+                                control,
+                            },
+                        );
+                        let _ = self.artifacts.clear(&id);
+                        let attempt = Attempt {
+                            output: self.artifacts.output_path(&assignment.job),
+                            job_id: id.clone(),
+                            attempt: assignment.attempt,
+                            spec: assignment.spec,
+                            workers,
+                            start_timeout: self.config.start_timeout,
+                        };
+                        let inner = Arc::clone(self);
+                        lock(&self.attempts).spawn(async move {
+                            let reporter = AttemptReporter {
+                                inner: Arc::clone(&inner),
+                                job_id: attempt.job_id.clone(),
+                                attempt: attempt.attempt,
+                            };
+                            let (job_id, number) = (attempt.job_id.clone(), attempt.attempt);
+                            let outcome = dispatch::run(attempt, control_rx, &reporter).await;
+                            inner.finish(&job_id, number, outcome).await;
+                        });
+                    }
+                    Err(failed) => self.apply(&table, failed.map(|c| *c)).await,
+                },
+                Decision::Wait(reason) | Decision::Skip(reason) => {
+                    let change = table.set_waiting(&id, &reason, now_ms());
+                    self.apply(&table, change).await;
+                }
+            }
+        }
+        for change in table.position_updates(now_ms()) {
+            announce(&table, change);
+        }
+    }
+
+    async fn finish(&self, id: &str, attempt: u32, outcome: crate::jobs::Outcome) {
+        let mut table = self.table.lock().await;
+        let failed = !matches!(outcome, crate::jobs::Outcome::Done { .. });
+        let change = table.finish(id, attempt, outcome, now_ms());
+        if failed {
+            if let Err(e) = self.artifacts.clear(id) {
+                tracing::warn!(job = %id, "removing a partial output: {e}");
+            }
+        }
+        self.apply(&table, change).await;
+        drop(table);
+        self.wake.notify_one();
+    }
+}
+
+struct AttemptReporter {
+    inner: Arc<Inner>,
+    job_id: String,
+    attempt: u32,
+}
+
+#[async_trait::async_trait]
+impl Reporter for AttemptReporter {
+    async fn running(&self) {
+        let mut table = self.inner.table.lock().await;
+        let change = table.running(&self.job_id, self.attempt, now_ms());
+        self.inner.apply(&table, change).await;
+    }
+
+    async fn step(&self, step: Step, received: Instant) {
+        let mut table = self.inner.table.lock().await;
+        let change = table.step(&self.job_id, self.attempt, step, now_ms());
+        self.inner.apply(&table, change).await;
+        drop(table);
+        let nanos = received.elapsed().as_nanos() as u64;
+        self.inner.step_count.fetch_add(1, Ordering::Relaxed);
+        self.inner.step_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.inner
+            .step_max_nanos
+            .fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    async fn decoding(&self, frames: u32) {
+        let body = job_event::Event::Decoding(Decoding { frames });
+        let mut table = self.inner.table.lock().await;
+        let change = table.progress(&self.job_id, self.attempt, body, now_ms());
+        self.inner.apply(&table, change).await;
+    }
+
+    async fn encoding(&self, frames_written: u32, frames_total: u32) {
+        let body = job_event::Event::Encoding(Encoding {
+            frames_written,
+            frames_total,
+        });
+        let mut table = self.inner.table.lock().await;
+        let change = table.progress(&self.job_id, self.attempt, body, now_ms());
+        self.inner.apply(&table, change).await;
+    }
+}
+
+async fn schedule_loop(inner: Weak<Inner>) {
+    let mut stop = match inner.upgrade() {
+        Some(i) => i.stop.subscribe(),
+        None => return,
+    };
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if *stop.borrow() {
+            return;
+        }
+        strong.schedule().await;
+        let wait = async {
+            tokio::select! {
+                _ = strong.wake.notified() => {}
+                _ = tokio::time::sleep(TICK) => {}
+            }
+        };
+        tokio::select! {
+            _ = wait => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn watch_membership(
+    inner: Weak<Inner>,
+    membership: Arc<dyn Membership>,
+    mut events: mpsc::Receiver<MembershipEvent>,
+) {
+    let mut stop = match inner.upgrade() {
+        Some(i) => i.stop.subscribe(),
+        None => return,
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = stop.changed() => return,
+        };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        match event {
+            Some(MembershipEvent::Put(worker)) => {
+                lock(&strong.workers).insert(worker.id.clone(), worker);
+            }
+            Some(MembershipEvent::Left(id)) => {
+                lock(&strong.workers).remove(&id);
+                strong.table.lock().await.worker_left(&id);
+            }
+            None => {
+                tracing::warn!("the membership watch closed; subscribing again");
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return,
+                    }
+                    match membership.subscribe().await {
+                        Ok(sub) => {
+                            backoff = Duration::from_millis(100);
+                            let fresh: BTreeMap<String, Worker> =
+                                sub.workers.into_iter().map(|w| (w.id.clone(), w)).collect();
+                            let gone: Vec<String> = lock(&strong.workers)
+                                .keys()
+                                .filter(|id| !fresh.contains_key(*id))
+                                .cloned()
+                                .collect();
+                            *lock(&strong.workers) = fresh;
+                            let table = strong.table.lock().await;
+                            for id in gone {
+                                table.worker_left(&id);
+                            }
+                            events = sub.events;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!("membership: {e}; retrying in {backoff:?}");
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                        }
+                    }
+                }
+            }
+        }
+        strong.wake.notify_one();
+    }
+}

@@ -1,0 +1,762 @@
+//! The coordinator end to end over real gRPC on 127.0.0.1, against real worker daemons
+//! (`longtake_worker::daemon::run`, the tiny model) sharing an in-process membership: submit to
+//! done with the clip decoded by ffprobe and equal to the single-process render, priority order,
+//! cancel, error codes, a job that waits for a worker, and a coordinator restarted over the same
+//! job store.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use longtake_coordinator::encode::{open_writer, Quality, VideoFormat};
+use longtake_coordinator::{Coordinator, CoordinatorConfig, InMemoryJobStore, JobStore};
+use longtake_proto::cluster_service_client::ClusterServiceClient;
+use longtake_proto::membership::{InProcessMembership, Membership};
+use longtake_proto::render_service_client::RenderServiceClient;
+use longtake_proto::{
+    job_event, CancelRequest, Job, JobEvent, JobRequest, JobState, ListRequest, ListWorkersRequest,
+    RenderSpec, SubmitRequest, WorkerState,
+};
+use longtake_worker::daemon::{self, DaemonConfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const PATIENCE: Duration = Duration::from_secs(120);
+
+fn spec(steps: u32) -> RenderSpec {
+    RenderSpec {
+        prompt: "a lighthouse in a storm".into(),
+        model: "tiny".into(),
+        frames: 9,
+        width: 64,
+        height: 64,
+        steps,
+        guidance_scale: 5.0,
+        seed: 7,
+        fps: 16,
+        ..Default::default()
+    }
+}
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(PATIENCE, &mut self.task)
+            .await
+            .expect("it stops in time")
+            .expect("it stops cleanly");
+    }
+}
+
+struct Farm {
+    membership: Arc<InProcessMembership>,
+    store: Arc<InMemoryJobStore>,
+    artifacts: tempfile::TempDir,
+}
+
+impl Farm {
+    fn new() -> Self {
+        Self {
+            membership: Arc::new(InProcessMembership::new()),
+            store: Arc::new(InMemoryJobStore::new()),
+            artifacts: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    async fn coordinator(&self) -> (Coordinator, String, Running) {
+        self.coordinator_over(self.membership.clone()).await
+    }
+
+    /// A coordinator over this farm's job store, seeing the workers of `membership`.
+    async fn coordinator_over(
+        &self,
+        membership: Arc<InProcessMembership>,
+    ) -> (Coordinator, String, Running) {
+        let config = CoordinatorConfig::new(self.artifacts.path().to_path_buf());
+        let membership: Arc<dyn Membership> = membership;
+        let store: Arc<dyn JobStore> = self.store.clone();
+        let coordinator = Coordinator::start(config, membership, store).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = coordinator.clone();
+        let task = tokio::spawn(async move {
+            serving
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        (
+            coordinator,
+            url,
+            Running {
+                stop: Some(stop),
+                task,
+            },
+        )
+    }
+
+    async fn worker(&self, id: &str) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let membership: Arc<dyn Membership> = self.membership.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = DaemonConfig::new(id, "127.0.0.1");
+        let task = tokio::spawn(async move {
+            daemon::run(config, membership, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        let running = Running {
+            stop: Some(stop),
+            task,
+        };
+        let id = id.to_string();
+        eventually("the worker registers", || {
+            let membership = self.membership.clone();
+            let id = id.clone();
+            async move { membership.list().await.unwrap().iter().any(|w| w.id == id) }
+        })
+        .await;
+        running
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn client(url: &str) -> RenderServiceClient<Channel> {
+    RenderServiceClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .max_decoding_message_size(longtake_proto::MAX_MESSAGE_BYTES)
+}
+
+async fn submit(c: &mut RenderServiceClient<Channel>, spec: RenderSpec, priority: i32) -> Job {
+    c.submit(SubmitRequest {
+        spec: Some(spec),
+        priority,
+        name: "clip".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .job
+    .unwrap()
+}
+
+async fn get(c: &mut RenderServiceClient<Channel>, id: &str) -> Job {
+    c.get(JobRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Every event of the job until its stream closes (after the terminal one).
+async fn watch_all(c: &mut RenderServiceClient<Channel>, id: &str) -> Vec<(Instant, JobEvent)> {
+    let mut stream = c
+        .watch(JobRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("the job ends in time")
+        .unwrap()
+    {
+        events.push((Instant::now(), event));
+    }
+    events
+}
+
+async fn wait_state(c: &mut RenderServiceClient<Channel>, id: &str, state: JobState) -> Job {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let job = get(c, id).await;
+        if job.state == state as i32 {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} never reached {state:?}: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn fetch(c: &mut RenderServiceClient<Channel>, id: &str, out: &Path) {
+    let mut stream = c
+        .fetch_output(JobRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        assert_eq!(chunk.offset, bytes.len() as u64);
+        bytes.extend_from_slice(&chunk.data);
+        assert!(bytes.len() as u64 <= chunk.file_size);
+    }
+    std::fs::write(out, bytes).unwrap();
+}
+
+fn ffprobe_frames(path: &Path) -> HashMap<String, String> {
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-select_streams", "v:0"])
+        .args([
+            "-show_entries",
+            "stream=codec_name,width,height,nb_read_frames",
+        ])
+        .args(["-of", "default=noprint_wrappers=1"])
+        .arg(path)
+        .output()
+        .expect("ffprobe is on PATH (apt-get install ffmpeg)");
+    assert!(
+        out.status.success(),
+        "ffprobe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The same spec rendered by the single-process pipeline and encoded by the same writer.
+fn reference_clip(spec: &RenderSpec, out: &Path) {
+    use longtake_worker::model::pipeline::{RenderSpec as Spec, WanPipeline};
+    let pipeline = WanPipeline::tiny(&candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let video = pipeline
+        .render(
+            &Spec {
+                prompt: spec.prompt.clone(),
+                negative_prompt: spec.negative_prompt.clone(),
+                frames: spec.frames as usize,
+                width: spec.width as usize,
+                height: spec.height as usize,
+                steps: spec.steps as usize,
+                guidance_scale: spec.guidance_scale,
+                shift: spec.shift,
+                scheduler: None,
+                seed: spec.seed,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    let mut sink = open_writer(
+        out,
+        Some(VideoFormat::Mp4),
+        video.width as u32,
+        video.height as u32,
+        spec.fps,
+        Quality::default(),
+    )
+    .unwrap();
+    for frame in video.rgb.chunks_exact(video.width * video.height * 3) {
+        sink.push_frame(frame).unwrap();
+    }
+    sink.finish().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_submitted_job_renders_and_matches_the_single_process_clip() {
+    let farm = Farm::new();
+    let (coordinator, url, served) = farm.coordinator().await;
+    let worker = farm.worker("w1").await;
+    let mut c = client(&url).await;
+
+    let submitted_at = Instant::now();
+    let job = submit(&mut c, spec(4), 0).await;
+    assert_eq!(job.state, JobState::Queued as i32);
+    let events = watch_all(&mut c, &job.id).await;
+    let job = get(&mut c, &job.id).await;
+    assert_eq!(job.state, JobState::Done as i32, "{job:?}");
+    assert_eq!((job.steps_done, job.steps_total, job.attempts), (4, 4, 1));
+    assert_eq!(job.workers, ["w1"]);
+
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|(_, e)| match e.event.as_ref().unwrap() {
+            job_event::Event::Queued(_) => "queued",
+            job_event::Event::Planned(_) => "planned",
+            job_event::Event::Step(_) => "step",
+            job_event::Event::Decoding(_) => "decoding",
+            job_event::Event::Encoding(_) => "encoding",
+            job_event::Event::Done(_) => "done",
+            job_event::Event::Failed(_) => "failed",
+            job_event::Event::Cancelled(_) => "cancelled",
+        })
+        .collect();
+    assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"decoding") && kinds.contains(&"encoding"),
+        "{kinds:?}"
+    );
+    let steps: Vec<(u32, f64, Instant)> = events
+        .iter()
+        .filter_map(|(at, e)| match e.event.as_ref()? {
+            job_event::Event::Step(s) if s.step > 0 => Some((s.step, s.step_s, *at)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        steps.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4],
+        "every step of rank 0, in order"
+    );
+
+    let out = farm.artifacts.path().join("fetched.mp4");
+    fetch(&mut c, &job.id, &out).await;
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), job.output_bytes);
+    let probe = ffprobe_frames(&out);
+    assert_eq!(probe["codec_name"], "h264");
+    assert_eq!(
+        (probe["width"].as_str(), probe["height"].as_str()),
+        ("64", "64")
+    );
+    assert_eq!(probe["nb_read_frames"], "9");
+    let reference = farm.artifacts.path().join("reference.mp4");
+    reference_clip(&spec(4), &reference);
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&reference).unwrap(),
+        "the farm's clip differs from the single-process render of the same spec"
+    );
+
+    // the measurements the closing note quotes
+    let first_step = steps[0].2 - submitted_at;
+    let step_sum: f64 = steps.iter().map(|s| s.1).sum();
+    let wall = (job.finished_at_ms - job.started_at_ms) as f64 / 1000.0;
+    let overhead = coordinator.step_overhead();
+    assert_eq!(overhead.steps, 4);
+    eprintln!(
+        "farm timing: submit→first step {:.0} ms; job wall (running→done) {wall:.3} s vs sum of \
+         step times {step_sum:.3} s; coordinator per-step overhead mean {:.1} µs, max {:.1} µs",
+        first_step.as_secs_f64() * 1e3,
+        overhead.total.as_secs_f64() * 1e6 / overhead.steps as f64,
+        overhead.max.as_secs_f64() * 1e6,
+    );
+
+    worker.stop().await;
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_two_rank_job_runs_on_two_workers() {
+    let farm = Farm::new();
+    let (_coordinator, url, served) = farm.coordinator().await;
+    let w1 = farm.worker("w1").await;
+    let w2 = farm.worker("w2").await;
+    let mut c = client(&url).await;
+    let job = submit(
+        &mut c,
+        RenderSpec {
+            layout: "cfg=2".into(),
+            ..spec(2)
+        },
+        0,
+    )
+    .await;
+    watch_all(&mut c, &job.id).await;
+    let job = get(&mut c, &job.id).await;
+    assert_eq!(job.state, JobState::Done as i32, "{job:?}");
+    assert_eq!(job.workers, ["w1", "w2"]);
+    let out = farm.artifacts.path().join("two.mp4");
+    fetch(&mut c, &job.id, &out).await;
+    assert_eq!(ffprobe_frames(&out)["nb_read_frames"], "9");
+    w1.stop().await;
+    w2.stop().await;
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_jobs_wait_for_a_worker_and_run_in_priority_order() {
+    let farm = Farm::new();
+    let (_coordinator, url, served) = farm.coordinator().await;
+    let mut c = client(&url).await;
+    let mut cluster = ClusterServiceClient::connect(url.clone()).await.unwrap();
+
+    let low = submit(&mut c, spec(2), 0).await;
+    let high = submit(&mut c, spec(2), 5).await;
+    let waiting = wait_state(&mut c, &low.id, JobState::Queued).await;
+    eventually("the job says why it waits", || {
+        let mut c = c.clone();
+        let id = low.id.clone();
+        async move { get(&mut c, &id).await.message == "waiting: no live worker serves model tiny" }
+    })
+    .await;
+    assert_eq!(waiting.attempts, 0);
+
+    let worker = farm.worker("w1").await;
+    let listed = cluster
+        .list_workers(ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(
+        listed.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(),
+        ["w1"]
+    );
+
+    let high = wait_state(&mut c, &high.id, JobState::Done).await;
+    let low = wait_state(&mut c, &low.id, JobState::Done).await;
+    assert!(
+        high.finished_at_ms <= low.started_at_ms,
+        "the high-priority job ran first: high {high:?}, low {low:?}"
+    );
+
+    worker.stop().await;
+    eventually("the stopped worker leaves the cluster list", || {
+        let mut cluster = cluster.clone();
+        async move {
+            cluster
+                .list_workers(ListWorkersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .workers
+                .is_empty()
+        }
+    })
+    .await;
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_stops_a_running_job_and_frees_its_worker() {
+    let farm = Farm::new();
+    let (_coordinator, url, served) = farm.coordinator().await;
+    let worker = farm.worker("w1").await;
+    let mut c = client(&url).await;
+    let cluster = ClusterServiceClient::connect(url.clone()).await.unwrap();
+
+    let long = submit(&mut c, spec(200), 0).await;
+    let mut stream = c
+        .watch(JobRequest {
+            id: long.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // wait for a real step, so the cancel hits a running render
+    loop {
+        let e = stream.message().await.unwrap().expect("the job runs");
+        if matches!(e.event, Some(job_event::Event::Step(ref s)) if s.step >= 1) {
+            break;
+        }
+    }
+    let cancelled = c
+        .cancel(CancelRequest {
+            id: long.id.clone(),
+            reason: "wrong prompt".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, JobState::Cancelled as i32);
+    assert_eq!(cancelled.message, "wrong prompt");
+    let last = loop {
+        match stream.message().await.unwrap() {
+            Some(e) => {
+                if e.state == JobState::Cancelled as i32 {
+                    break e;
+                }
+            }
+            None => panic!("the watch ended without the cancellation"),
+        }
+    };
+    assert!(matches!(last.event, Some(job_event::Event::Cancelled(_))));
+    assert!(
+        stream.message().await.unwrap().is_none(),
+        "the watch closes after the end"
+    );
+
+    eventually("the worker is idle again", || {
+        let mut cluster = cluster.clone();
+        async move {
+            let workers = cluster
+                .list_workers(ListWorkersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .workers;
+            workers.len() == 1 && workers[0].state == WorkerState::Idle as i32
+        }
+    })
+    .await;
+    let next = submit(&mut c, spec(2), 0).await;
+    let next = wait_state(&mut c, &next.id, JobState::Done).await;
+    assert_eq!(next.workers, ["w1"]);
+    let long = get(&mut c, &long.id).await;
+    assert_eq!(long.state, JobState::Cancelled as i32);
+    assert!(long.steps_done < 200);
+
+    worker.stop().await;
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_their_status_codes() {
+    let farm = Farm::new();
+    let (_coordinator, url, served) = farm.coordinator().await;
+    let mut c = client(&url).await;
+
+    let e = c
+        .get(JobRequest {
+            id: "j-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::NotFound, "no job j-nope"));
+    let e = c
+        .watch(JobRequest {
+            id: "j-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .cancel(CancelRequest {
+            id: "j-nope".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .fetch_output(JobRequest {
+            id: "j-nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    let e = c
+        .submit(SubmitRequest {
+            spec: Some(RenderSpec {
+                width: 250,
+                ..spec(2)
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.message(), "spec.width: 250 is not a multiple of 16");
+    let e = c
+        .submit(SubmitRequest {
+            spec: None,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "spec.prompt: must not be empty")
+    );
+
+    // no worker: the job stays queued, and its output cannot be fetched yet
+    let job = submit(&mut c, spec(2), 0).await;
+    let e = c
+        .fetch_output(JobRequest { id: job.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        e.message(),
+        format!("job {} is queued; fetch it when it is done", job.id)
+    );
+    let listed = c
+        .list(ListRequest {
+            states: vec![JobState::Queued as i32],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.len(), 1);
+    let listed = c
+        .list(ListRequest {
+            states: vec![JobState::Done as i32],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(listed.is_empty());
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_coordinator_lists_its_jobs_and_requeues_the_running_one() {
+    let farm = Farm::new();
+    let (_first, url, served) = farm.coordinator().await;
+    let worker = farm.worker("w1").await;
+    let mut c = client(&url).await;
+    let running = submit(&mut c, spec(200), 1).await;
+    let queued = submit(&mut c, spec(2), 0).await;
+    wait_state(&mut c, &running.id, JobState::Running).await;
+    served.stop().await;
+
+    // the records are as the first coordinator left them: nothing recorded its end
+    let stored = farm.store.load_all().await.unwrap();
+    let state_of = |id: &str| stored.iter().find(|j| j.id == id).unwrap().state;
+    assert_eq!(state_of(&running.id), JobState::Running as i32);
+    assert_eq!(state_of(&queued.id), JobState::Queued as i32);
+
+    // a coordinator that sees no worker yet: the jobs wait where the restart put them
+    let (_second, url, served) = farm
+        .coordinator_over(Arc::new(InProcessMembership::new()))
+        .await;
+    let mut c = client(&url).await;
+    let listed = c
+        .list(ListRequest { states: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    let ids: Vec<&str> = listed.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, [running.id.as_str(), queued.id.as_str()]);
+    let requeued = &listed[0];
+    assert_eq!(requeued.state, JobState::Queued as i32, "{requeued:?}");
+    assert!(
+        requeued
+            .message
+            .starts_with("re-queued: the coordinator restarted during attempt 1"),
+        "{requeued:?}"
+    );
+    served.stop().await;
+
+    let (_third, url, served) = farm.coordinator().await;
+    let mut c = client(&url).await;
+    // the re-queued job runs again (its worker aborted the orphaned task) as attempt 2
+    eventually("the re-queued job starts its second attempt", || {
+        let mut c = c.clone();
+        let id = running.id.clone();
+        async move {
+            let job = get(&mut c, &id).await;
+            job.attempts == 2 && job.state == JobState::Running as i32
+        }
+    })
+    .await;
+    c.cancel(CancelRequest {
+        id: running.id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let done = wait_state(&mut c, &queued.id, JobState::Done).await;
+    assert_eq!(done.attempts, 1);
+
+    worker.stop().await;
+    served.stop().await;
+}
+
+/// A worker daemon on a runtime of its own, so the test can make it vanish the way a killed
+/// process does: its connections and its membership record go at once, without a goodbye.
+fn doomed_worker(farm: &Farm, id: &str) -> tokio::runtime::Runtime {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let membership: Arc<dyn Membership> = farm.membership.clone();
+    let config = DaemonConfig::new(id, "127.0.0.1");
+    runtime.spawn(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _ = daemon::run(config, membership, listener, std::future::pending()).await;
+    });
+    runtime
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_whose_worker_dies_is_requeued_and_finishes_on_another() {
+    let farm = Farm::new();
+    let (_coordinator, url, served) = farm.coordinator().await;
+    let doomed = doomed_worker(&farm, "w1");
+    eventually("the doomed worker registers", || {
+        let membership = farm.membership.clone();
+        async move {
+            membership
+                .list()
+                .await
+                .unwrap()
+                .iter()
+                .any(|w| w.id == "w1")
+        }
+    })
+    .await;
+    let survivor = farm.worker("w2").await;
+    let mut c = client(&url).await;
+
+    let job = submit(&mut c, spec(60), 0).await;
+    let mut stream = c
+        .watch(JobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let e = stream.message().await.unwrap().expect("the job runs");
+        if matches!(e.event, Some(job_event::Event::Step(ref s)) if s.step >= 1) {
+            break;
+        }
+    }
+    assert_eq!(
+        get(&mut c, &job.id).await.workers,
+        ["w1"],
+        "ids order the ranks"
+    );
+    doomed.shutdown_background();
+
+    let mut requeued = None;
+    while let Some(e) = tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("the job ends in time")
+        .unwrap()
+    {
+        if let Some(job_event::Event::Queued(q)) = &e.event {
+            requeued.get_or_insert(q.reason.clone());
+        }
+    }
+    let requeued = requeued.expect("the job went back to the queue");
+    assert!(
+        requeued.starts_with("re-queued: worker w1 (rank 0) lost during step"),
+        "{requeued}"
+    );
+    let job = get(&mut c, &job.id).await;
+    assert_eq!(job.state, JobState::Done as i32, "{job:?}");
+    assert_eq!(
+        (job.attempts, job.workers.as_slice()),
+        (2, &["w2".to_string()][..])
+    );
+    let out = farm.artifacts.path().join("survived.mp4");
+    fetch(&mut c, &job.id, &out).await;
+    assert_eq!(ffprobe_frames(&out)["nb_read_frames"], "9");
+
+    survivor.stop().await;
+    served.stop().await;
+}

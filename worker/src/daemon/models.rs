@@ -1,0 +1,272 @@
+//! The models a worker serves: parsing `--model` values, checking each checkpoint at start (so a
+//! bad path fails the daemon, not its first job) and the [`ModelInfo`] the worker advertises.
+
+use std::path::{Path, PathBuf};
+
+use longtake_proto::ModelInfo;
+
+use crate::model::loader::{Checkpoint, LoadError};
+use crate::model::pipeline::{tiny_configs, PipelineError, PipelineInfo};
+use crate::model::tokenizer::PromptTokenizer;
+use crate::model::wan::transformer::Config as TransformerConfig;
+
+/// The name the built-in tiny model is served under.
+pub const TINY: &str = "tiny";
+
+/// A model this worker can run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// The built-in tiny Wan2.1 (seeded random weights), served as `tiny`.
+    Tiny,
+    /// A checkpoint directory in the diffusers layout, served under `name`.
+    Checkpoint { name: String, dir: PathBuf },
+}
+
+/// A model that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("--model {text:?}: {reason}; expected `tiny`, `NAME=DIR` or a checkpoint DIR")]
+    Parse { text: String, reason: String },
+    #[error("model {name}: {source}")]
+    Checkpoint {
+        name: String,
+        #[source]
+        source: Box<LoadError>,
+    },
+    #[error("model tiny: {0}")]
+    Tiny(#[source] PipelineError),
+    #[error("model name {0} is given twice; give each --model a distinct NAME=DIR")]
+    Duplicate(String),
+}
+
+impl ModelSource {
+    /// `tiny`, `NAME=DIR`, or a bare `DIR` served under its final path component.
+    pub fn parse(text: &str) -> Result<Self, ModelError> {
+        let err = |reason: &str| ModelError::Parse {
+            text: text.to_string(),
+            reason: reason.to_string(),
+        };
+        if text == TINY {
+            return Ok(Self::Tiny);
+        }
+        let (name, dir) = match text.split_once('=') {
+            Some((name, dir)) => (name.trim().to_string(), PathBuf::from(dir.trim())),
+            None => {
+                let dir = PathBuf::from(text);
+                let name = dir
+                    .components()
+                    .next_back()
+                    .and_then(|c| c.as_os_str().to_str())
+                    .filter(|n| !matches!(*n, "" | "." | ".." | "/"))
+                    .ok_or_else(|| err("the directory has no final component to name it by"))?
+                    .to_string();
+                (name, dir)
+            }
+        };
+        if name.is_empty() {
+            return Err(err("the model name is empty"));
+        }
+        if dir.as_os_str().is_empty() {
+            return Err(err("the checkpoint directory is empty"));
+        }
+        if name == TINY {
+            return Err(err("`tiny` is the built-in model's name; pick another"));
+        }
+        Ok(Self::Checkpoint { name, dir })
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Tiny => TINY,
+            Self::Checkpoint { name, .. } => name,
+        }
+    }
+}
+
+/// A checked model: what it is, what the worker advertises and its transformer's shape (which
+/// layouts can split it).
+#[derive(Debug, Clone)]
+pub struct ServedModel {
+    pub source: ModelSource,
+    pub info: ModelInfo,
+    pub transformer: TransformerConfig,
+}
+
+impl ServedModel {
+    /// Checks the model without loading weights: the tiny model's configuration, or a
+    /// checkpoint's components and its transformer's `config.json`.
+    pub fn open(source: ModelSource) -> Result<Self, ModelError> {
+        let (defaults, transformer) = match &source {
+            ModelSource::Tiny => {
+                let vocab = PromptTokenizer::builtin_tiny()
+                    .map_err(|e| ModelError::Tiny(e.into()))?
+                    .vocab_size();
+                let configs = tiny_configs(vocab).map_err(ModelError::Tiny)?;
+                (PipelineInfo::tiny(), configs.transformer)
+            }
+            ModelSource::Checkpoint { name, dir } => {
+                let transformer =
+                    check_checkpoint(dir).map_err(|source| ModelError::Checkpoint {
+                        name: name.clone(),
+                        source: Box::new(source),
+                    })?;
+                (
+                    PipelineInfo::checkpoint(dir.display().to_string()),
+                    transformer,
+                )
+            }
+        };
+        let info = ModelInfo {
+            name: source.name().to_string(),
+            default_width: defaults.default_width as u32,
+            default_height: defaults.default_height as u32,
+            default_steps: defaults.default_steps as u32,
+            attention_heads: transformer.num_attention_heads as u32,
+        };
+        Ok(Self {
+            source,
+            info,
+            transformer,
+        })
+    }
+}
+
+/// Every component a render loads is present, with weights; returns the transformer's config.
+fn check_checkpoint(dir: &Path) -> Result<TransformerConfig, LoadError> {
+    let ckpt = Checkpoint::open(dir)?;
+    let tokenizer = ckpt.component("tokenizer")?.dir().join("tokenizer.json");
+    if !tokenizer.is_file() {
+        return Err(LoadError::Missing {
+            path: tokenizer,
+            what: "tokenizer file".into(),
+        });
+    }
+    for weighted in ["text_encoder", "vae"] {
+        ckpt.component(weighted)?.weight_files()?;
+    }
+    ckpt.component("scheduler")?;
+    let transformer = ckpt.component("transformer")?;
+    transformer.weight_files()?;
+    transformer.config()
+}
+
+/// The models of one worker, by name.
+#[derive(Debug, Clone)]
+pub struct Models(Vec<ServedModel>);
+
+impl Models {
+    /// Checks every source; an empty list serves the tiny model.
+    pub fn open(sources: &[ModelSource]) -> Result<Self, ModelError> {
+        let sources = if sources.is_empty() {
+            vec![ModelSource::Tiny]
+        } else {
+            sources.to_vec()
+        };
+        let mut models: Vec<ServedModel> = Vec::with_capacity(sources.len());
+        for source in sources {
+            if models.iter().any(|m| m.source.name() == source.name()) {
+                return Err(ModelError::Duplicate(source.name().to_string()));
+            }
+            models.push(ServedModel::open(source)?);
+        }
+        Ok(Self(models))
+    }
+
+    /// The model a spec names (`""` is `tiny`).
+    pub fn get(&self, name: &str) -> Option<&ServedModel> {
+        let name = if name.is_empty() { TINY } else { name };
+        self.0.iter().find(|m| m.source.name() == name)
+    }
+
+    pub fn infos(&self) -> Vec<ModelInfo> {
+        self.0.iter().map(|m| m.info.clone()).collect()
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.0.iter().map(|m| m.source.name()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tiny_named_and_bare_directories() {
+        assert_eq!(ModelSource::parse("tiny").unwrap(), ModelSource::Tiny);
+        assert_eq!(
+            ModelSource::parse("wan=/models/Wan2.1").unwrap(),
+            ModelSource::Checkpoint {
+                name: "wan".into(),
+                dir: "/models/Wan2.1".into()
+            }
+        );
+        assert_eq!(
+            ModelSource::parse("/models/Wan2.1-T2V-1.3B-Diffusers/").unwrap(),
+            ModelSource::Checkpoint {
+                name: "Wan2.1-T2V-1.3B-Diffusers".into(),
+                dir: "/models/Wan2.1-T2V-1.3B-Diffusers/".into()
+            }
+        );
+        for bad in ["=dir", "name=", "/", "tiny=/x"] {
+            let err = ModelSource::parse(bad).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--model {bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn tiny_advertises_the_pipeline_defaults_and_heads() {
+        let models = Models::open(&[]).unwrap();
+        let tiny = models.get("").unwrap();
+        let defaults = PipelineInfo::tiny();
+        assert_eq!(tiny.info.default_width as usize, defaults.default_width);
+        assert_eq!(tiny.info.default_steps as usize, defaults.default_steps);
+        assert_eq!(
+            tiny.info.attention_heads as usize,
+            tiny.transformer.num_attention_heads
+        );
+        assert!(models.get("wan").is_none());
+    }
+
+    #[test]
+    fn a_checkpoint_is_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = Models::open(&[ModelSource::Checkpoint {
+            name: "wan".into(),
+            dir: missing.clone(),
+        }])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+        assert!(err.contains("checkpoint directory not found"), "{err}");
+
+        std::fs::write(dir.path().join("model_index.json"), "{}").unwrap();
+        let err = Models::open(&[ModelSource::Checkpoint {
+            name: "wan".into(),
+            dir: dir.path().to_path_buf(),
+        }])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tokenizer"), "{err}");
+    }
+
+    #[test]
+    fn fixture_checkpoints_advertise_their_heads() {
+        for dir in crate::model::reference::test_fixture_dirs() {
+            let source = ModelSource::Checkpoint {
+                name: "fixture".into(),
+                dir: dir.join("pipeline"),
+            };
+            let model = ServedModel::open(source).unwrap();
+            assert!(model.info.attention_heads > 0);
+            assert_eq!(model.info.default_steps, 50);
+        }
+    }
+
+    #[test]
+    fn a_name_is_served_once() {
+        let err = Models::open(&[ModelSource::Tiny, ModelSource::Tiny]).unwrap_err();
+        assert!(matches!(err, ModelError::Duplicate(name) if name == "tiny"));
+    }
+}

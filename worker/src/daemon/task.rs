@@ -1,0 +1,484 @@
+//! One task of a job on this worker: the request checked into a plan (model, spec with the
+//! model's defaults, layout, peers) before anything heavy, then the render on the calling
+//! (plain, non-async) thread — the single-process pipeline for one rank, this rank's share of a
+//! [`DistributedPipeline`] over a [`TcpMesh`] for more — reported as [`TaskEvent`]s.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use longtake_proto::{
+    task_event, Decoding, FrameBatch, Step, TaskEvent, TaskFinished, TaskStarted,
+};
+
+use super::models::{ModelSource, Models, ServedModel};
+use crate::model::pipeline::{
+    CancelToken, PipelineError, Progress, RenderSpec, Video, WanPipeline,
+};
+use crate::model::scheduler::SchedulerKind;
+use crate::parallel::layout::{Layout, LayoutLimits};
+use crate::parallel::{DistributedPipeline, TcpMesh, TcpMeshConfig, Timeouts};
+
+/// Largest RGB payload of one [`FrameBatch`] (whole frames; at least one per batch).
+pub const FRAME_BATCH_BYTES: usize = 8 << 20;
+
+/// Why a task did not produce its video. Each message is one line naming the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("spec.model: this worker serves no model {name:?} (it serves {served})")]
+    UnknownModel { name: String, served: String },
+    #[error("spec.scheduler: {0:?} is not a scheduler; expected unipc, euler or empty (the checkpoint's)")]
+    Scheduler(String),
+    #[error("spec.layout: {0}")]
+    Layout(String),
+    #[error("peers: {0}")]
+    Peers(String),
+    #[error("job mesh: {0}")]
+    Mesh(#[from] crate::parallel::CommError),
+    #[error("{0}")]
+    Pipeline(#[from] PipelineError),
+}
+
+/// What one task runs, checked against this worker's models.
+#[derive(Debug, Clone)]
+pub struct TaskPlan {
+    pub rank: usize,
+    pub model: ServedModel,
+    pub spec: RenderSpec,
+    pub layout: Layout,
+    /// Every rank's mesh address (empty for one rank).
+    pub peers: Vec<SocketAddr>,
+}
+
+impl TaskPlan {
+    /// Checks a task request for a job of `world_size` ranks: the model is served here, the
+    /// scheduler is known, the layout has `world_size` ranks and can split the model, and there
+    /// is a mesh address for every rank.
+    pub fn new(
+        models: &Models,
+        spec: &longtake_proto::RenderSpec,
+        rank: usize,
+        world_size: usize,
+        peers: &[String],
+    ) -> Result<Self, TaskError> {
+        let model = models
+            .get(&spec.model)
+            .ok_or_else(|| TaskError::UnknownModel {
+                name: if spec.model.is_empty() {
+                    super::models::TINY.to_string()
+                } else {
+                    spec.model.clone()
+                },
+                served: models.names().join(", "),
+            })?
+            .clone();
+        let render = render_spec(spec, &model)?;
+        let layout = if spec.layout.trim().is_empty() {
+            Layout::SINGLE
+        } else {
+            spec.layout
+                .parse::<Layout>()
+                .map_err(|e| TaskError::Layout(e.to_string()))?
+        };
+        if layout.world_size() != world_size {
+            return Err(TaskError::Layout(format!(
+                "{layout} has {} ranks, but this task was reserved as one of {world_size}",
+                layout.world_size()
+            )));
+        }
+        let limits = LayoutLimits::for_transformer(&model.transformer, render.guidance_scale > 1.0);
+        layout
+            .validate(&limits)
+            .map_err(|e| TaskError::Layout(format!("{layout}: {e}")))?;
+        let peers = if world_size == 1 {
+            Vec::new()
+        } else {
+            if peers.len() != world_size {
+                return Err(TaskError::Peers(format!(
+                    "{} addresses for a job of {world_size} ranks",
+                    peers.len()
+                )));
+            }
+            peers.iter().map(|p| resolve(p)).collect::<Result<_, _>>()?
+        };
+        Ok(Self {
+            rank,
+            model,
+            spec: render,
+            layout,
+            peers,
+        })
+    }
+}
+
+fn resolve(peer: &str) -> Result<SocketAddr, TaskError> {
+    peer.to_socket_addrs()
+        .map_err(|e| TaskError::Peers(format!("{peer:?} is not a host:port address: {e}")))?
+        .next()
+        .ok_or_else(|| TaskError::Peers(format!("{peer:?} resolves to no address")))
+}
+
+/// The pipeline's spec for a proto spec: zero sizes and steps take the model's defaults, an
+/// empty scheduler the checkpoint's.
+pub fn render_spec(
+    spec: &longtake_proto::RenderSpec,
+    model: &ServedModel,
+) -> Result<RenderSpec, TaskError> {
+    let or = |value: u32, default: u32| if value == 0 { default } else { value } as usize;
+    let scheduler = match spec.scheduler.as_str() {
+        "" => None,
+        "unipc" => Some(SchedulerKind::UniPc),
+        "euler" => Some(SchedulerKind::Euler),
+        other => return Err(TaskError::Scheduler(other.to_string())),
+    };
+    Ok(RenderSpec {
+        prompt: spec.prompt.clone(),
+        negative_prompt: spec.negative_prompt.clone(),
+        frames: spec.frames as usize,
+        width: or(spec.width, model.info.default_width),
+        height: or(spec.height, model.info.default_height),
+        steps: or(spec.steps, model.info.default_steps),
+        guidance_scale: spec.guidance_scale,
+        shift: spec.shift,
+        scheduler,
+        seed: spec.seed,
+    })
+}
+
+/// Stops one task, remembering why (the first reason wins).
+#[derive(Debug, Clone, Default)]
+pub struct Abort {
+    token: CancelToken,
+    reason: Arc<Mutex<Option<String>>>,
+}
+
+impl Abort {
+    pub fn abort(&self, reason: &str) {
+        let mut slot = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(reason.to_string());
+        }
+        self.token.cancel();
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| "aborted".into())
+    }
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Done,
+    /// Stopped by [`Abort`]; `detail` says where (e.g. "after step 2 of 10").
+    Cancelled {
+        reason: String,
+        detail: String,
+    },
+    Failed(String),
+}
+
+impl Outcome {
+    pub fn finished(&self) -> TaskFinished {
+        match self {
+            Outcome::Done => TaskFinished::default(),
+            Outcome::Cancelled { reason, detail } if detail.is_empty() => TaskFinished {
+                error: format!("cancelled: {reason}"),
+                cancelled: true,
+            },
+            Outcome::Cancelled { reason, detail } => TaskFinished {
+                error: format!("cancelled: {reason} ({detail})"),
+                cancelled: true,
+            },
+            Outcome::Failed(error) => TaskFinished {
+                error: error.clone(),
+                cancelled: false,
+            },
+        }
+    }
+}
+
+/// A pipeline's render with its progress callback: the video on the rank that decodes it.
+type RenderFn<'a> =
+    dyn FnMut(&mut dyn FnMut(Progress)) -> Result<Option<Video>, PipelineError> + 'a;
+
+/// Runs tasks on one device, keeping the last single-process pipeline so that the next task of
+/// the same model skips loading it.
+pub struct TaskRunner {
+    device: Device,
+    dtype: DType,
+    mesh_timeouts: Timeouts,
+    cached: Mutex<Option<(String, WanPipeline)>>,
+}
+
+impl TaskRunner {
+    pub fn new(device: Device, dtype: DType, mesh_timeouts: Timeouts) -> Self {
+        Self {
+            device,
+            dtype,
+            mesh_timeouts,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// Runs `plan` to its end on this thread (which must not be inside an async runtime: the
+    /// mesh blocks on its own), reporting through `emit`. `mesh` is the listener reserved for
+    /// this rank when the job has more than one.
+    pub fn run(
+        &self,
+        plan: TaskPlan,
+        mesh: Option<std::net::TcpListener>,
+        abort: &Abort,
+        emit: &mut dyn FnMut(TaskEvent),
+    ) -> Outcome {
+        let result = if plan.layout.world_size() == 1 {
+            self.run_single(&plan, abort, emit)
+        } else {
+            self.run_distributed(&plan, mesh, abort, emit)
+        };
+        match result {
+            _ if abort.is_aborted() => Outcome::Cancelled {
+                reason: abort.reason(),
+                detail: match result {
+                    Err(TaskError::Pipeline(PipelineError::Cancelled { after_step, total })) => {
+                        format!("after step {after_step} of {total}")
+                    }
+                    _ => String::new(),
+                },
+            },
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Failed(one_line(&e.to_string())),
+        }
+    }
+
+    fn run_single(
+        &self,
+        plan: &TaskPlan,
+        abort: &Abort,
+        emit: &mut dyn FnMut(TaskEvent),
+    ) -> Result<(), TaskError> {
+        let name = plan.model.info.name.clone();
+        let load_start = Instant::now();
+        // Taken out while it renders: a task that fails or panics leaves no half-used pipeline.
+        let cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .filter(|(cached, _)| *cached == name);
+        let pipeline = match cached {
+            Some((_, pipeline)) => pipeline,
+            None => match &plan.model.source {
+                ModelSource::Tiny => WanPipeline::tiny(&self.device, self.dtype)?,
+                ModelSource::Checkpoint { dir, .. } => {
+                    WanPipeline::load(dir, &self.device, self.dtype)?
+                }
+            },
+        };
+        pipeline.cancel_token().reset();
+        let rendered = self.render(
+            pipeline.cancel_token(),
+            load_start,
+            plan,
+            abort,
+            emit,
+            &mut |progress| pipeline.render(&plan.spec, progress).map(Some),
+        );
+        *self.cached.lock().unwrap_or_else(PoisonError::into_inner) = Some((name, pipeline));
+        rendered
+    }
+
+    fn run_distributed(
+        &self,
+        plan: &TaskPlan,
+        mesh: Option<std::net::TcpListener>,
+        abort: &Abort,
+        emit: &mut dyn FnMut(TaskEvent),
+    ) -> Result<(), TaskError> {
+        let load_start = Instant::now();
+        let listener = mesh.ok_or_else(|| {
+            TaskError::Peers("no mesh listener was reserved for this rank".into())
+        })?;
+        let config = TcpMeshConfig {
+            rank: plan.rank,
+            peers: plan.peers.clone(),
+            timeouts: self.mesh_timeouts.clone(),
+        };
+        let mesh = Box::new(TcpMesh::connect_with_listener(config, listener)?);
+        let pipeline = match &plan.model.source {
+            ModelSource::Tiny => {
+                DistributedPipeline::tiny(&self.device, self.dtype, plan.layout, mesh)?
+            }
+            ModelSource::Checkpoint { dir, .. } => {
+                DistributedPipeline::load(dir, &self.device, self.dtype, plan.layout, mesh)?
+            }
+        };
+        pipeline.check_spec(&plan.spec)?;
+        self.render(
+            pipeline.pipeline().cancel_token(),
+            load_start,
+            plan,
+            abort,
+            emit,
+            &mut |progress| pipeline.render(&plan.spec, progress),
+        )
+    }
+
+    /// The part both paths share: started, steps, decoding, frames. `render` returns the video
+    /// on the rank that decodes it.
+    fn render(
+        &self,
+        pipeline_cancel: &CancelToken,
+        load_start: Instant,
+        plan: &TaskPlan,
+        abort: &Abort,
+        emit: &mut dyn FnMut(TaskEvent),
+        render: &mut RenderFn<'_>,
+    ) -> Result<(), TaskError> {
+        if abort.is_aborted() {
+            return Ok(());
+        }
+        emit(event(task_event::Event::Started(TaskStarted {
+            load_s: load_start.elapsed().as_secs_f64(),
+        })));
+        let mut last = 0.0;
+        let frames = plan.spec.frames as u32;
+        let video = render(&mut |progress| match progress {
+            Progress::Encoded { .. } => {}
+            Progress::Step {
+                index,
+                total,
+                elapsed,
+            } => {
+                let elapsed_s = elapsed.as_secs_f64();
+                emit(event(task_event::Event::Step(Step {
+                    step: index as u32 + 1,
+                    total: total as u32,
+                    elapsed_s,
+                    step_s: elapsed_s - last,
+                })));
+                last = elapsed_s;
+                // The pipeline looks at its own token right after this report.
+                if abort.is_aborted() {
+                    pipeline_cancel.cancel();
+                }
+            }
+            Progress::Decoding => emit(event(task_event::Event::Decoding(Decoding { frames }))),
+        })?;
+        if let Some(video) = video {
+            send_frames(&video, abort, emit);
+        }
+        Ok(())
+    }
+}
+
+/// Rank 0's frames in batches of whole frames of at most [`FRAME_BATCH_BYTES`].
+fn send_frames(video: &Video, abort: &Abort, emit: &mut dyn FnMut(TaskEvent)) {
+    let frame_bytes = video.width * video.height * 3;
+    let per_batch = (FRAME_BATCH_BYTES / frame_bytes.max(1)).max(1);
+    for (i, rgb) in video.rgb.chunks(per_batch * frame_bytes).enumerate() {
+        if abort.is_aborted() {
+            return;
+        }
+        emit(event(task_event::Event::Frames(FrameBatch {
+            first: (i * per_batch) as u32,
+            count: (rgb.len() / frame_bytes) as u32,
+            width: video.width as u32,
+            height: video.height as u32,
+            rgb: rgb.to_vec(),
+        })));
+    }
+}
+
+pub fn event(event: task_event::Event) -> TaskEvent {
+    TaskEvent { event: Some(event) }
+}
+
+/// Error texts travel in one line (`finished.error`, the job's message).
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(layout: &str) -> longtake_proto::RenderSpec {
+        longtake_proto::RenderSpec {
+            prompt: "a wolf".into(),
+            frames: 9,
+            guidance_scale: 5.0,
+            layout: layout.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn zero_fields_take_the_model_defaults() {
+        let models = Models::open(&[]).unwrap();
+        let plan = TaskPlan::new(&models, &spec(""), 0, 1, &[]).unwrap();
+        let tiny = crate::model::pipeline::PipelineInfo::tiny();
+        assert_eq!(
+            (plan.spec.width, plan.spec.height, plan.spec.steps),
+            (tiny.default_width, tiny.default_height, tiny.default_steps)
+        );
+        assert_eq!(plan.spec.scheduler, None);
+        assert_eq!(plan.layout, Layout::SINGLE);
+        let euler = longtake_proto::RenderSpec {
+            scheduler: "euler".into(),
+            width: 64,
+            ..spec("")
+        };
+        let plan = TaskPlan::new(&models, &euler, 0, 1, &[]).unwrap();
+        assert_eq!(plan.spec.scheduler, Some(SchedulerKind::Euler));
+        assert_eq!(plan.spec.width, 64);
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let models = Models::open(&[]).unwrap();
+        let check =
+            |spec: longtake_proto::RenderSpec, world: usize, peers: &[&str], start: &str| {
+                let peers: Vec<String> = peers.iter().map(|p| p.to_string()).collect();
+                let err = TaskPlan::new(&models, &spec, 0, world, &peers)
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.starts_with(start), "{err}");
+            };
+        let wan = longtake_proto::RenderSpec {
+            model: "wan".into(),
+            ..spec("")
+        };
+        check(
+            wan,
+            1,
+            &[],
+            "spec.model: this worker serves no model \"wan\" (it serves tiny)",
+        );
+        let ddim = longtake_proto::RenderSpec {
+            scheduler: "ddim".into(),
+            ..spec("")
+        };
+        check(ddim, 1, &[], "spec.scheduler: \"ddim\"");
+        check(spec("cfg=2"), 1, &[], "spec.layout: cfg=2");
+        check(spec("warp=2"), 2, &[], "spec.layout: layout `warp=2`");
+        // The tiny transformer has 4 heads.
+        check(spec("tp=8"), 8, &[], "spec.layout: cfg=1,tp=8");
+        check(spec("cfg=2"), 2, &["127.0.0.1:1"], "peers: 1 addresses");
+        check(
+            spec("cfg=2"),
+            2,
+            &["127.0.0.1:1", "nowhere"],
+            "peers: \"nowhere\"",
+        );
+    }
+}
