@@ -1,12 +1,21 @@
 //! `longtake`: the studio command line.
 //!
-//! `render` runs a text-to-video job and writes the clip; `check-reference` compares the model
-//! stack with PyTorch reference fixtures. Errors end the process with one line on stderr and a
-//! non-zero exit status.
+//! `render` submits a text-to-video job, watches it and downloads the clip (running a whole farm
+//! in this process when no coordinator is named); `submit`, `status`, `watch`, `list`, `cancel`,
+//! `fetch` and `workers` talk to a running farm; `serve` runs a farm's coordinator or workers;
+//! `check-reference` compares the model stack with PyTorch reference fixtures. Errors end the
+//! process with one line on stderr and exit status 1.
 
 mod check_reference;
-mod launch;
+mod client;
+mod download;
+mod embedded;
+mod jobs;
+mod progress;
 mod render;
+mod serve;
+mod spec_args;
+mod views;
 
 use clap::{Parser, Subcommand};
 
@@ -14,7 +23,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "longtake",
     version,
-    about = "Render long text-to-video clips with open video diffusion transformers"
+    about = "Render long text-to-video clips with open video diffusion transformers, on one machine or a farm"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,13 +32,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Render a clip from a text prompt and write it as MP4 (H.264) or a PNG sequence.
+    /// Render a clip: submit, watch, download to --out (MP4 or a PNG sequence). Without
+    /// --coordinator / LONGTAKE_COORDINATOR it runs a farm in this process.
     Render(Box<render::RenderArgs>),
+    /// Queue a render on a farm and print its job id.
+    Submit(Box<jobs::SubmitArgs>),
+    /// Show a job.
+    Status(jobs::ShowArgs),
+    /// Follow a job's progress until it ends (exit 1 if it fails or is cancelled).
+    Watch(jobs::ShowArgs),
+    /// List the farm's jobs, oldest first.
+    List(jobs::ListArgs),
+    /// Cancel a queued or running job.
+    Cancel(jobs::CancelArgs),
+    /// Download a finished job's output.
+    Fetch(jobs::FetchArgs),
+    /// List the farm's live workers.
+    Workers(jobs::WorkersArgs),
+    /// Run a farm process: `serve coordinator` or `serve worker`.
+    #[command(subcommand)]
+    Serve(serve::ServeCommand),
     /// Run every case of reference fixture directories and report the error of each.
     CheckReference(check_reference::CheckReferenceArgs),
-    /// One process of a parallel render (started by `render --layout`).
-    #[command(hide = true)]
-    Rank(Box<render::RankArgs>),
 }
 
 fn main() {
@@ -40,18 +64,14 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|err| usage_error(err));
     let outcome = match cli.command {
-        Command::Render(args) => {
-            // The launcher hands a parallel render's ranks the same arguments.
-            let raw: Vec<_> = std::env::args_os()
-                .skip_while(|a| a != "render")
-                .skip(1)
-                .collect();
-            render::run(*args, raw)
-        }
-        Command::Rank(args) => render::run_rank(*args),
         Command::CheckReference(args) => check_reference::run(args),
+        command => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(run(command))),
     };
     match outcome {
         Ok(code) => std::process::exit(code),
@@ -60,6 +80,44 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+async fn run(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Render(args) => render::run(*args).await,
+        Command::Submit(args) => jobs::submit(*args).await,
+        Command::Status(args) => jobs::status(args).await,
+        Command::Watch(args) => jobs::watch(args).await,
+        Command::List(args) => jobs::list(args).await,
+        Command::Cancel(args) => jobs::cancel(args).await,
+        Command::Fetch(args) => jobs::fetch(args).await,
+        Command::Workers(args) => jobs::workers(args).await,
+        Command::Serve(command) => serve::run(command).await,
+        Command::CheckReference(args) => check_reference::run(args),
+    }
+}
+
+/// Help and version go out as clap prints them; a usage error becomes the one `error:` line
+/// (with clap's tip, if any) and exit status 1, like every other failure.
+fn usage_error(err: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        err.exit();
+    }
+    let text = err.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("error: bad arguments");
+    let mut line = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    if let Some(tip) = lines.find(|l| l.starts_with("tip:")) {
+        line.push_str(&format!(" ({tip})"));
+    }
+    eprintln!("error: {line}; see `longtake --help`");
+    std::process::exit(1);
 }
 
 /// The error and its causes on one line, outermost first. Causes whose text an outer message

@@ -1,0 +1,189 @@
+//! Reaching the coordinator: its URL from `--coordinator` or `LONGTAKE_COORDINATOR`, a gRPC
+//! connection with a time-out, and gRPC statuses turned into one-line errors that keep the
+//! server's message (which names the field or the job).
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use clap::Args;
+use longtake_proto::cluster_service_client::ClusterServiceClient;
+use longtake_proto::render_service_client::RenderServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+/// The environment variable that names the coordinator when `--coordinator` is not given.
+pub const COORDINATOR_ENV: &str = "LONGTAKE_COORDINATOR";
+
+/// How long connecting to the coordinator may take before the CLI gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `--coordinator URL` flag of every command that talks to a farm.
+#[derive(Args, Clone, Debug, Default)]
+pub struct CoordinatorArg {
+    /// Coordinator URL, e.g. http://farm:7070 [default: $LONGTAKE_COORDINATOR].
+    #[arg(long, value_name = "URL")]
+    pub coordinator: Option<String>,
+}
+
+impl CoordinatorArg {
+    /// The URL from the flag, else from the environment; `None` when neither names one.
+    pub fn url(&self) -> Option<String> {
+        self.coordinator
+            .clone()
+            .or_else(|| std::env::var(COORDINATOR_ENV).ok())
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .map(|u| normalize_url(&u))
+    }
+
+    /// The URL, or an error saying how to give one.
+    pub fn require(&self) -> Result<String> {
+        self.url().ok_or_else(|| {
+            anyhow!(
+                "no coordinator given: pass --coordinator URL or set {COORDINATOR_ENV} (e.g. http://127.0.0.1:7070)"
+            )
+        })
+    }
+}
+
+/// `host:port` means `http://host:port`: the scheme is the part people leave out.
+pub fn normalize_url(url: &str) -> String {
+    if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    }
+}
+
+/// Both client-facing services of one coordinator over one connection.
+pub struct Client {
+    url: String,
+    pub render: RenderServiceClient<Channel>,
+    pub cluster: ClusterServiceClient<Channel>,
+}
+
+impl Client {
+    /// Connects now, so a coordinator that is not there is reported once, by URL.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let unreachable = |why: String| {
+            anyhow!(
+                "cannot reach the coordinator at {url}: {why} (start one with `longtake serve coordinator` or set {COORDINATOR_ENV})"
+            )
+        };
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| unreachable(error_chain(&e)))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
+            .await
+            .map_err(|_| unreachable(format!("no answer in {} s", CONNECT_TIMEOUT.as_secs())))?
+            .map_err(|e| unreachable(error_chain(&e)))?;
+        let max = longtake_proto::MAX_MESSAGE_BYTES;
+        Ok(Self {
+            url: url.to_string(),
+            render: RenderServiceClient::new(channel.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+            cluster: ClusterServiceClient::new(channel)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A failed call as a one-line error (see [`status_error`]).
+    pub fn error(&self, status: tonic::Status) -> anyhow::Error {
+        status_error(&self.url, status)
+    }
+}
+
+/// A gRPC status as a one-line error. The server's message already names the field or the job
+/// (`spec.width: ...`, `no job j-...`), so it is kept as is; only statuses that are about the
+/// connection say which coordinator they came from.
+pub fn status_error(url: &str, status: tonic::Status) -> anyhow::Error {
+    let message = status.message().trim().replace('\n', " ");
+    match status.code() {
+        Code::Unavailable | Code::Unknown if message.is_empty() => {
+            anyhow!(
+                "the coordinator at {url} is unavailable ({})",
+                status.code()
+            )
+        }
+        Code::Unavailable if looks_like_transport(&message) => {
+            anyhow!("lost the coordinator at {url}: {message}")
+        }
+        Code::DeadlineExceeded => anyhow!("the coordinator at {url} timed out: {message}"),
+        _ if message.is_empty() => anyhow!("{}", status.code().description()),
+        _ => anyhow!("{message}"),
+    }
+}
+
+/// tonic reports a dropped connection as UNAVAILABLE with the transport's words, while a busy
+/// worker is UNAVAILABLE with the coordinator's: only the former needs the URL.
+fn looks_like_transport(message: &str) -> bool {
+    ["transport", "connect", "broken pipe", "h2 protocol"]
+        .iter()
+        .any(|w| message.to_ascii_lowercase().contains(w))
+}
+
+/// An error and its sources on one line: tonic's transport error alone says only "transport
+/// error", the cause (e.g. "Connection refused") is further down.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_host_port_gets_http() {
+        assert_eq!(normalize_url("farm:7070"), "http://farm:7070");
+        assert_eq!(normalize_url("https://farm:7070"), "https://farm:7070");
+    }
+
+    #[test]
+    fn server_messages_are_kept_and_transport_failures_name_the_url() {
+        let e = status_error(
+            "http://h:1",
+            tonic::Status::invalid_argument("spec.width: 250 is not a multiple of 16"),
+        );
+        assert_eq!(e.to_string(), "spec.width: 250 is not a multiple of 16");
+        let e = status_error("http://h:1", tonic::Status::not_found("no job j-9"));
+        assert_eq!(e.to_string(), "no job j-9");
+        let e = status_error(
+            "http://h:1",
+            tonic::Status::unavailable("error trying to connect: tcp connect error"),
+        );
+        assert!(e.to_string().contains("http://h:1"), "{e}");
+        let e = status_error("http://h:1", tonic::Status::unavailable(""));
+        assert!(e.to_string().contains("http://h:1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_reported_with_the_url() {
+        // A port that was free a moment ago: nothing accepts on it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let err = Client::connect(&url).await.err().expect("must fail");
+        let text = err.to_string();
+        assert!(text.contains(&url), "{text}");
+        assert!(text.contains("longtake serve coordinator"), "{text}");
+    }
+}

@@ -1,0 +1,334 @@
+//! `longtake serve coordinator` and `longtake serve worker`: the farm's long-running processes,
+//! with etcd for membership (and, for the coordinator, the job records). Each prints one ready
+//! line on stdout (so `--listen 127.0.0.1:0` can be discovered) and stops on SIGTERM / SIGINT.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use longtake_coordinator::{Coordinator, CoordinatorConfig, EtcdJobStore, Limits};
+use longtake_proto::membership::{EtcdConfig, EtcdMembership, Membership};
+use longtake_worker::daemon::{self, DaemonConfig, ModelSource};
+use longtake_worker::parallel::Timeouts;
+
+/// How often `serve worker` looks for its own record before it says it is ready.
+const REGISTERED_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Subcommand)]
+pub enum ServeCommand {
+    /// The coordinator: job API, queue, placement; jobs and membership in etcd.
+    Coordinator(CoordinatorArgs),
+    /// A worker daemon: registers in etcd and runs the tasks the coordinator gives it.
+    Worker(WorkerArgs),
+}
+
+/// Where the farm's etcd is and under which key prefix.
+#[derive(Args, Clone, Debug)]
+pub struct EtcdArgs {
+    /// etcd client URLs, comma-separated, e.g. http://127.0.0.1:2379.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required = true,
+        value_name = "URL[,URL...]"
+    )]
+    pub etcd: Vec<String>,
+    /// Key prefix of this farm in etcd.
+    #[arg(long, default_value = "/longtake")]
+    pub prefix: String,
+}
+
+impl EtcdArgs {
+    fn config(&self) -> EtcdConfig {
+        let mut config = EtcdConfig::new(
+            self.etcd
+                .iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect(),
+        );
+        config.prefix = self.prefix.clone();
+        config
+    }
+}
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Address the gRPC API listens on (port 0: any free port, printed when ready).
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    pub listen: SocketAddr,
+    /// Directory finished outputs are written to and served from.
+    #[arg(long)]
+    pub artifacts: PathBuf,
+    #[arg(long)]
+    pub max_frames: Option<u32>,
+    #[arg(long)]
+    pub max_width: Option<u32>,
+    #[arg(long)]
+    pub max_height: Option<u32>,
+    #[arg(long)]
+    pub max_steps: Option<u32>,
+    /// Longest prompt (and negative prompt), in characters.
+    #[arg(long)]
+    pub max_prompt_chars: Option<u32>,
+    /// Most workers one job may use.
+    #[arg(long)]
+    pub max_ranks: Option<u32>,
+}
+
+impl CoordinatorArgs {
+    fn limits(&self) -> Limits {
+        let default = Limits::default();
+        Limits {
+            max_frames: self.max_frames.unwrap_or(default.max_frames),
+            max_width: self.max_width.unwrap_or(default.max_width),
+            max_height: self.max_height.unwrap_or(default.max_height),
+            max_steps: self.max_steps.unwrap_or(default.max_steps),
+            max_prompt_chars: self.max_prompt_chars.unwrap_or(default.max_prompt_chars),
+            max_ranks: self.max_ranks.unwrap_or(default.max_ranks),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Address the WorkerService listens on (port 0: any free port, printed when ready).
+    #[arg(long, default_value = "0.0.0.0:7071")]
+    pub listen: SocketAddr,
+    /// Host the coordinator and the other ranks reach this worker at [default: the listen host,
+    /// or 127.0.0.1 for 0.0.0.0].
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Unique worker id [default: HOSTNAME-PORT].
+    #[arg(long)]
+    pub id: Option<String>,
+    /// A model to serve: `tiny`, or NAME=DIR for a checkpoint directory; repeatable
+    /// [default: tiny].
+    #[arg(long = "model", value_parser = parse_model, value_name = "tiny|NAME=DIR")]
+    pub models: Vec<ModelSource>,
+    /// A placement label KEY=VALUE (node, zone, ...); repeatable.
+    #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
+    pub labels: Vec<(String, String)>,
+    /// Compute device: cpu, or cuda / cuda:N with a CUDA build.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Precision: f32, bf16 or f16 [default: f32 on cpu, bf16 on cuda].
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Seconds after which a worker that stopped keeping its lease alive is gone from the farm.
+    #[arg(long, default_value_t = 10)]
+    pub lease_ttl: i64,
+}
+
+pub async fn run(command: ServeCommand) -> Result<i32> {
+    match command {
+        ServeCommand::Coordinator(args) => coordinator(args).await,
+        ServeCommand::Worker(args) => worker(args).await,
+    }
+}
+
+async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
+    let etcd = args.etcd.config();
+    std::fs::create_dir_all(&args.artifacts).with_context(|| {
+        format!(
+            "cannot create the artifact directory {}",
+            args.artifacts.display()
+        )
+    })?;
+    let membership = EtcdMembership::connect(etcd.clone()).await?;
+    let store = EtcdJobStore::connect(etcd).await?;
+    let mut config = CoordinatorConfig::new(args.artifacts.clone());
+    config.limits = args.limits();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    let coordinator = Coordinator::start(config, Arc::new(membership), Arc::new(store)).await?;
+    // The listener is bound, so connections made after this line wait for `serve` to accept.
+    ready(&format!("coordinator listening on {address}"))?;
+    coordinator.serve(listener, shutdown_signal()).await?;
+    Ok(0)
+}
+
+async fn worker(args: WorkerArgs) -> Result<i32> {
+    let mut etcd = args.etcd.config();
+    if args.lease_ttl < 1 {
+        bail!("--lease-ttl must be at least 1 second");
+    }
+    etcd.lease_ttl_s = args.lease_ttl;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let port = listener.local_addr()?.port();
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| advertise_default(args.listen));
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{port}", hostname()));
+    let models = if args.models.is_empty() {
+        vec![ModelSource::Tiny]
+    } else {
+        args.models.clone()
+    };
+    let config = DaemonConfig {
+        id: id.clone(),
+        advertise_host: advertise.clone(),
+        device: args.device.clone(),
+        dtype: args.dtype.clone(),
+        models,
+        labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+        mesh_timeouts: Timeouts::default(),
+        reservation_timeout: Duration::from_secs(60),
+    };
+    let membership: Arc<dyn Membership> = Arc::new(EtcdMembership::connect(etcd).await?);
+    let mut daemon = tokio::spawn(daemon::run(
+        config,
+        membership.clone(),
+        listener,
+        shutdown_signal(),
+    ));
+    // Ready means registered: the coordinator can see this worker once the line is out.
+    let registered = wait_registered(membership.as_ref(), &id);
+    tokio::select! {
+        outcome = &mut daemon => {
+            outcome.context("the worker daemon panicked")??;
+            bail!("worker {id} stopped before it registered");
+        }
+        seen = registered => seen?,
+    }
+    ready(&format!("worker {id} listening on {advertise}:{port}"))?;
+    daemon.await.context("the worker daemon panicked")??;
+    Ok(0)
+}
+
+async fn wait_registered(membership: &dyn Membership, id: &str) -> Result<()> {
+    loop {
+        if membership.list().await?.iter().any(|w| w.id == id) {
+            return Ok(());
+        }
+        tokio::time::sleep(REGISTERED_POLL).await;
+    }
+}
+
+/// Prints the ready line and flushes it: stdout is a pipe when a test or supervisor reads it.
+fn ready(line: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn advertise_default(listen: SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        "127.0.0.1".into()
+    } else {
+        listen.ip().to_string()
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}
+
+fn parse_model(text: &str) -> Result<ModelSource, String> {
+    if text == "tiny" {
+        return Ok(ModelSource::Tiny);
+    }
+    match text.split_once('=') {
+        Some((name, dir)) if !name.trim().is_empty() && !dir.trim().is_empty() => {
+            Ok(ModelSource::Checkpoint {
+                name: name.trim().to_string(),
+                dir: PathBuf::from(dir.trim()),
+            })
+        }
+        _ => Err(format!(
+            "expected `tiny` or NAME=DIR (a checkpoint directory served as NAME); got {text:?}"
+        )),
+    }
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.trim().to_string()))
+        }
+        _ => Err(format!("expected KEY=VALUE; got {text:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_and_labels_parse() {
+        assert_eq!(parse_model("tiny"), Ok(ModelSource::Tiny));
+        assert_eq!(
+            parse_model("wan13=/m/Wan2.1"),
+            Ok(ModelSource::Checkpoint {
+                name: "wan13".into(),
+                dir: "/m/Wan2.1".into()
+            })
+        );
+        assert!(parse_model("/m/Wan2.1").is_err());
+        assert!(parse_model("=/m").is_err());
+        assert_eq!(
+            parse_label("zone=eu-1"),
+            Ok(("zone".to_string(), "eu-1".to_string()))
+        );
+        assert!(parse_label("zone").is_err());
+    }
+
+    #[test]
+    fn the_advertised_host_defaults_to_the_listen_host_or_loopback() {
+        assert_eq!(
+            advertise_default("0.0.0.0:7071".parse().unwrap()),
+            "127.0.0.1"
+        );
+        assert_eq!(
+            advertise_default("10.0.0.5:7071".parse().unwrap()),
+            "10.0.0.5"
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! The spec flags shared by `render` and `submit`, turned into a `longtake_proto::RenderSpec`.
+//!
+//! Only what needs the command line is checked here (frame count from `--seconds`, the shape of
+//! `--size` and `--layout`); the coordinator validates the rest against its limits and the model,
+//! so one set of rules holds for every client.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use longtake_proto::{OutputFormat, RenderSpec};
+use longtake_worker::model::video;
+use longtake_worker::parallel::layout::Layout;
+
+/// Frames rendered when neither `--frames` nor `--seconds` is given (5 s at 16 fps).
+const DEFAULT_FRAMES: usize = 81;
+
+#[derive(Args, Clone, Debug)]
+pub struct SpecArgs {
+    /// What the clip shows.
+    #[arg(long)]
+    pub prompt: String,
+    /// What the clip must not show (classifier-free guidance pushes away from it).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// A model the workers serve: `tiny` (the built-in toy model with seeded random weights:
+    /// abstract motion, not pictures) or a name a worker was started with; for the embedded farm
+    /// also a checkpoint directory in the diffusers layout (e.g. Wan2.1-T2V-1.3B-Diffusers).
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// Number of frames; Wan makes 4k+1 frames, other counts are rounded up.
+    #[arg(long, conflicts_with = "seconds")]
+    pub frames: Option<usize>,
+    /// Clip length in seconds (frames = seconds × fps, rounded up to 4k+1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub seconds: Option<f64>,
+    /// Frames per second of the output.
+    #[arg(long, default_value_t = 16)]
+    pub fps: u32,
+    /// Frame size WIDTHxHEIGHT, multiples of 16 [default: the model's: 832x480, tiny: 256x256].
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<(u32, u32)>,
+    /// Denoising steps [default: the model's: 50, tiny: 10].
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale (1 disables guidance).
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance: f64,
+    /// Flow shift of the scheduler [default: the checkpoint's].
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// Seed of the initial noise; the same seed and spec give the same frames.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Sampler [default: the checkpoint's, UniPC for Wan2.1].
+    #[arg(long, value_enum)]
+    pub scheduler: Option<SchedulerArg>,
+    /// Output format [default: mp4; for `render`, from --out: .mp4 → mp4, a directory → png].
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Parallel layout of the job's workers, e.g. `cfg=2,tp=1,ulysses=2,ring=1` (cfg × tp ×
+    /// ulysses × ring workers; missing keys are 1). Absent: one worker.
+    #[arg(long)]
+    pub layout: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SchedulerArg {
+    Unipc,
+    Euler,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    Mp4,
+    Png,
+}
+
+impl FormatArg {
+    pub fn proto(self) -> OutputFormat {
+        match self {
+            FormatArg::Mp4 => OutputFormat::Mp4,
+            FormatArg::Png => OutputFormat::Png,
+        }
+    }
+}
+
+/// A spec ready to submit, and what the user should be told about how it was derived.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Built {
+    pub spec: RenderSpec,
+    /// The layout's world size: how many workers the job needs.
+    pub ranks: usize,
+    /// e.g. the frame count rounded up to 4k+1.
+    pub notes: Vec<String>,
+}
+
+impl SpecArgs {
+    /// The spec in `format` (the caller resolves it: `render` from `--out`, `submit` from
+    /// `--format` alone). Zero width/height/steps take the model's defaults on the workers.
+    pub fn build(&self, format: OutputFormat) -> Result<Built> {
+        if self.fps == 0 {
+            bail!("--fps must be at least 1");
+        }
+        let requested = match (self.frames, self.seconds) {
+            (Some(0), _) => bail!("--frames must be at least 1"),
+            (Some(n), _) => n,
+            (None, Some(s)) if s > 0.0 && s.is_finite() => video::frame_count_for(s, self.fps),
+            (None, Some(s)) => bail!("--seconds must be a positive number; got {s}"),
+            (None, None) => DEFAULT_FRAMES,
+        };
+        let frames = video::round_frames(requested);
+        let mut notes = Vec::new();
+        if frames != requested {
+            notes.push(format!(
+                "note: Wan renders 4k+1 frames; {requested} frames rounded up to {frames}"
+            ));
+        }
+        let frames = u32::try_from(frames)
+            .with_context(|| format!("--frames {frames} is far beyond any limit"))?;
+        let ranks = self.layout()?.world_size();
+        let (width, height) = self.size.unwrap_or((0, 0));
+        let spec = RenderSpec {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            model: self.model.clone(),
+            frames,
+            width,
+            height,
+            steps: self.steps.unwrap_or(0),
+            guidance_scale: self.guidance,
+            shift: self.shift,
+            scheduler: match self.scheduler {
+                None => String::new(),
+                Some(SchedulerArg::Unipc) => "unipc".into(),
+                Some(SchedulerArg::Euler) => "euler".into(),
+            },
+            seed: self.seed,
+            fps: self.fps,
+            format: format as i32,
+            layout: self.layout.clone().unwrap_or_default(),
+        };
+        Ok(Built { spec, ranks, notes })
+    }
+
+    /// The parsed `--layout` (one worker without it). Whether the model's heads fit it is the
+    /// coordinator's check.
+    pub fn layout(&self) -> Result<Layout> {
+        match &self.layout {
+            None => Ok(Layout::SINGLE),
+            Some(text) => text.parse().with_context(|| format!("--layout {text}")),
+        }
+    }
+}
+
+fn parse_size(text: &str) -> Result<(u32, u32), String> {
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("size must be WIDTHxHEIGHT, e.g. 832x480; got {text:?}"))?;
+    let w = w
+        .trim()
+        .parse()
+        .map_err(|_| format!("width in {text:?} is not a number"))?;
+    let h = h
+        .trim()
+        .parse()
+        .map_err(|_| format!("height in {text:?} is not a number"))?;
+    Ok((w, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        spec: SpecArgs,
+    }
+
+    fn args(extra: &[&str]) -> SpecArgs {
+        let mut argv = vec!["x", "--prompt", "a wolf"];
+        argv.extend_from_slice(extra);
+        Cmd::try_parse_from(argv).unwrap().spec
+    }
+
+    #[test]
+    fn seconds_times_fps_rounds_up_to_4k_plus_1_and_says_so() {
+        let built = args(&["--seconds", "5", "--fps", "16"])
+            .build(OutputFormat::Mp4)
+            .unwrap();
+        assert_eq!(built.spec.frames, 81);
+        assert_eq!(built.spec.fps, 16);
+        assert_eq!(built.notes.len(), 1);
+        assert!(built.notes[0].contains("80 frames rounded up to 81"));
+        let exact = args(&["--frames", "9"]).build(OutputFormat::Mp4).unwrap();
+        assert_eq!(exact.spec.frames, 9);
+        assert!(exact.notes.is_empty());
+    }
+
+    #[test]
+    fn flags_map_onto_the_spec_and_absent_ones_are_zero() {
+        let built = args(&[
+            "--size",
+            "64x48",
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "--scheduler",
+            "euler",
+            "--layout",
+            "cfg=2,ulysses=2",
+            "--model",
+            "wan-1.3b",
+        ])
+        .build(OutputFormat::Png)
+        .unwrap();
+        let s = &built.spec;
+        assert_eq!((s.width, s.height, s.steps, s.seed), (64, 48, 3, 7));
+        assert_eq!(s.scheduler, "euler");
+        assert_eq!(s.model, "wan-1.3b");
+        assert_eq!(s.format, OutputFormat::Png as i32);
+        assert_eq!(s.layout, "cfg=2,ulysses=2");
+        assert_eq!(built.ranks, 4);
+        let defaults = args(&[]).build(OutputFormat::Mp4).unwrap().spec;
+        assert_eq!((defaults.width, defaults.height, defaults.steps), (0, 0, 0));
+        assert_eq!((defaults.frames, defaults.guidance_scale), (81, 5.0));
+        assert_eq!(defaults.shift, None);
+        assert_eq!(defaults.model, "tiny");
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let err = args(&["--layout", "tp=two"])
+            .build(OutputFormat::Mp4)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("--layout tp=two"), "{err:#}");
+        let err = args(&["--fps", "0"]).build(OutputFormat::Mp4).unwrap_err();
+        assert!(err.to_string().contains("--fps"));
+        let err = args(&["--seconds", "-1"])
+            .build(OutputFormat::Mp4)
+            .unwrap_err();
+        assert!(err.to_string().contains("--seconds"));
+        let mut argv = vec!["x", "--prompt", "p", "--size", "64by48"];
+        assert!(Cmd::try_parse_from(&argv).is_err());
+        argv[4] = "64xtall";
+        assert!(Cmd::try_parse_from(&argv).is_err());
+    }
+}
