@@ -190,6 +190,9 @@ fn phase(step: u32, total: u32, decoding: bool, frames: u32) -> String {
     }
 }
 
+/// How long the task stream of a worker that left the farm may still take to finish.
+const LEFT_GRACE: Duration = Duration::from_secs(5);
+
 async fn follow(
     a: &Attempt,
     streams: Streams,
@@ -229,8 +232,22 @@ async fn follow(
             phase(step, total, decoding, frames)
         ))
     };
+    // A worker that leaves the farm gracefully does so after its task ended, but the task's last
+    // events may still be in flight (or queued behind a slow encode) when its record goes: the
+    // stream gets this long to finish before the rank counts as lost.
+    let mut left: Option<(usize, tokio::time::Instant)> = None;
     loop {
+        let left_at = left.map(|(_, at)| at);
         tokio::select! {
+            _ = async {
+                match left_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let (rank, _) = left.expect("armed above");
+                return lost(rank, "it left the farm".into(), step, total, decoding, encoder.written);
+            }
             item = rx.recv() => {
                 let Some((rank, item)) = item else {
                     // every forwarder ended without every rank finishing: handled per rank below
@@ -291,8 +308,8 @@ async fn follow(
                 Some(Control::Cancel(reason)) => return Outcome::Cancelled(reason),
                 Some(Control::WorkerLeft(id)) => {
                     if let Some(rank) = a.workers.iter().position(|w| w.id == id) {
-                        if !finished[rank] {
-                            return lost(rank, "it left the farm".into(), step, total, decoding, encoder.written);
+                        if !finished[rank] && left.is_none() {
+                            left = Some((rank, tokio::time::Instant::now() + LEFT_GRACE));
                         }
                     }
                 }

@@ -1,0 +1,428 @@
+//! The render farm as separate OS processes: a real etcd, `longtake serve coordinator`, two or
+//! more `longtake serve worker` daemons and the `longtake` CLI, all talking over loopback
+//! sockets. Renders are checked by decoding them and by comparing them with the embedded
+//! single-process `longtake render` of the same spec.
+//!
+//! Every wait has a deadline and says what it waited for; the farms run one at a time (see
+//! `support::farm`).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::cli::{embedded_render, field, number, spec, spec_of, strs};
+use support::farm::Farm;
+use support::media::{max_diff, png_frames, probe};
+
+/// Upper bound for a small job to finish on a loaded two-core machine.
+const JOB: Duration = Duration::from_secs(120);
+/// A job that must still be running while the test acts on it (cancel, drain): 33 frames at
+/// 128×128 take ~0.14 s a step on a loaded two-core machine, so `steps` of them are seconds of
+/// work (the coordinator's default limit is 200 steps).
+fn long_spec(steps: u32) -> Vec<String> {
+    spec_of("33", "128x128", steps)
+}
+
+fn ids(jobs: &[Value]) -> Vec<String> {
+    jobs.iter().map(|j| field(j, "id").to_string()).collect()
+}
+
+fn workers_of(job: &Value) -> Vec<String> {
+    job["workers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no workers array in {job}"))
+        .iter()
+        .map(|w| w.as_str().expect("worker ids are strings").to_string())
+        .collect()
+}
+
+#[test]
+fn a_submitted_job_completes_and_equals_the_single_process_render() {
+    let farm = Farm::with_workers(&["w1", "w2"]);
+
+    // MP4 through submit, watch and fetch.
+    let id = farm.submit(&spec(3), &["--name", "wolf"]);
+    let watch = farm.cli(&["watch", &id, "--json"]).ok();
+    let events = watch.json_values();
+    let last = events
+        .last()
+        .expect("watch prints at least the current state");
+    assert_eq!(
+        (&last["event"], &last["state"]),
+        (&"done".into(), &"done".into()),
+        "watch ends with the done event: {}",
+        watch.describe()
+    );
+    // Watch may attach after some steps; its first event sums the job up (a running job's is
+    // `step` = steps done so far, possibly 0); then the steps count up to 3/3.
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "step")
+        .map(|e| number(e, "step"))
+        .collect();
+    assert!(
+        steps.windows(2).all(|w| w[0] <= w[1]) && steps.iter().all(|&s| s <= 3),
+        "step events in order: {steps:?}"
+    );
+    let job = farm.job(&id);
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(field(&job, "name"), "wolf");
+    assert_eq!(
+        (number(&job, "steps_done"), number(&job, "steps_total")),
+        (3, 3)
+    );
+    assert_eq!(number(&job, "attempts"), 1, "{job}");
+    assert_eq!(workers_of(&job).len(), 1, "{job}");
+    let (submitted, started, finished) = (
+        number(&job, "submitted_at_ms"),
+        number(&job, "started_at_ms"),
+        number(&job, "finished_at_ms"),
+    );
+    assert!(
+        submitted > 0 && submitted <= started && started <= finished,
+        "{job}"
+    );
+    let clip = farm.path("wolf.mp4");
+    farm.cli(&["fetch", &id, "--out", clip.to_str().unwrap()])
+        .ok();
+    assert_eq!(
+        std::fs::metadata(&clip).unwrap().len(),
+        number(&job, "output_bytes"),
+        "fetched size vs the job's output_bytes"
+    );
+    let stream = probe(&clip);
+    assert_eq!(stream["codec_name"], "h264", "{stream}");
+    assert_eq!(stream["nb_read_frames"], "9", "{stream}");
+    assert_eq!(
+        (stream["width"].as_u64(), stream["height"].as_u64()),
+        (Some(64), Some(64))
+    );
+
+    // PNG through `render --coordinator`: exactly the embedded single-process frames.
+    let mut png = spec(3);
+    png.extend(["--format", "png"].map(String::from));
+    let reference = farm.path("reference");
+    let mut args = strs(&png);
+    args.extend(["--out", reference.to_str().unwrap()]);
+    embedded_render(&args);
+    let expected = png_frames(&reference);
+    assert_eq!(expected.len(), 9);
+
+    let one_rank = farm.path("one-rank");
+    let mut args = vec!["render"];
+    args.extend(strs(&png));
+    args.extend(["--out", one_rank.to_str().unwrap()]);
+    farm.cli(&args).ok();
+    let frames = png_frames(&one_rank);
+    assert_eq!(frames.len(), expected.len());
+    assert!(
+        frames == expected,
+        "a one-rank farm render must equal the single-process one (max |diff| {})",
+        max_diff(&frames, &expected)
+    );
+
+    // cfg=2 on both workers: within rounding of the single-process frames.
+    let two_ranks = farm.path("cfg2");
+    let mut args = vec!["render", "--layout", "cfg=2"];
+    args.extend(strs(&png));
+    args.extend(["--out", two_ranks.to_str().unwrap()]);
+    farm.cli(&args).ok();
+    let worst = max_diff(&png_frames(&two_ranks), &expected);
+    assert!(
+        worst <= 2,
+        "cfg=2 on two workers: max |diff| {worst} levels"
+    );
+    let jobs = farm.jobs();
+    let cfg2 = jobs
+        .iter()
+        .find(|j| j["spec"]["layout"] == "cfg=2")
+        .unwrap_or_else(|| panic!("no cfg=2 job listed: {jobs:?}"));
+    let mut ranks = workers_of(cfg2);
+    ranks.sort();
+    assert_eq!(ranks, ["w1", "w2"], "{cfg2}");
+    assert_eq!(jobs.len(), 3, "three jobs were submitted: {jobs:?}");
+}
+
+#[test]
+fn workers_appear_and_leave_when_stopped_or_killed() {
+    let mut farm = Farm::start();
+    assert_eq!(farm.worker_states(), vec![], "no worker yet");
+
+    // A long lease: if w1 is gone quickly after SIGTERM, it left by itself.
+    farm.start_worker("w1", &["--lease-ttl", "30"]);
+    farm.wait_until("w1 listed idle", JOB, || {
+        let states = farm.worker_states();
+        (states == [("w1".into(), "idle".into())])
+            .then_some(())
+            .ok_or(format!("{states:?}"))
+    });
+    let listed = farm.workers();
+    let w1 = &listed[0];
+    assert!(field(w1, "address").starts_with("127.0.0.1:"), "{w1}");
+    assert!(
+        w1["models"].to_string().contains("tiny"),
+        "w1 serves the tiny model: {w1}"
+    );
+    assert!(
+        w1["devices"].as_array().is_some_and(|d| !d.is_empty()),
+        "{w1}"
+    );
+    assert!(number(w1, "memory_bytes") > 0, "{w1}");
+
+    let id = farm.submit(&long_spec(50), &[]);
+    farm.wait_running(&id, JOB);
+    farm.start_worker("w2", &[]);
+    farm.wait_until("w1 busy with the job, w2 idle", JOB, || {
+        let workers = farm.workers();
+        let states: Vec<_> = workers
+            .iter()
+            .map(|w| (field(w, "id"), field(w, "state"), field(w, "job_id")))
+            .collect();
+        (states.len() == 2
+            && states.contains(&("w1", "busy", id.as_str()))
+            && states.contains(&("w2", "idle", "")))
+        .then_some(())
+        .ok_or(format!("{states:?}"))
+    });
+
+    // SIGTERM: w1 drains (finishes its job, takes no other), then leaves at once.
+    farm.worker("w1").terminate();
+    farm.wait_until("w1 draining", JOB, || {
+        let states = farm.worker_states();
+        states
+            .contains(&("w1".into(), "draining".into()))
+            .then_some(())
+            .ok_or(format!("{states:?}"))
+    });
+    let job = farm.wait_done(&id, JOB);
+    assert_eq!(
+        (workers_of(&job), number(&job, "attempts")),
+        (vec!["w1".to_string()], 1),
+        "the draining worker finished it in its first attempt: {job}\n{}",
+        farm.logs()
+    );
+    let status = farm.worker("w1").wait_exit(JOB);
+    assert!(status.success(), "a drained worker exits 0: {status}");
+    let left = Instant::now();
+    farm.wait_until(
+        "w1 gone right after it exited",
+        Duration::from_secs(3),
+        || {
+            let states = farm.worker_states();
+            (states == [("w2".into(), "idle".into())])
+                .then_some(())
+                .ok_or(format!("{states:?}"))
+        },
+    );
+    eprintln!("w1 unlisted {:?} after its exit", left.elapsed());
+
+    // SIGKILL: w2 cannot say goodbye; its 2 s lease expires.
+    farm.worker("w2").kill();
+    let killed = Instant::now();
+    farm.wait_until(
+        "w2 gone after its lease expired",
+        Duration::from_secs(15),
+        || {
+            let states = farm.worker_states();
+            states.is_empty().then_some(()).ok_or(format!("{states:?}"))
+        },
+    );
+    eprintln!("w2 unlisted {:?} after SIGKILL", killed.elapsed());
+}
+
+#[test]
+fn a_job_queued_with_no_free_worker_starts_when_one_joins() {
+    let mut farm = Farm::start();
+    let id = farm.submit(&spec(3), &[]);
+    let queued = farm.cli(&["list", "--state", "queued", "--json"]).ok();
+    assert_eq!(
+        ids(&queued.json_values()),
+        vec![id.clone()],
+        "{}",
+        queued.describe()
+    );
+    let job = farm.job(&id);
+    assert_eq!(job["state"], "queued", "{job}");
+    assert_eq!(number(&job, "started_at_ms"), 0, "{job}");
+
+    farm.start_worker("w1", &[]);
+    let job = farm.wait_done(&id, JOB);
+    assert_eq!(workers_of(&job), ["w1"], "{job}");
+    let done = farm.cli(&["list", "--state", "done", "--json"]).ok();
+    assert_eq!(
+        ids(&done.json_values()),
+        vec![id.clone()],
+        "{}",
+        done.describe()
+    );
+    let queued = farm.cli(&["list", "--state", "queued", "--json"]).ok();
+    assert!(queued.json_values().is_empty(), "{}", queued.describe());
+}
+
+#[test]
+fn cancel_frees_the_worker_and_queued_jobs_run_by_priority() {
+    let farm = Farm::with_workers(&["w1"]);
+    let long = farm.submit(&long_spec(100), &["--name", "long"]);
+    farm.wait_running(&long, JOB);
+    let low = farm.submit(&spec(3), &["--priority", "0", "--name", "low"]);
+    let high = farm.submit(&spec(3), &["--priority", "5", "--name", "high"]);
+    for id in [&low, &high] {
+        let job = farm.job(id);
+        assert_eq!(job["state"], "queued", "the only worker is busy: {job}");
+    }
+
+    let mut watch = farm.spawn_cli("watch", &["watch", &long]);
+    farm.cli(&["cancel", &long, "--reason", "wrong prompt"])
+        .ok();
+    let job = farm.wait_job(&long, "cancelled", JOB, |j| j["state"] == "cancelled");
+    assert!(
+        number(&job, "steps_done") < number(&job, "steps_total"),
+        "cancel stopped the job before its last step: {job}"
+    );
+    assert!(field(&job, "message").contains("wrong prompt"), "{job}");
+    let status = watch.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "watch of a cancelled job exits 1\n{}",
+        watch.logs()
+    );
+    assert!(
+        watch.stderr().contains("cancel"),
+        "watch says why: {}",
+        watch.logs()
+    );
+
+    // The freed worker takes the high-priority job first although it was submitted last.
+    let high_job = farm.wait_done(&high, JOB);
+    let low_job = farm.wait_done(&low, JOB);
+    assert!(
+        number(&high_job, "finished_at_ms") <= number(&low_job, "started_at_ms"),
+        "priority 5 ran before priority 0:\n{high_job}\n{low_job}"
+    );
+    farm.wait_until("w1 idle again", JOB, || {
+        let states = farm.worker_states();
+        (states == [("w1".into(), "idle".into())])
+            .then_some(())
+            .ok_or(format!("{states:?}"))
+    });
+}
+
+#[test]
+fn unknown_ids_and_malformed_specs_are_refused_with_their_names() {
+    let farm = Farm::start_with(&["--max-frames", "33"]);
+    let out = farm.path("nothing.mp4");
+    for args in [
+        vec!["status", "j-nope"],
+        vec!["cancel", "j-nope"],
+        vec!["watch", "j-nope"],
+        vec!["fetch", "j-nope", "--out", out.to_str().unwrap()],
+    ] {
+        let line = farm.cli(&args).error_line();
+        assert!(line.contains("no job j-nope"), "{args:?}: {line}");
+    }
+    assert!(!out.exists(), "a failed fetch writes nothing");
+
+    let bad_width = spec_of("9", "250x256", 3);
+    let bad_frames = spec_of("97", "64x64", 3);
+    for (spec, field_name) in [(bad_width, "spec.width"), (bad_frames, "spec.frames")] {
+        let mut args = vec!["submit"];
+        args.extend(strs(&spec));
+        let line = farm.cli(&args).error_line();
+        assert!(line.contains(field_name), "{args:?}: {line}");
+    }
+    assert!(farm.jobs().is_empty(), "refused specs are not stored");
+
+    // A job that is not done yet cannot be fetched (no worker: it stays queued).
+    let id = farm.submit(&spec(3), &[]);
+    let line = farm
+        .cli(&["fetch", &id, "--out", out.to_str().unwrap()])
+        .error_line();
+    assert!(line.contains(&id), "{line}");
+    assert!(!out.exists(), "a failed fetch writes nothing");
+}
+
+#[test]
+fn a_restarted_coordinator_keeps_its_jobs_and_runs_the_queue() {
+    let mut farm = Farm::with_workers(&["w1"]);
+    let first = farm.submit(&long_spec(25), &["--name", "first"]);
+    farm.wait_running(&first, JOB);
+    let second = farm.submit(&spec(3), &["--name", "second"]);
+    let third = farm.submit(&spec(3), &["--name", "third", "--priority", "1"]);
+    let before = farm.jobs();
+    assert_eq!(ids(&before), [first.clone(), second.clone(), third.clone()]);
+
+    farm.kill_coordinator();
+    farm.start_coordinator();
+    let after = farm.jobs();
+    assert_eq!(
+        ids(&after),
+        ids(&before),
+        "the restarted coordinator lists its jobs"
+    );
+    for (b, a) in before.iter().zip(&after) {
+        for key in ["name", "priority", "submitted_at_ms", "spec"] {
+            assert_eq!(a[key], b[key], "{key} survives the restart:\n{b}\n{a}");
+        }
+        assert!(
+            !matches!(field(a, "state"), "done" | "failed" | "cancelled"),
+            "nothing ended while the coordinator was down: {a}"
+        );
+    }
+
+    for id in [&first, &second, &third] {
+        farm.wait_done(id, JOB);
+    }
+    let first_job = farm.job(&first);
+    assert!(
+        number(&first_job, "attempts") >= 2,
+        "the interrupted job ran again: {first_job}"
+    );
+    let (second_job, third_job) = (farm.job(&second), farm.job(&third));
+    assert!(
+        number(&third_job, "finished_at_ms") <= number(&second_job, "started_at_ms"),
+        "the queue kept its priorities across the restart:\n{third_job}\n{second_job}"
+    );
+    let clip = farm.path("second.mp4");
+    farm.cli(&["fetch", &second, "--out", clip.to_str().unwrap()])
+        .ok();
+    assert_eq!(probe(&clip)["nb_read_frames"], "9");
+}
+
+#[test]
+fn a_worker_killed_mid_job_is_replaced_and_the_result_is_unchanged() {
+    let mut farm = Farm::with_workers(&["w1", "w2"]);
+    let mut png = long_spec(25);
+    png.extend(["--format", "png"].map(String::from));
+    let id = farm.submit(&png, &[]);
+    let job = farm.wait_running(&id, JOB);
+    let victim = workers_of(&job)[0].clone();
+    let survivor = if victim == "w1" { "w2" } else { "w1" };
+    farm.worker(&victim).kill();
+
+    let job = farm.wait_done(&id, JOB);
+    assert_eq!(workers_of(&job), [survivor], "{job}");
+    assert_eq!(number(&job, "attempts"), 2, "{job}");
+    farm.wait_until(&format!("{victim} gone"), Duration::from_secs(15), || {
+        let states = farm.worker_states();
+        (states == [(survivor.to_string(), "idle".to_string())])
+            .then_some(())
+            .ok_or(format!("{states:?}"))
+    });
+
+    let fetched = farm.path("fetched");
+    farm.cli(&["fetch", &id, "--out", fetched.to_str().unwrap()])
+        .ok();
+    let reference = farm.path("reference");
+    let mut args = strs(&png);
+    args.extend(["--out", reference.to_str().unwrap()]);
+    embedded_render(&args);
+    let (frames, expected) = (png_frames(&fetched), png_frames(&reference));
+    assert_eq!(frames.len(), 33);
+    assert!(
+        frames == expected,
+        "the re-run equals the undisturbed render (max |diff| {})",
+        max_diff(&frames, &expected)
+    );
+}

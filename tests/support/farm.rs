@@ -1,0 +1,237 @@
+//! One farm per test: a throw-away etcd, a `longtake serve coordinator` process and any number
+//! of `longtake serve worker` processes, all on free loopback ports, and the CLI pointed at them
+//! through `LONGTAKE_COORDINATOR`. Farms run one at a time: the renders are CPU-bound and the
+//! lease timings would drift if several farms shared two cores.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use longtake_proto::membership::testing::EtcdServer;
+use serde_json::Value;
+
+use super::cli::{field, longtake, Run};
+use super::poll::wait_until;
+use super::process::Proc;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// How long a server may take to print its ready line (a worker checks its model first).
+const READY: Duration = Duration::from_secs(60);
+
+/// A coordinator, its workers and the etcd they share. Dropping it kills every process.
+pub struct Farm {
+    // Field order is drop order: the servers go before the etcd they talk to.
+    workers: BTreeMap<String, Proc>,
+    coordinator: Option<Proc>,
+    coordinator_args: Vec<String>,
+    url: String,
+    artifacts: tempfile::TempDir,
+    scratch: tempfile::TempDir,
+    etcd: EtcdServer,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Farm {
+    /// etcd and a coordinator, no worker yet.
+    pub fn start() -> Farm {
+        Farm::start_with(&[])
+    }
+
+    /// etcd and a coordinator started with `coordinator_args` (e.g. `--max-frames 33`).
+    pub fn start_with(coordinator_args: &[&str]) -> Farm {
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut farm = Farm {
+            workers: BTreeMap::new(),
+            coordinator: None,
+            coordinator_args: coordinator_args.iter().map(|a| a.to_string()).collect(),
+            url: String::new(),
+            artifacts: tempfile::tempdir().expect("artifact directory"),
+            scratch: tempfile::tempdir().expect("scratch directory"),
+            etcd: EtcdServer::start(),
+            _serial: serial,
+        };
+        farm.start_coordinator();
+        farm
+    }
+
+    /// A farm with workers `ids` registered (lease TTL 2 s).
+    pub fn with_workers(ids: &[&str]) -> Farm {
+        let mut farm = Farm::start();
+        for id in ids {
+            farm.start_worker(id, &[]);
+        }
+        farm
+    }
+
+    /// Starts (or restarts) the coordinator over this farm's etcd and artifact directory and
+    /// points the CLI at its new address.
+    pub fn start_coordinator(&mut self) {
+        assert!(
+            self.coordinator.is_none(),
+            "a coordinator is already running"
+        );
+        let mut cmd = longtake();
+        cmd.args(["serve", "coordinator", "--etcd", self.etcd.url()])
+            .args(["--listen", "127.0.0.1:0", "--artifacts"])
+            .arg(self.artifacts.path())
+            .args(&self.coordinator_args);
+        let mut proc = Proc::spawn("coordinator", cmd);
+        let addr = proc.wait_for_line("coordinator listening on ", READY);
+        self.url = format!("http://{addr}");
+        self.coordinator = Some(proc);
+    }
+
+    /// SIGKILLs the coordinator (no chance to tidy up).
+    pub fn kill_coordinator(&mut self) {
+        let mut proc = self.coordinator.take().expect("a running coordinator");
+        proc.kill();
+    }
+
+    /// Starts worker `id` (tiny model, lease TTL 2 s unless `extra` says otherwise) and waits
+    /// for its ready line.
+    pub fn start_worker(&mut self, id: &str, extra: &[&str]) {
+        assert!(!self.workers.contains_key(id), "worker {id} already runs");
+        let mut cmd = longtake();
+        cmd.args(["serve", "worker", "--etcd", self.etcd.url()])
+            .args(["--listen", "127.0.0.1:0", "--id", id, "--model", "tiny"]);
+        if !extra.contains(&"--lease-ttl") {
+            cmd.args(["--lease-ttl", "2"]);
+        }
+        cmd.args(extra);
+        let mut proc = Proc::spawn(&format!("worker {id}"), cmd);
+        proc.wait_for_line(&format!("worker {id} listening on "), READY);
+        self.workers.insert(id.to_string(), proc);
+    }
+
+    pub fn worker(&mut self, id: &str) -> &mut Proc {
+        self.workers
+            .get_mut(id)
+            .unwrap_or_else(|| panic!("no worker {id} in this farm"))
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A path in the test's scratch directory (for `--out`).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.scratch.path().join(name)
+    }
+
+    /// Runs the CLI against this farm's coordinator.
+    pub fn cli(&self, args: &[&str]) -> Run {
+        let mut cmd = longtake();
+        cmd.env("LONGTAKE_COORDINATOR", &self.url);
+        Run::of(cmd, args)
+    }
+
+    /// Starts a long-running CLI command (e.g. `watch`) against this farm in the background.
+    pub fn spawn_cli(&self, name: &str, args: &[&str]) -> Proc {
+        let mut cmd = longtake();
+        cmd.env("LONGTAKE_COORDINATOR", &self.url).args(args);
+        Proc::spawn(name, cmd)
+    }
+
+    /// `submit` with `spec` flags and `extra` (priority, name...); returns the job id.
+    pub fn submit(&self, spec: &[String], extra: &[&str]) -> String {
+        let mut args = vec!["submit"];
+        args.extend(spec.iter().map(String::as_str));
+        args.extend_from_slice(extra);
+        let run = self.cli(&args).ok();
+        let id = run.stdout.trim().to_string();
+        assert!(
+            !id.is_empty() && !id.contains(char::is_whitespace),
+            "submit should print the job id alone: {}",
+            run.describe()
+        );
+        id
+    }
+
+    /// `status ID --json`.
+    pub fn job(&self, id: &str) -> Value {
+        self.cli(&["status", id, "--json"]).ok().json()
+    }
+
+    /// `list --json`.
+    pub fn jobs(&self) -> Vec<Value> {
+        self.cli(&["list", "--json"]).ok().json_values()
+    }
+
+    /// `workers --json`.
+    pub fn workers(&self) -> Vec<Value> {
+        self.cli(&["workers", "--json"]).ok().json_values()
+    }
+
+    /// `(id, state)` of every worker the coordinator lists, sorted by id.
+    pub fn worker_states(&self) -> Vec<(String, String)> {
+        let mut states: Vec<(String, String)> = self
+            .workers()
+            .iter()
+            .map(|w| (field(w, "id").to_string(), field(w, "state").to_string()))
+            .collect();
+        states.sort();
+        states
+    }
+
+    /// [`wait_until`] that fails the test with every process's output.
+    pub fn wait_until<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        probe: impl FnMut() -> Result<T, String>,
+    ) -> T {
+        wait_until(what, timeout, probe).unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
+    }
+
+    /// Waits until job `id` satisfies `ready`; fails at once if the job ends in another way.
+    pub fn wait_job(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Value {
+        self.wait_until(&format!("job {id}: {what}"), timeout, || {
+            let job = self.job(id);
+            if ready(&job) {
+                return Ok(job);
+            }
+            let state = field(&job, "state");
+            if matches!(state, "done" | "failed" | "cancelled") {
+                panic!(
+                    "job {id} ended {state} while waiting for {what}: {job}\n{}",
+                    self.logs()
+                );
+            }
+            Err(job.to_string())
+        })
+    }
+
+    /// Waits until job `id` is done and returns it.
+    pub fn wait_done(&self, id: &str, timeout: Duration) -> Value {
+        self.wait_job(id, "state done", timeout, |j| j["state"] == "done")
+    }
+
+    /// Waits until job `id` is running with at least one step done.
+    pub fn wait_running(&self, id: &str, timeout: Duration) -> Value {
+        self.wait_job(id, "running with a step done", timeout, |j| {
+            j["state"] == "running" && j["steps_done"].as_u64().unwrap_or(0) >= 1
+        })
+    }
+
+    /// Every process's output, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut logs = String::new();
+        if let Some(c) = &self.coordinator {
+            logs.push_str(&c.logs());
+        }
+        for w in self.workers.values() {
+            logs.push_str(&w.logs());
+        }
+        logs
+    }
+}
