@@ -175,11 +175,7 @@ mod tests {
     #[tokio::test]
     async fn nothing_listening_is_reported_with_the_url() {
         // A port that was free a moment ago: nothing accepts on it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = longtake_proto::membership::testing::free_port();
         let url = format!("http://127.0.0.1:{port}");
         let err = Client::connect(&url).await.err().expect("must fail");
         let text = err.to_string();

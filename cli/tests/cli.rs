@@ -260,11 +260,7 @@ fn farm_commands_without_a_coordinator_say_how_to_name_one() {
 
 #[test]
 fn a_coordinator_where_nothing_listens_is_named() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = longtake_proto::membership::testing::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let run = longtake(&["list", "--coordinator", &url]);
     assert_eq!(run.status.code(), Some(1));

@@ -114,11 +114,7 @@ async fn a_corrupt_job_record_refuses_to_load_naming_its_key() {
 
 #[tokio::test]
 async fn connecting_where_nothing_listens_fails_fast_naming_the_url() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = longtake_proto::membership::testing::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
     match EtcdJobStore::connect(EtcdConfig::new(vec![url.clone()])).await {

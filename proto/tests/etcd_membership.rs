@@ -35,11 +35,7 @@ async fn etcd_membership_keeps_the_contract_and_expires_dropped_registrations() 
 
 #[tokio::test]
 async fn connecting_where_nothing_listens_fails_fast_naming_the_url() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = longtake_proto::membership::testing::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
     let error = match EtcdMembership::connect(EtcdConfig::new(vec![url.clone()])).await {

@@ -13,7 +13,9 @@ pub struct EtcdServer {
     _data: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
+/// A loopback port that was free a moment ago: nothing listens on it (for "unreachable" tests),
+/// and a server may bind it.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
