@@ -1,20 +1,18 @@
-//! The farm `render` starts in this process when no coordinator is named: a coordinator with
-//! in-process membership and an in-memory job store, and local worker daemons, all talking gRPC
-//! over loopback exactly as a real farm does, with the artifacts in a temporary directory.
+//! The farm `render` starts in this process when no coordinator is named: a
+//! [`LocalFarm`] (coordinator with in-process membership and an in-memory job store, local worker
+//! daemons, all talking gRPC over loopback exactly as a real farm does) with the CLI's model,
+//! device and dtype, and its artifacts in a temporary directory.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
-use longtake_coordinator::{Coordinator, CoordinatorConfig, InMemoryJobStore};
-use longtake_proto::membership::{InProcessMembership, Membership};
-use longtake_worker::daemon::{self, DaemonConfig, ModelSource};
-use longtake_worker::parallel::Timeouts;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use anyhow::{Context, Result};
+use longtake_coordinator::local::{LocalFarm, Served};
+use longtake_coordinator::placement::NODE_LABEL;
+use longtake_worker::daemon::{DaemonConfig, ModelSource};
 
 /// How a worker waits for its task after the coordinator reserved it.
 const RESERVATION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,58 +31,32 @@ pub struct FarmOptions {
 /// A running embedded farm.
 pub struct Farm {
     url: String,
-    stop: watch::Sender<bool>,
-    coordinator: JoinHandle<()>,
-    workers: Vec<JoinHandle<()>>,
-    /// A part that stopped on its own (a worker that could not start, say): the render cannot
-    /// go on, and waiting for it would hang.
-    failures: mpsc::UnboundedReceiver<anyhow::Error>,
+    /// The coordinator first: stopping it first abandons a task still running (after a second
+    /// Ctrl-C, say), so no worker then drains a render nobody waits for.
+    parts: Vec<Served>,
     _artifacts: tempfile::TempDir,
 }
 
 impl Farm {
+    /// Starts the coordinator, then the workers one by one; a worker that cannot start (a bad
+    /// device, a broken checkpoint) fails here, before anything is submitted.
     pub async fn start(options: FarmOptions) -> Result<Self> {
         let artifacts = tempfile::Builder::new()
             .prefix("longtake-artifacts-")
             .tempdir()
             .context("cannot create a temporary artifact directory")?;
-        let membership: Arc<dyn Membership> = Arc::new(InProcessMembership::new());
-        let store = Arc::new(InMemoryJobStore::new());
-        let (stop, _) = watch::channel(false);
-        let (failed, failures) = mpsc::unbounded_channel();
-
-        let config = CoordinatorConfig::new(artifacts.path().to_path_buf());
-        let coordinator = Coordinator::start(config, membership.clone(), store)
-            .await
-            .context("embedded coordinator")?;
-        let listener = loopback().await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let coordinator = {
-            let (shutdown, failed) = (stopped(&stop), failed.clone());
-            tokio::spawn(async move {
-                let outcome = coordinator.serve(listener, shutdown).await;
-                report("the embedded coordinator", outcome, &failed);
-            })
-        };
-
-        let mut workers = Vec::new();
+        let local = LocalFarm::new(artifacts.path());
+        let (_, coordinator) = local.coordinator().await.context("embedded coordinator")?;
+        let url = coordinator.url().to_string();
+        let mut parts = vec![coordinator];
         for rank in 0..options.workers {
             let config = worker_config(&options, rank);
-            let listener = loopback().await?;
-            let (membership, shutdown, failed) =
-                (membership.clone(), stopped(&stop), failed.clone());
             let what = format!("embedded worker {}", config.id);
-            workers.push(tokio::spawn(async move {
-                let outcome = daemon::run(config, membership, listener, shutdown).await;
-                report(&what, outcome, &failed);
-            }));
+            parts.push(local.worker(config).await.context(what)?);
         }
         Ok(Self {
             url,
-            stop,
-            coordinator,
-            workers,
-            failures,
+            parts,
             _artifacts: artifacts,
         })
     }
@@ -93,22 +65,29 @@ impl Farm {
         &self.url
     }
 
-    /// Resolves when a part of the farm stopped by itself, with why.
+    /// Resolves when a part of the farm stopped on its own, with why: the render cannot go on,
+    /// and waiting for it would hang.
     pub async fn failure(&mut self) -> anyhow::Error {
-        self.failures
-            .recv()
-            .await
-            .unwrap_or_else(|| anyhow!("the embedded farm stopped"))
+        let mut ended: Vec<_> = self.parts.iter_mut().map(|p| Box::pin(p.ended())).collect();
+        let why = std::future::poll_fn(|cx| {
+            ended
+                .iter_mut()
+                .find_map(|part| match part.as_mut().poll(cx) {
+                    Poll::Ready(why) => Some(why),
+                    Poll::Pending => None,
+                })
+                .map_or(Poll::Pending, Poll::Ready)
+        })
+        .await;
+        anyhow::Error::new(why).context("the embedded farm")
     }
 
-    /// Stops the workers (they finish or hand back their task and leave), then the coordinator,
+    /// Stops the coordinator, then the workers (they finish or hand back their task and leave),
     /// and removes the artifacts.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        for worker in self.workers {
-            let _ = worker.await;
+        for part in self.parts {
+            let _ = part.stop().await;
         }
-        let _ = self.coordinator.await;
     }
 }
 
@@ -122,41 +101,11 @@ fn worker_config(options: &FarmOptions, rank: usize) -> DaemonConfig {
         }
     };
     DaemonConfig {
-        id: format!("local-{rank}"),
-        advertise_host: "127.0.0.1".into(),
         device: options.device.clone(),
         dtype: options.dtype.clone(),
         models: vec![model],
-        labels: BTreeMap::from([("node".to_string(), "local".to_string())]),
-        mesh_timeouts: Timeouts::default(),
+        labels: BTreeMap::from([(NODE_LABEL.to_string(), "local".to_string())]),
         reservation_timeout: RESERVATION_TIMEOUT,
+        ..DaemonConfig::new(format!("local-{rank}"), "127.0.0.1")
     }
-}
-
-async fn loopback() -> Result<TcpListener> {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("cannot listen on 127.0.0.1 for the embedded farm")
-}
-
-/// A future that resolves once `stop` is sent (or the farm is dropped).
-fn stopped(stop: &watch::Sender<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let mut rx = stop.subscribe();
-    async move {
-        let _ = rx.wait_for(|stopped| *stopped).await;
-    }
-}
-
-/// Passes on how a part ended; ending cleanly is a failure too unless the farm was stopping,
-/// which the receiver no longer listens for by then.
-fn report<E: std::error::Error + Send + Sync + 'static>(
-    what: &str,
-    outcome: Result<(), E>,
-    failed: &mpsc::UnboundedSender<anyhow::Error>,
-) {
-    let error = match outcome {
-        Ok(()) => anyhow!("{what} stopped"),
-        Err(err) => anyhow::Error::new(err).context(what.to_string()),
-    };
-    let _ = failed.send(error);
 }

@@ -524,6 +524,27 @@ fn invalid_layout_is_one_line_before_anything_starts() {
     assert!(!out.exists(), "nothing is written");
 }
 
+/// An embedded worker that cannot start (a bad `--device`, a `--model DIR` that is not there)
+/// ends the render with its reason before a job is submitted, instead of leaving it waiting.
+#[test]
+fn an_embedded_worker_that_cannot_start_is_one_line_before_submitting() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("frames");
+    for (extra, needles) in [
+        (["--device", "bogus"], ["local-0", "--device bogus"]),
+        (
+            ["--model", "/nonexistent-longtake-model"],
+            ["/nonexistent-longtake-model", "not found"],
+        ),
+    ] {
+        let run = render_png(&out, &extra);
+        assert_eq!(run.status.code(), Some(1));
+        assert_one_line_error(&run, &needles);
+        assert!(!stderr(&run).contains("job "), "{}", stderr(&run));
+    }
+    assert!(!out.exists(), "nothing is written");
+}
+
 /// `kill -SIGNAL pid` for a child this test started.
 fn signal(child: &std::process::Child, name: &str) {
     let status = Command::new("kill")

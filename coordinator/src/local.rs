@@ -1,4 +1,5 @@
-//! A whole farm in one process, for the farm tests and the farm benchmark: coordinators over one
+//! A whole farm in one process, for the farm tests, the farm benchmark and the CLI's embedded
+//! farm (`longtake render` with no coordinator named): coordinators over one
 //! in-process membership and one in-memory job store, serving gRPC on loopback ports, and real
 //! worker daemons registered in that membership. Every part talks over real sockets, exactly as
 //! in a deployed farm; only etcd is replaced by the in-process membership and store.
@@ -31,6 +32,8 @@ pub enum LocalFarmError {
     NotRegistered(String),
     #[error("worker {0} stopped before it registered")]
     StoppedEarly(String),
+    #[error("{0} stopped on its own")]
+    Ended(String),
     #[error("{what} panicked: {message}")]
     Panicked { what: String, message: String },
 }
@@ -42,12 +45,14 @@ pub struct LocalFarm {
     pub artifact_dir: PathBuf,
 }
 
-/// A coordinator or worker serving on a loopback port until [`Served::stop`].
+/// A coordinator or worker serving on a loopback port until [`Served::stop`] (or until dropped,
+/// which stops it without waiting).
 pub struct Served {
     url: String,
     what: String,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), LocalFarmError>>,
+    /// `None` once [`Served::ended`] has seen it end: a finished task cannot be awaited again.
+    task: Option<JoinHandle<Result<(), LocalFarmError>>>,
 }
 
 impl Served {
@@ -56,12 +61,29 @@ impl Served {
         &self.url
     }
 
-    /// Asks it to stop (a worker drains its task first) and waits until it has.
+    /// Asks it to stop (a worker drains its task first) and waits until it has. After
+    /// [`Served::ended`] resolved there is nothing left to stop, and this is `Ok`.
     pub async fn stop(mut self) -> Result<(), LocalFarmError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        join(&self.what, &mut self.task).await
+        match &mut self.task {
+            Some(task) => join(&self.what, task).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Resolves when it stopped without being asked to, with why; whoever waits on it would
+    /// otherwise hang. Cancel-safe.
+    pub async fn ended(&mut self) -> LocalFarmError {
+        let Some(task) = &mut self.task else {
+            return std::future::pending().await;
+        };
+        let outcome = join(&self.what, task).await;
+        self.task = None;
+        outcome
+            .err()
+            .unwrap_or_else(|| LocalFarmError::Ended(self.what.clone()))
     }
 }
 
@@ -121,7 +143,7 @@ impl LocalFarm {
             url,
             what: "the coordinator".into(),
             stop: Some(stop),
-            task,
+            task: Some(task),
         };
         Ok((coordinator, served))
     }
@@ -161,7 +183,7 @@ impl LocalFarm {
             url,
             what,
             stop: Some(stop),
-            task,
+            task: Some(task),
         })
     }
 }
