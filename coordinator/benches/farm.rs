@@ -24,7 +24,7 @@ use longtake_proto::{
     SubmitRequest, TaskRequest, WorkerState, MAX_MESSAGE_BYTES,
 };
 use longtake_worker::daemon::DaemonConfig;
-use longtake_worker::model::pipeline::{self, Progress, WanPipeline};
+use longtake_worker::model::pipeline::{Progress, WanPipeline};
 use tonic::transport::Channel;
 
 const USAGE: &str =
@@ -167,25 +167,11 @@ fn direct(pipeline: &WanPipeline, spec: &RenderSpec, dir: &Path) -> Result<Direc
     let start = Instant::now();
     let mut encoded = None;
     let mut steps = Vec::new();
-    let video = pipeline.render(
-        &pipeline::RenderSpec {
-            prompt: spec.prompt.clone(),
-            negative_prompt: spec.negative_prompt.clone(),
-            frames: spec.frames as usize,
-            width: spec.width as usize,
-            height: spec.height as usize,
-            steps: spec.steps as usize,
-            guidance_scale: spec.guidance_scale,
-            shift: spec.shift,
-            scheduler: None,
-            seed: spec.seed,
-        },
-        &mut |p| match p {
-            Progress::Encoded { .. } => encoded = Some(start.elapsed()),
-            Progress::Step { .. } => steps.push(start.elapsed()),
-            Progress::Decoding => {}
-        },
-    )?;
+    let video = pipeline.render(&tiny_render_spec(spec), &mut |p| match p {
+        Progress::Encoded { .. } => encoded = Some(start.elapsed()),
+        Progress::Step { .. } => steps.push(start.elapsed()),
+        Progress::Decoding => {}
+    })?;
     let render = start.elapsed();
     let (Some(encoded), Some(first), Some(last)) = (encoded, steps.first(), steps.last()) else {
         return Err("the pipeline reported no encoding or no step".into());
@@ -696,4 +682,12 @@ fn run(args: Args) -> Result<()> {
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
     })?;
     Ok(())
+}
+
+/// The single-process pipeline's spec for `spec`, as a worker serving the tiny model makes it.
+fn tiny_render_spec(spec: &RenderSpec) -> longtake_worker::model::pipeline::RenderSpec {
+    use longtake_worker::daemon::models::ServedModel;
+    use longtake_worker::daemon::{task, ModelSource};
+    let tiny = ServedModel::open(ModelSource::Tiny).expect("the tiny model");
+    task::render_spec(spec, &tiny).expect("a valid spec")
 }

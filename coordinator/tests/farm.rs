@@ -204,24 +204,10 @@ fn ffprobe_frames(path: &Path) -> HashMap<String, String> {
 
 /// The same spec rendered by the single-process pipeline and encoded by the same writer.
 fn reference_clip(spec: &RenderSpec, out: &Path) {
-    use longtake_worker::model::pipeline::{RenderSpec as Spec, WanPipeline};
+    use longtake_worker::model::pipeline::WanPipeline;
     let pipeline = WanPipeline::tiny(&candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
     let video = pipeline
-        .render(
-            &Spec {
-                prompt: spec.prompt.clone(),
-                negative_prompt: spec.negative_prompt.clone(),
-                frames: spec.frames as usize,
-                width: spec.width as usize,
-                height: spec.height as usize,
-                steps: spec.steps as usize,
-                guidance_scale: spec.guidance_scale,
-                shift: spec.shift,
-                scheduler: None,
-                seed: spec.seed,
-            },
-            &mut |_| {},
-        )
+        .render(&tiny_render_spec(spec), &mut |_| {})
         .unwrap();
     let mut sink = open_writer(
         out,
@@ -715,4 +701,12 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes_on_another() {
 
     survivor.stop().await;
     served.stop().await;
+}
+
+/// The single-process pipeline's spec for `spec`, as a worker serving the tiny model makes it.
+fn tiny_render_spec(spec: &RenderSpec) -> longtake_worker::model::pipeline::RenderSpec {
+    use longtake_worker::daemon::models::ServedModel;
+    use longtake_worker::daemon::{task, ModelSource};
+    let tiny = ServedModel::open(ModelSource::Tiny).expect("the tiny model");
+    task::render_spec(spec, &tiny).expect("a valid spec")
 }
