@@ -10,7 +10,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use longtake_coordinator::local::{LocalFarm, Served};
+use longtake_cli::local::{LocalFarm, Served};
 use longtake_coordinator::placement::NODE_LABEL;
 use longtake_worker::daemon::{DaemonConfig, ModelSource};
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use longtake_proto::{JobEvent, ListWorkersRequest, RenderSpec};
+use longtake_proto::{JobEvent, RenderSpec};
 
 use crate::client::{Client, CoordinatorArg};
 use crate::download::{self, Destination};
@@ -137,50 +137,19 @@ async fn submit_watch_fetch(
     }
     let got = jobs::download(&mut client, &job.id, dest).await?;
     let done = jobs::get(&mut client, &job.id).await?;
+    // A finished job's record holds the spec as it ran, the model's defaults filled in.
     let spec = done.spec.unwrap_or_default();
-    let size = match frame_size(&mut client, &spec).await {
-        Some((w, h)) => format!("{w}x{h}"),
-        None => "the model's default size".into(),
-    };
     println!(
-        "wrote {}: {} frames, {size}, {} fps, {} bytes, in {:.1} s",
+        "wrote {}: {} frames, {}x{}, {} fps, {} bytes, in {:.1} s",
         args.out.display(),
         spec.frames,
+        spec.width,
+        spec.height,
         spec.fps,
         got.bytes,
         start.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// The spec's frame size, or for a zero size the default of its model as a worker announces it.
-async fn frame_size(client: &mut Client, spec: &RenderSpec) -> Option<(u32, u32)> {
-    if spec.width != 0 && spec.height != 0 {
-        return Some((spec.width, spec.height));
-    }
-    let workers = client
-        .cluster
-        .list_workers(ListWorkersRequest {})
-        .await
-        .ok()?
-        .into_inner()
-        .workers;
-    let model = workers
-        .iter()
-        .flat_map(|w| &w.models)
-        .find(|m| m.name == spec.model)?;
-    Some((
-        if spec.width == 0 {
-            model.default_width
-        } else {
-            spec.width
-        },
-        if spec.height == 0 {
-            model.default_height
-        } else {
-            spec.height
-        },
-    ))
 }
 
 /// Follows the job to its end. Ctrl-C cancels an embedded job (its farm ends with this process)

@@ -6,12 +6,12 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use longtake_proto::spec::frames::{self, WAN_TEMPORAL_PACK};
+use longtake_proto::spec::{Layout, SchedulerKind};
 use longtake_proto::{OutputFormat, RenderSpec};
-use longtake_worker::model::video;
-use longtake_worker::parallel::layout::Layout;
 
 /// Frames rendered when neither `--frames` nor `--seconds` is given (5 s at 16 fps).
-const DEFAULT_FRAMES: usize = 81;
+const DEFAULT_FRAMES: u32 = 81;
 
 #[derive(Args, Clone, Debug)]
 pub struct SpecArgs {
@@ -28,7 +28,7 @@ pub struct SpecArgs {
     pub model: String,
     /// Number of frames; Wan makes 4k+1 frames, other counts are rounded up.
     #[arg(long, conflicts_with = "seconds")]
-    pub frames: Option<usize>,
+    pub frames: Option<u64>,
     /// Clip length in seconds (frames = seconds × fps, rounded up to 4k+1).
     #[arg(long, allow_negative_numbers = true)]
     pub seconds: Option<f64>,
@@ -68,6 +68,15 @@ pub enum SchedulerArg {
     Euler,
 }
 
+impl From<SchedulerArg> for SchedulerKind {
+    fn from(arg: SchedulerArg) -> Self {
+        match arg {
+            SchedulerArg::Unipc => SchedulerKind::UniPc,
+            SchedulerArg::Euler => SchedulerKind::Euler,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum FormatArg {
     Mp4,
@@ -102,21 +111,21 @@ impl SpecArgs {
         }
         let requested = match (self.frames, self.seconds) {
             (Some(0), _) => bail!("--frames must be at least 1"),
-            (Some(n), _) => n,
-            (None, Some(s)) if s > 0.0 && s.is_finite() => video::frame_count_for(s, self.fps),
+            (Some(n), _) => {
+                u32::try_from(n).with_context(|| format!("--frames {n} is far beyond any limit"))?
+            }
+            (None, Some(s)) if s > 0.0 && s.is_finite() => frames::for_duration(s, self.fps),
             (None, Some(s)) => bail!("--seconds must be a positive number; got {s}"),
             (None, None) => DEFAULT_FRAMES,
         };
-        let frames = video::round_frames(requested);
+        let frames = frames::round_up(requested, WAN_TEMPORAL_PACK);
         let mut notes = Vec::new();
         if frames != requested {
             notes.push(format!(
                 "note: Wan renders 4k+1 frames; {requested} frames rounded up to {frames}"
             ));
         }
-        let frames = u32::try_from(frames)
-            .with_context(|| format!("--frames {frames} is far beyond any limit"))?;
-        let ranks = self.layout()?.world_size();
+        let layout = self.layout()?;
         let (width, height) = self.size.unwrap_or((0, 0));
         let spec = RenderSpec {
             prompt: self.prompt.clone(),
@@ -128,17 +137,24 @@ impl SpecArgs {
             steps: self.steps.unwrap_or(0),
             guidance_scale: self.guidance,
             shift: self.shift,
-            scheduler: match self.scheduler {
-                None => String::new(),
-                Some(SchedulerArg::Unipc) => "unipc".into(),
-                Some(SchedulerArg::Euler) => "euler".into(),
-            },
+            scheduler: self
+                .scheduler
+                .map(|s| SchedulerKind::from(s).name().to_string())
+                .unwrap_or_default(),
             seed: self.seed,
             fps: self.fps,
             format: format as i32,
-            layout: self.layout.clone().unwrap_or_default(),
+            layout: self
+                .layout
+                .as_ref()
+                .map(|_| layout.to_string())
+                .unwrap_or_default(),
         };
-        Ok(Built { spec, ranks, notes })
+        Ok(Built {
+            spec,
+            ranks: layout.world_size(),
+            notes,
+        })
     }
 
     /// The parsed `--layout` (one worker without it). Whether the model's heads fit it is the
@@ -220,7 +236,7 @@ mod tests {
         assert_eq!(s.scheduler, "euler");
         assert_eq!(s.model, "wan-1.3b");
         assert_eq!(s.format, OutputFormat::Png as i32);
-        assert_eq!(s.layout, "cfg=2,ulysses=2");
+        assert_eq!(s.layout, "cfg=2,tp=1,ulysses=2,ring=1");
         assert_eq!(built.ranks, 4);
         let defaults = args(&[]).build(OutputFormat::Mp4).unwrap().spec;
         assert_eq!((defaults.width, defaults.height, defaults.steps), (0, 0, 0));

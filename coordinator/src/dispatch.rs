@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use longtake_proto::spec::JobSpec;
 use longtake_proto::worker_service_client::WorkerServiceClient;
 use longtake_proto::{
     task_event, AbortRequest, FrameBatch, OutputFormat, RenderSpec, ReserveRequest, Step,
@@ -46,7 +47,7 @@ pub struct Attempt {
     pub job_id: String,
     pub attempt: u32,
     /// Resolved spec (no zero size or steps).
-    pub spec: RenderSpec,
+    pub spec: JobSpec,
     /// In rank order.
     pub workers: Vec<Worker>,
     /// Where the encoder writes the clip (or the PNG directory).
@@ -153,7 +154,7 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
                 job_id: a.job_id.clone(),
                 attempt: a.attempt,
                 rank: rank as u32,
-                spec: Some(a.spec.clone()),
+                spec: Some(RenderSpec::from(&a.spec)),
                 peers: peers.clone(),
             })
             .await
@@ -332,7 +333,7 @@ struct Encoder {
 
 impl Encoder {
     fn new(a: &Attempt) -> Self {
-        let format = if a.spec.format == OutputFormat::Png as i32 {
+        let format = if a.spec.format == OutputFormat::Png {
             VideoFormat::PngSequence
         } else {
             VideoFormat::Mp4

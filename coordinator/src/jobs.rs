@@ -8,16 +8,14 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
+use longtake_proto::spec::{JobSpec, Limits, ModelDescription, SpecError, SpecRequest};
 use longtake_proto::{
     job_event, Cancelled, Decoding, Done, Encoding, Failed, Job, JobEvent, JobState, Planned,
     Queued, RenderSpec, Step, Worker,
 };
-use longtake_worker::parallel::layout::Layout;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::limits::{self, SpecError};
 use crate::placement::Request;
-use crate::Limits;
 
 /// Events a slow watcher may lag behind before it is resynchronised with the job's state.
 const EVENT_BUFFER: usize = 1024;
@@ -66,7 +64,7 @@ pub struct Change {
 pub struct Assignment {
     pub job: Job,
     /// The spec with the model's defaults filled in.
-    pub spec: RenderSpec,
+    pub spec: JobSpec,
     pub attempt: u32,
     pub workers: Vec<Worker>,
 }
@@ -80,7 +78,9 @@ pub struct AttemptHandle {
 
 struct Entry {
     job: Job,
-    layout: Layout,
+    /// The job's spec as checked at submission (model defaults not yet filled in); `None` for a
+    /// stored record whose spec could not be read back (such a job has failed).
+    request: Option<SpecRequest>,
     events: broadcast::Sender<JobEvent>,
     attempt: Option<AttemptHandle>,
     /// Why the job went back to the queue, kept in front of the reasons it waits since.
@@ -172,9 +172,25 @@ impl JobTable {
     /// were. Returns the changes of the re-queued jobs.
     pub fn restore(&mut self, stored: Vec<Job>, now_ms: u64) -> Vec<Change> {
         let mut changes = Vec::new();
+        let mut failed = Vec::new();
         for mut job in stored {
             self.last_submitted_ms = self.last_submitted_ms.max(job.submitted_at_ms);
-            let layout = job.spec.as_ref().map(limits::layout_of).unwrap_or_default();
+            let request = match SpecRequest::try_from(&job.spec.clone().unwrap_or_default()) {
+                Ok(request) => Some(request),
+                Err(e) => {
+                    // A record this coordinator cannot read back (written by another version,
+                    // or edited by hand) is never run with a guessed spec: the job fails,
+                    // named, and the other jobs carry on.
+                    tracing::error!(job = %job.id, "stored job record has an invalid spec: {e}");
+                    if !is_terminal(job.state) {
+                        job.state = JobState::Failed as i32;
+                        job.message = format!("job {}: its stored spec is invalid: {e}", job.id);
+                        job.finished_at_ms = now_ms;
+                        failed.push(job.id.clone());
+                    }
+                    None
+                }
+            };
             let is_active_before = is_active(job.state);
             if is_active_before {
                 job.state = JobState::Queued as i32;
@@ -195,17 +211,26 @@ impl JobTable {
                 Entry {
                     requeued,
                     job,
-                    layout,
+                    request,
                     events,
                     attempt: None,
                     announced: None,
                 },
             );
         }
-        changes
+        let mut changes: Vec<Change> = changes
             .into_iter()
             .map(|id| self.queued_change(&id, now_ms))
-            .collect()
+            .collect();
+        changes.extend(failed.iter().filter_map(|id| {
+            let job = self.jobs.get(id)?.job.clone();
+            Some(Change {
+                event: self.current_event(&job, now_ms),
+                job,
+                persist: true,
+            })
+        }));
+        changes
     }
 
     /// Accepts a job: checks the spec, gives it an id and queues it.
@@ -216,7 +241,8 @@ impl JobTable {
         name: &str,
         now_ms: u64,
     ) -> Result<Change, TableError> {
-        let (spec, layout) = limits::check(spec, &self.limits)?;
+        let request = SpecRequest::try_from(spec)?;
+        request.check_limits(&self.limits)?;
         // Submission times are strictly increasing, so FIFO within a priority (and the ids,
         // which start with the time) follow the order of arrival, even within a millisecond.
         let now_ms = now_ms.max(self.last_submitted_ms + 1);
@@ -227,7 +253,7 @@ impl JobTable {
         }
         let job = Job {
             id: id.clone(),
-            spec: Some(spec),
+            spec: Some(RenderSpec::from(&request)),
             priority,
             state: JobState::Queued as i32,
             submitted_at_ms: now_ms,
@@ -240,7 +266,7 @@ impl JobTable {
             id.clone(),
             Entry {
                 job,
-                layout,
+                request: Some(request),
                 events,
                 attempt: None,
                 requeued: None,
@@ -328,15 +354,13 @@ impl JobTable {
         self.queue
             .iter()
             .filter_map(|id| self.jobs.get(id))
-            .map(|e| Request {
-                job_id: e.job.id.clone(),
-                model: e
-                    .job
-                    .spec
-                    .as_ref()
-                    .map(|s| s.model.clone())
-                    .unwrap_or_default(),
-                world_size: e.layout.world_size(),
+            .filter_map(|e| {
+                let request = e.request.as_ref()?;
+                Some(Request {
+                    job_id: e.job.id.clone(),
+                    model: request.model.clone(),
+                    world_size: request.layout.world_size(),
+                })
             })
             .collect()
     }
@@ -381,13 +405,22 @@ impl JobTable {
         self.queue.remove(id);
         entry.requeued = None;
         entry.announced = None;
-        let spec = entry.job.spec.clone().unwrap_or_default();
+        let Some(request) = entry.request.clone() else {
+            return Err(None);
+        };
         let model = workers
             .first()
-            .and_then(|w| w.models.iter().find(|m| m.name == spec.model))
-            .cloned()
-            .unwrap_or_default();
-        let resolved = match limits::resolve(&spec, &entry.layout, &model, &self.limits) {
+            .and_then(|w| w.models.iter().find(|m| m.name == request.model))
+            .map(ModelDescription::from)
+            .unwrap_or_else(|| ModelDescription {
+                name: request.model.clone(),
+                ..Default::default()
+            });
+        let limits = &self.limits;
+        let resolved = request
+            .resolve(&model)
+            .and_then(|job| job.check_limits(limits).map(|()| job));
+        let resolved = match resolved {
             Ok(resolved) => resolved,
             Err(e) => {
                 let job = &mut entry.job;
@@ -410,10 +443,13 @@ impl JobTable {
         job.workers = workers.iter().map(|w| w.id.clone()).collect();
         job.steps_done = 0;
         job.steps_total = resolved.steps;
+        // The record shows what will run (the model's defaults filled in), so a client needs no
+        // other source to learn the size or steps the farm chose.
+        job.spec = Some(RenderSpec::from(&resolved));
         job.message.clear();
         let body = job_event::Event::Planned(Planned {
             workers: job.workers.clone(),
-            layout: entry.layout.to_string(),
+            layout: request.layout.to_string(),
             attempt: job.attempts,
         });
         let change = Change {
@@ -639,7 +675,8 @@ impl JobTable {
     fn layout_text(&self, id: &str) -> String {
         self.jobs
             .get(id)
-            .map(|e| e.layout.to_string())
+            .and_then(|e| e.request.as_ref())
+            .map(|r| r.layout.to_string())
             .unwrap_or_default()
     }
 
@@ -713,6 +750,8 @@ mod tests {
                 default_height: 64,
                 default_steps: 3,
                 attention_heads: 2,
+                ffn_dim: 64,
+                max_prompt_tokens: 64,
             }],
             ..Default::default()
         }
@@ -1026,5 +1065,37 @@ mod tests {
         assert_eq!(order, [ids[3].clone(), ids[2].clone(), ids[0].clone()]);
         assert_eq!(restarted.list(&[]).len(), 4);
         assert_eq!(restarted.list(&[JobState::Cancelled as i32]).len(), 1);
+    }
+
+    /// A record whose layout cannot be parsed (another version wrote it, or a hand edit) fails
+    /// its job with a message naming the job and the field; it is never run as one rank.
+    #[test]
+    fn a_stored_record_with_a_malformed_layout_fails_named_instead_of_running() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let good = t.submit(&spec(), 0, "", 10).unwrap().job;
+        let mut bad = t.submit(&spec(), 0, "", 11).unwrap().job;
+        bad.spec.as_mut().unwrap().layout = "tp=two".into();
+
+        let mut restarted = JobTable::new(Limits::default(), 3);
+        let changes = restarted.restore(vec![good.clone(), bad.clone()], 100);
+        let failed = restarted.get(&bad.id).unwrap();
+        assert_eq!(failed.state, JobState::Failed as i32);
+        assert!(
+            failed.message.starts_with(&format!(
+                "job {}: its stored spec is invalid: spec.layout: layout `tp=two`",
+                bad.id
+            )),
+            "{}",
+            failed.message
+        );
+        let change = changes.iter().find(|c| c.job.id == bad.id).unwrap();
+        assert!(change.persist, "the failure is written back to the store");
+        let queued: Vec<String> = restarted
+            .queued_requests()
+            .into_iter()
+            .map(|r| r.job_id)
+            .collect();
+        assert_eq!(queued, vec![good.id.clone()], "the readable job still queues");
+        assert!(restarted.plan(&bad.id, &[worker("w1")], 101).is_err());
     }
 }

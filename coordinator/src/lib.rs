@@ -4,20 +4,21 @@
 //! clip in the artifact directory, and serves it back (`FetchOutput`). Operators see the workers
 //! through `ClusterService`.
 //!
-//! Modules, one job each: `limits` (spec checks with field-named errors), `queue` (priority,
+//! The spec rules (validation with field-named errors, resolution with a model's defaults) are
+//! the job spec's, `longtake_proto::spec`; this crate links no model code.
+//!
+//! Modules, one job each: `queue` (priority,
 //! FIFO within a priority), `placement` (which workers run a job), `jobs` (the job table and its
 //! state machine, without I/O), `store` (job records: etcd or in memory), `artifacts` (where
 //! outputs live, read back in chunks), `dispatch` (one attempt of a job on its workers over
 //! `WorkerService`), `scheduler` (the job table behind its lock, the store writes, the live
-//! worker view and the placement loop), `service` (the thin gRPC edge), `encode` (frames →
-//! MP4 / PNG), and `local` (a whole farm in one process over loopback, for tests and benches).
+//! worker view and the placement loop), `service` (the thin gRPC edge), and `encode` (frames →
+//! MP4 / PNG).
 
 pub mod artifacts;
 pub mod dispatch;
 pub mod encode;
 pub mod jobs;
-pub mod limits;
-pub mod local;
 pub mod placement;
 pub mod queue;
 pub mod scheduler;
@@ -36,31 +37,7 @@ use longtake_proto::membership::Membership;
 
 /// What specs the coordinator accepts; a spec over a limit is refused with InvalidArgument naming
 /// the field and the limit.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_frames: u32,
-    pub max_width: u32,
-    pub max_height: u32,
-    pub max_steps: u32,
-    /// Prompt and negative prompt, in characters.
-    pub max_prompt_chars: u32,
-    /// Ranks (workers) one job may use.
-    pub max_ranks: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            // one minute at 16 fps, rounded to 4k+1, with room for 24 fps
-            max_frames: 1441,
-            max_width: 1920,
-            max_height: 1088,
-            max_steps: 200,
-            max_prompt_chars: 4000,
-            max_ranks: 64,
-        }
-    }
-}
+pub use longtake_proto::spec::Limits;
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]

@@ -33,6 +33,8 @@ pub fn worker(id: &str) -> Worker {
             default_height: 64,
             default_steps: 3,
             attention_heads: 2,
+            ffn_dim: 64,
+            max_prompt_tokens: 64,
         }],
         started_at_ms: 1_700_000_000_123,
     }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use longtake_proto::ModelInfo;
 
+use crate::model::family::ModelFamily;
 use crate::model::loader::{Checkpoint, LoadError};
 use crate::model::pipeline::{tiny_configs, PipelineError, PipelineInfo};
 use crate::model::tokenizer::PromptTokenizer;
@@ -122,6 +123,8 @@ impl ServedModel {
             default_height: defaults.default_height as u32,
             default_steps: defaults.default_steps as u32,
             attention_heads: transformer.num_attention_heads as u32,
+            ffn_dim: transformer.ffn_dim as u32,
+            max_prompt_tokens: defaults.max_sequence_length as u32,
         };
         Ok(Self {
             source,
@@ -134,6 +137,7 @@ impl ServedModel {
 /// Every component a render loads is present, with weights; returns the transformer's config.
 fn check_checkpoint(dir: &Path) -> Result<TransformerConfig, LoadError> {
     let ckpt = Checkpoint::open(dir)?;
+    ModelFamily::of(&ckpt)?;
     let tokenizer = ckpt.component("tokenizer")?.dir().join("tokenizer.json");
     if !tokenizer.is_file() {
         return Err(LoadError::Missing {

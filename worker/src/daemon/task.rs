@@ -16,9 +16,8 @@ use super::models::{ModelSource, Models, ServedModel};
 use crate::model::pipeline::{
     CancelToken, PipelineError, Progress, RenderSpec, Video, WanPipeline,
 };
-use crate::model::scheduler::SchedulerKind;
-use crate::parallel::layout::{Layout, LayoutLimits};
 use crate::parallel::{DistributedPipeline, TcpMesh, TcpMeshConfig, Timeouts};
+use longtake_proto::spec::{JobSpec, Layout, ModelDescription, SpecError, SpecRequest};
 
 /// Largest RGB payload of one [`FrameBatch`] (whole frames; at least one per batch).
 pub const FRAME_BATCH_BYTES: usize = 8 << 20;
@@ -28,8 +27,8 @@ pub const FRAME_BATCH_BYTES: usize = 8 << 20;
 pub enum TaskError {
     #[error("spec.model: this worker serves no model {name:?} (it serves {served})")]
     UnknownModel { name: String, served: String },
-    #[error("spec.scheduler: {0:?} is not a scheduler; expected unipc, euler or empty (the checkpoint's)")]
-    Scheduler(String),
+    #[error(transparent)]
+    Spec(SpecError),
     #[error("spec.layout: {0}")]
     Layout(String),
     #[error("peers: {0}")]
@@ -62,35 +61,23 @@ impl TaskPlan {
         world_size: usize,
         peers: &[String],
     ) -> Result<Self, TaskError> {
+        let request = SpecRequest::try_from(spec).map_err(TaskError::Spec)?;
         let model = models
-            .get(&spec.model)
+            .get(&request.model)
             .ok_or_else(|| TaskError::UnknownModel {
-                name: if spec.model.is_empty() {
-                    super::models::TINY.to_string()
-                } else {
-                    spec.model.clone()
-                },
+                name: request.model.clone(),
                 served: models.names().join(", "),
             })?
             .clone();
-        let render = render_spec(spec, &model)?;
-        let layout = if spec.layout.trim().is_empty() {
-            Layout::SINGLE
-        } else {
-            spec.layout
-                .parse::<Layout>()
-                .map_err(|e| TaskError::Layout(e.to_string()))?
-        };
+        let job = resolve_spec(&request, &model)?;
+        let layout = job.layout;
         if layout.world_size() != world_size {
             return Err(TaskError::Layout(format!(
                 "{layout} has {} ranks, but this task was reserved as one of {world_size}",
                 layout.world_size()
             )));
         }
-        let limits = LayoutLimits::for_transformer(&model.transformer, render.guidance_scale > 1.0);
-        layout
-            .validate(&limits)
-            .map_err(|e| TaskError::Layout(format!("{layout}: {e}")))?;
+        let render = render_spec(&job);
         let peers = if world_size == 1 {
             Vec::new()
         } else {
@@ -119,31 +106,39 @@ fn resolve(peer: &str) -> Result<SocketAddr, TaskError> {
         .ok_or_else(|| TaskError::Peers(format!("{peer:?} resolves to no address")))
 }
 
-/// The pipeline's spec for a proto spec: zero sizes and steps take the model's defaults, an
-/// empty scheduler the checkpoint's.
-pub fn render_spec(
+/// A task's spec, parsed and resolved against a model this worker serves: zero sizes and steps
+/// take the model's defaults, and the layout is checked against the transformer's shape (the
+/// description the worker advertises is made from the transformer's own configuration).
+pub fn job_spec(
     spec: &longtake_proto::RenderSpec,
     model: &ServedModel,
-) -> Result<RenderSpec, TaskError> {
-    let or = |value: u32, default: u32| if value == 0 { default } else { value } as usize;
-    let scheduler = match spec.scheduler.as_str() {
-        "" => None,
-        "unipc" => Some(SchedulerKind::UniPc),
-        "euler" => Some(SchedulerKind::Euler),
-        other => return Err(TaskError::Scheduler(other.to_string())),
-    };
-    Ok(RenderSpec {
-        prompt: spec.prompt.clone(),
-        negative_prompt: spec.negative_prompt.clone(),
-        frames: spec.frames as usize,
-        width: or(spec.width, model.info.default_width),
-        height: or(spec.height, model.info.default_height),
-        steps: or(spec.steps, model.info.default_steps),
-        guidance_scale: spec.guidance_scale,
-        shift: spec.shift,
-        scheduler,
-        seed: spec.seed,
-    })
+) -> Result<JobSpec, TaskError> {
+    resolve_spec(
+        &SpecRequest::try_from(spec).map_err(TaskError::Spec)?,
+        model,
+    )
+}
+
+fn resolve_spec(request: &SpecRequest, model: &ServedModel) -> Result<JobSpec, TaskError> {
+    request
+        .resolve(&ModelDescription::from(&model.info))
+        .map_err(TaskError::Spec)
+}
+
+/// The pipeline's input for a resolved spec (an empty scheduler: the checkpoint's).
+pub fn render_spec(job: &JobSpec) -> RenderSpec {
+    RenderSpec {
+        prompt: job.prompt.clone(),
+        negative_prompt: job.negative_prompt.clone(),
+        frames: job.frames as usize,
+        width: job.width as usize,
+        height: job.height as usize,
+        steps: job.steps as usize,
+        guidance_scale: job.guidance_scale,
+        shift: job.shift,
+        scheduler: job.scheduler,
+        seed: job.seed,
+    }
 }
 
 /// Stops one task, remembering why (the first reason wins).
@@ -417,6 +412,7 @@ mod tests {
             prompt: "a wolf".into(),
             frames: 9,
             guidance_scale: 5.0,
+            fps: 16,
             layout: layout.into(),
             ..Default::default()
         }
@@ -439,7 +435,10 @@ mod tests {
             ..spec("")
         };
         let plan = TaskPlan::new(&models, &euler, 0, 1, &[]).unwrap();
-        assert_eq!(plan.spec.scheduler, Some(SchedulerKind::Euler));
+        assert_eq!(
+            plan.spec.scheduler,
+            Some(longtake_proto::spec::SchedulerKind::Euler)
+        );
         assert_eq!(plan.spec.width, 64);
     }
 
@@ -472,7 +471,12 @@ mod tests {
         check(spec("cfg=2"), 1, &[], "spec.layout: cfg=2");
         check(spec("warp=2"), 2, &[], "spec.layout: layout `warp=2`");
         // The tiny transformer has 4 heads.
-        check(spec("tp=8"), 8, &[], "spec.layout: cfg=1,tp=8");
+        check(
+            spec("tp=8"),
+            8,
+            &[],
+            "spec.layout: tp × ulysses = 8 does not divide the 4 attention heads",
+        );
         check(spec("cfg=2"), 2, &["127.0.0.1:1"], "peers: 1 addresses");
         check(
             spec("cfg=2"),

@@ -36,6 +36,8 @@ use super::noise;
 pub enum LoadError {
     #[error("{}: {what} not found; a checkpoint directory needs model_index.json and the tokenizer/, text_encoder/, transformer/, vae/ and scheduler/ components (diffusers layout)", path.display())]
     Missing { path: PathBuf, what: String },
+    #[error("{}: {what}: not supported by this build, which runs Wan2.1 text-to-video (WanPipeline)", path.display())]
+    Unsupported { path: PathBuf, what: String },
     #[error("{}: cannot read: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -129,6 +131,11 @@ impl Checkpoint {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// `model_index.json` as parsed.
+    pub fn index(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.index
     }
 
     /// The class `model_index.json` gives a component, e.g. `"WanTransformer3DModel"`.

@@ -4,6 +4,7 @@
 
 pub mod compare;
 pub mod device;
+pub mod family;
 pub mod loader;
 pub mod noise;
 pub mod pipeline;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::family::ModelFamily;
 use super::loader::{seeded_var_builder, Checkpoint, LoadError};
 use super::noise::{self, LatentShape};
 use super::scheduler::{self, SchedulerKind};
@@ -133,7 +134,7 @@ fn builtin_config<T: serde::de::DeserializeOwned>(
 }
 
 /// What to render. Sizes are in pixels; `frames` must already be of the form 4k+1
-/// (see [`video::round_frames`]).
+/// (see `longtake_proto::spec::frames`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RenderSpec {
     pub prompt: String,
@@ -276,6 +277,7 @@ impl WanPipeline {
         parts: Parts,
     ) -> Result<Self> {
         let ckpt = Checkpoint::open(dir.as_ref())?;
+        ModelFamily::of(&ckpt)?;
         let tokenizer_dir = ckpt.component("tokenizer")?;
         let tokenizer = PromptTokenizer::from_file(tokenizer_dir.dir().join("tokenizer.json"))?;
 
@@ -417,13 +419,6 @@ impl WanPipeline {
 
     /// The latent shape for a spec, rejecting sizes the model cannot make.
     pub fn latent_shape(&self, spec: &RenderSpec) -> Result<LatentShape> {
-        if spec.frames % 4 != 1 {
-            return Err(PipelineError::Spec(format!(
-                "frames must be of the form 4k+1 (Wan's VAE packs 4 frames per latent frame after the first); got {}, try {}",
-                spec.frames,
-                video::round_frames(spec.frames)
-            )));
-        }
         if spec.steps == 0 {
             return Err(PipelineError::Spec("steps must be at least 1".into()));
         }

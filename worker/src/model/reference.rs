@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::compare::relative_l2;
+use super::family::ModelFamily;
 use super::loader::{read_json, Checkpoint, SafetensorsWeights};
 use super::pipeline::{RenderSpec, WanPipeline};
 use super::scheduler::{self, SchedulerKind};
@@ -138,12 +139,26 @@ pub fn find_fixture_dirs(root: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// The fixture directories of [`all_fixture_dirs`] whose model family this build runs: what
+/// the parity and layout tests run on. The others are checked to be refused by name
+/// (`family::tests::every_fixture_is_run_or_refused_by_name`).
+pub fn test_fixture_dirs() -> Vec<PathBuf> {
+    all_fixture_dirs()
+        .into_iter()
+        .filter(|dir| {
+            Checkpoint::open(dir.join("pipeline"))
+                .and_then(|c| ModelFamily::of(&c))
+                .is_ok()
+        })
+        .collect()
+}
+
 /// The fixture directories the test suite checks: the fixtures in each entry of
 /// `LONGTAKE_REFERENCE_DIR` (a path list, `:`-separated) or, by default, in `shared/reference`
 /// beside the repository and in the repository's own `tests/fixtures`.
 ///
 /// Panics when there is none: a parity test that checks nothing must not pass.
-pub fn test_fixture_dirs() -> Vec<PathBuf> {
+pub fn all_fixture_dirs() -> Vec<PathBuf> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let roots: Vec<PathBuf> = match std::env::var_os("LONGTAKE_REFERENCE_DIR") {
         Some(list) => std::env::split_paths(&list).collect(),
@@ -152,15 +167,19 @@ pub fn test_fixture_dirs() -> Vec<PathBuf> {
             repo.join("tests/fixtures"),
         ],
     };
-    let dirs: Vec<PathBuf> = roots
-        .iter()
-        .flat_map(|root| find_fixture_dirs(root))
-        .collect();
-    assert!(
-        !dirs.is_empty(),
-        "no reference fixtures (directories with pipeline/ and cases/) in {roots:?}: put shared/reference \
-         beside the repository or set LONGTAKE_REFERENCE_DIR"
-    );
+    // Every root named must hold fixtures: a missing shared/reference must not let the parity
+    // tests pass on the repository's own fixture alone.
+    let mut dirs = Vec::new();
+    for root in &roots {
+        let found = find_fixture_dirs(root);
+        assert!(
+            !found.is_empty(),
+            "no reference fixtures (directories with pipeline/ and cases/) in {}: put shared/reference \
+             beside the repository or set LONGTAKE_REFERENCE_DIR",
+            root.display()
+        );
+        dirs.extend(found);
+    }
     dirs
 }
 
@@ -170,6 +189,11 @@ type Case = (&'static str, f64, fn(&Fixture) -> CaseOutcome);
 
 /// Runs every case of one fixture directory on `device` in f32.
 pub fn check_fixture(dir: &Path, device: &Device) -> Vec<CaseResult> {
+    // A fixture of a family this build does not run fails as one named case, not as a list of
+    // cases that each stumble on a missing file.
+    if let Err(why) = Checkpoint::open(dir.join("pipeline")).and_then(|c| ModelFamily::of(&c)) {
+        return vec![CaseResult::failed("model family", 0.0, why)];
+    }
     let cases: [Case; 7] = [
         ("tokenizer", 0.0, Fixture::tokenizer),
         ("text_encoder", MODULE_TOLERANCE, Fixture::text_encoder),

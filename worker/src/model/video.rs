@@ -1,35 +1,17 @@
-//! Video geometry and pixels: how many frames a duration needs, the 4k+1 frame counts and the
-//! pixel sizes Wan can make, the latent shape of a render, and the conversion of the VAE's
-//! output into frames of RGB bytes or unit-range floats.
+//! Video geometry and pixels: the pixel sizes Wan can make, the latent shape of a render, and the
+//! conversion of the VAE's output into frames of RGB bytes or unit-range floats. The frame rule
+//! itself (4k+1 counts, frames for a duration) is the job spec's: `longtake_proto::spec::frames`.
 
 use candle_core::{bail, DType, Tensor};
+
+use longtake_proto::spec::frames;
 
 use super::noise::LatentShape;
 
 /// Wan's VAE packs 4 frames into each latent frame after the first.
-pub const VAE_SCALE_TEMPORAL: usize = 4;
+pub const VAE_SCALE_TEMPORAL: usize = longtake_proto::spec::frames::WAN_TEMPORAL_PACK as usize;
 /// Wan's VAE downsamples 8× in height and width.
 pub const VAE_SCALE_SPATIAL: usize = 8;
-
-/// Frames needed to cover `seconds` at `fps` (at least 1); round with [`round_frames`] before
-/// rendering.
-pub fn frame_count_for(seconds: f64, fps: u32) -> usize {
-    let exact = seconds * fps as f64;
-    if !exact.is_finite() || exact <= 1.0 {
-        return 1;
-    }
-    // 5 s × 16 fps must be 80 frames, not 81 through a rounding error in the product.
-    (exact - 1e-9).ceil() as usize
-}
-
-/// The smallest frame count of the form 4k+1 that is at least `n` (and at least 1): the counts
-/// Wan's VAE can produce.
-pub fn round_frames(n: usize) -> usize {
-    if n <= 1 {
-        return 1;
-    }
-    (n - 1).div_ceil(VAE_SCALE_TEMPORAL) * VAE_SCALE_TEMPORAL + 1
-}
 
 /// The latent shape of a `frames`×`height`×`width` video for Wan's VAE (4× in time, 8× in
 /// space) and a transformer with spatial patch size `patch`, with `z_dim` latent channels.
@@ -67,19 +49,9 @@ pub fn latent_shape_with(
             "invalid model geometry: temporal scale {vae_scale_temporal}, spatial scale {vae_scale_spatial}, patch {patch}, z_dim {z_dim} must all be positive"
         ));
     }
-    // The valid count at or below `frames`; anything else is not of the form tk+1.
-    let below = frames.saturating_sub(1) / vae_scale_temporal * vae_scale_temporal + 1;
-    if frames != below {
-        let above = below + vae_scale_temporal;
-        let nearest = if frames == 0 || frames - below <= above - frames {
-            below
-        } else {
-            above
-        };
-        return Err(format!(
-            "frames {frames} is not of the form {vae_scale_temporal}k+1; try {nearest}"
-        ));
-    }
+    let pack = u32::try_from(vae_scale_temporal).map_err(|_| "temporal scale too large")?;
+    let count = u32::try_from(frames).map_err(|_| format!("frames {frames} is far too many"))?;
+    frames::check(count, pack).map_err(|e| format!("frames {e}"))?;
     // The transformer patches the latent, so pixels must divide by scale × patch.
     let unit = vae_scale_spatial * patch;
     for (name, value) in [("height", height), ("width", width)] {
@@ -134,19 +106,6 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn frame_counts() {
-        assert_eq!(frame_count_for(5.0, 16), 80);
-        assert_eq!(frame_count_for(5.01, 16), 81);
-        assert_eq!(frame_count_for(0.1, 24), 3);
-        assert_eq!(frame_count_for(0.0, 16), 1);
-        assert_eq!(frame_count_for(f64::NAN, 16), 1);
-        assert_eq!(frame_count_for(3.3, 10), 33);
-        let rounded: Vec<usize> = [0, 1, 2, 4, 5, 6, 80, 81, 82].map(round_frames).to_vec();
-        assert_eq!(rounded, vec![1, 1, 5, 5, 5, 9, 81, 81, 85]);
-        assert_eq!(round_frames(frame_count_for(5.0, 16)), 81);
-    }
-
-    #[test]
     fn latent_shapes() {
         let s = latent_shape(81, 480, 832, 2, 16).unwrap();
         assert_eq!(
@@ -184,13 +143,13 @@ mod tests {
         assert!(err.ends_with("try 16"), "{err}");
         let err = latent_shape(80, 480, 832, 2, 16).unwrap_err();
         assert!(
-            err.starts_with("frames 80 ") && err.ends_with("try 81"),
+            err.starts_with("frames 80 ") && err.ends_with("use 81)"),
             "{err}"
         );
         let err = latent_shape(83, 480, 832, 2, 16).unwrap_err();
-        assert!(err.ends_with("try 81"), "{err}");
+        assert!(err.ends_with("use 81)"), "{err}");
         let err = latent_shape(0, 480, 832, 2, 16).unwrap_err();
-        assert!(err.ends_with("try 1"), "{err}");
+        assert!(err.ends_with("use 1)"), "{err}");
         // Another VAE geometry.
         let s = latent_shape_with(9, 24, 48, 8, 4, 3, 8).unwrap();
         assert_eq!(

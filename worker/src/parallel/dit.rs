@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 
 use super::comm::Communicator;
 use super::group::Group;
-use super::layout::{padded_len, shard_range, Coords, GroupKind, Layout, LayoutLimits};
+use super::layout::{padded_len, shard_range, Coords, GroupKind, Layout};
 use super::ring::ring_attention;
 use super::tensor_parallel::{tensor_parallel_plan, TpAttention, TpFeedForward};
 use super::ulysses::{heads_to_tokens, tokens_to_heads};
@@ -236,7 +236,7 @@ impl DistributedWanTransformer {
     ) -> Result<Self> {
         config.validate()?;
         layout
-            .validate(&LayoutLimits::for_transformer(config, layout.cfg > 1))
+            .validate(&config.layout_limits(layout.cfg > 1))
             .map_err(candle_core::Error::wrap)?;
         if world.world_size() != layout.world_size() {
             candle_core::bail!(
@@ -547,7 +547,7 @@ mod tests {
 
     /// Runs `layouts` on `case`; returns how many ran (the rest the model cannot take).
     fn check_layouts(case: &Case, layouts: &[Layout]) -> TestResult<usize> {
-        let limits = LayoutLimits::for_transformer(&case.config, true);
+        let limits = case.config.layout_limits(true);
         let mut ran = 0;
         for &layout in layouts {
             if let Err(why) = layout.validate(&limits) {
@@ -603,10 +603,7 @@ mod tests {
             let ran = check_layouts(case, layouts)?;
             let valid = layouts
                 .iter()
-                .filter(|l| {
-                    l.validate(&LayoutLimits::for_transformer(&case.config, true))
-                        .is_ok()
-                })
+                .filter(|l| l.validate(&case.config.layout_limits(true)).is_ok())
                 .count();
             assert_eq!(ran, valid, "{}: not every valid layout ran", case.name);
         }
@@ -673,7 +670,10 @@ mod tests {
         .map_err(|e| e.to_string())
         .err()
         .ok_or("tp=2 with 3 heads was accepted")?;
-        assert!(err.contains("does not divide the 3 heads"), "{err}");
+        assert!(
+            err.contains("does not divide the 3 attention heads"),
+            "{err}"
+        );
         let err = DistributedWanTransformer::new(
             &config,
             layout(LAYOUTS[2]),

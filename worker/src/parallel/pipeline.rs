@@ -17,7 +17,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::comm::Communicator;
 use super::dit::DistributedWanTransformer;
-use super::layout::{Layout, LayoutLimits};
+use super::layout::Layout;
 use super::tensor_parallel::tensor_parallel_plan;
 use crate::model::loader::{
     seeded_var_builder, seeded_without_shape, Checkpoint, Shard, ShardPlan,
@@ -265,10 +265,10 @@ impl DistributedPipeline {
 
     /// Checks that the layout can run `spec` (e.g. `cfg = 2` needs guidance).
     pub fn check_spec(&self, spec: &RenderSpec) -> Result<()> {
-        let limits = LayoutLimits::for_transformer(
-            self.pipeline.transformer_config(),
-            spec.guidance_scale > 1.0,
-        );
+        let limits = self
+            .pipeline
+            .transformer_config()
+            .layout_limits(spec.guidance_scale > 1.0);
         self.layout()
             .validate(&limits)
             .map_err(|e| PipelineError::Spec(e.to_string()))
@@ -355,7 +355,7 @@ mod tests {
                 .with_max_sequence_length(spec.max_sequence_length);
             let (cond, uncond) = single.encode_prompts(&render.prompt, &render.negative_prompt)?;
             let expected = single.denoise(&render, &cond, &uncond, initial.clone(), &mut |_| {})?;
-            let limits = LayoutLimits::for_transformer(single.transformer_config(), true);
+            let limits = single.transformer_config().layout_limits(true);
             let mut ran = 0;
             for (tp, ulysses, ring, cfg) in LAYOUTS {
                 let layout = Layout {

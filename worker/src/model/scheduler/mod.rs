@@ -18,28 +18,9 @@ use serde_json::Value;
 pub use euler::{EulerConfig, FlowMatchEulerDiscreteScheduler};
 pub use unipc::{UniPCMultistepScheduler, UniPcConfig, UniPcState};
 
-/// Which sampler to run. `build` reads the default from the config's `_class_name`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchedulerKind {
-    UniPc,
-    Euler,
-}
-
-impl SchedulerKind {
-    /// The diffusers class name, as written in `scheduler_config.json`'s `_class_name`.
-    pub fn class_name(self) -> &'static str {
-        match self {
-            SchedulerKind::UniPc => "UniPCMultistepScheduler",
-            SchedulerKind::Euler => "FlowMatchEulerDiscreteScheduler",
-        }
-    }
-
-    pub fn from_class_name(name: &str) -> Option<Self> {
-        [SchedulerKind::UniPc, SchedulerKind::Euler]
-            .into_iter()
-            .find(|kind| kind.class_name() == name)
-    }
-}
+/// Which sampler to run (the job spec's type: names are parsed there). `build` reads the default
+/// from the config's `_class_name`.
+pub use longtake_proto::spec::SchedulerKind;
 
 /// What can be wrong with a scheduler configuration.
 #[derive(Debug, thiserror::Error)]

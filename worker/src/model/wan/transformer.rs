@@ -66,6 +66,16 @@ impl Config {
         self.out_channels.unwrap_or(self.in_channels)
     }
 
+    /// What a parallel layout must divide in this transformer, for a render that does or does
+    /// not use classifier-free guidance.
+    pub fn layout_limits(&self, guidance: bool) -> longtake_proto::spec::LayoutLimits {
+        longtake_proto::spec::LayoutLimits {
+            heads: self.num_attention_heads,
+            ffn_dim: self.ffn_dim,
+            guidance,
+        }
+    }
+
     /// Rejects configurations this implementation does not run, with a message saying why.
     pub fn validate(&self) -> Result<()> {
         if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {

@@ -6,7 +6,7 @@
 //! and how the difference splits into start, per-step and tail. See `FARM.md` for what each
 //! figure includes and the figures measured.
 //!
-//! `cargo bench -p longtake-coordinator --bench farm -- [--rounds N] [--spec WxHxFxS ...]
+//! `cargo bench -p longtake-cli --bench farm -- [--rounds N] [--spec WxHxFxS ...]
 //! [--cfg2-spec WxHxFxS | --no-cfg2] [--quick]` (`cargo bench --profile dev ...` reuses the dev
 //! build). `cargo test` does not run it.
 
@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
+use longtake_cli::local::{LocalFarm, Served};
 use longtake_coordinator::encode::{open_writer, Quality, VideoFormat};
-use longtake_coordinator::local::{LocalFarm, Served};
 use longtake_coordinator::Coordinator;
 use longtake_proto::render_service_client::RenderServiceClient;
 use longtake_proto::worker_service_client::WorkerServiceClient;
@@ -689,5 +689,5 @@ fn tiny_render_spec(spec: &RenderSpec) -> longtake_worker::model::pipeline::Rend
     use longtake_worker::daemon::models::ServedModel;
     use longtake_worker::daemon::{task, ModelSource};
     let tiny = ServedModel::open(ModelSource::Tiny).expect("the tiny model");
-    task::render_spec(spec, &tiny).expect("a valid spec")
+    task::render_spec(&task::job_spec(spec, &tiny).expect("a valid spec"))
 }

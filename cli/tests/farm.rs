@@ -10,8 +10,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use longtake_cli::local::{LocalFarm, Served};
 use longtake_coordinator::encode::{open_writer, Quality, VideoFormat};
-use longtake_coordinator::local::{LocalFarm, Served};
 use longtake_coordinator::{Coordinator, CoordinatorConfig, JobStore};
 use longtake_proto::cluster_service_client::ClusterServiceClient;
 use longtake_proto::membership::{InProcessMembership, Membership};
@@ -708,5 +708,5 @@ fn tiny_render_spec(spec: &RenderSpec) -> longtake_worker::model::pipeline::Rend
     use longtake_worker::daemon::models::ServedModel;
     use longtake_worker::daemon::{task, ModelSource};
     let tiny = ServedModel::open(ModelSource::Tiny).expect("the tiny model");
-    task::render_spec(spec, &tiny).expect("a valid spec")
+    task::render_spec(&task::job_spec(spec, &tiny).expect("a valid spec"))
 }

@@ -14,7 +14,9 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::{Coordinator, CoordinatorConfig, CoordinatorError, InMemoryJobStore, JobStore};
+use longtake_coordinator::{
+    Coordinator, CoordinatorConfig, CoordinatorError, InMemoryJobStore, JobStore,
+};
 
 /// How long a started worker may take to appear in the membership.
 const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(60);

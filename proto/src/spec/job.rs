@@ -1,0 +1,605 @@
+//! The job spec as the domain sees it. A [`RenderSpec`] from the wire (gRPC, an etcd record, the
+//! CLI's flags) is parsed once into a [`SpecRequest`]: typed fields, every rule that needs no
+//! model checked, each error naming its field (`spec.width: 250 is not a multiple of 16`).
+//! [`Limits`] are a farm's own bounds on top. Once the model that will run it is known, the
+//! request is resolved into a [`JobSpec`]: the model's defaults filled in and the layout checked
+//! against the model's shape. A `JobSpec` converts back into a `RenderSpec` with every field set,
+//! which parses to the same `JobSpec` again: what the coordinator stores and hands to workers.
+
+use super::frames::{self, WAN_TEMPORAL_PACK};
+use super::layout::{Layout, LayoutLimits};
+use super::scheduler::SchedulerKind;
+use crate::{ModelInfo, OutputFormat, RenderSpec};
+
+/// The model a spec without one renders with.
+pub const DEFAULT_MODEL: &str = "tiny";
+
+/// Pixel sizes are multiples of this: Wan's VAE downsamples 8× and the transformer patches 2×2.
+pub const SIZE_MULTIPLE: u32 = 16;
+
+/// A spec field that breaks a rule. Displays as `spec.<field>: <problem>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("spec.{field}: {message}")]
+pub struct SpecError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field,
+        message: message.into(),
+    }
+}
+
+/// What specs a farm accepts; a spec over a limit is refused naming the field and the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_frames: u32,
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_steps: u32,
+    /// Prompt and negative prompt, in characters.
+    pub max_prompt_chars: u32,
+    /// Ranks (workers) one job may use.
+    pub max_ranks: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            // one minute at 16 fps, rounded to 4k+1, with room for 24 fps
+            max_frames: 1441,
+            max_width: 1920,
+            max_height: 1088,
+            max_steps: 200,
+            max_prompt_chars: 4000,
+            max_ranks: 64,
+        }
+    }
+}
+
+/// What a model tells a spec: the defaults of the fields a spec may leave unset, and the shape a
+/// layout must divide. A worker describes each model it serves this way (as a `ModelInfo`).
+/// Zero fields are unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelDescription {
+    pub name: String,
+    pub default_width: u32,
+    pub default_height: u32,
+    pub default_steps: u32,
+    /// Attention heads; 0 when not known (the worker checks the layout against its own config).
+    pub attention_heads: u32,
+    /// Hidden width of the feed-forward layers; 0 when not known.
+    pub ffn_dim: u32,
+}
+
+impl From<&ModelInfo> for ModelDescription {
+    fn from(info: &ModelInfo) -> Self {
+        Self {
+            name: info.name.clone(),
+            default_width: info.default_width,
+            default_height: info.default_height,
+            default_steps: info.default_steps,
+            attention_heads: info.attention_heads,
+            ffn_dim: info.ffn_dim,
+        }
+    }
+}
+
+/// A checked spec whose model defaults are not yet filled in (`None`: the model's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub model: String,
+    pub frames: u32,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub steps: Option<u32>,
+    pub guidance_scale: f64,
+    /// The scheduler's flow shift; `None`: the checkpoint's.
+    pub shift: Option<f64>,
+    /// `None`: the checkpoint's scheduler.
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+    pub fps: u32,
+    pub format: OutputFormat,
+    pub layout: Layout,
+}
+
+/// A spec ready to render: every field set, the layout fitted to the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub model: String,
+    pub frames: u32,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f64,
+    pub shift: Option<f64>,
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+    pub fps: u32,
+    pub format: OutputFormat,
+    pub layout: Layout,
+}
+
+impl SpecRequest {
+    /// Whether the render uses classifier-free guidance (a scale above 1).
+    pub fn guided(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// Checks the request against a farm's limits.
+    pub fn check_limits(&self, limits: &Limits) -> Result<(), SpecError> {
+        check_text("prompt", &self.prompt, limits.max_prompt_chars)?;
+        check_text(
+            "negative_prompt",
+            &self.negative_prompt,
+            limits.max_prompt_chars,
+        )?;
+        at_most("frames", self.frames, limits.max_frames)?;
+        if let Some(width) = self.width {
+            at_most("width", width, limits.max_width)?;
+        }
+        if let Some(height) = self.height {
+            at_most("height", height, limits.max_height)?;
+        }
+        if let Some(steps) = self.steps {
+            at_most("steps", steps, limits.max_steps)?;
+        }
+        let world = self.layout.world_size();
+        if world > limits.max_ranks as usize {
+            return Err(bad(
+                "layout",
+                format!(
+                    "{} needs {world} ranks, over this farm's limit of {}",
+                    self.layout, limits.max_ranks
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fills the unset fields from `model`'s defaults and checks what only the model can tell:
+    /// the layout against its heads and feed-forward width.
+    pub fn resolve(&self, model: &ModelDescription) -> Result<JobSpec, SpecError> {
+        let fill = |field: &'static str, value: Option<u32>, default: u32| match value {
+            Some(value) => Ok(value),
+            None if default != 0 => Ok(default),
+            None => Err(bad(
+                field,
+                format!("model {} has no default {field}; set it", model.name),
+            )),
+        };
+        let width = fill("width", self.width, model.default_width)?;
+        let height = fill("height", self.height, model.default_height)?;
+        let steps = fill("steps", self.steps, model.default_steps)?;
+        check_size("width", width)?;
+        check_size("height", height)?;
+        if model.attention_heads != 0 && model.ffn_dim != 0 {
+            let limits = LayoutLimits {
+                heads: model.attention_heads as usize,
+                ffn_dim: model.ffn_dim as usize,
+                guidance: self.guided(),
+            };
+            self.layout
+                .validate(&limits)
+                .map_err(|e| bad("layout", format!("{e} (model {})", model.name)))?;
+        }
+        Ok(JobSpec {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            model: self.model.clone(),
+            frames: self.frames,
+            width,
+            height,
+            steps,
+            guidance_scale: self.guidance_scale,
+            shift: self.shift,
+            scheduler: self.scheduler,
+            seed: self.seed,
+            fps: self.fps,
+            format: self.format,
+            layout: self.layout,
+        })
+    }
+}
+
+impl JobSpec {
+    /// Whether the render uses classifier-free guidance (a scale above 1).
+    pub fn guided(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// Checks the resolved spec against a farm's limits (the model's defaults included).
+    pub fn check_limits(&self, limits: &Limits) -> Result<(), SpecError> {
+        SpecRequest::from(self).check_limits(limits)
+    }
+
+    /// Latent frames of the clip.
+    pub fn latent_frames(&self) -> u32 {
+        frames::latent_frames(self.frames, WAN_TEMPORAL_PACK)
+    }
+}
+
+impl From<&JobSpec> for SpecRequest {
+    fn from(spec: &JobSpec) -> Self {
+        Self {
+            prompt: spec.prompt.clone(),
+            negative_prompt: spec.negative_prompt.clone(),
+            model: spec.model.clone(),
+            frames: spec.frames,
+            width: Some(spec.width),
+            height: Some(spec.height),
+            steps: Some(spec.steps),
+            guidance_scale: spec.guidance_scale,
+            shift: spec.shift,
+            scheduler: spec.scheduler,
+            seed: spec.seed,
+            fps: spec.fps,
+            format: spec.format,
+            layout: spec.layout,
+        }
+    }
+}
+
+impl TryFrom<&RenderSpec> for SpecRequest {
+    type Error = SpecError;
+
+    /// Every rule that needs neither the farm's limits nor the model.
+    fn try_from(spec: &RenderSpec) -> Result<Self, SpecError> {
+        if spec.prompt.trim().is_empty() {
+            return Err(bad("prompt", "must not be empty"));
+        }
+        let model = match spec.model.trim() {
+            "" => DEFAULT_MODEL.to_string(),
+            _ => spec.model.clone(),
+        };
+        if spec.frames == 0 {
+            return Err(bad(
+                "frames",
+                "must be set (Wan renders 4k+1 frames, e.g. 81 for 5 s at 16 fps)",
+            ));
+        }
+        frames::check(spec.frames, WAN_TEMPORAL_PACK).map_err(|e| bad("frames", e.to_string()))?;
+        let width = optional_size("width", spec.width)?;
+        let height = optional_size("height", spec.height)?;
+        let steps = (spec.steps != 0).then_some(spec.steps);
+        if !spec.guidance_scale.is_finite() || spec.guidance_scale < 0.0 {
+            return Err(bad(
+                "guidance_scale",
+                format!(
+                    "{} is not a finite number ≥ 0 (1 or less disables guidance; 5 is typical)",
+                    spec.guidance_scale
+                ),
+            ));
+        }
+        if let Some(shift) = spec.shift {
+            if !shift.is_finite() || shift <= 0.0 {
+                return Err(bad(
+                    "shift",
+                    format!(
+                        "{shift} is not a positive number (leave it unset for the checkpoint's)"
+                    ),
+                ));
+            }
+        }
+        let scheduler = SchedulerKind::parse_optional(&spec.scheduler)
+            .map_err(|e| bad("scheduler", e.to_string()))?;
+        if spec.fps == 0 {
+            return Err(bad("fps", "must be at least 1"));
+        }
+        let format = OutputFormat::try_from(spec.format).map_err(|_| {
+            bad(
+                "format",
+                format!("{} is not mp4 (0) or png (1)", spec.format),
+            )
+        })?;
+        let layout: Layout = spec
+            .layout
+            .parse()
+            .map_err(|e: super::layout::LayoutError| bad("layout", e.to_string()))?;
+        let guided = spec.guidance_scale > 1.0;
+        layout
+            .check_degrees(guided)
+            .map_err(|e| bad("layout", e.to_string()))?;
+        Ok(Self {
+            prompt: spec.prompt.clone(),
+            negative_prompt: spec.negative_prompt.clone(),
+            model,
+            frames: spec.frames,
+            width,
+            height,
+            steps,
+            guidance_scale: spec.guidance_scale,
+            shift: spec.shift,
+            scheduler,
+            seed: spec.seed,
+            fps: spec.fps,
+            format,
+            layout,
+        })
+    }
+}
+
+impl From<&SpecRequest> for RenderSpec {
+    fn from(spec: &SpecRequest) -> Self {
+        RenderSpec {
+            prompt: spec.prompt.clone(),
+            negative_prompt: spec.negative_prompt.clone(),
+            model: spec.model.clone(),
+            frames: spec.frames,
+            width: spec.width.unwrap_or(0),
+            height: spec.height.unwrap_or(0),
+            steps: spec.steps.unwrap_or(0),
+            guidance_scale: spec.guidance_scale,
+            shift: spec.shift,
+            scheduler: spec
+                .scheduler
+                .map(|s| s.name().to_string())
+                .unwrap_or_default(),
+            seed: spec.seed,
+            fps: spec.fps,
+            format: spec.format as i32,
+            layout: if spec.layout == Layout::SINGLE {
+                String::new()
+            } else {
+                spec.layout.to_string()
+            },
+        }
+    }
+}
+
+impl From<&JobSpec> for RenderSpec {
+    fn from(spec: &JobSpec) -> Self {
+        RenderSpec::from(&SpecRequest::from(spec))
+    }
+}
+
+fn check_text(field: &'static str, text: &str, max_chars: u32) -> Result<(), SpecError> {
+    let chars = text.chars().count();
+    if chars > max_chars as usize {
+        return Err(bad(
+            field,
+            format!("{chars} characters is over this farm's limit of {max_chars}"),
+        ));
+    }
+    Ok(())
+}
+
+fn at_most(field: &'static str, value: u32, max: u32) -> Result<(), SpecError> {
+    if value > max {
+        return Err(bad(
+            field,
+            format!("{value} is over this farm's limit of {max}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_size(field: &'static str, value: u32) -> Result<(), SpecError> {
+    if value == 0 || !value.is_multiple_of(SIZE_MULTIPLE) {
+        let nearest = ((value + SIZE_MULTIPLE / 2) / SIZE_MULTIPLE).max(1) * SIZE_MULTIPLE;
+        return Err(bad(
+            field,
+            format!("{value} is not a multiple of {SIZE_MULTIPLE} (try {nearest})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Zero means "the model's default".
+fn optional_size(field: &'static str, value: u32) -> Result<Option<u32>, SpecError> {
+    if value == 0 {
+        return Ok(None);
+    }
+    check_size(field, value).map(|()| Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RenderSpec {
+        RenderSpec {
+            prompt: "a wolf howls at the moon".into(),
+            frames: 9,
+            width: 64,
+            height: 64,
+            steps: 3,
+            guidance_scale: 5.0,
+            fps: 16,
+            ..Default::default()
+        }
+    }
+
+    fn err(spec: RenderSpec) -> String {
+        SpecRequest::try_from(&spec)
+            .and_then(|s| s.check_limits(&Limits::default()))
+            .expect_err("spec should be refused")
+            .to_string()
+    }
+
+    fn model() -> ModelDescription {
+        ModelDescription {
+            name: "tiny".into(),
+            default_width: 64,
+            default_height: 48,
+            default_steps: 4,
+            attention_heads: 4,
+            ffn_dim: 128,
+        }
+    }
+
+    #[test]
+    fn a_good_spec_passes_and_gets_the_default_model() {
+        let request = SpecRequest::try_from(&spec()).unwrap();
+        request.check_limits(&Limits::default()).unwrap();
+        assert_eq!(request.model, "tiny");
+        assert_eq!(request.layout, Layout::SINGLE);
+        assert_eq!(request.scheduler, None);
+        assert_eq!(request.format, OutputFormat::Mp4);
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cases: Vec<(RenderSpec, &str)> = vec![
+            (RenderSpec { prompt: "  ".into(), ..spec() }, "spec.prompt: must not be empty"),
+            (
+                RenderSpec { frames: 80, ..spec() },
+                "spec.frames: 80 is not 4k+1 (the VAE packs 4 frames per latent frame after the first; use 81)",
+            ),
+            (RenderSpec { frames: 0, ..spec() }, "spec.frames: must be set"),
+            (
+                RenderSpec { frames: 2001, ..spec() },
+                "spec.frames: 2001 is over this farm's limit of 1441",
+            ),
+            (RenderSpec { width: 250, ..spec() }, "spec.width: 250 is not a multiple of 16"),
+            (RenderSpec { height: 72, ..spec() }, "spec.height: 72 is not a multiple of 16"),
+            (
+                RenderSpec { width: 4096, ..spec() },
+                "spec.width: 4096 is over this farm's limit of 1920",
+            ),
+            (
+                RenderSpec { steps: 201, ..spec() },
+                "spec.steps: 201 is over this farm's limit of 200",
+            ),
+            (RenderSpec { fps: 0, ..spec() }, "spec.fps: must be at least 1"),
+            (
+                RenderSpec { guidance_scale: -1.0, ..spec() },
+                "spec.guidance_scale: -1 is not a finite number",
+            ),
+            (
+                RenderSpec { guidance_scale: f64::NAN, ..spec() },
+                "spec.guidance_scale: NaN",
+            ),
+            (
+                RenderSpec { shift: Some(0.0), ..spec() },
+                "spec.shift: 0 is not a positive number",
+            ),
+            (
+                RenderSpec { scheduler: "x".into(), ..spec() },
+                "spec.scheduler: \"x\" is not unipc or euler",
+            ),
+            (RenderSpec { format: 7, ..spec() }, "spec.format: 7 is not mp4 (0) or png (1)"),
+            (RenderSpec { layout: "tp=two".into(), ..spec() }, "spec.layout: layout `tp=two`"),
+            (RenderSpec { layout: "cfg=3".into(), ..spec() }, "spec.layout: cfg = 3"),
+            (
+                RenderSpec { layout: "cfg=2".into(), guidance_scale: 1.0, ..spec() },
+                "spec.layout: cfg = 2 needs classifier-free guidance",
+            ),
+            (
+                RenderSpec { layout: "tp=8,ulysses=16".into(), ..spec() },
+                "spec.layout: cfg=1,tp=8,ulysses=16,ring=1 needs 128 ranks, over this farm's limit of 64",
+            ),
+            (
+                RenderSpec { prompt: "x".repeat(4001), ..spec() },
+                "spec.prompt: 4001 characters is over this farm's limit of 4000",
+            ),
+            (
+                RenderSpec { negative_prompt: "é".repeat(4001), ..spec() },
+                "spec.negative_prompt: 4001 characters is over this farm's limit of 4000",
+            ),
+        ];
+        for (spec, want) in cases {
+            let got = err(spec);
+            assert!(
+                got.starts_with(want),
+                "got {got:?}, want it to start with {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_size_and_steps_wait_for_the_model() {
+        let bare = RenderSpec {
+            width: 0,
+            height: 0,
+            steps: 0,
+            ..spec()
+        };
+        let request = SpecRequest::try_from(&bare).unwrap();
+        request.check_limits(&Limits::default()).unwrap();
+        assert_eq!(
+            (request.width, request.height, request.steps),
+            (None, None, None)
+        );
+        let resolved = request.resolve(&model()).unwrap();
+        assert_eq!(
+            (resolved.width, resolved.height, resolved.steps),
+            (64, 48, 4)
+        );
+
+        let small = Limits {
+            max_steps: 2,
+            ..Limits::default()
+        };
+        let e = resolved.check_limits(&small).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "spec.steps: 4 is over this farm's limit of 2"
+        );
+
+        let no_default = ModelDescription {
+            default_width: 0,
+            ..model()
+        };
+        let e = request.resolve(&no_default).unwrap_err();
+        assert_eq!(e.field, "width");
+
+        let split = SpecRequest::try_from(&RenderSpec {
+            layout: "tp=3".into(),
+            ..spec()
+        })
+        .unwrap();
+        let e = split.resolve(&model()).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("spec.layout: tp × ulysses = 3 does not divide the 4 attention heads"),
+            "{e}"
+        );
+        let ffn = ModelDescription {
+            ffn_dim: 30,
+            attention_heads: 8,
+            ..model()
+        };
+        let e = SpecRequest::try_from(&RenderSpec {
+            layout: "tp=4".into(),
+            ..spec()
+        })
+        .unwrap()
+        .resolve(&ffn)
+        .unwrap_err();
+        assert!(e.to_string().contains("ffn_dim = 30"), "{e}");
+    }
+
+    #[test]
+    fn a_resolved_spec_round_trips_through_the_wire() {
+        let wire = RenderSpec {
+            width: 0,
+            scheduler: "euler".into(),
+            layout: "ulysses=2, cfg=2".into(),
+            shift: Some(3.0),
+            format: OutputFormat::Png as i32,
+            ..spec()
+        };
+        let job = SpecRequest::try_from(&wire)
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        let back = RenderSpec::from(&job);
+        assert_eq!(back.width, 64);
+        assert_eq!(back.layout, "cfg=2,tp=1,ulysses=2,ring=1");
+        assert_eq!(back.scheduler, "euler");
+        let again = SpecRequest::try_from(&back)
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        assert_eq!(again, job);
+        assert_eq!(job.latent_frames(), 3);
+    }
+}

@@ -1,0 +1,104 @@
+//! Which model family a checkpoint is, read from its `model_index.json` (the pipeline class and
+//! the fields that tell Wan2.1 from Wan2.2 under the same class), so that a checkpoint this build
+//! cannot run is refused at load with what it is, instead of rendering something wrong. Each
+//! family the worker runs has its own pipeline; a new family is a new variant here and a new
+//! folder beside `wan/`.
+
+use serde_json::Value;
+
+use super::loader::{Checkpoint, LoadError};
+
+/// The model families this build runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    /// Wan2.1 text-to-video (`WanPipeline` with one transformer and the Wan2.1 VAE).
+    Wan21TextToVideo,
+}
+
+impl ModelFamily {
+    /// The family of `checkpoint`, or [`LoadError::Unsupported`] naming what it is.
+    pub fn of(checkpoint: &Checkpoint) -> Result<Self, LoadError> {
+        let index = checkpoint.index();
+        let unsupported = |what: &str| LoadError::Unsupported {
+            path: checkpoint.root().join("model_index.json"),
+            what: what.to_string(),
+        };
+        let class = index.get("_class_name").and_then(Value::as_str);
+        match class {
+            Some("WanPipeline") => {}
+            Some("WanImageToVideoPipeline") => {
+                return Err(unsupported(
+                    "a Wan image-to-video pipeline (WanImageToVideoPipeline: CLIP image encoder, \
+                     36-channel transformer)",
+                ))
+            }
+            Some(other) => return Err(unsupported(&format!("pipeline class {other:?}"))),
+            // Hand-assembled checkpoints may leave the class out; the components decide then.
+            None => {}
+        }
+        let set = |key: &str| match index.get(key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            // An absent component is written `[null, null]`.
+            Some(Value::Array(parts)) => parts.iter().any(|p| !p.is_null()),
+            Some(_) => true,
+        };
+        if set("transformer_2") || set("boundary_ratio") {
+            return Err(unsupported(
+                "Wan2.2 with two expert transformers (transformer_2, boundary_ratio)",
+            ));
+        }
+        if set("expand_timesteps") {
+            return Err(unsupported(
+                "Wan2.2 TI2V (expand_timesteps: one timestep per latent token, the Wan2.2 VAE)",
+            ));
+        }
+        Ok(ModelFamily::Wan21TextToVideo)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::reference::all_fixture_dirs;
+
+    /// Every fixture directory is either a family this build runs (and so in the parity runs)
+    /// or refused at load with what it is: none is left out without a word.
+    #[test]
+    fn every_fixture_is_run_or_refused_by_name() {
+        let mut supported = 0;
+        for dir in all_fixture_dirs() {
+            let checkpoint = Checkpoint::open(dir.join("pipeline")).unwrap();
+            match ModelFamily::of(&checkpoint) {
+                Ok(family) => {
+                    supported += 1;
+                    println!("{}: {family:?}, in the parity runs", dir.display());
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    println!("{}: refused: {message}", dir.display());
+                    assert!(
+                        message.contains("model_index.json") && message.contains("not supported"),
+                        "{message}"
+                    );
+                    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+                    let expected = if name.starts_with("wan22") {
+                        "Wan2.2"
+                    } else {
+                        "image-to-video"
+                    };
+                    assert!(message.contains(expected), "{name}: {message}");
+                    let load = crate::model::pipeline::WanPipeline::load(
+                        dir.join("pipeline"),
+                        &candle_core::Device::Cpu,
+                        candle_core::DType::F32,
+                    );
+                    let Err(load) = load else {
+                        panic!("{name}: the pipeline loaded a checkpoint it cannot run");
+                    };
+                    assert_eq!(load.to_string(), message, "{name}");
+                }
+            }
+        }
+        assert!(supported >= 2, "wan-tiny and wan-wide at least");
+    }
+}
