@@ -317,7 +317,6 @@ impl TaskRunner {
                 DistributedPipeline::load(dir, &self.device, self.dtype, plan.layout, mesh)?
             }
         };
-        pipeline.check_spec(&plan.spec)?;
         self.render(
             pipeline.pipeline().cancel_token(),
             load_start,

@@ -1,20 +1,25 @@
 //! The single-process Wan2.1 text-to-video pipeline: prompts → umT5 embeddings → denoising loop
 //! with classifier-free guidance → VAE decode → frames.
 //!
+//! The flow itself, [`WanPipeline::render_with`], takes any [`FlowModel`] and whether to decode,
+//! so the distributed pipeline runs the very same code with its ranks' transformer; the loop is a
+//! [`Denoiser`], which lets a render resume from a saved [`DenoiserState`].
+//!
 //! This is the reference every distributed path is tested against. It loads a checkpoint in the
 //! diffusers layout ([`WanPipeline::load`]) or builds the built-in `tiny` model from a seed
 //! ([`WanPipeline::tiny`]), which makes abstract motion rather than pictures and exists to
 //! exercise the system without any files.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::denoiser::{AfterStep, Conditioning, Denoiser, DenoiserError, DenoiserState};
 use super::family::ModelFamily;
 use super::loader::{seeded_var_builder, Checkpoint, LoadError};
 use super::noise::{self, LatentShape};
-use super::scheduler::{self, SchedulerKind};
+use super::scheduler::{self, Scheduler, SchedulerKind};
 use super::text::{PromptEncoder, TextError};
 use super::tokenizer::{PromptTokenizer, TokenizerError};
 use super::umt5::{self, UMT5EncoderModel};
@@ -42,6 +47,8 @@ pub enum PipelineError {
     Spec(String),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Denoiser(#[from] DenoiserError),
     /// The render was stopped through its [`CancelToken`] between two steps.
     #[error("cancelled after step {after_step} of {total}")]
     Cancelled { after_step: usize, total: usize },
@@ -69,7 +76,7 @@ impl CancelToken {
 
 pub type Result<T> = std::result::Result<T, PipelineError>;
 
-fn component<T>(component: &'static str, r: candle_core::Result<T>) -> Result<T> {
+pub(crate) fn component<T>(component: &'static str, r: candle_core::Result<T>) -> Result<T> {
     r.map_err(|source| PipelineError::Component { component, source })
 }
 
@@ -166,6 +173,27 @@ pub enum Progress {
     Decoding,
 }
 
+/// How [`WanPipeline::render_with`] runs beyond its spec. The default starts from the spec's
+/// noise with no hook.
+#[derive(Default)]
+pub struct RenderOptions<'a> {
+    /// Continue from this saved state instead of the spec's initial noise (the spec must be the
+    /// one that saved it: same scheduler, steps, shift and size are checked; the prompts, seed
+    /// and guidance are the caller's to keep).
+    pub resume: Option<DenoiserState>,
+    /// Called after every step, before the cancellation check, e.g. to save the denoiser's
+    /// state; an error stops the render.
+    pub after_step: Option<&'a mut AfterStep<'a>>,
+}
+
+/// The result of [`WanPipeline::render_with`]: the final latents, and the video where decoded.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    /// f32 `(1, C, F, H, W)`.
+    pub latents: Tensor,
+    pub video: Option<Video>,
+}
+
 /// Decoded frames: `frames × height × width × 3` RGB bytes, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Video {
@@ -217,6 +245,13 @@ pub trait FlowModel {
     /// The predicted flow for latents `x` `(B, C, F, H, W)` at timesteps `t` `(B,)` under text
     /// embeddings `context` `(B, Lt, text_dim)`.
     fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// Called with the final latents when the loop has taken its last step. A model run by
+    /// several ranks checks there that they all ended with the same latents; one process has
+    /// nothing to check.
+    fn check_final_latents(&self, _latents: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
 }
 
 impl FlowModel for WanTransformer3DModel {
@@ -463,6 +498,49 @@ impl WanPipeline {
         )?)
     }
 
+    /// The transformer, unless this pipeline was loaded without it.
+    pub fn transformer(&self) -> Result<&WanTransformer3DModel> {
+        self.transformer.as_ref().ok_or_else(|| {
+            PipelineError::Spec("this pipeline was loaded without its transformer".into())
+        })
+    }
+
+    /// The scheduler of a spec, fresh at step 0: the checkpoint's, or the spec's kind, with the
+    /// spec's steps and shift.
+    pub fn scheduler(&self, spec: &RenderSpec) -> Result<Box<dyn Scheduler>> {
+        Ok(scheduler::build(
+            &self.scheduler_config,
+            spec.scheduler,
+            spec.steps,
+            spec.shift,
+        )?)
+    }
+
+    /// A denoiser for `spec` starting from `latents` at step 0.
+    pub fn denoiser(&self, spec: &RenderSpec, latents: Tensor) -> Result<Denoiser> {
+        Denoiser::new(
+            self.scheduler(spec)?,
+            latents.to_device(&self.device)?,
+            self.dtype,
+        )
+    }
+
+    /// A denoiser for `spec` continuing from a saved `state`. Fails, naming the mismatch, when
+    /// the state was saved by a render of another scheduler, step count or shift, or of another
+    /// latent size.
+    pub fn resume_denoiser(&self, spec: &RenderSpec, state: &DenoiserState) -> Result<Denoiser> {
+        let shape = self.latent_shape(spec)?;
+        let expected = vec![1, shape.channels, shape.frames, shape.height, shape.width];
+        if state.latents.dims() != expected.as_slice() {
+            return Err(DenoiserError::LatentShape {
+                saved: state.latents.dims().to_vec(),
+                expected,
+            }
+            .into());
+        }
+        Denoiser::resume(self.scheduler(spec)?, state, self.dtype)
+    }
+
     /// Runs the denoising loop from `latents` with classifier-free guidance and returns the
     /// final latents (f32, `(1, C, F, H, W)`).
     pub fn denoise(
@@ -473,11 +551,8 @@ impl WanPipeline {
         latents: Tensor,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Tensor> {
-        let transformer = self.transformer.as_ref().ok_or_else(|| {
-            PipelineError::Spec("this pipeline was loaded without its transformer".into())
-        })?;
         self.denoise_with(
-            transformer,
+            self.transformer()?,
             spec,
             prompt_embeds,
             negative_prompt_embeds,
@@ -497,52 +572,31 @@ impl WanPipeline {
         latents: Tensor,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Tensor> {
-        let mut scheduler = scheduler::build(
-            &self.scheduler_config,
-            spec.scheduler,
-            spec.steps,
-            spec.shift,
-        )?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let guided = spec.guidance_scale > 1.0;
-        // Both branches in one batch: one transformer call per step instead of two.
-        let context = if guided {
-            Tensor::cat(&[prompt_embeds, negative_prompt_embeds], 0)?
-        } else {
-            prompt_embeds.clone()
-        };
-        let batch = context.dim(0)?;
-        let mut latents = latents.to_dtype(DType::F32)?;
+        let mut denoiser = self.denoiser(spec, latents)?;
+        let conditioning =
+            Conditioning::new(prompt_embeds, negative_prompt_embeds, spec.guidance_scale)?;
+        self.run_denoiser(model, &mut denoiser, &conditioning, progress, &mut |_| {
+            Ok(())
+        })?;
+        Ok(denoiser.into_latents())
+    }
+
+    /// The loop every render runs: [`Progress::Encoded`], the steps left (stopping between two
+    /// when this pipeline's [`CancelToken`] is cancelled), then the model's check of the final
+    /// latents.
+    fn run_denoiser(
+        &self,
+        model: &dyn FlowModel,
+        denoiser: &mut Denoiser,
+        conditioning: &Conditioning,
+        progress: &mut dyn FnMut(Progress),
+        after_step: &mut AfterStep<'_>,
+    ) -> Result<()> {
         progress(Progress::Encoded {
-            total: timesteps.len(),
+            total: denoiser.total_steps(),
         });
-        let start = Instant::now();
-        for (index, &t) in timesteps.iter().enumerate() {
-            let input = latents.to_dtype(self.dtype)?.repeat((batch, 1, 1, 1, 1))?;
-            let timestep = Tensor::full(t as f32, batch, &self.device)?;
-            let flow = component("transformer", model.predict(&input, &timestep, &context))?;
-            let flow = flow.to_dtype(DType::F32)?;
-            let flow = if guided {
-                let cond = flow.narrow(0, 0, 1)?;
-                let uncond = flow.narrow(0, 1, 1)?;
-                (&uncond + ((cond - &uncond)? * spec.guidance_scale)?)?
-            } else {
-                flow
-            };
-            latents = component("scheduler", scheduler.step(&flow, &latents))?;
-            progress(Progress::Step {
-                index,
-                total: timesteps.len(),
-                elapsed: start.elapsed(),
-            });
-            if self.cancel.is_cancelled() && index + 1 < timesteps.len() {
-                return Err(PipelineError::Cancelled {
-                    after_step: index + 1,
-                    total: timesteps.len(),
-                });
-            }
-        }
-        Ok(latents)
+        denoiser.run_to_end(model, conditioning, &self.cancel, progress, after_step)?;
+        component("transformer", model.check_final_latents(denoiser.latents()))
     }
 
     /// Decodes final latents into a video tensor `(1, 3, frames, H, W)` in [-1, 1].
@@ -560,11 +614,56 @@ impl WanPipeline {
 
     /// The whole text-to-video run for a spec.
     pub fn render(&self, spec: &RenderSpec, progress: &mut dyn FnMut(Progress)) -> Result<Video> {
-        let latents = self.initial_latents(spec)?;
+        self.render_with_options(spec, RenderOptions::default(), progress)?
+            .video
+            .ok_or_else(|| PipelineError::Spec("the render decoded no video".into()))
+    }
+
+    /// [`Self::render`] with `options`: resumed from a saved state, with a hook after each step;
+    /// returns the final latents with the video.
+    pub fn render_with_options(
+        &self,
+        spec: &RenderSpec,
+        options: RenderOptions<'_>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Rendered> {
+        self.render_with(self.transformer()?, spec, true, options, progress)
+    }
+
+    /// The text-to-video flow every render runs, in one process or on each rank of a layout:
+    /// initial noise (or the state resumed from), prompt embeddings, the denoising loop with
+    /// `model`, then, where `decode`, [`Progress::Decoding`] and the frames.
+    pub fn render_with(
+        &self,
+        model: &dyn FlowModel,
+        spec: &RenderSpec,
+        decode: bool,
+        options: RenderOptions<'_>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Rendered> {
+        let RenderOptions { resume, after_step } = options;
+        // The latents before the prompts: a spec the model cannot render fails before the
+        // text encoder runs.
+        let mut denoiser = match &resume {
+            None => self.denoiser(spec, self.initial_latents(spec)?)?,
+            Some(state) => self.resume_denoiser(spec, state)?,
+        };
         let (cond, uncond) = self.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
-        let latents = self.denoise(spec, &cond, &uncond, latents, progress)?;
-        progress(Progress::Decoding);
-        self.decode_to_video(&latents)
+        let conditioning = Conditioning::new(&cond, &uncond, spec.guidance_scale)?;
+        let mut no_hook = |_: &Denoiser| -> Result<()> { Ok(()) };
+        let after_step: &mut AfterStep<'_> = match after_step {
+            Some(hook) => hook,
+            None => &mut no_hook,
+        };
+        self.run_denoiser(model, &mut denoiser, &conditioning, progress, after_step)?;
+        let latents = denoiser.into_latents();
+        let video = if decode {
+            progress(Progress::Decoding);
+            Some(self.decode_to_video(&latents)?)
+        } else {
+            None
+        };
+        Ok(Rendered { latents, video })
     }
 
     /// Decodes final latents into RGB frames.

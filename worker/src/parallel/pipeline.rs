@@ -4,8 +4,11 @@
 //! everywhere), holds the full latents and takes the same scheduler step after each
 //! [`DistributedWanTransformer`] forward, whose output is bit-identical on every rank. So the
 //! ranks never exchange latents; a fingerprint of the latents is compared across ranks before
-//! every step, so a rank that drifted is an error instead of a silently torn video. Only rank 0
-//! loads the VAE and decodes.
+//! every step and once more at the end, so a rank that drifted is an error instead of a silently
+//! torn video. Only rank 0 loads the VAE and decodes. The flow itself is the single-process one,
+//! [`WanPipeline::render_with`], run with a [`CheckedFlow`] model; so a distributed render
+//! resumes from a saved [`DenoiserState`](crate::model::denoiser::DenoiserState) like one in a
+//! single process.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,8 +26,8 @@ use crate::model::loader::{
     seeded_var_builder, seeded_without_shape, Checkpoint, Shard, ShardPlan,
 };
 use crate::model::pipeline::{
-    FlowModel, Parts, PipelineError, Progress, RenderSpec, Result, Video, WanPipeline,
-    TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED,
+    FlowModel, Parts, PipelineError, Progress, RenderOptions, RenderSpec, Rendered, Result, Video,
+    WanPipeline, TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED,
 };
 use crate::model::wan::transformer::{Config, WanTransformer3DModel};
 
@@ -37,13 +40,18 @@ impl FlowModel for DistributedWanTransformer {
     }
 }
 
-/// A [`DistributedWanTransformer`] that first checks that every rank holds the same latents.
+/// A [`DistributedWanTransformer`] that checks that every rank holds the same latents before
+/// each step and at the end.
 struct CheckedFlow<'a>(&'a DistributedWanTransformer);
 
 impl FlowModel for CheckedFlow<'_> {
     fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         check_in_sync(self.0.world(), x, "latents")?;
         self.0.forward(x, t, context)
+    }
+
+    fn check_final_latents(&self, latents: &Tensor) -> candle_core::Result<()> {
+        check_in_sync(self.0.world(), latents, "final latents")
     }
 }
 
@@ -263,14 +271,11 @@ impl DistributedPipeline {
         self.transformer.rank()
     }
 
-    /// Checks that the layout can run `spec` (e.g. `cfg = 2` needs guidance).
+    /// Checks that the layout can run `spec`: `cfg = 2` needs guidance. (The model's shape was
+    /// checked against the layout when the transformer was built.)
     pub fn check_spec(&self, spec: &RenderSpec) -> Result<()> {
-        let limits = self
-            .pipeline
-            .transformer_config()
-            .layout_limits(spec.guidance_scale > 1.0);
         self.layout()
-            .validate(&limits)
+            .check_degrees(spec.guidance_scale > 1.0)
             .map_err(|e| PipelineError::Spec(e.to_string()))
     }
 
@@ -285,17 +290,14 @@ impl DistributedPipeline {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Tensor> {
         self.check_spec(spec)?;
-        let latents = self.pipeline.denoise_with(
+        self.pipeline.denoise_with(
             &CheckedFlow(&self.transformer),
             spec,
             prompt_embeds,
             negative_prompt_embeds,
             latents,
             progress,
-        )?;
-        check_in_sync(self.transformer.world(), &latents, "final latents")
-            .map_err(transformer_err)?;
-        Ok(latents)
+        )
     }
 
     /// The whole run on this rank: the video on rank 0, `None` on the others.
@@ -304,16 +306,27 @@ impl DistributedPipeline {
         spec: &RenderSpec,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Option<Video>> {
-        let latents = self.pipeline.initial_latents(spec)?;
-        let (cond, uncond) = self
-            .pipeline
-            .encode_prompts(&spec.prompt, &spec.negative_prompt)?;
-        let latents = self.denoise(spec, &cond, &uncond, latents, progress)?;
-        if self.rank() != ROOT {
-            return Ok(None);
-        }
-        progress(Progress::Decoding);
-        Ok(Some(self.pipeline.decode_to_video(&latents)?))
+        Ok(self
+            .render_with_options(spec, RenderOptions::default(), progress)?
+            .video)
+    }
+
+    /// [`Self::render`] with `options` (see [`WanPipeline::render_with_options`]); every rank
+    /// passes the same options (a resumed state too) and gets the same final latents.
+    pub fn render_with_options(
+        &self,
+        spec: &RenderSpec,
+        options: RenderOptions<'_>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Rendered> {
+        self.check_spec(spec)?;
+        self.pipeline.render_with(
+            &CheckedFlow(&self.transformer),
+            spec,
+            self.rank() == ROOT,
+            options,
+            progress,
+        )
     }
 }
 
@@ -333,8 +346,10 @@ fn check_rank(layout: Layout, world: &dyn Communicator) -> Result<()> {
 mod tests {
     use super::*;
     use crate::model::compare::relative_l2;
+    use crate::model::denoiser::{Denoiser, DenoiserState};
     use crate::model::loader::SafetensorsWeights;
     use crate::model::reference::PipelineCase;
+    use crate::model::scheduler::SchedulerKind;
     use crate::parallel::testing::{bits, run_ranks, TestResult, LAYOUTS};
 
     const TOLERANCE: f64 = 1e-4;
@@ -443,6 +458,93 @@ mod tests {
         let err = relative_l2(&outputs[0], &expected)?;
         println!("tiny tp=2,cfg=2: relative L2 {err:.3e}");
         assert!(err <= TOLERANCE, "relative L2 {err:e}");
+        Ok(())
+    }
+
+    /// Under `ulysses=2`, for both schedulers: a render whose ranks stop (cancelled) after step
+    /// k of 5, rank 0 saving the state, then resumed by every rank from rank 0's file, ends with
+    /// the uninterrupted distributed render's latents bit for bit on every rank, for k = 1, 3, 4.
+    #[test]
+    fn distributed_render_stopped_and_resumed_is_bit_identical() -> TestResult {
+        let dev = Device::Cpu;
+        let layout: Layout = "ulysses=2".parse()?;
+        let steps = 5;
+        let stops = [1, 3, steps - 1];
+        let dirs: Vec<_> = (0..2 * stops.len())
+            .map(|_| tempfile::tempdir())
+            .collect::<std::io::Result<_>>()?;
+        for (kind_index, kind) in [SchedulerKind::UniPc, SchedulerKind::Euler]
+            .into_iter()
+            .enumerate()
+        {
+            let spec = RenderSpec {
+                prompt: "a wolf howling at the moon".into(),
+                negative_prompt: "blurry".into(),
+                frames: 5,
+                width: 32,
+                height: 32,
+                steps,
+                guidance_scale: 5.0,
+                shift: None,
+                scheduler: Some(kind),
+                seed: 5,
+            };
+            let dirs = &dirs[kind_index * stops.len()..][..stops.len()];
+            // One job: the uninterrupted render, then each stop and its resumption, on the same
+            // ranks (a resumption makes a fresh denoiser and scheduler from the file).
+            let outputs = run_ranks(layout.world_size(), |rank, world| {
+                let pipe = DistributedPipeline::tiny(&dev, DType::F32, layout, world)?;
+                let full =
+                    pipe.render_with_options(&spec, RenderOptions::default(), &mut |_| {})?;
+                assert_eq!(full.video.is_some(), rank == ROOT);
+                let mut resumed = Vec::new();
+                for (&k, dir) in stops.iter().zip(dirs) {
+                    let token = pipe.pipeline().cancel_token();
+                    let mut save = |d: &Denoiser| -> Result<()> {
+                        if d.step_index() == k {
+                            if rank == ROOT {
+                                d.state().save(dir.path())?;
+                            }
+                            token.cancel();
+                        }
+                        Ok(())
+                    };
+                    let options = RenderOptions {
+                        resume: None,
+                        after_step: Some(&mut save),
+                    };
+                    match pipe.render_with_options(&spec, options, &mut |_| {}) {
+                        Err(PipelineError::Cancelled { after_step, .. }) if after_step == k => {}
+                        other => {
+                            return Err(format!("{kind:?}: stop after {k}: got {other:?}").into())
+                        }
+                    }
+                    token.reset();
+                    // Rank 0's file is written before any rank reads it.
+                    pipe.transformer().world().barrier()?;
+                    let state = DenoiserState::load(dir.path(), &dev)?;
+                    let options = RenderOptions {
+                        resume: Some(state),
+                        after_step: None,
+                    };
+                    let latents = pipe
+                        .render_with_options(&spec, options, &mut |_| {})?
+                        .latents;
+                    resumed.push((k, latents));
+                }
+                Ok((full.latents, resumed))
+            })?;
+            let expected = bits(&outputs[0].0)?;
+            for (rank, (full, resumed)) in outputs.iter().enumerate() {
+                assert!(bits(full)? == expected, "{kind:?}: rank {rank} full render");
+                for (k, latents) in resumed {
+                    assert!(
+                        bits(latents)? == expected,
+                        "{kind:?}: rank {rank}: resumed after step {k} differs from the uninterrupted render"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -1,18 +1,19 @@
 //! diffusers' `FlowMatchEulerDiscreteScheduler`: the first-order Euler step along the predicted
-//! flow velocity, `x ← x + (σ_next − σ)·v`, with the shifted sigma schedule.
+//! flow velocity, `x ← x + (σ_next − σ)·v`, with the shifted sigma schedule. Its only state
+//! between steps is the step index.
 
 use candle_core::{bail, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     compute_dtype, f32_round, linear_combination, reject_flag, reject_sigma_schedules,
-    stretch_to_terminal, Scheduler, SchedulerError,
+    stretch_to_terminal, Scheduler, SchedulerError, SchedulerState, StateError,
 };
 
 const NAME: &str = "FlowMatchEulerDiscreteScheduler";
 
 /// `scheduler_config.json` of a `FlowMatchEulerDiscreteScheduler`, with diffusers' defaults.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct EulerConfig {
     pub num_train_timesteps: usize,
@@ -183,6 +184,23 @@ impl Scheduler for FlowMatchEulerDiscreteScheduler {
         ])?;
         self.step_index += 1;
         prev.to_dtype(out_dtype)
+    }
+
+    fn state(&self) -> SchedulerState {
+        SchedulerState::header(
+            NAME,
+            &self.config,
+            &self.timesteps,
+            &self.sigmas,
+            self.step_index,
+        )
+    }
+
+    fn restore(&mut self, state: &SchedulerState) -> Result<(), StateError> {
+        state.check_fits(NAME, &self.config, &self.timesteps, &self.sigmas)?;
+        state.only(NAME, &[], |_| false)?;
+        self.step_index = state.step_index;
+        Ok(())
     }
 }
 

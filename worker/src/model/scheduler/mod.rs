@@ -1,7 +1,8 @@
 //! Samplers that turn the transformer's flow predictions into the next latent: diffusers'
 //! `UniPCMultistepScheduler` (what Wan ships) and `FlowMatchEulerDiscreteScheduler`, behind one
 //! small [`Scheduler`] trait, plus [`build`], which makes either one from a checkpoint's
-//! `scheduler/scheduler_config.json`.
+//! `scheduler/scheduler_config.json`. A scheduler's state between steps can be taken out and put
+//! back ([`SchedulerState`], see `state.rs`) so that a render can stop and resume mid-schedule.
 //!
 //! Both follow the diffusers implementation step for step, so that a render reproduces the
 //! reference pipeline. Configuration options that diffusers supports but this port does not are
@@ -9,6 +10,7 @@
 //! produce plausible-looking but wrong videos.
 
 pub mod euler;
+pub mod state;
 pub mod unipc;
 
 use candle_core::{DType, Tensor};
@@ -16,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub use euler::{EulerConfig, FlowMatchEulerDiscreteScheduler};
+pub use state::{SchedulerState, StateError};
 pub use unipc::{UniPCMultistepScheduler, UniPcConfig, UniPcState};
 
 /// Which sampler to run (the job spec's type: names are parsed there). `build` reads the default
@@ -61,6 +64,13 @@ pub trait Scheduler: Send {
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> candle_core::Result<Tensor>;
     /// How many steps have been taken.
     fn step_index(&self) -> usize;
+    /// Everything needed to continue this schedule later, in this process or another (cheap:
+    /// tensors are shared, not copied).
+    fn state(&self) -> SchedulerState;
+    /// Continues from `state`, as saved by [`Scheduler::state`] of a scheduler of the same class,
+    /// configuration and number of steps; anything else is an error naming the difference, and
+    /// leaves this scheduler as it was.
+    fn restore(&mut self, state: &SchedulerState) -> Result<(), StateError>;
 }
 
 /// Makes the scheduler described by `config` (the parsed `scheduler_config.json`) for
@@ -482,6 +492,86 @@ mod tests {
                 .to_string(),
             SchedulerError::NoSteps.to_string()
         );
+    }
+
+    /// A state goes back into a scheduler of its own kind and schedule; one of another kind,
+    /// length or shift, or one that was tampered with, is refused with the difference named and
+    /// the scheduler left as it was.
+    #[test]
+    fn state_restores_only_into_its_own_schedule() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[0.5f32, -1.0, 2.0], &dev)?;
+        for kind in [SchedulerKind::UniPc, SchedulerKind::Euler] {
+            let mut s = build(&wan_unipc(), Some(kind), 4, None).unwrap();
+            let mut y = x.clone();
+            for _ in 0..2 {
+                y = s.step(&(&y * 0.5)?, &y)?;
+            }
+            let state = s.state();
+            assert_eq!(state.step_index, 2);
+            assert_eq!(state.class, kind.class_name());
+
+            let mut same = build(&wan_unipc(), Some(kind), 4, None).unwrap();
+            same.restore(&state).unwrap();
+            assert_eq!(same.step_index(), 2);
+            let (a, b) = (s.step(&y, &y)?, same.step(&y, &y)?);
+            assert_eq!(a.to_vec1::<f32>()?, b.to_vec1::<f32>()?, "{kind:?}");
+
+            let refused = |mut other: Box<dyn Scheduler>, state: &SchedulerState| {
+                let e = other.restore(state).unwrap_err().to_string();
+                assert_eq!(other.step_index(), 0, "{kind:?}: {e}");
+                e
+            };
+            let other_kind = match kind {
+                SchedulerKind::UniPc => SchedulerKind::Euler,
+                SchedulerKind::Euler => SchedulerKind::UniPc,
+            };
+            let e = refused(
+                build(&wan_unipc(), Some(other_kind), 4, None).unwrap(),
+                &state,
+            );
+            assert!(e.contains(other_kind.class_name()), "{e}");
+            let e = refused(build(&wan_unipc(), Some(kind), 8, None).unwrap(), &state);
+            assert!(e.contains("4-step") && e.contains("8 steps"), "{e}");
+            let e = refused(
+                build(&wan_unipc(), Some(kind), 4, Some(2.0)).unwrap(),
+                &state,
+            );
+            assert!(e.contains("saved 3.0, here 2.0"), "{e}");
+
+            let mut tampered = state.clone();
+            tampered.tensors.insert("extra".into(), x.clone());
+            let e = refused(build(&wan_unipc(), Some(kind), 4, None).unwrap(), &tampered);
+            assert!(e.contains("unexpected tensor `extra`"), "{e}");
+            let mut tampered = state.clone();
+            tampered.step_index = 5;
+            let e = refused(build(&wan_unipc(), Some(kind), 4, None).unwrap(), &tampered);
+            assert!(e.contains("step 5"), "{e}");
+            let mut tampered = state.clone();
+            tampered.schedule_check = "0".repeat(16);
+            let e = refused(build(&wan_unipc(), Some(kind), 4, None).unwrap(), &tampered);
+            assert!(e.contains("sigma schedule"), "{e}");
+        }
+        // UniPC's own consistency: its counters and history must match its step.
+        let mut s = build(&wan_unipc(), None, 4, None).unwrap();
+        s.step(&x, &x)?;
+        let mut tampered = s.state();
+        tampered.counters.remove("this_order");
+        let e = build(&wan_unipc(), None, 4, None)
+            .unwrap()
+            .restore(&tampered)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`this_order` is missing"), "{e}");
+        let mut tampered = s.state();
+        tampered.tensors.remove("last_sample");
+        let e = build(&wan_unipc(), None, 4, None)
+            .unwrap()
+            .restore(&tampered)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not fit this schedule"), "{e}");
+        Ok(())
     }
 
     #[test]

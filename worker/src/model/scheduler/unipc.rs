@@ -4,14 +4,16 @@
 //!
 //! The multistep state (step index, previous converted outputs, last sample, warm-up counter)
 //! lives in [`UniPcState`] with public fields so that a render can be checkpointed and resumed
-//! mid-schedule.
+//! mid-schedule; [`Scheduler::state`] and [`Scheduler::restore`] carry it in and out as a
+//! [`SchedulerState`] with tensors `model_output.{i}` (oldest first) and `last_sample` and
+//! counters `lower_order_nums` and `this_order`.
 
 use candle_core::{bail, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     compute_dtype, f32_round, linear_combination, reject_flag, reject_sigma_schedules,
-    stretch_to_terminal, Scheduler, SchedulerError,
+    stretch_to_terminal, Scheduler, SchedulerError, SchedulerState, StateError,
 };
 
 const NAME: &str = "UniPCMultistepScheduler";
@@ -19,7 +21,7 @@ const NAME: &str = "UniPCMultistepScheduler";
 /// `scheduler_config.json` of a `UniPCMultistepScheduler`. Defaults are diffusers'; fields that
 /// only matter for the variance-preserving (non-flow) schedules are accepted and checked for
 /// validity but otherwise unused.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UniPcConfig {
     pub num_train_timesteps: usize,
@@ -278,7 +280,8 @@ impl UniPCMultistepScheduler {
         &self.config
     }
 
-    pub fn state(&self) -> &UniPcState {
+    /// The multistep state itself ([`Scheduler::state`] is its saveable form).
+    pub fn multistep_state(&self) -> &UniPcState {
         &self.state
     }
 
@@ -286,6 +289,15 @@ impl UniPCMultistepScheduler {
     /// must be one this schedule can have reached: its step within the schedule, and as many
     /// stored outputs as its warm-up counter says.
     pub fn set_state(&mut self, state: UniPcState) -> candle_core::Result<()> {
+        self.check_reachable(&state).map_err(|why| {
+            candle_core::Error::Msg(format!("UniPC state does not fit this schedule ({why})"))
+        })?;
+        self.state = state;
+        Ok(())
+    }
+
+    /// Whether this schedule can have reached `state`; if not, why not.
+    fn check_reachable(&self, state: &UniPcState) -> Result<(), String> {
         let order = self.config.solver_order;
         let stored = state.model_outputs.iter().filter(|m| m.is_some()).count();
         let consistent = state.model_outputs.len() == order
@@ -295,17 +307,16 @@ impl UniPCMultistepScheduler {
             && state.this_order <= state.lower_order_nums
             && (state.step_index == 0 || (state.this_order >= 1 && state.last_sample.is_some()));
         if !consistent {
-            bail!(
-                "UniPC state does not fit this schedule (solver_order {order}, {} steps): step {}, {} of {} outputs stored, lower_order_nums {}, this_order {}",
+            return Err(format!(
+                "solver_order {order}, {} steps: step {}, {} of {} outputs stored, lower_order_nums {}, this_order {}",
                 self.timesteps.len(),
                 state.step_index,
                 stored,
                 state.model_outputs.len(),
                 state.lower_order_nums,
                 state.this_order
-            );
+            ));
         }
-        self.state = state;
         Ok(())
     }
 
@@ -451,6 +462,89 @@ impl Scheduler for UniPCMultistepScheduler {
     }
 
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> candle_core::Result<Tensor> {
+        // A failed step leaves the state as it was (its tensors are shared, so the copy is
+        // cheap): the render can then still be saved, or the step retried.
+        let before = self.state.clone();
+        let result = self.step_unchecked(model_output, sample);
+        if result.is_err() {
+            self.state = before;
+        }
+        result
+    }
+
+    fn state(&self) -> SchedulerState {
+        let mut state = SchedulerState::header(
+            NAME,
+            &self.config,
+            &self.timesteps,
+            &self.sigmas,
+            self.state.step_index,
+        );
+        state.counters.extend([
+            (LOWER_ORDER_NUMS.to_string(), self.state.lower_order_nums),
+            (THIS_ORDER.to_string(), self.state.this_order),
+        ]);
+        for (i, output) in self.state.model_outputs.iter().enumerate() {
+            if let Some(t) = output {
+                state.tensors.insert(model_output_name(i), t.clone());
+            }
+        }
+        if let Some(t) = &self.state.last_sample {
+            state.tensors.insert(LAST_SAMPLE.into(), t.clone());
+        }
+        state
+    }
+
+    fn restore(&mut self, state: &SchedulerState) -> Result<(), StateError> {
+        state.check_fits(NAME, &self.config, &self.timesteps, &self.sigmas)?;
+        let order = self.config.solver_order;
+        let outputs: Vec<String> = (0..order).map(model_output_name).collect();
+        state.only(NAME, &[LOWER_ORDER_NUMS, THIS_ORDER], |name| {
+            name == LAST_SAMPLE || outputs.iter().any(|o| o == name)
+        })?;
+        let shapes: Vec<_> = state.tensors.values().map(|t| t.dims().to_vec()).collect();
+        if shapes.windows(2).any(|w| w[0] != w[1]) {
+            return Err(StateError::Inconsistent {
+                scheduler: NAME,
+                why: format!("its tensors have different shapes: {shapes:?}"),
+            });
+        }
+        let multistep = UniPcState {
+            step_index: state.step_index,
+            model_outputs: outputs
+                .iter()
+                .map(|name| state.tensors.get(name).cloned())
+                .collect(),
+            last_sample: state.tensors.get(LAST_SAMPLE).cloned(),
+            lower_order_nums: state.counter(NAME, LOWER_ORDER_NUMS)?,
+            this_order: state.counter(NAME, THIS_ORDER)?,
+        };
+        self.check_reachable(&multistep)
+            .map_err(|why| StateError::Inconsistent {
+                scheduler: NAME,
+                why,
+            })?;
+        self.state = multistep;
+        Ok(())
+    }
+}
+
+const LOWER_ORDER_NUMS: &str = "lower_order_nums";
+const THIS_ORDER: &str = "this_order";
+const LAST_SAMPLE: &str = "last_sample";
+
+/// The name of the saved converted output in slot `i` (0 the oldest).
+fn model_output_name(i: usize) -> String {
+    format!("model_output.{i}")
+}
+
+impl UniPCMultistepScheduler {
+    /// [`Scheduler::step`] without restoring the state on failure.
+    fn step_unchecked(
+        &mut self,
+        model_output: &Tensor,
+        sample: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let k = self.state.step_index;
         let n = self.timesteps.len();
         if k >= n {
@@ -591,7 +685,7 @@ mod tests {
         let (mut xa, mut xb) = (noise.clone(), noise.clone());
         for i in 0..6 {
             if i == 3 {
-                b.set_state(a.state().clone())?;
+                b.set_state(a.multistep_state().clone())?;
                 xb = xa.clone();
             }
             xa = a.step(&velocity(i)?, &xa)?;
@@ -602,10 +696,10 @@ mod tests {
         assert_eq!(xa.to_vec1::<f32>()?, xb.to_vec1::<f32>()?);
 
         // A state this schedule cannot have reached is refused.
-        let mut bad = a.state().clone();
+        let mut bad = a.multistep_state().clone();
         bad.lower_order_nums = 0;
         assert!(b.set_state(bad).is_err());
-        let mut bad = a.state().clone();
+        let mut bad = a.multistep_state().clone();
         bad.model_outputs.pop();
         assert!(b.set_state(bad).is_err());
         assert!(b.set_state(UniPcState::default()).is_err());
