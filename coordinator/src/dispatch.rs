@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use longtake_proto::spec::JobSpec;
+use longtake_proto::telemetry;
 use longtake_proto::worker_service_client::WorkerServiceClient;
 use longtake_proto::{
     task_event, AbortRequest, FrameBatch, OutputFormat, RenderSpec, ReserveRequest, Step,
@@ -18,6 +19,7 @@ use longtake_proto::{
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::encode::{self, FrameSink, Quality, VideoFormat};
 use crate::jobs::{Control, Outcome};
@@ -57,8 +59,19 @@ pub struct Attempt {
 
 type Client = WorkerServiceClient<Channel>;
 
-/// Runs the attempt to its end and says how it ended.
+/// Runs the attempt to its end and says how it ended, inside the attempt's span.
 pub async fn run(
+    attempt: Attempt,
+    control: mpsc::UnboundedReceiver<Control>,
+    reporter: &dyn Reporter,
+) -> Outcome {
+    let span = telemetry::attempt_span(&attempt.job_id, attempt.attempt);
+    run_attempt(attempt, control, reporter)
+        .instrument(span)
+        .await
+}
+
+async fn run_attempt(
     attempt: Attempt,
     mut control: mpsc::UnboundedReceiver<Control>,
     reporter: &dyn Reporter,

@@ -1095,7 +1095,11 @@ mod tests {
             .into_iter()
             .map(|r| r.job_id)
             .collect();
-        assert_eq!(queued, vec![good.id.clone()], "the readable job still queues");
+        assert_eq!(
+            queued,
+            vec![good.id.clone()],
+            "the readable job still queues"
+        );
         assert!(restarted.plan(&bad.id, &[worker("w1")], 101).is_err());
     }
 }

@@ -1,11 +1,13 @@
 //! longtake's cluster protocol: the gRPC messages and services of `longtake.proto` (CLI ↔
 //! coordinator ↔ workers), and `membership`, how workers announce themselves (in etcd, or in
 //! process for the embedded farm), and `spec`, the job spec and its rules (layout grammar, frame
-//! rule, sampler names, validation and resolution), parsed once at each edge. The CLI, the
-//! coordinator and the worker build on it; it links no model code.
+//! rule, sampler names, validation and resolution), parsed once at each edge, and `telemetry`,
+//! the spans and metric names every process reports under. The CLI, the coordinator and the
+//! worker build on it; it links no model code.
 
 pub mod membership;
 pub mod spec;
+pub mod telemetry;
 
 /// The generated messages, clients and servers of package `longtake.v1`.
 pub mod v1 {

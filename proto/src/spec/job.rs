@@ -383,10 +383,9 @@ fn at_most(field: &'static str, value: u32, max: u32) -> Result<(), SpecError> {
 
 fn check_size(field: &'static str, value: u32) -> Result<(), SpecError> {
     if value == 0 || !value.is_multiple_of(SIZE_MULTIPLE) {
-        let nearest = ((value + SIZE_MULTIPLE / 2) / SIZE_MULTIPLE).max(1) * SIZE_MULTIPLE;
         return Err(bad(
             field,
-            format!("{value} is not a multiple of {SIZE_MULTIPLE} (try {nearest})"),
+            format!("{value} is not a multiple of {SIZE_MULTIPLE}"),
         ));
     }
     Ok(())

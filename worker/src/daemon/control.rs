@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use longtake_proto::membership::Registration;
+use longtake_proto::telemetry;
 use longtake_proto::{task_event, DeviceInfo, ModelInfo, TaskEvent, TaskRequest, Worker};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -160,9 +161,16 @@ impl Control {
         let runner = self.runner.clone();
         let thread_tx = tx.clone();
         let thread_abort = abort.clone();
+        let span = telemetry::task_span(
+            &assignment.job_id,
+            request.attempt,
+            assignment.rank as usize,
+            assignment.world_size as usize,
+        );
         let spawned = std::thread::Builder::new()
             .name(format!("task-{}-r{}", assignment.job_id, assignment.rank))
             .spawn(move || {
+                let _span = span.entered();
                 let outcome = match plan {
                     Err(e) => Outcome::Failed(e.to_string()),
                     Ok(plan) => runner.run(plan, mesh, &thread_abort, &mut |event| {

@@ -205,6 +205,7 @@ impl Denoiser {
                 until: index + 1,
                 total,
             })?;
+        let _span = longtake_proto::telemetry::step_span(index, total).entered();
         let context = &conditioning.context;
         let batch = context.dim(0)?;
         let input = self
