@@ -68,9 +68,12 @@ mod tests {
         use tracing::span::{Attributes, Id, Record};
         use tracing::{Event, Metadata, Subscriber};
 
+        /// A span as recorded: its id, name and the id of the span it was opened in.
+        pub type Recorded = (u64, &'static str, Option<u64>);
+
         #[derive(Clone, Default)]
         pub struct Recorder {
-            pub spans: Arc<Mutex<Vec<(u64, &'static str, Option<u64>)>>>,
+            pub spans: Arc<Mutex<Vec<Recorded>>>,
             pub stack: Arc<Mutex<Vec<u64>>>,
             next: Arc<AtomicU64>,
         }
