@@ -50,9 +50,9 @@ pub struct SpecArgs {
     /// Seed of the initial noise; the same seed and spec give the same frames.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Sampler [default: the checkpoint's, UniPC for Wan2.1].
-    #[arg(long, value_enum)]
-    pub scheduler: Option<SchedulerArg>,
+    /// Sampler: unipc or euler [default: the checkpoint's, UniPC for Wan2.1].
+    #[arg(long, value_parser = parse_scheduler)]
+    pub scheduler: Option<SchedulerKind>,
     /// Output format [default: mp4; for `render`, from --out: .mp4 → mp4, a directory → png].
     #[arg(long, value_enum)]
     pub format: Option<FormatArg>,
@@ -62,19 +62,9 @@ pub struct SpecArgs {
     pub layout: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum SchedulerArg {
-    Unipc,
-    Euler,
-}
-
-impl From<SchedulerArg> for SchedulerKind {
-    fn from(arg: SchedulerArg) -> Self {
-        match arg {
-            SchedulerArg::Unipc => SchedulerKind::UniPc,
-            SchedulerArg::Euler => SchedulerKind::Euler,
-        }
-    }
+/// `--scheduler`, read by the job spec's own parser of sampler names.
+fn parse_scheduler(text: &str) -> Result<SchedulerKind, String> {
+    text.parse().map_err(|e: longtake_proto::spec::UnknownScheduler| e.to_string())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -139,7 +129,7 @@ impl SpecArgs {
             shift: self.shift,
             scheduler: self
                 .scheduler
-                .map(|s| SchedulerKind::from(s).name().to_string())
+                .map(|s| s.name().to_string())
                 .unwrap_or_default(),
             seed: self.seed,
             fps: self.fps,

@@ -176,9 +176,8 @@ impl Models {
         Ok(Self(models))
     }
 
-    /// The model a spec names (`""` is `tiny`).
+    /// The model of a (resolved) spec's name.
     pub fn get(&self, name: &str) -> Option<&ServedModel> {
-        let name = if name.is_empty() { TINY } else { name };
         self.0.iter().find(|m| m.source.name() == name)
     }
 
@@ -221,7 +220,7 @@ mod tests {
     #[test]
     fn tiny_advertises_the_pipeline_defaults_and_heads() {
         let models = Models::open(&[]).unwrap();
-        let tiny = models.get("").unwrap();
+        let tiny = models.get(TINY).unwrap();
         let defaults = PipelineInfo::tiny();
         assert_eq!(tiny.info.default_width as usize, defaults.default_width);
         assert_eq!(tiny.info.default_steps as usize, defaults.default_steps);
