@@ -270,6 +270,12 @@ impl Fixture {
         let tokenizer =
             PromptTokenizer::from_file(self.pipeline_dir().join("tokenizer/tokenizer.json"))
                 .map_err(msg)?;
+        if cases.cases.is_empty() {
+            return Err(format!(
+                "{}: no tokenizer cases; a fixture must compare at least one text",
+                self.dir.join("cases/tokenizer.json").display()
+            ));
+        }
         let (mut wrong, mut total) = (0usize, 0usize);
         let mut first_bad = None;
         for case in &cases.cases {
