@@ -10,26 +10,19 @@
 //! resumes from a saved [`DenoiserState`](crate::model::denoiser::DenoiserState) like one in a
 //! single process.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device, Tensor};
 
 use super::comm::Communicator;
 use super::dit::DistributedWanTransformer;
 use super::layout::Layout;
 use super::tensor_parallel::tensor_parallel_plan;
-use crate::model::loader::{
-    seeded_var_builder, seeded_without_shape, Checkpoint, Shard, ShardPlan,
-};
+use crate::model::loader::{Checkpoint, Weights};
 use crate::model::pipeline::{
     FlowModel, Parts, PipelineError, Progress, RenderOptions, RenderSpec, Rendered, Result, Video,
     WanPipeline, TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED,
 };
-use crate::model::wan::transformer::{Config, WanTransformer3DModel};
 
 /// The rank that decodes and writes the video.
 pub const ROOT: usize = 0;
@@ -79,102 +72,6 @@ fn check_in_sync(world: &dyn Communicator, t: &Tensor, what: &str) -> candle_cor
         );
     }
     Ok(())
-}
-
-/// Seeded weights (as [`seeded_var_builder`] makes them) of which the tensors of a [`ShardPlan`]
-/// are served as slices: each rank makes the whole seeded tensor and keeps only its slice, so the
-/// slices of all ranks put together are the single-process model's tensors.
-struct SeededSlices {
-    seeded: VarBuilder<'static>,
-    plan: ShardPlan,
-    full_shapes: HashMap<String, Shape>,
-}
-
-impl SimpleBackend for SeededSlices {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        hint: Init,
-        dtype: DType,
-        _: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let Some(Shard { dim, range }) = self.plan.shard_of(name) else {
-            return self.seeded.get_with_hints_dtype(shape, name, hint, dtype);
-        };
-        let full = self.full_shapes.get(name).ok_or_else(|| {
-            candle_core::Error::Msg(format!("no full shape known for sliced tensor `{name}`"))
-        })?;
-        let slice = self
-            .seeded
-            .get_with_hints_dtype(full.clone(), name, hint, dtype)?
-            .narrow(dim, range.start, range.len())?
-            .contiguous()?;
-        if slice.shape() != &shape {
-            candle_core::bail!(
-                "`{name}`[{}..{} along dim {dim}] has shape {:?}, the model expects {:?}",
-                range.start,
-                range.end,
-                slice.dims(),
-                shape.dims()
-            );
-        }
-        Ok(slice)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        seeded_without_shape(name)
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-/// Records the shape of every tensor a model asks for, handing out zeros.
-struct ShapeRecorder(Arc<Mutex<HashMap<String, Shape>>>);
-
-impl SimpleBackend for ShapeRecorder {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        if let Ok(mut shapes) = self.0.lock() {
-            shapes.insert(name.to_string(), shape.clone());
-        }
-        Tensor::zeros(shape, dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("the shape recorder needs a shape for tensor `{name}`")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-/// The single-process shapes of a transformer's tensors, by name. Builds the model once from
-/// zeros: meant for the built-in tiny model only.
-fn transformer_shapes(
-    config: &Config,
-    device: &Device,
-) -> candle_core::Result<HashMap<String, Shape>> {
-    let shapes = Arc::new(Mutex::new(HashMap::new()));
-    let vb = VarBuilder::from_backend(
-        Box::new(ShapeRecorder(shapes.clone())),
-        DType::F32,
-        device.clone(),
-    );
-    drop(WanTransformer3DModel::new(config, vb)?);
-    let shapes = shapes
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("shape recorder lock poisoned".into()))?;
-    Ok(shapes.clone())
 }
 
 fn transformer_err(source: candle_core::Error) -> PipelineError {
@@ -233,12 +130,9 @@ impl DistributedPipeline {
         let pipeline = WanPipeline::tiny_parts(device, dtype, parts)?;
         let config = pipeline.transformer_config().clone();
         let plan = tensor_parallel_plan(&config, layout.tp, layout.coords(world.rank()).tp);
-        let backend = SeededSlices {
-            seeded: seeded_var_builder(TINY_WEIGHT_SEED, dtype, device).pp(TINY_TRANSFORMER_PREFIX),
-            plan,
-            full_shapes: transformer_shapes(&config, device).map_err(transformer_err)?,
-        };
-        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        let vb = Weights::seeded_under(TINY_WEIGHT_SEED, TINY_TRANSFORMER_PREFIX)
+            .sharded(plan)
+            .var_builder(dtype, device);
         let transformer =
             DistributedWanTransformer::new(&config, layout, world, vb).map_err(transformer_err)?;
         Ok(Self {
