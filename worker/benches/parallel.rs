@@ -25,15 +25,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use longtake_worker::families::wan::distributed::DistributedWanTransformer;
+use longtake_worker::families::wan::tensor_parallel::tensor_parallel_plan;
+use longtake_worker::families::wan::transformer::Config;
 use longtake_worker::model::compare::relative_l2;
 use longtake_worker::model::loader::{SafetensorsWeights, Weights};
-use longtake_worker::model::wan::transformer::Config;
 use longtake_worker::parallel::layout::Layout;
 use longtake_worker::parallel::tcp::loopback_listeners;
-use longtake_worker::parallel::tensor_parallel::tensor_parallel_plan;
-use longtake_worker::parallel::{
-    CommError, Communicator, DistributedWanTransformer, SingleRank, TcpMesh, TcpMeshConfig,
-};
+use longtake_worker::parallel::{CommError, Communicator, SingleRank, TcpMesh, TcpMeshConfig};
 
 type BenchError = Box<dyn std::error::Error + Send + Sync>;
 type BenchResult<T = ()> = Result<T, BenchError>;

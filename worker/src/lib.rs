@@ -3,5 +3,6 @@
 //! around them: gRPC service, membership, one task at a time.
 
 pub mod daemon;
+pub mod families;
 pub mod model;
 pub mod parallel;

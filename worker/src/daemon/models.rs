@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 
 use longtake_proto::ModelInfo;
 
+use crate::families::wan::pipeline::{checkpoint_info, tiny_configs, tiny_info};
+use crate::families::wan::transformer::Config as TransformerConfig;
 use crate::model::family::ModelFamily;
 use crate::model::loader::{Checkpoint, LoadError};
-use crate::model::pipeline::{tiny_configs, PipelineError, PipelineInfo};
+use crate::model::render::PipelineError;
 use crate::model::tokenizer::PromptTokenizer;
-use crate::model::wan::transformer::Config as TransformerConfig;
 
 /// The name the built-in tiny model is served under.
 pub const TINY: &str = "tiny";
@@ -103,7 +104,7 @@ impl ServedModel {
                     .map_err(|e| ModelError::Tiny(e.into()))?
                     .vocab_size();
                 let configs = tiny_configs(vocab).map_err(ModelError::Tiny)?;
-                (PipelineInfo::tiny(), configs.transformer)
+                (tiny_info(), configs.transformer)
             }
             ModelSource::Checkpoint { name, dir } => {
                 let transformer =
@@ -111,10 +112,7 @@ impl ServedModel {
                         name: name.clone(),
                         source: Box::new(source),
                     })?;
-                (
-                    PipelineInfo::checkpoint(dir.display().to_string()),
-                    transformer,
-                )
+                (checkpoint_info(dir.display().to_string()), transformer)
             }
         };
         let info = ModelInfo {
@@ -222,7 +220,7 @@ mod tests {
     fn tiny_advertises_the_pipeline_defaults_and_heads() {
         let models = Models::open(&[]).unwrap();
         let tiny = models.get("").unwrap();
-        let defaults = PipelineInfo::tiny();
+        let defaults = tiny_info();
         assert_eq!(tiny.info.default_width as usize, defaults.default_width);
         assert_eq!(tiny.info.default_steps as usize, defaults.default_steps);
         assert_eq!(

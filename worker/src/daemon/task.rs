@@ -13,10 +13,10 @@ use longtake_proto::{
 };
 
 use super::models::{ModelSource, Models, ServedModel};
-use crate::model::pipeline::{
-    CancelToken, PipelineError, Progress, RenderSpec, Video, WanPipeline,
-};
-use crate::parallel::{DistributedPipeline, TcpMesh, TcpMeshConfig, Timeouts};
+use crate::families::wan::distributed_pipeline::DistributedPipeline;
+use crate::families::wan::pipeline::WanPipeline;
+use crate::model::render::{CancelToken, PipelineError, Progress, RenderSpec, Video};
+use crate::parallel::{TcpMesh, TcpMeshConfig, Timeouts};
 use longtake_proto::spec::{JobSpec, Layout, ModelDescription, SpecError, SpecRequest};
 
 /// Largest RGB payload of one [`FrameBatch`] (whole frames; at least one per batch).
@@ -421,7 +421,7 @@ mod tests {
     fn zero_fields_take_the_model_defaults() {
         let models = Models::open(&[]).unwrap();
         let plan = TaskPlan::new(&models, &spec(""), 0, 1, &[]).unwrap();
-        let tiny = crate::model::pipeline::PipelineInfo::tiny();
+        let tiny = crate::families::wan::pipeline::tiny_info();
         assert_eq!(
             (plan.spec.width, plan.spec.height, plan.spec.steps),
             (tiny.default_width, tiny.default_height, tiny.default_steps)

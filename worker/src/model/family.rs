@@ -87,7 +87,7 @@ mod tests {
                         "image-to-video"
                     };
                     assert!(message.contains(expected), "{name}: {message}");
-                    let load = crate::model::pipeline::WanPipeline::load(
+                    let load = crate::families::wan::pipeline::WanPipeline::load(
                         dir.join("pipeline"),
                         &candle_core::Device::Cpu,
                         candle_core::DType::F32,

@@ -3,17 +3,17 @@
 //! the pipeline that joins them.
 //! No network code lives here.
 
+pub mod attention;
 pub mod compare;
 pub mod denoiser;
 pub mod device;
 pub mod family;
 pub mod loader;
 pub mod noise;
-pub mod pipeline;
 pub mod reference;
+pub mod render;
 pub mod scheduler;
 pub mod text;
 pub mod tokenizer;
 pub mod umt5;
 pub mod video;
-pub mod wan;

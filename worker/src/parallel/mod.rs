@@ -8,25 +8,20 @@
 //! topology, see `nccl`).
 
 pub mod comm;
-pub mod dit;
 pub mod group;
 pub mod layout;
 #[cfg(feature = "cuda")]
 pub mod nccl;
-pub mod pipeline;
 pub mod ring;
 pub mod single;
 pub mod tcp;
-pub mod tensor_parallel;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod ulysses;
 
 pub use comm::{CommError, Communicator, Op, PeerId};
-pub use dit::DistributedWanTransformer;
 pub use group::Group;
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclCommunicator, NcclConfig, NcclId};
-pub use pipeline::DistributedPipeline;
 pub use single::SingleRank;
 pub use tcp::{TcpMesh, TcpMeshConfig, Timeouts};

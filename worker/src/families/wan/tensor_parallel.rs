@@ -14,10 +14,10 @@ use std::ops::Range;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 
-use super::group::Group;
-use super::layout::shard_range;
+use crate::families::wan::transformer::Config;
 use crate::model::loader::{Shard, ShardPlan};
-use crate::model::wan::transformer::Config;
+use crate::parallel::group::Group;
+use crate::parallel::layout::shard_range;
 
 /// The attention heads tensor-parallel rank `tp_rank` of `tp` holds.
 pub fn head_range(config: &Config, tp: usize, tp_rank: usize) -> Range<usize> {

@@ -11,73 +11,46 @@
 //! exercise the system without any files.
 
 use std::path::Path;
-use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::denoiser::{AfterStep, Conditioning, Denoiser, DenoiserError, DenoiserState};
-use super::family::ModelFamily;
-use super::loader::{seeded_var_builder, Checkpoint, LoadError};
-use super::noise::{self, LatentShape};
-use super::scheduler::{self, Scheduler, SchedulerKind};
-use super::text::{PromptEncoder, TextError};
-use super::tokenizer::{PromptTokenizer, TokenizerError};
-use super::umt5::{self, UMT5EncoderModel};
-use super::video;
-use super::wan::transformer::{self as wan_transformer, WanTransformer3DModel};
-use super::wan::vae::{self as wan_vae, WanVaeDecoder};
+use super::transformer::{self as wan_transformer, WanTransformer3DModel};
+use super::vae::{self as wan_vae, WanVaeDecoder};
+use crate::model::denoiser::{AfterStep, Conditioning, Denoiser, DenoiserError, DenoiserState};
+use crate::model::family::ModelFamily;
+use crate::model::loader::{seeded_var_builder, Checkpoint};
+use crate::model::noise::{self, LatentShape};
+use crate::model::render::{
+    component, CancelToken, FlowModel, PipelineError, PipelineInfo, Progress, RenderOptions,
+    RenderSpec, Rendered, Result, Video,
+};
+use crate::model::scheduler::{self, Scheduler};
+use crate::model::text::PromptEncoder;
+use crate::model::tokenizer::PromptTokenizer;
+use crate::model::umt5::{self, UMT5EncoderModel};
+use crate::model::video;
 
-/// Everything that can stop a render, each naming what is wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error("{component}: {source}")]
-    Component {
-        component: &'static str,
-        source: candle_core::Error,
-    },
-    #[error(transparent)]
-    Scheduler(#[from] scheduler::SchedulerError),
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
-    #[error(transparent)]
-    Text(#[from] TextError),
-    #[error("{0}")]
-    Spec(String),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
-    #[error(transparent)]
-    Denoiser(#[from] DenoiserError),
-    /// The render was stopped through its [`CancelToken`] between two steps.
-    #[error("cancelled after step {after_step} of {total}")]
-    Cancelled { after_step: usize, total: usize },
-}
-
-/// Stops a running render at the next step boundary (a worker aborting its task). Clones share
-/// one flag; the pipeline checks it after every denoising step.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(std::sync::Arc<std::sync::atomic::AtomicBool>);
-
-impl CancelToken {
-    pub fn cancel(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Clears the flag before the next render of a reused pipeline.
-    pub fn reset(&self) {
-        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+/// The defaults of a checkpoint loaded by [`WanPipeline::load`] (Wan2.1's published
+/// 480p settings), named `name`.
+pub fn checkpoint_info(name: String) -> PipelineInfo {
+    PipelineInfo {
+        name,
+        default_width: 832,
+        default_height: 480,
+        default_steps: 50,
+        max_sequence_length: WAN_MAX_SEQUENCE_LENGTH,
     }
 }
 
-pub type Result<T> = std::result::Result<T, PipelineError>;
-
-pub(crate) fn component<T>(component: &'static str, r: candle_core::Result<T>) -> Result<T> {
-    r.map_err(|source| PipelineError::Component { component, source })
+/// The defaults of the built-in tiny model ([`WanPipeline::tiny`]).
+pub fn tiny_info() -> PipelineInfo {
+    PipelineInfo {
+        name: "tiny".into(),
+        default_width: 256,
+        default_height: 256,
+        default_steps: 10,
+        max_sequence_length: 64,
+    }
 }
 
 /// A heavy part of the pipeline, built only when it is `wanted` (see [`Parts`]).
@@ -138,120 +111,6 @@ fn builtin_config<T: serde::de::DeserializeOwned>(
 ) -> Result<T> {
     serde_json::from_value(json)
         .map_err(|e| PipelineError::Spec(format!("built-in tiny {component} config: {e}")))
-}
-
-/// What to render. Sizes are in pixels; `frames` must already be of the form 4k+1
-/// (see `longtake_proto::spec::frames`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RenderSpec {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub frames: usize,
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
-    pub guidance_scale: f64,
-    /// Overrides the scheduler's flow shift.
-    pub shift: Option<f64>,
-    /// Overrides the checkpoint's scheduler class.
-    pub scheduler: Option<SchedulerKind>,
-    pub seed: u64,
-}
-
-/// A progress report from [`WanPipeline::render`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum Progress {
-    /// Prompts encoded; the denoising loop of `total` steps starts.
-    Encoded { total: usize },
-    /// Denoising step `index` (0-based) of `total` finished after `elapsed`.
-    Step {
-        index: usize,
-        total: usize,
-        elapsed: Duration,
-    },
-    /// The latents are being decoded into frames.
-    Decoding,
-}
-
-/// How [`WanPipeline::render_with`] runs beyond its spec. The default starts from the spec's
-/// noise with no hook.
-#[derive(Default)]
-pub struct RenderOptions<'a> {
-    /// Continue from this saved state instead of the spec's initial noise (the spec must be the
-    /// one that saved it: same scheduler, steps, shift and size are checked; the prompts, seed
-    /// and guidance are the caller's to keep).
-    pub resume: Option<DenoiserState>,
-    /// Called after every step, before the cancellation check, e.g. to save the denoiser's
-    /// state; an error stops the render.
-    pub after_step: Option<&'a mut AfterStep<'a>>,
-}
-
-/// The result of [`WanPipeline::render_with`]: the final latents, and the video where decoded.
-#[derive(Debug, Clone)]
-pub struct Rendered {
-    /// f32 `(1, C, F, H, W)`.
-    pub latents: Tensor,
-    pub video: Option<Video>,
-}
-
-/// Decoded frames: `frames × height × width × 3` RGB bytes, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Video {
-    pub rgb: Vec<u8>,
-    pub frames: usize,
-    pub height: usize,
-    pub width: usize,
-}
-
-/// Sizes of a pipeline's components that the CLI needs for defaults and validation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PipelineInfo {
-    /// `tiny` or the checkpoint directory.
-    pub name: String,
-    pub default_width: usize,
-    pub default_height: usize,
-    pub default_steps: usize,
-    pub max_sequence_length: usize,
-}
-
-impl PipelineInfo {
-    /// The defaults of a checkpoint loaded by [`WanPipeline::load`] (Wan2.1's published
-    /// 480p settings), named `name`.
-    pub fn checkpoint(name: String) -> Self {
-        Self {
-            name,
-            default_width: 832,
-            default_height: 480,
-            default_steps: 50,
-            max_sequence_length: WAN_MAX_SEQUENCE_LENGTH,
-        }
-    }
-
-    /// The defaults of the built-in tiny model ([`WanPipeline::tiny`]).
-    pub fn tiny() -> Self {
-        Self {
-            name: "tiny".into(),
-            default_width: 256,
-            default_height: 256,
-            default_steps: 10,
-            max_sequence_length: 64,
-        }
-    }
-}
-
-/// A model of the flow (velocity) the sampler integrates: Wan's transformer in one process, or
-/// the same transformer run by the ranks of a parallel layout. The denoising loop only needs this.
-pub trait FlowModel {
-    /// The predicted flow for latents `x` `(B, C, F, H, W)` at timesteps `t` `(B,)` under text
-    /// embeddings `context` `(B, Lt, text_dim)`.
-    fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor>;
-
-    /// Called with the final latents when the loop has taken its last step. A model run by
-    /// several ranks checks there that they all ended with the same latents; one process has
-    /// nothing to check.
-    fn check_final_latents(&self, _latents: &Tensor) -> candle_core::Result<()> {
-        Ok(())
-    }
 }
 
 impl FlowModel for WanTransformer3DModel {
@@ -345,7 +204,7 @@ impl WanPipeline {
         })?;
 
         let scheduler_config = ckpt.component("scheduler")?.json("scheduler_config.json")?;
-        let info = PipelineInfo::checkpoint(ckpt.root().display().to_string());
+        let info = checkpoint_info(ckpt.root().display().to_string());
         Ok(Self {
             info,
             text: PromptEncoder::new(tokenizer, encoder, WAN_MAX_SEQUENCE_LENGTH),
@@ -407,7 +266,7 @@ impl WanPipeline {
             "predict_x0": true, "lower_order_final": true, "final_sigmas_type": "zero",
             "timestep_spacing": "linspace", "disable_corrector": [],
         });
-        let info = PipelineInfo::tiny();
+        let info = tiny_info();
         Ok(Self {
             text: PromptEncoder::new(tokenizer, encoder, info.max_sequence_length),
             info,

@@ -1,7 +1,7 @@
 //! The Wan transformer run by the ranks of a parallel [`Layout`]: CFG branches on different
 //! ranks, the token sequence split over `ulysses × ring` ranks, heads and FFN features split over
 //! `tp` ranks. [`DistributedWanTransformer::forward`] takes the same full inputs as the
-//! single-process [`WanTransformer3DModel`](crate::model::wan::transformer::WanTransformer3DModel)
+//! single-process [`WanTransformer3DModel`](crate::families::wan::transformer::WanTransformer3DModel)
 //! and returns the same full output on every rank (within float rounding), so the two can be
 //! compared directly and the sampler above need not know the layout.
 //!
@@ -16,20 +16,17 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::comm::Communicator;
-use super::group::Group;
-use super::layout::{padded_len, shard_range, Coords, GroupKind, Layout};
-use super::ring::ring_attention;
+use super::attention::apply_rope;
+use super::rope::RopeTables;
 use super::tensor_parallel::{tensor_parallel_plan, TpAttention, TpFeedForward};
-use super::ulysses::{heads_to_tokens, tokens_to_heads};
+use super::transformer::{check_batch, unpatchify, BlockResiduals, Config, TransformerEnds};
+use crate::model::attention::{attention, merge_heads, split_heads, AttentionOptions};
 use crate::model::loader::Component;
-use crate::model::wan::attention::{
-    apply_rope, attention, merge_heads, split_heads, AttentionOptions,
-};
-use crate::model::wan::rope::RopeTables;
-use crate::model::wan::transformer::{
-    check_batch, unpatchify, BlockResiduals, Config, TransformerEnds,
-};
+use crate::parallel::comm::Communicator;
+use crate::parallel::group::Group;
+use crate::parallel::layout::{padded_len, shard_range, Coords, GroupKind, Layout};
+use crate::parallel::ring::ring_attention;
+use crate::parallel::ulysses::{heads_to_tokens, tokens_to_heads};
 
 /// The groups one rank belongs to.
 #[derive(Debug)]
@@ -394,11 +391,11 @@ impl DistributedWanTransformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::families::wan::transformer::WanTransformer3DModel;
     use crate::model::compare::relative_l2;
     use crate::model::loader::{
         seeded_var_builder, Checkpoint, SafetensorsWeights, ShardPlan, Weights,
     };
-    use crate::model::wan::transformer::WanTransformer3DModel;
     use crate::parallel::testing::{bits, layout, run_ranks, TestResult, LAYOUTS};
     use candle_core::Device;
     use std::path::PathBuf;

@@ -14,15 +14,15 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::comm::Communicator;
-use super::dit::DistributedWanTransformer;
-use super::layout::Layout;
+use super::distributed::DistributedWanTransformer;
+use super::pipeline::{Parts, WanPipeline, TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED};
 use super::tensor_parallel::tensor_parallel_plan;
 use crate::model::loader::{Checkpoint, Weights};
-use crate::model::pipeline::{
-    FlowModel, Parts, PipelineError, Progress, RenderOptions, RenderSpec, Rendered, Result, Video,
-    WanPipeline, TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED,
+use crate::model::render::{
+    FlowModel, PipelineError, Progress, RenderOptions, RenderSpec, Rendered, Result, Video,
 };
+use crate::parallel::comm::Communicator;
+use crate::parallel::layout::Layout;
 
 /// The rank that decodes and writes the video.
 pub const ROOT: usize = 0;
