@@ -12,10 +12,11 @@ use longtake_proto::{
     task_event, Decoding, FrameBatch, Step, TaskEvent, TaskFinished, TaskStarted,
 };
 
-use super::models::{ModelSource, Models, ServedModel};
-use crate::families::wan::distributed_pipeline::DistributedPipeline;
-use crate::families::wan::pipeline::WanPipeline;
-use crate::model::render::{CancelToken, PipelineError, Progress, RenderSpec, Video};
+use super::models::{Models, ServedModel};
+use crate::families::{load_distributed_pipeline, load_pipeline};
+use crate::model::render::{
+    CancelToken, PipelineError, Progress, RenderSpec, Video, VideoPipeline,
+};
 use crate::parallel::{TcpMesh, TcpMeshConfig, Timeouts};
 use longtake_proto::spec::{JobSpec, Layout, ModelDescription, SpecError, SpecRequest};
 
@@ -212,7 +213,7 @@ pub struct TaskRunner {
     device: Device,
     dtype: DType,
     mesh_timeouts: Timeouts,
-    cached: Mutex<Option<(String, WanPipeline)>>,
+    cached: Mutex<Option<(String, Box<dyn VideoPipeline>)>>,
 }
 
 impl TaskRunner {
@@ -272,12 +273,11 @@ impl TaskRunner {
             .filter(|(cached, _)| *cached == name);
         let pipeline = match cached {
             Some((_, pipeline)) => pipeline,
-            None => match &plan.model.source {
-                ModelSource::Tiny => WanPipeline::tiny(&self.device, self.dtype)?,
-                ModelSource::Checkpoint { dir, .. } => {
-                    WanPipeline::load(dir, &self.device, self.dtype)?
-                }
-            },
+            None => load_pipeline(
+                plan.model.source.pipeline_source(),
+                &self.device,
+                self.dtype,
+            )?,
         };
         pipeline.cancel_token().reset();
         let rendered = self.render(
@@ -286,7 +286,7 @@ impl TaskRunner {
             plan,
             abort,
             emit,
-            &mut |progress| pipeline.render(&plan.spec, progress).map(Some),
+            &mut |progress| pipeline.render(&plan.spec, progress),
         );
         *self.cached.lock().unwrap_or_else(PoisonError::into_inner) = Some((name, pipeline));
         rendered
@@ -309,16 +309,15 @@ impl TaskRunner {
             timeouts: self.mesh_timeouts.clone(),
         };
         let mesh = Box::new(TcpMesh::connect_with_listener(config, listener)?);
-        let pipeline = match &plan.model.source {
-            ModelSource::Tiny => {
-                DistributedPipeline::tiny(&self.device, self.dtype, plan.layout, mesh)?
-            }
-            ModelSource::Checkpoint { dir, .. } => {
-                DistributedPipeline::load(dir, &self.device, self.dtype, plan.layout, mesh)?
-            }
-        };
+        let pipeline = load_distributed_pipeline(
+            plan.model.source.pipeline_source(),
+            &self.device,
+            self.dtype,
+            plan.layout,
+            mesh,
+        )?;
         self.render(
-            pipeline.pipeline().cancel_token(),
+            pipeline.cancel_token(),
             load_start,
             plan,
             abort,

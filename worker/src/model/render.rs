@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use candle_core::Tensor;
+use longtake_proto::spec::LayoutLimits;
 
 use super::denoiser::{AfterStep, DenoiserError, DenoiserState};
 use super::loader::LoadError;
@@ -153,5 +154,60 @@ pub trait FlowModel {
     /// nothing to check.
     fn check_final_latents(&self, _latents: &Tensor) -> candle_core::Result<()> {
         Ok(())
+    }
+}
+
+/// What a worker advertises about a model, known without loading its weights: the pipeline's
+/// defaults and the transformer's shape that a parallel layout must divide.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFacts {
+    pub info: PipelineInfo,
+    pub attention_heads: usize,
+    pub ffn_dim: usize,
+}
+
+impl ModelFacts {
+    /// What a parallel layout must divide, for a render that does or does not use guidance.
+    pub fn layout_limits(&self, guidance: bool) -> LayoutLimits {
+        LayoutLimits {
+            heads: self.attention_heads,
+            ffn_dim: self.ffn_dim,
+            guidance,
+        }
+    }
+}
+
+/// A loaded video pipeline of any model family, in one process or as one rank's share of a
+/// parallel layout: what the worker drives. `crate::families` loads one for a checkpoint by its
+/// `model_index.json` class.
+pub trait VideoPipeline: Send {
+    /// The pipeline's name and defaults.
+    fn info(&self) -> &PipelineInfo;
+
+    /// What a parallel layout must divide in this pipeline's transformer.
+    fn layout_limits(&self, guidance: bool) -> LayoutLimits;
+
+    /// Stops a running render at the next step boundary; reset it before reusing the pipeline.
+    fn cancel_token(&self) -> &CancelToken;
+
+    /// The whole run for `spec` with `options` (resumed from a saved state, a hook after each
+    /// step): the final latents, and the video where this process decodes (one process, or the
+    /// rank of a layout that writes the video).
+    fn render_with_options(
+        &self,
+        spec: &RenderSpec,
+        options: RenderOptions<'_>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Rendered>;
+
+    /// [`Self::render_with_options`] with the default options: the video where decoded.
+    fn render(
+        &self,
+        spec: &RenderSpec,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Option<Video>> {
+        Ok(self
+            .render_with_options(spec, RenderOptions::default(), progress)?
+            .video)
     }
 }

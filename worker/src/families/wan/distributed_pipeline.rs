@@ -17,9 +17,11 @@ use candle_core::{DType, Device, Tensor};
 use super::distributed::DistributedWanTransformer;
 use super::pipeline::{Parts, WanPipeline, TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED};
 use super::tensor_parallel::tensor_parallel_plan;
+use crate::model::family::PipelineSource;
 use crate::model::loader::{Checkpoint, Weights};
 use crate::model::render::{
-    FlowModel, PipelineError, Progress, RenderOptions, RenderSpec, Rendered, Result, Video,
+    CancelToken, FlowModel, PipelineError, PipelineInfo, Progress, RenderOptions, RenderSpec,
+    Rendered, Result, Video, VideoPipeline,
 };
 use crate::parallel::comm::Communicator;
 use crate::parallel::layout::Layout;
@@ -88,6 +90,21 @@ pub struct DistributedPipeline {
 }
 
 impl DistributedPipeline {
+    /// This rank's part of the built-in tiny model or of a checkpoint (see [`Self::tiny`],
+    /// [`Self::load`]).
+    pub fn from_source(
+        source: PipelineSource<'_>,
+        device: &Device,
+        dtype: DType,
+        layout: Layout,
+        world: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        match source {
+            PipelineSource::Tiny => Self::tiny(device, dtype, layout, world),
+            PipelineSource::Checkpoint(dir) => Self::load(dir, device, dtype, layout, world),
+        }
+    }
+
     /// Loads this rank's part of a checkpoint in the diffusers layout: the text encoder, its
     /// tensor-parallel slices of the transformer, and on rank 0 the VAE. `world` spans the
     /// layout; its rank is this rank.
@@ -221,6 +238,29 @@ impl DistributedPipeline {
             options,
             progress,
         )
+    }
+}
+
+impl VideoPipeline for DistributedPipeline {
+    fn info(&self) -> &PipelineInfo {
+        self.pipeline.info()
+    }
+
+    fn layout_limits(&self, guidance: bool) -> longtake_proto::spec::LayoutLimits {
+        self.transformer.config().layout_limits(guidance)
+    }
+
+    fn cancel_token(&self) -> &CancelToken {
+        self.pipeline.cancel_token()
+    }
+
+    fn render_with_options(
+        &self,
+        spec: &RenderSpec,
+        options: RenderOptions<'_>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Rendered> {
+        DistributedPipeline::render_with_options(self, spec, options, progress)
     }
 }
 

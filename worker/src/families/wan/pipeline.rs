@@ -17,12 +17,12 @@ use candle_core::{DType, Device, Tensor};
 use super::transformer::{self as wan_transformer, WanTransformer3DModel};
 use super::vae::{self as wan_vae, WanVaeDecoder};
 use crate::model::denoiser::{AfterStep, Conditioning, Denoiser, DenoiserError, DenoiserState};
-use crate::model::family::ModelFamily;
-use crate::model::loader::{seeded_var_builder, Checkpoint};
+use crate::model::family::{ModelFamily, PipelineSource};
+use crate::model::loader::{seeded_var_builder, Checkpoint, LoadError};
 use crate::model::noise::{self, LatentShape};
 use crate::model::render::{
-    component, CancelToken, FlowModel, PipelineError, PipelineInfo, Progress, RenderOptions,
-    RenderSpec, Rendered, Result, Video,
+    component, CancelToken, FlowModel, ModelFacts, PipelineError, PipelineInfo, Progress,
+    RenderOptions, RenderSpec, Rendered, Result, Video, VideoPipeline,
 };
 use crate::model::scheduler::{self, Scheduler};
 use crate::model::text::PromptEncoder;
@@ -153,10 +153,58 @@ pub const TINY_WEIGHT_SEED: u64 = 0x5EED_0F10_7A4E;
 /// its full name, so a rank building a slice of the model must ask under the same names).
 pub const TINY_TRANSFORMER_PREFIX: &str = "tiny_transformer";
 
+/// What a worker advertises about a Wan2.1 model, checked without loading weights: the tiny
+/// model's configuration, or a checkpoint's components and its transformer's `config.json`.
+pub fn describe(source: PipelineSource<'_>) -> Result<ModelFacts> {
+    let (info, transformer) = match source {
+        PipelineSource::Tiny => {
+            let vocab = PromptTokenizer::builtin_tiny()?.vocab_size();
+            (tiny_info(), tiny_configs(vocab)?.transformer)
+        }
+        PipelineSource::Checkpoint(dir) => (
+            checkpoint_info(dir.display().to_string()),
+            check_checkpoint(dir)?,
+        ),
+    };
+    Ok(ModelFacts {
+        info,
+        attention_heads: transformer.num_attention_heads,
+        ffn_dim: transformer.ffn_dim,
+    })
+}
+
+/// Every component a render loads is present, with weights; returns the transformer's config.
+fn check_checkpoint(dir: &Path) -> std::result::Result<wan_transformer::Config, LoadError> {
+    let ckpt = Checkpoint::open(dir)?;
+    ModelFamily::of(&ckpt)?;
+    let tokenizer = ckpt.component("tokenizer")?.dir().join("tokenizer.json");
+    if !tokenizer.is_file() {
+        return Err(LoadError::Missing {
+            path: tokenizer,
+            what: "tokenizer file".into(),
+        });
+    }
+    for weighted in ["text_encoder", "vae"] {
+        ckpt.component(weighted)?.weight_files()?;
+    }
+    ckpt.component("scheduler")?;
+    let transformer = ckpt.component("transformer")?;
+    transformer.weight_files()?;
+    transformer.config()
+}
+
 /// Wan's prompt length for the published checkpoints.
 const WAN_MAX_SEQUENCE_LENGTH: usize = 512;
 
 impl WanPipeline {
+    /// The built-in tiny model, or a checkpoint (see [`Self::tiny`], [`Self::load`]).
+    pub fn from_source(source: PipelineSource<'_>, device: &Device, dtype: DType) -> Result<Self> {
+        match source {
+            PipelineSource::Tiny => Self::tiny(device, dtype),
+            PipelineSource::Checkpoint(dir) => Self::load(dir, device, dtype),
+        }
+    }
+
     /// Loads a checkpoint directory in the diffusers layout (e.g. `Wan2.1-T2V-1.3B-Diffusers`).
     pub fn load(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
         Self::load_parts(dir, device, dtype, Parts::ALL)
@@ -535,5 +583,28 @@ impl WanPipeline {
             height,
             width,
         })
+    }
+}
+
+impl VideoPipeline for WanPipeline {
+    fn info(&self) -> &PipelineInfo {
+        WanPipeline::info(self)
+    }
+
+    fn layout_limits(&self, guidance: bool) -> longtake_proto::spec::LayoutLimits {
+        self.transformer_config.layout_limits(guidance)
+    }
+
+    fn cancel_token(&self) -> &CancelToken {
+        WanPipeline::cancel_token(self)
+    }
+
+    fn render_with_options(
+        &self,
+        spec: &RenderSpec,
+        options: RenderOptions<'_>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Rendered> {
+        WanPipeline::render_with_options(self, spec, options, progress)
     }
 }
