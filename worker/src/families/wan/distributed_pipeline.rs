@@ -8,7 +8,7 @@
 //! torn video. Only rank 0 loads the VAE and decodes. The flow itself is the single-process one,
 //! [`WanPipeline::render_with`], run with a [`CheckedFlow`] model; so a distributed render
 //! resumes from a saved [`DenoiserState`](crate::model::denoiser::DenoiserState) like one in a
-//! single process.
+//! single process. It is the family's [`VideoPipeline`] on a rank of a layout.
 
 use std::path::Path;
 

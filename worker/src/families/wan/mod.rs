@@ -1,4 +1,8 @@
-//! Wan2.1 models: the video transformer and its parts, and the VAE decoder.
+//! The Wan2.1 text-to-video family: the video transformer and its parts (`transformer`,
+//! `attention`, `rope`, `embeddings`), the VAE decoder (`vae*`), the single-process pipeline
+//! (`pipeline`: `WanPipeline`, the built-in tiny model), and the transformer's distributed form
+//! under a parallel layout (`tensor_parallel`: the TP plan and sharded layers; `distributed`:
+//! `DistributedWanTransformer`; `distributed_pipeline`: `DistributedPipeline`).
 
 pub mod attention;
 pub mod distributed;

@@ -8,7 +8,8 @@
 //! This is the reference every distributed path is tested against. It loads a checkpoint in the
 //! diffusers layout ([`WanPipeline::load`]) or builds the built-in `tiny` model from a seed
 //! ([`WanPipeline::tiny`]), which makes abstract motion rather than pictures and exists to
-//! exercise the system without any files.
+//! exercise the system without any files. It is the family's [`VideoPipeline`] in one process;
+//! [`describe`] checks a Wan2.1 model without loading weights, for the worker to advertise it.
 
 use std::path::Path;
 
