@@ -21,7 +21,7 @@ use crate::model::family::PipelineSource;
 use crate::model::loader::{Checkpoint, Weights};
 use crate::model::render::{
     CancelToken, FlowModel, PipelineError, PipelineInfo, Progress, RenderOptions, RenderSpec,
-    Rendered, Result, Video, VideoPipeline,
+    Rendered, Result, VideoPipeline,
 };
 use crate::parallel::comm::Communicator;
 use crate::parallel::layout::Layout;
@@ -210,35 +210,6 @@ impl DistributedPipeline {
             progress,
         )
     }
-
-    /// The whole run on this rank: the video on rank 0, `None` on the others.
-    pub fn render(
-        &self,
-        spec: &RenderSpec,
-        progress: &mut dyn FnMut(Progress),
-    ) -> Result<Option<Video>> {
-        Ok(self
-            .render_with_options(spec, RenderOptions::default(), progress)?
-            .video)
-    }
-
-    /// [`Self::render`] with `options` (see [`WanPipeline::render_with_options`]); every rank
-    /// passes the same options (a resumed state too) and gets the same final latents.
-    pub fn render_with_options(
-        &self,
-        spec: &RenderSpec,
-        options: RenderOptions<'_>,
-        progress: &mut dyn FnMut(Progress),
-    ) -> Result<Rendered> {
-        self.check_spec(spec)?;
-        self.pipeline.render_with(
-            &CheckedFlow(&self.transformer),
-            spec,
-            self.rank() == ROOT,
-            options,
-            progress,
-        )
-    }
 }
 
 impl VideoPipeline for DistributedPipeline {
@@ -260,7 +231,16 @@ impl VideoPipeline for DistributedPipeline {
         options: RenderOptions<'_>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
-        DistributedPipeline::render_with_options(self, spec, options, progress)
+        // Every rank passes the same options (a resumed state too) and gets the same final
+        // latents; the video is rank 0's.
+        self.check_spec(spec)?;
+        self.pipeline.render_with(
+            &CheckedFlow(&self.transformer),
+            spec,
+            self.rank() == ROOT,
+            options,
+            progress,
+        )
     }
 }
 
