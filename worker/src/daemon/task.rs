@@ -1,7 +1,8 @@
 //! One task of a job on this worker: the request checked into a plan (model, spec with the
 //! model's defaults, layout, peers) before anything heavy, then the render on the calling
-//! (plain, non-async) thread — the single-process pipeline for one rank, this rank's share of a
-//! [`DistributedPipeline`] over a [`TcpMesh`] for more — reported as [`TaskEvent`]s.
+//! (plain, non-async) thread — the model family's single-process pipeline for one rank
+//! ([`load_pipeline`]), this rank's share of its distributed pipeline over a [`TcpMesh`] for more
+//! ([`load_distributed_pipeline`]) — reported as [`TaskEvent`]s. Nothing here names a family.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -6,7 +6,7 @@
 //! ranks never exchange latents; a fingerprint of the latents is compared across ranks before
 //! every step and once more at the end, so a rank that drifted is an error instead of a silently
 //! torn video. Only rank 0 loads the VAE and decodes. The flow itself is the single-process one,
-//! [`WanPipeline::render_with`], run with a [`CheckedFlow`] model; so a distributed render
+//! [`WanPipeline::render_with`], run with a `CheckedFlow` model; so a distributed render
 //! resumes from a saved [`DenoiserState`](crate::model::denoiser::DenoiserState) like one in a
 //! single process. It is the family's [`VideoPipeline`] on a rank of a layout.
 

@@ -470,7 +470,7 @@ impl WanPipeline {
     }
 
     /// [`Self::denoise`] with another flow model in place of the pipeline's own transformer
-    /// (e.g. a [`DistributedWanTransformer`](crate::parallel::DistributedWanTransformer)).
+    /// (e.g. a [`DistributedWanTransformer`](super::distributed::DistributedWanTransformer)).
     pub fn denoise_with(
         &self,
         model: &dyn FlowModel,
