@@ -24,7 +24,8 @@ use longtake_proto::{
     SubmitRequest, TaskRequest, WorkerState, MAX_MESSAGE_BYTES,
 };
 use longtake_worker::daemon::DaemonConfig;
-use longtake_worker::model::pipeline::{Progress, WanPipeline};
+use longtake_worker::families::wan::pipeline::WanPipeline;
+use longtake_worker::model::render::Progress;
 use tonic::transport::Channel;
 
 const USAGE: &str =
@@ -685,7 +686,7 @@ fn run(args: Args) -> Result<()> {
 }
 
 /// The single-process pipeline's spec for `spec`, as a worker serving the tiny model makes it.
-fn tiny_render_spec(spec: &RenderSpec) -> longtake_worker::model::pipeline::RenderSpec {
+fn tiny_render_spec(spec: &RenderSpec) -> longtake_worker::model::render::RenderSpec {
     use longtake_worker::daemon::models::ServedModel;
     use longtake_worker::daemon::{task, ModelSource};
     let tiny = ServedModel::open(ModelSource::Tiny).expect("the tiny model");

@@ -204,7 +204,7 @@ fn ffprobe_frames(path: &Path) -> HashMap<String, String> {
 
 /// The same spec rendered by the single-process pipeline and encoded by the same writer.
 fn reference_clip(spec: &RenderSpec, out: &Path) {
-    use longtake_worker::model::pipeline::WanPipeline;
+    use longtake_worker::families::wan::pipeline::WanPipeline;
     let pipeline = WanPipeline::tiny(&candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
     let video = pipeline
         .render(&tiny_render_spec(spec), &mut |_| {})
@@ -704,7 +704,7 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes_on_another() {
 }
 
 /// The single-process pipeline's spec for `spec`, as a worker serving the tiny model makes it.
-fn tiny_render_spec(spec: &RenderSpec) -> longtake_worker::model::pipeline::RenderSpec {
+fn tiny_render_spec(spec: &RenderSpec) -> longtake_worker::model::render::RenderSpec {
     use longtake_worker::daemon::models::ServedModel;
     use longtake_worker::daemon::{task, ModelSource};
     let tiny = ServedModel::open(ModelSource::Tiny).expect("the tiny model");

@@ -6,9 +6,9 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use longtake_worker::families::wan::pipeline::tiny_configs;
+use longtake_worker::families::wan::transformer::{Config, WanTransformer3DModel};
 use longtake_worker::model::loader::seeded_var_builder;
-use longtake_worker::model::pipeline::tiny_configs;
-use longtake_worker::model::wan::transformer::{Config, WanTransformer3DModel};
 
 type BenchResult = Result<(), Box<dyn std::error::Error>>;
 

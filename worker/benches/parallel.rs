@@ -21,21 +21,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use longtake_worker::families::wan::distributed::DistributedWanTransformer;
+use longtake_worker::families::wan::tensor_parallel::tensor_parallel_plan;
+use longtake_worker::families::wan::transformer::Config;
 use longtake_worker::model::compare::relative_l2;
-use longtake_worker::model::loader::{seeded_var_builder, SafetensorsWeights, ShardedWeights};
-use longtake_worker::model::wan::transformer::Config;
+use longtake_worker::model::loader::{SafetensorsWeights, Weights};
 use longtake_worker::parallel::layout::Layout;
 use longtake_worker::parallel::tcp::loopback_listeners;
-use longtake_worker::parallel::tensor_parallel::tensor_parallel_plan;
-use longtake_worker::parallel::{
-    CommError, Communicator, DistributedWanTransformer, SingleRank, TcpMesh, TcpMeshConfig,
-};
+use longtake_worker::parallel::{CommError, Communicator, SingleRank, TcpMesh, TcpMeshConfig};
 
 type BenchError = Box<dyn std::error::Error + Send + Sync>;
 type BenchResult<T = ()> = Result<T, BenchError>;
@@ -111,55 +108,15 @@ fn layouts() -> BenchResult<Vec<Layout>> {
         .collect()
 }
 
-/// Seeded weights that keep every tensor handed out, so that the model can be written to a
-/// checkpoint from which the ranks load their tensor-parallel slices.
-struct Recording {
-    seeded: VarBuilder<'static>,
-    seen: Arc<Mutex<Vec<(String, Tensor)>>>,
-}
-
-impl SimpleBackend for Recording {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        hint: Init,
-        dtype: DType,
-        _: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = self.seeded.get_with_hints_dtype(shape, name, hint, dtype)?;
-        self.seen
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("recording lock poisoned".into()))?
-            .push((name.to_string(), t.clone()));
-        Ok(t)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("recording weights need a shape for `{name}`")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
 /// Writes a seeded random model of `config` to `path`.
 fn write_checkpoint(config: &Config, path: &Path) -> BenchResult {
     let device = Device::Cpu;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let recording = Recording {
-        seeded: seeded_var_builder(7, DType::F32, &device),
-        seen: seen.clone(),
-    };
-    let vb = VarBuilder::from_backend(Box::new(recording), DType::F32, device);
+    // Seeded weights that keep every tensor handed out, so that the model can be written to a
+    // checkpoint from which the ranks load their tensor-parallel slices.
+    let (weights, recorded) = Weights::seeded(7).recorded();
+    let vb = weights.var_builder(DType::F32, &device);
     DistributedWanTransformer::new(config, Layout::SINGLE, Box::new(SingleRank::new()), vb)?;
-    let tensors: std::collections::HashMap<String, Tensor> = seen
-        .lock()
-        .map_err(|_| "recording lock poisoned")?
-        .drain(..)
-        .collect();
-    candle_core::safetensors::save(&tensors, path)?;
+    candle_core::safetensors::save(&recorded.take(), path)?;
     Ok(())
 }
 
@@ -290,8 +247,9 @@ fn run_rank(
     let rank = mesh_config.rank;
     let mesh = Arc::new(TcpMesh::connect_with_listener(mesh_config, listener)?);
     let plan = tensor_parallel_plan(&case.config, layout.tp, layout.coords(rank).tp);
-    let weights = ShardedWeights::new(SafetensorsWeights::open_file(checkpoint)?, plan);
-    let vb = VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu);
+    let vb = Weights::files(SafetensorsWeights::open_file(checkpoint)?)
+        .sharded(plan)
+        .var_builder(DType::F32, &Device::Cpu);
     let model = DistributedWanTransformer::new(
         &case.config,
         layout,

@@ -8,10 +8,10 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
+use longtake_worker::families::wan::pipeline::tiny_configs;
+use longtake_worker::families::wan::vae::{Config, WanVaeDecoder};
 use longtake_worker::model::loader::seeded_var_builder;
 use longtake_worker::model::noise;
-use longtake_worker::model::pipeline::tiny_configs;
-use longtake_worker::model::wan::vae::{Config, WanVaeDecoder};
 
 struct Case {
     name: &'static str,

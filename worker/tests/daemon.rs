@@ -13,7 +13,8 @@ use longtake_proto::{
     TaskFinished, TaskRequest, Worker, WorkerState, MAX_MESSAGE_BYTES,
 };
 use longtake_worker::daemon::{self, DaemonConfig, DaemonError};
-use longtake_worker::model::pipeline::{self, WanPipeline};
+use longtake_worker::families::wan::pipeline::WanPipeline;
+use longtake_worker::model::render as pipeline;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};

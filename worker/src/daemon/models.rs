@@ -1,15 +1,13 @@
 //! The models a worker serves: parsing `--model` values, checking each checkpoint at start (so a
 //! bad path fails the daemon, not its first job) and the [`ModelInfo`] the worker advertises.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use longtake_proto::ModelInfo;
 
-use crate::model::family::ModelFamily;
-use crate::model::loader::{Checkpoint, LoadError};
-use crate::model::pipeline::{tiny_configs, PipelineError, PipelineInfo};
-use crate::model::tokenizer::PromptTokenizer;
-use crate::model::wan::transformer::Config as TransformerConfig;
+use crate::families;
+use crate::model::family::PipelineSource;
+use crate::model::render::{ModelFacts, PipelineError};
 
 /// The name the built-in tiny model is served under.
 pub const TINY: &str = "tiny";
@@ -32,7 +30,7 @@ pub enum ModelError {
     Checkpoint {
         name: String,
         #[source]
-        source: Box<LoadError>,
+        source: Box<PipelineError>,
     },
     #[error("model tiny: {0}")]
     Tiny(#[source] PipelineError),
@@ -76,6 +74,14 @@ impl ModelSource {
         Ok(Self::Checkpoint { name, dir })
     }
 
+    /// Where the model's pipeline loads from.
+    pub fn pipeline_source(&self) -> PipelineSource<'_> {
+        match self {
+            Self::Tiny => PipelineSource::Tiny,
+            Self::Checkpoint { dir, .. } => PipelineSource::Checkpoint(dir),
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             Self::Tiny => TINY,
@@ -84,74 +90,41 @@ impl ModelSource {
     }
 }
 
-/// A checked model: what it is, what the worker advertises and its transformer's shape (which
-/// layouts can split it).
+/// A checked model: what it is, what the worker advertises and what it was told by the model's
+/// family (defaults, the transformer's shape which layouts can split).
 #[derive(Debug, Clone)]
 pub struct ServedModel {
     pub source: ModelSource,
     pub info: ModelInfo,
-    pub transformer: TransformerConfig,
+    pub facts: ModelFacts,
 }
 
 impl ServedModel {
     /// Checks the model without loading weights: the tiny model's configuration, or a
     /// checkpoint's components and its transformer's `config.json`.
     pub fn open(source: ModelSource) -> Result<Self, ModelError> {
-        let (defaults, transformer) = match &source {
-            ModelSource::Tiny => {
-                let vocab = PromptTokenizer::builtin_tiny()
-                    .map_err(|e| ModelError::Tiny(e.into()))?
-                    .vocab_size();
-                let configs = tiny_configs(vocab).map_err(ModelError::Tiny)?;
-                (PipelineInfo::tiny(), configs.transformer)
-            }
-            ModelSource::Checkpoint { name, dir } => {
-                let transformer =
-                    check_checkpoint(dir).map_err(|source| ModelError::Checkpoint {
-                        name: name.clone(),
-                        source: Box::new(source),
-                    })?;
-                (
-                    PipelineInfo::checkpoint(dir.display().to_string()),
-                    transformer,
-                )
-            }
-        };
+        let facts = families::describe(source.pipeline_source()).map_err(|e| match &source {
+            ModelSource::Tiny => ModelError::Tiny(e),
+            ModelSource::Checkpoint { name, .. } => ModelError::Checkpoint {
+                name: name.clone(),
+                source: Box::new(e),
+            },
+        })?;
         let info = ModelInfo {
             name: source.name().to_string(),
-            default_width: defaults.default_width as u32,
-            default_height: defaults.default_height as u32,
-            default_steps: defaults.default_steps as u32,
-            attention_heads: transformer.num_attention_heads as u32,
-            ffn_dim: transformer.ffn_dim as u32,
-            max_prompt_tokens: defaults.max_sequence_length as u32,
+            default_width: facts.info.default_width as u32,
+            default_height: facts.info.default_height as u32,
+            default_steps: facts.info.default_steps as u32,
+            attention_heads: facts.attention_heads as u32,
+            ffn_dim: facts.ffn_dim as u32,
+            max_prompt_tokens: facts.info.max_sequence_length as u32,
         };
         Ok(Self {
             source,
             info,
-            transformer,
+            facts,
         })
     }
-}
-
-/// Every component a render loads is present, with weights; returns the transformer's config.
-fn check_checkpoint(dir: &Path) -> Result<TransformerConfig, LoadError> {
-    let ckpt = Checkpoint::open(dir)?;
-    ModelFamily::of(&ckpt)?;
-    let tokenizer = ckpt.component("tokenizer")?.dir().join("tokenizer.json");
-    if !tokenizer.is_file() {
-        return Err(LoadError::Missing {
-            path: tokenizer,
-            what: "tokenizer file".into(),
-        });
-    }
-    for weighted in ["text_encoder", "vae"] {
-        ckpt.component(weighted)?.weight_files()?;
-    }
-    ckpt.component("scheduler")?;
-    let transformer = ckpt.component("transformer")?;
-    transformer.weight_files()?;
-    transformer.config()
 }
 
 /// The models of one worker, by name.
@@ -221,13 +194,20 @@ mod tests {
     fn tiny_advertises_the_pipeline_defaults_and_heads() {
         let models = Models::open(&[]).unwrap();
         let tiny = models.get(TINY).unwrap();
-        let defaults = PipelineInfo::tiny();
+        let defaults = crate::families::wan::pipeline::tiny_info();
         assert_eq!(tiny.info.default_width as usize, defaults.default_width);
         assert_eq!(tiny.info.default_steps as usize, defaults.default_steps);
+        let vocab = crate::model::tokenizer::PromptTokenizer::builtin_tiny()
+            .unwrap()
+            .vocab_size();
+        let transformer = crate::families::wan::pipeline::tiny_configs(vocab)
+            .unwrap()
+            .transformer;
         assert_eq!(
             tiny.info.attention_heads as usize,
-            tiny.transformer.num_attention_heads
+            transformer.num_attention_heads
         );
+        assert_eq!(tiny.info.ffn_dim as usize, transformer.ffn_dim);
         assert!(models.get("wan").is_none());
     }
 

@@ -1,7 +1,8 @@
 //! One task of a job on this worker: the request checked into a plan (model, spec with the
 //! model's defaults, layout, peers) before anything heavy, then the render on the calling
-//! (plain, non-async) thread — the single-process pipeline for one rank, this rank's share of a
-//! [`DistributedPipeline`] over a [`TcpMesh`] for more — reported as [`TaskEvent`]s.
+//! (plain, non-async) thread — the model family's single-process pipeline for one rank
+//! ([`load_pipeline`]), this rank's share of its distributed pipeline over a [`TcpMesh`] for more
+//! ([`load_distributed_pipeline`]) — reported as [`TaskEvent`]s. Nothing here names a family.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -12,11 +13,12 @@ use longtake_proto::{
     task_event, Decoding, FrameBatch, Step, TaskEvent, TaskFinished, TaskStarted,
 };
 
-use super::models::{ModelSource, Models, ServedModel};
-use crate::model::pipeline::{
-    CancelToken, PipelineError, Progress, RenderSpec, Video, WanPipeline,
+use super::models::{Models, ServedModel};
+use crate::families::{load_distributed_pipeline, load_pipeline};
+use crate::model::render::{
+    CancelToken, PipelineError, Progress, RenderSpec, Video, VideoPipeline,
 };
-use crate::parallel::{DistributedPipeline, TcpMesh, TcpMeshConfig, Timeouts};
+use crate::parallel::{TcpMesh, TcpMeshConfig, Timeouts};
 use longtake_proto::spec::{JobSpec, Layout, ModelDescription, SpecError, SpecRequest};
 
 /// Largest RGB payload of one [`FrameBatch`] (whole frames; at least one per batch).
@@ -212,7 +214,7 @@ pub struct TaskRunner {
     device: Device,
     dtype: DType,
     mesh_timeouts: Timeouts,
-    cached: Mutex<Option<(String, WanPipeline)>>,
+    cached: Mutex<Option<(String, Box<dyn VideoPipeline>)>>,
 }
 
 impl TaskRunner {
@@ -272,12 +274,11 @@ impl TaskRunner {
             .filter(|(cached, _)| *cached == name);
         let pipeline = match cached {
             Some((_, pipeline)) => pipeline,
-            None => match &plan.model.source {
-                ModelSource::Tiny => WanPipeline::tiny(&self.device, self.dtype)?,
-                ModelSource::Checkpoint { dir, .. } => {
-                    WanPipeline::load(dir, &self.device, self.dtype)?
-                }
-            },
+            None => load_pipeline(
+                plan.model.source.pipeline_source(),
+                &self.device,
+                self.dtype,
+            )?,
         };
         pipeline.cancel_token().reset();
         let rendered = self.render(
@@ -286,7 +287,7 @@ impl TaskRunner {
             plan,
             abort,
             emit,
-            &mut |progress| pipeline.render(&plan.spec, progress).map(Some),
+            &mut |progress| pipeline.render(&plan.spec, progress),
         );
         *self.cached.lock().unwrap_or_else(PoisonError::into_inner) = Some((name, pipeline));
         rendered
@@ -309,16 +310,15 @@ impl TaskRunner {
             timeouts: self.mesh_timeouts.clone(),
         };
         let mesh = Box::new(TcpMesh::connect_with_listener(config, listener)?);
-        let pipeline = match &plan.model.source {
-            ModelSource::Tiny => {
-                DistributedPipeline::tiny(&self.device, self.dtype, plan.layout, mesh)?
-            }
-            ModelSource::Checkpoint { dir, .. } => {
-                DistributedPipeline::load(dir, &self.device, self.dtype, plan.layout, mesh)?
-            }
-        };
+        let pipeline = load_distributed_pipeline(
+            plan.model.source.pipeline_source(),
+            &self.device,
+            self.dtype,
+            plan.layout,
+            mesh,
+        )?;
         self.render(
-            pipeline.pipeline().cancel_token(),
+            pipeline.cancel_token(),
             load_start,
             plan,
             abort,
@@ -421,7 +421,7 @@ mod tests {
     fn zero_fields_take_the_model_defaults() {
         let models = Models::open(&[]).unwrap();
         let plan = TaskPlan::new(&models, &spec(""), 0, 1, &[]).unwrap();
-        let tiny = crate::model::pipeline::PipelineInfo::tiny();
+        let tiny = crate::families::wan::pipeline::tiny_info();
         assert_eq!(
             (plan.spec.width, plan.spec.height, plan.spec.steps),
             (tiny.default_width, tiny.default_height, tiny.default_steps)

@@ -28,7 +28,7 @@ use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::pipeline::{component, CancelToken, FlowModel, PipelineError, Progress, Result};
+use super::render::{component, CancelToken, FlowModel, PipelineError, Progress, Result};
 use super::scheduler::{Scheduler, SchedulerState, StateError};
 
 /// The safetensors metadata key that holds the JSON header.
@@ -446,7 +446,8 @@ fn checksum(tensors: &BTreeMap<String, Tensor>) -> candle_core::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::pipeline::{RenderOptions, RenderSpec, WanPipeline};
+    use crate::families::wan::pipeline::WanPipeline;
+    use crate::model::render::{RenderOptions, RenderSpec};
     use crate::model::scheduler::{self, SchedulerKind};
     use crate::parallel::testing::{bits, TestResult};
 
@@ -677,7 +678,7 @@ mod tests {
         let pipe = WanPipeline::tiny_parts(
             &dev,
             DType::F32,
-            crate::model::pipeline::Parts {
+            crate::families::wan::pipeline::Parts {
                 transformer: false,
                 vae: false,
             },

@@ -4,9 +4,20 @@
 //! family the worker runs has its own pipeline; a new family is a new variant here and a new
 //! folder beside `wan/`.
 
+use std::path::Path;
+
 use serde_json::Value;
 
 use super::loader::{Checkpoint, LoadError};
+
+/// Where a pipeline is loaded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineSource<'a> {
+    /// The built-in tiny model: Wan2.1's architecture at a toy size with seeded weights.
+    Tiny,
+    /// A checkpoint directory in the diffusers layout.
+    Checkpoint(&'a Path),
+}
 
 /// The model families this build runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +27,14 @@ pub enum ModelFamily {
 }
 
 impl ModelFamily {
+    /// The family of a pipeline source: the tiny model's, or a checkpoint's (see [`Self::of`]).
+    pub fn of_source(source: PipelineSource<'_>) -> Result<Self, LoadError> {
+        match source {
+            PipelineSource::Tiny => Ok(ModelFamily::Wan21TextToVideo),
+            PipelineSource::Checkpoint(dir) => Self::of(&Checkpoint::open(dir)?),
+        }
+    }
+
     /// The family of `checkpoint`, or [`LoadError::Unsupported`] naming what it is.
     pub fn of(checkpoint: &Checkpoint) -> Result<Self, LoadError> {
         let index = checkpoint.index();
@@ -87,8 +106,9 @@ mod tests {
                         "image-to-video"
                     };
                     assert!(message.contains(expected), "{name}: {message}");
-                    let load = crate::model::pipeline::WanPipeline::load(
-                        dir.join("pipeline"),
+                    let checkpoint = dir.join("pipeline");
+                    let load = crate::families::load_pipeline(
+                        PipelineSource::Checkpoint(&checkpoint),
                         &candle_core::Device::Cpu,
                         candle_core::DType::F32,
                     );

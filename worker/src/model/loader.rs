@@ -8,19 +8,19 @@
 //! dtype the model runs in as they are loaded. Every failure names the file, and the tensor where
 //! there is one, so that a user knows what to re-download.
 //!
-//! A tensor-parallel rank needs only its slice of some weights: [`SafetensorsWeights::load_slice`]
-//! copies just that slice out of the memory map, and [`Component::sharded_var_builder`] serves the
-//! tensors a [`ShardPlan`] names as slices and the rest whole, so a rank materialises about 1/tp
-//! of the sharded weights.
-//!
-//! The built-in `tiny` model has no files: [`seeded_var_builder`] makes its weights from a seed
-//! with the same counter-based generator as the initial noise.
+//! Every model gets its weights from one backend, [`Weights`]: a source of full tensors (the
+//! checkpoint's safetensors files through [`SafetensorsWeights`], or weights made from a seed and
+//! the tensor's full name with the same counter-based generator as the initial noise, for the
+//! built-in `tiny` model and benchmarks), optionally cut by a [`ShardPlan`] to a tensor-parallel
+//! rank's slices and optionally recording what it hands out. From files a rank copies only its
+//! slices out of the memory map ([`SafetensorsWeights::load_slice`]), so it materialises about
+//! 1/tp of the sharded weights.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::{Load, MmapedSafetensors};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -228,42 +228,20 @@ impl Component {
         Ok(files)
     }
 
+    /// The component's weights (see [`Weights`]): whole, until given a [`ShardPlan`].
+    pub fn weights(&self) -> Result<Weights, LoadError> {
+        Ok(Weights::files(SafetensorsWeights::open(
+            &self.weight_files()?,
+        )?))
+    }
+
     /// A `VarBuilder` over the component's weights, converting them to `dtype` on `device`.
     pub fn var_builder(
         &self,
         dtype: DType,
         device: &Device,
     ) -> Result<VarBuilder<'static>, LoadError> {
-        let backend = SafetensorsWeights::open(&self.weight_files()?)?;
-        Ok(VarBuilder::from_backend(
-            Box::new(backend),
-            dtype,
-            device.clone(),
-        ))
-    }
-
-    /// The component's weights with the tensors `plan` names cut to their slice (see
-    /// [`ShardedWeights`]).
-    pub fn sharded_weights(&self, plan: ShardPlan) -> Result<ShardedWeights, LoadError> {
-        Ok(ShardedWeights::new(
-            SafetensorsWeights::open(&self.weight_files()?)?,
-            plan,
-        ))
-    }
-
-    /// A `VarBuilder` like [`Self::var_builder`] that serves the tensors `plan` names as slices:
-    /// the model asks for the slice's shape under the tensor's full name.
-    pub fn sharded_var_builder(
-        &self,
-        dtype: DType,
-        device: &Device,
-        plan: ShardPlan,
-    ) -> Result<VarBuilder<'static>, LoadError> {
-        Ok(VarBuilder::from_backend(
-            Box::new(self.sharded_weights(plan)?),
-            dtype,
-            device.clone(),
-        ))
+        Ok(self.weights()?.var_builder(dtype, device))
     }
 }
 
@@ -283,7 +261,7 @@ impl ByteCounter {
 }
 
 /// Memory-mapped safetensors files that know which file holds which tensor, so that errors can
-/// name it.
+/// name it: the file source of [`Weights`], and the reader of reference fixtures.
 pub struct SafetensorsWeights {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     /// tensor name → index into `files`
@@ -500,56 +478,27 @@ impl Runs<'_> {
     }
 }
 
-impl SimpleBackend for SafetensorsWeights {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let tensor = self
-            .load_as(name, dtype, dev)
-            .map_err(candle_core::Error::wrap)?;
-        if tensor.shape() != &shape {
-            return Err(candle_core::Error::wrap(self.shape_mismatch(
-                name,
-                name.into(),
-                &shape,
-                &tensor,
-            )));
-        }
-        Ok(tensor)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load_as(name, dtype, dev)
-            .map_err(candle_core::Error::wrap)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.location.contains_key(name)
-    }
-}
-
-/// A slice of one tensor: `range` along dimension `dim`.
+/// A slice of one tensor: `range` along dimension `dim`, whose full length is `len`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {
     pub dim: usize,
     pub range: Range<usize>,
+    /// The whole tensor's length along `dim`: seeded weights make the whole tensor to cut the
+    /// slice from; files know it themselves.
+    pub len: usize,
 }
 
 impl Shard {
-    /// Rows `range` of a matrix (dim 0): a column-parallel linear layer's output features, or a
-    /// bias's entries.
-    pub fn rows(range: Range<usize>) -> Self {
-        Self { dim: 0, range }
+    /// Rows `range` of a matrix with `len` rows (dim 0): a column-parallel linear layer's output
+    /// features, or a bias's entries.
+    pub fn rows(range: Range<usize>, len: usize) -> Self {
+        Self { dim: 0, range, len }
     }
 
-    /// Columns `range` of a matrix (dim 1): a row-parallel linear layer's input features.
-    pub fn cols(range: Range<usize>) -> Self {
-        Self { dim: 1, range }
+    /// Columns `range` of a matrix with `len` columns (dim 1): a row-parallel linear layer's
+    /// input features.
+    pub fn cols(range: Range<usize>, len: usize) -> Self {
+        Self { dim: 1, range, len }
     }
 }
 
@@ -599,119 +548,179 @@ impl std::fmt::Debug for ShardPlan {
     }
 }
 
-/// [`SafetensorsWeights`] that serve the tensors of a [`ShardPlan`] as slices, read straight from
-/// the memory map, and every other tensor whole. The model asks for a planned tensor under its
-/// full checkpoint name with the slice's shape.
-pub struct ShardedWeights {
-    weights: SafetensorsWeights,
-    plan: ShardPlan,
+/// Where a [`Weights`] backend takes its full tensors from.
+enum Source {
+    /// Checkpoint files (one, or the shards of an index); a slice is read straight from the
+    /// memory map.
+    Files(SafetensorsWeights),
+    /// Tensors made from a seed and the tensor's full name, `prefix` + the name asked for (see
+    /// [`seeded_values`]).
+    Seeded { seed: u64, prefix: String },
 }
 
-impl ShardedWeights {
-    pub fn new(weights: SafetensorsWeights, plan: ShardPlan) -> Self {
-        Self { weights, plan }
+/// The tensors a [`Weights`] backend has handed out, by name, when asked to keep them
+/// ([`Weights::recorded`]), e.g. to write a seeded model to a checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct Recorded(Arc<Mutex<HashMap<String, Tensor>>>);
+
+impl Recorded {
+    /// Takes the tensors recorded so far.
+    pub fn take(&self) -> HashMap<String, Tensor> {
+        self.0
+            .lock()
+            .map(|mut seen| std::mem::take(&mut *seen))
+            .unwrap_or_default()
     }
 
-    /// A handle on the count of bytes this rank has copied out of the weight files.
-    pub fn bytes_read(&self) -> ByteCounter {
-        self.weights.bytes_read()
-    }
-
-    fn load_as(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor, LoadError> {
-        match self.plan.shard_of(name) {
-            Some(Shard { dim, range }) => {
-                let slice = self.weights.load_slice(name, dim, range, dev)?;
-                self.weights.convert(name, slice, dtype)
-            }
-            None => self.weights.load_as(name, dtype, dev),
+    fn keep(&self, name: &str, tensor: &Tensor) {
+        if let Ok(mut seen) = self.0.lock() {
+            seen.insert(name.to_string(), tensor.clone());
         }
     }
 }
 
-impl SimpleBackend for ShardedWeights {
-    fn get(
-        &self,
-        shape: Shape,
+/// The one weight backend behind every model's `VarBuilder`: a source of full tensors
+/// (checkpoint safetensors files, or weights made from a seed), of which the tensors a
+/// [`ShardPlan`] names are served as a tensor-parallel rank's slices and every other tensor
+/// whole. The model asks for a planned tensor under its full name with the slice's shape; from
+/// files only the slice's bytes are read, seeded weights make the full tensor (the plan gives
+/// its length along the sliced dimension) and keep the slice, so the slices of all ranks put
+/// together are the single-process model's tensors.
+pub struct Weights {
+    source: Source,
+    plan: ShardPlan,
+    recorded: Option<Recorded>,
+}
+
+impl Weights {
+    /// The tensors of checkpoint files, whole.
+    pub fn files(files: SafetensorsWeights) -> Self {
+        Self::from_source(Source::Files(files))
+    }
+
+    /// Weights made from `seed`: each tensor is a pure function of (seed, name, shape).
+    pub fn seeded(seed: u64) -> Self {
+        Self::seeded_under(seed, "")
+    }
+
+    /// [`Self::seeded`] with every tensor made as if it were called `prefix.name`: the same
+    /// tensors as a seeded `VarBuilder` scoped with `pp(prefix)`, while a [`ShardPlan`] sees the
+    /// names the model asks for.
+    pub fn seeded_under(seed: u64, prefix: &str) -> Self {
+        let prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}.")
+        };
+        Self::from_source(Source::Seeded { seed, prefix })
+    }
+
+    fn from_source(source: Source) -> Self {
+        Self {
+            source,
+            plan: ShardPlan::new(),
+            recorded: None,
+        }
+    }
+
+    /// Serves the tensors `plan` names as slices.
+    pub fn sharded(mut self, plan: ShardPlan) -> Self {
+        self.plan = plan;
+        self
+    }
+
+    /// Keeps every tensor handed out; the handle reads them.
+    pub fn recorded(mut self) -> (Self, Recorded) {
+        let recorded = Recorded::default();
+        self.recorded = Some(recorded.clone());
+        (self, recorded)
+    }
+
+    /// A handle on the count of bytes copied out of the weight files (seeded weights read none).
+    pub fn bytes_read(&self) -> ByteCounter {
+        match &self.source {
+            Source::Files(files) => files.bytes_read(),
+            Source::Seeded { .. } => ByteCounter::default(),
+        }
+    }
+
+    /// A `VarBuilder` over these weights, converting them to `dtype` on `device`.
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+
+    /// `name` as errors show it: with its slice where the plan names one.
+    fn shown(name: &str, shard: &Option<Shard>) -> String {
+        match shard {
+            Some(Shard { dim, range, .. }) => {
+                format!("{name}[{}..{} along dim {dim}]", range.start, range.end)
+            }
+            None => name.to_string(),
+        }
+    }
+
+    /// Tensor `name` (its slice where the plan names one) from the files, converted to `dtype`.
+    fn load_file(
+        files: &SafetensorsWeights,
         name: &str,
-        _: Init,
+        shard: &Option<Shard>,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor, LoadError> {
+        match shard {
+            Some(Shard { dim, range, .. }) => {
+                let slice = files.load_slice(name, *dim, range.clone(), dev)?;
+                files.convert(name, slice, dtype)
+            }
+            None => files.load_as(name, dtype, dev),
+        }
+    }
+
+    /// Seeded tensor `name` of `shape` (the slice's shape where the plan names one).
+    fn make_seeded(
+        seed: u64,
+        full_name: &str,
+        shape: &Shape,
+        shard: &Option<Shard>,
+        hint: Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self
-            .load_as(name, dtype, dev)
-            .map_err(candle_core::Error::wrap)?;
-        if tensor.shape() != &shape {
-            let tensor_name = match self.plan.shard_of(name) {
-                Some(Shard { dim, range }) => {
-                    format!("{name}[{}..{} along dim {dim}]", range.start, range.end)
-                }
-                None => name.to_string(),
-            };
-            return Err(candle_core::Error::wrap(self.weights.shape_mismatch(
-                name,
-                tensor_name,
-                &shape,
-                &tensor,
-            )));
-        }
-        Ok(tensor)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load_as(name, dtype, dev)
-            .map_err(candle_core::Error::wrap)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.weights.contains_tensor(name)
-    }
-}
-
-/// Weights made from a seed, for the built-in tiny model and for benchmarks: each tensor is a pure
-/// function of (seed, tensor name, shape), so a model built twice is identical on every machine.
-///
-/// Matrices and kernels get N(0, 1/fan_in) entries, which keeps activations at unit scale through
-/// random layers; vectors named like norm scales get ones; other vectors (biases, modulation
-/// tables) get small N(0, 0.02²) values. `Init::Const` hints are honoured.
-pub struct SeededWeights {
-    seed: u64,
-}
-
-impl SeededWeights {
-    fn values(&self, name: &str, shape: &Shape, hint: Init) -> Vec<f32> {
-        let n = shape.elem_count();
-        if let Init::Const(c) = hint {
-            if c != 0.0 {
-                return vec![c as f32; n];
-            }
-        }
-        let dims = shape.dims();
-        let is_norm_scale = dims.len() == 1
-            && (name.ends_with("norm.weight")
-                || name.contains("norm") && name.ends_with(".weight")
-                || name.ends_with(".gamma")
-                || name.ends_with("layer_norm.weight"));
-        if is_norm_scale {
-            return vec![1.0; n];
-        }
-        let scale = if dims.len() >= 2 {
-            let fan_in: usize = dims[1..].iter().product();
-            1.0 / (fan_in.max(1) as f32).sqrt()
-        } else {
-            0.02
+        let Some(Shard { dim, range, len }) = shard else {
+            let values = seeded_values(seed, full_name, shape, hint);
+            return Tensor::from_vec(values, shape.clone(), dev)?.to_dtype(dtype);
         };
-        // FNV-1a of the name picks the stream, so tensors do not share values.
-        let stream = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-        noise::gaussian(self.seed, stream, 0, n)
-            .into_iter()
-            .map(|v| v * scale)
-            .collect()
+        let mut full = shape.dims().to_vec();
+        if *dim >= full.len() || range.end > *len {
+            candle_core::bail!(
+                "`{}`: cannot take {}..{} of {len} along dim {dim} of shape {:?}",
+                Self::shown(full_name, shard),
+                range.start,
+                range.end,
+                shape.dims()
+            );
+        }
+        full[*dim] = *len;
+        let full = Shape::from(full);
+        let values = seeded_values(seed, full_name, &full, hint);
+        let slice = Tensor::from_vec(values, full, dev)?
+            .to_dtype(dtype)?
+            .narrow(*dim, range.start, range.len())?
+            .contiguous()?;
+        if slice.shape() != shape {
+            candle_core::bail!(
+                "`{full_name}`[{}..{} along dim {dim}] has shape {:?}, the model expects {:?}",
+                range.start,
+                range.end,
+                slice.dims(),
+                shape.dims()
+            );
+        }
+        Ok(slice)
     }
 }
 
-impl SimpleBackend for SeededWeights {
+impl SimpleBackend for Weights {
     fn get(
         &self,
         shape: Shape,
@@ -720,28 +729,103 @@ impl SimpleBackend for SeededWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let values = self.values(name, &shape, hint);
-        Tensor::from_vec(values, shape, dev)?.to_dtype(dtype)
+        let shard = self.plan.shard_of(name);
+        let tensor = match &self.source {
+            Source::Files(files) => {
+                let tensor = Self::load_file(files, name, &shard, dtype, dev)
+                    .map_err(candle_core::Error::wrap)?;
+                if tensor.shape() != &shape {
+                    return Err(candle_core::Error::wrap(files.shape_mismatch(
+                        name,
+                        Self::shown(name, &shard),
+                        &shape,
+                        &tensor,
+                    )));
+                }
+                tensor
+            }
+            Source::Seeded { seed, prefix } => Self::make_seeded(
+                *seed,
+                &format!("{prefix}{name}"),
+                &shape,
+                &shard,
+                hint,
+                dtype,
+                dev,
+            )?,
+        };
+        if let Some(recorded) = &self.recorded {
+            recorded.keep(name, &tensor);
+        }
+        Ok(tensor)
     }
 
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        seeded_without_shape(name)
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match &self.source {
+            Source::Files(files) => {
+                let tensor = Self::load_file(files, name, &self.plan.shard_of(name), dtype, dev)
+                    .map_err(candle_core::Error::wrap)?;
+                if let Some(recorded) = &self.recorded {
+                    recorded.keep(name, &tensor);
+                }
+                Ok(tensor)
+            }
+            Source::Seeded { .. } => {
+                candle_core::bail!("seeded weights need a shape for tensor `{name}`")
+            }
+        }
     }
 
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
+    fn contains_tensor(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Files(files) => files.location.contains_key(name),
+            Source::Seeded { .. } => true,
+        }
     }
 }
 
-/// The answer of seeded weights (and of backends made from them) to a tensor asked for without
-/// its shape: a seeded tensor is made to the shape asked for, so there is none to give.
-pub(crate) fn seeded_without_shape(name: &str) -> candle_core::Result<Tensor> {
-    candle_core::bail!("seeded weights need a shape for tensor `{name}`")
+/// The values of seeded tensor `name` of `shape`, for the built-in tiny model and for
+/// benchmarks: a pure function of (seed, tensor name, shape), so a model built twice is
+/// identical on every machine.
+///
+/// Matrices and kernels get N(0, 1/fan_in) entries, which keeps activations at unit scale through
+/// random layers; vectors named like norm scales get ones; other vectors (biases, modulation
+/// tables) get small N(0, 0.02²) values. `Init::Const` hints are honoured.
+fn seeded_values(seed: u64, name: &str, shape: &Shape, hint: Init) -> Vec<f32> {
+    let n = shape.elem_count();
+    if let Init::Const(c) = hint {
+        if c != 0.0 {
+            return vec![c as f32; n];
+        }
+    }
+    let dims = shape.dims();
+    let is_norm_scale = dims.len() == 1
+        && (name.ends_with("norm.weight")
+            || name.contains("norm") && name.ends_with(".weight")
+            || name.ends_with(".gamma")
+            || name.ends_with("layer_norm.weight"));
+    if is_norm_scale {
+        return vec![1.0; n];
+    }
+    let scale = if dims.len() >= 2 {
+        let fan_in: usize = dims[1..].iter().product();
+        1.0 / (fan_in.max(1) as f32).sqrt()
+    } else {
+        0.02
+    };
+    // FNV-1a of the name picks the stream, so tensors do not share values.
+    let stream = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    noise::gaussian(seed, stream, 0, n)
+        .into_iter()
+        .map(|v| v * scale)
+        .collect()
 }
 
-/// A `VarBuilder` whose every tensor is made from `seed` (see [`SeededWeights`]).
+/// A `VarBuilder` whose every tensor is made from `seed` (see [`Weights::seeded`]).
 pub fn seeded_var_builder(seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(SeededWeights { seed }), dtype, device.clone())
+    Weights::seeded(seed).var_builder(dtype, device)
 }
 
 #[cfg(test)]
@@ -1015,14 +1099,14 @@ mod tests {
         let parts = crate::parallel::layout::shard_range(dim, tp, rank);
         let cols = parts.clone();
         ShardPlan::new()
-            .tensor("blocks.0.attn1.to_q.bias", Shard::rows(parts.clone()))
+            .tensor("blocks.0.attn1.to_q.bias", Shard::rows(parts.clone(), dim))
             .rule(move |name| {
                 name.ends_with("to_q.weight")
-                    .then(|| Shard::rows(parts.clone()))
+                    .then(|| Shard::rows(parts.clone(), dim))
             })
             .rule(move |name| {
                 name.ends_with("to_out.0.weight")
-                    .then(|| Shard::cols(cols.clone()))
+                    .then(|| Shard::cols(cols.clone(), dim))
             })
     }
 
@@ -1037,8 +1121,10 @@ mod tests {
         };
         for rank in 0..tp {
             let vb = component
-                .sharded_var_builder(DType::F32, &dev, tensor_parallel_plan(dim, tp, rank))
+                .weights()
                 .unwrap()
+                .sharded(tensor_parallel_plan(dim, tp, rank))
+                .var_builder(DType::F32, &dev)
                 .pp("blocks.0.attn1");
             let start = rank * dim / tp;
             let part = dim / tp;
@@ -1082,7 +1168,7 @@ mod tests {
         let component = Component {
             dir: dir.path().to_path_buf(),
         };
-        let whole = component.sharded_weights(ShardPlan::new()).unwrap();
+        let whole = component.weights().unwrap();
         let whole_read = whole.bytes_read();
         let vb = VarBuilder::from_backend(Box::new(whole), DType::BF16, dev.clone());
         for name in ["to_q.weight", "to_q.bias", "to_out.0.weight"] {
@@ -1095,8 +1181,9 @@ mod tests {
         let mut sum = 0;
         for rank in 0..tp {
             let weights = component
-                .sharded_weights(tensor_parallel_plan(dim, tp, rank))
-                .unwrap();
+                .weights()
+                .unwrap()
+                .sharded(tensor_parallel_plan(dim, tp, rank));
             let read = weights.bytes_read();
             let vb = VarBuilder::from_backend(Box::new(weights), DType::BF16, dev.clone())
                 .pp("blocks.0.attn1");
@@ -1114,5 +1201,56 @@ mod tests {
             sum += read.get();
         }
         assert_eq!(sum, sharded_total);
+    }
+
+    #[test]
+    fn seeded_slices_put_together_are_the_seeded_tensors() {
+        let dev = Device::Cpu;
+        let (dim, tp) = (16, 4);
+        let whole = seeded_var_builder(9, DType::F32, &dev).pp("tiny");
+        let q = whole.get((dim, dim), "blocks.0.attn1.to_q.weight").unwrap();
+        let q_bias = whole.get(dim, "blocks.0.attn1.to_q.bias").unwrap();
+        let out = whole
+            .get((dim, dim), "blocks.0.attn1.to_out.0.weight")
+            .unwrap();
+        let out_bias = whole.get(dim, "blocks.0.attn1.to_out.0.bias").unwrap();
+        for rank in 0..tp {
+            let vb = Weights::seeded_under(9, "tiny")
+                .sharded(tensor_parallel_plan(dim, tp, rank))
+                .var_builder(DType::F32, &dev)
+                .pp("blocks.0.attn1");
+            let (start, part) = (rank * dim / tp, dim / tp);
+            let got = vb.get((part, dim), "to_q.weight").unwrap();
+            assert_eq!(flat_f32(&got), flat_f32(&q.narrow(0, start, part).unwrap()));
+            let got = vb.get(part, "to_q.bias").unwrap();
+            assert_eq!(
+                flat_f32(&got),
+                flat_f32(&q_bias.narrow(0, start, part).unwrap())
+            );
+            let got = vb.get((dim, part), "to_out.0.weight").unwrap();
+            assert_eq!(
+                flat_f32(&got),
+                flat_f32(&out.narrow(1, start, part).unwrap())
+            );
+            assert_eq!(
+                flat_f32(&vb.get(dim, "to_out.0.bias").unwrap()),
+                flat_f32(&out_bias)
+            );
+            let err = vb.get((dim, dim), "to_q.weight").unwrap_err().to_string();
+            assert!(err.contains("to_q.weight"), "{err}");
+        }
+    }
+
+    #[test]
+    fn recorded_weights_keep_what_they_hand_out() {
+        let dev = Device::Cpu;
+        let (weights, recorded) = Weights::seeded(4).recorded();
+        let vb = weights.var_builder(DType::F32, &dev);
+        let a = vb.get((2, 3), "a.weight").unwrap();
+        vb.get(3, "b.bias").unwrap();
+        let kept = recorded.take();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(flat_f32(&kept["a.weight"]), flat_f32(&a));
+        assert!(recorded.take().is_empty());
     }
 }

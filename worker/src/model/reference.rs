@@ -13,13 +13,14 @@ use candle_core::{DType, Device, Tensor};
 use super::compare::relative_l2;
 use super::family::ModelFamily;
 use super::loader::{read_json, Checkpoint, SafetensorsWeights};
-use super::pipeline::{RenderSpec, WanPipeline};
+use super::render::RenderSpec;
 use super::scheduler::{self, SchedulerKind};
 use super::tokenizer::PromptTokenizer;
 use super::umt5::{self, UMT5EncoderModel};
 use super::video;
-use super::wan::transformer::{self as wan_transformer, WanTransformer3DModel};
-use super::wan::vae::{self as wan_vae, WanVaeDecoder};
+use crate::families::wan::pipeline::WanPipeline;
+use crate::families::wan::transformer::{self as wan_transformer, WanTransformer3DModel};
+use crate::families::wan::vae::{self as wan_vae, WanVaeDecoder};
 
 /// Tolerance on the relative L2 error of a single module.
 pub const MODULE_TOLERANCE: f64 = 1e-4;

@@ -1,32 +1,28 @@
-//! The parallel runtime: how the ranks of a job are laid out (`layout`), communicators that move
-//! candle tensors between them (a single-rank one, a TCP mesh for CPUs and, with the `cuda`
-//! feature, NCCL for GPUs), and on them the tensor (`tensor_parallel`), Ulysses (`ulysses`),
-//! Ring (`ring`) and CFG parallel paths of the Wan transformer (`dit`) and the whole pipeline
-//! under a layout (`pipeline`). Every distributed path
+//! The parallel runtime, model-agnostic: how the ranks of a job are laid out (`layout`) and
+//! grouped (`group`), communicators that move candle tensors between them (a single-rank one, a
+//! TCP mesh for CPUs and, with the `cuda` feature, NCCL for GPUs), and on them sequence-parallel
+//! attention over q/k/v tensors: Ulysses all-to-all (`ulysses`) and ring attention with a
+//! log-sum-exp merge (`ring`). A model family's distributed form (e.g.
+//! `crate::families::wan::distributed`) is built from these. Every distributed path
 //! must give the single-process result, so the collectives here are deterministic: the same
 //! inputs give bit-identical outputs on every rank and every run (for NCCL: for a fixed
 //! topology, see `nccl`).
 
 pub mod comm;
-pub mod dit;
 pub mod group;
 pub mod layout;
 #[cfg(feature = "cuda")]
 pub mod nccl;
-pub mod pipeline;
 pub mod ring;
 pub mod single;
 pub mod tcp;
-pub mod tensor_parallel;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod ulysses;
 
 pub use comm::{CommError, Communicator, Op, PeerId};
-pub use dit::DistributedWanTransformer;
 pub use group::Group;
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclCommunicator, NcclConfig, NcclId};
-pub use pipeline::DistributedPipeline;
 pub use single::SingleRank;
 pub use tcp::{TcpMesh, TcpMeshConfig, Timeouts};

@@ -7,7 +7,7 @@
 use candle_core::{Result, Tensor};
 
 use super::group::Group;
-use crate::model::wan::attention::{
+use crate::model::attention::{
     attention, attention_block_with_lse, merge_blocks, AttentionOptions,
 };
 
@@ -82,8 +82,8 @@ pub fn ring_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::attention::attention_unchunked;
     use crate::model::compare::relative_l2;
-    use crate::model::wan::attention::attention_unchunked;
     use candle_core::{DType, Device};
 
     #[test]

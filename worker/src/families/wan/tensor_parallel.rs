@@ -14,10 +14,10 @@ use std::ops::Range;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 
-use super::group::Group;
-use super::layout::shard_range;
+use crate::families::wan::transformer::Config;
 use crate::model::loader::{Shard, ShardPlan};
-use crate::model::wan::transformer::Config;
+use crate::parallel::group::Group;
+use crate::parallel::layout::shard_range;
 
 /// The attention heads tensor-parallel rank `tp_rank` of `tp` holds.
 pub fn head_range(config: &Config, tp: usize, tp_rank: usize) -> Range<usize> {
@@ -48,13 +48,17 @@ fn block_suffix(name: &str) -> Option<&str> {
 /// row-parallel layers) is loaded whole.
 pub fn tensor_parallel_plan(config: &Config, tp: usize, tp_rank: usize) -> ShardPlan {
     let features = feature_range(config, tp, tp_rank);
+    let width = config.num_attention_heads * config.attention_head_dim;
     let hidden = ffn_range(config, tp, tp_rank);
+    let ffn_dim = config.ffn_dim;
     ShardPlan::new().rule(move |name| {
         let suffix = block_suffix(name)?;
         if let Some(ffn) = suffix.strip_prefix("ffn.") {
             return match ffn {
-                "net.0.proj.weight" | "net.0.proj.bias" => Some(Shard::rows(hidden.clone())),
-                "net.2.weight" => Some(Shard::cols(hidden.clone())),
+                "net.0.proj.weight" | "net.0.proj.bias" => {
+                    Some(Shard::rows(hidden.clone(), ffn_dim))
+                }
+                "net.2.weight" => Some(Shard::cols(hidden.clone(), ffn_dim)),
                 _ => None,
             };
         }
@@ -64,9 +68,9 @@ pub fn tensor_parallel_plan(config: &Config, tp: usize, tp_rank: usize) -> Shard
         match attn {
             "to_q.weight" | "to_q.bias" | "to_k.weight" | "to_k.bias" | "to_v.weight"
             | "to_v.bias" | "norm_q.weight" | "norm_k.weight" => {
-                Some(Shard::rows(features.clone()))
+                Some(Shard::rows(features.clone(), width))
             }
-            "to_out.0.weight" => Some(Shard::cols(features.clone())),
+            "to_out.0.weight" => Some(Shard::cols(features.clone(), width)),
             _ => None,
         }
     })
@@ -230,17 +234,26 @@ mod tests {
             ..Config::default()
         };
         let plan = tensor_parallel_plan(&config, 2, 1);
-        let rows = |r: Range<usize>| Some(Shard::rows(r));
-        let cols = |r: Range<usize>| Some(Shard::cols(r));
-        assert_eq!(plan.shard_of("blocks.0.attn1.to_q.weight"), rows(16..32));
-        assert_eq!(plan.shard_of("blocks.11.attn2.to_v.bias"), rows(16..32));
-        assert_eq!(plan.shard_of("blocks.3.attn1.norm_k.weight"), rows(16..32));
+        let rows = |r: Range<usize>, len| Some(Shard::rows(r, len));
+        let cols = |r: Range<usize>, len| Some(Shard::cols(r, len));
+        assert_eq!(
+            plan.shard_of("blocks.0.attn1.to_q.weight"),
+            rows(16..32, 32)
+        );
+        assert_eq!(plan.shard_of("blocks.11.attn2.to_v.bias"), rows(16..32, 32));
+        assert_eq!(
+            plan.shard_of("blocks.3.attn1.norm_k.weight"),
+            rows(16..32, 32)
+        );
         assert_eq!(
             plan.shard_of("blocks.3.attn2.to_out.0.weight"),
-            cols(16..32)
+            cols(16..32, 32)
         );
-        assert_eq!(plan.shard_of("blocks.0.ffn.net.0.proj.bias"), rows(24..48));
-        assert_eq!(plan.shard_of("blocks.0.ffn.net.2.weight"), cols(24..48));
+        assert_eq!(
+            plan.shard_of("blocks.0.ffn.net.0.proj.bias"),
+            rows(24..48, 48)
+        );
+        assert_eq!(plan.shard_of("blocks.0.ffn.net.2.weight"), cols(24..48, 48));
         for whole in [
             "blocks.0.attn1.to_out.0.bias",
             "blocks.0.ffn.net.2.bias",

@@ -8,76 +8,50 @@
 //! This is the reference every distributed path is tested against. It loads a checkpoint in the
 //! diffusers layout ([`WanPipeline::load`]) or builds the built-in `tiny` model from a seed
 //! ([`WanPipeline::tiny`]), which makes abstract motion rather than pictures and exists to
-//! exercise the system without any files.
+//! exercise the system without any files. It is the family's [`VideoPipeline`] in one process;
+//! [`describe`] checks a Wan2.1 model without loading weights, for the worker to advertise it.
 
 use std::path::Path;
-use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::denoiser::{AfterStep, Conditioning, Denoiser, DenoiserError, DenoiserState};
-use super::family::ModelFamily;
-use super::loader::{seeded_var_builder, Checkpoint, LoadError};
-use super::noise::{self, LatentShape};
-use super::scheduler::{self, Scheduler, SchedulerKind};
-use super::text::{PromptEncoder, TextError};
-use super::tokenizer::{PromptTokenizer, TokenizerError};
-use super::umt5::{self, UMT5EncoderModel};
-use super::video;
-use super::wan::transformer::{self as wan_transformer, WanTransformer3DModel};
-use super::wan::vae::{self as wan_vae, WanVaeDecoder};
+use super::transformer::{self as wan_transformer, WanTransformer3DModel};
+use super::vae::{self as wan_vae, WanVaeDecoder};
+use crate::model::denoiser::{AfterStep, Conditioning, Denoiser, DenoiserError, DenoiserState};
+use crate::model::family::{ModelFamily, PipelineSource};
+use crate::model::loader::{seeded_var_builder, Checkpoint, LoadError};
+use crate::model::noise::{self, LatentShape};
+use crate::model::render::{
+    component, CancelToken, FlowModel, ModelFacts, PipelineError, PipelineInfo, Progress,
+    RenderOptions, RenderSpec, Rendered, Result, Video, VideoPipeline,
+};
+use crate::model::scheduler::{self, Scheduler};
+use crate::model::text::PromptEncoder;
+use crate::model::tokenizer::PromptTokenizer;
+use crate::model::umt5::{self, UMT5EncoderModel};
+use crate::model::video;
 
-/// Everything that can stop a render, each naming what is wrong.
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error("{component}: {source}")]
-    Component {
-        component: &'static str,
-        source: candle_core::Error,
-    },
-    #[error(transparent)]
-    Scheduler(#[from] scheduler::SchedulerError),
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
-    #[error(transparent)]
-    Text(#[from] TextError),
-    #[error("{0}")]
-    Spec(String),
-    #[error(transparent)]
-    Tensor(#[from] candle_core::Error),
-    #[error(transparent)]
-    Denoiser(#[from] DenoiserError),
-    /// The render was stopped through its [`CancelToken`] between two steps.
-    #[error("cancelled after step {after_step} of {total}")]
-    Cancelled { after_step: usize, total: usize },
-}
-
-/// Stops a running render at the next step boundary (a worker aborting its task). Clones share
-/// one flag; the pipeline checks it after every denoising step.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(std::sync::Arc<std::sync::atomic::AtomicBool>);
-
-impl CancelToken {
-    pub fn cancel(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Clears the flag before the next render of a reused pipeline.
-    pub fn reset(&self) {
-        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+/// The defaults of a checkpoint loaded by [`WanPipeline::load`] (Wan2.1's published
+/// 480p settings), named `name`.
+pub fn checkpoint_info(name: String) -> PipelineInfo {
+    PipelineInfo {
+        name,
+        default_width: 832,
+        default_height: 480,
+        default_steps: 50,
+        max_sequence_length: WAN_MAX_SEQUENCE_LENGTH,
     }
 }
 
-pub type Result<T> = std::result::Result<T, PipelineError>;
-
-pub(crate) fn component<T>(component: &'static str, r: candle_core::Result<T>) -> Result<T> {
-    r.map_err(|source| PipelineError::Component { component, source })
+/// The defaults of the built-in tiny model ([`WanPipeline::tiny`]).
+pub fn tiny_info() -> PipelineInfo {
+    PipelineInfo {
+        name: "tiny".into(),
+        default_width: 256,
+        default_height: 256,
+        default_steps: 10,
+        max_sequence_length: 64,
+    }
 }
 
 /// A heavy part of the pipeline, built only when it is `wanted` (see [`Parts`]).
@@ -140,120 +114,6 @@ fn builtin_config<T: serde::de::DeserializeOwned>(
         .map_err(|e| PipelineError::Spec(format!("built-in tiny {component} config: {e}")))
 }
 
-/// What to render. Sizes are in pixels; `frames` must already be of the form 4k+1
-/// (see `longtake_proto::spec::frames`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RenderSpec {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub frames: usize,
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
-    pub guidance_scale: f64,
-    /// Overrides the scheduler's flow shift.
-    pub shift: Option<f64>,
-    /// Overrides the checkpoint's scheduler class.
-    pub scheduler: Option<SchedulerKind>,
-    pub seed: u64,
-}
-
-/// A progress report from [`WanPipeline::render`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum Progress {
-    /// Prompts encoded; the denoising loop of `total` steps starts.
-    Encoded { total: usize },
-    /// Denoising step `index` (0-based) of `total` finished after `elapsed`.
-    Step {
-        index: usize,
-        total: usize,
-        elapsed: Duration,
-    },
-    /// The latents are being decoded into frames.
-    Decoding,
-}
-
-/// How [`WanPipeline::render_with`] runs beyond its spec. The default starts from the spec's
-/// noise with no hook.
-#[derive(Default)]
-pub struct RenderOptions<'a> {
-    /// Continue from this saved state instead of the spec's initial noise (the spec must be the
-    /// one that saved it: same scheduler, steps, shift and size are checked; the prompts, seed
-    /// and guidance are the caller's to keep).
-    pub resume: Option<DenoiserState>,
-    /// Called after every step, before the cancellation check, e.g. to save the denoiser's
-    /// state; an error stops the render.
-    pub after_step: Option<&'a mut AfterStep<'a>>,
-}
-
-/// The result of [`WanPipeline::render_with`]: the final latents, and the video where decoded.
-#[derive(Debug, Clone)]
-pub struct Rendered {
-    /// f32 `(1, C, F, H, W)`.
-    pub latents: Tensor,
-    pub video: Option<Video>,
-}
-
-/// Decoded frames: `frames × height × width × 3` RGB bytes, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Video {
-    pub rgb: Vec<u8>,
-    pub frames: usize,
-    pub height: usize,
-    pub width: usize,
-}
-
-/// Sizes of a pipeline's components that the CLI needs for defaults and validation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PipelineInfo {
-    /// `tiny` or the checkpoint directory.
-    pub name: String,
-    pub default_width: usize,
-    pub default_height: usize,
-    pub default_steps: usize,
-    pub max_sequence_length: usize,
-}
-
-impl PipelineInfo {
-    /// The defaults of a checkpoint loaded by [`WanPipeline::load`] (Wan2.1's published
-    /// 480p settings), named `name`.
-    pub fn checkpoint(name: String) -> Self {
-        Self {
-            name,
-            default_width: 832,
-            default_height: 480,
-            default_steps: 50,
-            max_sequence_length: WAN_MAX_SEQUENCE_LENGTH,
-        }
-    }
-
-    /// The defaults of the built-in tiny model ([`WanPipeline::tiny`]).
-    pub fn tiny() -> Self {
-        Self {
-            name: "tiny".into(),
-            default_width: 256,
-            default_height: 256,
-            default_steps: 10,
-            max_sequence_length: 64,
-        }
-    }
-}
-
-/// A model of the flow (velocity) the sampler integrates: Wan's transformer in one process, or
-/// the same transformer run by the ranks of a parallel layout. The denoising loop only needs this.
-pub trait FlowModel {
-    /// The predicted flow for latents `x` `(B, C, F, H, W)` at timesteps `t` `(B,)` under text
-    /// embeddings `context` `(B, Lt, text_dim)`.
-    fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor>;
-
-    /// Called with the final latents when the loop has taken its last step. A model run by
-    /// several ranks checks there that they all ended with the same latents; one process has
-    /// nothing to check.
-    fn check_final_latents(&self, _latents: &Tensor) -> candle_core::Result<()> {
-        Ok(())
-    }
-}
-
 impl FlowModel for WanTransformer3DModel {
     fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         self.forward(x, t, context)
@@ -294,10 +154,58 @@ pub const TINY_WEIGHT_SEED: u64 = 0x5EED_0F10_7A4E;
 /// its full name, so a rank building a slice of the model must ask under the same names).
 pub const TINY_TRANSFORMER_PREFIX: &str = "tiny_transformer";
 
+/// What a worker advertises about a Wan2.1 model, checked without loading weights: the tiny
+/// model's configuration, or a checkpoint's components and its transformer's `config.json`.
+pub fn describe(source: PipelineSource<'_>) -> Result<ModelFacts> {
+    let (info, transformer) = match source {
+        PipelineSource::Tiny => {
+            let vocab = PromptTokenizer::builtin_tiny()?.vocab_size();
+            (tiny_info(), tiny_configs(vocab)?.transformer)
+        }
+        PipelineSource::Checkpoint(dir) => (
+            checkpoint_info(dir.display().to_string()),
+            check_checkpoint(dir)?,
+        ),
+    };
+    Ok(ModelFacts {
+        info,
+        attention_heads: transformer.num_attention_heads,
+        ffn_dim: transformer.ffn_dim,
+    })
+}
+
+/// Every component a render loads is present, with weights; returns the transformer's config.
+fn check_checkpoint(dir: &Path) -> std::result::Result<wan_transformer::Config, LoadError> {
+    let ckpt = Checkpoint::open(dir)?;
+    ModelFamily::of(&ckpt)?;
+    let tokenizer = ckpt.component("tokenizer")?.dir().join("tokenizer.json");
+    if !tokenizer.is_file() {
+        return Err(LoadError::Missing {
+            path: tokenizer,
+            what: "tokenizer file".into(),
+        });
+    }
+    for weighted in ["text_encoder", "vae"] {
+        ckpt.component(weighted)?.weight_files()?;
+    }
+    ckpt.component("scheduler")?;
+    let transformer = ckpt.component("transformer")?;
+    transformer.weight_files()?;
+    transformer.config()
+}
+
 /// Wan's prompt length for the published checkpoints.
 const WAN_MAX_SEQUENCE_LENGTH: usize = 512;
 
 impl WanPipeline {
+    /// The built-in tiny model, or a checkpoint (see [`Self::tiny`], [`Self::load`]).
+    pub fn from_source(source: PipelineSource<'_>, device: &Device, dtype: DType) -> Result<Self> {
+        match source {
+            PipelineSource::Tiny => Self::tiny(device, dtype),
+            PipelineSource::Checkpoint(dir) => Self::load(dir, device, dtype),
+        }
+    }
+
     /// Loads a checkpoint directory in the diffusers layout (e.g. `Wan2.1-T2V-1.3B-Diffusers`).
     pub fn load(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
         Self::load_parts(dir, device, dtype, Parts::ALL)
@@ -345,7 +253,7 @@ impl WanPipeline {
         })?;
 
         let scheduler_config = ckpt.component("scheduler")?.json("scheduler_config.json")?;
-        let info = PipelineInfo::checkpoint(ckpt.root().display().to_string());
+        let info = checkpoint_info(ckpt.root().display().to_string());
         Ok(Self {
             info,
             text: PromptEncoder::new(tokenizer, encoder, WAN_MAX_SEQUENCE_LENGTH),
@@ -407,7 +315,7 @@ impl WanPipeline {
             "predict_x0": true, "lower_order_final": true, "final_sigmas_type": "zero",
             "timestep_spacing": "linspace", "disable_corrector": [],
         });
-        let info = PipelineInfo::tiny();
+        let info = tiny_info();
         Ok(Self {
             text: PromptEncoder::new(tokenizer, encoder, info.max_sequence_length),
             info,
@@ -562,7 +470,7 @@ impl WanPipeline {
     }
 
     /// [`Self::denoise`] with another flow model in place of the pipeline's own transformer
-    /// (e.g. a [`DistributedWanTransformer`](crate::parallel::DistributedWanTransformer)).
+    /// (e.g. a [`DistributedWanTransformer`](super::distributed::DistributedWanTransformer)).
     pub fn denoise_with(
         &self,
         model: &dyn FlowModel,
@@ -676,5 +584,28 @@ impl WanPipeline {
             height,
             width,
         })
+    }
+}
+
+impl VideoPipeline for WanPipeline {
+    fn info(&self) -> &PipelineInfo {
+        WanPipeline::info(self)
+    }
+
+    fn layout_limits(&self, guidance: bool) -> longtake_proto::spec::LayoutLimits {
+        self.transformer_config.layout_limits(guidance)
+    }
+
+    fn cancel_token(&self) -> &CancelToken {
+        WanPipeline::cancel_token(self)
+    }
+
+    fn render_with_options(
+        &self,
+        spec: &RenderSpec,
+        options: RenderOptions<'_>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Rendered> {
+        WanPipeline::render_with_options(self, spec, options, progress)
     }
 }

@@ -1,7 +1,7 @@
 //! The Wan transformer run by the ranks of a parallel [`Layout`]: CFG branches on different
 //! ranks, the token sequence split over `ulysses × ring` ranks, heads and FFN features split over
 //! `tp` ranks. [`DistributedWanTransformer::forward`] takes the same full inputs as the
-//! single-process [`WanTransformer3DModel`](crate::model::wan::transformer::WanTransformer3DModel)
+//! single-process [`WanTransformer3DModel`](crate::families::wan::transformer::WanTransformer3DModel)
 //! and returns the same full output on every rank (within float rounding), so the two can be
 //! compared directly and the sampler above need not know the layout.
 //!
@@ -16,20 +16,17 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::comm::Communicator;
-use super::group::Group;
-use super::layout::{padded_len, shard_range, Coords, GroupKind, Layout};
-use super::ring::ring_attention;
+use super::attention::apply_rope;
+use super::rope::RopeTables;
 use super::tensor_parallel::{tensor_parallel_plan, TpAttention, TpFeedForward};
-use super::ulysses::{heads_to_tokens, tokens_to_heads};
+use super::transformer::{check_batch, unpatchify, BlockResiduals, Config, TransformerEnds};
+use crate::model::attention::{attention, merge_heads, split_heads, AttentionOptions};
 use crate::model::loader::Component;
-use crate::model::wan::attention::{
-    apply_rope, attention, merge_heads, split_heads, AttentionOptions,
-};
-use crate::model::wan::rope::RopeTables;
-use crate::model::wan::transformer::{
-    check_batch, unpatchify, BlockResiduals, Config, TransformerEnds,
-};
+use crate::parallel::comm::Communicator;
+use crate::parallel::group::Group;
+use crate::parallel::layout::{padded_len, shard_range, Coords, GroupKind, Layout};
+use crate::parallel::ring::ring_attention;
+use crate::parallel::ulysses::{heads_to_tokens, tokens_to_heads};
 
 /// The groups one rank belongs to.
 #[derive(Debug)]
@@ -227,7 +224,7 @@ impl std::fmt::Debug for DistributedWanTransformer {
 impl DistributedWanTransformer {
     /// Builds this rank's part of the model. `world` spans the whole layout (its rank is this
     /// rank); `vb` must serve the slices of [`tensor_parallel_plan`] for this rank's tp
-    /// coordinate (a `Component::sharded_var_builder`, or [`Self::load`] which makes one).
+    /// coordinate (a [`Weights`](crate::model::loader::Weights) `sharded` by it, or [`Self::load`] which makes one).
     pub fn new(
         config: &Config,
         layout: Layout,
@@ -286,10 +283,11 @@ impl DistributedWanTransformer {
         }
         let plan = tensor_parallel_plan(&config, layout.tp, layout.coords(world.rank()).tp);
         let weights = component
-            .sharded_weights(plan)
-            .map_err(candle_core::Error::wrap)?;
+            .weights()
+            .map_err(candle_core::Error::wrap)?
+            .sharded(plan);
         let read = weights.bytes_read();
-        let vb = VarBuilder::from_backend(Box::new(weights), dtype, device.clone());
+        let vb = weights.var_builder(dtype, device);
         let mut model = Self::new(&config, layout, world, vb)?;
         model.loaded_weight_bytes = Some(read.get());
         Ok(model)
@@ -393,18 +391,14 @@ impl DistributedWanTransformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::families::wan::transformer::WanTransformer3DModel;
     use crate::model::compare::relative_l2;
     use crate::model::loader::{
-        seeded_var_builder, Checkpoint, SafetensorsWeights, ShardPlan, ShardedWeights,
+        seeded_var_builder, Checkpoint, SafetensorsWeights, ShardPlan, Weights,
     };
-    use crate::model::wan::transformer::WanTransformer3DModel;
     use crate::parallel::testing::{bits, layout, run_ranks, TestResult, LAYOUTS};
     use candle_core::Device;
-    use candle_nn::var_builder::SimpleBackend;
-    use candle_nn::Init;
-    use std::collections::HashMap;
     use std::path::PathBuf;
-    use std::sync::{Arc, Mutex};
 
     const TOLERANCE: f64 = 1e-4;
 
@@ -427,8 +421,9 @@ mod tests {
         ) -> TestResult<DistributedWanTransformer> {
             let tp_rank = layout.coords(world.rank()).tp;
             let plan = tensor_parallel_plan(&self.config, layout.tp, tp_rank);
-            let weights = ShardedWeights::new(SafetensorsWeights::open(&self.weight_files)?, plan);
-            let vb = VarBuilder::from_backend(Box::new(weights), DType::F32, Device::Cpu);
+            let vb = Weights::files(SafetensorsWeights::open(&self.weight_files)?)
+                .sharded(plan)
+                .var_builder(DType::F32, &Device::Cpu);
             Ok(DistributedWanTransformer::new(
                 &self.config,
                 layout,
@@ -464,37 +459,6 @@ mod tests {
         Ok(cases)
     }
 
-    /// Seeded weights that also keep every tensor handed out, to be written as a checkpoint.
-    struct Recording {
-        seeded: VarBuilder<'static>,
-        seen: Arc<Mutex<HashMap<String, Tensor>>>,
-    }
-
-    impl SimpleBackend for Recording {
-        fn get(
-            &self,
-            shape: candle_core::Shape,
-            name: &str,
-            hint: Init,
-            dtype: DType,
-            _: &Device,
-        ) -> Result<Tensor> {
-            let t = self.seeded.get_with_hints_dtype(shape, name, hint, dtype)?;
-            if let Ok(mut seen) = self.seen.lock() {
-                seen.insert(name.to_string(), t.clone());
-            }
-            Ok(t)
-        }
-
-        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-            candle_core::bail!("recording weights need a shape for `{name}`")
-        }
-
-        fn contains_tensor(&self, _: &str) -> bool {
-            true
-        }
-    }
-
     /// A random model with 4 heads on a latent of `(frames, height, width)`; `(3, 2, 6)` gives
     /// 3·1·3 = 9 tokens, which divide by neither 2 nor 4.
     fn random_case(
@@ -511,20 +475,10 @@ mod tests {
             num_layers: 2,
             ..Config::default()
         };
-        let seen = Arc::new(Mutex::new(HashMap::new()));
-        let recording = Recording {
-            seeded: seeded_var_builder(11, DType::F32, &dev),
-            seen: seen.clone(),
-        };
-        let single = WanTransformer3DModel::new(
-            &config,
-            VarBuilder::from_backend(Box::new(recording), DType::F32, dev.clone()),
-        )?;
+        let (weights, recorded) = Weights::seeded(11).recorded();
+        let single = WanTransformer3DModel::new(&config, weights.var_builder(DType::F32, &dev))?;
         let path = dir.join("model.safetensors");
-        {
-            let seen = seen.lock().map_err(|_| "recording lock poisoned")?;
-            candle_core::safetensors::save(&seen, &path)?;
-        }
+        candle_core::safetensors::save(&recorded.take(), &path)?;
         let normal = |stream: u64, shape: &[usize]| -> Result<Tensor> {
             let n = shape.iter().product();
             Tensor::from_vec(crate::model::noise::gaussian(3, stream, 0, n), shape, &dev)

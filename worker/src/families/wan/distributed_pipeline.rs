@@ -6,30 +6,25 @@
 //! ranks never exchange latents; a fingerprint of the latents is compared across ranks before
 //! every step and once more at the end, so a rank that drifted is an error instead of a silently
 //! torn video. Only rank 0 loads the VAE and decodes. The flow itself is the single-process one,
-//! [`WanPipeline::render_with`], run with a [`CheckedFlow`] model; so a distributed render
+//! [`WanPipeline::render_with`], run with a `CheckedFlow` model; so a distributed render
 //! resumes from a saved [`DenoiserState`](crate::model::denoiser::DenoiserState) like one in a
-//! single process.
+//! single process. It is the family's [`VideoPipeline`] on a rank of a layout.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device, Tensor};
 
-use super::comm::Communicator;
-use super::dit::DistributedWanTransformer;
-use super::layout::Layout;
+use super::distributed::DistributedWanTransformer;
+use super::pipeline::{Parts, WanPipeline, TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED};
 use super::tensor_parallel::tensor_parallel_plan;
-use crate::model::loader::{
-    seeded_var_builder, seeded_without_shape, Checkpoint, Shard, ShardPlan,
+use crate::model::family::PipelineSource;
+use crate::model::loader::{Checkpoint, Weights};
+use crate::model::render::{
+    CancelToken, FlowModel, PipelineError, PipelineInfo, Progress, RenderOptions, RenderSpec,
+    Rendered, Result, VideoPipeline,
 };
-use crate::model::pipeline::{
-    FlowModel, Parts, PipelineError, Progress, RenderOptions, RenderSpec, Rendered, Result, Video,
-    WanPipeline, TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED,
-};
-use crate::model::wan::transformer::{Config, WanTransformer3DModel};
+use crate::parallel::comm::Communicator;
+use crate::parallel::layout::Layout;
 
 /// The rank that decodes and writes the video.
 pub const ROOT: usize = 0;
@@ -81,102 +76,6 @@ fn check_in_sync(world: &dyn Communicator, t: &Tensor, what: &str) -> candle_cor
     Ok(())
 }
 
-/// Seeded weights (as [`seeded_var_builder`] makes them) of which the tensors of a [`ShardPlan`]
-/// are served as slices: each rank makes the whole seeded tensor and keeps only its slice, so the
-/// slices of all ranks put together are the single-process model's tensors.
-struct SeededSlices {
-    seeded: VarBuilder<'static>,
-    plan: ShardPlan,
-    full_shapes: HashMap<String, Shape>,
-}
-
-impl SimpleBackend for SeededSlices {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        hint: Init,
-        dtype: DType,
-        _: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let Some(Shard { dim, range }) = self.plan.shard_of(name) else {
-            return self.seeded.get_with_hints_dtype(shape, name, hint, dtype);
-        };
-        let full = self.full_shapes.get(name).ok_or_else(|| {
-            candle_core::Error::Msg(format!("no full shape known for sliced tensor `{name}`"))
-        })?;
-        let slice = self
-            .seeded
-            .get_with_hints_dtype(full.clone(), name, hint, dtype)?
-            .narrow(dim, range.start, range.len())?
-            .contiguous()?;
-        if slice.shape() != &shape {
-            candle_core::bail!(
-                "`{name}`[{}..{} along dim {dim}] has shape {:?}, the model expects {:?}",
-                range.start,
-                range.end,
-                slice.dims(),
-                shape.dims()
-            );
-        }
-        Ok(slice)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        seeded_without_shape(name)
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-/// Records the shape of every tensor a model asks for, handing out zeros.
-struct ShapeRecorder(Arc<Mutex<HashMap<String, Shape>>>);
-
-impl SimpleBackend for ShapeRecorder {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        if let Ok(mut shapes) = self.0.lock() {
-            shapes.insert(name.to_string(), shape.clone());
-        }
-        Tensor::zeros(shape, dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("the shape recorder needs a shape for tensor `{name}`")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-/// The single-process shapes of a transformer's tensors, by name. Builds the model once from
-/// zeros: meant for the built-in tiny model only.
-fn transformer_shapes(
-    config: &Config,
-    device: &Device,
-) -> candle_core::Result<HashMap<String, Shape>> {
-    let shapes = Arc::new(Mutex::new(HashMap::new()));
-    let vb = VarBuilder::from_backend(
-        Box::new(ShapeRecorder(shapes.clone())),
-        DType::F32,
-        device.clone(),
-    );
-    drop(WanTransformer3DModel::new(config, vb)?);
-    let shapes = shapes
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("shape recorder lock poisoned".into()))?;
-    Ok(shapes.clone())
-}
-
 fn transformer_err(source: candle_core::Error) -> PipelineError {
     PipelineError::Component {
         component: "transformer",
@@ -191,6 +90,21 @@ pub struct DistributedPipeline {
 }
 
 impl DistributedPipeline {
+    /// This rank's part of the built-in tiny model or of a checkpoint (see [`Self::tiny`],
+    /// [`Self::load`]).
+    pub fn from_source(
+        source: PipelineSource<'_>,
+        device: &Device,
+        dtype: DType,
+        layout: Layout,
+        world: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        match source {
+            PipelineSource::Tiny => Self::tiny(device, dtype, layout, world),
+            PipelineSource::Checkpoint(dir) => Self::load(dir, device, dtype, layout, world),
+        }
+    }
+
     /// Loads this rank's part of a checkpoint in the diffusers layout: the text encoder, its
     /// tensor-parallel slices of the transformer, and on rank 0 the VAE. `world` spans the
     /// layout; its rank is this rank.
@@ -233,12 +147,9 @@ impl DistributedPipeline {
         let pipeline = WanPipeline::tiny_parts(device, dtype, parts)?;
         let config = pipeline.transformer_config().clone();
         let plan = tensor_parallel_plan(&config, layout.tp, layout.coords(world.rank()).tp);
-        let backend = SeededSlices {
-            seeded: seeded_var_builder(TINY_WEIGHT_SEED, dtype, device).pp(TINY_TRANSFORMER_PREFIX),
-            plan,
-            full_shapes: transformer_shapes(&config, device).map_err(transformer_err)?,
-        };
-        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        let vb = Weights::seeded_under(TINY_WEIGHT_SEED, TINY_TRANSFORMER_PREFIX)
+            .sharded(plan)
+            .var_builder(dtype, device);
         let transformer =
             DistributedWanTransformer::new(&config, layout, world, vb).map_err(transformer_err)?;
         Ok(Self {
@@ -299,26 +210,29 @@ impl DistributedPipeline {
             progress,
         )
     }
+}
 
-    /// The whole run on this rank: the video on rank 0, `None` on the others.
-    pub fn render(
-        &self,
-        spec: &RenderSpec,
-        progress: &mut dyn FnMut(Progress),
-    ) -> Result<Option<Video>> {
-        Ok(self
-            .render_with_options(spec, RenderOptions::default(), progress)?
-            .video)
+impl VideoPipeline for DistributedPipeline {
+    fn info(&self) -> &PipelineInfo {
+        self.pipeline.info()
     }
 
-    /// [`Self::render`] with `options` (see [`WanPipeline::render_with_options`]); every rank
-    /// passes the same options (a resumed state too) and gets the same final latents.
-    pub fn render_with_options(
+    fn layout_limits(&self, guidance: bool) -> longtake_proto::spec::LayoutLimits {
+        self.transformer.config().layout_limits(guidance)
+    }
+
+    fn cancel_token(&self) -> &CancelToken {
+        self.pipeline.cancel_token()
+    }
+
+    fn render_with_options(
         &self,
         spec: &RenderSpec,
         options: RenderOptions<'_>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
+        // Every rank passes the same options (a resumed state too) and gets the same final
+        // latents; the video is rank 0's.
         self.check_spec(spec)?;
         self.pipeline.render_with(
             &CheckedFlow(&self.transformer),

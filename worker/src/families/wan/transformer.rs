@@ -9,9 +9,10 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{linear, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::attention::{AttentionOptions, WanAttention};
+use super::attention::WanAttention;
 use super::embeddings::{ConditionEmbedder, Conditioning, PatchEmbedding};
 use super::rope::{RopeTables, WanRope};
+use crate::model::attention::AttentionOptions;
 
 /// `transformer/config.json`. Unknown fields are ignored; defaults are diffusers' (the 14B model).
 #[derive(Debug, Clone, Deserialize)]

@@ -1,16 +1,10 @@
-//! Attention of the Wan transformer: the projections of `attn1` (self) and `attn2` (cross), and
-//! the attention core over `(batch, heads, tokens, head_dim)` tensors.
-//!
-//! The steps are kept separate (project → RMS-normalise q/k → split heads → rotate → core →
-//! merge heads → output projection) because the parallel runtime splits them across devices:
-//! tensor parallelism shards heads (the q/k norm is then the only step that needs the full row,
-//! see [`WanAttention::norm_qk`]), Ulysses exchanges tokens for heads around [`attention`], and
-//! ring attention calls the core on blocks of keys and merges them with the log-sum-exp.
+//! Scaled dot-product attention over `(batch, heads, tokens, head_dim)` tensors, for any model:
+//! the core with queries in chunks under a memory bound, attention to one block of keys with
+//! its log-sum-exp and the exact merge of such blocks (what ring attention needs), and the
+//! head split/merge around it. Model-specific steps (projections, q/k norms, rotary embedding)
+//! live with each family; the sequence-parallel forms (Ulysses, ring) in the parallel runtime.
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
-
-use super::rope::RopeTables;
+use candle_core::{DType, Result, Tensor, D};
 
 /// How the attention core bounds its memory.
 #[derive(Debug, Clone, Copy)]
@@ -144,116 +138,6 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (b, h, l, d) = x.dims4()?;
     x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))
-}
-
-/// Rotates interleaved channel pairs of `(B, H, L, D)` queries or keys; in f32 like the reference.
-pub fn apply_rope(x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
-    if x.dtype() == DType::F32 {
-        candle_nn::rotary_emb::rope_i(x, &rope.cos, &rope.sin)
-    } else {
-        candle_nn::rotary_emb::rope_i(&x.to_dtype(DType::F32)?, &rope.cos, &rope.sin)?
-            .to_dtype(x.dtype())
-    }
-}
-
-/// One `WanAttention` module (`attn1` or `attn2` of a block): q/k/v/out projections with biases
-/// and RMS norms on q and k taken across all heads (`qk_norm = "rms_norm_across_heads"`).
-#[derive(Debug, Clone)]
-pub struct WanAttention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
-    /// RMS-norm scales `(dim,)`, kept as tensors so a tensor-parallel rank can take its slice.
-    norm_q: Tensor,
-    norm_k: Tensor,
-    eps: f64,
-    heads: usize,
-    options: AttentionOptions,
-}
-
-impl WanAttention {
-    /// `dim` is the model width (= heads · head_dim); keys and values come from inputs of the same
-    /// width (the text embedder projects the text to `dim` first).
-    pub fn new(dim: usize, heads: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            to_q: linear(dim, dim, vb.pp("to_q"))?,
-            to_k: linear(dim, dim, vb.pp("to_k"))?,
-            to_v: linear(dim, dim, vb.pp("to_v"))?,
-            to_out: linear(dim, dim, vb.pp("to_out.0"))?,
-            norm_q: vb.get(dim, "norm_q.weight")?,
-            norm_k: vb.get(dim, "norm_k.weight")?,
-            eps,
-            heads,
-            options: AttentionOptions::default(),
-        })
-    }
-
-    pub fn heads(&self) -> usize {
-        self.heads
-    }
-
-    pub fn set_options(&mut self, options: AttentionOptions) {
-        self.options = options;
-    }
-
-    /// Projects `x` `(B, L, dim)` to queries, `(B, L, dim)`, not yet normalised.
-    pub fn project_q(&self, x: &Tensor) -> Result<Tensor> {
-        self.to_q.forward(x)
-    }
-
-    /// Projects the key/value source `(B, L, dim)` to keys and values, not yet normalised.
-    pub fn project_kv(&self, source: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.to_k.forward(source)?, self.to_v.forward(source)?))
-    }
-
-    /// RMS-normalises queries and keys over the whole `dim` row (all heads together).
-    pub fn norm_qk(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
-        let eps = self.eps as f32;
-        Ok((
-            candle_nn::ops::rms_norm(q, &self.norm_q, eps)?,
-            candle_nn::ops::rms_norm(k, &self.norm_k, eps)?,
-        ))
-    }
-
-    /// The projections `to_q`, `to_k`, `to_v`, `to_out.0`, for sharding.
-    pub fn projections(&self) -> [&Linear; 4] {
-        [&self.to_q, &self.to_k, &self.to_v, &self.to_out]
-    }
-
-    /// The RMS-norm scales of q and k and their epsilon.
-    pub fn norm_weights(&self) -> (&Tensor, &Tensor, f64) {
-        (&self.norm_q, &self.norm_k, self.eps)
-    }
-
-    /// The output projection of merged heads `(B, L, dim)`.
-    pub fn project_out(&self, x: &Tensor) -> Result<Tensor> {
-        self.to_out.forward(x)
-    }
-
-    /// Self-attention of `x` `(B, L, dim)` with rotary position embedding.
-    pub fn self_attention(&self, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
-        let q = self.project_q(x)?;
-        let (k, v) = self.project_kv(x)?;
-        let (q, k) = self.norm_qk(&q, &k)?;
-        let q = apply_rope(&split_heads(&q, self.heads)?, rope)?;
-        let k = apply_rope(&split_heads(&k, self.heads)?, rope)?;
-        let v = split_heads(&v, self.heads)?;
-        let out = attention(&q, &k, &v, &self.options)?;
-        self.project_out(&merge_heads(&out)?)
-    }
-
-    /// Cross-attention of `x` `(B, L, dim)` to the embedded text `(B, Lt, dim)`; no rotation.
-    pub fn cross_attention(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let q = self.project_q(x)?;
-        let (k, v) = self.project_kv(context)?;
-        let (q, k) = self.norm_qk(&q, &k)?;
-        let q = split_heads(&q, self.heads)?;
-        let k = split_heads(&k, self.heads)?;
-        let v = split_heads(&v, self.heads)?;
-        let out = attention(&q, &k, &v, &self.options)?;
-        self.project_out(&merge_heads(&out)?)
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,213 @@
+//! What every video pipeline shares, whatever its model family: the render request
+//! ([`RenderSpec`], [`RenderOptions`]), its progress and result ([`Progress`], [`Rendered`],
+//! [`Video`]), its errors and cancellation, the [`FlowModel`] a denoising loop integrates, and
+//! [`VideoPipeline`], the face of a loaded pipeline (one process or one rank of a layout) that
+//! the worker drives without knowing the family.
+
+use std::time::Duration;
+
+use candle_core::Tensor;
+use longtake_proto::spec::LayoutLimits;
+
+use super::denoiser::{AfterStep, DenoiserError, DenoiserState};
+use super::loader::LoadError;
+use super::scheduler::{self, SchedulerKind};
+use super::text::TextError;
+use super::tokenizer::TokenizerError;
+
+/// Everything that can stop a render, each naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{component}: {source}")]
+    Component {
+        component: &'static str,
+        source: candle_core::Error,
+    },
+    #[error(transparent)]
+    Scheduler(#[from] scheduler::SchedulerError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Text(#[from] TextError),
+    #[error("{0}")]
+    Spec(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error(transparent)]
+    Denoiser(#[from] DenoiserError),
+    /// The render was stopped through its [`CancelToken`] between two steps.
+    #[error("cancelled after step {after_step} of {total}")]
+    Cancelled { after_step: usize, total: usize },
+}
+
+/// Stops a running render at the next step boundary (a worker aborting its task). Clones share
+/// one flag; the pipeline checks it after every denoising step.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Clears the flag before the next render of a reused pipeline.
+    pub fn reset(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+pub type Result<T> = std::result::Result<T, PipelineError>;
+
+pub(crate) fn component<T>(component: &'static str, r: candle_core::Result<T>) -> Result<T> {
+    r.map_err(|source| PipelineError::Component { component, source })
+}
+
+/// What to render. Sizes are in pixels; `frames` must already be of the form 4k+1
+/// (see `longtake_proto::spec::frames`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderSpec {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub frames: usize,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// Overrides the scheduler's flow shift.
+    pub shift: Option<f64>,
+    /// Overrides the checkpoint's scheduler class.
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+}
+
+/// A progress report from a render.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Prompts encoded; the denoising loop of `total` steps starts.
+    Encoded { total: usize },
+    /// Denoising step `index` (0-based) of `total` finished after `elapsed`.
+    Step {
+        index: usize,
+        total: usize,
+        elapsed: Duration,
+    },
+    /// The latents are being decoded into frames.
+    Decoding,
+}
+
+/// How a render runs beyond its spec. The default starts from the spec's
+/// noise with no hook.
+#[derive(Default)]
+pub struct RenderOptions<'a> {
+    /// Continue from this saved state instead of the spec's initial noise (the spec must be the
+    /// one that saved it: same scheduler, steps, shift and size are checked; the prompts, seed
+    /// and guidance are the caller's to keep).
+    pub resume: Option<DenoiserState>,
+    /// Called after every step, before the cancellation check, e.g. to save the denoiser's
+    /// state; an error stops the render.
+    pub after_step: Option<&'a mut AfterStep<'a>>,
+}
+
+/// The result of a render: the final latents, and the video where decoded.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    /// f32 `(1, C, F, H, W)`.
+    pub latents: Tensor,
+    pub video: Option<Video>,
+}
+
+/// Decoded frames: `frames × height × width × 3` RGB bytes, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Video {
+    pub rgb: Vec<u8>,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// Sizes of a pipeline's components that the CLI needs for defaults and validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineInfo {
+    /// `tiny` or the checkpoint directory.
+    pub name: String,
+    pub default_width: usize,
+    pub default_height: usize,
+    pub default_steps: usize,
+    pub max_sequence_length: usize,
+}
+
+/// A model of the flow (velocity) the sampler integrates: Wan's transformer in one process, or
+/// the same transformer run by the ranks of a parallel layout. The denoising loop only needs this.
+pub trait FlowModel {
+    /// The predicted flow for latents `x` `(B, C, F, H, W)` at timesteps `t` `(B,)` under text
+    /// embeddings `context` `(B, Lt, text_dim)`.
+    fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// Called with the final latents when the loop has taken its last step. A model run by
+    /// several ranks checks there that they all ended with the same latents; one process has
+    /// nothing to check.
+    fn check_final_latents(&self, _latents: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a worker advertises about a model, known without loading its weights: the pipeline's
+/// defaults and the transformer's shape that a parallel layout must divide.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFacts {
+    pub info: PipelineInfo,
+    pub attention_heads: usize,
+    pub ffn_dim: usize,
+}
+
+impl ModelFacts {
+    /// What a parallel layout must divide, for a render that does or does not use guidance.
+    pub fn layout_limits(&self, guidance: bool) -> LayoutLimits {
+        LayoutLimits {
+            heads: self.attention_heads,
+            ffn_dim: self.ffn_dim,
+            guidance,
+        }
+    }
+}
+
+/// A loaded video pipeline of any model family, in one process or as one rank's share of a
+/// parallel layout: what the worker drives. `crate::families` loads one for a checkpoint by its
+/// `model_index.json` class.
+pub trait VideoPipeline: Send {
+    /// The pipeline's name and defaults.
+    fn info(&self) -> &PipelineInfo;
+
+    /// What a parallel layout must divide in this pipeline's transformer.
+    fn layout_limits(&self, guidance: bool) -> LayoutLimits;
+
+    /// Stops a running render at the next step boundary; reset it before reusing the pipeline.
+    fn cancel_token(&self) -> &CancelToken;
+
+    /// The whole run for `spec` with `options` (resumed from a saved state, a hook after each
+    /// step): the final latents, and the video where this process decodes (one process, or the
+    /// rank of a layout that writes the video).
+    fn render_with_options(
+        &self,
+        spec: &RenderSpec,
+        options: RenderOptions<'_>,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Rendered>;
+
+    /// [`Self::render_with_options`] with the default options: the video where decoded.
+    fn render(
+        &self,
+        spec: &RenderSpec,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Option<Video>> {
+        Ok(self
+            .render_with_options(spec, RenderOptions::default(), progress)?
+            .video)
+    }
+}
