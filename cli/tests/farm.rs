@@ -508,7 +508,10 @@ async fn bad_requests_get_their_status_codes() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert_eq!(e.message(), "spec.width: 250 is not a multiple of 16");
+    assert_eq!(
+        e.message(),
+        "spec.width: 250 is not a multiple of 16 (try 256)"
+    );
     let e = c
         .submit(SubmitRequest {
             spec: None,
