@@ -136,7 +136,8 @@ fn a_submitted_job_completes_and_equals_the_single_process_render() {
     let jobs = farm.jobs();
     let cfg2 = jobs
         .iter()
-        .find(|j| j["spec"]["layout"] == "cfg=2")
+        // the record shows the layout in its canonical form, every degree named
+        .find(|j| j["spec"]["layout"] == "cfg=2,tp=1,ulysses=1,ring=1")
         .unwrap_or_else(|| panic!("no cfg=2 job listed: {jobs:?}"));
     let mut ranks = workers_of(cfg2);
     ranks.sort();
