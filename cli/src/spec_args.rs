@@ -64,7 +64,8 @@ pub struct SpecArgs {
 
 /// `--scheduler`, read by the job spec's own parser of sampler names.
 fn parse_scheduler(text: &str) -> Result<SchedulerKind, String> {
-    text.parse().map_err(|e: longtake_proto::spec::UnknownScheduler| e.to_string())
+    text.parse()
+        .map_err(|e: longtake_proto::spec::UnknownScheduler| e.to_string())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

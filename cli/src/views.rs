@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use longtake_coordinator::record::JobPhase;
 use longtake_proto::{job_event, Job, JobEvent, JobState, OutputFormat, Worker, WorkerState};
 use serde_json::{json, Value};
 
@@ -36,12 +37,9 @@ pub fn parse_job_state(name: &str) -> Result<JobState, String> {
     })
 }
 
-/// Whether a job in this state will change no more.
+/// Whether a job in this state will change no more (the coordinator's one definition).
 pub fn is_final(state: i32) -> bool {
-    matches!(
-        JobState::try_from(state),
-        Ok(JobState::Done | JobState::Failed | JobState::Cancelled)
-    )
+    JobPhase::from_proto(state).is_some_and(JobPhase::is_ended)
 }
 
 /// `idle`, `busy`, `draining` (`unknown` for anything else).

@@ -566,7 +566,10 @@ async fn a_restarted_coordinator_lists_its_jobs_and_requeues_the_running_one() {
 
     // the records are as the first coordinator left them: nothing recorded its end
     let stored = farm.local.store.load_all().await.unwrap();
-    let state_of = |id: &str| stored.iter().find(|j| j.id == id).unwrap().state;
+    let state_of = |id: &str| {
+        let loaded = stored.iter().find(|j| j.record.id == id).unwrap();
+        JobState::from(loaded.record.phase) as i32
+    };
     assert_eq!(state_of(&running.id), JobState::Running as i32);
     assert_eq!(state_of(&queued.id), JobState::Queued as i32);
 

@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use longtake_proto::{Job, OutputChunk, OutputFormat};
+use longtake_proto::{OutputChunk, OutputFormat};
+
+use crate::record::JobRecord;
 
 /// Size of the `data` of one `OutputChunk`.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -31,12 +33,9 @@ impl Artifacts {
     }
 
     /// Where `job`'s output is written: an `.mp4` file or a PNG sequence directory.
-    pub fn output_path(&self, job: &Job) -> PathBuf {
+    pub fn output_path(&self, job: &JobRecord) -> PathBuf {
         let name = file_safe(&job.name);
-        let png = job
-            .spec
-            .as_ref()
-            .is_some_and(|s| s.format == OutputFormat::Png as i32);
+        let png = job.spec.format() == OutputFormat::Png;
         let job_dir = self.dir.join(&job.id);
         if png {
             job_dir.join(name)
@@ -55,7 +54,7 @@ impl Artifacts {
 
     /// The files of `job`'s finished output, in order, each with the name it is fetched under
     /// (the clip's file name, or a frame's within the sequence).
-    pub fn files(&self, job: &Job) -> io::Result<Vec<(String, PathBuf)>> {
+    pub fn files(&self, job: &JobRecord) -> io::Result<Vec<(String, PathBuf)>> {
         let path = self.output_path(job);
         if path.is_dir() {
             let mut files = Vec::new();
@@ -81,7 +80,7 @@ impl Artifacts {
     }
 
     /// Total bytes of `job`'s output.
-    pub fn output_bytes(&self, job: &Job) -> io::Result<u64> {
+    pub fn output_bytes(&self, job: &JobRecord) -> io::Result<u64> {
         let mut total = 0;
         for (_, path) in self.files(job)? {
             total += std::fs::metadata(path)?.len();
@@ -157,18 +156,19 @@ fn file_safe(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use longtake_proto::spec::SpecRequest;
     use longtake_proto::RenderSpec;
 
-    fn job(name: &str, format: OutputFormat) -> Job {
-        Job {
-            id: "j-1".into(),
-            name: name.into(),
-            spec: Some(RenderSpec {
-                format: format as i32,
-                ..Default::default()
-            }),
+    fn job(name: &str, format: OutputFormat) -> JobRecord {
+        let request = SpecRequest::try_from(&RenderSpec {
+            prompt: "a wolf".into(),
+            frames: 9,
+            fps: 16,
+            format: format as i32,
             ..Default::default()
-        }
+        })
+        .unwrap();
+        JobRecord::queued("j-1".into(), request, 0, name.into(), 10)
     }
 
     #[test]

@@ -1,21 +1,23 @@
-//! The job table and its state machine, without I/O: QUEUED → PLANNED → RUNNING → DONE | FAILED |
-//! CANCELLED, QUEUED/PLANNED/RUNNING → CANCELLED, PLANNED/RUNNING → QUEUED when an attempt's
-//! workers are lost. Every method that changes a job returns a [`Change`]: the caller writes the
-//! record to the job store (when `persist`) before it broadcasts the event to the job's watchers.
-//! Events of an attempt that is no longer the job's current one (a cancelled job's, a re-queued
-//! one's) are ignored.
+//! The job table and its state machine over [`JobRecord`]s, without I/O: QUEUED → PLANNED →
+//! RUNNING → DONE | FAILED | CANCELLED, QUEUED/PLANNED/RUNNING → CANCELLED, PLANNED/RUNNING →
+//! QUEUED when an attempt's workers are lost. Every method that changes a job returns a
+//! [`Change`]: the caller writes the record to the job store (when `persist`) before it
+//! broadcasts the event to the job's watchers. Events of an attempt that is no longer the job's
+//! current one (a cancelled job's, a re-queued one's) are ignored.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
 use longtake_proto::spec::{JobSpec, Limits, ModelDescription, SpecError, SpecRequest};
 use longtake_proto::{
-    job_event, Cancelled, Decoding, Done, Encoding, Failed, Job, JobEvent, JobState, Planned,
-    Queued, RenderSpec, Step, Worker,
+    job_event, Cancelled, Decoding, Done, Encoding, Failed, JobEvent, JobState, Planned, Queued,
+    RenderSpec, Step, Worker,
 };
 use tokio::sync::{broadcast, mpsc};
 
 use crate::placement::Request;
+use crate::record::{JobPhase, JobRecord, JobSpecs, Plan};
+use crate::store::LoadedJob;
 
 /// Events a slow watcher may lag behind before it is resynchronised with the job's state.
 const EVENT_BUFFER: usize = 1024;
@@ -52,7 +54,7 @@ pub enum Outcome {
 /// A change to a job: its new record and the event that announces it.
 #[derive(Debug, Clone)]
 pub struct Change {
-    pub job: Job,
+    pub job: JobRecord,
     pub event: JobEvent,
     /// Whether the record must be written to the store (state transitions and messages; not
     /// per-step progress, which a restart re-does anyway).
@@ -62,7 +64,7 @@ pub struct Change {
 /// A job that placement gave workers: what dispatch needs to run its attempt.
 #[derive(Debug, Clone)]
 pub struct Assignment {
-    pub job: Job,
+    pub job: JobRecord,
     /// The spec with the model's defaults filled in.
     pub spec: JobSpec,
     pub attempt: u32,
@@ -77,10 +79,7 @@ pub struct AttemptHandle {
 }
 
 struct Entry {
-    job: Job,
-    /// The job's spec as checked at submission (model defaults not yet filled in); `None` for a
-    /// stored record whose spec could not be read back (such a job has failed).
-    request: Option<SpecRequest>,
+    job: JobRecord,
     events: broadcast::Sender<JobEvent>,
     attempt: Option<AttemptHandle>,
     /// Why the job went back to the queue, kept in front of the reasons it waits since.
@@ -107,20 +106,10 @@ pub struct JobTable {
     last_submitted_ms: u64,
 }
 
-fn is_terminal(state: i32) -> bool {
-    state == JobState::Done as i32
-        || state == JobState::Failed as i32
-        || state == JobState::Cancelled as i32
-}
-
-fn is_active(state: i32) -> bool {
-    state == JobState::Planned as i32 || state == JobState::Running as i32
-}
-
-fn event(job: &Job, body: job_event::Event, now_ms: u64) -> JobEvent {
+fn event(job: &JobRecord, body: job_event::Event, now_ms: u64) -> JobEvent {
     JobEvent {
         job_id: job.id.clone(),
-        state: job.state,
+        state: JobState::from(job.phase) as i32,
         at_ms: now_ms,
         event: Some(body),
     }
@@ -169,31 +158,32 @@ impl JobTable {
 
     /// Takes the stored jobs: queued ones queue again, planned or running ones (their attempt
     /// died with the previous coordinator) go back to the queue, ended ones are listed as they
-    /// were. Returns the changes of the re-queued jobs.
-    pub fn restore(&mut self, stored: Vec<Job>, now_ms: u64) -> Vec<Change> {
+    /// were. A record that cannot run (its problem names the job) fails its job if it had not
+    /// ended. Returns the changes of the re-queued and failed jobs.
+    pub fn restore(&mut self, stored: Vec<LoadedJob>, now_ms: u64) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut failed = Vec::new();
-        for mut job in stored {
+        for LoadedJob {
+            record: mut job,
+            problem,
+        } in stored
+        {
             self.last_submitted_ms = self.last_submitted_ms.max(job.submitted_at_ms);
-            let request = match SpecRequest::try_from(&job.spec.clone().unwrap_or_default()) {
-                Ok(request) => Some(request),
-                Err(e) => {
-                    // A record this coordinator cannot read back (written by another version,
-                    // or edited by hand) is never run with a guessed spec: the job fails,
-                    // named, and the other jobs carry on.
-                    tracing::error!(job = %job.id, "stored job record has an invalid spec: {e}");
-                    if !is_terminal(job.state) {
-                        job.state = JobState::Failed as i32;
-                        job.message = format!("job {}: its stored spec is invalid: {e}", job.id);
-                        job.finished_at_ms = now_ms;
-                        failed.push(job.id.clone());
-                    }
-                    None
+            if let Some(problem) = problem {
+                // A record this coordinator cannot read back (written by another version, or
+                // edited by hand) is never run with a guessed spec: the job fails, named, and
+                // the other jobs carry on.
+                tracing::error!(job = %job.id, "stored job record: {problem}");
+                if !job.phase.is_ended() {
+                    job.phase = JobPhase::Failed;
+                    job.message = problem.to_string();
+                    job.finished_at_ms = now_ms;
+                    failed.push(job.id.clone());
                 }
-            };
-            let is_active_before = is_active(job.state);
+            }
+            let is_active_before = job.phase.is_active();
             if is_active_before {
-                job.state = JobState::Queued as i32;
+                job.phase = JobPhase::Queued;
                 job.message = format!(
                     "re-queued: the coordinator restarted during attempt {}",
                     job.attempts
@@ -201,7 +191,7 @@ impl JobTable {
                 job.steps_done = 0;
                 changes.push(job.id.clone());
             }
-            if job.state == JobState::Queued as i32 {
+            if job.phase == JobPhase::Queued {
                 self.queue.push(&job.id, job.priority, job.submitted_at_ms);
             }
             let requeued = is_active_before.then(|| job.message.clone());
@@ -211,7 +201,6 @@ impl JobTable {
                 Entry {
                     requeued,
                     job,
-                    request,
                     events,
                     attempt: None,
                     announced: None,
@@ -251,22 +240,13 @@ impl JobTable {
         while self.jobs.contains_key(&id) {
             id = new_job_id(now_ms);
         }
-        let job = Job {
-            id: id.clone(),
-            spec: Some(RenderSpec::from(&request)),
-            priority,
-            state: JobState::Queued as i32,
-            submitted_at_ms: now_ms,
-            name: name.to_string(),
-            ..Default::default()
-        };
+        let job = JobRecord::queued(id.clone(), request, priority, name.to_string(), now_ms);
         self.queue.push(&id, priority, now_ms);
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         self.jobs.insert(
             id.clone(),
             Entry {
                 job,
-                request: Some(request),
                 events,
                 attempt: None,
                 requeued: None,
@@ -282,16 +262,16 @@ impl JobTable {
         self.jobs.remove(id);
     }
 
-    pub fn get(&self, id: &str) -> Option<&Job> {
+    pub fn get(&self, id: &str) -> Option<&JobRecord> {
         self.jobs.get(id).map(|e| &e.job)
     }
 
-    /// Jobs in the given states (all when empty), oldest first.
-    pub fn list(&self, states: &[i32]) -> Vec<Job> {
-        let mut jobs: Vec<Job> = self
+    /// The jobs whose phase is `wanted`, oldest first.
+    pub fn list(&self, wanted: impl Fn(JobPhase) -> bool) -> Vec<JobRecord> {
+        let mut jobs: Vec<JobRecord> = self
             .jobs
             .values()
-            .filter(|e| states.is_empty() || states.contains(&e.job.state))
+            .filter(|e| wanted(e.job.phase))
             .map(|e| e.job.clone())
             .collect();
         jobs.sort_by(|a, b| (a.submitted_at_ms, &a.id).cmp(&(b.submitted_at_ms, &b.id)));
@@ -312,32 +292,28 @@ impl JobTable {
     }
 
     /// The event that sums up the job's state, the first one a watcher gets.
-    pub fn current_event(&self, job: &Job, now_ms: u64) -> JobEvent {
+    pub fn current_event(&self, job: &JobRecord, now_ms: u64) -> JobEvent {
         use job_event::Event;
-        let body = match JobState::try_from(job.state).unwrap_or(JobState::Unspecified) {
-            JobState::Queued | JobState::Unspecified => Event::Queued(Queued {
+        let body = match job.phase {
+            JobPhase::Queued => Event::Queued(Queued {
                 position: self.queue.position(&job.id).unwrap_or(0),
                 reason: job.message.clone(),
             }),
-            JobState::Planned => Event::Planned(Planned {
-                workers: job.workers.clone(),
-                layout: self.layout_text(&job.id),
-                attempt: job.attempts,
-            }),
-            JobState::Running => Event::Step(Step {
+            JobPhase::Planned => Event::Planned(planned(job)),
+            JobPhase::Running => Event::Step(Step {
                 step: job.steps_done,
                 total: job.steps_total,
                 elapsed_s: 0.0,
                 step_s: 0.0,
             }),
-            JobState::Done => Event::Done(Done {
+            JobPhase::Done => Event::Done(Done {
                 output_bytes: job.output_bytes,
-                render_s: render_s(job),
+                render_s: job.render_s(),
             }),
-            JobState::Failed => Event::Failed(Failed {
+            JobPhase::Failed => Event::Failed(Failed {
                 reason: job.message.clone(),
             }),
-            JobState::Cancelled => Event::Cancelled(Cancelled {
+            JobPhase::Cancelled => Event::Cancelled(Cancelled {
                 reason: job.message.clone(),
             }),
         };
@@ -355,7 +331,7 @@ impl JobTable {
             .iter()
             .filter_map(|id| self.jobs.get(id))
             .filter_map(|e| {
-                let request = e.request.as_ref()?;
+                let request = e.job.spec.request()?;
                 Some(Request {
                     job_id: e.job.id.clone(),
                     model: request.model.clone(),
@@ -381,7 +357,7 @@ impl JobTable {
             Some(requeued) => format!("{requeued}; {reason}"),
             None => reason.to_string(),
         };
-        if entry.job.state != JobState::Queued as i32 || entry.job.message == message {
+        if entry.job.phase != JobPhase::Queued || entry.job.message == message {
             return None;
         }
         entry.job.message = message;
@@ -399,13 +375,13 @@ impl JobTable {
         let Some(entry) = self.jobs.get_mut(id) else {
             return Err(None);
         };
-        if entry.job.state != JobState::Queued as i32 {
+        if entry.job.phase != JobPhase::Queued {
             return Err(None);
         }
         self.queue.remove(id);
         entry.requeued = None;
         entry.announced = None;
-        let Some(request) = entry.request.clone() else {
+        let Some(request) = entry.job.spec.request().cloned() else {
             return Err(None);
         };
         let model = workers
@@ -424,7 +400,7 @@ impl JobTable {
             Ok(resolved) => resolved,
             Err(e) => {
                 let job = &mut entry.job;
-                job.state = JobState::Failed as i32;
+                job.phase = JobPhase::Failed;
                 job.message = e.to_string();
                 job.finished_at_ms = now_ms;
                 let body = job_event::Event::Failed(Failed {
@@ -438,20 +414,22 @@ impl JobTable {
             }
         };
         let job = &mut entry.job;
-        job.state = JobState::Planned as i32;
+        job.phase = JobPhase::Planned;
         job.attempts += 1;
-        job.workers = workers.iter().map(|w| w.id.clone()).collect();
+        job.plan = Some(Plan::single(
+            workers.iter().map(|w| w.id.clone()).collect(),
+            resolved.layout,
+        ));
         job.steps_done = 0;
         job.steps_total = resolved.steps;
         // The record shows what will run (the model's defaults filled in), so a client needs no
         // other source to learn the size or steps the farm chose.
-        job.spec = Some(RenderSpec::from(&resolved));
+        job.spec = JobSpecs::Resolved {
+            request,
+            resolved: resolved.clone(),
+        };
         job.message.clear();
-        let body = job_event::Event::Planned(Planned {
-            workers: job.workers.clone(),
-            layout: request.layout.to_string(),
-            attempt: job.attempts,
-        });
+        let body = job_event::Event::Planned(planned(job));
         let change = Change {
             event: event(job, body, now_ms),
             job: job.clone(),
@@ -478,14 +456,14 @@ impl JobTable {
     fn current(&mut self, id: &str, attempt: u32) -> Option<&mut Entry> {
         self.jobs
             .get_mut(id)
-            .filter(|e| e.job.attempts == attempt && is_active(e.job.state))
+            .filter(|e| e.job.attempts == attempt && e.job.phase.is_active())
     }
 
     /// The ranks are running: PLANNED → RUNNING.
     pub fn running(&mut self, id: &str, attempt: u32, now_ms: u64) -> Option<Change> {
         let entry = self.current(id, attempt)?;
         let job = &mut entry.job;
-        job.state = JobState::Running as i32;
+        job.phase = JobPhase::Running;
         job.started_at_ms = now_ms;
         let body = job_event::Event::Step(Step {
             step: 0,
@@ -550,17 +528,17 @@ impl JobTable {
         if entry.attempt.as_ref().is_some_and(|a| a.attempt == attempt) {
             entry.attempt = None;
         }
-        if entry.job.attempts != attempt || !is_active(entry.job.state) {
+        if entry.job.attempts != attempt || !entry.job.phase.is_active() {
             return None;
         }
         let job = &mut entry.job;
-        let requeue = |job: &mut Job, reason: String| {
-            job.state = JobState::Queued as i32;
+        let requeue = |job: &mut JobRecord, reason: String| {
+            job.phase = JobPhase::Queued;
             job.message = reason;
             job.steps_done = 0;
         };
-        let end = |job: &mut Job, state: JobState, reason: String| {
-            job.state = state as i32;
+        let end = |job: &mut JobRecord, phase: JobPhase, reason: String| {
+            job.phase = phase;
             job.message = reason;
             job.finished_at_ms = now_ms;
         };
@@ -569,19 +547,19 @@ impl JobTable {
                 output_bytes,
                 render_s: _,
             } => {
-                end(job, JobState::Done, String::new());
+                end(job, JobPhase::Done, String::new());
                 job.output_bytes = output_bytes;
                 job.steps_done = job.steps_total;
             }
-            Outcome::Failed(reason) => end(job, JobState::Failed, reason),
-            Outcome::Cancelled(reason) => end(job, JobState::Cancelled, reason),
+            Outcome::Failed(reason) => end(job, JobPhase::Failed, reason),
+            Outcome::Cancelled(reason) => end(job, JobPhase::Cancelled, reason),
             Outcome::Lost(reason) => {
                 if job.attempts < max_attempts {
                     requeue(job, format!("re-queued: {reason}"));
                 } else {
                     end(
                         job,
-                        JobState::Failed,
+                        JobPhase::Failed,
                         format!("{reason}; gave up after {} attempts", job.attempts),
                     );
                 }
@@ -595,14 +573,13 @@ impl JobTable {
                 } else {
                     end(
                         job,
-                        JobState::Failed,
+                        JobPhase::Failed,
                         format!("{reason}; gave up after {} attempts", job.attempts),
                     );
                 }
             }
         }
-        let state = job.state;
-        if state == JobState::Queued as i32 {
+        if job.phase == JobPhase::Queued {
             let (priority, at) = (job.priority, job.submitted_at_ms);
             entry.requeued = Some(entry.job.message.clone());
             self.queue.push(id, priority, at);
@@ -624,12 +601,12 @@ impl JobTable {
         id: &str,
         reason: &str,
         now_ms: u64,
-    ) -> Result<(Job, Option<Change>), TableError> {
+    ) -> Result<(JobRecord, Option<Change>), TableError> {
         let entry = self
             .jobs
             .get_mut(id)
             .ok_or_else(|| TableError::NotFound(id.to_string()))?;
-        if is_terminal(entry.job.state) {
+        if entry.job.phase.is_ended() {
             return Ok((entry.job.clone(), None));
         }
         let reason = if reason.trim().is_empty() {
@@ -641,7 +618,7 @@ impl JobTable {
             let _ = attempt.control.send(Control::Cancel(reason.clone()));
         }
         let job = &mut entry.job;
-        job.state = JobState::Cancelled as i32;
+        job.phase = JobPhase::Cancelled;
         job.message = reason.clone();
         job.finished_at_ms = now_ms;
         let body = job_event::Event::Cancelled(Cancelled { reason });
@@ -670,14 +647,6 @@ impl JobTable {
         for entry in self.jobs.values_mut() {
             entry.attempt = None;
         }
-    }
-
-    fn layout_text(&self, id: &str) -> String {
-        self.jobs
-            .get(id)
-            .and_then(|e| e.request.as_ref())
-            .map(|r| r.layout.to_string())
-            .unwrap_or_default()
     }
 
     /// Queued events for the jobs whose place in the queue moved since their watchers last
@@ -719,14 +688,20 @@ impl JobTable {
     }
 }
 
-fn render_s(job: &Job) -> f64 {
-    job.finished_at_ms.saturating_sub(job.started_at_ms) as f64 / 1000.0
+/// The `Planned` event of a job's current plan.
+fn planned(job: &JobRecord) -> Planned {
+    let plan = job.plan.as_ref();
+    Planned {
+        workers: plan.map(Plan::workers).unwrap_or_default(),
+        layout: plan.map(Plan::layout_text).unwrap_or_default(),
+        attempt: job.attempts,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{InMemoryJobStore, JobStore};
+    use crate::store::{format, InMemoryJobStore, JobStore};
     use longtake_proto::{ModelInfo, WorkerState};
 
     fn spec() -> RenderSpec {
@@ -757,8 +732,8 @@ mod tests {
         }
     }
 
-    fn state(t: &JobTable, id: &str) -> JobState {
-        JobState::try_from(t.get(id).unwrap().state).unwrap()
+    fn state(t: &JobTable, id: &str) -> JobPhase {
+        t.get(id).unwrap().phase
     }
 
     fn handle(t: &mut JobTable, a: &Assignment) -> mpsc::UnboundedReceiver<Control> {
@@ -823,15 +798,15 @@ mod tests {
         );
 
         let (c, a) = t.plan(&id, &[worker("w1")], 20).unwrap();
-        assert_eq!(state(&t, &id), JobState::Planned);
+        assert_eq!(state(&t, &id), JobPhase::Planned);
         assert_eq!((a.attempt, a.spec.steps, a.spec.width), (1, 3, 64));
-        assert_eq!(c.job.workers, ["w1"]);
+        assert_eq!(c.job.plan.as_ref().unwrap().workers(), ["w1"]);
         let _rx = handle(&mut t, &a);
         assert_eq!(t.claimed(), HashSet::from(["w1".to_string()]));
         assert!(t.queued_requests().is_empty());
 
         t.running(&id, 1, 30).unwrap();
-        assert_eq!(state(&t, &id), JobState::Running);
+        assert_eq!(state(&t, &id), JobPhase::Running);
         let c = t
             .step(
                 &id,
@@ -861,7 +836,7 @@ mod tests {
                 50,
             )
             .unwrap();
-        assert_eq!(state(&t, &id), JobState::Done);
+        assert_eq!(state(&t, &id), JobPhase::Done);
         assert_eq!(
             (c.job.output_bytes, c.job.steps_done, c.job.finished_at_ms),
             (1234, 3, 50)
@@ -883,7 +858,7 @@ mod tests {
                 30,
             )
             .unwrap();
-        assert_eq!(state(&t, &id), JobState::Queued);
+        assert_eq!(state(&t, &id), JobPhase::Queued);
         assert_eq!(
             c.job.message,
             "re-queued: worker w1 (rank 0) lost during step 2: gone"
@@ -905,7 +880,7 @@ mod tests {
         let c = t
             .finish(&id, 2, Outcome::Lost("worker w1 (rank 0) lost".into()), 70)
             .unwrap();
-        assert_eq!(state(&t, &id), JobState::Failed);
+        assert_eq!(state(&t, &id), JobPhase::Failed);
         assert_eq!(
             c.job.message,
             "worker w1 (rank 0) lost; gave up after 2 attempts"
@@ -918,7 +893,7 @@ mod tests {
         let q = t.submit(&spec(), 0, "", 10).unwrap().job.id;
         let r = t.submit(&spec(), 0, "", 11).unwrap().job.id;
         let (job, _) = t.cancel(&q, "", 12).unwrap();
-        assert_eq!(job.state, JobState::Cancelled as i32);
+        assert_eq!(job.phase, JobPhase::Cancelled);
         assert_eq!(job.message, "cancelled by request");
         assert_eq!(t.queued_requests().len(), 1);
 
@@ -926,7 +901,7 @@ mod tests {
         let mut control = handle(&mut t, &a);
         t.running(&r, 1, 21);
         t.cancel(&r, "wrong prompt", 22).unwrap();
-        assert_eq!(state(&t, &r), JobState::Cancelled);
+        assert_eq!(state(&t, &r), JobPhase::Cancelled);
         assert_eq!(
             control.try_recv().unwrap(),
             Control::Cancel("wrong prompt".into())
@@ -937,7 +912,7 @@ mod tests {
             .finish(&r, 1, Outcome::Lost("closed".into()), 23)
             .is_none());
         assert!(t.claimed().is_empty());
-        assert_eq!(state(&t, &r), JobState::Cancelled);
+        assert_eq!(state(&t, &r), JobPhase::Cancelled);
         // cancelling an ended job changes nothing; an unknown one is NotFound
         assert!(t.cancel(&r, "again", 24).unwrap().1.is_none());
         assert_eq!(
@@ -957,7 +932,7 @@ mod tests {
         );
         let id = t.submit(&spec(), 0, "", 10).unwrap().job.id;
         let c = t.plan(&id, &[worker("w1")], 20).unwrap_err().unwrap();
-        assert_eq!(c.job.state, JobState::Failed as i32);
+        assert_eq!(c.job.phase, JobPhase::Failed);
         assert_eq!(
             c.job.message,
             "spec.steps: 3 is over this farm's limit of 2"
@@ -1042,7 +1017,7 @@ mod tests {
         );
         t.plan(&ids[2], &[worker("w2")], 23).unwrap();
         t.cancel(&ids[1], "no", 24).unwrap();
-        for job in t.list(&[]) {
+        for job in t.list(|_| true) {
             store.put(&job).await.unwrap();
         }
 
@@ -1050,21 +1025,21 @@ mod tests {
         let changes = restarted.restore(store.load_all().await.unwrap(), 100);
         assert_eq!(changes.len(), 2);
         let job = restarted.get(&ids[3]).unwrap();
-        assert_eq!(job.state, JobState::Queued as i32);
+        assert_eq!(job.phase, JobPhase::Queued);
         assert_eq!(
             job.message,
             "re-queued: the coordinator restarted during attempt 1"
         );
         assert_eq!(job.steps_done, 0);
-        assert_eq!(state(&restarted, &ids[1]), JobState::Cancelled);
+        assert_eq!(state(&restarted, &ids[1]), JobPhase::Cancelled);
         let order: Vec<String> = restarted
             .queued_requests()
             .into_iter()
             .map(|r| r.job_id)
             .collect();
         assert_eq!(order, [ids[3].clone(), ids[2].clone(), ids[0].clone()]);
-        assert_eq!(restarted.list(&[]).len(), 4);
-        assert_eq!(restarted.list(&[JobState::Cancelled as i32]).len(), 1);
+        assert_eq!(restarted.list(|_| true).len(), 4);
+        assert_eq!(restarted.list(|p| p == JobPhase::Cancelled).len(), 1);
     }
 
     /// A record whose layout cannot be parsed (another version wrote it, or a hand edit) fails
@@ -1073,13 +1048,19 @@ mod tests {
     fn a_stored_record_with_a_malformed_layout_fails_named_instead_of_running() {
         let mut t = JobTable::new(Limits::default(), 3);
         let good = t.submit(&spec(), 0, "", 10).unwrap().job;
-        let mut bad = t.submit(&spec(), 0, "", 11).unwrap().job;
-        bad.spec.as_mut().unwrap().layout = "tp=two".into();
+        let bad = t.submit(&spec(), 0, "", 11).unwrap().job;
+        let mut stored: serde_json::Value = serde_json::from_slice(&format::encode(&bad)).unwrap();
+        stored["spec"]["layout"] = "tp=two".into();
+        let stored = serde_json::to_vec(&stored).unwrap();
 
         let mut restarted = JobTable::new(Limits::default(), 3);
-        let changes = restarted.restore(vec![good.clone(), bad.clone()], 100);
+        let loaded = vec![
+            format::decode(&good.id, &format::encode(&good)).unwrap(),
+            format::decode(&bad.id, &stored).unwrap(),
+        ];
+        let changes = restarted.restore(loaded, 100);
         let failed = restarted.get(&bad.id).unwrap();
-        assert_eq!(failed.state, JobState::Failed as i32);
+        assert_eq!(failed.phase, JobPhase::Failed);
         assert!(
             failed.message.starts_with(&format!(
                 "job {}: its stored spec is invalid: spec.layout: layout `tp=two`",
@@ -1101,5 +1082,45 @@ mod tests {
             "the readable job still queues"
         );
         assert!(restarted.plan(&bad.id, &[worker("w1")], 101).is_err());
+    }
+
+    /// A record a newer coordinator wrote is listed as failed, naming the job and what to do,
+    /// and is not written back (that would destroy the newer record); the others carry on.
+    #[test]
+    fn a_stored_record_of_a_newer_schema_fails_named_and_is_left_as_stored() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let good = t.submit(&spec(), 0, "", 10).unwrap().job;
+        let newer = br#"{"schema": 99, "id": "j-newer", "name": "shot 9", "priority": 4,
+            "submitted_at_ms": 11, "spec": {"prompt": "a wolf", "windows": [[0, 8]]}}"#;
+
+        let mut restarted = JobTable::new(Limits::default(), 3);
+        let loaded = vec![
+            format::decode(&good.id, &format::encode(&good)).unwrap(),
+            format::decode("/longtake/jobs/j-newer", newer).unwrap(),
+        ];
+        let changes = restarted.restore(loaded, 100);
+        assert!(changes.is_empty(), "nothing is written back: {changes:?}");
+        let failed = restarted.get("j-newer").unwrap();
+        assert_eq!(failed.phase, JobPhase::Failed);
+        assert_eq!((failed.name.as_str(), failed.priority), ("shot 9", 4));
+        assert!(
+            failed.message.starts_with(
+                "job j-newer: its record /longtake/jobs/j-newer has schema version 99"
+            ),
+            "{}",
+            failed.message
+        );
+        assert!(
+            failed.message.contains("delete the record"),
+            "{}",
+            failed.message
+        );
+        let queued: Vec<String> = restarted
+            .queued_requests()
+            .into_iter()
+            .map(|r| r.job_id)
+            .collect();
+        assert_eq!(queued, vec![good.id.clone()]);
+        assert!(restarted.plan("j-newer", &[worker("w1")], 101).is_err());
     }
 }

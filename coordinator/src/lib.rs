@@ -7,9 +7,11 @@
 //! The spec rules (validation with field-named errors, resolution with a model's defaults) are
 //! the job spec's, `longtake_proto::spec`; this crate links no model code.
 //!
-//! Modules, one job each: `queue` (priority,
+//! Modules, one job each: `record` (the job as the coordinator knows it: phase, specs, plan,
+//! attempts; the protocol's `Job` is built from it at the gRPC edge), `queue` (priority,
 //! FIFO within a priority), `placement` (which workers run a job), `jobs` (the job table and its
-//! state machine, without I/O), `store` (job records: etcd or in memory), `artifacts` (where
+//! state machine, without I/O), `store` (job records, versioned JSON in etcd or in memory),
+//! `artifacts` (where
 //! outputs live, read back in chunks), `dispatch` (one attempt of a job on its workers over
 //! `WorkerService`), `scheduler` (the job table behind its lock, the store writes, the live
 //! worker view and the placement loop), `service` (the thin gRPC edge), and `encode` (frames →
@@ -21,6 +23,7 @@ pub mod encode;
 pub mod jobs;
 pub mod placement;
 pub mod queue;
+pub mod record;
 pub mod scheduler;
 pub mod service;
 pub mod store;

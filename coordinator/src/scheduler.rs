@@ -10,15 +10,14 @@ use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::{Duration, Instant};
 
 use longtake_proto::membership::{Membership, MembershipEvent};
-use longtake_proto::{
-    job_event, now_ms, Decoding, Encoding, Job, JobEvent, RenderSpec, Step, Worker,
-};
+use longtake_proto::{job_event, now_ms, Decoding, Encoding, JobEvent, RenderSpec, Step, Worker};
 use tokio::sync::{broadcast, mpsc, watch, Mutex, Notify};
 
 use crate::artifacts::Artifacts;
 use crate::dispatch::{self, Attempt, Reporter};
 use crate::jobs::{AttemptHandle, Change, JobTable, TableError};
 use crate::placement::{self, Decision};
+use crate::record::{JobPhase, JobRecord};
 use crate::{CoordinatorConfig, CoordinatorError, JobStore};
 
 const TICK: Duration = Duration::from_secs(1);
@@ -67,7 +66,7 @@ impl Scheduler {
         })?;
         let mut table = JobTable::new(config.limits.clone(), config.max_attempts);
         let restored = table.restore(store.load_all().await?, now_ms());
-        for change in &restored {
+        for change in restored.iter().filter(|c| c.persist) {
             store.put(&change.job).await?;
         }
         let subscription = membership.subscribe().await?;
@@ -117,7 +116,7 @@ impl Scheduler {
         spec: &RenderSpec,
         priority: i32,
         name: &str,
-    ) -> Result<Job, SubmitError> {
+    ) -> Result<JobRecord, SubmitError> {
         let mut table = self.inner.table.lock().await;
         let change = table.submit(spec, priority, name, now_ms())?;
         // nothing a user submitted is lost: the job is accepted only once it is stored
@@ -132,12 +131,13 @@ impl Scheduler {
         Ok(job)
     }
 
-    pub async fn get(&self, id: &str) -> Option<Job> {
+    pub async fn get(&self, id: &str) -> Option<JobRecord> {
         self.inner.table.lock().await.get(id).cloned()
     }
 
-    pub async fn list(&self, states: &[i32]) -> Vec<Job> {
-        self.inner.table.lock().await.list(states)
+    /// The jobs whose phase is `wanted`, oldest first.
+    pub async fn list(&self, wanted: impl Fn(JobPhase) -> bool) -> Vec<JobRecord> {
+        self.inner.table.lock().await.list(wanted)
     }
 
     pub async fn watch(&self, id: &str) -> Option<(JobEvent, broadcast::Receiver<JobEvent>)> {
@@ -151,7 +151,7 @@ impl Scheduler {
         Some(table.current_event(&job, now_ms()))
     }
 
-    pub async fn cancel(&self, id: &str, reason: &str) -> Result<Job, TableError> {
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<JobRecord, TableError> {
         let mut table = self.inner.table.lock().await;
         let (job, change) = table.cancel(id, reason, now_ms())?;
         if let Some(change) = change {

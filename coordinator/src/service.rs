@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::artifacts;
 use crate::jobs::TableError;
+use crate::record::JobPhase;
 use crate::scheduler::{Scheduler, SubmitError};
 
 /// Chunks or events in flight to one client before the sender waits.
@@ -43,10 +44,9 @@ fn table_status(e: TableError) -> Status {
     }
 }
 
-fn is_terminal(state: i32) -> bool {
-    [JobState::Done, JobState::Failed, JobState::Cancelled]
-        .iter()
-        .any(|s| *s as i32 == state)
+/// Whether an event leaves its job ended (the last event a watcher gets).
+fn ends_the_job(event: &JobEvent) -> bool {
+    JobPhase::from_proto(event.state).is_some_and(JobPhase::is_ended)
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -60,7 +60,9 @@ impl RenderService for Service {
         let r = request.into_inner();
         let spec = r.spec.unwrap_or_default();
         match self.scheduler.submit(&spec, r.priority, &r.name).await {
-            Ok(job) => Ok(Response::new(SubmitReply { job: Some(job) })),
+            Ok(job) => Ok(Response::new(SubmitReply {
+                job: Some(Job::from(&job)),
+            })),
             Err(SubmitError::Invalid(e)) => Err(table_status(e)),
             Err(e @ SubmitError::Store(_)) => Err(Status::unavailable(e.to_string())),
         }
@@ -71,7 +73,7 @@ impl RenderService for Service {
         self.scheduler
             .get(&id)
             .await
-            .map(Response::new)
+            .map(|job| Response::new(Job::from(&job)))
             .ok_or_else(|| not_found(&id))
     }
 
@@ -92,7 +94,7 @@ impl RenderService for Service {
         tokio::spawn(async move {
             let mut last = first;
             loop {
-                let end = is_terminal(last.state);
+                let end = ends_the_job(&last);
                 if tx.send(Ok(last)).await.is_err() || end {
                     return;
                 }
@@ -117,14 +119,20 @@ impl RenderService for Service {
         self.scheduler
             .cancel(&r.id, &r.reason)
             .await
-            .map(Response::new)
+            .map(|job| Response::new(Job::from(&job)))
             .map_err(table_status)
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListReply>, Status> {
+        // All jobs when no state is asked for; a state number this build does not know
+        // matches none.
         let states = request.into_inner().states;
-        let jobs = self.scheduler.list(&states).await;
-        Ok(Response::new(ListReply { jobs }))
+        let wanted =
+            |phase: JobPhase| states.is_empty() || states.contains(&(JobState::from(phase) as i32));
+        let jobs = self.scheduler.list(wanted).await;
+        Ok(Response::new(ListReply {
+            jobs: jobs.iter().map(Job::from).collect(),
+        }))
     }
 
     type FetchOutputStream = BoxStream<OutputChunk>;
@@ -139,15 +147,9 @@ impl RenderService for Service {
             .get(&id)
             .await
             .ok_or_else(|| not_found(&id))?;
-        if job.state != JobState::Done as i32 {
-            let state = JobState::try_from(job.state)
-                .map(|s| {
-                    s.as_str_name()
-                        .trim_start_matches("JOB_STATE_")
-                        .to_lowercase()
-                })
-                .unwrap_or_default();
-            let hint = if is_terminal(job.state) {
+        if job.phase != JobPhase::Done {
+            let state = job.phase.name();
+            let hint = if job.phase.is_ended() {
                 "it has no output".to_string()
             } else {
                 "fetch it when it is done".to_string()

@@ -1,64 +1,103 @@
-//! The job store contract (replace by id, load in submission order) run against the in-memory
-//! store and against a real etcd (`EtcdServer`), plus what only etcd has: a second store (a
-//! restarted coordinator) sees the same jobs, and a corrupt record refuses to load, naming its
-//! key.
+//! The job store contract (replace by id, load in submission order, every field of a record
+//! back through the stored format) run against the in-memory store and against a real etcd
+//! (`EtcdServer`), plus what only etcd has: a second store (a restarted coordinator) sees the
+//! same jobs, a corrupt record refuses to load, naming its key, and records written by other
+//! versions (an older one's without a schema, a newer one's) are read or refused by job.
 
 use std::time::{Duration, Instant};
 
-use longtake_coordinator::store::{EtcdJobStore, InMemoryJobStore, JobStore, StoreError};
+use longtake_coordinator::record::{CheckpointRef, JobPhase, JobRecord, JobSpecs, Plan};
+use longtake_coordinator::store::{
+    EtcdJobStore, InMemoryJobStore, JobStore, LoadedJob, RecordProblem, StoreError,
+};
 use longtake_proto::membership::testing::EtcdServer;
 use longtake_proto::membership::EtcdConfig;
-use longtake_proto::{Job, JobState, RenderSpec};
+use longtake_proto::spec::{ModelDescription, SpecRequest};
+use longtake_proto::RenderSpec;
 
-fn job(id: &str, submitted_at_ms: u64, priority: i32) -> Job {
-    Job {
-        id: id.into(),
-        spec: Some(RenderSpec {
-            prompt: format!("a wolf howls at the moon ({id})"),
-            model: "tiny".into(),
-            frames: 9,
-            width: 64,
-            height: 64,
-            steps: 3,
-            guidance_scale: 5.0,
-            seed: 7,
-            ..Default::default()
-        }),
-        priority,
-        state: JobState::Queued as i32,
-        submitted_at_ms,
-        name: format!("shot {id}"),
+fn request(id: &str) -> SpecRequest {
+    SpecRequest::try_from(&RenderSpec {
+        prompt: format!("a wolf howls at the moon ({id})"),
+        model: "tiny".into(),
+        frames: 9,
+        width: 64,
+        guidance_scale: 5.0,
+        seed: 7,
+        fps: 16,
+        layout: "cfg=2".into(),
         ..Default::default()
-    }
+    })
+    .unwrap()
 }
 
-fn ids(jobs: &[Job]) -> Vec<&str> {
+fn job(id: &str, submitted_at_ms: u64, priority: i32) -> JobRecord {
+    JobRecord::queued(
+        id.into(),
+        request(id),
+        priority,
+        format!("shot {id}"),
+        submitted_at_ms,
+    )
+}
+
+/// The records of jobs loaded without a problem.
+fn records(loaded: Vec<LoadedJob>) -> Vec<JobRecord> {
+    loaded
+        .into_iter()
+        .map(|l| {
+            assert_eq!(l.problem, None, "{:?}", l.record);
+            l.record
+        })
+        .collect()
+}
+
+fn ids(jobs: &[JobRecord]) -> Vec<&str> {
     jobs.iter().map(|j| j.id.as_str()).collect()
 }
 
 /// Runs the contract against an empty `store`; returns the jobs it leaves stored.
-async fn store_contract(store: &dyn JobStore) -> Vec<Job> {
+async fn store_contract(store: &dyn JobStore) -> Vec<JobRecord> {
     assert!(store.load_all().await.unwrap().is_empty());
     // Put out of order; equal submission times order by id.
     for j in [job("j-b", 200, 0), job("j-c", 100, 5), job("j-a", 200, 1)] {
         store.put(&j).await.unwrap();
     }
-    let loaded = store.load_all().await.unwrap();
+    let loaded = records(store.load_all().await.unwrap());
     assert_eq!(ids(&loaded), ["j-c", "j-a", "j-b"]);
     assert_eq!(loaded[0], job("j-c", 100, 5), "every field comes back");
 
-    // A put with a known id replaces that record.
-    let running = Job {
-        state: JobState::Running as i32,
+    // A put with a known id replaces that record; a planned and running one keeps its
+    // resolved spec, plan and checkpoint.
+    let request = request("j-c");
+    let resolved = request
+        .resolve(&ModelDescription {
+            name: "tiny".into(),
+            default_width: 64,
+            default_height: 48,
+            default_steps: 3,
+            attention_heads: 2,
+            ffn_dim: 64,
+        })
+        .unwrap();
+    let running = JobRecord {
+        phase: JobPhase::Running,
+        plan: Some(Plan::single(
+            vec!["w1".into(), "w2".into()],
+            resolved.layout,
+        )),
+        spec: JobSpecs::Resolved { request, resolved },
+        checkpoint: Some(CheckpointRef {
+            path: "checkpoints/step-2.safetensors".into(),
+            step: 2,
+        }),
         steps_done: 2,
         steps_total: 3,
         started_at_ms: 150,
-        workers: vec!["w1".into(), "w2".into()],
         attempts: 1,
         ..job("j-c", 100, 5)
     };
     store.put(&running).await.unwrap();
-    let loaded = store.load_all().await.unwrap();
+    let loaded = records(store.load_all().await.unwrap());
     assert_eq!(ids(&loaded), ["j-c", "j-a", "j-b"]);
     assert_eq!(loaded[0], running);
     loaded
@@ -81,7 +120,7 @@ async fn etcd_store_keeps_the_contract_and_a_restarted_coordinator_sees_the_same
         store_contract(&store).await
     };
     let restarted = EtcdJobStore::connect(etcd_config(&server)).await.unwrap();
-    assert_eq!(restarted.load_all().await.unwrap(), stored);
+    assert_eq!(records(restarted.load_all().await.unwrap()), stored);
 
     // Another farm's prefix is another set of jobs.
     let other = EtcdJobStore::connect(EtcdConfig {
@@ -110,6 +149,67 @@ async fn a_corrupt_job_record_refuses_to_load_naming_its_key() {
         }
         other => panic!("a corrupt record gave {other:?}"),
     }
+}
+
+/// What a coordinator before the versioned format wrote: the protocol's `Job` as serde JSON,
+/// no schema field (produced with `serde_json::to_string` of a `Job` by that code).
+const V1_RECORD: &str = r#"{"id":"j-lz3k9q1abcd","spec":{"prompt":"a wolf howls at the moon","negative_prompt":"","model":"tiny","frames":9,"width":64,"height":64,"steps":3,"guidance_scale":5.0,"shift":null,"scheduler":"","seed":7,"fps":16,"format":0,"layout":"cfg=2"},"priority":2,"state":3,"steps_done":1,"steps_total":3,"submitted_at_ms":1700000000000,"started_at_ms":1700000001000,"finished_at_ms":0,"message":"","workers":["w1","w2"],"attempts":1,"output_bytes":0,"name":"shot 12"}"#;
+
+#[tokio::test]
+async fn etcd_records_of_an_older_version_are_read_and_of_a_newer_one_refused_by_job() {
+    let server = EtcdServer::start();
+    let store = EtcdJobStore::connect(etcd_config(&server)).await.unwrap();
+    store.put(&job("j-a", 100, 0)).await.unwrap();
+    let mut etcd = etcd_client::Client::connect([server.url()], None)
+        .await
+        .unwrap();
+    etcd.put("/longtake/jobs/j-lz3k9q1abcd", V1_RECORD, None)
+        .await
+        .unwrap();
+    etcd.put(
+        "/longtake/jobs/j-newer",
+        r#"{"schema": 99, "id": "j-newer", "submitted_at_ms": 50}"#,
+        None,
+    )
+    .await
+    .unwrap();
+
+    let loaded = store.load_all().await.unwrap();
+    let order: Vec<&str> = loaded.iter().map(|l| l.record.id.as_str()).collect();
+    assert_eq!(order, ["j-newer", "j-a", "j-lz3k9q1abcd"]);
+    match &loaded[0].problem {
+        Some(problem @ RecordProblem::UnknownSchema { found: 99, .. }) => {
+            let text = problem.to_string();
+            assert!(
+                text.starts_with(
+                    "job j-newer: its record /longtake/jobs/j-newer has schema version 99"
+                ),
+                "{text}"
+            )
+        }
+        other => panic!("a schema 99 record gave {other:?}"),
+    }
+    assert_eq!(loaded[0].record.phase, JobPhase::Failed);
+    assert_eq!(loaded[1].problem, None);
+    let v1 = &loaded[2];
+    assert_eq!(v1.problem, None);
+    assert_eq!(v1.record.phase, JobPhase::Running);
+    assert_eq!(v1.record.name, "shot 12");
+    assert_eq!(
+        v1.record.plan.as_ref().map(|p| p.workers()),
+        Some(vec!["w1".to_string(), "w2".to_string()])
+    );
+
+    // Written back, the migrated record is in the current format and reads the same.
+    store.put(&v1.record).await.unwrap();
+    let again = store.load_all().await.unwrap();
+    assert_eq!(again[2], *v1);
+    let raw = etcd
+        .get("/longtake/jobs/j-lz3k9q1abcd", None)
+        .await
+        .unwrap();
+    let raw: serde_json::Value = serde_json::from_slice(raw.kvs()[0].value()).unwrap();
+    assert_eq!(raw["schema"], longtake_coordinator::store::SCHEMA_VERSION);
 }
 
 #[tokio::test]

@@ -1,16 +1,16 @@
-//! Job records in etcd under `<prefix>/jobs/<id>`, as JSON.
+//! Job records in etcd under `<prefix>/jobs/<id>`, as the JSON of [`super::format`].
 //!
 //! Unlike the membership, which skips a worker record it cannot read, [`JobStore::load_all`]
 //! refuses with [`StoreError::Decode`] naming the key: a skipped job would be lost silently (a
 //! studio's submission gone from `list`), which is worse than a coordinator that will not start
 //! until the record is fixed or removed.
 
+use super::format::{self, LoadedJob};
+use super::{in_submission_order, JobStore, Result, StoreError};
+use crate::record::JobRecord;
 use etcd_client::{Client, GetOptions};
 use longtake_proto::membership::client::{bounded, connect};
 use longtake_proto::membership::EtcdConfig;
-use longtake_proto::Job;
-
-use super::{JobStore, Result, StoreError};
 
 pub struct EtcdJobStore {
     client: Client,
@@ -45,8 +45,8 @@ impl EtcdJobStore {
 
 #[async_trait::async_trait]
 impl JobStore for EtcdJobStore {
-    async fn put(&self, job: &Job) -> Result<()> {
-        let value = serde_json::to_vec(job).expect("a job record always serialises");
+    async fn put(&self, job: &JobRecord) -> Result<()> {
+        let value = format::encode(job);
         let key = format!("{}{}", self.jobs, job.id);
         bounded(self.client.clone().put(key, value, None))
             .await
@@ -54,7 +54,7 @@ impl JobStore for EtcdJobStore {
         Ok(())
     }
 
-    async fn load_all(&self) -> Result<Vec<Job>> {
+    async fn load_all(&self) -> Result<Vec<LoadedJob>> {
         let found = bounded(
             self.client
                 .clone()
@@ -65,14 +65,9 @@ impl JobStore for EtcdJobStore {
         let mut jobs = found
             .kvs()
             .iter()
-            .map(|kv| {
-                serde_json::from_slice::<Job>(kv.value()).map_err(|source| StoreError::Decode {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
-                    source,
-                })
-            })
-            .collect::<Result<Vec<Job>>>()?;
-        jobs.sort_by(|a, b| (a.submitted_at_ms, &a.id).cmp(&(b.submitted_at_ms, &b.id)));
+            .map(|kv| format::decode(&String::from_utf8_lossy(kv.key()), kv.value()))
+            .collect::<Result<Vec<LoadedJob>>>()?;
+        in_submission_order(&mut jobs);
         Ok(jobs)
     }
 }

@@ -1,15 +1,17 @@
-//! Job records in memory, for the embedded farm (they end with the process).
+//! Job records in memory, for the embedded farm (they end with the process). They are kept in
+//! the stored format, so the embedded farm reads and writes records as a deployed one does.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use longtake_proto::Job;
-
-use super::{JobStore, Result};
+use super::format::{self, LoadedJob};
+use super::{in_submission_order, JobStore, Result};
+use crate::record::JobRecord;
 
 #[derive(Default)]
 pub struct InMemoryJobStore {
-    jobs: Mutex<HashMap<String, Job>>,
+    /// Encoded records by job id.
+    jobs: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 impl InMemoryJobStore {
@@ -20,16 +22,19 @@ impl InMemoryJobStore {
 
 #[async_trait::async_trait]
 impl JobStore for InMemoryJobStore {
-    async fn put(&self, job: &Job) -> Result<()> {
+    async fn put(&self, job: &JobRecord) -> Result<()> {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        jobs.insert(job.id.clone(), job.clone());
+        jobs.insert(job.id.clone(), format::encode(job));
         Ok(())
     }
 
-    async fn load_all(&self) -> Result<Vec<Job>> {
+    async fn load_all(&self) -> Result<Vec<LoadedJob>> {
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let mut all: Vec<Job> = jobs.values().cloned().collect();
-        all.sort_by(|a, b| (a.submitted_at_ms, &a.id).cmp(&(b.submitted_at_ms, &b.id)));
+        let mut all = jobs
+            .iter()
+            .map(|(id, bytes)| format::decode(id, bytes))
+            .collect::<Result<Vec<LoadedJob>>>()?;
+        in_submission_order(&mut all);
         Ok(all)
     }
 }

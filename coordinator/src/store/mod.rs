@@ -1,15 +1,17 @@
 //! Job records: every job the coordinator accepted, with its spec, priority and state, kept so
-//! that a restarted coordinator still lists (and re-queues) what it had. Records are the `Job`
-//! messages of the protocol, stored as JSON: in etcd under `<prefix>/jobs/<id>`
-//! ([`EtcdJobStore`]) or in memory for the embedded farm ([`InMemoryJobStore`]).
+//! that a restarted coordinator still lists (and re-queues) what it had. Both stores keep the
+//! same versioned JSON ([`format`]): in etcd under `<prefix>/jobs/<id>` ([`EtcdJobStore`]) or in
+//! memory for the embedded farm ([`InMemoryJobStore`]).
 
 mod etcd;
+pub mod format;
 mod memory;
 
 pub use etcd::EtcdJobStore;
+pub use format::{LoadedJob, RecordProblem, StoredJob, SCHEMA_VERSION};
 pub use memory::InMemoryJobStore;
 
-use longtake_proto::Job;
+use crate::record::JobRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,8 +35,16 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[async_trait::async_trait]
 pub trait JobStore: Send + Sync + 'static {
     /// Writes the job's record (creates or replaces it by id).
-    async fn put(&self, job: &Job) -> Result<()>;
+    async fn put(&self, job: &JobRecord) -> Result<()>;
 
-    /// Every stored job, in submission order (`submitted_at_ms`, then id).
-    async fn load_all(&self) -> Result<Vec<Job>>;
+    /// Every stored job, in submission order (`submitted_at_ms`, then id); a record that can be
+    /// listed but not run comes back with its problem.
+    async fn load_all(&self) -> Result<Vec<LoadedJob>>;
+}
+
+/// Sorts loaded jobs into submission order (`submitted_at_ms`, then id).
+fn in_submission_order(jobs: &mut [LoadedJob]) {
+    jobs.sort_by(|a, b| {
+        (a.record.submitted_at_ms, &a.record.id).cmp(&(b.record.submitted_at_ms, &b.record.id))
+    });
 }
