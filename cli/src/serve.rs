@@ -191,6 +191,7 @@ async fn worker(args: WorkerArgs) -> Result<i32> {
         labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
         mesh_timeouts: Timeouts::default(),
         reservation_timeout: Duration::from_secs(60),
+        counters: Default::default(),
     };
     let membership: Arc<dyn Membership> = Arc::new(EtcdMembership::connect(etcd).await?);
     let mut daemon = tokio::spawn(daemon::run(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{next_event, worker};
 use longtake_proto::membership::testing::EtcdServer;
@@ -28,25 +28,23 @@ async fn etcd_membership_keeps_the_contract_and_expires_dropped_registrations() 
     let membership = EtcdMembership::connect(config(&server, ttl_s))
         .await
         .unwrap();
-    let gone_within = Duration::from_secs(ttl_s as u64 + 1);
-    let gone = common::membership_contract(&membership, gone_within).await;
-    eprintln!("a registration dropped without leave disappeared after {gone:?} (TTL {ttl_s} s)");
+    // The dropped registration's `Left` comes through the watch when its lease expires.
+    common::membership_contract(&membership, common::Gone::ThroughTheWatch).await;
 }
 
 #[tokio::test]
 async fn connecting_where_nothing_listens_fails_fast_naming_the_url() {
     let port = longtake_proto::membership::testing::free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let started = Instant::now();
-    let error = match EtcdMembership::connect(EtcdConfig::new(vec![url.clone()])).await {
-        Ok(_) => panic!("connected to a port where nothing listens"),
-        Err(e) => e,
+    let connect = EtcdMembership::connect(EtcdConfig::new(vec![url.clone()]));
+    let error = match tokio::time::timeout(common::HANG_GUARD, connect).await {
+        Err(_) => panic!(
+            "hang guard ({:?}): connect never returned",
+            common::HANG_GUARD
+        ),
+        Ok(Ok(_)) => panic!("connected to a port where nothing listens"),
+        Ok(Err(e)) => e,
     };
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
     assert!(matches!(error, MembershipError::Etcd { .. }), "{error:?}");
     assert!(error.to_string().contains(&url), "{error}");
 }
@@ -76,19 +74,13 @@ async fn a_registration_whose_lease_is_revoked_registers_again() {
     assert_ne!(lease, 0, "the record is bound to a lease");
     etcd.lease_revoke(lease).await.unwrap();
 
-    let revoked_at = Instant::now();
-    let quick = Duration::from_secs(5);
     assert_eq!(
-        next_event(&mut sub.events, quick).await,
+        next_event(&mut sub.events).await,
         MembershipEvent::Left("w1".into())
     );
     assert_eq!(
-        next_event(&mut sub.events, quick).await,
+        next_event(&mut sub.events).await,
         MembershipEvent::Put(worker("w1"))
-    );
-    eprintln!(
-        "re-registered {:?} after the lease was revoked",
-        revoked_at.elapsed()
     );
     let found = etcd.get(key, None).await.unwrap();
     let renewed = found.kvs().first().expect("record is back").lease();
@@ -126,7 +118,7 @@ async fn keep_alive_and_watch_outlive_the_request_timeout() {
     };
     registration.update(busy.clone()).await.unwrap();
     assert_eq!(
-        next_event(&mut sub.events, Duration::from_secs(5)).await,
+        next_event(&mut sub.events).await,
         MembershipEvent::Put(busy)
     );
 }
@@ -151,7 +143,7 @@ async fn a_record_that_is_not_a_worker_is_skipped_not_fatal() {
     );
     // The bad put is skipped in the stream too: the next event is w2's.
     assert_eq!(
-        next_event(&mut sub.events, Duration::from_secs(5)).await,
+        next_event(&mut sub.events).await,
         MembershipEvent::Put(worker("w2"))
     );
     let late = membership.subscribe().await.unwrap();
@@ -164,8 +156,13 @@ async fn a_subscription_closes_when_etcd_goes_away() {
     let membership = EtcdMembership::connect(config(&server, 10)).await.unwrap();
     let mut sub = membership.subscribe().await.unwrap();
     drop(server);
-    let closed = tokio::time::timeout(Duration::from_secs(15), sub.events.recv())
+    let closed = tokio::time::timeout(common::HANG_GUARD, sub.events.recv())
         .await
-        .expect("the subscription stays open after etcd died");
+        .unwrap_or_else(|_| {
+            panic!(
+                "hang guard ({:?}): the subscription stays open after etcd died",
+                common::HANG_GUARD
+            )
+        });
     assert_eq!(closed, None);
 }

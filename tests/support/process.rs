@@ -120,7 +120,7 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "{} did not print {prefix:?} within {timeout:?}\n{}",
+                    "hang guard ({timeout:?}): {} did not print {prefix:?}\n{}",
                     self.name,
                     self.logs()
                 );
@@ -157,7 +157,7 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "{} still running {timeout:?} after it was expected to end\n{}",
+                    "hang guard ({timeout:?}): {} still running after it was expected to end\n{}",
                     self.name,
                     self.logs()
                 );

@@ -12,6 +12,7 @@ pub mod task;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,28 @@ pub struct DaemonConfig {
     pub mesh_timeouts: Timeouts,
     /// How long a reservation waits for its task before the worker frees itself.
     pub reservation_timeout: Duration,
+    /// What the daemon has done, counted (shared: the caller keeps a clone to read them).
+    pub counters: Arc<DaemonCounters>,
+}
+
+/// Counts of what a daemon did, read by whoever holds the `Arc` (tests, a future metrics
+/// exporter): events, not timings, so that a check on them cannot pass by luck of the clock.
+#[derive(Debug, Default)]
+pub struct DaemonCounters {
+    /// Pipelines loaded from their source (a task that reuses the cached one loads none).
+    pub pipelines_loaded: AtomicU64,
+    /// Denoising steps finished, over every task.
+    pub steps_run: AtomicU64,
+}
+
+impl DaemonCounters {
+    pub fn pipelines_loaded(&self) -> u64 {
+        self.pipelines_loaded.load(Ordering::SeqCst)
+    }
+
+    pub fn steps_run(&self) -> u64 {
+        self.steps_run.load(Ordering::SeqCst)
+    }
 }
 
 /// Everything that stops a daemon.
@@ -75,6 +98,7 @@ impl DaemonConfig {
             labels: BTreeMap::new(),
             mesh_timeouts: Timeouts::default(),
             reservation_timeout: DEFAULT_RESERVATION_TIMEOUT,
+            counters: Arc::default(),
         }
     }
 }
@@ -128,7 +152,8 @@ pub async fn run(
         models: models.infos(),
         started_at_ms: longtake_proto::now_ms(),
     };
-    let runner = TaskRunner::new(device, dtype, config.mesh_timeouts.clone());
+    let runner = TaskRunner::new(device, dtype, config.mesh_timeouts.clone())
+        .with_counters(config.counters.clone());
     let control = Arc::new(Control::new(
         identity,
         models,

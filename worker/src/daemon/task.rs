@@ -5,6 +5,7 @@
 //! ([`load_distributed_pipeline`]) — reported as [`TaskEvent`]s. Nothing here names a family.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -215,6 +216,7 @@ pub struct TaskRunner {
     dtype: DType,
     mesh_timeouts: Timeouts,
     cached: Mutex<Option<(String, Box<dyn VideoPipeline>)>>,
+    counters: Arc<super::DaemonCounters>,
 }
 
 impl TaskRunner {
@@ -224,7 +226,14 @@ impl TaskRunner {
             dtype,
             mesh_timeouts,
             cached: Mutex::new(None),
+            counters: Arc::default(),
         }
+    }
+
+    /// Counts into `counters` (pipelines loaded, steps run) instead of a private set.
+    pub fn with_counters(mut self, counters: Arc<super::DaemonCounters>) -> Self {
+        self.counters = counters;
+        self
     }
 
     /// Runs `plan` to its end on this thread (which must not be inside an async runtime: the
@@ -274,11 +283,17 @@ impl TaskRunner {
             .filter(|(cached, _)| *cached == name);
         let pipeline = match cached {
             Some((_, pipeline)) => pipeline,
-            None => load_pipeline(
-                plan.model.source.pipeline_source(),
-                &self.device,
-                self.dtype,
-            )?,
+            None => {
+                let loaded = load_pipeline(
+                    plan.model.source.pipeline_source(),
+                    &self.device,
+                    self.dtype,
+                )?;
+                self.counters
+                    .pipelines_loaded
+                    .fetch_add(1, Ordering::SeqCst);
+                loaded
+            }
         };
         pipeline.cancel_token().reset();
         let rendered = self.render(
@@ -317,6 +332,9 @@ impl TaskRunner {
             plan.layout,
             mesh,
         )?;
+        self.counters
+            .pipelines_loaded
+            .fetch_add(1, Ordering::SeqCst);
         self.render(
             pipeline.cancel_token(),
             load_start,
@@ -361,6 +379,7 @@ impl TaskRunner {
                     step_s: elapsed_s - last,
                 })));
                 last = elapsed_s;
+                self.counters.steps_run.fetch_add(1, Ordering::SeqCst);
                 // The pipeline looks at its own token right after this report.
                 if abort.is_aborted() {
                     pipeline_cancel.cancel();
