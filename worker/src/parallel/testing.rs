@@ -71,3 +71,76 @@ pub(crate) fn bits(t: &Tensor) -> TestResult<Vec<u32>> {
         .map(f32::to_bits)
         .collect())
 }
+
+/// What a model takes of [`LAYOUTS`]: stated per fixture, never worked out from the model by the
+/// filter under test, so that a layout that should run and does not is a failure.
+pub(crate) enum Takes {
+    /// Every layout of [`LAYOUTS`].
+    All,
+    /// Only these; every other layout of [`LAYOUTS`] must be refused by [`Layout::validate`].
+    Only(&'static [(usize, usize, usize, usize)]),
+}
+
+/// The fixtures the layout tests must find among the test fixtures: each runs every layout.
+pub(crate) const FIXTURES_TAKING_EVERY_LAYOUT: [&str; 2] = ["wan-tiny", "wan-wide"];
+
+/// The layouts of the fixture in `dir`, by its directory name. A fixture of a family the tests
+/// run but not listed here fails the test: it must be given its list, not skipped.
+pub(crate) fn fixture_takes(dir: &std::path::Path) -> Takes {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    match name {
+        // 4 heads, ffn_dim 128 / 8 heads, ffn_dim 80 (75 tokens): every 2- and 4-way split.
+        "wan-tiny" | "wan-wide" => Takes::All,
+        // 3 heads: neither tp nor ulysses can split them; ring and cfg can.
+        "wan-tiny-alt" => Takes::Only(&[(1, 1, 2, 1), (1, 1, 1, 2)]),
+        other => panic!(
+            "fixture {other:?} ({}) has no list of the layouts it takes: add it to \
+             parallel::testing::fixture_takes",
+            dir.display()
+        ),
+    }
+}
+
+/// Checks that the fixtures of `dirs` include every one of [`FIXTURES_TAKING_EVERY_LAYOUT`]: the
+/// layout tests cannot pass on a fixture set that leaves out the models that take every layout.
+pub(crate) fn assert_every_layout_fixture_present(dirs: &[std::path::PathBuf]) {
+    for wanted in FIXTURES_TAKING_EVERY_LAYOUT {
+        assert!(
+            dirs.iter()
+                .any(|d| d.file_name().and_then(|n| n.to_str()) == Some(wanted)),
+            "the layout tests need the fixture {wanted} (in ../shared/reference or \
+             LONGTAKE_REFERENCE_DIR); found {dirs:?}"
+        );
+    }
+}
+
+impl Takes {
+    /// Whether `layout` is one this model takes.
+    pub(crate) fn takes(&self, layout: Layout) -> bool {
+        match self {
+            Takes::All => true,
+            Takes::Only(listed) => listed.iter().any(|&l| self::layout(l) == layout),
+        }
+    }
+}
+
+/// For a layout the model does not take: `validate` refuses it, with a message naming what does
+/// not divide. Returns the message.
+pub(crate) fn assert_refused(
+    name: &str,
+    layout: Layout,
+    limits: &longtake_proto::spec::LayoutLimits,
+) -> String {
+    match layout.validate(limits) {
+        Ok(()) => panic!("{name}: {layout} is listed as refused but validate accepts it"),
+        Err(why) => {
+            let why = why.to_string();
+            assert!(
+                why.contains("does not divide") && why.contains("try "),
+                "{name}: {layout}: the refusal does not say why and what to try: {why}"
+            );
+            println!("{name}: {layout}: refused as listed: {why}");
+            why
+        }
+    }
+}

@@ -264,17 +264,25 @@ mod tests {
     use crate::model::loader::SafetensorsWeights;
     use crate::model::reference::PipelineCase;
     use crate::model::scheduler::SchedulerKind;
-    use crate::parallel::testing::{bits, run_ranks, TestResult, LAYOUTS};
+    use crate::parallel::testing::{
+        assert_every_layout_fixture_present, assert_refused, bits, fixture_takes, run_ranks, Takes,
+        TestResult, LAYOUTS,
+    };
 
     const TOLERANCE: f64 = 1e-4;
 
-    /// The whole pipeline on each fixture checkpoint under every layout: the final latents match
-    /// the single-process pipeline's, are bit-identical on every rank, and a second job gives
-    /// the same bits.
+    /// The whole pipeline on each fixture checkpoint under every layout it takes (wan-tiny and
+    /// wan-wide: all of them; wan-tiny-alt: its listed ones, the others refused by `validate`
+    /// with the reason): the final latents match the single-process pipeline's, are
+    /// bit-identical on every rank, and a second job gives the same bits.
     #[test]
     fn every_layout_renders_the_single_process_latents() -> TestResult {
         let dev = Device::Cpu;
-        for dir in crate::model::reference::test_fixture_dirs() {
+        let dirs = crate::model::reference::test_fixture_dirs();
+        assert_every_layout_fixture_present(&dirs);
+        for dir in dirs {
+            let takes = fixture_takes(&dir);
+            let name = dir.display().to_string();
             let spec = PipelineCase::read(&dir)?;
             let render = spec.render();
             let checkpoint = dir.join("pipeline");
@@ -293,9 +301,12 @@ mod tests {
                     ulysses,
                     ring,
                 };
-                if let Err(why) = layout.validate(&limits) {
-                    println!("{}: {layout} skipped: {why}", dir.display());
+                if !takes.takes(layout) {
+                    assert_refused(&name, layout, &limits);
                     continue;
+                }
+                if let Err(why) = layout.validate(&limits) {
+                    panic!("{name}: {layout} is listed as taken but refused: {why}");
                 }
                 let job = || {
                     run_ranks(layout.world_size(), |_, world| {
@@ -335,7 +346,13 @@ mod tests {
                 }
                 ran += 1;
             }
-            assert!(ran > 0, "{}: no layout fits the fixture", dir.display());
+            println!("{name}: {ran} of {} layouts ran", LAYOUTS.len());
+            match takes {
+                Takes::All => assert_eq!(ran, LAYOUTS.len(), "{name}: a layout did not run"),
+                Takes::Only(listed) => {
+                    assert_eq!(ran, listed.len(), "{name}: a listed layout did not run")
+                }
+            }
         }
         Ok(())
     }
