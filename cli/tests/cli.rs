@@ -184,6 +184,48 @@ fn png_sequence_output() {
     names.sort();
     assert_eq!(names.len(), 5, "{names:?}");
     assert!(names.iter().all(|n| n.ends_with(".png")));
+    // The frames themselves: exactly the single-process render of the same spec.
+    let expected = single_process_frames(
+        longtake_worker::daemon::ModelSource::Tiny,
+        longtake_proto::RenderSpec {
+            prompt: long_prompt.into(),
+            model: "tiny".into(),
+            frames: 5,
+            width: 32,
+            height: 32,
+            steps: 2,
+            guidance_scale: 5.0,
+            fps: 16,
+            ..Default::default()
+        },
+    );
+    assert!(
+        png_frames(&frames).concat() == expected,
+        "the PNG frames differ from the single-process render"
+    );
+}
+
+/// The frames of `spec` rendered by the worker's own pipeline in this process, outside any farm
+/// (the spec resolved as a worker resolves it): what a one-worker render must equal exactly.
+fn single_process_frames(
+    source: longtake_worker::daemon::ModelSource,
+    spec: longtake_proto::RenderSpec,
+) -> Vec<u8> {
+    use longtake_worker::daemon::models::ServedModel;
+    use longtake_worker::daemon::task;
+    let model = ServedModel::open(source).expect("the model opens");
+    let render = task::render_spec(&task::job_spec(&spec, &model).expect("a valid spec"));
+    let pipeline = longtake_worker::families::load_pipeline(
+        model.source.pipeline_source(),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .expect("the pipeline loads");
+    pipeline
+        .render(&render, &mut |_| {})
+        .expect("the render")
+        .expect("one rank decodes")
+        .rgb
 }
 
 /// Asserts a failed run with exactly one line on stderr containing every `needle`.
@@ -328,6 +370,54 @@ fn a_real_layout_checkpoint_renders() {
     let run = render_with_model(&shared_pipeline(), &out);
     assert!(run.status.success(), "render failed: {}", stderr(&run));
     assert_eq!(probe(&out)["nb_read_frames"], "5");
+    // The same spec as PNG: exactly the checkpoint's single-process render.
+    let pngs = dir.path().join("ref-png");
+    let mut args = vec!["--format", "png", "--seed", "0"];
+    args.extend(["--out", pngs.to_str().unwrap()]);
+    let run = longtake(
+        &[
+            &[
+                "render",
+                "--prompt",
+                "x",
+                "--model",
+                shared_pipeline().to_str().unwrap(),
+                "--frames",
+                "5",
+                "--size",
+                "48x32",
+                "--steps",
+                "1",
+            ][..],
+            &args[..],
+        ]
+        .concat(),
+    );
+    assert!(run.status.success(), "render failed: {}", stderr(&run));
+    let model = shared_pipeline().to_str().unwrap().to_string();
+    let expected = single_process_frames(
+        longtake_worker::daemon::ModelSource::Checkpoint {
+            name: model.clone(),
+            dir: shared_pipeline(),
+        },
+        longtake_proto::RenderSpec {
+            prompt: "x".into(),
+            model,
+            frames: 5,
+            width: 48,
+            height: 32,
+            steps: 1,
+            guidance_scale: 5.0,
+            fps: 16,
+            ..Default::default()
+        },
+    );
+    let frames = png_frames(&pngs);
+    assert_eq!(frames.len(), 5);
+    assert!(
+        frames.concat() == expected,
+        "the checkpoint's PNG frames differ from its single-process render"
+    );
 }
 
 #[test]
@@ -352,7 +442,15 @@ fn corrupt_weights_are_named() {
     bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&weights, &bytes).unwrap();
     let run = render_with_model(&model, &dir.path().join("x.mp4"));
-    assert_one_line_error(&run, &["vae", "diffusion_pytorch_model.safetensors"]);
+    assert_one_line_error(
+        &run,
+        &[
+            "vae",
+            "diffusion_pytorch_model.safetensors",
+            "not a valid safetensors file",
+            "corrupt",
+        ],
+    );
 }
 
 #[test]
@@ -477,6 +575,26 @@ fn parallel_layouts_render_the_single_process_frames() {
     assert!(run.status.success(), "render failed: {}", stderr(&run));
     let expected = png_frames(&single);
     assert_eq!(expected.len(), 5);
+    // The one-worker render is exactly the single-process one; the layouts within 2 levels.
+    let direct = single_process_frames(
+        longtake_worker::daemon::ModelSource::Tiny,
+        longtake_proto::RenderSpec {
+            prompt: "a wolf howling at the moon".into(),
+            model: "tiny".into(),
+            frames: 5,
+            width: 64,
+            height: 48,
+            steps: 3,
+            guidance_scale: 5.0,
+            seed: 7,
+            fps: 16,
+            ..Default::default()
+        },
+    );
+    assert!(
+        expected.concat() == direct,
+        "the one-worker frames differ from the single-process render"
+    );
     for (name, layout) in [("cfg2", "cfg=2"), ("tp2", "tp=2")] {
         let out = dir.path().join(name);
         let run = render_png(&out, &["--layout", layout]);
