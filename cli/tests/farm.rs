@@ -202,6 +202,22 @@ fn ffprobe_frames(path: &Path) -> HashMap<String, String> {
         .collect()
 }
 
+/// Every decoded frame of an MP4, as RGB bytes.
+fn decode_rgb(path: &Path) -> Vec<u8> {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(path)
+        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .expect("ffmpeg is on PATH (apt-get install ffmpeg)");
+    assert!(
+        out.status.success(),
+        "ffmpeg: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// The same spec rendered by the single-process pipeline and encoded by the same writer.
 fn reference_clip(spec: &RenderSpec, out: &Path) {
     use longtake_worker::families::wan::pipeline::WanPipeline;
@@ -329,6 +345,37 @@ async fn a_two_rank_job_runs_on_two_workers() {
     let out = farm.artifacts.path().join("two.mp4");
     fetch(&mut c, &job.id, &out).await;
     assert_eq!(ffprobe_frames(&out)["nb_read_frames"], "9");
+    // The content: the decoded clip against the single-process render of the same spec through
+    // the same encoder (cfg=2 moves the frames by rounding only, which the encoder may spread a
+    // little: PSNR, with the largest difference printed).
+    let reference = farm.artifacts.path().join("two-reference.mp4");
+    reference_clip(&spec(2), &reference);
+    let (got, want) = (decode_rgb(&out), decode_rgb(&reference));
+    assert_eq!(got.len(), want.len(), "decoded sizes");
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    let mse = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+        .sum::<f64>()
+        / got.len() as f64;
+    let psnr = if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64.powi(2) / mse).log10()
+    };
+    println!(
+        "cfg=2 on two workers vs the single-process clip: PSNR {psnr:.1} dB, max |diff| {worst}"
+    );
+    assert!(
+        psnr >= 50.0,
+        "cfg=2 clip: PSNR {psnr:.1} dB against the single-process clip (max |diff| {worst})"
+    );
     w1.stop().await;
     w2.stop().await;
     served.stop().await;
