@@ -16,7 +16,8 @@ use support::farm::Farm;
 use support::media::{max_diff, png_frames, probe};
 use support::poll::MIN_HANG_GUARD;
 
-/// Upper bound for a small job to finish on a loaded two-core machine.
+/// Hang guard for a small job on a loaded two-core machine (a failure turns a hang into a
+/// message, it never checks speed).
 const JOB: Duration = Duration::from_secs(120);
 /// A job that must still be running while the test acts on it (cancel, drain): 33 frames at
 /// 128×128 take ~0.14 s a step on a loaded two-core machine, so `steps` of them are seconds of

@@ -24,6 +24,7 @@ use longtake_worker::daemon::{self, DaemonConfig};
 use tonic::transport::Channel;
 use tonic::Code;
 
+/// Hang guard for every wait here: it turns a hang into a failure, it never checks speed.
 const PATIENCE: Duration = Duration::from_secs(120);
 
 fn spec(steps: u32) -> RenderSpec {
@@ -47,14 +48,14 @@ struct Farm {
     artifacts: tempfile::TempDir,
 }
 
-/// A part of the farm; stopping it waits at most [`PATIENCE`] and must succeed.
+/// A part of the farm; stopping it must succeed ([`PATIENCE`] is a hang guard).
 struct Running(Served);
 
 impl Running {
     async fn stop(self) {
         tokio::time::timeout(PATIENCE, self.0.stop())
             .await
-            .expect("it stops in time")
+            .expect("hang guard (PATIENCE, 120 s): it never stopped")
             .expect("it stops cleanly");
     }
 }
@@ -99,7 +100,10 @@ where
 {
     let deadline = Instant::now() + PATIENCE;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            Instant::now() < deadline,
+            "hang guard ({PATIENCE:?}): still waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -141,7 +145,7 @@ async fn watch_all(c: &mut RenderServiceClient<Channel>, id: &str) -> Vec<(Insta
     let mut events = Vec::new();
     while let Some(event) = tokio::time::timeout(PATIENCE, stream.message())
         .await
-        .expect("the job ends in time")
+        .expect("hang guard (PATIENCE, 120 s): the job never ended")
         .unwrap()
     {
         events.push((Instant::now(), event));
@@ -158,7 +162,7 @@ async fn wait_state(c: &mut RenderServiceClient<Channel>, id: &str, state: JobSt
         }
         assert!(
             Instant::now() < deadline,
-            "job {id} never reached {state:?}: {job:?}"
+            "hang guard ({PATIENCE:?}): job {id} never reached {state:?}: {job:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -727,7 +731,7 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes_on_another() {
     let mut requeued = None;
     while let Some(e) = tokio::time::timeout(PATIENCE, stream.message())
         .await
-        .expect("the job ends in time")
+        .expect("hang guard (PATIENCE, 120 s): the job never ended")
         .unwrap()
     {
         if let Some(job_event::Event::Queued(q)) = &e.event {
