@@ -357,10 +357,11 @@ mod tests {
         Ok(())
     }
 
-    /// The built-in tiny model with its transformer split over tp ranks (each making only its
-    /// slices of the seeded weights) gives the single-process tiny model's render.
+    /// The built-in tiny model (seeded weights, 4 heads, ffn_dim 128: it takes every layout),
+    /// split under every layout of [`LAYOUTS`] and tp=2,cfg=2 (each rank making only its slices
+    /// of the seeded weights), gives the single-process tiny model's render.
     #[test]
-    fn tiny_model_under_tp_matches_single_process() -> TestResult {
+    fn tiny_seeded_model_under_every_layout_matches_single_process() -> TestResult {
         let dev = Device::Cpu;
         let spec = RenderSpec {
             prompt: "a wolf".into(),
@@ -378,17 +379,33 @@ mod tests {
         let (c, u) = single.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
         let initial = single.initial_latents(&spec)?;
         let expected = single.denoise(&spec, &c, &u, initial.clone(), &mut |_| {})?;
-        let layout: Layout = "tp=2,cfg=2".parse()?;
-        let outputs = run_ranks(layout.world_size(), |_, world| {
-            let pipe = DistributedPipeline::tiny(&dev, DType::F32, layout, world)?;
-            let (c, u) = pipe
-                .pipeline()
-                .encode_prompts(&spec.prompt, &spec.negative_prompt)?;
-            Ok(pipe.denoise(&spec, &c, &u, initial.clone(), &mut |_| {})?)
-        })?;
-        let err = relative_l2(&outputs[0], &expected)?;
-        println!("tiny tp=2,cfg=2: relative L2 {err:.3e}");
-        assert!(err <= TOLERANCE, "relative L2 {err:e}");
+        let mut layouts: Vec<Layout> = LAYOUTS
+            .iter()
+            .map(|&l| crate::parallel::testing::layout(l))
+            .collect();
+        layouts.push("tp=2,cfg=2".parse()?);
+        for layout in layouts {
+            let outputs = run_ranks(layout.world_size(), |_, world| {
+                let pipe = DistributedPipeline::tiny(&dev, DType::F32, layout, world)?;
+                let (c, u) = pipe
+                    .pipeline()
+                    .encode_prompts(&spec.prompt, &spec.negative_prompt)?;
+                Ok(pipe.denoise(&spec, &c, &u, initial.clone(), &mut |_| {})?)
+            })?;
+            let err = relative_l2(&outputs[0], &expected)?;
+            println!("seeded tiny model: {layout}: relative L2 {err:.3e}");
+            assert!(
+                err <= TOLERANCE,
+                "seeded tiny model: {layout}: relative L2 {err:e}"
+            );
+            let reference = bits(&outputs[0])?;
+            for (rank, latents) in outputs.iter().enumerate() {
+                assert!(
+                    bits(latents)? == reference,
+                    "seeded tiny model: {layout}: rank {rank} differs from rank 0"
+                );
+            }
+        }
         Ok(())
     }
 
