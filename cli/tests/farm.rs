@@ -752,6 +752,13 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes_on_another() {
     let out = farm.artifacts.path().join("survived.mp4");
     fetch(&mut c, &job.id, &out).await;
     assert_eq!(ffprobe_frames(&out)["nb_read_frames"], "9");
+    // The re-run's clip is the undisturbed single-process clip, byte for byte.
+    let reference = farm.artifacts.path().join("survived-reference.mp4");
+    reference_clip(&spec(60), &reference);
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&reference).unwrap(),
+        "the re-queued job's clip differs from the single-process render of its spec"
+    );
 
     survivor.stop().await;
     served.stop().await;
