@@ -394,6 +394,16 @@ fn a_restarted_coordinator_keeps_its_jobs_and_runs_the_queue() {
     farm.cli(&["fetch", &second, "--out", clip.to_str().unwrap()])
         .ok();
     assert_eq!(probe(&clip)["nb_read_frames"], "9");
+    // Its content: the embedded single-process render of the same spec, byte for byte.
+    let reference = farm.path("second-reference.mp4");
+    let second_spec = spec(3);
+    let mut args = strs(&second_spec);
+    args.extend(["--out", reference.to_str().unwrap()]);
+    embedded_render(&args);
+    assert!(
+        std::fs::read(&clip).unwrap() == std::fs::read(&reference).unwrap(),
+        "the job queued across the restart differs from the single-process render"
+    );
 }
 
 #[test]
