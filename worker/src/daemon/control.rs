@@ -42,6 +42,35 @@ pub struct Control {
     slot: watch::Sender<Slot>,
     /// Held while a record is written, so records reach the membership in the slot's order.
     registration: tokio::sync::Mutex<Option<Box<dyn Registration>>>,
+    /// RunTask event streams not yet handed over to gRPC in full. A draining worker leaves only
+    /// when this is 0: leaving first would let the coordinator see the worker gone before its
+    /// task's last frames and `finished`, and re-run a job that had in fact finished.
+    open_streams: watch::Sender<usize>,
+}
+
+/// How long a draining worker waits for its last task's events to be taken by gRPC before it
+/// leaves anyway (a coordinator that stopped reading must not keep it in the farm).
+const DELIVERY_GRACE: Duration = Duration::from_secs(30);
+
+/// A task's events and the mark that keeps the worker in the farm until they are all sent:
+/// drop it (with the stream that carries the events) when the stream is done.
+pub struct TaskStream {
+    pub events: mpsc::Receiver<TaskEvent>,
+    pub open: OpenStream,
+}
+
+/// Counts one open RunTask stream for as long as it lives.
+pub struct OpenStream(Arc<Control>);
+
+impl OpenStream {
+    /// Names the mark where a stream's code holds it, so the stream owns it.
+    pub fn held(&self) {}
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.send_modify(|open| *open -= 1);
+    }
 }
 
 impl Control {
@@ -59,6 +88,7 @@ impl Control {
             reservation_timeout,
             slot,
             registration: tokio::sync::Mutex::new(None),
+            open_streams: watch::Sender::new(0),
         }
     }
 
@@ -143,10 +173,7 @@ impl Control {
 
     /// Starts the reserved task on its own thread; its events, ending with `finished`, come
     /// through the returned receiver. Dropping the receiver aborts the task.
-    pub fn run_task(
-        self: &Arc<Self>,
-        request: TaskRequest,
-    ) -> Result<mpsc::Receiver<TaskEvent>, SlotError> {
+    pub fn run_task(self: &Arc<Self>, request: TaskRequest) -> Result<TaskStream, SlotError> {
         let (assignment, mesh, abort) =
             self.with_slot(|slot| slot.start(&request.job_id, request.attempt, request.rank))?;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -203,7 +230,11 @@ impl Control {
             let finished = task_event::Event::Finished(outcome.finished());
             let _ = tx.send(event(finished)).await;
         });
-        Ok(rx)
+        self.open_streams.send_modify(|open| *open += 1);
+        Ok(TaskStream {
+            events: rx,
+            open: OpenStream(self.clone()),
+        })
     }
 
     pub async fn abort(&self, job_id: &str, reason: &str) -> bool {
@@ -229,6 +260,13 @@ impl Control {
         self.publish().await;
         let mut slot = self.slot.subscribe();
         let _ = slot.wait_for(|slot| !slot.is_running()).await;
+        let mut open = self.open_streams.subscribe();
+        if tokio::time::timeout(DELIVERY_GRACE, open.wait_for(|open| *open == 0))
+            .await
+            .is_err()
+        {
+            tracing::warn!(worker = %self.id(), "leaving with a task's events not yet taken by the coordinator");
+        }
         match self.registration.lock().await.take() {
             Some(registration) => registration.leave().await,
             None => Ok(()),

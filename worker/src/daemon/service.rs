@@ -58,8 +58,14 @@ impl WorkerService for Service {
         &self,
         request: Request<TaskRequest>,
     ) -> Result<Response<Self::RunTaskStream>, Status> {
-        let events = self.0.run_task(request.into_inner()).map_err(status)?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(events).map(Ok))))
+        let stream = self.0.run_task(request.into_inner()).map_err(status)?;
+        let open = stream.open;
+        // The stream owns the mark: the worker stays in the farm until gRPC is done with it.
+        let events = ReceiverStream::new(stream.events).map(move |event| {
+            open.held();
+            Ok(event)
+        });
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn abort(&self, request: Request<AbortRequest>) -> Result<Response<AbortReply>, Status> {
