@@ -6,6 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+// The cluster tests' PNG reader, shared (only the frame reader is used here).
+#[allow(dead_code)]
+#[path = "../../tests/support/media.rs"]
+mod media;
+
 /// The binary with no coordinator in its environment: `render` runs the embedded farm.
 fn longtake_cmd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_longtake"));
@@ -200,7 +205,7 @@ fn png_sequence_output() {
         },
     );
     assert!(
-        png_frames(&frames).concat() == expected,
+        media::png_frames(&frames).concat() == expected,
         "the PNG frames differ from the single-process render"
     );
 }
@@ -412,7 +417,7 @@ fn a_real_layout_checkpoint_renders() {
             ..Default::default()
         },
     );
-    let frames = png_frames(&pngs);
+    let frames = media::png_frames(&pngs);
     assert_eq!(frames.len(), 5);
     assert!(
         frames.concat() == expected,
@@ -546,34 +551,13 @@ fn render_png(out: &Path, extra: &[&str]) -> Output {
     longtake(&args)
 }
 
-/// The RGB bytes of every PNG in `dir`, frames in name order.
-fn png_frames(dir: &Path) -> Vec<Vec<u8>> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    names.sort();
-    names
-        .iter()
-        .map(|path| {
-            let decoder =
-                png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-            let mut reader = decoder.read_info().unwrap();
-            let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-            let info = reader.next_frame(&mut buf).unwrap();
-            buf.truncate(info.buffer_size());
-            buf
-        })
-        .collect()
-}
-
 #[test]
 fn parallel_layouts_render_the_single_process_frames() {
     let dir = tempfile::tempdir().unwrap();
     let single = dir.path().join("single");
     let run = render_png(&single, &[]);
     assert!(run.status.success(), "render failed: {}", stderr(&run));
-    let expected = png_frames(&single);
+    let expected = media::png_frames(&single);
     assert_eq!(expected.len(), 5);
     // The one-worker render is exactly the single-process one; the layouts within 2 levels.
     let direct = single_process_frames(
@@ -603,7 +587,7 @@ fn parallel_layouts_render_the_single_process_frames() {
             "--layout {layout} failed: {}",
             stderr(&run)
         );
-        let frames = png_frames(&out);
+        let frames = media::png_frames(&out);
         assert_eq!(frames.len(), expected.len(), "--layout {layout}");
         // 1e-7 differences in the latents may flip a rounding, no more.
         let worst = frames
