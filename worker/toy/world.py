@@ -6,7 +6,7 @@ Grammar: ``a {color} {shape} moving {direction} on a {background} background`` a
 
 Everything is a pure function of a seed, so a data set is rebuilt exactly from its seed. The
 palette below is the one the Rust checker (``longtake inspect``) compares against: keep the two in
-step (``worker/src/toy/world.rs``).
+step (``cli/src/inspect/world.rs``).
 """
 
 from __future__ import annotations
