@@ -11,7 +11,7 @@ use super::frame::Frame;
 use super::motion::{self, Motion};
 use super::segment::{largest_blob, Blob, FrameBackground};
 use super::stats::{mean, median, median_rgb, std_dev};
-use super::world::{distance, nearest, Named, Shape, BACKGROUNDS, OBJECT_COLORS};
+use super::world::{distance, nearest, nearest_faded, Named, Shape, BACKGROUNDS, OBJECT_COLORS};
 
 /// The least RGB distance from the background that makes a pixel an object pixel. The least
 /// object–background distance the world draws is about 101 (purple on gray), so this takes a
@@ -29,6 +29,11 @@ pub const MIN_OBJECT_AREA: f64 = 0.002;
 /// A blob touching the border with less than this share of the clip's median area is cut off
 /// by the border: the object has (partly) left the frame.
 pub const CUT_OFF_AREA: f64 = 0.6;
+
+/// The least share of its colour's difference from the background an object may keep and still
+/// be named by that colour: blur and faintness fade a small object towards the background, but
+/// an object less than 60% of the way to its colour is some other colour.
+pub const MIN_COLOR_STRENGTH: f64 = 0.6;
 
 /// Why a sequence of frames cannot be measured.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,8 +78,12 @@ pub struct BackgroundFigures {
 pub struct ObjectFigures {
     /// Per-channel median over the frames of each frame's core colour.
     pub median_rgb: [f64; 3],
+    /// The nearest palette colour allowing a fade towards the background
+    /// ([`super::world::nearest_faded`] down to [`MIN_COLOR_STRENGTH`]), the distance to it and
+    /// the strength at which it is nearest (1: not faded).
     pub nearest: Named,
     pub distance: f64,
+    pub strength: f64,
     /// Median area, px.
     pub median_area: f64,
     /// Median share of its bounding box the object fills, and the shape whose share is nearest:
@@ -157,7 +166,7 @@ pub fn measure(frames: &[Frame]) -> Result<Measurements, CheckError> {
 
     let background = measure_background(frames, &backgrounds, threshold);
     let found: Vec<&Blob> = per_frame.iter().filter_map(FrameObject::object).collect();
-    let object = measure_object(&found);
+    let object = measure_object(&found, background.measured_rgb);
     let track: Vec<(usize, [f64; 2])> = per_frame
         .iter()
         .filter_map(|f| f.object().map(|b| (f.index, b.centroid)))
@@ -241,9 +250,10 @@ fn measure_background(
     }
 }
 
-fn measure_object(found: &[&Blob]) -> Option<ObjectFigures> {
+fn measure_object(found: &[&Blob], background: [f64; 3]) -> Option<ObjectFigures> {
     let median_rgb = median_rgb(&found.iter().map(|b| b.core_rgb).collect::<Vec<_>>())?;
-    let (nearest, distance) = nearest(&OBJECT_COLORS, median_rgb);
+    let (nearest, distance, strength) =
+        nearest_faded(&OBJECT_COLORS, median_rgb, background, MIN_COLOR_STRENGTH);
     let fill_ratio = median(&found.iter().map(|b| b.fill_ratio()).collect::<Vec<_>>())?;
     let nearest_shape = *Shape::ALL
         .iter()
@@ -257,6 +267,7 @@ fn measure_object(found: &[&Blob]) -> Option<ObjectFigures> {
         median_rgb,
         nearest,
         distance,
+        strength,
         median_area: median(&areas(found))?,
         fill_ratio,
         nearest_shape,

@@ -72,9 +72,10 @@ impl fmt::Display for Report {
             Some(object) => {
                 writeln!(
                     f,
-                    "object       {} -> {} (distance {:.1}); caption: {}  {}",
+                    "object       {} -> {} at {:.0}% strength (distance {:.1}); caption: {}  {}",
                     rgb(object.median_rgb),
                     object.nearest.name,
+                    100.0 * object.strength,
                     object.distance,
                     expected.color.name,
                     mark(verdict.color_right)

@@ -46,17 +46,28 @@ pub fn slope(points: &[(f64, f64)]) -> Option<f64> {
     Some(sxy / sxx)
 }
 
-/// Each value replaced by the median of the `window` values centred on it (fewer at the ends),
-/// which removes isolated outliers without shifting steps.
+/// Each value replaced by the median of the `window` values centred on it, which removes
+/// isolated outliers without shifting steps. Near the ends the window shrinks symmetrically, and
+/// each end value becomes the median of itself, its smoothed neighbour and the line through the
+/// next two smoothed values (a form of Tukey's end-point rule), so a straight ramp comes through
+/// exactly and a wild first or last value is still replaced.
 pub fn running_median(values: &[f64], window: usize) -> Vec<f64> {
+    let n = values.len();
     let half = window / 2;
-    (0..values.len())
+    let mut smoothed: Vec<f64> = (0..n)
         .map(|i| {
-            let lo = i.saturating_sub(half);
-            let hi = (i + half + 1).min(values.len());
-            median(&values[lo..hi]).expect("the window holds at least the value itself")
+            let reach = half.min(i).min(n - 1 - i);
+            median(&values[i - reach..=i + reach]).expect("the window holds the value itself")
         })
-        .collect()
+        .collect();
+    if n >= 3 {
+        let end = |value: f64, next: f64, after: f64| {
+            median(&[value, next, 2.0 * next - after]).expect("three values")
+        };
+        smoothed[0] = end(values[0], smoothed[1], smoothed[2]);
+        smoothed[n - 1] = end(values[n - 1], smoothed[n - 2], smoothed[n - 3]);
+    }
+    smoothed
 }
 
 #[cfg(test)]
@@ -84,8 +95,12 @@ mod tests {
     #[test]
     fn running_median_drops_a_spike_and_keeps_a_ramp() {
         let smoothed = running_median(&[0.0, 1.0, 2.0, 30.0, 4.0, 5.0, 6.0], 5);
-        assert_eq!(smoothed, vec![1.0, 1.5, 2.0, 4.0, 5.0, 5.5, 5.0]);
-        let ramp: Vec<f64> = (0..8).map(f64::from).collect();
-        assert_eq!(running_median(&ramp, 5)[2..6], ramp[2..6]);
+        assert_eq!(smoothed, vec![0.0, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]);
+        let ramp: Vec<f64> = (0..8).map(|i| 3.0 - 0.5 * f64::from(i)).collect();
+        assert_eq!(running_median(&ramp, 5), ramp);
+        // a wild first value is replaced by the line through its neighbours
+        let mut wild = ramp.clone();
+        wild[0] = 40.0;
+        assert_eq!(running_median(&wild, 5), ramp);
     }
 }

@@ -23,13 +23,14 @@ pub struct Scene {
 }
 
 impl Scene {
-    /// A 64×64, 81-frame clip of a radius-8 object moving `direction`: straight at 0.35
-    /// px/frame with its path centred in the frame, or bouncing at 1.3 px/frame from (20, 27).
+    /// A clip of the world's size (64×64, 33 frames) of a radius-8 object moving `direction`:
+    /// straight at 0.75 px/frame with its path centred in the frame, or bouncing at 1.5 px/frame
+    /// at 37° from (40, 27), which reflects once, off the right border.
     pub fn new(color: Rgb, background: Rgb, shape: Shape, direction: Direction) -> Self {
         let speed = if direction == Direction::Bouncing {
-            1.3
+            1.5
         } else {
-            0.35
+            0.75
         };
         let velocity = match direction {
             Direction::Left => [-speed, 0.0],
@@ -48,10 +49,10 @@ impl Scene {
             bouncing: direction == Direction::Bouncing,
             width: 64,
             height: 64,
-            frames: 81,
+            frames: 33,
         };
         if scene.bouncing {
-            scene.start = [20.0, 27.0];
+            scene.start = [40.0, 27.0];
         } else {
             scene.center_path();
         }

@@ -81,13 +81,13 @@ fn every_colour_on_every_background_passes_with_its_own_caption() {
             );
         } else {
             let truth = scene.velocity.map(|v| v * (scene.frames - 1) as f64);
-            assert!((motion.motion.dx - truth[0]).abs() < 1.5, "{report}");
-            assert!((motion.motion.dy - truth[1]).abs() < 1.5, "{report}");
+            assert!((motion.motion.dx - truth[0]).abs() < 0.5, "{report}");
+            assert!((motion.motion.dy - truth[1]).abs() < 0.5, "{report}");
             assert!((motion.motion.velocity[0] - scene.velocity[0]).abs() < 0.01);
             assert!((motion.motion.velocity[1] - scene.velocity[1]).abs() < 0.01);
             assert!(motion.motion.dx.hypot(motion.motion.dy) > 20.0);
-            // 0.35 px/frame; the weighted centroid follows sub-pixel motion.
-            assert!(m.consistency.max_centroid_jump.unwrap() < 0.6, "{report}");
+            // 0.75 px/frame; the weighted centroid follows sub-pixel motion.
+            assert!(m.consistency.max_centroid_jump.unwrap() < 1.0, "{report}");
         }
     }
 }
@@ -137,8 +137,8 @@ fn blurred_noisy_and_faint_clips_still_pass() {
         assert!(report.passed, "{}\n{report}", report.caption);
 
         let m = &report.measurements;
-        // Frames 7, 27, 47 and 67 keep 15% of the object: too faint to find in most pairs.
-        assert!(m.consistency.missing_frames.len() <= 4, "{report}");
+        // Frames 7 and 27 keep 15% of the object: too faint to find in most pairs.
+        assert!(m.consistency.missing_frames.len() <= 2, "{report}");
         for missing in &m.consistency.missing_frames {
             assert_eq!(missing % 20, 7, "{report}");
         }
@@ -320,7 +320,7 @@ fn the_report_serialises_every_figure() {
     );
     assert_eq!(
         json["measurements"]["per_frame"].as_array().unwrap().len(),
-        81
+        33
     );
     let text = report.to_string();
     assert!(
@@ -436,4 +436,27 @@ fn unreadable_clips_and_bad_captions_are_errors_naming_them() {
         "the caption is checked first: {err}"
     );
     assert!(err.to_string().contains("\"blob\""), "{err}");
+}
+
+#[test]
+fn a_dimmed_object_is_named_by_its_colour_not_the_nearest_rgb() {
+    // Yellow at 80% on black is nearer orange than yellow in plain RGB.
+    let scene = Scene::new([240, 220, 40], [0, 0, 0], Shape::Circle, Direction::Left);
+    let frames: Vec<Frame> = scene
+        .render()
+        .iter()
+        .map(|f| fade(&blur(f, 1), [0, 0, 0], 0.8))
+        .collect();
+    let yellow = report(
+        caption("yellow", Shape::Circle, Direction::Left, "black"),
+        &frames,
+    );
+    assert!(yellow.passed, "{yellow}");
+    let object = yellow.measurements.object.as_ref().unwrap();
+    assert!((object.strength - 0.8).abs() < 0.05, "{yellow}");
+    let orange = report(
+        caption("orange", Shape::Circle, Direction::Left, "black"),
+        &frames,
+    );
+    assert!(!orange.verdict.color_right, "{orange}");
 }

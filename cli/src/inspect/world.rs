@@ -279,6 +279,37 @@ pub fn nearest(palette: &[(&'static str, Rgb)], rgb: [f64; 3]) -> (Named, f64) {
         .expect("palettes are not empty")
 }
 
+/// The palette entry nearest to `rgb` when each entry may have faded towards `background` (blur
+/// and faint frames mix the object with it): entry `P` stands for every `background + k·(P -
+/// background)` with `k` in `min_strength..=1`. Returns the entry, the distance to its nearest
+/// such colour and that `k`. A darkened yellow on black is yellow at 80%, not the orange it is
+/// nearest to in plain RGB.
+pub fn nearest_faded(
+    palette: &[(&'static str, Rgb)],
+    rgb: [f64; 3],
+    background: [f64; 3],
+    min_strength: f64,
+) -> (Named, f64, f64) {
+    palette
+        .iter()
+        .map(|&(name, entry)| {
+            let toward: Vec<f64> = (0..3)
+                .map(|c| f64::from(entry[c]) - background[c])
+                .collect();
+            let length2: f64 = toward.iter().map(|t| t * t).sum();
+            let along: f64 = (0..3).map(|c| (rgb[c] - background[c]) * toward[c]).sum();
+            let strength = if length2 > 0.0 {
+                (along / length2).clamp(min_strength, 1.0)
+            } else {
+                1.0
+            };
+            let faded = [0, 1, 2].map(|c| background[c] + strength * toward[c]);
+            (Named { name, rgb: entry }, distance(rgb, faded), strength)
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("palettes are not empty")
+}
+
 /// Euclidean distance between two RGB colours.
 pub fn distance(a: [f64; 3], b: [f64; 3]) -> f64 {
     a.iter()
@@ -407,5 +438,21 @@ mod tests {
         assert_eq!(named.name, "red");
         assert!((d - 50f64.sqrt()).abs() < 1e-9);
         assert_eq!(nearest(&BACKGROUNDS, [120.0, 130.0, 125.0]).0.name, "gray");
+    }
+
+    #[test]
+    fn a_faded_colour_is_named_by_what_it_faded_from() {
+        let dark_yellow = [192.0, 176.0, 32.0];
+        assert_eq!(nearest(&OBJECT_COLORS, dark_yellow).0.name, "orange");
+        let (named, d, strength) = nearest_faded(&OBJECT_COLORS, dark_yellow, [0.0; 3], 0.6);
+        assert_eq!(named.name, "yellow");
+        assert!(d < 1.0 && (strength - 0.8).abs() < 0.01, "{d} {strength}");
+        // fading has a floor: a colour halfway to the background is not its palette colour
+        let (_, d, strength) = nearest_faded(&OBJECT_COLORS, [120.0, 110.0, 20.0], [0.0; 3], 0.6);
+        assert!(d > 20.0 && strength == 0.6, "{d} {strength}");
+        // and an unfaded colour is measured as plainly
+        let (named, d, strength) =
+            nearest_faded(&OBJECT_COLORS, [220.0, 40.0, 40.0], [128.0; 3], 0.6);
+        assert_eq!((named.name, d, strength), ("red", 0.0, 1.0));
     }
 }
