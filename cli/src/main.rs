@@ -3,13 +3,15 @@
 //! `render` submits a text-to-video job, watches it and downloads the clip (running a whole farm
 //! in this process when no coordinator is named); `submit`, `status`, `watch`, `list`, `cancel`,
 //! `fetch` and `workers` talk to a running farm; `serve` runs a farm's coordinator or workers;
-//! `check-reference` compares the model stack with PyTorch reference fixtures. Errors end the
-//! process with one line on stderr and exit status 1.
+//! `check-reference` compares the model stack with PyTorch reference fixtures; `inspect` checks a
+//! rendered toy-world clip against its caption. Errors end the process with one line on stderr
+//! and exit status 1.
 
 mod check_reference;
 mod client;
 mod download;
 mod embedded;
+mod inspect_command;
 mod jobs;
 mod progress;
 mod render;
@@ -54,6 +56,9 @@ enum Command {
     Serve(serve::ServeCommand),
     /// Run every case of reference fixture directories and report the error of each.
     CheckReference(check_reference::CheckReferenceArgs),
+    /// Check a rendered toy-world clip against its caption: background, object colour and
+    /// direction (exit 1 if any is wrong), with shape and consistency figures.
+    Inspect(inspect_command::InspectArgs),
 }
 
 fn main() {
@@ -67,6 +72,7 @@ fn main() {
     let cli = Cli::try_parse().unwrap_or_else(|err| usage_error(err));
     let outcome = match cli.command {
         Command::CheckReference(args) => check_reference::run(args),
+        Command::Inspect(args) => inspect_command::run(args),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -94,6 +100,7 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Workers(args) => jobs::workers(args).await,
         Command::Serve(command) => serve::run(command).await,
         Command::CheckReference(args) => check_reference::run(args),
+        Command::Inspect(args) => inspect_command::run(args),
     }
 }
 

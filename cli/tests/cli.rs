@@ -908,3 +908,90 @@ fn farm_commands_against_served_processes() {
     signal(&coordinator.child, "TERM");
     assert!(coordinator.child.wait().unwrap().success());
 }
+
+/// A 64×64 PNG sequence of a red disc of radius 8 moving right at 0.4 px/frame on gray, written
+/// by longtake's own PNG writer.
+fn write_toy_clip(dir: &Path) {
+    use longtake_coordinator::encode::PngSequenceWriter;
+    let mut writer = PngSequenceWriter::create(dir, 64, 64).unwrap();
+    for t in 0..41 {
+        let cx = 16.0 + 0.4 * f64::from(t);
+        let mut rgb = [128u8, 128, 128].repeat(64 * 64);
+        for y in 0..64 {
+            for x in 0..64 {
+                let (dx, dy) = (x as f64 + 0.5 - cx, y as f64 + 0.5 - 30.0);
+                if dx * dx + dy * dy <= 64.0 {
+                    rgb[3 * (y * 64 + x)..3 * (y * 64 + x) + 3].copy_from_slice(&[220, 40, 40]);
+                }
+            }
+        }
+        writer.push_frame(&rgb).unwrap();
+    }
+    writer.finish().unwrap();
+}
+
+#[test]
+fn inspect_passes_the_right_caption_and_fails_a_wrong_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip");
+    write_toy_clip(&clip);
+    let clip = clip.to_str().unwrap();
+
+    let right = longtake(&[
+        "inspect",
+        clip,
+        "--caption",
+        "a red circle moving right on a gray background",
+    ]);
+    let out = String::from_utf8_lossy(&right.stdout);
+    assert_eq!(right.status.code(), Some(0), "{out}{}", stderr(&right));
+    assert!(
+        out.contains("direction    right; caption: right  ok"),
+        "{out}"
+    );
+    assert!(out.trim_end().ends_with("verdict      PASS"), "{out}");
+
+    let wrong = longtake(&[
+        "inspect",
+        clip,
+        "--caption",
+        "a orange circle moving left on a gray background",
+        "--json",
+    ]);
+    assert_eq!(wrong.status.code(), Some(1), "{}", stderr(&wrong));
+    let report: serde_json::Value = serde_json::from_slice(&wrong.stdout).unwrap();
+    assert_eq!(report["passed"], false);
+    assert_eq!(report["verdict"]["color_right"], false);
+    assert_eq!(report["verdict"]["direction_right"], false);
+    assert_eq!(report["verdict"]["background_right"], true);
+    assert_eq!(report["measurements"]["object"]["nearest"]["name"], "red");
+    assert_eq!(report["measurements"]["motion"]["direction"], "right");
+    let dx = report["measurements"]["motion"]["dx"].as_f64().unwrap();
+    assert!((dx - 16.0).abs() < 1.5, "40 frames at 0.4 px/frame: {dx}");
+}
+
+#[test]
+fn inspect_names_an_unreadable_clip_and_a_caption_outside_the_grammar() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.mp4");
+    let run = longtake(&[
+        "inspect",
+        missing.to_str().unwrap(),
+        "--caption",
+        "a red circle moving right on a gray background",
+    ]);
+    assert_eq!(run.status.code(), Some(1));
+    assert_one_line_error(&run, &["missing.mp4"]);
+
+    let clip = dir.path().join("clip");
+    write_toy_clip(&clip);
+    let run = longtake(&[
+        "inspect",
+        clip.to_str().unwrap(),
+        "--caption",
+        "a red circle moving sideways on a gray background",
+    ]);
+    assert_eq!(run.status.code(), Some(1));
+    assert_one_line_error(&run, &["\"sideways\"", "left, right, up, down"]);
+    assert!(run.stdout.is_empty());
+}

@@ -1,0 +1,36 @@
+//! `longtake inspect CLIP --caption TEXT`: the report of `longtake_cli::inspect` on one clip,
+//! readable or as JSON, and its verdict as the exit status.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use longtake_cli::inspect;
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The clip: an .mp4 written by longtake or a directory of frame_00000.png, ...
+    clip: PathBuf,
+    /// What the clip should show, in the toy world's grammar: "a {color} {shape} moving
+    /// {left|right|up|down} on a {background} background" or "a {color} {shape} bouncing on a
+    /// {background} background".
+    #[arg(long)]
+    caption: String,
+    /// Print the report (every figure, per frame too) as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Exit status 0 when colour, direction and background all match the caption, 1 otherwise.
+pub fn run(args: InspectArgs) -> Result<i32> {
+    let report = inspect::inspect(&args.clip, &args.caption)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("cannot write the report as JSON")?
+        );
+    } else {
+        println!("{report}");
+    }
+    Ok(if report.passed { 0 } else { 1 })
+}
