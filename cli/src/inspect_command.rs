@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use longtake_cli::inspect;
+use longtake_coordinator::encode::write_png;
 
 #[derive(Args)]
 pub struct InspectArgs {
@@ -19,11 +20,31 @@ pub struct InspectArgs {
     /// Print the report (every figure, per frame too) as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Also write a PNG strip of the clip: --strip-frames evenly spaced frames (first and last
+    /// included) side by side, enlarged --strip-scale times.
+    #[arg(long, value_name = "FILE.png")]
+    strip: Option<PathBuf>,
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    strip_frames: usize,
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    strip_scale: usize,
 }
 
 /// Exit status 0 when colour, direction and background all match the caption, 1 otherwise.
 pub fn run(args: InspectArgs) -> Result<i32> {
     let report = inspect::inspect(&args.clip, &args.caption)?;
+    if let Some(path) = &args.strip {
+        let frames = inspect::read_clip(&args.clip)?;
+        let strip = inspect::strip::strip(&frames, args.strip_frames, args.strip_scale)
+            .context("--strip-frames and --strip-scale must be at least 1")?;
+        write_png(
+            path,
+            strip.width() as u32,
+            strip.height() as u32,
+            strip.rgb(),
+            &mut Vec::new(),
+        )?;
+    }
     if args.json {
         println!(
             "{}",

@@ -637,6 +637,31 @@ pub struct PngSequenceWriter {
     encoded: Vec<u8>,
 }
 
+/// Writes one `height * width * 3` byte RGB8 picture as a PNG file at `path`, encoded into
+/// `buffer` first and written in one call so that write errors surface here instead of being
+/// swallowed by a `BufWriter` dropped inside png's `finish()`.
+pub fn write_png(
+    path: &Path,
+    width: u32,
+    height: u32,
+    rgb: &[u8],
+    buffer: &mut Vec<u8>,
+) -> Result<()> {
+    check_frame(path, 0, rgb, width, height)?;
+    let png_err = |source| EncodeError::Png {
+        path: path.to_path_buf(),
+        source,
+    };
+    buffer.clear();
+    let mut encoder = png::Encoder::new(&mut *buffer, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(png_err)?;
+    writer.write_image_data(rgb).map_err(png_err)?;
+    writer.finish().map_err(png_err)?;
+    fs::write(path, &buffer[..]).map_err(io_err(path, "cannot write file"))
+}
+
 impl PngSequenceWriter {
     /// Creates `dir` (and parents). Refuses a directory that already holds `frame_*.png` files,
     /// since stale frames from an earlier, longer render would silently join the sequence.
@@ -683,20 +708,7 @@ impl PngSequenceWriter {
     pub fn push_frame(&mut self, rgb: &[u8]) -> Result<()> {
         check_frame(&self.dir, self.frames, rgb, self.width, self.height)?;
         let path = self.frame_path(self.frames);
-        let png_err = |source| EncodeError::Png {
-            path: path.clone(),
-            source,
-        };
-        // Encode in memory and write in one call so that write errors surface here instead of
-        // being swallowed by a BufWriter dropped inside png's finish().
-        self.encoded.clear();
-        let mut encoder = png::Encoder::new(&mut self.encoded, self.width, self.height);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header().map_err(png_err)?;
-        writer.write_image_data(rgb).map_err(png_err)?;
-        writer.finish().map_err(png_err)?;
-        fs::write(&path, &self.encoded).map_err(io_err(&path, "cannot write file"))?;
+        write_png(&path, self.width, self.height, rgb, &mut self.encoded)?;
         self.frames += 1;
         Ok(())
     }

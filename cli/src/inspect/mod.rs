@@ -11,6 +11,7 @@ pub mod read;
 mod report;
 pub mod segment;
 mod stats;
+pub mod strip;
 pub mod verdict;
 pub mod world;
 

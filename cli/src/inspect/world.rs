@@ -134,6 +134,65 @@ impl fmt::Display for Caption {
     }
 }
 
+impl Caption {
+    /// The directions in the generator's order (`DIRECTIONS` in `world.py`).
+    pub const DIRECTIONS: [Direction; 5] = [
+        Direction::Left,
+        Direction::Right,
+        Direction::Up,
+        Direction::Down,
+        Direction::Bouncing,
+    ];
+
+    /// Whether this caption's colour × shape × direction combination was kept out of the toy
+    /// model's training: `(c + 2s + 3d) mod 5 = 0` over the generator's list indices, 21 of the
+    /// 105 combinations, one direction per colour × shape pair (`held_out` in `world.py`).
+    pub fn held_out(&self) -> bool {
+        let c = OBJECT_COLORS
+            .iter()
+            .position(|(name, _)| *name == self.color.name)
+            .expect("a caption's colour is in the palette");
+        let s = Shape::ALL
+            .iter()
+            .position(|&s| s == self.shape)
+            .expect("a shape");
+        let d = Self::DIRECTIONS
+            .iter()
+            .position(|&d| d == self.direction)
+            .expect("a direction");
+        (c + 2 * s + 3 * d) % 5 == 0
+    }
+
+    /// Every caption of the grammar: each colour × shape × direction on each background that is
+    /// not the object's colour name, in the generator's order.
+    pub fn all() -> Vec<Caption> {
+        let mut out = Vec::new();
+        for &(color, color_rgb) in &OBJECT_COLORS {
+            for shape in Shape::ALL {
+                for direction in Self::DIRECTIONS {
+                    for &(background, background_rgb) in &BACKGROUNDS {
+                        if background != color {
+                            out.push(Caption {
+                                color: Named {
+                                    name: color,
+                                    rgb: color_rgb,
+                                },
+                                shape,
+                                direction,
+                                background: Named {
+                                    name: background,
+                                    rgb: background_rgb,
+                                },
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Why a text is not a caption of the grammar. Every variant quotes the caption.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CaptionError {
@@ -322,6 +381,37 @@ pub fn distance(a: [f64; 3], b: [f64; 3]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fifth_of_the_combinations_is_held_out_one_direction_per_colour_and_shape() {
+        let all = Caption::all();
+        // 7 colours × 3 shapes × 5 directions × 5 backgrounds, less the object on a background
+        // of its own colour name (blue, green, white: 3 colours × 3 shapes × 5 directions)
+        assert_eq!(all.len(), 7 * 3 * 5 * 5 - 3 * 3 * 5);
+        let mut combos: Vec<(&str, Shape, Direction)> = all
+            .iter()
+            .filter(|c| c.held_out())
+            .map(|c| (c.color.name, c.shape, c.direction))
+            .collect();
+        combos.dedup();
+        assert_eq!(combos.len(), 21);
+        for (color, _) in OBJECT_COLORS {
+            for shape in Shape::ALL {
+                let held = combos.iter().filter(|(c, s, _)| *c == color && *s == shape);
+                assert_eq!(held.count(), 1, "{color} {}", shape.name());
+            }
+        }
+        // the generator's own examples: (red, circle, left) → 0 + 0 + 0 ≡ 0; (red, circle,
+        // right) → 3, not held out
+        let red_circle_left: Caption = "a red circle moving left on a black background"
+            .parse()
+            .unwrap();
+        assert!(red_circle_left.held_out());
+        let red_circle_right: Caption = "a red circle moving right on a black background"
+            .parse()
+            .unwrap();
+        assert!(!red_circle_right.held_out());
+    }
 
     #[test]
     fn every_caption_of_the_generator_parses_back_to_itself() {
