@@ -90,8 +90,8 @@ pub struct DistributedPipeline {
 }
 
 impl DistributedPipeline {
-    /// This rank's part of the built-in tiny model or of a checkpoint (see [`Self::tiny`],
-    /// [`Self::load`]).
+    /// This rank's part of the built-in tiny model or of a checkpoint (the built-in toy model's
+    /// included; see [`Self::tiny`], [`Self::load`]).
     pub fn from_source(
         source: PipelineSource<'_>,
         device: &Device,
@@ -99,9 +99,9 @@ impl DistributedPipeline {
         layout: Layout,
         world: Box<dyn Communicator>,
     ) -> Result<Self> {
-        match source {
-            PipelineSource::Tiny => Self::tiny(device, dtype, layout, world),
-            PipelineSource::Checkpoint(dir) => Self::load(dir, device, dtype, layout, world),
+        match source.checkpoint_dir()? {
+            None => Self::tiny(device, dtype, layout, world),
+            Some(dir) => Self::load(dir, device, dtype, layout, world),
         }
     }
 
