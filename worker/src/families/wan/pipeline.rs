@@ -621,3 +621,50 @@ impl VideoPipeline for WanPipeline {
         WanPipeline::render_with_options(self, spec, options, progress)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::reference::toy_checkpoint_dir;
+
+    /// The built-in toy model loads through the diffusers-layout path as any checkpoint does,
+    /// with the defaults and the prompt length its `_longtake` section states, and the copy
+    /// written out of the binary renders exactly what the committed files render.
+    #[test]
+    fn the_toy_model_loads_as_a_checkpoint_with_its_stated_defaults() -> Result<()> {
+        let dev = Device::Cpu;
+        let committed = WanPipeline::load(toy_checkpoint_dir(), &dev, DType::F32)?;
+        let info = committed.info().clone();
+        assert_eq!(info.name, "toy");
+        assert_eq!(
+            (info.default_width, info.default_height),
+            (64, 64),
+            "{info:?}"
+        );
+        assert_eq!(
+            (info.default_frames, info.default_fps),
+            (33, 16),
+            "{info:?}"
+        );
+        assert_eq!(info.max_sequence_length, 16, "trained on 16-token prompts");
+        let (cond, _) = committed.encode_prompts("a red circle moving left", "")?;
+        assert_eq!(cond.dim(1)?, 16);
+
+        let embedded = WanPipeline::from_source(PipelineSource::Toy, &dev, DType::F32)?;
+        assert_eq!(embedded.info(), &info);
+        let spec = RenderSpec {
+            prompt: "a red circle moving left on a blue background".into(),
+            negative_prompt: String::new(),
+            frames: 5,
+            width: 32,
+            height: 32,
+            steps: 2,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: None,
+            seed: 11,
+        };
+        assert!(committed.render(&spec, &mut |_| {})? == embedded.render(&spec, &mut |_| {})?);
+        Ok(())
+    }
+}
