@@ -42,7 +42,7 @@ pub enum ModelError {
     Builtin {
         name: &'static str,
         #[source]
-        source: PipelineError,
+        source: Box<PipelineError>,
     },
     #[error("model name {0} is given twice; give each --model a distinct NAME=DIR")]
     Duplicate(String),
@@ -123,11 +123,11 @@ impl ServedModel {
         let facts = families::describe(source.pipeline_source()).map_err(|e| match &source {
             ModelSource::Toy => ModelError::Builtin {
                 name: TOY,
-                source: e,
+                source: Box::new(e),
             },
             ModelSource::Tiny => ModelError::Builtin {
                 name: TINY,
-                source: e,
+                source: Box::new(e),
             },
             ModelSource::Checkpoint { name, .. } => ModelError::Checkpoint {
                 name: name.clone(),
