@@ -23,7 +23,7 @@ use longtake_proto::{
     job_event, task_event, HealthRequest, JobRequest, JobState, RenderSpec, ReserveRequest,
     SubmitRequest, TaskRequest, WorkerState, MAX_MESSAGE_BYTES,
 };
-use longtake_worker::daemon::DaemonConfig;
+use longtake_worker::daemon::{DaemonConfig, ModelSource};
 use longtake_worker::families::wan::pipeline::WanPipeline;
 use longtake_worker::model::render::Progress;
 use tonic::transport::Channel;
@@ -407,7 +407,10 @@ impl Bench {
         let (coordinator, served) = local.coordinator().await?;
         let mut started = Vec::new();
         for i in 0..workers {
-            let config = DaemonConfig::new(format!("{name}-w{i}"), "127.0.0.1");
+            let config = DaemonConfig {
+                models: vec![ModelSource::Tiny],
+                ..DaemonConfig::new(format!("{name}-w{i}"), "127.0.0.1")
+            };
             started.push(local.worker(config).await?);
         }
         let client = render_client(served.url()).await?;
@@ -688,7 +691,7 @@ fn run(args: Args) -> Result<()> {
 /// The single-process pipeline's spec for `spec`, as a worker serving the tiny model makes it.
 fn tiny_render_spec(spec: &RenderSpec) -> longtake_worker::model::render::RenderSpec {
     use longtake_worker::daemon::models::ServedModel;
-    use longtake_worker::daemon::{task, ModelSource};
+    use longtake_worker::daemon::task;
     let tiny = ServedModel::open(ModelSource::Tiny).expect("the tiny model");
     task::render_spec(&task::job_spec(spec, &tiny).expect("a valid spec"))
 }

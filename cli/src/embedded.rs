@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use longtake_cli::local::{LocalFarm, Served};
 use longtake_coordinator::placement::NODE_LABEL;
-use longtake_worker::daemon::{DaemonConfig, ModelSource};
+use longtake_worker::daemon::{models, DaemonConfig, ModelSource};
 
 /// How a worker waits for its task after the coordinator reserved it.
 const RESERVATION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -92,13 +92,13 @@ impl Farm {
 }
 
 fn worker_config(options: &FarmOptions, rank: usize) -> DaemonConfig {
-    let model = if options.model == "tiny" {
-        ModelSource::Tiny
-    } else {
-        ModelSource::Checkpoint {
-            name: options.model.clone(),
-            dir: PathBuf::from(&options.model),
-        }
+    let model = match options.model.as_str() {
+        models::TOY => ModelSource::Toy,
+        models::TINY => ModelSource::Tiny,
+        dir => ModelSource::Checkpoint {
+            name: dir.to_string(),
+            dir: PathBuf::from(dir),
+        },
     };
     DaemonConfig {
         device: options.device.clone(),

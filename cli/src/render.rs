@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use longtake_proto::{JobEvent, RenderSpec};
+use longtake_worker::daemon::models;
 
 use crate::client::{Client, CoordinatorArg};
 use crate::download::{self, Destination};
@@ -19,6 +20,10 @@ use crate::spec_args::SpecArgs;
 pub const TINY_NOTE: &str =
     "model: built-in tiny Wan2.1 (seeded random weights: it makes abstract motion, not pictures; \
      pass --model DIR with a Wan2.1 checkpoint for real video)";
+
+pub const TOY_NOTE: &str =
+    "model: built-in toy Wan2.1 (trained by longtake on procedural videos: a coloured shape moving \
+     on a plain background, 64x64; pass --model DIR with a Wan2.1 checkpoint for real video)";
 
 #[derive(Args)]
 pub struct RenderArgs {
@@ -68,8 +73,10 @@ pub async fn run(args: RenderArgs) -> Result<i32> {
     for note in &built.notes {
         eprintln!("{note}");
     }
-    if built.spec.model == "tiny" {
-        eprintln!("{TINY_NOTE}");
+    match built.spec.model.as_str() {
+        models::TINY => eprintln!("{TINY_NOTE}"),
+        models::TOY => eprintln!("{TOY_NOTE}"),
+        _ => {}
     }
 
     let mut farm = None;

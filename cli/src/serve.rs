@@ -111,9 +111,10 @@ pub struct WorkerArgs {
     /// Unique worker id [default: HOSTNAME-PORT].
     #[arg(long)]
     pub id: Option<String>,
-    /// A model to serve: `tiny`, or NAME=DIR for a checkpoint directory; repeatable
-    /// [default: tiny].
-    #[arg(long = "model", value_parser = parse_model, value_name = "tiny|NAME=DIR")]
+    /// A model to serve: `toy` (built in, trained on procedural videos), `tiny` (built in,
+    /// random weights, for tests), or NAME=DIR for a checkpoint directory; repeatable
+    /// [default: toy].
+    #[arg(long = "model", value_parser = parse_model, value_name = "toy|tiny|NAME=DIR")]
     pub models: Vec<ModelSource>,
     /// A placement label KEY=VALUE (node, zone, ...); repeatable.
     #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
@@ -178,7 +179,7 @@ async fn worker(args: WorkerArgs) -> Result<i32> {
         .clone()
         .unwrap_or_else(|| format!("{}-{port}", hostname()));
     let models = if args.models.is_empty() {
-        vec![ModelSource::Tiny]
+        vec![ModelSource::Toy]
     } else {
         args.models.clone()
     };
@@ -273,8 +274,10 @@ fn hostname() -> String {
 }
 
 fn parse_model(text: &str) -> Result<ModelSource, String> {
-    if text == "tiny" {
-        return Ok(ModelSource::Tiny);
+    match text {
+        daemon::models::TOY => return Ok(ModelSource::Toy),
+        daemon::models::TINY => return Ok(ModelSource::Tiny),
+        _ => {}
     }
     match text.split_once('=') {
         Some((name, dir)) if !name.trim().is_empty() && !dir.trim().is_empty() => {
@@ -284,7 +287,7 @@ fn parse_model(text: &str) -> Result<ModelSource, String> {
             })
         }
         _ => Err(format!(
-            "expected `tiny` or NAME=DIR (a checkpoint directory served as NAME); got {text:?}"
+            "expected `toy`, `tiny` or NAME=DIR (a checkpoint directory served as NAME); got {text:?}"
         )),
     }
 }
@@ -305,6 +308,7 @@ mod tests {
     #[test]
     fn models_and_labels_parse() {
         assert_eq!(parse_model("tiny"), Ok(ModelSource::Tiny));
+        assert_eq!(parse_model("toy"), Ok(ModelSource::Toy));
         assert_eq!(
             parse_model("wan13=/m/Wan2.1"),
             Ok(ModelSource::Checkpoint {

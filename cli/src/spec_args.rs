@@ -7,11 +7,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use longtake_proto::spec::frames::{self, WAN_TEMPORAL_PACK};
-use longtake_proto::spec::{Layout, SchedulerKind};
+use longtake_proto::spec::{Layout, SchedulerKind, DEFAULT_MODEL, WAN21_DEFAULT_FPS};
 use longtake_proto::{OutputFormat, RenderSpec};
-
-/// Frames rendered when neither `--frames` nor `--seconds` is given (5 s at 16 fps).
-const DEFAULT_FRAMES: u32 = 81;
 
 #[derive(Args, Clone, Debug)]
 pub struct SpecArgs {
@@ -21,24 +18,28 @@ pub struct SpecArgs {
     /// What the clip must not show (classifier-free guidance pushes away from it).
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    /// A model the workers serve: `tiny` (the built-in toy model with seeded random weights:
-    /// abstract motion, not pictures) or a name a worker was started with; for the embedded farm
-    /// also a checkpoint directory in the diffusers layout (e.g. Wan2.1-T2V-1.3B-Diffusers).
-    #[arg(long, default_value = "tiny")]
+    /// A model the workers serve: `toy` (built in: a small Wan2.1 trained by longtake on
+    /// procedural videos), `tiny` (built in: seeded random weights, abstract motion, for tests)
+    /// or a name a worker was started with; for the embedded farm also a checkpoint directory in
+    /// the diffusers layout (e.g. Wan2.1-T2V-1.3B-Diffusers).
+    #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
-    /// Number of frames; Wan makes 4k+1 frames, other counts are rounded up.
+    /// Number of frames; Wan makes 4k+1 frames, other counts are rounded up [default: the
+    /// model's: toy 33, Wan2.1 81].
     #[arg(long, conflicts_with = "seconds")]
     pub frames: Option<u64>,
-    /// Clip length in seconds (frames = seconds × fps, rounded up to 4k+1).
+    /// Clip length in seconds (frames = seconds × fps, rounded up to 4k+1; fps 16 unless
+    /// --fps is given).
     #[arg(long, allow_negative_numbers = true)]
     pub seconds: Option<f64>,
-    /// Frames per second of the output.
-    #[arg(long, default_value_t = 16)]
-    pub fps: u32,
-    /// Frame size WIDTHxHEIGHT, multiples of 16 [default: the model's: 832x480, tiny: 256x256].
+    /// Frames per second of the output [default: the model's: 16 for toy and Wan2.1].
+    #[arg(long)]
+    pub fps: Option<u32>,
+    /// Frame size WIDTHxHEIGHT, multiples of 16 [default: the model's: toy 64x64, tiny
+    /// 256x256, a Wan2.1 checkpoint 832x480].
     #[arg(long, value_parser = parse_size)]
     pub size: Option<(u32, u32)>,
-    /// Denoising steps [default: the model's: 50, tiny: 10].
+    /// Denoising steps [default: the model's: toy 20, tiny 10, a Wan2.1 checkpoint 50].
     #[arg(long)]
     pub steps: Option<u32>,
     /// Classifier-free guidance scale (1 disables guidance).
@@ -95,27 +96,43 @@ pub struct Built {
 
 impl SpecArgs {
     /// The spec in `format` (the caller resolves it: `render` from `--out`, `submit` from
-    /// `--format` alone). Zero width/height/steps take the model's defaults on the workers.
+    /// `--format` alone). Zero width/height/steps/frames/fps take the model's defaults (which
+    /// only the farm knows: its workers advertise them).
     pub fn build(&self, format: OutputFormat) -> Result<Built> {
-        if self.fps == 0 {
+        if self.fps == Some(0) {
             bail!("--fps must be at least 1");
         }
+        // `--seconds` needs a rate before the model is known: --fps, else Wan2.1's (and the toy
+        // model's) 16, which then goes into the spec so the clip lasts what was asked.
+        let fps = match (self.seconds, self.fps) {
+            (Some(_), None) => Some(WAN21_DEFAULT_FPS),
+            (_, fps) => fps,
+        };
         let requested = match (self.frames, self.seconds) {
             (Some(0), _) => bail!("--frames must be at least 1"),
-            (Some(n), _) => {
-                u32::try_from(n).with_context(|| format!("--frames {n} is far beyond any limit"))?
+            (Some(n), _) => Some(
+                u32::try_from(n)
+                    .with_context(|| format!("--frames {n} is far beyond any limit"))?,
+            ),
+            (None, Some(s)) if s > 0.0 && s.is_finite() => {
+                Some(frames::for_duration(s, fps.unwrap_or(WAN21_DEFAULT_FPS)))
             }
-            (None, Some(s)) if s > 0.0 && s.is_finite() => frames::for_duration(s, self.fps),
             (None, Some(s)) => bail!("--seconds must be a positive number; got {s}"),
-            (None, None) => DEFAULT_FRAMES,
+            (None, None) => None,
         };
-        let frames = frames::round_up(requested, WAN_TEMPORAL_PACK);
         let mut notes = Vec::new();
-        if frames != requested {
-            notes.push(format!(
-                "note: Wan renders 4k+1 frames; {requested} frames rounded up to {frames}"
-            ));
-        }
+        let frames = match requested {
+            Some(requested) => {
+                let frames = frames::round_up(requested, WAN_TEMPORAL_PACK);
+                if frames != requested {
+                    notes.push(format!(
+                        "note: Wan renders 4k+1 frames; {requested} frames rounded up to {frames}"
+                    ));
+                }
+                frames
+            }
+            None => 0,
+        };
         let layout = self.layout()?;
         let (width, height) = self.size.unwrap_or((0, 0));
         let spec = RenderSpec {
@@ -133,7 +150,7 @@ impl SpecArgs {
                 .map(|s| s.name().to_string())
                 .unwrap_or_default(),
             seed: self.seed,
-            fps: self.fps,
+            fps: fps.unwrap_or(0),
             format: format as i32,
             layout: self
                 .layout
@@ -202,6 +219,13 @@ mod tests {
         let exact = args(&["--frames", "9"]).build(OutputFormat::Mp4).unwrap();
         assert_eq!(exact.spec.frames, 9);
         assert!(exact.notes.is_empty());
+        // Without --fps, seconds are counted at 16 fps and the spec says so.
+        let default_rate = args(&["--seconds", "2"]).build(OutputFormat::Mp4).unwrap();
+        assert_eq!((default_rate.spec.frames, default_rate.spec.fps), (33, 16));
+        let other_rate = args(&["--seconds", "2", "--fps", "24"])
+            .build(OutputFormat::Mp4)
+            .unwrap();
+        assert_eq!((other_rate.spec.frames, other_rate.spec.fps), (49, 24));
     }
 
     #[test]
@@ -231,9 +255,16 @@ mod tests {
         assert_eq!(built.ranks, 4);
         let defaults = args(&[]).build(OutputFormat::Mp4).unwrap().spec;
         assert_eq!((defaults.width, defaults.height, defaults.steps), (0, 0, 0));
-        assert_eq!((defaults.frames, defaults.guidance_scale), (81, 5.0));
+        // The clip is the model's too: only the farm knows it.
+        assert_eq!((defaults.frames, defaults.fps), (0, 0));
+        assert_eq!(defaults.guidance_scale, 5.0);
         assert_eq!(defaults.shift, None);
-        assert_eq!(defaults.model, "tiny");
+        assert_eq!(defaults.model, "toy");
+        let rate = args(&["--fps", "24"])
+            .build(OutputFormat::Mp4)
+            .unwrap()
+            .spec;
+        assert_eq!((rate.frames, rate.fps), (0, 24));
     }
 
     #[test]

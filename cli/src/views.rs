@@ -168,16 +168,17 @@ pub fn job_details(job: &Job) -> String {
         } else {
             format!("{}x{}", spec.width, spec.height)
         };
+        // Zero: the model's default, filled in once the job is placed.
+        let or_default = |value: u32| match value {
+            0 => "default".to_string(),
+            set => set.to_string(),
+        };
         let _ = writeln!(
             out,
             "spec:      {} frames at {size}, {} fps, {} steps, seed {}, model {}, {}{}",
-            spec.frames,
-            spec.fps,
-            if spec.steps == 0 {
-                "default".to_string()
-            } else {
-                spec.steps.to_string()
-            },
+            or_default(spec.frames),
+            or_default(spec.fps),
+            or_default(spec.steps),
             spec.seed,
             spec.model,
             format_name(spec.format),

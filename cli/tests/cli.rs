@@ -120,14 +120,42 @@ fn five_seconds_at_16_fps_is_81_frames_of_h264() {
         "the CLI must say it rounded 80 frames: {log}"
     );
     assert!(
-        log.contains("abstract motion"),
-        "the tiny model must say what it is: {log}"
+        log.contains("procedural videos"),
+        "the default model, toy, must say what it is: {log}"
     );
     let stream = probe(&out);
     assert_eq!(stream["codec_name"], "h264");
     assert_eq!(stream["pix_fmt"], "yuv420p");
     assert_eq!(stream["r_frame_rate"], "16/1");
     assert_eq!(stream["nb_read_frames"], "81");
+}
+
+/// Without --frames, --seconds, --fps or --size the clip is the model's own: the toy model
+/// states 33 frames of 64×64 at 16 fps in its checkpoint, which the farm fills in.
+#[test]
+fn a_render_without_a_length_takes_the_models_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("toy.mp4");
+    let run = longtake(&[
+        "render",
+        "--prompt",
+        "a red circle moving left on a blue background",
+        "--steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "render failed: {}", stderr(&run));
+    assert!(!stderr(&run).contains("rounded up"), "{}", stderr(&run));
+    let stream = probe(&out);
+    assert_eq!(stream["nb_read_frames"], "33");
+    assert_eq!(stream["r_frame_rate"], "16/1");
+    assert_eq!(
+        (stream["width"].as_u64(), stream["height"].as_u64()),
+        (Some(64), Some(64))
+    );
+    let wrote = String::from_utf8_lossy(&run.stdout);
+    assert!(wrote.contains("33 frames, 64x64, 16 fps"), "{wrote}");
 }
 
 #[test]
@@ -189,12 +217,13 @@ fn png_sequence_output() {
     names.sort();
     assert_eq!(names.len(), 5, "{names:?}");
     assert!(names.iter().all(|n| n.ends_with(".png")));
-    // The frames themselves: exactly the single-process render of the same spec.
+    // The frames themselves: exactly the single-process render of the same spec, on the
+    // default model (whose prompts are cut at 16 tokens).
     let expected = single_process_frames(
-        longtake_worker::daemon::ModelSource::Tiny,
+        longtake_worker::daemon::ModelSource::Toy,
         longtake_proto::RenderSpec {
             prompt: long_prompt.into(),
-            model: "tiny".into(),
+            model: "toy".into(),
             frames: 5,
             width: 32,
             height: 32,
@@ -528,7 +557,7 @@ fn check_reference_passes_on_the_shared_fixture_and_fails_on_a_wrong_one() {
     );
 }
 
-/// A small tiny-model render into a PNG directory, with extra arguments (e.g. `--layout`).
+/// A small render into a PNG directory, with extra arguments (e.g. `--model`, `--layout`).
 fn render_png(out: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "render",
@@ -555,7 +584,7 @@ fn render_png(out: &Path, extra: &[&str]) -> Output {
 fn parallel_layouts_render_the_single_process_frames() {
     let dir = tempfile::tempdir().unwrap();
     let single = dir.path().join("single");
-    let run = render_png(&single, &[]);
+    let run = render_png(&single, &["--model", "tiny"]);
     assert!(run.status.success(), "render failed: {}", stderr(&run));
     let expected = media::png_frames(&single);
     assert_eq!(expected.len(), 5);
@@ -581,7 +610,7 @@ fn parallel_layouts_render_the_single_process_frames() {
     );
     for (name, layout) in [("cfg2", "cfg=2"), ("tp2", "tp=2")] {
         let out = dir.path().join(name);
-        let run = render_png(&out, &["--layout", layout]);
+        let run = render_png(&out, &["--model", "tiny", "--layout", layout]);
         assert!(
             run.status.success(),
             "--layout {layout} failed: {}",
@@ -851,7 +880,8 @@ fn farm_commands_against_served_processes() {
     assert_eq!(workers[0]["id"], "cli-w1");
     assert_eq!(workers[0]["state"], "idle");
     assert_eq!(workers[0]["labels"]["zone"], "t");
-    assert_eq!(workers[0]["models"][0]["name"], "tiny");
+    // Started without --model: the default model.
+    assert_eq!(workers[0]["models"][0]["name"], "toy");
 
     let status = json_out(&farm(&["status", &id, "--json"]));
     assert_eq!(status["state"], "done");

@@ -20,7 +20,7 @@ use longtake_proto::{
     job_event, CancelRequest, Job, JobEvent, JobRequest, JobState, ListRequest, ListWorkersRequest,
     OutputFormat, RenderSpec, SubmitRequest, WorkerState,
 };
-use longtake_worker::daemon::{self, DaemonConfig};
+use longtake_worker::daemon::{self, DaemonConfig, ModelSource};
 
 // The cluster tests' PNG checks, shared (only the frame readers are used here).
 #[allow(dead_code)]
@@ -93,7 +93,10 @@ impl Farm {
     }
 
     async fn worker(&self, id: &str) -> Running {
-        let config = DaemonConfig::new(id, "127.0.0.1");
+        let config = DaemonConfig {
+            models: vec![ModelSource::Tiny],
+            ..DaemonConfig::new(id, "127.0.0.1")
+        };
         Running(self.local.worker(config).await.unwrap())
     }
 }
@@ -685,7 +688,10 @@ fn doomed_worker(farm: &Farm, id: &str) -> tokio::runtime::Runtime {
         .build()
         .unwrap();
     let membership: Arc<dyn Membership> = farm.local.membership.clone();
-    let config = DaemonConfig::new(id, "127.0.0.1");
+    let config = DaemonConfig {
+        models: vec![ModelSource::Tiny],
+        ..DaemonConfig::new(id, "127.0.0.1")
+    };
     runtime.spawn(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _ = daemon::run(config, membership, listener, std::future::pending()).await;

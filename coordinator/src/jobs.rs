@@ -720,13 +720,15 @@ mod tests {
             id: id.into(),
             state: WorkerState::Idle as i32,
             models: vec![ModelInfo {
-                name: "tiny".into(),
+                // Specs without a model name ask for the default one.
+                name: longtake_proto::spec::DEFAULT_MODEL.into(),
                 default_width: 64,
                 default_height: 64,
                 default_steps: 3,
                 attention_heads: 2,
                 ffn_dim: 64,
                 max_prompt_tokens: 64,
+                ..Default::default()
             }],
             ..Default::default()
         }

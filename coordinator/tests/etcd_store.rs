@@ -77,6 +77,7 @@ async fn store_contract(store: &dyn JobStore) -> Vec<JobRecord> {
             default_steps: 3,
             attention_heads: 2,
             ffn_dim: 64,
+            ..Default::default()
         })
         .unwrap();
     let running = JobRecord {

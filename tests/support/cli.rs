@@ -108,10 +108,13 @@ pub fn spec(steps: u32) -> Vec<String> {
     spec_of("9", "64x64", steps)
 }
 
-/// The spec flags of a tiny-model render with these frames, size and steps (seed 7).
+/// The spec flags of a tiny-model render with these frames, size and steps (seed 7). The
+/// cluster's workers serve `tiny` (`support::farm`), so the spec names it.
 pub fn spec_of(frames: &str, size: &str, steps: u32) -> Vec<String> {
     let steps = steps.to_string();
     [
+        "--model",
+        "tiny",
         "--prompt",
         "a wolf howling at the moon",
         "--frames",

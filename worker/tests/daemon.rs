@@ -12,7 +12,7 @@ use longtake_proto::{
     task_event::Event, AbortRequest, HealthRequest, RenderSpec, ReserveRequest, TaskEvent,
     TaskFinished, TaskRequest, Worker, WorkerState, MAX_MESSAGE_BYTES,
 };
-use longtake_worker::daemon::{self, DaemonConfig, DaemonCounters, DaemonError};
+use longtake_worker::daemon::{self, DaemonConfig, DaemonCounters, DaemonError, ModelSource};
 use longtake_worker::families::wan::pipeline::WanPipeline;
 use longtake_worker::model::render as pipeline;
 use tokio::sync::{mpsc, oneshot};
@@ -78,6 +78,8 @@ impl Daemon {
         configure: impl FnOnce(&mut DaemonConfig),
     ) -> TestResult<Self> {
         let mut config = DaemonConfig::new(id, "127.0.0.1");
+        // The specs here are the tiny model's (seeded weights, compared with WanPipeline::tiny).
+        config.models = vec![ModelSource::Tiny];
         config.reservation_timeout = Duration::from_secs(20);
         configure(&mut config);
         let counters = config.counters.clone();

@@ -475,6 +475,7 @@ mod tests {
                 default_steps: 3,
                 attention_heads: 4,
                 ffn_dim: 64,
+                ..Default::default()
             })
             .unwrap();
         JobRecord {

@@ -11,8 +11,14 @@ use super::layout::{Layout, LayoutLimits};
 use super::scheduler::SchedulerKind;
 use crate::{ModelInfo, OutputFormat, RenderSpec};
 
-/// The model a spec without one renders with.
-pub const DEFAULT_MODEL: &str = "tiny";
+/// The model a spec without one renders with: the built-in toy model, trained by longtake.
+pub const DEFAULT_MODEL: &str = "toy";
+
+/// The clip length of a model that states none (a worker from before `default_frames`): Wan2.1's
+/// 5 s at 16 fps.
+pub const WAN21_DEFAULT_FRAMES: u32 = 81;
+/// The frame rate of a model that states none: Wan2.1's.
+pub const WAN21_DEFAULT_FPS: u32 = 16;
 
 /// Pixel sizes are multiples of this: Wan's VAE downsamples 8× and the transformer patches 2×2.
 pub const SIZE_MULTIPLE: u32 = 16;
@@ -61,13 +67,17 @@ impl Default for Limits {
 
 /// What a model tells a spec: the defaults of the fields a spec may leave unset, and the shape a
 /// layout must divide. A worker describes each model it serves this way (as a `ModelInfo`).
-/// Zero fields are unknown.
+/// Zero fields are unknown (frames and fps then take Wan2.1's, as before models stated them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelDescription {
     pub name: String,
     pub default_width: u32,
     pub default_height: u32,
     pub default_steps: u32,
+    /// 4k+1 frames; 0: [`WAN21_DEFAULT_FRAMES`].
+    pub default_frames: u32,
+    /// 0: [`WAN21_DEFAULT_FPS`].
+    pub default_fps: u32,
     /// Attention heads; 0 when not known (the worker checks the layout against its own config).
     pub attention_heads: u32,
     /// Hidden width of the feed-forward layers; 0 when not known.
@@ -81,6 +91,8 @@ impl From<&ModelInfo> for ModelDescription {
             default_width: info.default_width,
             default_height: info.default_height,
             default_steps: info.default_steps,
+            default_frames: info.default_frames,
+            default_fps: info.default_fps,
             attention_heads: info.attention_heads,
             ffn_dim: info.ffn_dim,
         }
@@ -93,7 +105,7 @@ pub struct SpecRequest {
     pub prompt: String,
     pub negative_prompt: String,
     pub model: String,
-    pub frames: u32,
+    pub frames: Option<u32>,
     pub width: Option<u32>,
     pub height: Option<u32>,
     pub steps: Option<u32>,
@@ -103,7 +115,7 @@ pub struct SpecRequest {
     /// `None`: the checkpoint's scheduler.
     pub scheduler: Option<SchedulerKind>,
     pub seed: u64,
-    pub fps: u32,
+    pub fps: Option<u32>,
     pub format: OutputFormat,
     pub layout: Layout,
 }
@@ -141,7 +153,9 @@ impl SpecRequest {
             &self.negative_prompt,
             limits.max_prompt_chars,
         )?;
-        at_most("frames", self.frames, limits.max_frames)?;
+        if let Some(frames) = self.frames {
+            at_most("frames", frames, limits.max_frames)?;
+        }
         if let Some(width) = self.width {
             at_most("width", width, limits.max_width)?;
         }
@@ -178,8 +192,24 @@ impl SpecRequest {
         let width = fill("width", self.width, model.default_width)?;
         let height = fill("height", self.height, model.default_height)?;
         let steps = fill("steps", self.steps, model.default_steps)?;
+        let frame_count = self.frames.unwrap_or(match model.default_frames {
+            0 => WAN21_DEFAULT_FRAMES,
+            stated => stated,
+        });
+        let fps = self.fps.unwrap_or(match model.default_fps {
+            0 => WAN21_DEFAULT_FPS,
+            stated => stated,
+        });
         check_size("width", width)?;
         check_size("height", height)?;
+        // A model's own default must follow the frame rule too: a worker advertising a count
+        // its VAE cannot make is named here, not deep in the render.
+        frames::check(frame_count, WAN_TEMPORAL_PACK).map_err(|e| {
+            bad(
+                "frames",
+                format!("model {}'s default frame count: {e}", model.name),
+            )
+        })?;
         if model.attention_heads != 0 && model.ffn_dim != 0 {
             let limits = LayoutLimits {
                 heads: model.attention_heads as usize,
@@ -194,7 +224,7 @@ impl SpecRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             model: self.model.clone(),
-            frames: self.frames,
+            frames: frame_count,
             width,
             height,
             steps,
@@ -202,7 +232,7 @@ impl SpecRequest {
             shift: self.shift,
             scheduler: self.scheduler,
             seed: self.seed,
-            fps: self.fps,
+            fps,
             format: self.format,
             layout: self.layout,
         })
@@ -232,7 +262,7 @@ impl From<&JobSpec> for SpecRequest {
             prompt: spec.prompt.clone(),
             negative_prompt: spec.negative_prompt.clone(),
             model: spec.model.clone(),
-            frames: spec.frames,
+            frames: Some(spec.frames),
             width: Some(spec.width),
             height: Some(spec.height),
             steps: Some(spec.steps),
@@ -240,7 +270,7 @@ impl From<&JobSpec> for SpecRequest {
             shift: spec.shift,
             scheduler: spec.scheduler,
             seed: spec.seed,
-            fps: spec.fps,
+            fps: Some(spec.fps),
             format: spec.format,
             layout: spec.layout,
         }
@@ -259,13 +289,12 @@ impl TryFrom<&RenderSpec> for SpecRequest {
             "" => DEFAULT_MODEL.to_string(),
             _ => spec.model.clone(),
         };
-        if spec.frames == 0 {
-            return Err(bad(
-                "frames",
-                "must be set (Wan renders 4k+1 frames, e.g. 81 for 5 s at 16 fps)",
-            ));
+        // Zero frames or fps: the model's defaults, filled in by `resolve`.
+        let frame_count = (spec.frames != 0).then_some(spec.frames);
+        if let Some(count) = frame_count {
+            frames::check(count, WAN_TEMPORAL_PACK).map_err(|e| bad("frames", e.to_string()))?;
         }
-        frames::check(spec.frames, WAN_TEMPORAL_PACK).map_err(|e| bad("frames", e.to_string()))?;
+        let fps = (spec.fps != 0).then_some(spec.fps);
         let width = optional_size("width", spec.width)?;
         let height = optional_size("height", spec.height)?;
         let steps = (spec.steps != 0).then_some(spec.steps);
@@ -290,9 +319,6 @@ impl TryFrom<&RenderSpec> for SpecRequest {
         }
         let scheduler = SchedulerKind::parse_optional(&spec.scheduler)
             .map_err(|e| bad("scheduler", e.to_string()))?;
-        if spec.fps == 0 {
-            return Err(bad("fps", "must be at least 1"));
-        }
         let format = OutputFormat::try_from(spec.format).map_err(|_| {
             bad(
                 "format",
@@ -311,7 +337,7 @@ impl TryFrom<&RenderSpec> for SpecRequest {
             prompt: spec.prompt.clone(),
             negative_prompt: spec.negative_prompt.clone(),
             model,
-            frames: spec.frames,
+            frames: frame_count,
             width,
             height,
             steps,
@@ -319,7 +345,7 @@ impl TryFrom<&RenderSpec> for SpecRequest {
             shift: spec.shift,
             scheduler,
             seed: spec.seed,
-            fps: spec.fps,
+            fps,
             format,
             layout,
         })
@@ -332,7 +358,7 @@ impl From<&SpecRequest> for RenderSpec {
             prompt: spec.prompt.clone(),
             negative_prompt: spec.negative_prompt.clone(),
             model: spec.model.clone(),
-            frames: spec.frames,
+            frames: spec.frames.unwrap_or(0),
             width: spec.width.unwrap_or(0),
             height: spec.height.unwrap_or(0),
             steps: spec.steps.unwrap_or(0),
@@ -343,7 +369,7 @@ impl From<&SpecRequest> for RenderSpec {
                 .map(|s| s.name().to_string())
                 .unwrap_or_default(),
             seed: spec.seed,
-            fps: spec.fps,
+            fps: spec.fps.unwrap_or(0),
             format: spec.format as i32,
             layout: if spec.layout == Layout::SINGLE {
                 String::new()
@@ -425,10 +451,12 @@ mod tests {
 
     fn model() -> ModelDescription {
         ModelDescription {
-            name: "tiny".into(),
+            name: "toy".into(),
             default_width: 64,
             default_height: 48,
             default_steps: 4,
+            default_frames: 33,
+            default_fps: 12,
             attention_heads: 4,
             ffn_dim: 128,
         }
@@ -438,7 +466,7 @@ mod tests {
     fn a_good_spec_passes_and_gets_the_default_model() {
         let request = SpecRequest::try_from(&spec()).unwrap();
         request.check_limits(&Limits::default()).unwrap();
-        assert_eq!(request.model, "tiny");
+        assert_eq!(request.model, "toy");
         assert_eq!(request.layout, Layout::SINGLE);
         assert_eq!(request.scheduler, None);
         assert_eq!(request.format, OutputFormat::Mp4);
@@ -452,7 +480,6 @@ mod tests {
                 RenderSpec { frames: 80, ..spec() },
                 "spec.frames: 80 is not 4k+1 (the VAE packs 4 frames per latent frame after the first; use 81)",
             ),
-            (RenderSpec { frames: 0, ..spec() }, "spec.frames: must be set"),
             (
                 RenderSpec { frames: 2001, ..spec() },
                 "spec.frames: 2001 is over this farm's limit of 1441",
@@ -467,7 +494,6 @@ mod tests {
                 RenderSpec { steps: 201, ..spec() },
                 "spec.steps: 201 is over this farm's limit of 200",
             ),
-            (RenderSpec { fps: 0, ..spec() }, "spec.fps: must be at least 1"),
             (
                 RenderSpec { guidance_scale: -1.0, ..spec() },
                 "spec.guidance_scale: -1 is not a finite number",
@@ -574,6 +600,70 @@ mod tests {
         .resolve(&ffn)
         .unwrap_err();
         assert!(e.to_string().contains("ffn_dim = 30"), "{e}");
+    }
+
+    #[test]
+    fn zero_frames_and_fps_take_the_models_or_wan21s() {
+        let bare = RenderSpec {
+            frames: 0,
+            fps: 0,
+            ..spec()
+        };
+        let request = SpecRequest::try_from(&bare).unwrap();
+        assert_eq!((request.frames, request.fps), (None, None));
+        request.check_limits(&Limits::default()).unwrap();
+        let resolved = request.resolve(&model()).unwrap();
+        assert_eq!((resolved.frames, resolved.fps), (33, 12));
+        assert_eq!(resolved.latent_frames(), 9);
+
+        // A worker that states no clip: Wan2.1's 5 s at 16 fps, as before models stated one.
+        let silent = ModelDescription {
+            default_frames: 0,
+            default_fps: 0,
+            ..model()
+        };
+        let resolved = request.resolve(&silent).unwrap();
+        assert_eq!(
+            (resolved.frames, resolved.fps),
+            (WAN21_DEFAULT_FRAMES, WAN21_DEFAULT_FPS)
+        );
+
+        // A spec's own values win over the model's.
+        let set = SpecRequest::try_from(&RenderSpec {
+            frames: 0,
+            fps: 24,
+            ..spec()
+        })
+        .unwrap()
+        .resolve(&model())
+        .unwrap();
+        assert_eq!((set.frames, set.fps), (33, 24));
+
+        // The resolved default is checked against the farm's limits like a spec's own count.
+        let short = Limits {
+            max_frames: 17,
+            ..Limits::default()
+        };
+        let e = request
+            .resolve(&model())
+            .unwrap()
+            .check_limits(&short)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "spec.frames: 33 is over this farm's limit of 17"
+        );
+
+        let broken = ModelDescription {
+            default_frames: 32,
+            ..model()
+        };
+        let e = request.resolve(&broken).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("spec.frames: model toy's default frame count: 32 is not 4k+1"),
+            "{e}"
+        );
     }
 
     #[test]

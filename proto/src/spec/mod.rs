@@ -14,6 +14,9 @@ pub mod layout;
 pub mod scheduler;
 
 pub use frames::FrameCountError;
-pub use job::{JobSpec, Limits, ModelDescription, SpecError, SpecRequest, DEFAULT_MODEL};
+pub use job::{
+    JobSpec, Limits, ModelDescription, SpecError, SpecRequest, DEFAULT_MODEL, SIZE_MULTIPLE,
+    WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES,
+};
 pub use layout::{Coords, GroupKind, Layout, LayoutError, LayoutLimits};
 pub use scheduler::{SchedulerKind, UnknownScheduler};

@@ -35,6 +35,7 @@ pub fn worker(id: &str) -> Worker {
             attention_heads: 2,
             ffn_dim: 64,
             max_prompt_tokens: 64,
+            ..Default::default()
         }],
         started_at_ms: 1_700_000_000_123,
     }

@@ -87,14 +87,14 @@ pub enum DaemonError {
 }
 
 impl DaemonConfig {
-    /// A worker on the CPU in f32 serving the tiny model, with default time-outs.
+    /// A worker on the CPU in f32 serving the default model (`toy`), with default time-outs.
     pub fn new(id: impl Into<String>, advertise_host: impl Into<String>) -> Self {
         Self {
             id: id.into(),
             advertise_host: advertise_host.into(),
             device: "cpu".into(),
             dtype: None,
-            models: vec![ModelSource::Tiny],
+            models: vec![ModelSource::Toy],
             labels: BTreeMap::new(),
             mesh_timeouts: Timeouts::default(),
             reservation_timeout: DEFAULT_RESERVATION_TIMEOUT,

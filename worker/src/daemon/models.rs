@@ -11,11 +11,16 @@ use crate::model::render::{ModelFacts, PipelineError};
 
 /// The name the built-in tiny model is served under.
 pub const TINY: &str = "tiny";
+/// The name the built-in toy model is served under.
+pub use crate::model::builtin::TOY;
 
 /// A model this worker can run.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
-    /// The built-in tiny Wan2.1 (seeded random weights), served as `tiny`.
+    /// The built-in toy Wan2.1 (trained by longtake on procedural videos; the default), served
+    /// as `toy`.
+    Toy,
+    /// The built-in tiny Wan2.1 (seeded random weights, for tests), served as `tiny`.
     Tiny,
     /// A checkpoint directory in the diffusers layout, served under `name`.
     Checkpoint { name: String, dir: PathBuf },
@@ -24,7 +29,7 @@ pub enum ModelSource {
 /// A model that cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("--model {text:?}: {reason}; expected `tiny`, `NAME=DIR` or a checkpoint DIR")]
+    #[error("--model {text:?}: {reason}; expected `toy`, `tiny`, `NAME=DIR` or a checkpoint DIR")]
     Parse { text: String, reason: String },
     #[error("model {name}: {source}")]
     Checkpoint {
@@ -32,21 +37,28 @@ pub enum ModelError {
         #[source]
         source: Box<PipelineError>,
     },
-    #[error("model tiny: {0}")]
-    Tiny(#[source] PipelineError),
+    /// A built-in model (`toy`, `tiny`) that cannot be served, e.g. an unwritable cache.
+    #[error("model {name}: {source}")]
+    Builtin {
+        name: &'static str,
+        #[source]
+        source: Box<PipelineError>,
+    },
     #[error("model name {0} is given twice; give each --model a distinct NAME=DIR")]
     Duplicate(String),
 }
 
 impl ModelSource {
-    /// `tiny`, `NAME=DIR`, or a bare `DIR` served under its final path component.
+    /// `toy`, `tiny`, `NAME=DIR`, or a bare `DIR` served under its final path component.
     pub fn parse(text: &str) -> Result<Self, ModelError> {
         let err = |reason: &str| ModelError::Parse {
             text: text.to_string(),
             reason: reason.to_string(),
         };
-        if text == TINY {
-            return Ok(Self::Tiny);
+        match text {
+            TOY => return Ok(Self::Toy),
+            TINY => return Ok(Self::Tiny),
+            _ => {}
         }
         let (name, dir) = match text.split_once('=') {
             Some((name, dir)) => (name.trim().to_string(), PathBuf::from(dir.trim())),
@@ -68,8 +80,10 @@ impl ModelSource {
         if dir.as_os_str().is_empty() {
             return Err(err("the checkpoint directory is empty"));
         }
-        if name == TINY {
-            return Err(err("`tiny` is the built-in model's name; pick another"));
+        if name == TINY || name == TOY {
+            return Err(err(&format!(
+                "`{name}` is a built-in model's name; pick another"
+            )));
         }
         Ok(Self::Checkpoint { name, dir })
     }
@@ -77,6 +91,7 @@ impl ModelSource {
     /// Where the model's pipeline loads from.
     pub fn pipeline_source(&self) -> PipelineSource<'_> {
         match self {
+            Self::Toy => PipelineSource::Toy,
             Self::Tiny => PipelineSource::Tiny,
             Self::Checkpoint { dir, .. } => PipelineSource::Checkpoint(dir),
         }
@@ -84,6 +99,7 @@ impl ModelSource {
 
     pub fn name(&self) -> &str {
         match self {
+            Self::Toy => TOY,
             Self::Tiny => TINY,
             Self::Checkpoint { name, .. } => name,
         }
@@ -101,10 +117,18 @@ pub struct ServedModel {
 
 impl ServedModel {
     /// Checks the model without loading weights: the tiny model's configuration, or a
-    /// checkpoint's components and its transformer's `config.json`.
+    /// checkpoint's (the toy model's, written out first) components and its transformer's
+    /// `config.json`.
     pub fn open(source: ModelSource) -> Result<Self, ModelError> {
         let facts = families::describe(source.pipeline_source()).map_err(|e| match &source {
-            ModelSource::Tiny => ModelError::Tiny(e),
+            ModelSource::Toy => ModelError::Builtin {
+                name: TOY,
+                source: Box::new(e),
+            },
+            ModelSource::Tiny => ModelError::Builtin {
+                name: TINY,
+                source: Box::new(e),
+            },
             ModelSource::Checkpoint { name, .. } => ModelError::Checkpoint {
                 name: name.clone(),
                 source: Box::new(e),
@@ -115,6 +139,8 @@ impl ServedModel {
             default_width: facts.info.default_width as u32,
             default_height: facts.info.default_height as u32,
             default_steps: facts.info.default_steps as u32,
+            default_frames: facts.info.default_frames as u32,
+            default_fps: facts.info.default_fps as u32,
             attention_heads: facts.attention_heads as u32,
             ffn_dim: facts.ffn_dim as u32,
             max_prompt_tokens: facts.info.max_sequence_length as u32,
@@ -132,10 +158,10 @@ impl ServedModel {
 pub struct Models(Vec<ServedModel>);
 
 impl Models {
-    /// Checks every source; an empty list serves the tiny model.
+    /// Checks every source; an empty list serves the default model, `toy`.
     pub fn open(sources: &[ModelSource]) -> Result<Self, ModelError> {
         let sources = if sources.is_empty() {
-            vec![ModelSource::Tiny]
+            vec![ModelSource::Toy]
         } else {
             sources.to_vec()
         };
@@ -168,7 +194,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_tiny_named_and_bare_directories() {
+    fn parses_toy_tiny_named_and_bare_directories() {
+        assert_eq!(ModelSource::parse("toy").unwrap(), ModelSource::Toy);
         assert_eq!(ModelSource::parse("tiny").unwrap(), ModelSource::Tiny);
         assert_eq!(
             ModelSource::parse("wan=/models/Wan2.1").unwrap(),
@@ -184,15 +211,47 @@ mod tests {
                 dir: "/models/Wan2.1-T2V-1.3B-Diffusers/".into()
             }
         );
-        for bad in ["=dir", "name=", "/", "tiny=/x"] {
+        for bad in ["=dir", "name=", "/", "tiny=/x", "toy=/x"] {
             let err = ModelSource::parse(bad).unwrap_err().to_string();
             assert!(err.starts_with(&format!("--model {bad:?}")), "{err}");
         }
     }
 
     #[test]
-    fn tiny_advertises_the_pipeline_defaults_and_heads() {
+    fn toy_is_served_by_default_with_the_defaults_its_checkpoint_states() {
         let models = Models::open(&[]).unwrap();
+        assert_eq!(models.names(), [TOY]);
+        let toy = &models.get(TOY).unwrap().info;
+        let dir = crate::model::reference::toy_checkpoint_dir();
+        let read = |file: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap()
+        };
+        let stated = &read("model_index.json")["_longtake"];
+        let advertised = [
+            ("default_width", toy.default_width),
+            ("default_height", toy.default_height),
+            ("default_frames", toy.default_frames),
+            ("default_fps", toy.default_fps),
+            ("default_steps", toy.default_steps),
+            ("max_sequence_length", toy.max_prompt_tokens),
+        ];
+        for (field, value) in advertised {
+            assert_eq!(stated[field].as_u64(), Some(u64::from(value)), "{field}");
+        }
+        let transformer = read("transformer/config.json");
+        assert_eq!(
+            transformer["num_attention_heads"].as_u64(),
+            Some(u64::from(toy.attention_heads))
+        );
+        assert_eq!(
+            transformer["ffn_dim"].as_u64(),
+            Some(u64::from(toy.ffn_dim))
+        );
+    }
+
+    #[test]
+    fn tiny_advertises_the_pipeline_defaults_and_heads() {
+        let models = Models::open(&[ModelSource::Tiny]).unwrap();
         let tiny = models.get(TINY).unwrap();
         let defaults = crate::families::wan::pipeline::tiny_info();
         assert_eq!(tiny.info.default_width as usize, defaults.default_width);
@@ -243,7 +302,13 @@ mod tests {
             };
             let model = ServedModel::open(source).unwrap();
             assert!(model.info.attention_heads > 0);
+            // The fixtures state no `_longtake` defaults: Wan2.1's.
             assert_eq!(model.info.default_steps, 50);
+            assert_eq!(
+                (model.info.default_frames, model.info.default_fps),
+                (81, 16)
+            );
+            assert_eq!(model.info.max_prompt_tokens, 512);
         }
     }
 

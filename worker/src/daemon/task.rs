@@ -438,13 +438,20 @@ mod tests {
 
     #[test]
     fn zero_fields_take_the_model_defaults() {
+        // The default model: a spec without a model name, served without --model.
         let models = Models::open(&[]).unwrap();
-        let plan = TaskPlan::new(&models, &spec(""), 0, 1, &[]).unwrap();
-        let tiny = crate::families::wan::pipeline::tiny_info();
+        let unset = longtake_proto::RenderSpec {
+            frames: 0,
+            fps: 0,
+            ..spec("")
+        };
+        let plan = TaskPlan::new(&models, &unset, 0, 1, &[]).unwrap();
+        let toy = &models.get(crate::daemon::models::TOY).unwrap().facts.info;
         assert_eq!(
             (plan.spec.width, plan.spec.height, plan.spec.steps),
-            (tiny.default_width, tiny.default_height, tiny.default_steps)
+            (toy.default_width, toy.default_height, toy.default_steps)
         );
+        assert_eq!(plan.spec.frames, toy.default_frames);
         assert_eq!(plan.spec.scheduler, None);
         assert_eq!(plan.layout, Layout::SINGLE);
         let euler = longtake_proto::RenderSpec {
@@ -462,7 +469,12 @@ mod tests {
 
     #[test]
     fn bad_requests_name_the_field() {
-        let models = Models::open(&[]).unwrap();
+        // The tiny model: its shape (4 heads) is fixed in code, whatever the toy model becomes.
+        let models = Models::open(&[crate::daemon::ModelSource::Tiny]).unwrap();
+        let spec = |layout: &str| longtake_proto::RenderSpec {
+            model: "tiny".into(),
+            ..spec(layout)
+        };
         let check =
             |spec: longtake_proto::RenderSpec, world: usize, peers: &[&str], start: &str| {
                 let peers: Vec<String> = peers.iter().map(|p| p.to_string()).collect();

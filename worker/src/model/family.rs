@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::builtin;
 use super::loader::{Checkpoint, LoadError};
 
 /// Where a pipeline is loaded from.
@@ -15,8 +16,22 @@ use super::loader::{Checkpoint, LoadError};
 pub enum PipelineSource<'a> {
     /// The built-in tiny model: Wan2.1's architecture at a toy size with seeded weights.
     Tiny,
+    /// The built-in toy model, a checkpoint embedded in the binary (see `model::builtin`).
+    Toy,
     /// A checkpoint directory in the diffusers layout.
     Checkpoint(&'a Path),
+}
+
+impl<'a> PipelineSource<'a> {
+    /// The checkpoint directory this source loads from (the toy model's is written out on first
+    /// use); `None` for the seeded tiny model, which has no files.
+    pub fn checkpoint_dir(self) -> Result<Option<&'a Path>, LoadError> {
+        match self {
+            PipelineSource::Tiny => Ok(None),
+            PipelineSource::Toy => Ok(Some(builtin::toy_dir()?)),
+            PipelineSource::Checkpoint(dir) => Ok(Some(dir)),
+        }
+    }
 }
 
 /// The model families this build runs.
@@ -29,9 +44,9 @@ pub enum ModelFamily {
 impl ModelFamily {
     /// The family of a pipeline source: the tiny model's, or a checkpoint's (see [`Self::of`]).
     pub fn of_source(source: PipelineSource<'_>) -> Result<Self, LoadError> {
-        match source {
-            PipelineSource::Tiny => Ok(ModelFamily::Wan21TextToVideo),
-            PipelineSource::Checkpoint(dir) => Self::of(&Checkpoint::open(dir)?),
+        match source.checkpoint_dir()? {
+            None => Ok(ModelFamily::Wan21TextToVideo),
+            Some(dir) => Self::of(&Checkpoint::open(dir)?),
         }
     }
 

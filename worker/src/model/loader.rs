@@ -48,6 +48,14 @@ pub enum LoadError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error(transparent)]
+    Builtin(#[from] super::builtin::BuiltinError),
+    #[error("{}: {field}: {reason}", path.display())]
+    InvalidField {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
     #[error("{}: not a valid safetensors file ({reason}); it is corrupt or truncated, copy it again", path.display())]
     Corrupt { path: PathBuf, reason: String },
     #[error("{}: no weights (*.safetensors or *.safetensors.index.json) in this component directory", dir.display())]

@@ -1,11 +1,13 @@
 //! The generic model parts in candle, shared by every model family (`crate::families`):
-//! checkpoint loading and the weight backend (`loader`), model-family detection (`family`),
+//! checkpoint loading and the weight backend (`loader`), the defaults a checkpoint states
+//! (`stated_defaults`), the built-in toy checkpoint (`builtin`), model-family detection (`family`),
 //! tokenizer, umT5 text encoder, the attention core, schedulers, initial noise, the resumable
 //! denoising loop, frames, the render request and result types with the `VideoPipeline` trait
 //! (`render`), and the reference-fixture checks.
 //! No network code lives here.
 
 pub mod attention;
+pub mod builtin;
 pub mod compare;
 pub mod denoiser;
 pub mod device;
@@ -15,6 +17,7 @@ pub mod noise;
 pub mod reference;
 pub mod render;
 pub mod scheduler;
+pub mod stated_defaults;
 pub mod text;
 pub mod tokenizer;
 pub mod umt5;

@@ -140,6 +140,13 @@ pub fn find_fixture_dirs(root: &Path) -> Vec<PathBuf> {
     dirs
 }
 
+/// The built-in toy model's checkpoint as committed (`worker/toy/model`): the trained model the
+/// structural tests (loading, every parallel layout) run on beside the fixtures. The binary
+/// embeds these files (`model::builtin`).
+pub fn toy_checkpoint_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("toy/model")
+}
+
 /// The fixture directories of [`all_fixture_dirs`] whose model family this build runs: what
 /// the parity and layout tests run on. The others are checked to be refused by name
 /// (`family::tests::every_fixture_is_run_or_refused_by_name`).

@@ -134,11 +134,15 @@ pub struct Video {
 /// Sizes of a pipeline's components that the CLI needs for defaults and validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineInfo {
-    /// `tiny` or the checkpoint directory.
+    /// `tiny`, the name a checkpoint states (`_longtake.name`) or the checkpoint directory.
     pub name: String,
     pub default_width: usize,
     pub default_height: usize,
+    /// The clip a spec without frames gets (4k+1 frames) and its frame rate.
+    pub default_frames: usize,
+    pub default_fps: usize,
     pub default_steps: usize,
+    /// Prompts are cut or zero-padded to this many tokens.
     pub max_sequence_length: usize,
 }
 

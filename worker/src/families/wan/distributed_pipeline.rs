@@ -90,8 +90,8 @@ pub struct DistributedPipeline {
 }
 
 impl DistributedPipeline {
-    /// This rank's part of the built-in tiny model or of a checkpoint (see [`Self::tiny`],
-    /// [`Self::load`]).
+    /// This rank's part of the built-in tiny model or of a checkpoint (the built-in toy model's
+    /// included; see [`Self::tiny`], [`Self::load`]).
     pub fn from_source(
         source: PipelineSource<'_>,
         device: &Device,
@@ -99,9 +99,9 @@ impl DistributedPipeline {
         layout: Layout,
         world: Box<dyn Communicator>,
     ) -> Result<Self> {
-        match source {
-            PipelineSource::Tiny => Self::tiny(device, dtype, layout, world),
-            PipelineSource::Checkpoint(dir) => Self::load(dir, device, dtype, layout, world),
+        match source.checkpoint_dir()? {
+            None => Self::tiny(device, dtype, layout, world),
+            Some(dir) => Self::load(dir, device, dtype, layout, world),
         }
     }
 
@@ -405,6 +405,68 @@ mod tests {
                     "seeded tiny model: {layout}: rank {rank} differs from rank 0"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// The built-in toy model (a trained checkpoint: 4 heads, ffn_dim 512) at its own size and
+    /// clip length, under layouts of every kind and width its heads take: rank 0's frames are
+    /// the single-process frames within one 8-bit level, as on a real checkpoint.
+    #[test]
+    fn toy_checkpoint_under_every_layout_gives_the_single_process_frames() -> TestResult {
+        let dev = Device::Cpu;
+        let checkpoint = crate::model::reference::toy_checkpoint_dir();
+        let single = WanPipeline::load(&checkpoint, &dev, DType::F32)?;
+        let info = single.info().clone();
+        let spec = RenderSpec {
+            prompt: "a yellow square bouncing on a black background".into(),
+            negative_prompt: String::new(),
+            frames: info.default_frames,
+            width: info.default_width,
+            height: info.default_height,
+            steps: 3,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: None,
+            seed: 9,
+        };
+        let expected = single.render(&spec, &mut |_| {})?;
+        assert_eq!(expected.frames, 33);
+        let layouts = [
+            "cfg=2",
+            "tp=2",
+            "tp=4",
+            "ulysses=2",
+            "ulysses=4",
+            "ring=2",
+            "cfg=2,ulysses=2",
+        ];
+        for text in layouts {
+            let layout: Layout = text.parse()?;
+            let videos = run_ranks(layout.world_size(), |_, world| {
+                let pipe = DistributedPipeline::load(&checkpoint, &dev, DType::F32, layout, world)?;
+                Ok(VideoPipeline::render(&pipe, &spec, &mut |_| {})?)
+            })?;
+            let [Some(video), ..] = videos.as_slice() else {
+                panic!("toy: {layout}: rank 0 decoded no video");
+            };
+            assert!(
+                videos[1..].iter().all(Option::is_none),
+                "{layout}: only rank 0 decodes"
+            );
+            assert_eq!(
+                (video.frames, video.height, video.width),
+                (expected.frames, expected.height, expected.width)
+            );
+            let worst = video
+                .rgb
+                .iter()
+                .zip(&expected.rgb)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            println!("toy: {layout}: largest difference {worst} levels");
+            assert!(worst <= 1, "toy: {layout}: frames differ by {worst} levels");
         }
         Ok(())
     }

@@ -14,6 +14,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use longtake_proto::spec::{WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES};
 
 use super::transformer::{self as wan_transformer, WanTransformer3DModel};
 use super::vae::{self as wan_vae, WanVaeDecoder};
@@ -26,21 +27,26 @@ use crate::model::render::{
     RenderOptions, RenderSpec, Rendered, Result, Video, VideoPipeline,
 };
 use crate::model::scheduler::{self, Scheduler};
+use crate::model::stated_defaults::StatedDefaults;
 use crate::model::text::PromptEncoder;
 use crate::model::tokenizer::PromptTokenizer;
 use crate::model::umt5::{self, UMT5EncoderModel};
 use crate::model::video;
 
-/// The defaults of a checkpoint loaded by [`WanPipeline::load`] (Wan2.1's published
-/// 480p settings), named `name`.
-pub fn checkpoint_info(name: String) -> PipelineInfo {
-    PipelineInfo {
-        name,
+/// The defaults of a checkpoint loaded by [`WanPipeline::load`]: those its `model_index.json`
+/// states in its `_longtake` section ([`StatedDefaults`]), the others Wan2.1's published 480p
+/// settings (5 s at 16 fps); named by the section or by its directory.
+pub fn checkpoint_info(checkpoint: &Checkpoint) -> std::result::Result<PipelineInfo, LoadError> {
+    let wan21 = PipelineInfo {
+        name: checkpoint.root().display().to_string(),
         default_width: 832,
         default_height: 480,
+        default_frames: WAN21_DEFAULT_FRAMES as usize,
+        default_fps: WAN21_DEFAULT_FPS as usize,
         default_steps: 50,
         max_sequence_length: WAN_MAX_SEQUENCE_LENGTH,
-    }
+    };
+    Ok(StatedDefaults::of(checkpoint)?.over(wan21))
 }
 
 /// The defaults of the built-in tiny model ([`WanPipeline::tiny`]).
@@ -49,6 +55,8 @@ pub fn tiny_info() -> PipelineInfo {
         name: "tiny".into(),
         default_width: 256,
         default_height: 256,
+        default_frames: WAN21_DEFAULT_FRAMES as usize,
+        default_fps: WAN21_DEFAULT_FPS as usize,
         default_steps: 10,
         max_sequence_length: 64,
     }
@@ -155,17 +163,18 @@ pub const TINY_WEIGHT_SEED: u64 = 0x5EED_0F10_7A4E;
 pub const TINY_TRANSFORMER_PREFIX: &str = "tiny_transformer";
 
 /// What a worker advertises about a Wan2.1 model, checked without loading weights: the tiny
-/// model's configuration, or a checkpoint's components and its transformer's `config.json`.
+/// model's configuration, or a checkpoint's (the toy model's included) stated defaults,
+/// components and its transformer's `config.json`.
 pub fn describe(source: PipelineSource<'_>) -> Result<ModelFacts> {
-    let (info, transformer) = match source {
-        PipelineSource::Tiny => {
+    let (info, transformer) = match source.checkpoint_dir()? {
+        None => {
             let vocab = PromptTokenizer::builtin_tiny()?.vocab_size();
             (tiny_info(), tiny_configs(vocab)?.transformer)
         }
-        PipelineSource::Checkpoint(dir) => (
-            checkpoint_info(dir.display().to_string()),
-            check_checkpoint(dir)?,
-        ),
+        Some(dir) => {
+            let transformer = check_checkpoint(dir)?;
+            (checkpoint_info(&Checkpoint::open(dir)?)?, transformer)
+        }
     };
     Ok(ModelFacts {
         info,
@@ -194,19 +203,22 @@ fn check_checkpoint(dir: &Path) -> std::result::Result<wan_transformer::Config, 
     transformer.config()
 }
 
-/// Wan's prompt length for the published checkpoints.
+/// Wan's prompt length for the published checkpoints (a checkpoint trained with another states
+/// it in `_longtake.max_sequence_length`).
 const WAN_MAX_SEQUENCE_LENGTH: usize = 512;
 
 impl WanPipeline {
-    /// The built-in tiny model, or a checkpoint (see [`Self::tiny`], [`Self::load`]).
+    /// The built-in tiny model, or a checkpoint (the built-in toy model's included; see
+    /// [`Self::tiny`], [`Self::load`]).
     pub fn from_source(source: PipelineSource<'_>, device: &Device, dtype: DType) -> Result<Self> {
-        match source {
-            PipelineSource::Tiny => Self::tiny(device, dtype),
-            PipelineSource::Checkpoint(dir) => Self::load(dir, device, dtype),
+        match source.checkpoint_dir()? {
+            None => Self::tiny(device, dtype),
+            Some(dir) => Self::load(dir, device, dtype),
         }
     }
 
-    /// Loads a checkpoint directory in the diffusers layout (e.g. `Wan2.1-T2V-1.3B-Diffusers`).
+    /// Loads a checkpoint directory in the diffusers layout (e.g. `Wan2.1-T2V-1.3B-Diffusers`),
+    /// with the defaults and prompt length its `_longtake` section states ([`checkpoint_info`]).
     pub fn load(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
         Self::load_parts(dir, device, dtype, Parts::ALL)
     }
@@ -221,6 +233,7 @@ impl WanPipeline {
     ) -> Result<Self> {
         let ckpt = Checkpoint::open(dir.as_ref())?;
         ModelFamily::of(&ckpt)?;
+        let info = checkpoint_info(&ckpt)?;
         let tokenizer_dir = ckpt.component("tokenizer")?;
         let tokenizer = PromptTokenizer::from_file(tokenizer_dir.dir().join("tokenizer.json"))?;
 
@@ -253,10 +266,9 @@ impl WanPipeline {
         })?;
 
         let scheduler_config = ckpt.component("scheduler")?.json("scheduler_config.json")?;
-        let info = checkpoint_info(ckpt.root().display().to_string());
         Ok(Self {
+            text: PromptEncoder::new(tokenizer, encoder, info.max_sequence_length),
             info,
-            text: PromptEncoder::new(tokenizer, encoder, WAN_MAX_SEQUENCE_LENGTH),
             transformer,
             transformer_config,
             vae,
@@ -335,8 +347,8 @@ impl WanPipeline {
         &self.cancel
     }
 
-    /// Overrides the prompt length in tokens (Wan's checkpoints use 512; the reference fixtures
-    /// use less).
+    /// Overrides the prompt length in tokens (Wan's checkpoints use 512, the toy model states 16;
+    /// the reference fixtures use less).
     pub fn with_max_sequence_length(mut self, max_sequence_length: usize) -> Self {
         self.info.max_sequence_length = max_sequence_length;
         self.text.max_sequence_length = max_sequence_length;
@@ -607,5 +619,52 @@ impl VideoPipeline for WanPipeline {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
         WanPipeline::render_with_options(self, spec, options, progress)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::reference::toy_checkpoint_dir;
+
+    /// The built-in toy model loads through the diffusers-layout path as any checkpoint does,
+    /// with the defaults and the prompt length its `_longtake` section states, and the copy
+    /// written out of the binary renders exactly what the committed files render.
+    #[test]
+    fn the_toy_model_loads_as_a_checkpoint_with_its_stated_defaults() -> Result<()> {
+        let dev = Device::Cpu;
+        let committed = WanPipeline::load(toy_checkpoint_dir(), &dev, DType::F32)?;
+        let info = committed.info().clone();
+        assert_eq!(info.name, "toy");
+        assert_eq!(
+            (info.default_width, info.default_height),
+            (64, 64),
+            "{info:?}"
+        );
+        assert_eq!(
+            (info.default_frames, info.default_fps),
+            (33, 16),
+            "{info:?}"
+        );
+        assert_eq!(info.max_sequence_length, 16, "trained on 16-token prompts");
+        let (cond, _) = committed.encode_prompts("a red circle moving left", "")?;
+        assert_eq!(cond.dim(1)?, 16);
+
+        let embedded = WanPipeline::from_source(PipelineSource::Toy, &dev, DType::F32)?;
+        assert_eq!(embedded.info(), &info);
+        let spec = RenderSpec {
+            prompt: "a red circle moving left on a blue background".into(),
+            negative_prompt: String::new(),
+            frames: 5,
+            width: 32,
+            height: 32,
+            steps: 2,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: None,
+            seed: 11,
+        };
+        assert!(committed.render(&spec, &mut |_| {})? == embedded.render(&spec, &mut |_| {})?);
+        Ok(())
     }
 }
