@@ -1,0 +1,213 @@
+//! How well the built-in `toy` model draws what its caption says. Renders captions of the toy
+//! world (half of them colour × shape × motion combinations held out of its training) with the
+//! single-process pipeline at the model's defaults, one seed per caption, and judges each render
+//! with `longtake inspect`'s checker. Prints one line per render, then the share of renders with
+//! the right colour, direction and background, for seen and held-out captions apart.
+//!
+//! `cargo bench -p longtake-cli --bench toy_eval -- [--count N] [--seed S] [--steps N]
+//! [--guidance G] [--model DIR] [--out DIR]` (`--out` also writes each render as PNG frames).
+//! `cargo test` does not run it; `cli/tests/toy.rs` checks a few captions on every test run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use longtake_cli::inspect::{Caption, Frame, Report};
+use longtake_coordinator::encode::PngSequenceWriter;
+use longtake_worker::families::wan::pipeline::WanPipeline;
+use longtake_worker::model::builtin;
+use longtake_worker::model::render::RenderSpec;
+
+const USAGE: &str = "usage: toy_eval [--count N] [--seed S] [--steps N] [--guidance G] \
+[--model DIR] [--out DIR]
+  --count     captions to render, half seen in training and half held out (default 50)
+  --seed      picks the captions and the first render seed (default 1)
+  --steps     denoising steps (default: the model's)
+  --guidance  classifier-free guidance scale (default 5)
+  --model     a checkpoint directory (default: the built-in toy model)
+  --out       also write each render's frames as PNG under DIR/NN/";
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+struct Args {
+    count: usize,
+    seed: u64,
+    steps: Option<usize>,
+    guidance: f64,
+    model: Option<PathBuf>,
+    out: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        count: 50,
+        seed: 1,
+        steps: None,
+        guidance: 5.0,
+        model: None,
+        out: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
+        match flag.as_str() {
+            "--count" => args.count = value()?.parse()?,
+            "--seed" => args.seed = value()?.parse()?,
+            "--steps" => args.steps = Some(value()?.parse()?),
+            "--guidance" => args.guidance = value()?.parse()?,
+            "--model" => args.model = Some(value()?.into()),
+            "--out" => args.out = Some(value()?.into()),
+            "--bench" => {}
+            _ => return Err(format!("unknown argument {flag}\n{USAGE}").into()),
+        }
+    }
+    Ok(args)
+}
+
+/// A splitmix64 stream: the captions are a pure function of the seed.
+struct Picker(u64);
+
+impl Picker {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+/// `count` captions, alternating seen and held-out combinations.
+pub fn captions(count: usize, seed: u64) -> Vec<Caption> {
+    let (held, seen): (Vec<Caption>, Vec<Caption>) =
+        Caption::all().into_iter().partition(Caption::held_out);
+    let mut picker = Picker(seed);
+    (0..count)
+        .map(|i| *picker.pick(if i % 2 == 0 { &seen } else { &held }))
+        .collect()
+}
+
+#[derive(Default)]
+struct Tally {
+    renders: usize,
+    color: usize,
+    direction: usize,
+    background: usize,
+    all: usize,
+}
+
+impl Tally {
+    fn add(&mut self, report: &Report) {
+        let v = &report.verdict;
+        self.renders += 1;
+        self.color += usize::from(v.color_right);
+        self.direction += usize::from(v.direction_right);
+        self.background += usize::from(v.background_right);
+        self.all += usize::from(report.passed);
+    }
+
+    fn line(&self, name: &str) -> String {
+        let pct = |n: usize| 100.0 * n as f64 / self.renders.max(1) as f64;
+        format!(
+            "{name:9} {:3} renders: colour {:5.1}%  direction {:5.1}%  background {:5.1}%  all three {:5.1}%",
+            self.renders,
+            pct(self.color),
+            pct(self.direction),
+            pct(self.background),
+            pct(self.all)
+        )
+    }
+}
+
+fn frames_of(video: &longtake_worker::model::render::Video) -> Result<Vec<Frame>> {
+    let size = video.width * video.height * 3;
+    video
+        .rgb
+        .chunks_exact(size)
+        .map(|rgb| Ok(Frame::new(video.width, video.height, rgb.to_vec())?))
+        .collect()
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => builtin::toy_dir()?.to_path_buf(),
+    };
+    let pipeline = WanPipeline::load(&dir, &Device::Cpu, DType::F32)?;
+    let info = pipeline.info().clone();
+    println!(
+        "{}: {}x{}, {} frames, {} steps, guidance {}",
+        info.name,
+        info.default_width,
+        info.default_height,
+        info.default_frames,
+        args.steps.unwrap_or(info.default_steps),
+        args.guidance
+    );
+    let (mut seen, mut held) = (Tally::default(), Tally::default());
+    let started = Instant::now();
+    for (i, caption) in captions(args.count, args.seed).into_iter().enumerate() {
+        let spec = RenderSpec {
+            prompt: caption.to_string(),
+            negative_prompt: String::new(),
+            frames: info.default_frames,
+            width: info.default_width,
+            height: info.default_height,
+            steps: args.steps.unwrap_or(info.default_steps),
+            guidance_scale: args.guidance,
+            shift: None,
+            scheduler: None,
+            seed: args.seed + i as u64,
+        };
+        let video = pipeline.render(&spec, &mut |_| {})?;
+        let frames = frames_of(&video)?;
+        if let Some(out) = &args.out {
+            let dir = out.join(format!("{i:02}"));
+            std::fs::create_dir_all(&dir)?;
+            let mut writer = PngSequenceWriter::create(&dir, info.default_width as u32, info.default_height as u32)?;
+            for frame in &frames {
+                writer.push_frame(frame.rgb())?;
+            }
+            writer.finish()?;
+        }
+        let report = Report::of_frames(PathBuf::from(format!("render {i}")), caption, &frames)?;
+        let held_out = caption.held_out();
+        if held_out {
+            held.add(&report);
+        } else {
+            seen.add(&report);
+        }
+        let v = &report.verdict;
+        let mark = |ok: bool| if ok { "ok " } else { "NO " };
+        println!(
+            "{i:2} {} colour {} direction {} ({:8}) background {} {caption}",
+            if held_out { "held" } else { "seen" },
+            mark(v.color_right),
+            mark(v.direction_right),
+            report
+                .measurements
+                .motion
+                .as_ref()
+                .map_or("no track", |m| m.motion.direction.name()),
+            mark(v.background_right),
+        );
+    }
+    let mut total = Tally::default();
+    for t in [&seen, &held] {
+        total.renders += t.renders;
+        total.color += t.color;
+        total.direction += t.direction;
+        total.background += t.background;
+        total.all += t.all;
+    }
+    println!("{}", seen.line("seen"));
+    println!("{}", held.line("held out"));
+    println!("{}", total.line("all"));
+    println!("{:.1} s in all", started.elapsed().as_secs_f64());
+    Ok(())
+}
