@@ -2,12 +2,17 @@
 the published diffusers layout. A training tool (PyTorch + diffusers on the CPU), never part of
 the runtime or of CI; see README.md beside it for the commands, seeds, losses and times.
 
-Stages, each resumable from the files the previous one wrote under --work:
-  vae          the Wan VAE (AutoencoderKLWan) from a frame-wise initialisation, then on clips
+Stages (`all` runs them in this order), each reading what the previous ones left under --work
+and seeded on its own, so that a stage re-run alone gives what it gave inside `all`:
+  vae          the Wan VAE (AutoencoderKLWan) from a frame-wise start and a norm curriculum,
+               single frames then 5-frame clips
+  vae-clips    the VAE continued on 9- and 17-frame clips, object pixels weighted
   encode       the training set through the VAE encoder, and the latents' per-channel statistics
   transformer  the Wan transformer with rectified flow (flow matching), captions through a frozen
                umT5 encoder with a word-level tokenizer of the grammar
+  vae-decoder  the VAE's decoder alone (the latents stay as encoded) on 17-frame clips
   export       model_index.json, tokenizer/, text_encoder/, transformer/, vae/, scheduler/
+  sample       (not in `all`) a few captions rendered with diffusers' WanPipeline
 """
 
 from __future__ import annotations
@@ -542,8 +547,8 @@ def main() -> None:
     p.add_argument("--vae-clip-lr", type=float, default=5e-4)
     p.add_argument("--vae-decoder-steps", type=int, default=400)
     p.add_argument("--data-seed", type=int, default=7, help="the training set's world seed")
-    p.add_argument("--clips", type=int, default=1600, help="training clips to encode")
-    p.add_argument("--steps", type=int, default=3000, help="transformer steps")
+    p.add_argument("--clips", type=int, default=2400, help="training clips to encode")
+    p.add_argument("--steps", type=int, default=4000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--infer-steps", type=int, default=20, help="the exported default step count")

@@ -6,7 +6,8 @@
 //! [`Denoiser`], which lets a render resume from a saved [`DenoiserState`].
 //!
 //! This is the reference every distributed path is tested against. It loads a checkpoint in the
-//! diffusers layout ([`WanPipeline::load`]) or builds the built-in `tiny` model from a seed
+//! diffusers layout ([`WanPipeline::load`]; the built-in `toy` model, trained by us on procedural
+//! videos, is one: see `crate::model::builtin`) or builds the built-in `tiny` model from a seed
 //! ([`WanPipeline::tiny`]), which makes abstract motion rather than pictures and exists to
 //! exercise the system without any files. It is the family's [`VideoPipeline`] in one process;
 //! [`describe`] checks a Wan2.1 model without loading weights, for the worker to advertise it.
