@@ -49,7 +49,10 @@ fn parse_args() -> Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"));
+        let mut value = || {
+            it.next()
+                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+        };
         match flag.as_str() {
             "--count" => args.count = value()?.parse()?,
             "--seed" => args.seed = value()?.parse()?,
@@ -62,33 +65,6 @@ fn parse_args() -> Result<Args> {
         }
     }
     Ok(args)
-}
-
-/// A splitmix64 stream: the captions are a pure function of the seed.
-struct Picker(u64);
-
-impl Picker {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[(self.next() % items.len() as u64) as usize]
-    }
-}
-
-/// `count` captions, alternating seen and held-out combinations.
-pub fn captions(count: usize, seed: u64) -> Vec<Caption> {
-    let (held, seen): (Vec<Caption>, Vec<Caption>) =
-        Caption::all().into_iter().partition(Caption::held_out);
-    let mut picker = Picker(seed);
-    (0..count)
-        .map(|i| *picker.pick(if i % 2 == 0 { &seen } else { &held }))
-        .collect()
 }
 
 #[derive(Default)]
@@ -151,7 +127,10 @@ fn main() -> Result<()> {
     );
     let (mut seen, mut held) = (Tally::default(), Tally::default());
     let started = Instant::now();
-    for (i, caption) in captions(args.count, args.seed).into_iter().enumerate() {
+    for (i, caption) in Caption::evaluation_set(args.count, args.seed)
+        .into_iter()
+        .enumerate()
+    {
         let spec = RenderSpec {
             prompt: caption.to_string(),
             negative_prompt: String::new(),
@@ -169,7 +148,11 @@ fn main() -> Result<()> {
         if let Some(out) = &args.out {
             let dir = out.join(format!("{i:02}"));
             std::fs::create_dir_all(&dir)?;
-            let mut writer = PngSequenceWriter::create(&dir, info.default_width as u32, info.default_height as u32)?;
+            let mut writer = PngSequenceWriter::create(
+                &dir,
+                info.default_width as u32,
+                info.default_height as u32,
+            )?;
             for frame in &frames {
                 writer.push_frame(frame.rgb())?;
             }

@@ -421,6 +421,24 @@ def encode_dataset(args) -> None:
 # Transformer: rectified flow
 
 
+def object_latent_mask(clip: world.Clip) -> torch.Tensor:
+    """1 on the latent cells (9 frames × 8 × 8) the object covers in the frames each latent frame
+    encodes (frame 0 alone, then groups of 4), with a margin of one cell; 0 elsewhere."""
+    centres = clip.centres(world.FRAMES)
+    t = (world.FRAMES - 1) // 4 + 1
+    cells = world.SIZE // 8
+    grid = (torch.arange(cells) + 0.5) * 8
+    gy, gx = torch.meshgrid(grid, grid, indexing="ij")
+    mask = torch.zeros(1, t, cells, cells)
+    for k in range(t):
+        frames = [0] if k == 0 else range(4 * k - 3, 4 * k + 1)
+        for f in frames:
+            cx, cy = centres[f]
+            near = (gx - cx).pow(2) + (gy - cy).pow(2) <= (clip.radius + 8) ** 2
+            mask[0, k] = torch.maximum(mask[0, k], near.float())
+    return mask
+
+
 def train_transformer(args) -> None:
     from diffusers import WanTransformer3DModel
 
@@ -438,7 +456,16 @@ def train_transformer(args) -> None:
     cap_ids = torch.tensor([index[c] for c in captions])
     empty = index[""]
 
-    model = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    weights = None
+    if args.object_weight != 1.0:
+        clips = world.dataset(args.data_seed, len(captions), "train")
+        assert [c.caption for c in clips] == captions, "--data-seed/--clips differ from encode's"
+        weights = torch.stack([object_latent_mask(c) for c in clips]) * (args.object_weight - 1) + 1
+    if args.resume:
+        model = WanTransformer3DModel.from_pretrained(os.path.join(args.work, "transformer"))
+        log(f"transformer resumed from {args.work}/transformer")
+    else:
+        model = WanTransformer3DModel(**TRANSFORMER_CONFIG)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed)
     start, ema = time.time(), None
@@ -458,7 +485,8 @@ def train_transformer(args) -> None:
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         pred = model(xt, sigma * 1000, context, return_dict=False)[0]
-        loss = F.mse_loss(pred, noise - x0)
+        err = (pred - (noise - x0)).pow(2)
+        loss = err.mean() if weights is None else (err * weights[idx]).mean() / weights[idx].mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -551,6 +579,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--object-weight", type=float, default=1.0,
+                   help="loss weight of the latent cells the object covers")
+    p.add_argument("--resume", action="store_true", help="continue --work/transformer")
     p.add_argument("--infer-steps", type=int, default=20, help="the exported default step count")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--samples", type=int, default=3, help="captions per split for `sample`")

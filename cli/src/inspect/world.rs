@@ -163,6 +163,28 @@ impl Caption {
         (c + 2 * s + 3 * d) % 5 == 0
     }
 
+    /// `count` captions alternating between combinations seen in the toy model's training and
+    /// held-out ones, a pure function of `seed`: what `toy_eval` and the toy test render.
+    pub fn evaluation_set(count: usize, seed: u64) -> Vec<Caption> {
+        let (held, seen): (Vec<Caption>, Vec<Caption>) =
+            Self::all().into_iter().partition(Caption::held_out);
+        let mut state = seed;
+        let mut next = move || {
+            // splitmix64
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        (0..count)
+            .map(|i| {
+                let pool = if i % 2 == 0 { &seen } else { &held };
+                pool[(next() % pool.len() as u64) as usize]
+            })
+            .collect()
+    }
+
     /// Every caption of the grammar: each colour × shape × direction on each background that is
     /// not the object's colour name, in the generator's order.
     pub fn all() -> Vec<Caption> {
