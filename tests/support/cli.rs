@@ -108,8 +108,10 @@ pub fn spec(steps: u32) -> Vec<String> {
     spec_of("9", "64x64", steps)
 }
 
-/// The spec flags of a tiny-model render with these frames, size and steps (seed 7). The
-/// cluster's workers serve `tiny` (`support::farm`), so the spec names it.
+/// The spec flags of a tiny-model render with these frames, size and steps (seed 7, 16 fps). The
+/// cluster's workers serve `tiny` (`support::farm`), so the spec names it. The frame rate is
+/// stated: an unset one is the model's default, filled in when the job is placed, and the
+/// restart test compares a queued job's spec with the same job's after a restart.
 pub fn spec_of(frames: &str, size: &str, steps: u32) -> Vec<String> {
     let steps = steps.to_string();
     [
@@ -119,6 +121,8 @@ pub fn spec_of(frames: &str, size: &str, steps: u32) -> Vec<String> {
         "a wolf howling at the moon",
         "--frames",
         frames,
+        "--fps",
+        "16",
         "--size",
         size,
         "--seed",
