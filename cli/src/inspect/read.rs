@@ -101,17 +101,21 @@ pub fn read_png_sequence(dir: &Path) -> Result<Vec<Frame>, ClipError> {
     names.iter().map(|path| read_png(path)).collect()
 }
 
+fn open(path: &Path) -> Result<File, ClipError> {
+    File::open(path).map_err(|source| ClipError::Io {
+        path: path.to_path_buf(),
+        what: "cannot open",
+        source,
+    })
+}
+
 /// One PNG as RGB8: palette, grey and 16-bit images are converted, alpha is dropped.
 fn read_png(path: &Path) -> Result<Frame, ClipError> {
     let png_err = |source| ClipError::Png {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(|source| ClipError::Io {
-        path: path.to_path_buf(),
-        what: "cannot open",
-        source,
-    })?;
+    let file = open(path)?;
     let mut decoder = png::Decoder::new(BufReader::new(file));
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info().map_err(png_err)?;
@@ -140,11 +144,7 @@ pub fn read_mp4(path: &Path) -> Result<Vec<Frame>, ClipError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(|source| ClipError::Io {
-        path: path.to_path_buf(),
-        what: "cannot open",
-        source,
-    })?;
+    let file = open(path)?;
     let size = file
         .metadata()
         .map_err(|source| ClipError::Io {
