@@ -142,6 +142,7 @@ fn main() -> Result<()> {
             shift: None,
             scheduler: None,
             seed: args.seed + i as u64,
+            windows: None,
         };
         let video = pipeline.render(&spec, &mut |_| {})?;
         let frames = frames_of(&video)?;

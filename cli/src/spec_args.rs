@@ -7,7 +7,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use longtake_proto::spec::frames::{self, WAN_TEMPORAL_PACK};
-use longtake_proto::spec::{Layout, SchedulerKind, DEFAULT_MODEL, WAN21_DEFAULT_FPS};
+use longtake_proto::spec::{Fusion, Layout, SchedulerKind, DEFAULT_MODEL, WAN21_DEFAULT_FPS};
 use longtake_proto::{OutputFormat, RenderSpec};
 
 #[derive(Args, Clone, Debug)]
@@ -61,6 +61,27 @@ pub struct SpecArgs {
     /// ulysses × ring workers; missing keys are 1). Absent: one worker.
     #[arg(long)]
     pub layout: Option<String>,
+    /// A clip longer than the model's native length (toy 33 frames, Wan2.1 81) is denoised as
+    /// overlapping windows; this many worker groups share them, each with --layout [default: 1].
+    #[arg(long)]
+    pub groups: Option<u32>,
+    /// Window length in latent frames (4 video frames each after the first) [default: the
+    /// model's native length: toy 9, Wan2.1 21].
+    #[arg(long)]
+    pub window: Option<u32>,
+    /// The least number of latent frames neighbouring windows share [default: a third of the
+    /// window].
+    #[arg(long)]
+    pub overlap: Option<u32>,
+    /// How predictions on shared frames are weighted: linear or cosine [default: linear].
+    #[arg(long, value_parser = parse_fusion)]
+    pub fusion: Option<Fusion>,
+}
+
+/// `--fusion`, read by the job spec's own parser.
+fn parse_fusion(text: &str) -> Result<Fusion, String> {
+    text.parse()
+        .map_err(|e: longtake_proto::spec::UnknownFusion| e.to_string())
 }
 
 /// `--scheduler`, read by the job spec's own parser of sampler names.
@@ -88,7 +109,7 @@ impl FormatArg {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Built {
     pub spec: RenderSpec,
-    /// The layout's world size: how many workers the job needs.
+    /// How many workers the job needs: the layout's world size times the groups.
     pub ranks: usize,
     /// e.g. the frame count rounded up to 4k+1.
     pub notes: Vec<String>,
@@ -157,10 +178,23 @@ impl SpecArgs {
                 .as_ref()
                 .map(|_| layout.to_string())
                 .unwrap_or_default(),
+            groups: self.groups.unwrap_or(1),
+            window_latent_frames: self.window.unwrap_or(0),
+            overlap_latent_frames: self.overlap,
+            fusion: self
+                .fusion
+                .map(|f| f.name().to_string())
+                .unwrap_or_default(),
         };
+        if self.groups == Some(0) {
+            bail!("--groups must be at least 1");
+        }
+        if self.window == Some(0) {
+            bail!("--window must be at least 1 latent frame");
+        }
         Ok(Built {
             spec,
-            ranks: layout.world_size(),
+            ranks: layout.world_size() * self.groups.unwrap_or(1) as usize,
             notes,
         })
     }

@@ -1,5 +1,5 @@
 //! The one vocabulary of longtake's telemetry: the spans every process opens for the work it
-//! does, nested job → attempt → group → step → collective, and the names of the metrics the farm
+//! does, nested job → attempt → group → step → window → collective, and the names of the metrics the farm
 //! exports. The coordinator, the worker daemon and the model stack open their spans through
 //! these functions, so a trace reads the same whichever process wrote it and the observability
 //! work (OTLP export, the trace context over gRPC, Prometheus) has one place to change.
@@ -27,6 +27,11 @@ pub fn task_span(job_id: &str, attempt: u32, rank: usize, world_size: usize) -> 
 /// One denoising step (0-based `index` of `total`).
 pub fn step_span(index: usize, total: usize) -> Span {
     tracing::info_span!("step", index, total)
+}
+
+/// One window's flow prediction inside a denoising step (latent frames `start..start + len`).
+pub fn window_span(start: usize, len: usize) -> Span {
+    tracing::debug_span!("window", start, len)
 }
 
 /// The VAE decode of a group's latents.

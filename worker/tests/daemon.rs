@@ -57,6 +57,7 @@ async fn reference(steps: u32) -> TestResult<pipeline::Video> {
             shift: None,
             scheduler: None,
             seed: 7,
+            windows: None,
         };
         Ok(pipeline.render(&spec, &mut |_| {})?)
     })
@@ -645,6 +646,7 @@ async fn a_checkpoint_model_is_loaded_once_and_renders_like_the_pipeline() -> Te
             shift: None,
             scheduler: None,
             seed: 7,
+            windows: None,
         };
         Ok(pipeline.render(&spec, &mut |_| {})?)
     })

@@ -224,7 +224,7 @@ def train_vae(args) -> None:
             decay = 0.5 * (1 + math.cos(math.pi * step / total))
             for g in opt.param_groups:
                 g["lr"] = args.vae_lr * warm * (0.1 + 0.9 * decay)
-            loss, l1 = vae_loss(vae, clip_batch(rng, batch, frames))
+            loss, l1 = vae_loss(vae, clip_batch(rng, batch, frames), args.vae_object_weight)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -259,7 +259,7 @@ def train_vae_clips(args) -> None:
             decay = 0.5 * (1 + math.cos(math.pi * step / total))
             for g in opt.param_groups:
                 g["lr"] = args.vae_clip_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * decay)
-            loss, l1 = vae_loss(vae, clip_batch(rng, batch, frames), object_weight=5.0)
+            loss, l1 = vae_loss(vae, clip_batch(rng, batch, frames), args.vae_object_weight)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -294,7 +294,7 @@ def train_vae_decoder(args) -> None:
         decay = 0.5 * (1 + math.cos(math.pi * step / args.vae_decoder_steps))
         for g in opt.param_groups:
             g["lr"] = args.vae_clip_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * decay)
-        loss, l1 = vae_loss(vae, clip_batch(rng, 2, 17), object_weight=10.0)
+        loss, l1 = vae_loss(vae, clip_batch(rng, 2, 17), args.vae_object_weight)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -480,7 +480,8 @@ def train_transformer(args) -> None:
         ids[torch.rand(args.batch, generator=g) < 0.1] = empty  # for classifier-free guidance
         context = table[ids]
         u = torch.rand(args.batch, generator=g)
-        sigma = FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)  # the scheduler's shifted sigmas
+        shift = args.train_shift
+        sigma = shift * u / (1 + (shift - 1) * u)
         noise = torch.randn(x0.shape, generator=g)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
@@ -573,12 +574,16 @@ def main() -> None:
     p.add_argument("--vae-clip9-steps", type=int, default=300)
     p.add_argument("--vae-clip17-steps", type=int, default=150)
     p.add_argument("--vae-clip-lr", type=float, default=5e-4)
+    p.add_argument("--vae-object-weight", type=float, default=10.0,
+                   help="loss weight of the object's pixels in every VAE stage")
     p.add_argument("--vae-decoder-steps", type=int, default=400)
     p.add_argument("--data-seed", type=int, default=7, help="the training set's world seed")
     p.add_argument("--clips", type=int, default=2400, help="training clips to encode")
     p.add_argument("--steps", type=int, default=4000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-shift", type=float, default=FLOW_SHIFT,
+                   help="the shift of the σ drawn in training (the scheduler's is FLOW_SHIFT)")
     p.add_argument("--object-weight", type=float, default=1.0,
                    help="loss weight of the latent cells the object covers")
     p.add_argument("--resume", action="store_true", help="continue --work/transformer")

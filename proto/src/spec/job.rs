@@ -9,6 +9,7 @@
 use super::frames::{self, WAN_TEMPORAL_PACK};
 use super::layout::{Layout, LayoutLimits};
 use super::scheduler::SchedulerKind;
+use super::windows::{Fusion, WindowPlan, WindowSettings};
 use crate::{ModelInfo, OutputFormat, RenderSpec};
 
 /// The model a spec without one renders with: the built-in toy model, trained by longtake.
@@ -117,7 +118,21 @@ pub struct SpecRequest {
     pub seed: u64,
     pub fps: Option<u32>,
     pub format: OutputFormat,
+    /// Each worker group's layout.
     pub layout: Layout,
+    /// Worker groups (at least 1).
+    pub groups: u32,
+    /// Latent frames per window; `None`: the model's native length.
+    pub window_latent_frames: Option<u32>,
+    /// `None`: [`default_overlap`] of the window.
+    pub overlap_latent_frames: Option<u32>,
+    /// `None`: [`Fusion::default`].
+    pub fusion: Option<Fusion>,
+}
+
+/// The overlap of a window of `window` latent frames when a spec sets none: a third of it.
+pub fn default_overlap(window: u32) -> u32 {
+    window / 3
 }
 
 /// A spec ready to render: every field set, the layout fitted to the model.
@@ -136,7 +151,10 @@ pub struct JobSpec {
     pub seed: u64,
     pub fps: u32,
     pub format: OutputFormat,
+    /// Each worker group's layout.
     pub layout: Layout,
+    /// How the clip is cut into windows and spread over worker groups.
+    pub windows: WindowSettings,
 }
 
 impl SpecRequest {
@@ -172,6 +190,17 @@ impl SpecRequest {
                 format!(
                     "{} needs {world} ranks, over this farm's limit of {}",
                     self.layout, limits.max_ranks
+                ),
+            ));
+        }
+        let ranks = world.saturating_mul(self.groups as usize);
+        if ranks > limits.max_ranks as usize {
+            return Err(bad(
+                "groups",
+                format!(
+                    "{} groups of {world} rank(s) ({}) need {ranks} ranks, over this farm's \
+                     limit of {}",
+                    self.groups, self.layout, limits.max_ranks
                 ),
             ));
         }
@@ -220,6 +249,23 @@ impl SpecRequest {
                 .validate(&limits)
                 .map_err(|e| bad("layout", format!("{e} (model {})", model.name)))?;
         }
+        let window = self
+            .window_latent_frames
+            .unwrap_or_else(|| model.native_latent_frames());
+        let windows = WindowSettings {
+            latent_frames: window,
+            overlap: self
+                .overlap_latent_frames
+                .unwrap_or_else(|| default_overlap(window)),
+            fusion: self.fusion.unwrap_or_default(),
+            groups: self.groups,
+        };
+        // The cut itself: a window plan the clip cannot have is named here, at submission.
+        WindowPlan::new(
+            frames::latent_frames(frame_count, WAN_TEMPORAL_PACK),
+            windows,
+        )
+        .map_err(|e| bad(e.field(), e.problem()))?;
         Ok(JobSpec {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -235,7 +281,19 @@ impl SpecRequest {
             fps,
             format: self.format,
             layout: self.layout,
+            windows,
         })
+    }
+}
+
+impl ModelDescription {
+    /// The clip length the model was trained on, in latent frames: its default clip's.
+    pub fn native_latent_frames(&self) -> u32 {
+        let frames = match self.default_frames {
+            0 => WAN21_DEFAULT_FRAMES,
+            stated => stated,
+        };
+        frames::latent_frames(frames, WAN_TEMPORAL_PACK)
     }
 }
 
@@ -253,6 +311,16 @@ impl JobSpec {
     /// Latent frames of the clip.
     pub fn latent_frames(&self) -> u32 {
         frames::latent_frames(self.frames, WAN_TEMPORAL_PACK)
+    }
+
+    /// The clip's windows and their groups (checked when the spec was resolved).
+    pub fn window_plan(&self) -> Result<WindowPlan, SpecError> {
+        WindowPlan::new(self.latent_frames(), self.windows).map_err(|e| bad(e.field(), e.problem()))
+    }
+
+    /// Ranks the job needs: its groups times each group's layout.
+    pub fn ranks(&self) -> usize {
+        self.layout.world_size() * self.windows.groups as usize
     }
 }
 
@@ -273,6 +341,10 @@ impl From<&JobSpec> for SpecRequest {
             fps: Some(spec.fps),
             format: spec.format,
             layout: spec.layout,
+            groups: spec.windows.groups,
+            window_latent_frames: Some(spec.windows.latent_frames),
+            overlap_latent_frames: Some(spec.windows.overlap),
+            fusion: Some(spec.windows.fusion),
         }
     }
 }
@@ -333,6 +405,8 @@ impl TryFrom<&RenderSpec> for SpecRequest {
         layout
             .check_degrees(guided)
             .map_err(|e| bad("layout", e.to_string()))?;
+        let fusion =
+            Fusion::parse_optional(&spec.fusion).map_err(|e| bad("fusion", e.to_string()))?;
         Ok(Self {
             prompt: spec.prompt.clone(),
             negative_prompt: spec.negative_prompt.clone(),
@@ -348,6 +422,11 @@ impl TryFrom<&RenderSpec> for SpecRequest {
             fps,
             format,
             layout,
+            groups: spec.groups.max(1),
+            window_latent_frames: (spec.window_latent_frames != 0)
+                .then_some(spec.window_latent_frames),
+            overlap_latent_frames: spec.overlap_latent_frames,
+            fusion,
         })
     }
 }
@@ -376,6 +455,13 @@ impl From<&SpecRequest> for RenderSpec {
             } else {
                 spec.layout.to_string()
             },
+            groups: spec.groups,
+            window_latent_frames: spec.window_latent_frames.unwrap_or(0),
+            overlap_latent_frames: spec.overlap_latent_frames,
+            fusion: spec
+                .fusion
+                .map(|f| f.name().to_string())
+                .unwrap_or_default(),
         }
     }
 }
@@ -529,6 +615,11 @@ mod tests {
                 RenderSpec { negative_prompt: "é".repeat(4001), ..spec() },
                 "spec.negative_prompt: 4001 characters is over this farm's limit of 4000",
             ),
+            (RenderSpec { fusion: "smooth".into(), ..spec() }, "spec.fusion: \"smooth\" is not linear or cosine"),
+            (
+                RenderSpec { layout: "ulysses=4".into(), groups: 17, ..spec() },
+                "spec.groups: 17 groups of 4 rank(s) (cfg=1,tp=1,ulysses=4,ring=1) need 68 ranks, over this farm's limit of 64",
+            ),
         ];
         for (spec, want) in cases {
             let got = err(spec);
@@ -537,6 +628,89 @@ mod tests {
                 "got {got:?}, want it to start with {want:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_long_clip_is_cut_into_the_model_s_windows_and_bad_cuts_name_their_field() {
+        let long = RenderSpec {
+            frames: 161, // 41 latent frames; the model's window is 9 (33 frames)
+            groups: 2,
+            ..spec()
+        };
+        let resolved = SpecRequest::try_from(&long)
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        assert_eq!(
+            resolved.windows,
+            WindowSettings {
+                latent_frames: 9,
+                overlap: 3,
+                fusion: Fusion::Linear,
+                groups: 2
+            }
+        );
+        let plan = resolved.window_plan().unwrap();
+        assert_eq!(plan.windows().len(), 7);
+        assert_eq!(plan.group_count(), 2);
+        // resolved specs round-trip through the wire with every window field set
+        let wire = RenderSpec::from(&resolved);
+        assert_eq!((wire.groups, wire.window_latent_frames), (2, 9));
+        assert_eq!(
+            (wire.overlap_latent_frames, wire.fusion.as_str()),
+            (Some(3), "linear")
+        );
+        let again = SpecRequest::try_from(&wire)
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        assert_eq!(again, resolved);
+        assert_eq!(resolved.ranks(), 2);
+
+        let refused = |spec: RenderSpec| {
+            SpecRequest::try_from(&spec)
+                .unwrap()
+                .resolve(&model())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            refused(RenderSpec { overlap_latent_frames: Some(5), ..long.clone() }),
+            "spec.overlap_latent_frames: 5 is more than half the window (9 latent frames); use at most 4"
+        );
+        assert!(refused(RenderSpec {
+            groups: 8,
+            ..long.clone()
+        })
+        .starts_with("spec.groups: 8 groups for a clip of 7 window(s)"));
+        assert!(refused(RenderSpec {
+            frames: 33,
+            ..long.clone()
+        })
+        .starts_with("spec.groups: 2 groups for a clip of 1 window(s)"));
+        // a clip of one window is a plain render, whatever the window settings
+        let short = RenderSpec {
+            frames: 33,
+            overlap_latent_frames: Some(0),
+            ..spec()
+        };
+        let plan = SpecRequest::try_from(&short)
+            .unwrap()
+            .resolve(&model())
+            .unwrap()
+            .window_plan();
+        assert!(plan.unwrap().is_single_window());
+        // windows of the spec's own length
+        let own = RenderSpec {
+            window_latent_frames: 21,
+            overlap_latent_frames: Some(5),
+            ..long
+        };
+        let own = SpecRequest::try_from(&own)
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        assert_eq!(own.window_plan().unwrap().windows().len(), 3);
     }
 
     #[test]

@@ -1,17 +1,18 @@
 //! The job spec and its rules, in one candle-free place that every edge parses into: the layout
 //! grammar and its group maths (`layout`), the frame rule (`frames`), the sampler names
-//! (`scheduler`), and the checked, resolved spec of a job (`job`). The CLI builds a spec from
+//! (`scheduler`), the window plan of a long clip (`windows`), and the checked, resolved spec of a job (`job`). The CLI builds a spec from
 //! its flags with these types, the coordinator validates and resolves submissions with them, and
 //! the worker turns a task's spec into its pipeline's input through them; nothing re-implements
 //! a rule.
 //!
-//! Room for what comes next lives here too: the groups and windows of a long clip, a prompt
-//! timeline and conditioning inputs extend [`JobSpec`] and its checks.
+//! The windows of a long clip and the worker groups that run them (`windows`) are part of the
+//! spec too; a prompt timeline and conditioning inputs extend [`JobSpec`] and its checks next.
 
 pub mod frames;
 pub mod job;
 pub mod layout;
 pub mod scheduler;
+pub mod windows;
 
 pub use frames::FrameCountError;
 pub use job::{
@@ -20,3 +21,4 @@ pub use job::{
 };
 pub use layout::{Coords, GroupKind, Layout, LayoutError, LayoutLimits};
 pub use scheduler::{SchedulerKind, UnknownScheduler};
+pub use windows::{Fusion, UnknownFusion, Window, WindowError, WindowPlan, WindowSettings};

@@ -141,6 +141,7 @@ pub fn render_spec(job: &JobSpec) -> RenderSpec {
         shift: job.shift,
         scheduler: job.scheduler,
         seed: job.seed,
+        windows: Some(job.windows),
     }
 }
 

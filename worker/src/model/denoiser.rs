@@ -593,6 +593,7 @@ mod tests {
             shift: None,
             scheduler: Some(kind),
             seed: 11,
+            windows: None,
         }
     }
 

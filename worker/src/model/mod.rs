@@ -2,7 +2,7 @@
 //! checkpoint loading and the weight backend (`loader`), the defaults a checkpoint states
 //! (`stated_defaults`), the built-in toy checkpoint (`builtin`), model-family detection (`family`),
 //! tokenizer, umT5 text encoder, the attention core, schedulers, initial noise, the resumable
-//! denoising loop, frames, the render request and result types with the `VideoPipeline` trait
+//! denoising loop, co-denoising the windows of a long clip (`windows`), frames, the render request and result types with the `VideoPipeline` trait
 //! (`render`), and the reference-fixture checks.
 //! No network code lives here.
 
@@ -22,3 +22,4 @@ pub mod text;
 pub mod tokenizer;
 pub mod umt5;
 pub mod video;
+pub mod windows;

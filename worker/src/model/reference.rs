@@ -60,6 +60,7 @@ impl PipelineCase {
             shift: None,
             scheduler: None,
             seed: 0,
+            windows: None,
         }
     }
 }

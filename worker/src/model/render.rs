@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use candle_core::Tensor;
-use longtake_proto::spec::LayoutLimits;
+use longtake_proto::spec::{LayoutLimits, WindowSettings};
 
 use super::denoiser::{AfterStep, DenoiserError, DenoiserState};
 use super::loader::LoadError;
@@ -84,6 +84,9 @@ pub struct RenderSpec {
     /// Overrides the checkpoint's scheduler class.
     pub scheduler: Option<SchedulerKind>,
     pub seed: u64,
+    /// How a clip longer than one window is cut (`longtake_proto::spec::windows`); `None`, or a
+    /// clip no longer than the window: one window, a plain render.
+    pub windows: Option<WindowSettings>,
 }
 
 /// A progress report from a render.

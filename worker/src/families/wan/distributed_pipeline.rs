@@ -374,6 +374,7 @@ mod tests {
             shift: None,
             scheduler: None,
             seed: 3,
+            windows: None,
         };
         let single = WanPipeline::tiny(&dev, DType::F32)?;
         let (c, u) = single.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
@@ -429,6 +430,7 @@ mod tests {
             shift: None,
             scheduler: None,
             seed: 9,
+            windows: None,
         };
         let expected = single.render(&spec, &mut |_| {})?;
         assert_eq!(expected.frames, 33);
@@ -471,6 +473,60 @@ mod tests {
         Ok(())
     }
 
+    /// A clip of three windows (the toy model's 9 latent frames, 61 frames = 16 latent frames)
+    /// co-denoised by one group under `cfg=2`, `ulysses=2` and `tp=2` ends with the
+    /// single-process co-denoised latents (the reference: every window on one rank, in order),
+    /// and the same plan run twice gives the same bits.
+    #[test]
+    fn a_multi_window_clip_under_a_layout_gives_the_single_process_latents() -> TestResult {
+        let dev = Device::Cpu;
+        let checkpoint = crate::model::reference::toy_checkpoint_dir();
+        let single = WanPipeline::load(&checkpoint, &dev, DType::F32)?;
+        let spec = RenderSpec {
+            prompt: "a red circle bouncing on a gray background".into(),
+            negative_prompt: String::new(),
+            frames: 61,
+            width: 64,
+            height: 64,
+            steps: 3,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: None,
+            seed: 4,
+            windows: Some(longtake_proto::spec::WindowSettings {
+                latent_frames: 9,
+                overlap: 3,
+                fusion: longtake_proto::spec::Fusion::Cosine,
+                groups: 1,
+            }),
+        };
+        assert_eq!(single.window_plan(&spec)?.windows().len(), 3);
+        let expected = single
+            .render_with_options(&spec, RenderOptions::default(), &mut |_| {})?
+            .latents;
+        for text in ["cfg=2", "ulysses=2", "tp=2"] {
+            let layout: Layout = text.parse()?;
+            let run = || {
+                run_ranks(layout.world_size(), |_, world| {
+                    let pipe =
+                        DistributedPipeline::load(&checkpoint, &dev, DType::F32, layout, world)?;
+                    Ok(pipe
+                        .render_with_options(&spec, RenderOptions::default(), &mut |_| {})?
+                        .latents)
+                })
+            };
+            let first = run()?;
+            let err = relative_l2(&first[0], &expected)?;
+            println!("toy, 3 windows: {layout}: relative L2 {err:.2e}");
+            assert!(err < TOLERANCE, "{layout}: relative L2 {err}");
+            let again = run()?;
+            for (a, b) in first.iter().zip(&again) {
+                assert_eq!(bits(a)?, bits(b)?, "{layout}: the same plan twice differs");
+            }
+        }
+        Ok(())
+    }
+
     /// Under `ulysses=2`, for both schedulers: a render whose ranks stop (cancelled) after step
     /// k of 5, rank 0 saving the state, then resumed by every rank from rank 0's file, ends with
     /// the uninterrupted distributed render's latents bit for bit on every rank, for k = 1, 3, 4.
@@ -498,6 +554,7 @@ mod tests {
                 shift: None,
                 scheduler: Some(kind),
                 seed: 5,
+                windows: None,
             };
             let dirs = &dirs[kind_index * stops.len()..][..stops.len()];
             // One job: the uninterrupted render, then each stop and its resumption, on the same

@@ -15,7 +15,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use longtake_proto::spec::{WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES};
+use longtake_proto::spec::{WindowPlan, WindowSettings, WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES};
 
 use super::transformer::{self as wan_transformer, WanTransformer3DModel};
 use super::vae::{self as wan_vae, WanVaeDecoder};
@@ -33,6 +33,7 @@ use crate::model::text::PromptEncoder;
 use crate::model::tokenizer::PromptTokenizer;
 use crate::model::umt5::{self, UMT5EncoderModel};
 use crate::model::video;
+use crate::model::windows::WindowedFlow;
 
 /// The defaults of a checkpoint loaded by [`WanPipeline::load`]: those its `model_index.json`
 /// states in its `_longtake` section ([`StatedDefaults`]), the others Wan2.1's published 480p
@@ -419,6 +420,19 @@ impl WanPipeline {
         )?)
     }
 
+    /// How `spec`'s clip is cut into windows (one window when the spec states no cut).
+    pub fn window_plan(&self, spec: &RenderSpec) -> Result<WindowPlan> {
+        let shape = self.latent_shape(spec)?;
+        let settings = spec.windows.unwrap_or(WindowSettings {
+            latent_frames: shape.frames as u32,
+            overlap: 0,
+            fusion: Default::default(),
+            groups: 1,
+        });
+        WindowPlan::new(shape.frames as u32, settings)
+            .map_err(|e| PipelineError::Spec(format!("spec.{}: {}", e.field(), e.problem())))
+    }
+
     /// The transformer, unless this pipeline was loaded without it.
     pub fn transformer(&self) -> Result<&WanTransformer3DModel> {
         self.transformer.as_ref().ok_or_else(|| {
@@ -569,12 +583,21 @@ impl WanPipeline {
             None => self.denoiser(spec, self.initial_latents(spec)?)?,
             Some(state) => self.resume_denoiser(spec, state)?,
         };
+        let plan = self.window_plan(spec)?;
         let (cond, uncond) = self.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
         let conditioning = Conditioning::new(&cond, &uncond, spec.guidance_scale)?;
         let mut no_hook = |_: &Denoiser| -> Result<()> { Ok(()) };
         let after_step: &mut AfterStep<'_> = match after_step {
             Some(hook) => hook,
             None => &mut no_hook,
+        };
+        // A clip of one window runs the model itself: exactly the plain render.
+        let windowed;
+        let model: &dyn FlowModel = if plan.is_single_window() {
+            model
+        } else {
+            windowed = component("transformer", WindowedFlow::new(model, &plan, &self.device))?;
+            &windowed
         };
         self.run_denoiser(model, &mut denoiser, &conditioning, progress, after_step)?;
         let latents = denoiser.into_latents();
@@ -664,8 +687,77 @@ mod tests {
             shift: None,
             scheduler: None,
             seed: 11,
+            windows: None,
         };
         assert!(committed.render(&spec, &mut |_| {})? == embedded.render(&spec, &mut |_| {})?);
+        Ok(())
+    }
+
+    /// A clip no longer than its window renders exactly as a plain render, whatever the window
+    /// settings; a longer one is co-denoised: it differs from the one-sequence render, holds
+    /// the clip's frames, and is the same bits run twice.
+    #[test]
+    fn a_clip_is_co_denoised_only_when_it_is_longer_than_its_window() -> Result<()> {
+        use longtake_proto::spec::{Fusion, WindowSettings};
+        let dev = Device::Cpu;
+        let pipe = WanPipeline::from_source(PipelineSource::Toy, &dev, DType::F32)?;
+        let windows = |latent_frames| {
+            Some(WindowSettings {
+                latent_frames,
+                overlap: 1,
+                fusion: Fusion::Linear,
+                groups: 1,
+            })
+        };
+        let plain = RenderSpec {
+            prompt: "a green square moving up on a black background".into(),
+            negative_prompt: String::new(),
+            frames: 13,
+            width: 32,
+            height: 32,
+            steps: 2,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: None,
+            seed: 5,
+            windows: None,
+        };
+        let latents = |spec: &RenderSpec| -> Result<Tensor> {
+            Ok(pipe
+                .render_with_options(spec, RenderOptions::default(), &mut |_| {})?
+                .latents)
+        };
+        let reference = latents(&plain)?;
+        let one_window = latents(&RenderSpec {
+            windows: windows(4),
+            ..plain.clone()
+        })?;
+        let diff = (&one_window - &reference)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "a clip of one window is a plain render");
+
+        let cut = RenderSpec {
+            windows: windows(3),
+            ..plain.clone()
+        };
+        assert_eq!(pipe.window_plan(&cut)?.windows().len(), 2);
+        let co = latents(&cut)?;
+        assert_eq!(co.dims(), reference.dims());
+        let diff = (&co - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            diff > 1e-3,
+            "two windows of 3 should not equal one sequence of 4"
+        );
+        let again = latents(&cut)?;
+        assert_eq!(
+            (&co - &again)?.abs()?.max_all()?.to_scalar::<f32>()?,
+            0.0,
+            "the same plan twice"
+        );
+        let video = pipe.render(&cut, &mut |_| {})?;
+        assert_eq!(video.frames, 13);
         Ok(())
     }
 }

@@ -1,0 +1,216 @@
+//! Co-denoising a long clip as overlapping windows, in one process: the reference every
+//! distributed run of a window plan is tested against.
+//!
+//! [`WindowedFlow`] is a [`FlowModel`] over the whole clip's latents. Each step it runs the
+//! wrapped model (one process, or the ranks of a layout) on every window of the
+//! [`WindowPlan`] in order, weights each window's flow with the plan's fusion weights, and sums
+//! the weighted flows on every latent frame in window order. The denoising loop then takes one
+//! scheduler step over the whole clip, so a frame shared by two windows holds one value and the
+//! scheduler's history (UniPC's earlier model outputs) is the fused one too: the solver is
+//! elementwise, so stepping the whole clip equals stepping each window's frames.
+
+use candle_core::{DType, Device, Tensor};
+use longtake_proto::spec::WindowPlan;
+
+use super::render::FlowModel;
+
+/// The flow of a long clip, fused from the flows of its windows.
+pub struct WindowedFlow<'a> {
+    model: &'a dyn FlowModel,
+    plan: &'a WindowPlan,
+    /// Per window: its fusion weights as `(1, 1, len, 1, 1)` f32.
+    weights: Vec<Tensor>,
+    /// The clip cut where any window starts or ends: on each piece the same windows overlap.
+    pieces: Vec<(usize, usize)>,
+}
+
+impl<'a> WindowedFlow<'a> {
+    pub fn new(
+        model: &'a dyn FlowModel,
+        plan: &'a WindowPlan,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let weights = (0..plan.windows().len())
+            .map(|i| {
+                let w = plan.weights(i);
+                Tensor::from_slice(w, (1, 1, w.len(), 1, 1), device)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut cuts: Vec<usize> = plan
+            .windows()
+            .iter()
+            .flat_map(|w| [w.start, w.start + w.len])
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let pieces = cuts.windows(2).map(|c| (c[0], c[1])).collect();
+        Ok(Self {
+            model,
+            plan,
+            weights,
+            pieces,
+        })
+    }
+
+    /// Sums the weighted flows of the windows covering each piece, in window order.
+    fn fuse(&self, weighted: &[Tensor]) -> candle_core::Result<Tensor> {
+        let windows = self.plan.windows();
+        let mut parts = Vec::with_capacity(self.pieces.len());
+        for &(a, b) in &self.pieces {
+            let mut sum: Option<Tensor> = None;
+            for (w, flow) in windows.iter().zip(weighted) {
+                if w.start <= a && b <= w.start + w.len {
+                    let part = flow.narrow(2, a - w.start, b - a)?;
+                    sum = Some(match sum {
+                        None => part,
+                        Some(s) => (s + part)?,
+                    });
+                }
+            }
+            let sum = sum.ok_or_else(|| {
+                candle_core::Error::Msg(format!("latent frames {a}..{b} are in no window"))
+            })?;
+            parts.push(sum);
+        }
+        Tensor::cat(&parts, 2)
+    }
+}
+
+impl FlowModel for WindowedFlow<'_> {
+    fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let frames = x.dim(2)?;
+        if frames != self.plan.latent_frames() {
+            candle_core::bail!(
+                "the window plan covers {} latent frames, the latents have {frames}",
+                self.plan.latent_frames()
+            );
+        }
+        let mut weighted = Vec::with_capacity(self.weights.len());
+        for (w, weights) in self.plan.windows().iter().zip(&self.weights) {
+            let _span = longtake_proto::telemetry::window_span(w.start, w.len).entered();
+            let window = x.narrow(2, w.start, w.len)?.contiguous()?;
+            let flow = self
+                .model
+                .predict(&window, t, context)?
+                .to_dtype(DType::F32)?;
+            weighted.push(flow.broadcast_mul(weights)?);
+        }
+        self.fuse(&weighted)
+    }
+
+    fn check_final_latents(&self, latents: &Tensor) -> candle_core::Result<()> {
+        self.model.check_final_latents(latents)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use longtake_proto::spec::{Fusion, WindowSettings};
+    use std::cell::RefCell;
+
+    /// A flow model whose output for each latent frame is a known function of its input and of
+    /// its position inside the window, recording the windows it was asked for.
+    struct Probe {
+        calls: RefCell<Vec<usize>>,
+    }
+
+    impl FlowModel for Probe {
+        fn predict(&self, x: &Tensor, _t: &Tensor, _c: &Tensor) -> candle_core::Result<Tensor> {
+            let len = x.dim(2)?;
+            self.calls.borrow_mut().push(len);
+            // input + position in the window: two windows disagree on every shared frame
+            let pos: Vec<f32> = (0..len).map(|j| j as f32).collect();
+            let pos = Tensor::from_slice(&pos, (1, 1, len, 1, 1), x.device())?;
+            x.broadcast_add(&pos)
+        }
+    }
+
+    fn plan(total: u32, fusion: Fusion) -> WindowPlan {
+        WindowPlan::new(
+            total,
+            WindowSettings {
+                latent_frames: 9,
+                overlap: 3,
+                fusion,
+                groups: 1,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn shared_frames_take_the_weighted_sum_of_their_windows_predictions() -> candle_core::Result<()>
+    {
+        let device = Device::Cpu;
+        let plan = plan(15, Fusion::Linear);
+        assert_eq!(plan.windows().len(), 2);
+        let probe = Probe {
+            calls: RefCell::new(vec![]),
+        };
+        let flow = WindowedFlow::new(&probe, &plan, &device)?;
+        let x = Tensor::zeros((2, 4, 15, 2, 2), DType::F32, &device)?;
+        let t = Tensor::zeros(2, DType::F32, &device)?;
+        let out = flow.predict(&x, &t, &t)?;
+        assert_eq!(out.dims(), &[2, 4, 15, 2, 2]);
+        assert_eq!(*probe.calls.borrow(), vec![9, 9]);
+        let per_frame: Vec<f32> = out
+            .get(0)?
+            .get(0)?
+            .flatten_from(1)?
+            .narrow(1, 0, 1)?
+            .flatten_all()?
+            .to_vec1()?;
+        // window 0 covers 0..9 (positions 0..9), window 1 covers 6..15 (positions 0..9); on
+        // frames 6, 7, 8 window 0 weighs 0.75, 0.5, 0.25
+        let want: Vec<f32> = (0..15)
+            .map(|f| match f {
+                0..=5 => f as f32,
+                6 => 0.75 * 6.0 + 0.25 * 0.0,
+                7 => 0.5 * 7.0 + 0.5 * 1.0,
+                8 => 0.25 * 8.0 + 0.75 * 2.0,
+                _ => (f - 6) as f32,
+            })
+            .collect();
+        assert_eq!(per_frame, want);
+        Ok(())
+    }
+
+    #[test]
+    fn every_frame_is_covered_and_the_fusion_is_deterministic() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        for fusion in Fusion::ALL {
+            let plan = plan(61, fusion);
+            let probe = Probe {
+                calls: RefCell::new(vec![]),
+            };
+            let flow = WindowedFlow::new(&probe, &plan, &device)?;
+            let x = Tensor::randn(0f32, 1.0, (1, 2, 61, 2, 2), &device)?;
+            let t = Tensor::zeros(1, DType::F32, &device)?;
+            let a = flow.predict(&x, &t, &t)?;
+            let b = flow.predict(&x, &t, &t)?;
+            let diff = (a.clone() - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0);
+            // the fused flow minus the input is a weighted mean of positions: within 0..9
+            let pos = (a - &x)?;
+            let (lo, hi) = (
+                pos.min_all()?.to_scalar::<f32>()?,
+                pos.max_all()?.to_scalar::<f32>()?,
+            );
+            assert!(lo > -1e-4 && hi < 8.0 + 1e-4, "{lo} {hi}");
+        }
+        let probe = Probe {
+            calls: RefCell::new(vec![]),
+        };
+        let plan = plan(61, Fusion::Linear);
+        let flow = WindowedFlow::new(&probe, &plan, &device)?;
+        let x = Tensor::zeros((1, 2, 60, 2, 2), DType::F32, &device)?;
+        let t = Tensor::zeros(1, DType::F32, &device)?;
+        let e = flow.predict(&x, &t, &t).unwrap_err().to_string();
+        assert!(
+            e.contains("covers 61 latent frames, the latents have 60"),
+            "{e}"
+        );
+        Ok(())
+    }
+}
