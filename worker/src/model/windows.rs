@@ -9,10 +9,13 @@
 //! scheduler's history (UniPC's earlier model outputs) is the fused one too: the solver is
 //! elementwise, so stepping the whole clip equals stepping each window's frames.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 use longtake_proto::spec::WindowPlan;
 
 use super::render::FlowModel;
+use crate::parallel::comm::Communicator;
 
 /// The flow of a long clip, fused from the flows of its windows.
 pub struct WindowedFlow<'a> {
@@ -52,13 +55,31 @@ impl<'a> WindowedFlow<'a> {
         })
     }
 
-    /// Sums the weighted flows of the windows covering each piece, in window order.
-    fn fuse(&self, weighted: &[Tensor]) -> candle_core::Result<Tensor> {
-        let windows = self.plan.windows();
-        let mut parts = Vec::with_capacity(self.pieces.len());
+    /// The weighted flows of `windows` (indices into the plan, ascending; `weighted[k]` is
+    /// window `windows[k]`'s) summed on each latent frame of `region` in window order, starting
+    /// from `start` (the sum so far of earlier windows on `region`, e.g. a neighbouring group's)
+    /// where given. Every frame's sum is taken in window order whatever the caller, so a frame
+    /// gets the same bits in one process and split across groups.
+    fn accumulate(
+        &self,
+        region: Range<usize>,
+        windows: &[usize],
+        weighted: &[Tensor],
+        start: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let plan_windows = self.plan.windows();
+        let mut parts = Vec::new();
         for &(a, b) in &self.pieces {
-            let mut sum: Option<Tensor> = None;
-            for (w, flow) in windows.iter().zip(weighted) {
+            let (a, b) = (a.max(region.start), b.min(region.end));
+            if a >= b {
+                continue;
+            }
+            let mut sum = match start {
+                Some(s) => Some(s.narrow(2, a - region.start, b - a)?),
+                None => None,
+            };
+            for (&i, flow) in windows.iter().zip(weighted) {
+                let w = plan_windows[i];
                 if w.start <= a && b <= w.start + w.len {
                     let part = flow.narrow(2, a - w.start, b - a)?;
                     sum = Some(match sum {
@@ -72,7 +93,26 @@ impl<'a> WindowedFlow<'a> {
             })?;
             parts.push(sum);
         }
-        Tensor::cat(&parts, 2)
+        Tensor::cat(&parts, 2)?.contiguous()
+    }
+
+    /// Window `index`'s flow on `x` (the latents of frames `offset..`), weighted.
+    fn weighted_flow(
+        &self,
+        index: usize,
+        x: &Tensor,
+        offset: usize,
+        t: &Tensor,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let w = self.plan.windows()[index];
+        let _span = longtake_proto::telemetry::window_span(w.start, w.len).entered();
+        let window = x.narrow(2, w.start - offset, w.len)?.contiguous()?;
+        let flow = self
+            .model
+            .predict(&window, t, context)?
+            .to_dtype(DType::F32)?;
+        flow.broadcast_mul(&self.weights[index])
     }
 }
 
@@ -85,21 +125,144 @@ impl FlowModel for WindowedFlow<'_> {
                 self.plan.latent_frames()
             );
         }
-        let mut weighted = Vec::with_capacity(self.weights.len());
-        for (w, weights) in self.plan.windows().iter().zip(&self.weights) {
-            let _span = longtake_proto::telemetry::window_span(w.start, w.len).entered();
-            let window = x.narrow(2, w.start, w.len)?.contiguous()?;
-            let flow = self
-                .model
-                .predict(&window, t, context)?
-                .to_dtype(DType::F32)?;
-            weighted.push(flow.broadcast_mul(weights)?);
-        }
-        self.fuse(&weighted)
+        let all: Vec<usize> = (0..self.plan.windows().len()).collect();
+        let weighted = all
+            .iter()
+            .map(|&i| self.weighted_flow(i, x, 0, t, context))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.accumulate(0..frames, &all, &weighted, None)
     }
 
     fn check_final_latents(&self, latents: &Tensor) -> candle_core::Result<()> {
         self.model.check_final_latents(latents)
+    }
+}
+
+/// Where one rank's worker group sits in a job of several: the job's communicator (every rank
+/// of every group; group `g`'s ranks are `g · size .. (g + 1) · size`) through which it reaches
+/// the rank in the same place of the neighbouring groups.
+pub struct GroupPeers<'a> {
+    pub job: &'a dyn Communicator,
+    /// This rank's group.
+    pub group: usize,
+    /// Ranks per group (the job's layout's world size).
+    pub size: usize,
+}
+
+impl GroupPeers<'_> {
+    /// The rank of group `group` in the same place as this rank in its own group.
+    pub fn peer(&self, group: usize) -> usize {
+        group * self.size + self.job.rank() % self.size
+    }
+}
+
+/// One group's share of a co-denoised clip: a [`FlowModel`] over the latents of the group's
+/// frames ([`WindowPlan::group_frames`]). Each step it predicts its own windows, then settles
+/// the frames it shares with its neighbours peer to peer: it sends its partial sum on the frames
+/// shared with the next group, receives the previous group's partial sum on the frames they
+/// share, adds its own windows to it (window order, as the single process does) and sends the
+/// total back, and receives the next group's total. So the only bytes between groups are the
+/// shared frames' flows, each way, and every frame gets the single-process reference's bits.
+pub struct GroupWindowedFlow<'a> {
+    fused: WindowedFlow<'a>,
+    peers: GroupPeers<'a>,
+    /// Bytes this rank sent to other groups in its last step.
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> GroupWindowedFlow<'a> {
+    pub fn new(
+        model: &'a dyn FlowModel,
+        plan: &'a WindowPlan,
+        peers: GroupPeers<'a>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        if peers.group >= plan.group_count() {
+            candle_core::bail!(
+                "group {} of a plan with {} groups",
+                peers.group,
+                plan.group_count()
+            );
+        }
+        Ok(Self {
+            fused: WindowedFlow::new(model, plan, device)?,
+            peers,
+            bytes: Default::default(),
+        })
+    }
+
+    /// Bytes this rank sent to the neighbouring groups in its last step.
+    pub fn bytes_last_step(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn send(&self, tensor: &Tensor, group: usize) -> candle_core::Result<u64> {
+        self.peers.job.send(tensor, self.peers.peer(group))?;
+        Ok((tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64)
+    }
+}
+
+impl FlowModel for GroupWindowedFlow<'_> {
+    fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let plan = self.fused.plan;
+        let g = self.peers.group;
+        let frames = plan.group_frames(g);
+        if x.dim(2)? != frames.len() {
+            candle_core::bail!(
+                "group {g} holds latent frames {frames:?}, the latents have {}",
+                x.dim(2)?
+            );
+        }
+        let windows: Vec<usize> = plan.group_windows(g).collect();
+        let weighted = windows
+            .iter()
+            .map(|&i| self.fused.weighted_flow(i, x, frames.start, t, context))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let device = x.device();
+        let before = match g {
+            0 => frames.start..frames.start,
+            _ => plan.shared_with_next(g - 1),
+        };
+        let after = plan.shared_with_next(g);
+        let mut sent = 0;
+        // 1. our partial sum on what we share with the next group
+        if !after.is_empty() {
+            let partial = self
+                .fused
+                .accumulate(after.clone(), &windows, &weighted, None)?;
+            sent += self.send(&partial, g + 1)?;
+        }
+        // 2. the previous group's partial sum on what we share, our windows added, sent back
+        let head = if before.is_empty() {
+            None
+        } else {
+            let theirs = self.peers.job.recv(self.peers.peer(g - 1), device)?;
+            let total =
+                self.fused
+                    .accumulate(before.clone(), &windows, &weighted, Some(&theirs))?;
+            sent += self.send(&total, g - 1)?;
+            Some(total)
+        };
+        // 3. the frames only we hold, then the next group's totals on what we share
+        let middle_end = if after.is_empty() {
+            frames.end
+        } else {
+            after.start
+        };
+        let middle = before.end.max(frames.start)..middle_end;
+        let mut parts: Vec<Tensor> = head.into_iter().collect();
+        if !middle.is_empty() {
+            parts.push(self.fused.accumulate(middle, &windows, &weighted, None)?);
+        }
+        if !after.is_empty() {
+            parts.push(self.peers.job.recv(self.peers.peer(g + 1), device)?);
+        }
+        self.bytes.store(sent, std::sync::atomic::Ordering::Relaxed);
+        Tensor::cat(&parts, 2)
+    }
+
+    fn check_final_latents(&self, latents: &Tensor) -> candle_core::Result<()> {
+        self.fused.model.check_final_latents(latents)
     }
 }
 

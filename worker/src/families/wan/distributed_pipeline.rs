@@ -23,6 +23,7 @@ use crate::model::render::{
     CancelToken, FlowModel, PipelineError, PipelineInfo, Progress, RenderOptions, RenderSpec,
     Rendered, Result, VideoPipeline,
 };
+use crate::model::windows::GroupPeers;
 use crate::parallel::comm::Communicator;
 use crate::parallel::layout::Layout;
 
@@ -87,6 +88,14 @@ fn transformer_err(source: candle_core::Error) -> PipelineError {
 pub struct DistributedPipeline {
     pipeline: WanPipeline,
     transformer: DistributedWanTransformer,
+    /// In a job of several worker groups: the job's communicator and this rank's group.
+    job: Option<JobGroups>,
+}
+
+/// A job of several worker groups, each running the job's layout on its windows of the clip.
+struct JobGroups {
+    world: Box<dyn Communicator>,
+    group: usize,
 }
 
 impl DistributedPipeline {
@@ -128,7 +137,41 @@ impl DistributedPipeline {
         Ok(Self {
             pipeline,
             transformer,
+            job: None,
         })
+    }
+
+    /// This rank's part of a job of `groups` worker groups, each a [`Layout`]: `job` spans every
+    /// rank of the job (group `g` is ranks `g · n .. (g + 1) · n`, `n` the layout's world size);
+    /// the group's own communicator is carved out of it, and the neighbouring groups are
+    /// reached through it. One group is [`Self::from_source`] on `job`.
+    pub fn for_job(
+        source: PipelineSource<'_>,
+        device: &Device,
+        dtype: DType,
+        layout: Layout,
+        job: Box<dyn Communicator>,
+        groups: usize,
+    ) -> Result<Self> {
+        let size = layout.world_size();
+        if groups <= 1 {
+            return Self::from_source(source, device, dtype, layout, job);
+        }
+        if job.world_size() != groups * size {
+            return Err(PipelineError::Spec(format!(
+                "{groups} groups of layout {layout} need {} ranks; this job has {}",
+                groups * size,
+                job.world_size()
+            )));
+        }
+        let group = job.rank() / size;
+        let members: Vec<usize> = (group * size..(group + 1) * size).collect();
+        let world = job
+            .subgroup(&members)
+            .map_err(|e| transformer_err(e.into()))?;
+        let mut pipeline = Self::from_source(source, device, dtype, layout, world)?;
+        pipeline.job = Some(JobGroups { world: job, group });
+        Ok(pipeline)
     }
 
     /// This rank's part of the built-in tiny model (see [`WanPipeline::tiny`]): the same seeded
@@ -155,6 +198,7 @@ impl DistributedPipeline {
         Ok(Self {
             pipeline,
             transformer,
+            job: None,
         })
     }
 
@@ -234,6 +278,25 @@ impl VideoPipeline for DistributedPipeline {
         // Every rank passes the same options (a resumed state too) and gets the same final
         // latents; the video is rank 0's.
         self.check_spec(spec)?;
+        if let Some(job) = &self.job {
+            if options.resume.is_some() || options.after_step.is_some() {
+                return Err(PipelineError::Spec(
+                    "a job of several worker groups cannot yet be resumed or checkpointed".into(),
+                ));
+            }
+            let peers = GroupPeers {
+                job: job.world.as_ref(),
+                group: job.group,
+                size: self.layout().world_size(),
+            };
+            return self.pipeline.render_group(
+                &CheckedFlow(&self.transformer),
+                spec,
+                peers,
+                true,
+                progress,
+            );
+        }
         self.pipeline.render_with(
             &CheckedFlow(&self.transformer),
             spec,
@@ -522,6 +585,101 @@ mod tests {
             let again = run()?;
             for (a, b) in first.iter().zip(&again) {
                 assert_eq!(bits(a)?, bits(b)?, "{layout}: the same plan twice differs");
+            }
+        }
+        Ok(())
+    }
+
+    /// A clip of four windows (101 frames = 26 latent frames, toy windows of 9 sharing 3)
+    /// co-denoised by worker groups that exchange only their shared frames: 2 groups of one
+    /// rank and 3 groups of one rank (windows 2 + 1 + 1) give the single-process latents bit
+    /// for bit, 2 groups of `ulysses=2` within the layout tolerance, with the video decoded on
+    /// the job's rank 0 only; the same plan run twice is bit-identical.
+    #[test]
+    fn worker_groups_give_the_single_process_latents() -> TestResult {
+        use longtake_proto::spec::{Fusion, WindowSettings};
+        let dev = Device::Cpu;
+        let checkpoint = crate::model::reference::toy_checkpoint_dir();
+        let single = WanPipeline::load(&checkpoint, &dev, DType::F32)?;
+        let spec = |groups| RenderSpec {
+            prompt: "a blue triangle moving right on a white background".into(),
+            negative_prompt: String::new(),
+            frames: 101,
+            width: 64,
+            height: 64,
+            steps: 3,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: None,
+            seed: 8,
+            windows: Some(WindowSettings {
+                latent_frames: 9,
+                overlap: 3,
+                fusion: Fusion::Linear,
+                groups,
+            }),
+        };
+        let reference =
+            single.render_with_options(&spec(1), RenderOptions::default(), &mut |_| {})?;
+        assert_eq!(single.window_plan(&spec(1))?.windows().len(), 4);
+        let source = PipelineSource::Checkpoint(&checkpoint);
+        for (groups, layout, exact) in [(2, "", true), (3, "", true), (2, "ulysses=2", false)] {
+            let layout: Layout = layout.parse()?;
+            let plan = single.window_plan(&spec(groups))?;
+            assert_eq!(plan.group_count(), groups as usize);
+            let ranks = groups as usize * layout.world_size();
+            let run = || {
+                run_ranks(ranks, |_, job| {
+                    let pipe = DistributedPipeline::for_job(
+                        source,
+                        &dev,
+                        DType::F32,
+                        layout,
+                        job,
+                        groups as usize,
+                    )?;
+                    let r = pipe.render_with_options(
+                        &spec(groups),
+                        RenderOptions::default(),
+                        &mut |_| {},
+                    )?;
+                    Ok((r.latents, r.video))
+                })
+            };
+            let first = run()?;
+            let (latents, video) = &first[0];
+            let err = relative_l2(latents, &reference.latents)?;
+            println!("{groups} groups of {layout}: relative L2 {err:.2e}");
+            if exact {
+                assert_eq!(
+                    bits(latents)?,
+                    bits(&reference.latents)?,
+                    "{groups} groups of {layout}"
+                );
+            } else {
+                assert!(
+                    err < TOLERANCE,
+                    "{groups} groups of {layout}: relative L2 {err}"
+                );
+            }
+            assert_eq!(video.as_ref().map(|v| v.frames), Some(101));
+            if exact {
+                assert!(
+                    video == &reference.video,
+                    "the same latents decode to the same frames"
+                );
+            }
+            assert!(
+                first[1..].iter().all(|(_, v)| v.is_none()),
+                "only the job's rank 0 decodes"
+            );
+            let again = run()?;
+            for ((a, _), (b, _)) in first.iter().zip(&again) {
+                assert_eq!(
+                    bits(a)?,
+                    bits(b)?,
+                    "{groups} groups of {layout}: the same plan twice"
+                );
             }
         }
         Ok(())

@@ -33,7 +33,7 @@ use crate::model::text::PromptEncoder;
 use crate::model::tokenizer::PromptTokenizer;
 use crate::model::umt5::{self, UMT5EncoderModel};
 use crate::model::video;
-use crate::model::windows::WindowedFlow;
+use crate::model::windows::{GroupPeers, GroupWindowedFlow, WindowedFlow};
 
 /// The defaults of a checkpoint loaded by [`WanPipeline::load`]: those its `model_index.json`
 /// states in its `_longtake` section ([`StatedDefaults`]), the others Wan2.1's published 480p
@@ -608,6 +608,79 @@ impl WanPipeline {
             None
         };
         Ok(Rendered { latents, video })
+    }
+
+    /// One worker group's share of a clip co-denoised by several groups (`peers`: where this
+    /// rank's group sits; `model`: the group's flow, one process or the group's layout). The
+    /// group denoises only its windows' frames (their initial noise is the same pure function
+    /// of seed and frame as the whole clip's), settling shared frames with its neighbours every
+    /// step ([`GroupWindowedFlow`]). At the end the first rank of each group sends the frames it
+    /// owns (its own, and those shared with the next group) to the job's rank 0, which holds the
+    /// clip's latents, the single-process reference's bits, and decodes them where `decode`.
+    /// Every other rank returns its group's latents and no video.
+    pub fn render_group(
+        &self,
+        model: &dyn FlowModel,
+        spec: &RenderSpec,
+        peers: GroupPeers<'_>,
+        decode: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Rendered> {
+        let plan = self.window_plan(spec)?;
+        let (job, group, size) = (peers.job, peers.group, peers.size);
+        if group >= plan.group_count() || job.world_size() != plan.group_count() * size {
+            return Err(PipelineError::Spec(format!(
+                "a job of {} ranks cannot be {} groups of {size}: this rank (group {group}) \
+                 does not fit the plan",
+                job.world_size(),
+                plan.group_count()
+            )));
+        }
+        let shape = self.latent_shape(spec)?;
+        let frames = plan.group_frames(group);
+        let latents =
+            noise::initial_latents(spec.seed, shape, frames.clone(), DType::F32, &self.device)?;
+        let mut denoiser = self.denoiser(spec, latents)?;
+        let (cond, uncond) = self.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
+        let conditioning = Conditioning::new(&cond, &uncond, spec.guidance_scale)?;
+        let flow = component(
+            "transformer",
+            GroupWindowedFlow::new(model, &plan, peers, &self.device),
+        )?;
+        self.run_denoiser(&flow, &mut denoiser, &conditioning, progress, &mut |_| {
+            Ok(())
+        })?;
+        let local = denoiser.into_latents();
+        let skip = match group {
+            0 => 0,
+            g => plan.shared_with_next(g - 1).len(),
+        };
+        let owned = local.narrow(2, skip, frames.len() - skip)?.contiguous()?;
+        let gathered = if job.rank() == 0 {
+            let mut parts = vec![owned];
+            for g in 1..plan.group_count() {
+                parts.push(component(
+                    "exchange",
+                    job.recv(g * size, &self.device).map_err(Into::into),
+                )?);
+            }
+            Tensor::cat(&parts, 2)?
+        } else {
+            if job.rank() % size == 0 {
+                component("exchange", job.send(&owned, 0).map_err(Into::into))?;
+            }
+            local
+        };
+        let video = if decode && job.rank() == 0 {
+            progress(Progress::Decoding);
+            Some(self.decode_to_video(&gathered)?)
+        } else {
+            None
+        };
+        Ok(Rendered {
+            latents: gathered,
+            video,
+        })
     }
 
     /// Decodes final latents into RGB frames.
