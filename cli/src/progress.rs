@@ -62,8 +62,13 @@ impl JobDisplay {
                 } else {
                     format!(", layout {}", p.layout)
                 };
+                let windows = if p.windows.is_empty() {
+                    String::new()
+                } else {
+                    format!("\nwindows: {}", p.windows)
+                };
                 Some(format!(
-                    "planned on {} (attempt {}{layout})",
+                    "planned on {} (attempt {}{layout}){windows}",
                     p.workers.join(", "),
                     p.attempt
                 ))

@@ -115,7 +115,7 @@ pub fn event_json(event: &JobEvent) -> Value {
         ),
         Some(job_event::Event::Planned(e)) => (
             "planned",
-            json!({"workers": e.workers, "layout": e.layout, "attempt": e.attempt}),
+            json!({"workers": e.workers, "layout": e.layout, "attempt": e.attempt, "windows": e.windows}),
         ),
         Some(job_event::Event::Step(e)) => (
             "step",

@@ -335,7 +335,7 @@ impl JobTable {
                 Some(Request {
                     job_id: e.job.id.clone(),
                     model: request.model.clone(),
-                    world_size: request.layout.world_size(),
+                    world_size: request.layout.world_size() * request.groups as usize,
                 })
             })
             .collect()
@@ -416,9 +416,9 @@ impl JobTable {
         let job = &mut entry.job;
         job.phase = JobPhase::Planned;
         job.attempts += 1;
-        job.plan = Some(Plan::single(
+        job.plan = Some(Plan::for_job(
             workers.iter().map(|w| w.id.clone()).collect(),
-            resolved.layout,
+            &resolved,
         ));
         job.steps_done = 0;
         job.steps_total = resolved.steps;
@@ -691,10 +691,18 @@ impl JobTable {
 /// The `Planned` event of a job's current plan.
 fn planned(job: &JobRecord) -> Planned {
     let plan = job.plan.as_ref();
+    let windows = job
+        .spec
+        .resolved()
+        .and_then(|spec| spec.window_plan().ok())
+        .filter(|windows| !windows.is_single_window())
+        .map(|windows| windows.to_string())
+        .unwrap_or_default();
     Planned {
         workers: plan.map(Plan::workers).unwrap_or_default(),
         layout: plan.map(Plan::layout_text).unwrap_or_default(),
         attempt: job.attempts,
+        windows,
     }
 }
 

@@ -133,10 +133,10 @@ impl JobSpecs {
 /// Which workers run an attempt, and how the clip is split among them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// The worker groups; today exactly one, rendering the whole clip.
+    /// The worker groups, each running a contiguous run of the windows.
     pub groups: Vec<GroupPlan>,
-    /// The latent-frame windows of a long clip that the groups render in turn; empty until
-    /// long-video windows exist (today every group renders every frame).
+    /// The latent-frame windows of a clip longer than the model's native length, co-denoised
+    /// by the groups (`longtake_proto::spec::WindowPlan`); empty for a clip of one window.
     pub windows: Vec<WindowRange>,
 }
 
@@ -148,7 +148,7 @@ pub struct GroupPlan {
     pub layout: Layout,
 }
 
-/// A half-open range of latent frames, `start..end`. Nothing produces one yet.
+/// A half-open range of latent frames, `start..end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowRange {
     pub start: u32,
@@ -164,6 +164,36 @@ impl Plan {
         }
     }
 
+    /// `workers` (rank order) split into `spec`'s worker groups, with the windows of its clip.
+    /// The spec was resolved, so its window plan is valid; a plan that is not (a record from
+    /// an older build) keeps one group of every worker.
+    pub fn for_job(workers: Vec<String>, spec: &JobSpec) -> Self {
+        let Ok(windows) = spec.window_plan() else {
+            return Self::single(workers, spec.layout);
+        };
+        let size = spec.layout.world_size().max(1);
+        let groups = workers
+            .chunks(size)
+            .map(|w| GroupPlan {
+                workers: w.to_vec(),
+                layout: spec.layout,
+            })
+            .collect();
+        let windows = if windows.is_single_window() {
+            Vec::new()
+        } else {
+            windows
+                .windows()
+                .iter()
+                .map(|w| WindowRange {
+                    start: w.start as u32,
+                    end: (w.start + w.len) as u32,
+                })
+                .collect()
+        };
+        Self { groups, windows }
+    }
+
     /// Every worker of the plan, group after group, each in rank order.
     pub fn workers(&self) -> Vec<String> {
         self.groups
@@ -172,13 +202,20 @@ impl Plan {
             .collect()
     }
 
-    /// The groups' layouts as the `Planned` event names them (today the one group's layout).
+    /// The groups' layouts as the `Planned` event names them (one per group).
     pub fn layout_text(&self) -> String {
-        self.groups
-            .iter()
-            .map(|g| g.layout.to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
+        match self.groups.as_slice() {
+            [first, rest @ ..]
+                if !rest.is_empty() && rest.iter().all(|g| g.layout == first.layout) =>
+            {
+                format!("{} groups of {}", self.groups.len(), first.layout)
+            }
+            groups => groups
+                .iter()
+                .map(|g| g.layout.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
     }
 }
 

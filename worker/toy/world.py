@@ -39,7 +39,7 @@ BACKGROUNDS = {
     "white": (255, 255, 255),
 }
 
-RADIUS = (6.0, 10.0)  # half the object's extent, pixels
+RADIUS = (9.0, 14.0)  # half the object's extent, pixels
 STRAIGHT_SPEED = (0.5, 1.0)  # pixels per frame; slow enough to stay inside for FRAMES frames
 BOUNCE_SPEED = (1.0, 2.0)
 
@@ -139,13 +139,15 @@ def combinations(split: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def sample_clip(rng: np.random.Generator, split: str = "train", frames: int = FRAMES) -> Clip:
-    """One random clip of `split` whose object stays inside the frame for `frames` frames."""
+def sample_clip(rng: np.random.Generator, split: str = "train", frames: int = FRAMES,
+                radius: tuple[float, float] = RADIUS) -> Clip:
+    """One random clip of `split` whose object (of a radius drawn from `radius`) stays inside the
+    frame for `frames` frames."""
     triples = combinations(split)
     color, shape, direction = triples[rng.integers(len(triples))]
     backgrounds = [b for b in BACKGROUNDS if compatible(color, b)]
     background = backgrounds[rng.integers(len(backgrounds))]
-    r = float(rng.uniform(*RADIUS))
+    r = float(rng.uniform(*radius))
     lo, hi = r, SIZE - r
     if direction == "bouncing":
         while True:  # redrawn until it reflects at least once within the clip

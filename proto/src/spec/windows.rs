@@ -349,12 +349,15 @@ impl fmt::Display for WindowPlan {
         for g in 0..groups {
             let run = &self.groups[g];
             let frames = self.group_frames(g);
+            let windows = if run.len() == 1 {
+                format!("window {}", run.start)
+            } else {
+                format!("windows {}–{}", run.start, run.end - 1)
+            };
             write!(
                 f,
-                "{} group {g}: windows {}–{}, latent frames {}–{}",
+                "{} group {g}: {windows}, latent frames {}–{}",
                 if g == 0 { "" } else { ";" },
-                run.start,
-                run.end - 1,
                 frames.start,
                 frames.end - 1
             )?;

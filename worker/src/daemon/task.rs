@@ -48,7 +48,10 @@ pub struct TaskPlan {
     pub rank: usize,
     pub model: ServedModel,
     pub spec: RenderSpec,
+    /// Each worker group's layout.
     pub layout: Layout,
+    /// Worker groups of the job (the windows of a long clip spread over them).
+    pub groups: usize,
     /// Every rank's mesh address (empty for one rank).
     pub peers: Vec<SocketAddr>,
 }
@@ -74,10 +77,12 @@ impl TaskPlan {
             .clone();
         let job = resolve_spec(&request, &model)?;
         let layout = job.layout;
-        if layout.world_size() != world_size {
+        if job.ranks() != world_size {
             return Err(TaskError::Layout(format!(
-                "{layout} has {} ranks, but this task was reserved as one of {world_size}",
-                layout.world_size()
+                "{} group(s) of {layout} have {} ranks, but this task was reserved as one of \
+                 {world_size}",
+                job.windows.groups,
+                job.ranks()
             )));
         }
         let render = render_spec(&job);
@@ -97,6 +102,7 @@ impl TaskPlan {
             model,
             spec: render,
             layout,
+            groups: job.windows.groups as usize,
             peers,
         })
     }
@@ -247,7 +253,7 @@ impl TaskRunner {
         abort: &Abort,
         emit: &mut dyn FnMut(TaskEvent),
     ) -> Outcome {
-        let result = if plan.layout.world_size() == 1 {
+        let result = if plan.layout.world_size() * plan.groups == 1 {
             self.run_single(&plan, abort, emit)
         } else {
             self.run_distributed(&plan, mesh, abort, emit)
@@ -331,6 +337,7 @@ impl TaskRunner {
             &self.device,
             self.dtype,
             plan.layout,
+            plan.groups,
             mesh,
         )?;
         self.counters

@@ -34,19 +34,20 @@ pub fn load_pipeline(
     }
 }
 
-/// Loads this rank's share of `source`'s pipeline under `layout`; `world` spans the layout and
-/// its rank is this rank.
+/// Loads this rank's share of `source`'s pipeline for a job of `groups` worker groups, each
+/// under `layout`; `world` spans every rank of the job and its rank is this rank.
 pub fn load_distributed_pipeline(
     source: PipelineSource<'_>,
     device: &Device,
     dtype: DType,
     layout: Layout,
+    groups: usize,
     world: Box<dyn Communicator>,
 ) -> Result<Box<dyn VideoPipeline>> {
     match ModelFamily::of_source(source)? {
         ModelFamily::Wan21TextToVideo => Ok(Box::new(
-            wan::distributed_pipeline::DistributedPipeline::from_source(
-                source, device, dtype, layout, world,
+            wan::distributed_pipeline::DistributedPipeline::for_job(
+                source, device, dtype, layout, world, groups,
             )?,
         )),
     }
