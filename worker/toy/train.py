@@ -10,8 +10,9 @@ and seeded on its own, so that a stage re-run alone gives what it gave inside `a
   encode       the training set through the VAE encoder, and the latents' per-channel statistics
   transformer  the Wan transformer with rectified flow (flow matching), captions through a frozen
                umT5 encoder with a word-level tokenizer of the grammar
-  vae-decoder  the VAE's decoder alone (the latents stay as encoded) on 17-frame clips
   export       model_index.json, tokenizer/, text_encoder/, transformer/, vae/, scheduler/
+  vae-decoder  (not in `all`) the VAE's decoder alone (the latents stay as encoded) on 17-frame
+               clips; run it after `encode` if decoded colours need it (the shipped model did not)
   sample       (not in `all`) a few captions rendered with diffusers' WanPipeline
 """
 
@@ -596,7 +597,7 @@ def main() -> None:
     p.add_argument("--vae-decoder-steps", type=int, default=400)
     p.add_argument("--data-seed", type=int, default=7, help="the training set's world seed")
     p.add_argument("--clips", type=int, default=2400, help="training clips to encode")
-    p.add_argument("--steps", type=int, default=4000, help="transformer steps")
+    p.add_argument("--steps", type=int, default=6000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train-shift", type=float, default=FLOW_SHIFT,
@@ -621,7 +622,7 @@ def main() -> None:
         encode_dataset(args)
     if args.stage in ("transformer", "all"):
         train_transformer(args)
-    if args.stage in ("vae-decoder", "all"):
+    if args.stage == "vae-decoder":
         train_vae_decoder(args)
     if args.stage in ("export", "all"):
         export(args)

@@ -326,6 +326,9 @@ impl JobSpec {
 
 impl From<&JobSpec> for SpecRequest {
     fn from(spec: &JobSpec) -> Self {
+        let windowed = spec
+            .window_plan()
+            .is_ok_and(|plan| !plan.is_single_window());
         Self {
             prompt: spec.prompt.clone(),
             negative_prompt: spec.negative_prompt.clone(),
@@ -342,9 +345,11 @@ impl From<&JobSpec> for SpecRequest {
             format: spec.format,
             layout: spec.layout,
             groups: spec.windows.groups,
-            window_latent_frames: Some(spec.windows.latent_frames),
-            overlap_latent_frames: Some(spec.windows.overlap),
-            fusion: Some(spec.windows.fusion),
+            // A clip of one window is a plain render: its window settings mean nothing, so the
+            // spec a client sees keeps them unset as submitted.
+            window_latent_frames: windowed.then_some(spec.windows.latent_frames),
+            overlap_latent_frames: windowed.then_some(spec.windows.overlap),
+            fusion: windowed.then_some(spec.windows.fusion),
         }
     }
 }
@@ -455,7 +460,8 @@ impl From<&SpecRequest> for RenderSpec {
             } else {
                 spec.layout.to_string()
             },
-            groups: spec.groups,
+            // 0 is one group, as an empty layout is one rank
+            groups: if spec.groups == 1 { 0 } else { spec.groups },
             window_latent_frames: spec.window_latent_frames.unwrap_or(0),
             overlap_latent_frames: spec.overlap_latent_frames,
             fusion: spec
@@ -656,6 +662,31 @@ mod tests {
         // resolved specs round-trip through the wire with every window field set
         let wire = RenderSpec::from(&resolved);
         assert_eq!((wire.groups, wire.window_latent_frames), (2, 9));
+        let one_window = RenderSpec {
+            frames: 33,
+            ..spec()
+        };
+        let plain = SpecRequest::try_from(&one_window)
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        let wire_plain = RenderSpec::from(&plain);
+        assert_eq!(
+            (
+                wire_plain.groups,
+                wire_plain.window_latent_frames,
+                wire_plain.overlap_latent_frames
+            ),
+            (0, 0, None),
+            "a clip of one window shows no window settings"
+        );
+        assert_eq!(
+            SpecRequest::try_from(&wire_plain)
+                .unwrap()
+                .resolve(&model())
+                .unwrap(),
+            plain
+        );
         assert_eq!(
             (wire.overlap_latent_frames, wire.fusion.as_str()),
             (Some(3), "linear")

@@ -506,7 +506,7 @@ mod tests {
             ..spec("")
         };
         check(ddim, 1, &[], "spec.scheduler: \"ddim\"");
-        check(spec("cfg=2"), 1, &[], "spec.layout: cfg=2");
+        check(spec("cfg=2"), 1, &[], "spec.layout: 1 group(s) of cfg=2");
         check(spec("warp=2"), 2, &[], "spec.layout: layout `warp=2`");
         // The tiny transformer has 4 heads.
         check(
