@@ -349,6 +349,35 @@ fn unknown_ids_and_malformed_specs_are_refused_with_their_names() {
     assert!(!out.exists(), "a failed fetch writes nothing");
 }
 
+/// A clip of three windows on two worker groups (two worker processes, one rank each): the
+/// groups exchange their shared frames peer to peer, and the clip is the embedded single-process
+/// co-denoised render byte for byte.
+#[test]
+fn a_long_clip_on_two_worker_groups_equals_the_single_process_render() {
+    let mut farm = Farm::with_workers(&["w1", "w2"]);
+    let mut long = spec_of("61", "64x64", 3);
+    long.extend(["--window", "9"].map(String::from));
+    let mut grouped = long.clone();
+    grouped.extend(["--groups", "2"].map(String::from));
+    let id = farm.submit(&grouped, &["--name", "long"]);
+    farm.wait_done(&id, JOB);
+    let job = farm.job(&id);
+    assert_eq!(workers_of(&job).len(), 2, "two groups of one rank: {job}");
+    assert_eq!(number(&job["spec"], "groups"), 2, "{job}");
+    let clip = farm.path("long.mp4");
+    farm.cli(&["fetch", &id, "--out", clip.to_str().unwrap()])
+        .ok();
+    assert_eq!(probe(&clip)["nb_read_frames"], "61");
+    let reference = farm.path("long-reference.mp4");
+    let mut args = strs(&long);
+    args.extend(["--out", reference.to_str().unwrap()]);
+    embedded_render(&args);
+    assert!(
+        std::fs::read(&clip).unwrap() == std::fs::read(&reference).unwrap(),
+        "two groups on the farm differ from the single-process render"
+    );
+}
+
 #[test]
 fn a_restarted_coordinator_keeps_its_jobs_and_runs_the_queue() {
     let mut farm = Farm::with_workers(&["w1"]);
