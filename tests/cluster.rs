@@ -354,7 +354,7 @@ fn unknown_ids_and_malformed_specs_are_refused_with_their_names() {
 /// co-denoised render byte for byte.
 #[test]
 fn a_long_clip_on_two_worker_groups_equals_the_single_process_render() {
-    let mut farm = Farm::with_workers(&["w1", "w2"]);
+    let farm = Farm::with_workers(&["w1", "w2"]);
     let mut long = spec_of("61", "64x64", 3);
     long.extend(["--window", "9"].map(String::from));
     let mut grouped = long.clone();
