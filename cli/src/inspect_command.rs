@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use longtake_cli::inspect;
 use longtake_coordinator::encode::write_png;
+use longtake_proto::spec::job::default_overlap;
 
 #[derive(Args)]
 pub struct InspectArgs {
@@ -28,11 +29,34 @@ pub struct InspectArgs {
     strip_frames: usize,
     #[arg(long, default_value_t = 3, value_name = "N")]
     strip_scale: usize,
+    /// For the seam report of a long clip: the window length it was rendered with, in latent
+    /// frames [default: the toy model's 9].
+    #[arg(long, value_name = "N")]
+    window: Option<u32>,
+    /// ... and the least overlap of its windows [default: a third of the window].
+    #[arg(long, value_name = "N")]
+    overlap: Option<u32>,
 }
 
 /// Exit status 0 when colour, direction and background all match the caption, 1 otherwise.
 pub fn run(args: InspectArgs) -> Result<i32> {
-    let report = inspect::inspect(&args.clip, &args.caption)?;
+    let mut windows = inspect::toy_windows();
+    if let Some(window) = args.window {
+        windows.latent_frames = window;
+        windows.overlap = default_overlap(window);
+    }
+    if let Some(overlap) = args.overlap {
+        windows.overlap = overlap;
+    }
+    // A cut the clip cannot have is named before anything is read.
+    longtake_proto::spec::WindowPlan::new(1, windows).map_err(|e| {
+        anyhow::anyhow!(
+            "--{}: {}",
+            e.field().replace("_latent_frames", "").replace('_', "-"),
+            e.problem()
+        )
+    })?;
+    let report = inspect::inspect_with_windows(&args.clip, &args.caption, windows)?;
     if let Some(path) = &args.strip {
         let frames = inspect::read_clip(&args.clip)?;
         let strip = inspect::strip::strip(&frames, args.strip_frames, args.strip_scale)

@@ -125,7 +125,8 @@ pub struct FrameObject {
 }
 
 impl FrameObject {
-    fn object(&self) -> Option<&Blob> {
+    /// The blob, where it was taken for the object.
+    pub fn object(&self) -> Option<&Blob> {
         self.blob.as_ref().filter(|_| self.found)
     }
 }

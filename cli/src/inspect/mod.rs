@@ -1,14 +1,15 @@
 //! `longtake inspect`: checks what a rendered clip of the toy world (`worker/toy/world.py`) shows
 //! against its caption. [`world`] is the caption grammar and palette, [`read`] turns an MP4 or a
 //! PNG sequence into [`Frame`]s, [`checker`] measures background, object, motion and
-//! consistency, [`verdict`] compares them with the caption, and [`Report`] puts it together for
-//! printing.
+//! consistency, [`verdict`] compares them with the caption, [`seams`] measures the window seams
+//! of a long clip, and [`Report`] puts it together for printing.
 
 pub mod checker;
 pub mod frame;
 pub mod motion;
 pub mod read;
 mod report;
+pub mod seams;
 pub mod segment;
 mod stats;
 pub mod strip;
@@ -26,7 +27,10 @@ use serde::Serialize;
 
 pub use checker::{measure, CheckError, Measurements};
 pub use frame::Frame;
+use longtake_proto::spec::job::default_overlap;
+use longtake_proto::spec::WindowSettings;
 pub use read::{read_clip, ClipError};
+pub use seams::{seam_report, SeamReport};
 pub use verdict::Verdict;
 pub use world::{Caption, CaptionError};
 
@@ -54,7 +58,25 @@ pub struct Report {
     pub verdict: Verdict,
     pub passed: bool,
     pub measurements: Measurements,
+    /// Where the clip is longer than one window of the toy model (or of the windows asked
+    /// for): the change across each window seam against the change inside windows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seams: Option<SeamReport>,
 }
+
+/// The windows a clip of the toy world was cut into when nothing else is said: the toy model's
+/// native 9 latent frames with the spec's default overlap.
+pub fn toy_windows() -> WindowSettings {
+    WindowSettings {
+        latent_frames: TOY_WINDOW,
+        overlap: default_overlap(TOY_WINDOW),
+        fusion: Default::default(),
+        groups: 1,
+    }
+}
+
+/// The toy model's native length in latent frames (33 frames).
+pub const TOY_WINDOW: u32 = 9;
 
 impl Report {
     /// Measures `frames` and judges them against `caption`.
@@ -63,8 +85,22 @@ impl Report {
         caption: Caption,
         frames: &[Frame],
     ) -> Result<Self, CheckError> {
+        Self::with_windows(clip, caption, frames, toy_windows())
+    }
+
+    /// [`Self::of_frames`] with the seams of a clip cut with `windows` (a cut that is not valid
+    /// for this clip reports no seams).
+    pub fn with_windows(
+        clip: PathBuf,
+        caption: Caption,
+        frames: &[Frame],
+        windows: WindowSettings,
+    ) -> Result<Self, CheckError> {
         let measurements = measure(frames)?;
         let verdict = Verdict::judge(&caption, &measurements);
+        let seams = seam_report(frames, &measurements.per_frame, windows)
+            .ok()
+            .flatten();
         Ok(Self {
             clip,
             caption: caption.to_string(),
@@ -72,6 +108,7 @@ impl Report {
             verdict,
             passed: verdict.passed(),
             measurements,
+            seams,
         })
     }
 }
@@ -79,10 +116,21 @@ impl Report {
 /// Parses `caption`, reads the clip at `path` and reports on it. The caption is parsed first, so
 /// a caption outside the grammar fails before any decoding.
 pub fn inspect(path: &Path, caption: &str) -> Result<Report, InspectError> {
+    inspect_with_windows(path, caption, toy_windows())
+}
+
+/// [`inspect`] with the seams of a clip cut with `windows`.
+pub fn inspect_with_windows(
+    path: &Path,
+    caption: &str,
+    windows: WindowSettings,
+) -> Result<Report, InspectError> {
     let caption: Caption = caption.parse()?;
     let frames = read_clip(path)?;
-    Report::of_frames(path.to_path_buf(), caption, &frames).map_err(|source| InspectError::Check {
-        path: path.to_path_buf(),
-        source,
+    Report::with_windows(path.to_path_buf(), caption, &frames, windows).map_err(|source| {
+        InspectError::Check {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }

@@ -143,6 +143,47 @@ impl fmt::Display for Report {
             figure(c.max_centroid_jump, 2),
             frame_list(&c.missing_frames)
         )?;
+        if let Some(seams) = &self.seams {
+            let ratio = |r: Option<f64>| figure(r, 2);
+            let w = &seams.within;
+            writeln!(f, "windows      {}", seams.plan)?;
+            writeln!(
+                f,
+                "seams        inside windows (median): picture {:.2}, centroid jump {} px, colour {}, area {}",
+                w.picture,
+                figure(w.centroid_jump, 2),
+                figure(w.color, 1),
+                figure(w.area, 3)
+            )?;
+            for seam in &seams.seams {
+                let [p, j, col, a] = seam.ratio;
+                writeln!(
+                    f,
+                    "             windows {}|{} (frames {}-{}): picture {:.2} (×{}), jump {} px (×{}), colour {} (×{}), area {} (×{})",
+                    seam.windows[0],
+                    seam.windows[1],
+                    seam.frames.start,
+                    seam.frames.end.saturating_sub(1),
+                    seam.change.picture,
+                    ratio(p),
+                    figure(seam.change.centroid_jump, 2),
+                    ratio(j),
+                    figure(seam.change.color, 1),
+                    ratio(col),
+                    figure(seam.change.area, 3),
+                    ratio(a)
+                )?;
+            }
+            let [p, j, col, a] = seams.worst_ratio;
+            writeln!(
+                f,
+                "             worst seam (largest change) / inside (median): picture ×{}, jump ×{}, colour ×{}, area ×{}",
+                ratio(p),
+                ratio(j),
+                ratio(col),
+                ratio(a)
+            )?;
+        }
         write!(
             f,
             "verdict      {}",

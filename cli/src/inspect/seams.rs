@@ -1,0 +1,279 @@
+//! The seam report of a co-denoised clip: how much the picture and the object change where two
+//! windows meet, against how much they change inside the windows.
+//!
+//! A long clip is denoised as overlapping windows (`longtake_proto::spec::WindowPlan`); a seam is
+//! where the two windows' predictions are blended. For every pair of neighbouring windows the
+//! report takes the frame-to-frame transitions around the video frames of their shared latent
+//! frames (one frame either side) and compares the largest with the median transition away from
+//! every seam: the picture's change (mean absolute difference of the pixels), and with the toy
+//! world's object its centroid jump, its colour change and its relative area change. A ratio near
+//! 1 is a seam nobody sees; a jump, a colour shift or a popping object shows as a ratio well
+//! above it. (The largest of a dozen transitions against a median: a clip whose motion varies
+//! from frame to frame has ratios above 1 at every seam; compare clips, not against 1.) The
+//! inside medians are floored (picture 0.1, jump 0.1 px, colour 1, area 0.01) so that a
+//! perfectly steady clip does not divide by zero.
+
+use std::ops::Range;
+
+use longtake_proto::spec::frames::WAN_TEMPORAL_PACK;
+use longtake_proto::spec::{WindowError, WindowPlan, WindowSettings};
+use serde::Serialize;
+
+use super::checker::FrameObject;
+use super::frame::Frame;
+use super::stats::median;
+use super::world::distance;
+
+/// How much a clip changes from one frame to the next: one transition's figures, or a median or
+/// mean of several. Object figures are `None` where the object was not found in both frames.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Change {
+    /// Mean absolute difference of the pixels' channels (0–255).
+    pub picture: f64,
+    /// The object's centroid move, px.
+    pub centroid_jump: Option<f64>,
+    /// RGB distance between the object's core colours.
+    pub color: Option<f64>,
+    /// |area change| / the larger area.
+    pub area: Option<f64>,
+}
+
+/// One seam: the windows that meet, the video frames around their shared latent frames, and
+/// the change across them against the change inside windows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Seam {
+    /// The two windows' indices.
+    pub windows: [usize; 2],
+    /// Video frames whose transitions count for this seam.
+    pub frames: Range<usize>,
+    /// The largest of the transitions across the seam, figure by figure.
+    pub change: Change,
+    /// `change` over the clip's median change inside windows (picture, centroid jump, colour,
+    /// area); `None` where a figure is missing.
+    pub ratio: [Option<f64>; 4],
+}
+
+/// Every seam of a clip and the change inside its windows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeamReport {
+    /// The windows the report assumed (the clip's own frame count cut with these settings).
+    pub plan: String,
+    /// Median change over the transitions away from every seam.
+    pub within: Change,
+    pub seams: Vec<Seam>,
+    /// The largest ratio of every figure over the seams.
+    pub worst_ratio: [Option<f64>; 4],
+}
+
+/// The seams of `frames` cut as a job with `settings` would cut them; `per_frame` is the
+/// checker's object in every frame. `Ok(None)` for a clip of one window (no seams).
+pub fn seam_report(
+    frames: &[Frame],
+    per_frame: &[FrameObject],
+    settings: WindowSettings,
+) -> Result<Option<SeamReport>, WindowError> {
+    let latent = latent_frames(frames.len());
+    let plan = WindowPlan::new(latent, settings)?;
+    if plan.is_single_window() || frames.len() < 2 {
+        return Ok(None);
+    }
+    let transitions: Vec<Change> = (0..frames.len() - 1)
+        .map(|i| change(&frames[i], &frames[i + 1], &per_frame[i], &per_frame[i + 1]))
+        .collect();
+    let pack = WAN_TEMPORAL_PACK as usize;
+    let seam_frames: Vec<([usize; 2], Range<usize>)> = plan
+        .windows()
+        .windows(2)
+        .enumerate()
+        .map(|(i, pair)| {
+            let shared = pair[1].start..pair[0].start + pair[0].len;
+            let first = video_frame(shared.start, pack).saturating_sub(1);
+            let last = (video_frame(shared.end, pack) + 1).min(frames.len());
+            ([i, i + 1], first..last)
+        })
+        .collect();
+    // transition i (frame i → i + 1) is at a seam when both frames are in its range
+    let at_seam = |i: usize| {
+        seam_frames
+            .iter()
+            .any(|(_, r)| r.contains(&i) && r.contains(&(i + 1)))
+    };
+    let inside: Vec<&Change> = transitions
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !at_seam(*i))
+        .map(|(_, c)| c)
+        .collect();
+    let within = summarise(&inside, median);
+    let seams: Vec<Seam> = seam_frames
+        .into_iter()
+        .map(|(windows, range)| {
+            let across: Vec<&Change> = (range.start..range.end.saturating_sub(1))
+                .map(|i| &transitions[i])
+                .collect();
+            let change = summarise(&across, largest);
+            Seam {
+                windows,
+                frames: range,
+                ratio: ratios(&change, &within),
+                change,
+            }
+        })
+        .collect();
+    let worst_ratio = std::array::from_fn(|k| {
+        seams
+            .iter()
+            .filter_map(|s| s.ratio[k])
+            .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))))
+    });
+    Ok(Some(SeamReport {
+        plan: plan.to_string(),
+        within,
+        seams,
+        worst_ratio,
+    }))
+}
+
+/// Latent frames of a clip of `frames` video frames (`4k+1`; a clip of another count is
+/// counted as the next `4k+1` would be).
+fn latent_frames(frames: usize) -> u32 {
+    let frames = frames.max(1) as u32;
+    (frames - 1).div_ceil(WAN_TEMPORAL_PACK) + 1
+}
+
+/// The first video frame latent frame `latent` decodes to.
+fn video_frame(latent: usize, pack: usize) -> usize {
+    if latent == 0 {
+        0
+    } else {
+        (latent - 1) * pack + 1
+    }
+}
+
+fn change(a: &Frame, b: &Frame, oa: &FrameObject, ob: &FrameObject) -> Change {
+    let picture = a
+        .rgb()
+        .iter()
+        .zip(b.rgb())
+        .map(|(x, y)| x.abs_diff(*y) as f64)
+        .sum::<f64>()
+        / a.rgb().len().max(1) as f64;
+    let both = oa.object().zip(ob.object());
+    Change {
+        picture,
+        centroid_jump: both.map(|(p, q)| {
+            let (dx, dy) = (p.centroid[0] - q.centroid[0], p.centroid[1] - q.centroid[1]);
+            dx.hypot(dy)
+        }),
+        color: both.map(|(p, q)| distance(p.core_rgb, q.core_rgb)),
+        area: both.map(|(p, q)| p.area.abs_diff(q.area) as f64 / p.area.max(q.area).max(1) as f64),
+    }
+}
+
+/// Each figure of `changes` summarised by `how` (median or largest) over the transitions that
+/// have it.
+fn summarise(changes: &[&Change], how: fn(&[f64]) -> Option<f64>) -> Change {
+    let figure = |f: fn(&Change) -> Option<f64>| {
+        how(&changes.iter().filter_map(|c| f(c)).collect::<Vec<_>>())
+    };
+    Change {
+        picture: figure(|c| Some(c.picture)).unwrap_or(0.0),
+        centroid_jump: figure(|c| c.centroid_jump),
+        color: figure(|c| c.color),
+        area: figure(|c| c.area),
+    }
+}
+
+fn largest(values: &[f64]) -> Option<f64> {
+    values.iter().copied().reduce(f64::max)
+}
+
+fn ratios(seam: &Change, within: &Change) -> [Option<f64>; 4] {
+    let ratio = |a: Option<f64>, b: Option<f64>, floor: f64| match (a, b) {
+        (Some(a), Some(b)) => Some(a / b.max(floor)),
+        _ => None,
+    };
+    [
+        ratio(Some(seam.picture), Some(within.picture), 0.1),
+        ratio(seam.centroid_jump, within.centroid_jump, 0.1),
+        ratio(seam.color, within.color, 1.0),
+        ratio(seam.area, within.area, 0.01),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inspect::checker::measure;
+    use crate::inspect::synth::Scene;
+    use crate::inspect::toy_windows;
+    use crate::inspect::world::{Direction, Shape};
+
+    /// A bouncing square over 61 frames (16 latent frames: 3 toy windows).
+    fn long_scene() -> Scene {
+        let mut scene = Scene::new(
+            [240, 220, 40],
+            [0, 0, 0],
+            Shape::Square,
+            Direction::Bouncing,
+        );
+        scene.frames = 61;
+        scene
+    }
+
+    #[test]
+    fn a_seamless_clip_changes_at_its_seams_as_inside_its_windows() {
+        let frames = long_scene().render();
+        let measured = measure(&frames).unwrap();
+        let report = seam_report(&frames, &measured.per_frame, toy_windows())
+            .unwrap()
+            .expect("three windows, two seams");
+        assert_eq!(report.seams.len(), 2);
+        assert_eq!(report.seams[0].windows, [0, 1]);
+        for seam in &report.seams {
+            let [picture, jump, ..] = seam.ratio;
+            assert!(picture.unwrap() < 1.5 && jump.unwrap() < 1.5, "{seam:?}");
+        }
+    }
+
+    #[test]
+    fn a_jump_or_a_colour_shift_at_a_seam_stands_out() {
+        let scene = long_scene();
+        let report_of = |frames: &[Frame]| {
+            let measured = measure(frames).unwrap();
+            seam_report(frames, &measured.per_frame, toy_windows())
+                .unwrap()
+                .unwrap()
+        };
+        let clean = scene.render();
+        let seam = report_of(&clean).seams[1].frames.clone();
+        let cut = (seam.start + seam.end) / 2;
+        // from the seam on, the object is 6 px further along and drawn in another colour
+        let mut shifted = scene.clone();
+        shifted.start = [scene.start[0] + 6.0, scene.start[1]];
+        shifted.color = [250, 170, 40];
+        let mut frames = clean[..cut].to_vec();
+        frames.extend_from_slice(&shifted.render()[cut..]);
+        let report = report_of(&frames);
+        let [_, jump, color, _] = report.seams[1].ratio;
+        assert!(jump.unwrap() > 2.0, "{:?}", report.seams[1]);
+        assert!(color.unwrap() > 2.0, "{:?}", report.seams[1]);
+        let [_, first_jump, ..] = report.seams[0].ratio;
+        assert!(
+            first_jump.unwrap() < 1.5,
+            "the other seam is clean: {:?}",
+            report.seams[0]
+        );
+    }
+
+    #[test]
+    fn a_clip_of_one_window_has_no_seams() {
+        let frames =
+            Scene::new([240, 220, 40], [0, 0, 0], Shape::Square, Direction::Right).render();
+        let measured = measure(&frames).unwrap();
+        assert_eq!(
+            seam_report(&frames, &measured.per_frame, toy_windows()),
+            Ok(None)
+        );
+    }
+}
