@@ -145,43 +145,52 @@ impl fmt::Display for Report {
         )?;
         if let Some(seams) = &self.seams {
             let ratio = |r: Option<f64>| figure(r, 2);
-            let w = &seams.within;
+            let change = |c: &super::seams::Change| {
+                format!(
+                    "picture {:.2}, jump {} px, colour {}, area {}",
+                    c.picture,
+                    figure(c.centroid_jump, 2),
+                    figure(c.color, 1),
+                    figure(c.area, 3)
+                )
+            };
+            let ratios = |r: [Option<f64>; 4]| {
+                format!(
+                    "×{} ×{} ×{} ×{}",
+                    ratio(r[0]),
+                    ratio(r[1]),
+                    ratio(r[2]),
+                    ratio(r[3])
+                )
+            };
             writeln!(f, "windows      {}", seams.plan)?;
             writeln!(
                 f,
-                "seams        inside windows (median): picture {:.2}, centroid jump {} px, colour {}, area {}",
-                w.picture,
-                figure(w.centroid_jump, 2),
-                figure(w.color, 1),
-                figure(w.area, 3)
+                "seams        inside windows: mean {}; 95th percentile {}",
+                change(&seams.inside_mean),
+                change(&seams.inside_p95)
+            )?;
+            writeln!(
+                f,
+                "             per seam, mean change / inside mean (drift) and largest / inside 95th percentile (jump), picture jump colour area:"
             )?;
             for seam in &seams.seams {
-                let [p, j, col, a] = seam.ratio;
                 writeln!(
                     f,
-                    "             windows {}|{} (frames {}-{}): picture {:.2} (×{}), jump {} px (×{}), colour {} (×{}), area {} (×{})",
+                    "             windows {}|{} (frames {}-{}): drift {}, jump {}",
                     seam.windows[0],
                     seam.windows[1],
                     seam.frames.start,
                     seam.frames.end.saturating_sub(1),
-                    seam.change.picture,
-                    ratio(p),
-                    figure(seam.change.centroid_jump, 2),
-                    ratio(j),
-                    figure(seam.change.color, 1),
-                    ratio(col),
-                    figure(seam.change.area, 3),
-                    ratio(a)
+                    ratios(seam.drift_ratio),
+                    ratios(seam.jump_ratio)
                 )?;
             }
-            let [p, j, col, a] = seams.worst_ratio;
             writeln!(
                 f,
-                "             worst seam (largest change) / inside (median): picture ×{}, jump ×{}, colour ×{}, area ×{}",
-                ratio(p),
-                ratio(j),
-                ratio(col),
-                ratio(a)
+                "             worst seam: drift {}, jump {}",
+                ratios(seams.worst_drift_ratio),
+                ratios(seams.worst_jump_ratio)
             )?;
         }
         write!(

@@ -4,14 +4,16 @@
 //! A long clip is denoised as overlapping windows (`longtake_proto::spec::WindowPlan`); a seam is
 //! where the two windows' predictions are blended. For every pair of neighbouring windows the
 //! report takes the frame-to-frame transitions around the video frames of their shared latent
-//! frames (one frame either side) and compares the largest with the median transition away from
-//! every seam: the picture's change (mean absolute difference of the pixels), and with the toy
-//! world's object its centroid jump, its colour change and its relative area change. A ratio near
-//! 1 is a seam nobody sees; a jump, a colour shift or a popping object shows as a ratio well
-//! above it. (The largest of a dozen transitions against a median: a clip whose motion varies
-//! from frame to frame has ratios above 1 at every seam; compare clips, not against 1.) The
-//! inside medians are floored (picture 0.1, jump 0.1 px, colour 1, area 0.01) so that a
-//! perfectly steady clip does not divide by zero.
+//! frames (one frame either side) and compares them with the transitions away from every seam:
+//! the picture's change (mean absolute difference of the pixels), and with the toy world's object
+//! its centroid jump, its colour change and its relative area change. Two comparisons:
+//! - **drift**: the mean change across the seam over the mean change inside windows (like with
+//!   like: 1 when the seam changes the clip as much as any other stretch does; a blend that
+//!   drags the object or its colour raises it);
+//! - **jump**: the largest change across the seam over the 95th percentile inside windows (a
+//!   single-frame cut, as when clips are stitched by hand).
+//! Inside figures are floored (picture 0.1, jump 0.1 px, colour 1, area 0.01) so that a perfectly
+//! steady clip does not divide by zero.
 
 use std::ops::Range;
 
@@ -21,7 +23,7 @@ use serde::Serialize;
 
 use super::checker::FrameObject;
 use super::frame::Frame;
-use super::stats::median;
+use super::stats::{mean, quantile};
 use super::world::distance;
 
 /// How much a clip changes from one frame to the next: one transition's figures, or a median or
@@ -46,11 +48,13 @@ pub struct Seam {
     pub windows: [usize; 2],
     /// Video frames whose transitions count for this seam.
     pub frames: Range<usize>,
-    /// The largest of the transitions across the seam, figure by figure.
-    pub change: Change,
-    /// `change` over the clip's median change inside windows (picture, centroid jump, colour,
-    /// area); `None` where a figure is missing.
-    pub ratio: [Option<f64>; 4],
+    /// The mean and the largest of the transitions across the seam, figure by figure.
+    pub mean: Change,
+    pub largest: Change,
+    /// `mean` over the mean inside windows, and `largest` over the 95th percentile inside
+    /// windows (picture, centroid jump, colour, area); `None` where a figure is missing.
+    pub drift_ratio: [Option<f64>; 4],
+    pub jump_ratio: [Option<f64>; 4],
 }
 
 /// Every seam of a clip and the change inside its windows.
@@ -58,11 +62,13 @@ pub struct Seam {
 pub struct SeamReport {
     /// The windows the report assumed (the clip's own frame count cut with these settings).
     pub plan: String,
-    /// Median change over the transitions away from every seam.
-    pub within: Change,
+    /// Over the transitions away from every seam: the mean and the 95th percentile.
+    pub inside_mean: Change,
+    pub inside_p95: Change,
     pub seams: Vec<Seam>,
     /// The largest ratio of every figure over the seams.
-    pub worst_ratio: [Option<f64>; 4],
+    pub worst_drift_ratio: [Option<f64>; 4],
+    pub worst_jump_ratio: [Option<f64>; 4],
 }
 
 /// The seams of `frames` cut as a job with `settings` would cut them; `per_frame` is the
@@ -104,33 +110,35 @@ pub fn seam_report(
         .filter(|(i, _)| !at_seam(*i))
         .map(|(_, c)| c)
         .collect();
-    let within = summarise(&inside, median);
+    let inside_mean = summarise(&inside, mean);
+    let inside_p95 = summarise(&inside, |v| quantile(v, 0.95));
     let seams: Vec<Seam> = seam_frames
         .into_iter()
         .map(|(windows, range)| {
             let across: Vec<&Change> = (range.start..range.end.saturating_sub(1))
                 .map(|i| &transitions[i])
                 .collect();
-            let change = summarise(&across, largest);
+            let (mean, largest) = (summarise(&across, mean), summarise(&across, largest));
             Seam {
                 windows,
                 frames: range,
-                ratio: ratios(&change, &within),
-                change,
+                drift_ratio: ratios(&mean, &inside_mean),
+                jump_ratio: ratios(&largest, &inside_p95),
+                mean,
+                largest,
             }
         })
         .collect();
-    let worst_ratio = std::array::from_fn(|k| {
-        seams
-            .iter()
-            .filter_map(|s| s.ratio[k])
-            .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))))
-    });
+    let worst = |ratio: fn(&Seam) -> [Option<f64>; 4]| {
+        std::array::from_fn(|k| seams.iter().filter_map(|s| ratio(s)[k]).reduce(f64::max))
+    };
     Ok(Some(SeamReport {
         plan: plan.to_string(),
-        within,
+        inside_mean,
+        inside_p95,
+        worst_drift_ratio: worst(|s| s.drift_ratio),
+        worst_jump_ratio: worst(|s| s.jump_ratio),
         seams,
-        worst_ratio,
     }))
 }
 
@@ -170,9 +178,9 @@ fn change(a: &Frame, b: &Frame, oa: &FrameObject, ob: &FrameObject) -> Change {
     }
 }
 
-/// Each figure of `changes` summarised by `how` (median or largest) over the transitions that
-/// have it.
-fn summarise(changes: &[&Change], how: fn(&[f64]) -> Option<f64>) -> Change {
+/// Each figure of `changes` summarised by `how` (mean, largest, a quantile) over the
+/// transitions that have it.
+fn summarise(changes: &[&Change], how: impl Fn(&[f64]) -> Option<f64>) -> Change {
     let figure = |f: fn(&Change) -> Option<f64>| {
         how(&changes.iter().filter_map(|c| f(c)).collect::<Vec<_>>())
     };
@@ -231,8 +239,10 @@ mod tests {
         assert_eq!(report.seams.len(), 2);
         assert_eq!(report.seams[0].windows, [0, 1]);
         for seam in &report.seams {
-            let [picture, jump, ..] = seam.ratio;
-            assert!(picture.unwrap() < 1.5 && jump.unwrap() < 1.5, "{seam:?}");
+            for ratio in [seam.drift_ratio, seam.jump_ratio] {
+                let [picture, jump, ..] = ratio;
+                assert!(picture.unwrap() < 1.5 && jump.unwrap() < 1.5, "{seam:?}");
+            }
         }
     }
 
@@ -255,10 +265,10 @@ mod tests {
         let mut frames = clean[..cut].to_vec();
         frames.extend_from_slice(&shifted.render()[cut..]);
         let report = report_of(&frames);
-        let [_, jump, color, _] = report.seams[1].ratio;
+        let [_, jump, color, _] = report.seams[1].jump_ratio;
         assert!(jump.unwrap() > 2.0, "{:?}", report.seams[1]);
         assert!(color.unwrap() > 2.0, "{:?}", report.seams[1]);
-        let [_, first_jump, ..] = report.seams[0].ratio;
+        let [_, first_jump, ..] = report.seams[0].jump_ratio;
         assert!(
             first_jump.unwrap() < 1.5,
             "the other seam is clean: {:?}",

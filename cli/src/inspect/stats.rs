@@ -16,6 +16,17 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
+/// The `q`-quantile of `values` (0 ≤ q ≤ 1), the nearest rank; `None` when empty.
+pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64).round() as usize;
+    Some(sorted[rank])
+}
+
 /// The per-channel median of colours.
 pub fn median_rgb(colors: &[[f64; 3]]) -> Option<[f64; 3]> {
     let channel = |c: usize| median(&colors.iter().map(|rgb| rgb[c]).collect::<Vec<_>>());
