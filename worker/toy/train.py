@@ -597,7 +597,7 @@ def main() -> None:
     p.add_argument("--vae-decoder-steps", type=int, default=400)
     p.add_argument("--data-seed", type=int, default=7, help="the training set's world seed")
     p.add_argument("--clips", type=int, default=2400, help="training clips to encode")
-    p.add_argument("--steps", type=int, default=6000, help="transformer steps")
+    p.add_argument("--steps", type=int, default=8000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train-shift", type=float, default=FLOW_SHIFT,
