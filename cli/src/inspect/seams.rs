@@ -12,6 +12,7 @@
 //!   drags the object or its colour raises it);
 //! - **jump**: the largest change across the seam over the 95th percentile inside windows (a
 //!   single-frame cut, as when clips are stitched by hand).
+//!
 //! Inside figures are floored (picture 0.1, jump 0.1 px, colour 1, area 0.01) so that a perfectly
 //! steady clip does not divide by zero.
 
