@@ -318,6 +318,12 @@ impl JobSpec {
         WindowPlan::new(self.latent_frames(), self.windows).map_err(|e| bad(e.field(), e.problem()))
     }
 
+    /// Whether the clip is longer than one window (co-denoised), the rule of
+    /// [`WindowPlan::is_single_window`] without building the plan.
+    pub fn is_windowed(&self) -> bool {
+        self.latent_frames() > self.windows.latent_frames
+    }
+
     /// Ranks the job needs: its groups times each group's layout.
     pub fn ranks(&self) -> usize {
         self.layout.world_size() * self.windows.groups as usize
@@ -326,9 +332,7 @@ impl JobSpec {
 
 impl From<&JobSpec> for SpecRequest {
     fn from(spec: &JobSpec) -> Self {
-        let windowed = spec
-            .window_plan()
-            .is_ok_and(|plan| !plan.is_single_window());
+        let windowed = spec.is_windowed();
         Self {
             prompt: spec.prompt.clone(),
             negative_prompt: spec.negative_prompt.clone(),
