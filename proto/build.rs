@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let serde = "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]";
     tonic_prost_build::configure()
         .type_attribute("longtake.v1.RenderSpec", serde)
+        .type_attribute("longtake.v1.PromptCue", serde)
         .type_attribute("longtake.v1.Job", serde)
         .type_attribute("longtake.v1.Worker", serde)
         .type_attribute("longtake.v1.DeviceInfo", serde)

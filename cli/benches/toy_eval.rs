@@ -143,6 +143,7 @@ fn main() -> Result<()> {
             scheduler: None,
             seed: args.seed + i as u64,
             windows: None,
+            timeline: Default::default(),
         };
         let video = pipeline.render(&spec, &mut |_| {})?;
         let frames = frames_of(&video)?;

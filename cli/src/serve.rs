@@ -81,6 +81,9 @@ pub struct CoordinatorArgs {
     /// Most workers one job may use.
     #[arg(long)]
     pub max_ranks: Option<u32>,
+    /// Most prompt changes (`--prompt-at` cues) one job may have.
+    #[arg(long)]
+    pub max_prompt_cues: Option<u32>,
 }
 
 impl CoordinatorArgs {
@@ -93,6 +96,7 @@ impl CoordinatorArgs {
             max_steps: self.max_steps.unwrap_or(default.max_steps),
             max_prompt_chars: self.max_prompt_chars.unwrap_or(default.max_prompt_chars),
             max_ranks: self.max_ranks.unwrap_or(default.max_ranks),
+            max_prompt_cues: self.max_prompt_cues.unwrap_or(default.max_prompt_cues),
         }
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use longtake_proto::spec::frames::{self, WAN_TEMPORAL_PACK};
 use longtake_proto::spec::{Fusion, Layout, SchedulerKind, DEFAULT_MODEL, WAN21_DEFAULT_FPS};
-use longtake_proto::{OutputFormat, RenderSpec};
+use longtake_proto::{OutputFormat, PromptCue, RenderSpec};
 
 #[derive(Args, Clone, Debug)]
 pub struct SpecArgs {
@@ -76,6 +76,16 @@ pub struct SpecArgs {
     /// How predictions on shared frames are weighted: linear or cosine [default: linear].
     #[arg(long, value_parser = parse_fusion)]
     pub fusion: Option<Fusion>,
+    /// The prompt from a time on, as SECONDS=TEXT (`30=a red circle moving left`; the time may
+    /// also be `30s`, `30.5` or `1:30`); repeat for more changes. --prompt holds until the
+    /// first; each window of a long clip takes the prompt in force at its centre.
+    #[arg(long = "prompt-at", value_name = "SECONDS=TEXT", value_parser = parse_cue)]
+    pub prompt_at: Vec<PromptCue>,
+}
+
+/// `--prompt-at`, read by the job spec's own parser.
+fn parse_cue(text: &str) -> Result<PromptCue, String> {
+    longtake_proto::spec::timeline::parse_cue(text)
 }
 
 /// `--fusion`, read by the job spec's own parser.
@@ -116,6 +126,13 @@ pub struct Built {
 }
 
 impl SpecArgs {
+    /// The `--prompt-at` cues in time order, as given in any order.
+    fn timeline(&self) -> Vec<PromptCue> {
+        let mut cues = self.prompt_at.clone();
+        cues.sort_by(|a, b| a.at_seconds.total_cmp(&b.at_seconds));
+        cues
+    }
+
     /// The spec in `format` (the caller resolves it: `render` from `--out`, `submit` from
     /// `--format` alone). Zero width/height/steps/frames/fps take the model's defaults (which
     /// only the farm knows: its workers advertise them).
@@ -185,12 +202,25 @@ impl SpecArgs {
                 .fusion
                 .map(|f| f.name().to_string())
                 .unwrap_or_default(),
+            prompt_timeline: self.timeline(),
         };
         if self.groups == Some(0) {
             bail!("--groups must be at least 1");
         }
         if self.window == Some(0) {
             bail!("--window must be at least 1 latent frame");
+        }
+        if let Some(pair) = spec
+            .prompt_timeline
+            .windows(2)
+            .find(|p| p[0].at_seconds == p[1].at_seconds)
+        {
+            bail!(
+                "--prompt-at: two prompts at {} s ({:?} and {:?}); give each time once",
+                pair[0].at_seconds,
+                pair[0].prompt,
+                pair[1].prompt
+            );
         }
         Ok(Built {
             spec,
@@ -260,6 +290,41 @@ mod tests {
             .build(OutputFormat::Mp4)
             .unwrap();
         assert_eq!((other_rate.spec.frames, other_rate.spec.fps), (49, 24));
+    }
+
+    #[test]
+    fn prompt_at_cues_are_sorted_into_the_spec_and_a_time_given_twice_is_refused() {
+        let built = args(&[
+            "--seconds",
+            "60",
+            "--prompt-at",
+            "45=a wolf runs left",
+            "--prompt-at",
+            "0:30=a wolf runs right",
+        ])
+        .build(OutputFormat::Mp4)
+        .unwrap();
+        let cues: Vec<(f64, &str)> = built
+            .spec
+            .prompt_timeline
+            .iter()
+            .map(|c| (c.at_seconds, c.prompt.as_str()))
+            .collect();
+        assert_eq!(
+            cues,
+            [(30.0, "a wolf runs right"), (45.0, "a wolf runs left")]
+        );
+        let twice = args(&["--prompt-at", "3=a", "--prompt-at", "3s=b"])
+            .build(OutputFormat::Mp4)
+            .unwrap_err()
+            .to_string();
+        assert!(twice.contains("two prompts at 3 s"), "{twice}");
+        let mut argv = vec!["x", "--prompt", "a wolf", "--prompt-at", "later"];
+        let bad = Cmd::try_parse_from(argv.drain(..))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(bad.contains("is not SECONDS=TEXT"), "{bad}");
     }
 
     #[test]

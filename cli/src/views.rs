@@ -189,6 +189,9 @@ pub fn job_details(job: &Job) -> String {
             }
         );
         let _ = writeln!(out, "prompt:    {}", spec.prompt);
+        for cue in &spec.prompt_timeline {
+            let _ = writeln!(out, "  from {} s: {}", cue.at_seconds, cue.prompt);
+        }
     }
     if job.output_bytes > 0 {
         let _ = writeln!(out, "output:    {} bytes", job.output_bytes);

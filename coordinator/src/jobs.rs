@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
+use longtake_proto::spec::frames::WAN_TEMPORAL_PACK;
 use longtake_proto::spec::{JobSpec, Limits, ModelDescription, SpecError, SpecRequest};
 use longtake_proto::{
     job_event, Cancelled, Decoding, Done, Encoding, Failed, JobEvent, JobState, Planned, Queued,
@@ -694,9 +695,19 @@ fn planned(job: &JobRecord) -> Planned {
     let windows = job
         .spec
         .resolved()
-        .and_then(|spec| spec.window_plan().ok())
-        .filter(|windows| !windows.is_single_window())
-        .map(|windows| windows.to_string())
+        .and_then(|spec| Some((spec.window_plan().ok()?, spec)))
+        .filter(|(windows, _)| !windows.is_single_window())
+        .map(|(windows, spec)| {
+            let timeline = spec.timeline();
+            if timeline.is_empty() {
+                windows.to_string()
+            } else {
+                format!(
+                    "{windows}; prompts: {}",
+                    timeline.summary(&spec.prompt, &windows, WAN_TEMPORAL_PACK as usize)
+                )
+            }
+        })
         .unwrap_or_default();
     Planned {
         workers: plan.map(Plan::workers).unwrap_or_default(),

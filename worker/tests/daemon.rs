@@ -58,6 +58,7 @@ async fn reference(steps: u32) -> TestResult<pipeline::Video> {
             scheduler: None,
             seed: 7,
             windows: None,
+            timeline: Default::default(),
         };
         Ok(pipeline.render(&spec, &mut |_| {})?)
     })
@@ -647,6 +648,7 @@ async fn a_checkpoint_model_is_loaded_once_and_renders_like_the_pipeline() -> Te
             scheduler: None,
             seed: 7,
             windows: None,
+            timeline: Default::default(),
         };
         Ok(pipeline.render(&spec, &mut |_| {})?)
     })

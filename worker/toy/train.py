@@ -507,6 +507,8 @@ def train_transformer(args) -> None:
                 for kept, p in zip(averaged.parameters(), model.parameters()):
                     kept.lerp_(p, 1 - args.ema)
         ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            model.save_pretrained(os.path.join(args.work, f"transformer-step{step + 1}"))
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
             log(f"transformer step {step + 1}/{args.steps} loss {loss.item():.4f} (ema {ema:.4f}) "
                 f"{time.time() - start:.0f}s")
@@ -607,6 +609,8 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.0,
                    help="decay of the exported moving average of the transformer's weights (0: none)")
     p.add_argument("--resume", action="store_true", help="continue --work/transformer")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also save the raw weights every N steps (--work/transformer-stepN)")
     p.add_argument("--infer-steps", type=int, default=20, help="the exported default step count")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--samples", type=int, default=3, help="captions per split for `sample`")

@@ -9,8 +9,9 @@
 use super::frames::{self, WAN_TEMPORAL_PACK};
 use super::layout::{Layout, LayoutLimits};
 use super::scheduler::SchedulerKind;
+use super::timeline::{self, PromptTimeline, TimelineError};
 use super::windows::{Fusion, WindowPlan, WindowSettings};
-use crate::{ModelInfo, OutputFormat, RenderSpec};
+use crate::{ModelInfo, OutputFormat, PromptCue, RenderSpec};
 
 /// The model a spec without one renders with: the built-in toy model, trained by longtake.
 pub const DEFAULT_MODEL: &str = "toy";
@@ -50,6 +51,8 @@ pub struct Limits {
     pub max_prompt_chars: u32,
     /// Ranks (workers) one job may use.
     pub max_ranks: u32,
+    /// Cues of a prompt timeline.
+    pub max_prompt_cues: u32,
 }
 
 impl Default for Limits {
@@ -62,6 +65,8 @@ impl Default for Limits {
             max_steps: 200,
             max_prompt_chars: 4000,
             max_ranks: 64,
+            // a change of prompt every window of a minute of the toy model, with room
+            max_prompt_cues: 64,
         }
     }
 }
@@ -128,6 +133,8 @@ pub struct SpecRequest {
     pub overlap_latent_frames: Option<u32>,
     /// `None`: [`Fusion::default`].
     pub fusion: Option<Fusion>,
+    /// The prompt changing during the clip (checked: times increasing, prompts not blank).
+    pub prompt_timeline: Vec<PromptCue>,
 }
 
 /// The overlap of a window of `window` latent frames when a spec sets none: a third of it.
@@ -155,6 +162,8 @@ pub struct JobSpec {
     pub layout: Layout,
     /// How the clip is cut into windows and spread over worker groups.
     pub windows: WindowSettings,
+    /// The prompt changing during the clip (every cue inside it).
+    pub prompt_timeline: Vec<PromptCue>,
 }
 
 impl SpecRequest {
@@ -171,6 +180,7 @@ impl SpecRequest {
             &self.negative_prompt,
             limits.max_prompt_chars,
         )?;
+        check_timeline_limits(&self.prompt_timeline, limits)?;
         if let Some(frames) = self.frames {
             at_most("frames", frames, limits.max_frames)?;
         }
@@ -266,6 +276,8 @@ impl SpecRequest {
             windows,
         )
         .map_err(|e| bad(e.field(), e.problem()))?;
+        timeline::check_cues_fit(&self.prompt_timeline, frame_count, fps)
+            .map_err(timeline_error)?;
         Ok(JobSpec {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -282,6 +294,7 @@ impl SpecRequest {
             format: self.format,
             layout: self.layout,
             windows,
+            prompt_timeline: self.prompt_timeline.clone(),
         })
     }
 }
@@ -324,6 +337,11 @@ impl JobSpec {
         self.latent_frames() > self.windows.latent_frames
     }
 
+    /// The prompt timeline in video frames.
+    pub fn timeline(&self) -> PromptTimeline {
+        PromptTimeline::new(&self.prompt_timeline, self.fps)
+    }
+
     /// Ranks the job needs: its groups times each group's layout.
     pub fn ranks(&self) -> usize {
         self.layout.world_size() * self.windows.groups as usize
@@ -354,6 +372,7 @@ impl From<&JobSpec> for SpecRequest {
             window_latent_frames: windowed.then_some(spec.windows.latent_frames),
             overlap_latent_frames: windowed.then_some(spec.windows.overlap),
             fusion: windowed.then_some(spec.windows.fusion),
+            prompt_timeline: spec.prompt_timeline.clone(),
         }
     }
 }
@@ -416,6 +435,7 @@ impl TryFrom<&RenderSpec> for SpecRequest {
             .map_err(|e| bad("layout", e.to_string()))?;
         let fusion =
             Fusion::parse_optional(&spec.fusion).map_err(|e| bad("fusion", e.to_string()))?;
+        timeline::check_cues(&spec.prompt_timeline).map_err(timeline_error)?;
         Ok(Self {
             prompt: spec.prompt.clone(),
             negative_prompt: spec.negative_prompt.clone(),
@@ -436,6 +456,7 @@ impl TryFrom<&RenderSpec> for SpecRequest {
                 .then_some(spec.window_latent_frames),
             overlap_latent_frames: spec.overlap_latent_frames,
             fusion,
+            prompt_timeline: spec.prompt_timeline.clone(),
         })
     }
 }
@@ -472,6 +493,7 @@ impl From<&SpecRequest> for RenderSpec {
                 .fusion
                 .map(|f| f.name().to_string())
                 .unwrap_or_default(),
+            prompt_timeline: spec.prompt_timeline.clone(),
         }
     }
 }
@@ -489,6 +511,31 @@ fn check_text(field: &'static str, text: &str, max_chars: u32) -> Result<(), Spe
             field,
             format!("{chars} characters is over this farm's limit of {max_chars}"),
         ));
+    }
+    Ok(())
+}
+
+fn timeline_error(e: TimelineError) -> SpecError {
+    bad("prompt_timeline", e.to_string())
+}
+
+fn check_timeline_limits(cues: &[PromptCue], limits: &Limits) -> Result<(), SpecError> {
+    if cues.len() > limits.max_prompt_cues as usize {
+        return Err(timeline_error(TimelineError::TooMany {
+            count: cues.len(),
+            max: limits.max_prompt_cues,
+        }));
+    }
+    for (index, cue) in cues.iter().enumerate() {
+        let chars = cue.prompt.chars().count();
+        if chars > limits.max_prompt_chars as usize {
+            return Err(timeline_error(TimelineError::PromptTooLong {
+                index,
+                at: cue.at_seconds,
+                chars,
+                max: limits.max_prompt_chars,
+            }));
+        }
     }
     Ok(())
 }
@@ -638,6 +685,70 @@ mod tests {
                 "got {got:?}, want it to start with {want:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_prompt_timeline_round_trips_and_bad_cues_name_the_field() {
+        let cue = |at: f64, prompt: &str| PromptCue {
+            at_seconds: at,
+            prompt: prompt.into(),
+        };
+        let story = RenderSpec {
+            frames: 161, // 10 s at 16 fps
+            prompt_timeline: vec![cue(5.0, "a red circle moving left")],
+            ..spec()
+        };
+        let resolved = SpecRequest::try_from(&story)
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        assert_eq!(resolved.prompt_timeline, story.prompt_timeline);
+        let again = SpecRequest::try_from(&RenderSpec::from(&resolved))
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        assert_eq!(again, resolved);
+        let timeline = resolved.timeline();
+        let prompts = timeline.window_prompts(&resolved.window_plan().unwrap(), 4);
+        assert_eq!(prompts.first(), Some(&0));
+        assert_eq!(prompts.last(), Some(&1));
+
+        let request = |cues| {
+            SpecRequest::try_from(&RenderSpec {
+                prompt_timeline: cues,
+                ..story.clone()
+            })
+        };
+        assert_eq!(
+            request(vec![cue(5.0, "a"), cue(2.0, "b")])
+                .unwrap_err()
+                .to_string(),
+            "spec.prompt_timeline: cue 1 at 2 s does not come after cue 0 at 5 s: give the cues \
+             in time order, one per time"
+        );
+        assert_eq!(
+            request(vec![cue(12.0, "a")])
+                .unwrap()
+                .resolve(&model())
+                .unwrap_err()
+                .to_string(),
+            "spec.prompt_timeline: cue 0 at 12 s is past the clip's last frame at 10.00 s (161 \
+             frames at 16 fps): make the clip longer or the cue earlier"
+        );
+        let limits = Limits {
+            max_prompt_cues: 1,
+            ..Limits::default()
+        };
+        let two = request(vec![cue(1.0, "a"), cue(2.0, "b")]).unwrap();
+        assert_eq!(
+            two.check_limits(&limits).unwrap_err().to_string(),
+            "spec.prompt_timeline: 2 cues is over this farm's limit of 1"
+        );
+        let long = request(vec![cue(1.0, &"x".repeat(4001))]).unwrap();
+        assert_eq!(
+            long.check_limits(&Limits::default()).unwrap_err().field,
+            "prompt_timeline"
+        );
     }
 
     #[test]

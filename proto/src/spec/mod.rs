@@ -5,13 +5,15 @@
 //! the worker turns a task's spec into its pipeline's input through them; nothing re-implements
 //! a rule.
 //!
-//! The windows of a long clip and the worker groups that run them (`windows`) are part of the
-//! spec too; a prompt timeline and conditioning inputs extend [`JobSpec`] and its checks next.
+//! The windows of a long clip and the worker groups that run them (`windows`) and its prompt
+//! timeline (`timeline`) are part of the spec too; conditioning inputs extend [`JobSpec`] and
+//! its checks next.
 
 pub mod frames;
 pub mod job;
 pub mod layout;
 pub mod scheduler;
+pub mod timeline;
 pub mod windows;
 
 pub use frames::FrameCountError;
@@ -21,4 +23,5 @@ pub use job::{
 };
 pub use layout::{Coords, GroupKind, Layout, LayoutError, LayoutLimits};
 pub use scheduler::{SchedulerKind, UnknownScheduler};
+pub use timeline::{PromptTimeline, TimelineError};
 pub use windows::{Fusion, UnknownFusion, Window, WindowError, WindowPlan, WindowSettings};

@@ -148,6 +148,7 @@ pub fn render_spec(job: &JobSpec) -> RenderSpec {
         scheduler: job.scheduler,
         seed: job.seed,
         windows: Some(job.windows),
+        timeline: job.timeline(),
     }
 }
 

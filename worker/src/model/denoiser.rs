@@ -594,6 +594,7 @@ mod tests {
             scheduler: Some(kind),
             seed: 11,
             windows: None,
+            timeline: Default::default(),
         }
     }
 

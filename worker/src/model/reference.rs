@@ -61,6 +61,7 @@ impl PipelineCase {
             scheduler: None,
             seed: 0,
             windows: None,
+            timeline: Default::default(),
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use candle_core::Tensor;
-use longtake_proto::spec::{LayoutLimits, WindowSettings};
+use longtake_proto::spec::{LayoutLimits, PromptTimeline, WindowSettings};
 
 use super::denoiser::{AfterStep, DenoiserError, DenoiserState};
 use super::loader::LoadError;
@@ -87,6 +87,9 @@ pub struct RenderSpec {
     /// How a clip longer than one window is cut (`longtake_proto::spec::windows`); `None`, or a
     /// clip no longer than the window: one window, a plain render.
     pub windows: Option<WindowSettings>,
+    /// The prompt changing during the clip (`prompt` until the first cue); each window takes
+    /// the prompt in force at its centre.
+    pub timeline: PromptTimeline,
 }
 
 /// A progress report from a render.

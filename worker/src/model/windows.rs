@@ -8,12 +8,17 @@
 //! scheduler step over the whole clip, so a frame shared by two windows holds one value and the
 //! scheduler's history (UniPC's earlier model outputs) is the fused one too: the solver is
 //! elementwise, so stepping the whole clip equals stepping each window's frames.
+//!
+//! With a prompt timeline each window has its own text conditioning
+//! ([`WindowedFlow::with_window_conditioning`]); the overlap of two windows with different
+//! prompts is then the fusion of the two prompts' flows.
 
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use longtake_proto::spec::WindowPlan;
 
+use super::denoiser::Conditioning;
 use super::render::FlowModel;
 use crate::parallel::comm::Communicator;
 
@@ -25,6 +30,9 @@ pub struct WindowedFlow<'a> {
     weights: Vec<Tensor>,
     /// The clip cut where any window starts or ends: on each piece the same windows overlap.
     pieces: Vec<(usize, usize)>,
+    /// Per window, its own text context in place of the one the denoiser passes (a prompt
+    /// timeline); `None`: every window the denoiser's.
+    contexts: Option<Vec<Tensor>>,
 }
 
 impl<'a> WindowedFlow<'a> {
@@ -52,7 +60,25 @@ impl<'a> WindowedFlow<'a> {
             plan,
             weights,
             pieces,
+            contexts: None,
         })
+    }
+
+    /// Each window conditioned on its own entry of `per_window` (one per window of the plan,
+    /// all guided alike) instead of the denoiser's conditioning.
+    pub fn with_window_conditioning(
+        mut self,
+        per_window: &[Conditioning],
+    ) -> candle_core::Result<Self> {
+        if per_window.len() != self.plan.windows().len() {
+            candle_core::bail!(
+                "{} conditionings for a plan of {} windows",
+                per_window.len(),
+                self.plan.windows().len()
+            );
+        }
+        self.contexts = Some(per_window.iter().map(|c| c.context().clone()).collect());
+        Ok(self)
     }
 
     /// The weighted flows of `windows` (indices into the plan, ascending; `weighted[k]` is
@@ -107,6 +133,7 @@ impl<'a> WindowedFlow<'a> {
     ) -> candle_core::Result<Tensor> {
         let w = self.plan.windows()[index];
         let _span = longtake_proto::telemetry::window_span(w.start, w.len).entered();
+        let context = self.contexts.as_ref().map_or(context, |c| &c[index]);
         let window = x.narrow(2, w.start - offset, w.len)?.contiguous()?;
         let flow = self
             .model
@@ -189,6 +216,15 @@ impl<'a> GroupWindowedFlow<'a> {
             peers,
             bytes: Default::default(),
         })
+    }
+
+    /// See [`WindowedFlow::with_window_conditioning`].
+    pub fn with_window_conditioning(
+        mut self,
+        per_window: &[Conditioning],
+    ) -> candle_core::Result<Self> {
+        self.fused = self.fused.with_window_conditioning(per_window)?;
+        Ok(self)
     }
 
     /// Bytes this rank sent to the neighbouring groups in its last step.

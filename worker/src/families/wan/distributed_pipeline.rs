@@ -438,6 +438,7 @@ mod tests {
             scheduler: None,
             seed: 3,
             windows: None,
+            timeline: Default::default(),
         };
         let single = WanPipeline::tiny(&dev, DType::F32)?;
         let (c, u) = single.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
@@ -494,6 +495,7 @@ mod tests {
             scheduler: None,
             seed: 9,
             windows: None,
+            timeline: Default::default(),
         };
         let expected = single.render(&spec, &mut |_| {})?;
         assert_eq!(expected.frames, 33);
@@ -562,6 +564,7 @@ mod tests {
                 fusion: longtake_proto::spec::Fusion::Cosine,
                 groups: 1,
             }),
+            timeline: Default::default(),
         };
         assert_eq!(single.window_plan(&spec)?.windows().len(), 3);
         let expected = single
@@ -593,15 +596,24 @@ mod tests {
     /// A clip of four windows (101 frames = 26 latent frames, toy windows of 9 sharing 3)
     /// co-denoised by worker groups that exchange only their shared frames: 2 groups of one
     /// rank and 3 groups of one rank (windows 2 + 1 + 1) give the single-process latents bit
-    /// for bit, 2 groups of `ulysses=2` within the layout tolerance, with the video decoded on
-    /// the job's rank 0 only; the same plan run twice is bit-identical.
+    /// for bit, 2 groups of `ulysses=2` within the layout tolerance, and 2 groups of one rank
+    /// with a prompt timeline (the direction changing at 3 s) bit for bit, with the video
+    /// decoded on the job's rank 0 only; the same plan run twice is bit-identical.
     #[test]
     fn worker_groups_give_the_single_process_latents() -> TestResult {
-        use longtake_proto::spec::{Fusion, WindowSettings};
+        use longtake_proto::spec::{Fusion, PromptTimeline, WindowSettings};
+        use longtake_proto::PromptCue;
         let dev = Device::Cpu;
         let checkpoint = crate::model::reference::toy_checkpoint_dir();
         let single = WanPipeline::load(&checkpoint, &dev, DType::F32)?;
-        let spec = |groups| RenderSpec {
+        let story = PromptTimeline::new(
+            &[PromptCue {
+                at_seconds: 3.0,
+                prompt: "a blue triangle moving left on a white background".into(),
+            }],
+            16,
+        );
+        let spec = |groups, timeline: &PromptTimeline| RenderSpec {
             prompt: "a blue triangle moving right on a white background".into(),
             negative_prompt: String::new(),
             frames: 101,
@@ -618,14 +630,34 @@ mod tests {
                 fusion: Fusion::Linear,
                 groups,
             }),
+            timeline: timeline.clone(),
         };
-        let reference =
-            single.render_with_options(&spec(1), RenderOptions::default(), &mut |_| {})?;
-        assert_eq!(single.window_plan(&spec(1))?.windows().len(), 4);
+        let plain = PromptTimeline::default();
+        let reference = |timeline| {
+            single.render_with_options(&spec(1, timeline), RenderOptions::default(), &mut |_| {})
+        };
+        let (plain_reference, story_reference) = (reference(&plain)?, reference(&story)?);
+        let plan = single.window_plan(&spec(1, &story))?;
+        assert_eq!(plan.windows().len(), 4);
+        assert_eq!(story.window_prompts(&plan, 4), [0, 0, 1, 1]);
+        assert!(
+            relative_l2(&story_reference.latents, &plain_reference.latents)? > 1e-3,
+            "the timeline changes the render"
+        );
         let source = PipelineSource::Checkpoint(&checkpoint);
-        for (groups, layout, exact) in [(2, "", true), (3, "", true), (2, "ulysses=2", false)] {
+        for (groups, layout, exact, timeline) in [
+            (2, "", true, &plain),
+            (3, "", true, &plain),
+            (2, "ulysses=2", false, &plain),
+            (2, "", true, &story),
+        ] {
             let layout: Layout = layout.parse()?;
-            let plan = single.window_plan(&spec(groups))?;
+            let reference = if timeline.is_empty() {
+                &plain_reference
+            } else {
+                &story_reference
+            };
+            let plan = single.window_plan(&spec(groups, timeline))?;
             assert_eq!(plan.group_count(), groups as usize);
             let ranks = groups as usize * layout.world_size();
             let run = || {
@@ -639,7 +671,7 @@ mod tests {
                         groups as usize,
                     )?;
                     let r = pipe.render_with_options(
-                        &spec(groups),
+                        &spec(groups, timeline),
                         RenderOptions::default(),
                         &mut |_| {},
                     )?;
@@ -713,6 +745,7 @@ mod tests {
                 scheduler: Some(kind),
                 seed: 5,
                 windows: None,
+                timeline: Default::default(),
             };
             let dirs = &dirs[kind_index * stops.len()..][..stops.len()];
             // One job: the uninterrupted render, then each stop and its resumption, on the same

@@ -408,6 +408,32 @@ impl WanPipeline {
         Ok((both.narrow(0, 0, 1)?, both.narrow(0, 1, 1)?))
     }
 
+    /// The conditioning of each window of `plan`: the prompt in force at the window's centre
+    /// (the spec's, or a timeline cue's) with the negative prompt, each prompt encoded once.
+    pub fn window_conditioning(
+        &self,
+        spec: &RenderSpec,
+        plan: &WindowPlan,
+    ) -> Result<Vec<Conditioning>> {
+        let prompts: Vec<&str> = std::iter::once(spec.prompt.as_str())
+            .chain(spec.timeline.prompts())
+            .collect();
+        let chosen = spec
+            .timeline
+            .window_prompts(plan, video::VAE_SCALE_TEMPORAL);
+        let mut encoded = std::collections::BTreeMap::new();
+        for &k in &chosen {
+            if let std::collections::btree_map::Entry::Vacant(slot) = encoded.entry(k) {
+                let (cond, uncond) = self.encode_prompts(prompts[k], &spec.negative_prompt)?;
+                slot.insert(Conditioning::new(&cond, &uncond, spec.guidance_scale)?);
+            }
+        }
+        Ok(chosen
+            .iter()
+            .filter_map(|k| encoded.get(k).cloned())
+            .collect())
+    }
+
     /// The initial noise of a spec: a pure function of the seed and the latent position.
     pub fn initial_latents(&self, spec: &RenderSpec) -> Result<Tensor> {
         let shape = self.latent_shape(spec)?;
@@ -584,8 +610,8 @@ impl WanPipeline {
             Some(state) => self.resume_denoiser(spec, state)?,
         };
         let plan = self.window_plan(spec)?;
-        let (cond, uncond) = self.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
-        let conditioning = Conditioning::new(&cond, &uncond, spec.guidance_scale)?;
+        let per_window = self.window_conditioning(spec, &plan)?;
+        let conditioning = first_window(&per_window)?;
         let mut no_hook = |_: &Denoiser| -> Result<()> { Ok(()) };
         let after_step: &mut AfterStep<'_> = match after_step {
             Some(hook) => hook,
@@ -596,10 +622,14 @@ impl WanPipeline {
         let model: &dyn FlowModel = if plan.is_single_window() {
             model
         } else {
-            windowed = component("transformer", WindowedFlow::new(model, &plan, &self.device))?;
+            windowed = component(
+                "transformer",
+                WindowedFlow::new(model, &plan, &self.device)
+                    .and_then(|w| w.with_window_conditioning(&per_window)),
+            )?;
             &windowed
         };
-        self.run_denoiser(model, &mut denoiser, &conditioning, progress, after_step)?;
+        self.run_denoiser(model, &mut denoiser, conditioning, progress, after_step)?;
         let latents = denoiser.into_latents();
         let video = if decode {
             progress(Progress::Decoding);
@@ -641,15 +671,20 @@ impl WanPipeline {
         let latents =
             noise::initial_latents(spec.seed, shape, frames.clone(), DType::F32, &self.device)?;
         let mut denoiser = self.denoiser(spec, latents)?;
-        let (cond, uncond) = self.encode_prompts(&spec.prompt, &spec.negative_prompt)?;
-        let conditioning = Conditioning::new(&cond, &uncond, spec.guidance_scale)?;
+        let per_window = self.window_conditioning(spec, &plan)?;
         let flow = component(
             "transformer",
-            GroupWindowedFlow::new(model, &plan, peers, &self.device),
+            GroupWindowedFlow::new(model, &plan, peers, &self.device)
+                .and_then(|f| f.with_window_conditioning(&per_window)),
         )?;
-        self.run_denoiser(&flow, &mut denoiser, &conditioning, progress, &mut |_| {
-            Ok(())
-        })?;
+        let conditioning = first_window(&per_window)?;
+        self.run_denoiser(
+            &flow,
+            &mut denoiser,
+            conditioning,
+            progress,
+            &mut |_| Ok(()),
+        )?;
         let local = denoiser.into_latents();
         let skip = match group {
             0 => 0,
@@ -694,6 +729,14 @@ impl WanPipeline {
             width,
         })
     }
+}
+
+/// The conditioning the denoiser holds: the first window's (a clip of one window: its only
+/// one; a longer clip's windows each use their own through [`WindowedFlow`]).
+fn first_window(per_window: &[Conditioning]) -> Result<&Conditioning> {
+    per_window
+        .first()
+        .ok_or_else(|| PipelineError::Spec("a window plan without windows".into()))
 }
 
 impl VideoPipeline for WanPipeline {
@@ -761,6 +804,7 @@ mod tests {
             scheduler: None,
             seed: 11,
             windows: None,
+            timeline: Default::default(),
         };
         assert!(committed.render(&spec, &mut |_| {})? == embedded.render(&spec, &mut |_| {})?);
         Ok(())
@@ -794,6 +838,7 @@ mod tests {
             scheduler: None,
             seed: 5,
             windows: None,
+            timeline: Default::default(),
         };
         let latents = |spec: &RenderSpec| -> Result<Tensor> {
             Ok(pipe
@@ -831,6 +876,80 @@ mod tests {
         );
         let video = pipe.render(&cut, &mut |_| {})?;
         assert_eq!(video.frames, 13);
+        Ok(())
+    }
+
+    /// With a prompt timeline each window is conditioned on the prompt in force at its centre
+    /// frame: one window renders exactly the plain render of that prompt (a cue before its
+    /// centre takes over, one after it does not), and two windows on either side of a cue
+    /// render neither prompt's plain co-denoised clip.
+    #[test]
+    fn each_window_renders_the_prompt_in_force_at_its_centre() -> Result<()> {
+        use longtake_proto::spec::{Fusion, PromptTimeline, WindowSettings};
+        use longtake_proto::PromptCue;
+        let dev = Device::Cpu;
+        let pipe = WanPipeline::from_source(PipelineSource::Toy, &dev, DType::F32)?;
+        let (right, left) = (
+            "a red circle moving right on a gray background",
+            "a red circle moving left on a gray background",
+        );
+        let spec = |prompt: &str, cue: Option<(f64, &str)>, latent_window| RenderSpec {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            frames: 13, // 4 latent frames; video frame 6 is the centre
+            width: 32,
+            height: 32,
+            steps: 2,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: None,
+            seed: 9,
+            windows: Some(WindowSettings {
+                latent_frames: latent_window,
+                overlap: 1,
+                fusion: Fusion::Linear,
+                groups: 1,
+            }),
+            timeline: PromptTimeline::new(
+                &cue.map(|(at, p)| PromptCue {
+                    at_seconds: at,
+                    prompt: p.into(),
+                })
+                .into_iter()
+                .collect::<Vec<_>>(),
+                16,
+            ),
+        };
+        let bits = |spec: &RenderSpec| -> Result<Vec<u32>> {
+            let latents = pipe
+                .render_with_options(spec, RenderOptions::default(), &mut |_| {})?
+                .latents;
+            Ok(latents
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        // one window of 4 latent frames
+        assert_eq!(
+            bits(&spec(right, Some((0.25, left)), 4))?,
+            bits(&spec(left, None, 4))?,
+            "a cue at frame 4, before the centre, conditions the window"
+        );
+        assert_eq!(
+            bits(&spec(right, Some((0.5, left)), 4))?,
+            bits(&spec(right, None, 4))?,
+            "a cue at frame 8, after the centre, does not"
+        );
+        // windows of 3 latent frames: frames 0..9 (centre 4) and 1..13 (centre 6.5)
+        let story = spec(right, Some((0.3125, left)), 3);
+        let plan = pipe.window_plan(&story)?;
+        assert_eq!(story.timeline.window_prompts(&plan, 4), [0, 1]);
+        let mixed = bits(&story)?;
+        assert_ne!(mixed, bits(&spec(right, None, 3))?);
+        assert_ne!(mixed, bits(&spec(left, None, 3))?);
+        assert_eq!(mixed, bits(&story)?, "the same timeline twice");
         Ok(())
     }
 }
