@@ -40,9 +40,8 @@ BACKGROUNDS = {
 }
 
 RADIUS = (9.0, 14.0)  # half the object's extent, pixels
-STRAIGHT_SPEED = (0.8, 1.0)  # pixels per frame: crosses most of the frame, stays inside for FRAMES frames
+STRAIGHT_SPEED = (0.5, 1.0)  # pixels per frame; slow enough to stay inside for FRAMES frames
 BOUNCE_SPEED = (1.0, 2.0)
-START_MARGIN = 4.0  # pixels: how far from its starting edge a straight-moving object may start
 
 
 def held_out(color: str, shape: str, direction: str) -> bool:
@@ -165,9 +164,7 @@ def sample_clip(rng: np.random.Generator, split: str = "train", frames: int = FR
         if travel > hi - lo:  # a short frame makes long clips slower, never leaving the picture
             speed = (hi - lo) / (frames - 1)
             travel = hi - lo
-        # The object enters from near the edge it moves away from, so where it is says which way
-        # it moves (a layout the caption decides, as it decides the colours)
-        along = lo + rng.uniform(0, min(START_MARGIN, hi - travel - lo))
+        along = rng.uniform(lo, hi - travel)
         across = rng.uniform(lo, hi)
         if direction == "right":
             start, velocity = (along, across), (speed, 0.0)
