@@ -11,6 +11,8 @@ pub struct JobDisplay {
     bar: Option<ProgressBar>,
     interactive: bool,
     encoding_shown: bool,
+    /// The last step's bytes each worker group sent to its neighbours (jobs of several groups).
+    exchange: Vec<u64>,
 }
 
 impl Default for JobDisplay {
@@ -26,6 +28,7 @@ impl JobDisplay {
             bar: None,
             interactive,
             encoding_shown: false,
+            exchange: Vec::new(),
         }
     }
 
@@ -81,6 +84,9 @@ impl JobDisplay {
                 ))
             }
             Event::Step(s) => {
+                if !s.group_exchange_bytes.is_empty() {
+                    self.exchange = s.group_exchange_bytes.clone();
+                }
                 if self.interactive {
                     let bar = self.bar.get_or_insert_with(|| step_bar(s.total));
                     bar.set_length(s.total as u64);
@@ -102,7 +108,21 @@ impl JobDisplay {
             }
             Event::Decoding(d) => {
                 self.clear();
-                Some(format!("decoding {} frames", d.frames))
+                let exchange = if self.exchange.is_empty() {
+                    String::new()
+                } else {
+                    let groups: Vec<String> = self
+                        .exchange
+                        .iter()
+                        .enumerate()
+                        .map(|(g, &b)| format!("group {g} {:.1} KiB", b as f64 / 1024.0))
+                        .collect();
+                    format!(
+                        "exchanged between worker groups per step (each rank): {}\n",
+                        groups.join(", ")
+                    )
+                };
+                Some(format!("{exchange}decoding {} frames", d.frames))
             }
             Event::Encoding(e) => {
                 // Encoding reports every batch; a line each would drown the log.
@@ -171,8 +191,20 @@ mod tests {
             total: 3,
             elapsed_s: 1.25,
             step_s: 0.4,
+            group_exchange_bytes: vec![2048, 4096],
+            ..Default::default()
         })));
         assert_eq!(step.as_deref(), Some("step 3/3 (1.2 s, 0.40 s/step)"));
+        let decoding = display.update(&event(job_event::Event::Decoding(
+            longtake_proto::Decoding { frames: 9 },
+        )));
+        assert_eq!(
+            decoding.as_deref(),
+            Some(
+                "exchanged between worker groups per step (each rank): group 0 2.0 KiB, group 1 \
+                 4.0 KiB\ndecoding 9 frames"
+            )
+        );
         let encoding = |n| {
             event(job_event::Event::Encoding(Encoding {
                 frames_written: n,

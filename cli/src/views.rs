@@ -119,7 +119,8 @@ pub fn event_json(event: &JobEvent) -> Value {
         ),
         Some(job_event::Event::Step(e)) => (
             "step",
-            json!({"step": e.step, "total": e.total, "elapsed_s": e.elapsed_s, "step_s": e.step_s}),
+            json!({"step": e.step, "total": e.total, "elapsed_s": e.elapsed_s, "step_s": e.step_s,
+                   "group_exchange_bytes": e.group_exchange_bytes}),
         ),
         Some(job_event::Event::Decoding(e)) => ("decoding", json!({"frames": e.frames})),
         Some(job_event::Event::Encoding(e)) => (
@@ -413,6 +414,7 @@ mod tests {
                 total: 3,
                 elapsed_s: 1.5,
                 step_s: 0.5,
+                ..Default::default()
             })),
         };
         let value = event_json(&event);

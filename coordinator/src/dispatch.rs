@@ -239,6 +239,9 @@ async fn follow(
     let mut total = a.spec.steps;
     let mut decoding = false;
     let mut encoder = Encoder::new(a);
+    // Per worker group, the bytes its first rank sent to other groups in its last step.
+    let group_size = a.spec.layout.world_size();
+    let mut exchange = vec![0u64; a.spec.windows.groups as usize];
     let lost = |rank: usize, how: String, step, total, decoding, frames| {
         Outcome::Lost(format!(
             "worker {} (rank {rank}) lost {}: {how}",
@@ -283,11 +286,20 @@ async fn follow(
                 };
                 match event {
                     task_event::Event::Started(_) => {}
-                    task_event::Event::Step(s) if rank == 0 => {
+                    task_event::Event::Step(mut s) if rank % group_size == 0 => {
+                        if let Some(bytes) = exchange.get_mut(rank / group_size) {
+                            *bytes = s.exchange_bytes;
+                        }
+                        if rank != 0 {
+                            continue;
+                        }
                         let received = Instant::now();
                         step = s.step;
                         if s.total != 0 {
                             total = s.total;
+                        }
+                        if exchange.len() > 1 {
+                            s.group_exchange_bytes = exchange.clone();
                         }
                         reporter.step(s, received).await;
                     }

@@ -306,6 +306,7 @@ impl JobTable {
                 total: job.steps_total,
                 elapsed_s: 0.0,
                 step_s: 0.0,
+                ..Default::default()
             }),
             JobPhase::Done => Event::Done(Done {
                 output_bytes: job.output_bytes,
@@ -471,6 +472,7 @@ impl JobTable {
             total: job.steps_total,
             elapsed_s: 0.0,
             step_s: 0.0,
+            ..Default::default()
         });
         Some(Change {
             event: event(job, body, now_ms),
@@ -837,6 +839,7 @@ mod tests {
                     total: 3,
                     elapsed_s: 1.0,
                     step_s: 0.5,
+                    ..Default::default()
                 },
                 40,
             )

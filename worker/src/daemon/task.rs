@@ -379,6 +379,7 @@ impl TaskRunner {
                 index,
                 total,
                 elapsed,
+                exchange_bytes,
             } => {
                 let elapsed_s = elapsed.as_secs_f64();
                 emit(event(task_event::Event::Step(Step {
@@ -386,6 +387,8 @@ impl TaskRunner {
                     total: total as u32,
                     elapsed_s,
                     step_s: elapsed_s - last,
+                    exchange_bytes,
+                    group_exchange_bytes: Vec::new(),
                 })));
                 last = elapsed_s;
                 self.counters.steps_run.fetch_add(1, Ordering::SeqCst);

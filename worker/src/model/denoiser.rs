@@ -255,6 +255,7 @@ impl Denoiser {
                 index,
                 total,
                 elapsed: start.elapsed(),
+                exchange_bytes: model.group_exchange_bytes(),
             });
             after_step(self)?;
             if cancel.is_cancelled() && index + 1 < total {

@@ -97,11 +97,13 @@ pub struct RenderSpec {
 pub enum Progress {
     /// Prompts encoded; the denoising loop of `total` steps starts.
     Encoded { total: usize },
-    /// Denoising step `index` (0-based) of `total` finished after `elapsed`.
+    /// Denoising step `index` (0-based) of `total` finished after `elapsed`; this rank sent
+    /// `exchange_bytes` to other worker groups in it.
     Step {
         index: usize,
         total: usize,
         elapsed: Duration,
+        exchange_bytes: u64,
     },
     /// The latents are being decoded into frames.
     Decoding,
@@ -164,6 +166,13 @@ pub trait FlowModel {
     /// nothing to check.
     fn check_final_latents(&self, _latents: &Tensor) -> candle_core::Result<()> {
         Ok(())
+    }
+
+    /// Bytes this rank sent to the ranks of other worker groups in its last prediction (a clip
+    /// co-denoised by several groups exchanges its shared frames each step); 0 when one group
+    /// holds the whole clip.
+    fn group_exchange_bytes(&self) -> u64 {
+        0
     }
 }
 

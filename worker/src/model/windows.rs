@@ -227,11 +227,6 @@ impl<'a> GroupWindowedFlow<'a> {
         Ok(self)
     }
 
-    /// Bytes this rank sent to the neighbouring groups in its last step.
-    pub fn bytes_last_step(&self) -> u64 {
-        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     fn send(&self, tensor: &Tensor, group: usize) -> candle_core::Result<u64> {
         self.peers.job.send(tensor, self.peers.peer(group))?;
         Ok((tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64)
@@ -299,6 +294,10 @@ impl FlowModel for GroupWindowedFlow<'_> {
 
     fn check_final_latents(&self, latents: &Tensor) -> candle_core::Result<()> {
         self.fused.model.check_final_latents(latents)
+    }
+
+    fn group_exchange_bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -598,7 +598,8 @@ mod tests {
     /// rank and 3 groups of one rank (windows 2 + 1 + 1) give the single-process latents bit
     /// for bit, 2 groups of `ulysses=2` within the layout tolerance, and 2 groups of one rank
     /// with a prompt timeline (the direction changing at 3 s) bit for bit, with the video
-    /// decoded on the job's rank 0 only; the same plan run twice is bit-identical.
+    /// decoded on the job's rank 0 only; each step every rank sends exactly the flows of the
+    /// frames its group shares with its neighbours; the same plan run twice is bit-identical.
     #[test]
     fn worker_groups_give_the_single_process_latents() -> TestResult {
         use longtake_proto::spec::{Fusion, PromptTimeline, WindowSettings};
@@ -670,16 +671,37 @@ mod tests {
                         job,
                         groups as usize,
                     )?;
+                    let mut exchanged = Vec::new();
                     let r = pipe.render_with_options(
                         &spec(groups, timeline),
                         RenderOptions::default(),
-                        &mut |_| {},
+                        &mut |p| {
+                            if let Progress::Step { exchange_bytes, .. } = p {
+                                exchanged.push(exchange_bytes);
+                            }
+                        },
                     )?;
-                    Ok((r.latents, r.video))
+                    Ok((r.latents, r.video, exchanged))
                 })
             };
             let first = run()?;
-            let (latents, video) = &first[0];
+            // Each step every rank sends the flows of the frames its group shares with each
+            // neighbour, once: f32, cond and uncond, 16 channels of 8 × 8 latents a frame.
+            for (rank, (_, _, exchanged)) in first.iter().enumerate() {
+                let g = rank / layout.world_size();
+                let mut shared = plan.shared_with_next(g).len();
+                if g > 0 {
+                    shared += plan.shared_with_next(g - 1).len();
+                }
+                let expected = (shared * 2 * 16 * 8 * 8 * 4) as u64;
+                assert!(shared > 0);
+                assert_eq!(
+                    exchanged,
+                    &vec![expected; 3],
+                    "{groups} groups of {layout}: rank {rank}'s bytes per step"
+                );
+            }
+            let (latents, video, _) = &first[0];
             let err = relative_l2(latents, &reference.latents)?;
             println!("{groups} groups of {layout}: relative L2 {err:.2e}");
             if exact {
@@ -702,11 +724,11 @@ mod tests {
                 );
             }
             assert!(
-                first[1..].iter().all(|(_, v)| v.is_none()),
+                first[1..].iter().all(|(_, v, _)| v.is_none()),
                 "only the job's rank 0 decodes"
             );
             let again = run()?;
-            for ((a, _), (b, _)) in first.iter().zip(&again) {
+            for ((a, _, _), (b, _, _)) in first.iter().zip(&again) {
                 assert_eq!(
                     bits(a)?,
                     bits(b)?,
