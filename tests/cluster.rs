@@ -349,13 +349,20 @@ fn unknown_ids_and_malformed_specs_are_refused_with_their_names() {
     assert!(!out.exists(), "a failed fetch writes nothing");
 }
 
-/// A clip of three windows on two worker groups (two worker processes, one rank each): the
-/// groups exchange their shared frames peer to peer, and the clip is the embedded single-process
-/// co-denoised render byte for byte.
+/// A clip of three windows of the toy model on two worker groups (two worker processes, one
+/// rank each): the groups exchange their shared frames peer to peer and each decodes the frames
+/// it owns, and the clip is the embedded single-process co-denoised render (one group, one
+/// decode of the whole clip) within one 8-bit level: the latents are the same bits, and a
+/// segment decoded after its warm-up is within a level of the whole decode (the trained VAE
+/// forgets what came before the warm-up; the random `tiny` one does not, by up to 52 levels).
 #[test]
 fn a_long_clip_on_two_worker_groups_equals_the_single_process_render() {
-    let farm = Farm::with_workers(&["w1", "w2"]);
+    let mut farm = Farm::start();
+    for id in ["w1", "w2"] {
+        farm.start_worker(id, &["--model", "toy"]);
+    }
     let mut long = spec_of("61", "64x64", 3);
+    long[1] = "toy".into();
     long.extend(["--window", "9"].map(String::from));
     let mut grouped = long.clone();
     grouped.extend(["--groups", "2"].map(String::from));
@@ -368,13 +375,27 @@ fn a_long_clip_on_two_worker_groups_equals_the_single_process_render() {
     farm.cli(&["fetch", &id, "--out", clip.to_str().unwrap()])
         .ok();
     assert_eq!(probe(&clip)["nb_read_frames"], "61");
-    let reference = farm.path("long-reference.mp4");
-    let mut args = strs(&long);
-    args.extend(["--out", reference.to_str().unwrap()]);
-    embedded_render(&args);
+
+    let png = |args: &[String]| {
+        let mut args = args.to_vec();
+        args.extend(["--format", "png"].map(String::from));
+        args
+    };
+    let on_groups = farm.path("long-groups");
+    let mut args = vec!["render".to_string()];
+    args.extend(png(&grouped));
+    args.extend(["--out".to_string(), on_groups.display().to_string()]);
+    farm.cli(&strs(&args)).ok();
+    let reference = farm.path("long-reference");
+    let mut args = png(&long);
+    args.extend(["--out".to_string(), reference.display().to_string()]);
+    embedded_render(&strs(&args));
+    let (frames, expected) = (png_frames(&on_groups), png_frames(&reference));
+    assert_eq!((frames.len(), expected.len()), (61, 61));
+    let worst = max_diff(&frames, &expected);
     assert!(
-        std::fs::read(&clip).unwrap() == std::fs::read(&reference).unwrap(),
-        "two groups on the farm differ from the single-process render"
+        worst <= 1,
+        "two groups on the farm: max |diff| {worst} levels from the single-process render"
     );
 }
 

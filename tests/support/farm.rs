@@ -97,7 +97,10 @@ impl Farm {
         assert!(!self.workers.contains_key(id), "worker {id} already runs");
         let mut cmd = longtake();
         cmd.args(["serve", "worker", "--etcd", self.etcd.url()])
-            .args(["--listen", "127.0.0.1:0", "--id", id, "--model", "tiny"]);
+            .args(["--listen", "127.0.0.1:0", "--id", id]);
+        if !extra.contains(&"--model") {
+            cmd.args(["--model", "tiny"]);
+        }
         if !extra.contains(&"--lease-ttl") {
             cmd.args(["--lease-ttl", "2"]);
         }

@@ -304,6 +304,17 @@ impl WindowPlan {
         self.windows[run.start].start..self.windows[run.end - 1].frames().end
     }
 
+    /// The latent frames group `group` owns: from where the previous group's frames end (the
+    /// clip's start for group 0) to where its own end. Every latent frame has one owner, which
+    /// decodes it; the groups' owned frames, in order, are the clip.
+    pub fn group_owned_frames(&self, group: usize) -> Range<usize> {
+        let start = match group {
+            0 => 0,
+            g => self.group_frames(g - 1).end,
+        };
+        start..self.group_frames(group).end
+    }
+
     /// The latent frames group `group` shares with group `group + 1` (empty for the last group,
     /// or when they do not overlap): what the two exchange each step.
     pub fn shared_with_next(&self, group: usize) -> Range<usize> {
@@ -523,6 +534,19 @@ mod tests {
         assert!(shared.len() >= 3);
         assert!(p.shared_with_next(2).is_empty());
         assert!(plan(18, 9, 0, 2).shared_with_next(0).is_empty());
+        // every latent frame has one owner: the owned runs tile the clip in group order
+        let owned: Vec<_> = (0..3).map(|g| p.group_owned_frames(g)).collect();
+        assert_eq!((owned[0].start, owned[2].end), (0, 241));
+        assert!(owned.windows(2).all(|o| o[0].end == o[1].start));
+        assert_eq!(
+            owned[1].start, shared.end,
+            "the next group owns what it shares"
+        );
+        let hard = plan(18, 9, 0, 2);
+        assert_eq!(
+            (hard.group_owned_frames(0), hard.group_owned_frames(1)),
+            (0..9, 9..18)
+        );
         let shown = p.to_string();
         assert!(
             shown.starts_with("241 latent frames in 40 windows of 9 sharing "),

@@ -6,6 +6,8 @@
 //! the standard Wan2.1 configuration (three ×2 spatial upsamplers, two of them also ×2 in time,
 //! the first latent frame giving a single output frame).
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -334,6 +336,38 @@ impl WanVaeDecoder {
             .map(|b| self.decode_with_cache(&z.narrow(0, b, 1)?, &mut DecoderCache::new()))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&videos, 0)
+    }
+
+    /// The video frames of latent frames `owned` of `z` `(1, z_dim, F, H, W)`, decoded on their
+    /// own (one worker group's share of a clip): the decoder starts `warmup` latent frames
+    /// before `owned.start` with a fresh cache, and the video of those frames is thrown away.
+    /// From latent frame 0 this is exactly the whole decode; later, the causal context before
+    /// the warm-up is missing, and the frames differ from the whole decode by an error that
+    /// shrinks with `warmup` (at least 1 there: a fresh cache makes its first latent frame one
+    /// video frame instead of four).
+    pub fn decode_segment(&self, z: &Tensor, owned: Range<usize>, warmup: usize) -> Result<Tensor> {
+        let frames = z.dim(2)?;
+        if owned.is_empty() || owned.end > frames {
+            candle_core::bail!("latent frames {owned:?} of a clip of {frames}");
+        }
+        if owned.start > 0 && warmup == 0 {
+            candle_core::bail!(
+                "a segment from latent frame {} needs a warm-up of at least one latent frame",
+                owned.start
+            );
+        }
+        let start = owned.start.saturating_sub(warmup);
+        let video = self.decode_with_cache(
+            &z.narrow(2, start, owned.end - start)?,
+            &mut DecoderCache::new(),
+        )?;
+        let thrown = if owned.start == 0 {
+            0
+        } else {
+            self.config.output_frames(owned.start - start)
+        };
+        let total = video.dim(2)?;
+        video.narrow(2, thrown, total - thrown)
     }
 
     /// Decodes the latent frames `z` `(1, z_dim, F, H, W)` that follow those already passed
