@@ -389,7 +389,14 @@ fn a_long_clip_on_two_worker_groups_equals_the_single_process_render() {
     let reference = farm.path("long-reference");
     let mut args = png(&long);
     args.extend(["--out".to_string(), reference.display().to_string()]);
-    embedded_render(&strs(&args));
+    let rendered = embedded_render(&strs(&args));
+    assert!(
+        rendered
+            .stdout
+            .contains("seams: 2 window boundaries; worst against inside the windows"),
+        "a clip of three windows reports its seams: {}",
+        rendered.stdout
+    );
     let (frames, expected) = (png_frames(&on_groups), png_frames(&reference));
     assert_eq!((frames.len(), expected.len()), (61, 61));
     let worst = max_diff(&frames, &expected);

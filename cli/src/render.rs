@@ -2,11 +2,12 @@
 //! named it runs the whole farm in this process (see `embedded.rs`), so one command still
 //! renders on a machine with nothing else installed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use longtake_proto::spec::WindowSettings;
 use longtake_proto::{JobEvent, RenderSpec};
 use longtake_worker::daemon::models;
 
@@ -156,7 +157,37 @@ async fn submit_watch_fetch(
         got.bytes,
         start.elapsed().as_secs_f64()
     );
+    report_seams(&args.out, &spec);
     Ok(())
+}
+
+/// After a clip of several windows, one line on its seams (the change across each window
+/// boundary against the change inside windows) and how to see them all. A clip of one window
+/// (its spec shows no window settings) has none.
+fn report_seams(out: &Path, spec: &RenderSpec) {
+    if spec.window_latent_frames == 0 {
+        return;
+    }
+    let windows = WindowSettings {
+        latent_frames: spec.window_latent_frames,
+        overlap: spec.overlap_latent_frames.unwrap_or(0),
+        fusion: spec.fusion.parse().unwrap_or_default(),
+        groups: spec.groups.max(1),
+    };
+    match longtake_cli::inspect::seams_of(out, windows) {
+        Ok(Some(report)) => println!(
+            "seams: {} window boundaries; worst against inside the windows (picture, object \
+             centroid, colour, area): {} (each seam: longtake inspect {} --window {} \
+             --overlap {} --caption ...)",
+            report.seams.len(),
+            report.worst(),
+            out.display(),
+            windows.latent_frames,
+            windows.overlap
+        ),
+        Ok(None) => {}
+        Err(err) => eprintln!("note: no seam report for {}: {err}", out.display()),
+    }
 }
 
 /// Follows the job to its end. Ctrl-C cancels an embedded job (its farm ends with this process)

@@ -471,7 +471,7 @@ def train_transformer(args) -> None:
         model = WanTransformer3DModel.from_pretrained(os.path.join(args.work, "transformer"))
         log(f"transformer resumed from {args.work}/transformer")
     else:
-        model = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+        model = WanTransformer3DModel(**dict(TRANSFORMER_CONFIG, patch_size=[1, args.patch, args.patch]))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     # An exponential moving average of the weights is what gets exported (when --ema > 0): the
     # raw weights of a small model at this learning rate draw jittery objects with stray
@@ -601,6 +601,7 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=2400, help="training clips to encode")
     p.add_argument("--steps", type=int, default=8000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--patch", type=int, default=2, help="the transformer's spatial patch (latent cells)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train-shift", type=float, default=FLOW_SHIFT,
                    help="the shift of the σ drawn in training (the scheduler's is FLOW_SHIFT)")

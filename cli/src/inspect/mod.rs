@@ -119,6 +119,20 @@ pub fn inspect(path: &Path, caption: &str) -> Result<Report, InspectError> {
     inspect_with_windows(path, caption, toy_windows())
 }
 
+/// The seams of the clip at `path` cut with `windows`, with no caption to judge it by (the
+/// object is what stands out from the background): what `longtake render` reports after a
+/// clip of several windows. `Ok(None)` for a clip of one window.
+pub fn seams_of(path: &Path, windows: WindowSettings) -> Result<Option<SeamReport>, InspectError> {
+    let frames = read_clip(path)?;
+    let measurements = measure(&frames).map_err(|source| InspectError::Check {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(seam_report(&frames, &measurements.per_frame, windows)
+        .ok()
+        .flatten())
+}
+
 /// [`inspect`] with the seams of a clip cut with `windows`.
 pub fn inspect_with_windows(
     path: &Path,

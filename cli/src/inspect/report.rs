@@ -186,12 +186,7 @@ impl fmt::Display for Report {
                     ratios(seam.jump_ratio)
                 )?;
             }
-            writeln!(
-                f,
-                "             worst seam: drift {}, jump {}",
-                ratios(seams.worst_drift_ratio),
-                ratios(seams.worst_jump_ratio)
-            )?;
+            writeln!(f, "             worst seam: {}", seams.worst())?;
         }
         write!(
             f,
