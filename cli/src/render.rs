@@ -173,6 +173,7 @@ fn report_seams(out: &Path, spec: &RenderSpec) {
         overlap: spec.overlap_latent_frames.unwrap_or(0),
         fusion: spec.fusion.parse().unwrap_or_default(),
         groups: spec.groups.max(1),
+        noise: Default::default(),
     };
     match longtake_cli::inspect::seams_of(out, windows) {
         Ok(Some(report)) => println!(

@@ -7,7 +7,9 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use longtake_proto::spec::frames::{self, WAN_TEMPORAL_PACK};
-use longtake_proto::spec::{Fusion, Layout, SchedulerKind, DEFAULT_MODEL, WAN21_DEFAULT_FPS};
+use longtake_proto::spec::{
+    Fusion, Layout, NoiseSchedule, SchedulerKind, DEFAULT_MODEL, WAN21_DEFAULT_FPS,
+};
 use longtake_proto::{OutputFormat, PromptCue, RenderSpec};
 
 #[derive(Args, Clone, Debug)]
@@ -81,6 +83,17 @@ pub struct SpecArgs {
     /// first; each window of a long clip takes the prompt in force at its centre.
     #[arg(long = "prompt-at", value_name = "SECONDS=TEXT", value_parser = parse_cue)]
     pub prompt_at: Vec<PromptCue>,
+    /// Where a long clip's initial noise comes from: independent (every latent frame its own)
+    /// or rescheduled (FreeNoise: later windows start from the first window's noise, shuffled)
+    /// [default: independent].
+    #[arg(long, value_parser = parse_noise)]
+    pub noise: Option<NoiseSchedule>,
+}
+
+/// `--noise`, read by the job spec's own parser.
+fn parse_noise(text: &str) -> Result<NoiseSchedule, String> {
+    text.parse()
+        .map_err(|e: longtake_proto::spec::UnknownNoise| e.to_string())
 }
 
 /// `--prompt-at`, read by the job spec's own parser.
@@ -203,6 +216,7 @@ impl SpecArgs {
                 .map(|f| f.name().to_string())
                 .unwrap_or_default(),
             prompt_timeline: self.timeline(),
+            noise: self.noise.map(|n| n.name().to_string()).unwrap_or_default(),
         };
         if self.groups == Some(0) {
             bail!("--groups must be at least 1");

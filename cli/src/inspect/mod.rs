@@ -72,6 +72,7 @@ pub fn toy_windows() -> WindowSettings {
         overlap: default_overlap(TOY_WINDOW),
         fusion: Default::default(),
         groups: 1,
+        noise: Default::default(),
     }
 }
 

@@ -10,7 +10,7 @@ use super::frames::{self, WAN_TEMPORAL_PACK};
 use super::layout::{Layout, LayoutLimits};
 use super::scheduler::SchedulerKind;
 use super::timeline::{self, PromptTimeline, TimelineError};
-use super::windows::{Fusion, WindowPlan, WindowSettings};
+use super::windows::{Fusion, NoiseSchedule, WindowPlan, WindowSettings};
 use crate::{ModelInfo, OutputFormat, PromptCue, RenderSpec};
 
 /// The model a spec without one renders with: the built-in toy model, trained by longtake.
@@ -133,6 +133,8 @@ pub struct SpecRequest {
     pub overlap_latent_frames: Option<u32>,
     /// `None`: [`Fusion::default`].
     pub fusion: Option<Fusion>,
+    /// `None`: [`NoiseSchedule::default`].
+    pub noise: Option<NoiseSchedule>,
     /// The prompt changing during the clip (checked: times increasing, prompts not blank).
     pub prompt_timeline: Vec<PromptCue>,
 }
@@ -269,6 +271,7 @@ impl SpecRequest {
                 .unwrap_or_else(|| default_overlap(window)),
             fusion: self.fusion.unwrap_or_default(),
             groups: self.groups,
+            noise: self.noise.unwrap_or_default(),
         };
         // The cut itself: a window plan the clip cannot have is named here, at submission.
         WindowPlan::new(
@@ -372,6 +375,7 @@ impl From<&JobSpec> for SpecRequest {
             window_latent_frames: windowed.then_some(spec.windows.latent_frames),
             overlap_latent_frames: windowed.then_some(spec.windows.overlap),
             fusion: windowed.then_some(spec.windows.fusion),
+            noise: windowed.then_some(spec.windows.noise),
             prompt_timeline: spec.prompt_timeline.clone(),
         }
     }
@@ -436,6 +440,8 @@ impl TryFrom<&RenderSpec> for SpecRequest {
         let fusion =
             Fusion::parse_optional(&spec.fusion).map_err(|e| bad("fusion", e.to_string()))?;
         timeline::check_cues(&spec.prompt_timeline).map_err(timeline_error)?;
+        let noise =
+            NoiseSchedule::parse_optional(&spec.noise).map_err(|e| bad("noise", e.to_string()))?;
         Ok(Self {
             prompt: spec.prompt.clone(),
             negative_prompt: spec.negative_prompt.clone(),
@@ -456,6 +462,7 @@ impl TryFrom<&RenderSpec> for SpecRequest {
                 .then_some(spec.window_latent_frames),
             overlap_latent_frames: spec.overlap_latent_frames,
             fusion,
+            noise,
             prompt_timeline: spec.prompt_timeline.clone(),
         })
     }
@@ -494,6 +501,7 @@ impl From<&SpecRequest> for RenderSpec {
                 .map(|f| f.name().to_string())
                 .unwrap_or_default(),
             prompt_timeline: spec.prompt_timeline.clone(),
+            noise: spec.noise.map(|n| n.name().to_string()).unwrap_or_default(),
         }
     }
 }
@@ -768,7 +776,8 @@ mod tests {
                 latent_frames: 9,
                 overlap: 3,
                 fusion: Fusion::Linear,
-                groups: 2
+                groups: 2,
+                noise: Default::default(),
             }
         );
         let plan = resolved.window_plan().unwrap();
@@ -811,6 +820,24 @@ mod tests {
             .resolve(&model())
             .unwrap();
         assert_eq!(again, resolved);
+        assert_eq!(wire.noise, "independent");
+        let freenoise = SpecRequest::try_from(&RenderSpec {
+            noise: "rescheduled".into(),
+            ..long.clone()
+        })
+        .unwrap()
+        .resolve(&model())
+        .unwrap();
+        assert_eq!(freenoise.windows.noise, NoiseSchedule::Rescheduled);
+        assert_eq!(
+            SpecRequest::try_from(&RenderSpec {
+                noise: "fresh".into(),
+                ..long.clone()
+            })
+            .unwrap_err()
+            .to_string(),
+            "spec.noise: \"fresh\" is not independent or rescheduled"
+        );
         assert_eq!(resolved.ranks(), 2);
 
         let refused = |spec: RenderSpec| {

@@ -24,4 +24,7 @@ pub use job::{
 pub use layout::{Coords, GroupKind, Layout, LayoutError, LayoutLimits};
 pub use scheduler::{SchedulerKind, UnknownScheduler};
 pub use timeline::{PromptTimeline, TimelineError};
-pub use windows::{Fusion, UnknownFusion, Window, WindowError, WindowPlan, WindowSettings};
+pub use windows::{
+    Fusion, NoiseSchedule, UnknownFusion, UnknownNoise, Window, WindowError, WindowPlan,
+    WindowSettings,
+};

@@ -282,6 +282,7 @@ mod tests {
                 overlap: 3,
                 fusion: Fusion::Linear,
                 groups: 1,
+                noise: Default::default(),
             },
         )
         .unwrap();

@@ -79,8 +79,65 @@ impl fmt::Display for Fusion {
     }
 }
 
+/// Where a long clip's initial noise comes from.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseSchedule {
+    /// Every latent frame its own noise (a pure function of the seed and the frame).
+    #[default]
+    Independent,
+    /// FreeNoise-style (Qiu et al., 2023): the first window's frames their own noise, each later
+    /// stretch of a window's stride a shuffle of the first window's noise frames, so every
+    /// window starts from the first window's noise in another order.
+    Rescheduled,
+}
+
+/// A noise name that is not one of [`NoiseSchedule::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("\"{0}\" is not independent or rescheduled")]
+pub struct UnknownNoise(pub String);
+
+impl NoiseSchedule {
+    pub const ALL: [NoiseSchedule; 2] = [NoiseSchedule::Independent, NoiseSchedule::Rescheduled];
+
+    /// The name a spec and the CLI use.
+    pub fn name(self) -> &'static str {
+        match self {
+            NoiseSchedule::Independent => "independent",
+            NoiseSchedule::Rescheduled => "rescheduled",
+        }
+    }
+
+    /// A spec's optional noise field: empty means the default.
+    pub fn parse_optional(text: &str) -> Result<Option<Self>, UnknownNoise> {
+        match text.trim() {
+            "" => Ok(None),
+            name => name.parse().map(Some),
+        }
+    }
+}
+
+impl FromStr for NoiseSchedule {
+    type Err = UnknownNoise;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|n| n.name() == text)
+            .ok_or_else(|| UnknownNoise(text.to_string()))
+    }
+}
+
+impl fmt::Display for NoiseSchedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How a job cuts its clip: the window length and the least overlap (latent frames), the
-/// fusion ramp, and the worker groups the windows are spread over.
+/// fusion ramp, the worker groups the windows are spread over, and where its noise comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WindowSettings {
     /// Latent frames per window: the model's native length unless a spec overrides it.
@@ -90,6 +147,9 @@ pub struct WindowSettings {
     pub fusion: Fusion,
     /// Worker groups; each runs a contiguous run of windows with the job's layout.
     pub groups: u32,
+    /// Records stored before this setting existed read as the default.
+    #[serde(default)]
+    pub noise: NoiseSchedule,
 }
 
 /// Why a clip cannot be cut with some settings; each names the spec field to change.
@@ -432,6 +492,7 @@ mod tests {
             overlap,
             fusion: Fusion::Linear,
             groups,
+            noise: Default::default(),
         }
     }
 

@@ -36,6 +36,31 @@ pub struct LatentShape {
     pub width: usize,
 }
 
+/// For FreeNoise-style rescheduled noise (Qiu et al., 2023), the latent frame whose noise each
+/// of a clip's `frames` latent frames starts from: the first `window` frames their own; each
+/// later run of `stride` frames the first `stride` of a shuffle of `0..window` drawn from
+/// `(seed, run)`. A pure function of its arguments, so every group of a job computes the same.
+pub fn rescheduled_sources(seed: u64, frames: usize, window: usize, stride: usize) -> Vec<usize> {
+    let window = window.min(frames).max(1);
+    let stride = stride.clamp(1, window);
+    let mut sources: Vec<usize> = (0..window).collect();
+    let mut run = 0u64;
+    while sources.len() < frames {
+        // Fisher–Yates on a stream of its own per run (frame streams are the frame indices,
+        // counted from 0; these count down from the top)
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(u64::MAX - run);
+        let mut order: Vec<usize> = (0..window).collect();
+        for i in (1..window).rev() {
+            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let take = stride.min(frames - sources.len());
+        sources.extend_from_slice(&order[..take]);
+        run += 1;
+    }
+    sources
+}
+
 /// The initial noise for latent frames `frames.start..frames.end` of a render, shaped
 /// `(1, C, frames.len(), H, W)`. The full latent is `initial_latents(seed, shape, 0..shape.frames)`;
 /// any contiguous frame range of it is bit-identical to the same range generated on its own.
@@ -43,6 +68,19 @@ pub fn initial_latents(
     seed: u64,
     shape: LatentShape,
     frames: std::ops::Range<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    initial_latents_from(seed, shape, frames, |f| f, dtype, device)
+}
+
+/// [`initial_latents`] where latent frame `f` takes the noise of frame `source(f)` (e.g.
+/// [`rescheduled_sources`]).
+pub fn initial_latents_from(
+    seed: u64,
+    shape: LatentShape,
+    frames: std::ops::Range<usize>,
+    source: impl Fn(usize) -> usize,
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
@@ -61,7 +99,7 @@ pub fn initial_latents(
     let per_frame = channels * height * width;
     let slices = frames
         .map(|f| {
-            let values = gaussian(seed, f as u64, 0, per_frame);
+            let values = gaussian(seed, source(f) as u64, 0, per_frame);
             Tensor::from_vec(values, (channels, 1, height, width), device)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -91,6 +129,29 @@ mod tests {
         assert!(mean.abs() < 0.01, "mean {mean}");
         assert!((var - 1.0).abs() < 0.01, "variance {var}");
         assert!((beyond_2 - 0.0455).abs() < 0.003, "tail mass {beyond_2}");
+    }
+
+    #[test]
+    fn rescheduled_noise_reuses_the_first_window_shuffled() {
+        let sources = rescheduled_sources(5, 26, 9, 6);
+        assert_eq!(sources.len(), 26);
+        assert_eq!(&sources[..9], &(0..9).collect::<Vec<_>>()[..]);
+        for run in sources[9..].chunks(6) {
+            let mut sorted = run.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), run.len(), "no frame twice in a run: {run:?}");
+            assert!(run.iter().all(|&s| s < 9));
+        }
+        assert_ne!(
+            &sources[9..15],
+            &sources[15..21],
+            "each run its own shuffle"
+        );
+        assert_eq!(sources, rescheduled_sources(5, 26, 9, 6));
+        assert_ne!(sources, rescheduled_sources(6, 26, 9, 6));
+        // a clip of one window is its own noise
+        assert_eq!(rescheduled_sources(5, 7, 9, 6), (0..7).collect::<Vec<_>>());
     }
 
     #[test]

@@ -332,6 +332,7 @@ mod tests {
                 overlap: 3,
                 fusion,
                 groups: 1,
+                noise: Default::default(),
             },
         )
         .unwrap()

@@ -563,6 +563,7 @@ mod tests {
                 overlap: 3,
                 fusion: longtake_proto::spec::Fusion::Cosine,
                 groups: 1,
+                noise: Default::default(),
             }),
             timeline: Default::default(),
         };
@@ -630,6 +631,7 @@ mod tests {
                 overlap: 3,
                 fusion: Fusion::Linear,
                 groups,
+                noise: Default::default(),
             }),
             timeline: timeline.clone(),
         };
@@ -755,6 +757,31 @@ mod tests {
                 );
             }
         }
+
+        // FreeNoise-style noise: the groups draw their frames' noise from the same shuffles
+        let rescheduled = |groups| {
+            let mut spec = spec(groups, &plain);
+            if let Some(w) = spec.windows.as_mut() {
+                w.noise = longtake_proto::spec::NoiseSchedule::Rescheduled;
+            }
+            spec
+        };
+        let expected = single
+            .render_with_options(&rescheduled(1), RenderOptions::default(), &mut |_| {})?
+            .latents;
+        assert!(relative_l2(&expected, &plain_reference.latents)? > 1e-3);
+        let on_groups = run_ranks(2, |_, job| {
+            let pipe =
+                DistributedPipeline::for_job(source, &dev, DType::F32, Layout::SINGLE, job, 2)?;
+            Ok(pipe
+                .render_with_options(&rescheduled(2), RenderOptions::default(), &mut |_| {})?
+                .latents)
+        })?;
+        assert_eq!(
+            bits(&on_groups[0])?,
+            bits(&expected)?,
+            "rescheduled noise on 2 groups"
+        );
         Ok(())
     }
 

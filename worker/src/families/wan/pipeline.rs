@@ -15,7 +15,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use longtake_proto::spec::{WindowPlan, WindowSettings, WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES};
+use longtake_proto::spec::{
+    NoiseSchedule, WindowPlan, WindowSettings, WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES,
+};
 
 use super::transformer::{self as wan_transformer, WanTransformer3DModel};
 use super::vae::{self as wan_vae, WanVaeDecoder};
@@ -437,10 +439,34 @@ impl WanPipeline {
     /// The initial noise of a spec: a pure function of the seed and the latent position.
     pub fn initial_latents(&self, spec: &RenderSpec) -> Result<Tensor> {
         let shape = self.latent_shape(spec)?;
-        Ok(noise::initial_latents(
+        self.initial_noise(spec, &self.window_plan(spec)?, 0..shape.frames)
+    }
+
+    /// The initial noise of latent frames `frames` of `spec`'s clip cut as `plan`: each frame
+    /// its own, or under [`NoiseSchedule::Rescheduled`] a multi-window clip's later frames the
+    /// first window's noise, shuffled ([`noise::rescheduled_sources`]).
+    fn initial_noise(
+        &self,
+        spec: &RenderSpec,
+        plan: &WindowPlan,
+        frames: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        let shape = self.latent_shape(spec)?;
+        let settings = plan.settings();
+        let sources = match settings.noise {
+            NoiseSchedule::Rescheduled if !plan.is_single_window() => noise::rescheduled_sources(
+                spec.seed,
+                shape.frames,
+                settings.latent_frames as usize,
+                (settings.latent_frames - settings.overlap) as usize,
+            ),
+            _ => (0..shape.frames).collect(),
+        };
+        Ok(noise::initial_latents_from(
             spec.seed,
             shape,
-            0..shape.frames,
+            frames,
+            |f| sources[f],
             DType::F32,
             &self.device,
         )?)
@@ -454,6 +480,7 @@ impl WanPipeline {
             overlap: 0,
             fusion: Default::default(),
             groups: 1,
+            noise: Default::default(),
         });
         WindowPlan::new(shape.frames as u32, settings)
             .map_err(|e| PipelineError::Spec(format!("spec.{}: {}", e.field(), e.problem())))
@@ -685,10 +712,8 @@ impl WanPipeline {
                 plan.group_count()
             )));
         }
-        let shape = self.latent_shape(spec)?;
         let frames = plan.group_frames(group);
-        let latents =
-            noise::initial_latents(spec.seed, shape, frames.clone(), DType::F32, &self.device)?;
+        let latents = self.initial_noise(spec, &plan, frames.clone())?;
         let mut denoiser = self.denoiser(spec, latents)?;
         let per_window = self.window_conditioning(spec, &plan)?;
         let flow = component(
@@ -945,6 +970,7 @@ mod tests {
                 overlap: 1,
                 fusion: Fusion::Linear,
                 groups: 1,
+                noise: Default::default(),
             })
         };
         let plain = RenderSpec {
@@ -1099,6 +1125,7 @@ mod tests {
                 overlap: 1,
                 fusion: Fusion::Linear,
                 groups: 1,
+                noise: Default::default(),
             }),
             timeline: PromptTimeline::new(
                 &cue.map(|(at, p)| PromptCue {
