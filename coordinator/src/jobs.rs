@@ -279,17 +279,22 @@ impl JobTable {
         jobs
     }
 
-    /// A receiver of the job's future events and the event that describes it now.
+    /// A receiver of the job's future events and the events that describe it now: the one of
+    /// [`Self::current_event`], after the job's plan when it is running (a watcher that joins
+    /// after the job was placed still sees its workers and windows).
     pub fn watch(
         &self,
         id: &str,
         now_ms: u64,
-    ) -> Option<(JobEvent, broadcast::Receiver<JobEvent>)> {
+    ) -> Option<(Vec<JobEvent>, broadcast::Receiver<JobEvent>)> {
         let entry = self.jobs.get(id)?;
-        Some((
-            self.current_event(&entry.job, now_ms),
-            entry.events.subscribe(),
-        ))
+        let job = &entry.job;
+        let mut opening = Vec::new();
+        if job.phase == JobPhase::Running {
+            opening.push(event(job, job_event::Event::Planned(planned(job)), now_ms));
+        }
+        opening.push(self.current_event(job, now_ms));
+        Some((opening, entry.events.subscribe()))
     }
 
     /// The event that sums up the job's state, the first one a watcher gets.
@@ -830,6 +835,17 @@ mod tests {
 
         t.running(&id, 1, 30).unwrap();
         assert_eq!(state(&t, &id), JobPhase::Running);
+        // a watcher joining a running job still sees its plan first
+        let (opening, _events) = t.watch(&id, 35).unwrap();
+        let kinds: Vec<_> = opening
+            .iter()
+            .map(|e| match &e.event {
+                Some(job_event::Event::Planned(p)) => format!("planned on {:?}", p.workers),
+                Some(job_event::Event::Step(s)) => format!("step {}", s.step),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["planned on [\"w1\"]", "step 0"]);
         let c = t
             .step(
                 &id,

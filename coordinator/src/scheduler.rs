@@ -140,7 +140,7 @@ impl Scheduler {
         self.inner.table.lock().await.list(wanted)
     }
 
-    pub async fn watch(&self, id: &str) -> Option<(JobEvent, broadcast::Receiver<JobEvent>)> {
+    pub async fn watch(&self, id: &str) -> Option<(Vec<JobEvent>, broadcast::Receiver<JobEvent>)> {
         self.inner.table.lock().await.watch(id, now_ms())
     }
 

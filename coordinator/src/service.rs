@@ -84,7 +84,7 @@ impl RenderService for Service {
         request: Request<JobRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let id = request.into_inner().id;
-        let (first, mut events) = self
+        let (mut opening, mut events) = self
             .scheduler
             .watch(&id)
             .await
@@ -92,7 +92,14 @@ impl RenderService for Service {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let scheduler = self.scheduler.clone();
         tokio::spawn(async move {
-            let mut last = first;
+            let Some(mut last) = opening.pop() else {
+                return;
+            };
+            for event in opening {
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
             loop {
                 let end = ends_the_job(&last);
                 if tx.send(Ok(last)).await.is_err() || end {
