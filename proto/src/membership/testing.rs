@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 pub struct EtcdServer {
     child: Child,
     client_url: String,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 /// A loopback port that was free a moment ago: nothing listens on it (for "unreachable" tests),
@@ -24,8 +24,21 @@ pub fn free_port() -> u16 {
 
 impl EtcdServer {
     /// Starts etcd and waits until it answers on its client port (panics with the reason if it
-    /// cannot: missing binary, or no answer within 20 s).
+    /// cannot: missing binary, or no answer within 60 s). The free ports are only free a
+    /// moment ago, so a parallel test can take one first: an etcd that exits at start is
+    /// started again on other ports, three times at most.
     pub fn start() -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start() {
+                Ok(server) => return server,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("etcd did not start: {}", failures.join("; "));
+    }
+
+    fn try_start() -> Result<Self, String> {
         let data = tempfile::tempdir().expect("temporary directory for etcd");
         let (client, peer) = (free_port(), free_port());
         let client_url = format!("http://127.0.0.1:{client}");
@@ -48,20 +61,24 @@ impl EtcdServer {
         let mut server = Self {
             child,
             client_url,
-            _data: data,
+            data,
         };
-        server.wait_ready();
-        server
+        server.wait_ready()?;
+        Ok(server)
     }
 
-    fn wait_ready(&mut self) {
+    /// `Err` when etcd exited at start (its log's last line says why, e.g. a port in use).
+    fn wait_ready(&mut self) -> Result<(), String> {
         // A hang guard, not a speed check: etcd is up when its health answers.
         let guard = Duration::from_secs(60);
         let deadline = Instant::now() + guard;
         let health = format!("127.0.0.1:{}", self.port());
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("etcd exited at start with {status}");
+                let log =
+                    std::fs::read_to_string(self.data.path().join("etcd.log")).unwrap_or_default();
+                let last = log.lines().last().unwrap_or("no log").to_string();
+                return Err(format!("etcd exited at start with {status}: {last}"));
             }
             if let Ok(mut stream) = std::net::TcpStream::connect(&health) {
                 use std::io::{Read, Write};
@@ -72,7 +89,7 @@ impl EtcdServer {
                     && stream.read_to_string(&mut reply).is_ok()
                     && reply.contains("\"health\":\"true\"")
                 {
-                    return;
+                    return Ok(());
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
