@@ -589,15 +589,7 @@ impl WanPipeline {
 
     /// Decodes final latents into a video tensor `(1, 3, frames, H, W)` in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let vae = self.vae.as_ref().ok_or_else(|| {
-            PipelineError::Spec("this pipeline was loaded without its VAE".into())
-        })?;
-        let z = component(
-            "vae",
-            vae.unnormalize_latents(&latents.to_dtype(self.dtype)?),
-        )?;
-        let video = component("vae", vae.decode(&z))?;
-        Ok(video.to_dtype(DType::F32)?)
+        self.decode_with(latents, |vae, z| vae.decode(z))
     }
 
     /// The video `(1, 3, frames, H, W)` of latent frames `owned` of the final latents, decoded
@@ -608,6 +600,15 @@ impl WanPipeline {
         owned: std::ops::Range<usize>,
         warmup: usize,
     ) -> Result<Tensor> {
+        self.decode_with(latents, |vae, z| vae.decode_segment(z, owned, warmup))
+    }
+
+    /// `decode` on the un-normalised final latents, the video in f32.
+    fn decode_with(
+        &self,
+        latents: &Tensor,
+        decode: impl FnOnce(&WanVaeDecoder, &Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor> {
         let vae = self.vae.as_ref().ok_or_else(|| {
             PipelineError::Spec("this pipeline was loaded without its VAE".into())
         })?;
@@ -615,7 +616,7 @@ impl WanPipeline {
             "vae",
             vae.unnormalize_latents(&latents.to_dtype(self.dtype)?),
         )?;
-        let video = component("vae", vae.decode_segment(&z, owned, warmup))?;
+        let video = component("vae", decode(vae, &z))?;
         Ok(video.to_dtype(DType::F32)?)
     }
 
@@ -649,13 +650,16 @@ impl WanPipeline {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
         let RenderOptions { resume, after_step } = options;
-        // The latents before the prompts: a spec the model cannot render fails before the
-        // text encoder runs.
+        // The plan and the latents before the prompts: a spec the model cannot render fails
+        // before the text encoder runs.
+        let plan = self.window_plan(spec)?;
         let mut denoiser = match &resume {
-            None => self.denoiser(spec, self.initial_latents(spec)?)?,
+            None => {
+                let frames = self.latent_shape(spec)?.frames;
+                self.denoiser(spec, self.initial_noise(spec, &plan, 0..frames)?)?
+            }
             Some(state) => self.resume_denoiser(spec, state)?,
         };
-        let plan = self.window_plan(spec)?;
         let per_window = self.window_conditioning(spec, &plan)?;
         let conditioning = first_window(&per_window)?;
         let mut no_hook = |_: &Denoiser| -> Result<()> { Ok(()) };
