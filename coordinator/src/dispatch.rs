@@ -1,8 +1,9 @@
 //! One attempt of a job on its workers. `Reserve` on each rank in order (all within the start
 //! time-out), then `RunTask` on each with every rank's mesh address; then the ranks' event
-//! streams are merged: rank 0's steps and decoding become job events, rank 0's frames go to the
-//! encoder as they arrive, and when every rank has finished and every frame is written the clip
-//! is closed. A rank whose stream breaks (process died, connection lost, worker left the farm)
+//! streams are merged: rank 0's steps and decoding become job events, the frames (rank 0's, or
+//! for a clip of several worker groups each group's first rank's segment, in clip order) go to
+//! the encoder as they arrive, and when every rank has finished and every frame is written the
+//! clip is closed. A rank whose stream breaks (process died, connection lost, worker left the farm)
 //! makes the attempt `Lost` (the job is re-queued); a rank that reports an error fails the job;
 //! in both cases the other ranks are told to abort.
 
@@ -214,16 +215,35 @@ async fn follow(
     reporter: &dyn Reporter,
 ) -> Outcome {
     let (tx, mut rx) = mpsc::channel::<(usize, Item)>(64);
+    // Frames written so far. Each worker group's first rank streams the segment it decoded; a
+    // segment is read from its stream only once the frames before it are written, so the clip is
+    // encoded in order and a later segment waits in its worker (the stream's flow control), not
+    // here.
+    let (written_tx, written_rx) = tokio::sync::watch::channel(0u32);
     let mut forwarders = tokio::task::JoinSet::new();
     for (rank, mut stream) in streams.into_iter().enumerate() {
         let tx = tx.clone();
+        let mut written = written_rx.clone();
         forwarders.spawn(async move {
+            let mut segment_started = false;
             loop {
                 let item = match stream.message().await {
                     Ok(Some(event)) => Item::Event(event),
                     Ok(None) => Item::Broken(None),
                     Err(status) => Item::Broken(Some(status)),
                 };
+                if let Item::Event(TaskEvent {
+                    event: Some(task_event::Event::Frames(batch)),
+                }) = &item
+                {
+                    if !segment_started {
+                        let first = batch.first;
+                        if written.wait_for(|&w| w >= first).await.is_err() {
+                            return;
+                        }
+                        segment_started = true;
+                    }
+                }
                 let end = matches!(item, Item::Broken(_));
                 if tx.send((rank, item)).await.is_err() || end {
                     return;
@@ -307,10 +327,14 @@ async fn follow(
                         decoding = true;
                         reporter.decoding(d.frames).await;
                     }
-                    task_event::Event::Frames(batch) if rank == 0 => {
+                    task_event::Event::Frames(batch) if rank % group_size == 0 => {
                         if let Err(reason) = encoder.push(batch).await {
-                            return Outcome::Failed(reason);
+                            return Outcome::Failed(format!(
+                                "worker {} (rank {rank}): {reason}",
+                                a.workers[rank].id
+                            ));
                         }
+                        written_tx.send_replace(encoder.written);
                         reporter.encoding(encoder.written, frames_total).await;
                     }
                     task_event::Event::Finished(f) => {
@@ -376,14 +400,14 @@ impl Encoder {
     async fn push(&mut self, batch: FrameBatch) -> Result<(), String> {
         if batch.first != self.written {
             return Err(format!(
-                "rank 0 sent frames from {} but {} were written (frames must come in order)",
+                "frames from {} arrived when {} were written (frames must come in order)",
                 batch.first, self.written
             ));
         }
         let frame_bytes = batch.width as usize * batch.height as usize * 3;
         if batch.rgb.len() != frame_bytes * batch.count as usize {
             return Err(format!(
-                "rank 0 sent {} bytes for {} frames of {}x{}",
+                "{} bytes arrived for {} frames of {}x{}",
                 batch.rgb.len(),
                 batch.count,
                 batch.width,
@@ -427,12 +451,12 @@ impl Encoder {
     async fn finish(&mut self, frames_total: u32) -> Outcome {
         if self.written != frames_total {
             return Outcome::Failed(format!(
-                "rank 0 finished after sending {} of {frames_total} frames",
+                "every rank finished after {} of {frames_total} frames arrived",
                 self.written
             ));
         }
         let Some(sink) = self.sink.take() else {
-            return Outcome::Failed("rank 0 sent no frames".into());
+            return Outcome::Failed("no frames arrived".into());
         };
         let output = self.output.clone();
         let result = tokio::task::spawn_blocking(move || {

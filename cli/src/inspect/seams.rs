@@ -18,7 +18,7 @@
 
 use std::ops::Range;
 
-use longtake_proto::spec::frames::WAN_TEMPORAL_PACK;
+use longtake_proto::spec::frames::{first_video_frame, WAN_TEMPORAL_PACK};
 use longtake_proto::spec::{WindowError, WindowPlan, WindowSettings};
 use serde::Serialize;
 
@@ -110,8 +110,8 @@ pub fn seam_report(
         .enumerate()
         .map(|(i, pair)| {
             let shared = pair[1].start..pair[0].start + pair[0].len;
-            let first = video_frame(shared.start, pack).saturating_sub(1);
-            let last = (video_frame(shared.end, pack) + 1).min(frames.len());
+            let first = first_video_frame(shared.start, pack).saturating_sub(1);
+            let last = (first_video_frame(shared.end, pack) + 1).min(frames.len());
             ([i, i + 1], first..last)
         })
         .collect();
@@ -164,15 +164,6 @@ pub fn seam_report(
 fn latent_frames(frames: usize) -> u32 {
     let frames = frames.max(1) as u32;
     (frames - 1).div_ceil(WAN_TEMPORAL_PACK) + 1
-}
-
-/// The first video frame latent frame `latent` decodes to.
-fn video_frame(latent: usize, pack: usize) -> usize {
-    if latent == 0 {
-        0
-    } else {
-        (latent - 1) * pack + 1
-    }
 }
 
 fn change(a: &Frame, b: &Frame, oa: &FrameObject, ob: &FrameObject) -> Change {

@@ -65,6 +65,15 @@ pub fn check(frames: u32, pack: u32) -> Result<(), FrameCountError> {
     })
 }
 
+/// The first video frame that latent frame `latent` decodes to: the first latent frame is one
+/// video frame, each later one `pack`.
+pub fn first_video_frame(latent: usize, pack: usize) -> usize {
+    match latent {
+        0 => 0,
+        k => (k - 1) * pack + 1,
+    }
+}
+
 /// Latent frames of a valid `frames` count: `(frames − 1) / pack + 1`.
 pub fn latent_frames(frames: u32, pack: u32) -> u32 {
     (frames.max(1) - 1) / pack.max(1) + 1

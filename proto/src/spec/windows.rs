@@ -13,6 +13,8 @@ use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
+use crate::spec::frames::first_video_frame;
+
 /// How the predictions of two windows are weighted across the frames they share: each window's
 /// weight rises over its overlap with the window before and falls over its overlap with the one
 /// after, then the weights on each frame are normalised to sum to 1.
@@ -223,14 +225,7 @@ impl Window {
     /// The video frames this window's latent frames decode to (the first latent frame is one
     /// video frame, each later one `pack`).
     pub fn video_frames(&self, pack: usize) -> Range<usize> {
-        let first = |latent: usize| {
-            if latent == 0 {
-                0
-            } else {
-                (latent - 1) * pack + 1
-            }
-        };
-        first(self.start)..first(self.start + self.len)
+        first_video_frame(self.start, pack)..first_video_frame(self.start + self.len, pack)
     }
 }
 

@@ -406,7 +406,9 @@ impl TaskRunner {
     }
 }
 
-/// Rank 0's frames in batches of whole frames of at most [`FRAME_BATCH_BYTES`].
+/// The frames this rank decoded (the whole clip on rank 0, or a worker group's segment on the
+/// group's first rank), numbered in the clip, in batches of whole frames of at most
+/// [`FRAME_BATCH_BYTES`].
 fn send_frames(video: &Video, abort: &Abort, emit: &mut dyn FnMut(TaskEvent)) {
     let frame_bytes = video.width * video.height * 3;
     let per_batch = (FRAME_BATCH_BYTES / frame_bytes.max(1)).max(1);
@@ -415,7 +417,7 @@ fn send_frames(video: &Video, abort: &Abort, emit: &mut dyn FnMut(TaskEvent)) {
             return;
         }
         emit(event(task_event::Event::Frames(FrameBatch {
-            first: (i * per_batch) as u32,
+            first: (video.first_frame + i * per_batch) as u32,
             count: (rgb.len() / frame_bytes) as u32,
             width: video.width as u32,
             height: video.height as u32,

@@ -134,6 +134,9 @@ pub struct Rendered {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Video {
     pub rgb: Vec<u8>,
+    /// The clip's frame that the first of these is: 0 for a whole clip, later for the segment
+    /// one worker group of a long clip decodes and sends on its own.
+    pub first_frame: usize,
     pub frames: usize,
     pub height: usize,
     pub width: usize,

@@ -15,6 +15,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use longtake_proto::spec::frames::first_video_frame;
 use longtake_proto::spec::{
     NoiseSchedule, WindowPlan, WindowSettings, WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES,
 };
@@ -694,10 +695,12 @@ impl WanPipeline {
     /// rank's group sits; `model`: the group's flow, one process or the group's layout). The
     /// group denoises only its windows' frames (their initial noise is the same pure function
     /// of seed and frame as the whole clip's), settling shared frames with its neighbours every
-    /// step ([`GroupWindowedFlow`]). At the end the first rank of each group sends the frames it
-    /// owns (its own, and those shared with the next group) to the job's rank 0, which holds the
-    /// clip's latents, the single-process reference's bits, and decodes them where `decode`.
-    /// Every other rank returns its group's latents and no video.
+    /// step ([`GroupWindowedFlow`]). At the end the first rank of each group sends the latent
+    /// frames it owns (its own, and those shared with the next group) to the job's rank 0, which
+    /// returns the clip's latents (the single-process reference's bits); every other rank returns
+    /// its group's. Where `decode`, the first rank of each group returns the video of the frames
+    /// it owns ([`Self::decode_group_segment`], numbered in the clip): segments go their own
+    /// way to whoever stitches them, so no rank holds the whole clip's frames.
     pub fn render_group(
         &self,
         model: &dyn FlowModel,
@@ -737,9 +740,15 @@ impl WanPipeline {
         let owned_frames = plan.group_owned_frames(group);
         let skip = owned_frames.start - frames.start;
         let owned = local.narrow(2, skip, owned_frames.len())?.contiguous()?;
-        let segment = if decode {
+        let video = if decode {
             let peers = GroupPeers { job, group, size };
-            self.decode_group_segment(&plan, &peers, group, &local, progress)?
+            match self.decode_group_segment(&plan, &peers, group, &local, progress)? {
+                Some(segment) => {
+                    let first = first_video_frame(owned_frames.start, video::VAE_SCALE_TEMPORAL);
+                    Some(to_video(&segment, first)?)
+                }
+                None => None,
+            }
         } else {
             None
         };
@@ -757,23 +766,6 @@ impl WanPipeline {
                 component("exchange", job.send(&owned, 0).map_err(Into::into))?;
             }
             local
-        };
-        let video = match segment {
-            Some(first) if job.rank() == 0 => {
-                let mut parts = vec![first];
-                for g in 1..plan.group_count() {
-                    parts.push(component(
-                        "exchange",
-                        job.recv(g * size, &self.device).map_err(Into::into),
-                    )?);
-                }
-                Some(to_video(&Tensor::cat(&parts, 2)?)?)
-            }
-            Some(segment) => {
-                component("exchange", job.send(&segment, 0).map_err(Into::into))?;
-                None
-            }
-            None => None,
         };
         Ok(Rendered {
             latents: gathered,
@@ -843,12 +835,12 @@ impl WanPipeline {
                 self.decode_segment(&latents, warm..warm + owned.len(), warm)
             })
             .collect::<Result<Vec<_>>>()?;
-        to_video(&Tensor::cat(&segments, 2)?)
+        to_video(&Tensor::cat(&segments, 2)?, 0)
     }
 
     /// Decodes final latents into RGB frames.
     pub fn decode_to_video(&self, latents: &Tensor) -> Result<Video> {
-        to_video(&self.decode(latents)?)
+        to_video(&self.decode(latents)?, 0)
     }
 }
 
@@ -870,11 +862,13 @@ fn segment_warmup(plan: &WindowPlan, group: usize) -> usize {
     }
 }
 
-/// A decoded video tensor `(1, 3, frames, H, W)` in [-1, 1] as RGB bytes.
-fn to_video(video: &Tensor) -> Result<Video> {
+/// A decoded video tensor `(1, 3, frames, H, W)` in [-1, 1] as RGB bytes, the clip's frames
+/// from `first_frame` on.
+fn to_video(video: &Tensor, first_frame: usize) -> Result<Video> {
     let (rgb, frames, height, width) = video::video_to_rgb8(video)?;
     Ok(Video {
         rgb,
+        first_frame,
         frames,
         height,
         width,
