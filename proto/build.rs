@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("longtake.v1.RenderSpec", serde)
         .type_attribute("longtake.v1.PromptCue", serde)
         .type_attribute("longtake.v1.Job", serde)
+        .type_attribute("longtake.v1.TimeSplit", serde)
         .type_attribute("longtake.v1.Worker", serde)
         .type_attribute("longtake.v1.DeviceInfo", serde)
         .type_attribute("longtake.v1.ModelInfo", serde)

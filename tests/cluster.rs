@@ -371,6 +371,22 @@ fn a_long_clip_on_two_worker_groups_equals_the_single_process_render() {
     let job = farm.job(&id);
     assert_eq!(workers_of(&job).len(), 2, "two groups of one rank: {job}");
     assert_eq!(number(&job["spec"], "groups"), 2, "{job}");
+    // where the time went: the workers' phases (the groups exchanged shared frames every step,
+    // each decoded its segment) and the coordinator's encode, inside the attempt's wall time
+    let split = &job["time_split"];
+    let seconds = |phase: &str| {
+        split[phase]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {phase} in the time split: {job}"))
+    };
+    for phase in ["denoise_s", "exchange_s", "decode_s", "encode_s", "wall_s"] {
+        assert!(seconds(phase) > 0.0, "{phase} took time: {split}");
+    }
+    assert!(seconds("exchange_s") < seconds("denoise_s"), "{split}");
+    assert!(
+        seconds("denoise_s") + seconds("decode_s") <= seconds("wall_s"),
+        "{split}"
+    );
     let clip = farm.path("long.mp4");
     farm.cli(&["fetch", &id, "--out", clip.to_str().unwrap()])
         .ok();

@@ -134,8 +134,12 @@ impl JobDisplay {
             }
             Event::Done(d) => {
                 self.clear();
+                let split = match &d.time_split {
+                    Some(t) => format!("\ntime: {}", crate::views::time_split_text(t)),
+                    None => String::new(),
+                };
                 Some(format!(
-                    "done: {} bytes, rendered in {:.1} s",
+                    "done: {} bytes, rendered in {:.1} s{split}",
                     d.output_bytes, d.render_s
                 ))
             }

@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 
 use longtake_coordinator::record::JobPhase;
-use longtake_proto::{job_event, Job, JobEvent, JobState, OutputFormat, Worker, WorkerState};
+use longtake_proto::{
+    job_event, Job, JobEvent, JobState, OutputFormat, TimeSplit, Worker, WorkerState,
+};
 use serde_json::{json, Value};
 
 /// `queued`, `planned`, `running`, `done`, `failed`, `cancelled` (`unknown` for anything else).
@@ -83,6 +85,7 @@ pub fn job_json(job: &Job) -> Value {
         "finished_at_ms": job.finished_at_ms,
         "output_bytes": job.output_bytes,
         "spec": spec.unwrap_or(Value::Null),
+        "time_split": job.time_split,
     })
 }
 
@@ -129,7 +132,7 @@ pub fn event_json(event: &JobEvent) -> Value {
         ),
         Some(job_event::Event::Done(e)) => (
             "done",
-            json!({"output_bytes": e.output_bytes, "render_s": e.render_s}),
+            json!({"output_bytes": e.output_bytes, "render_s": e.render_s, "time_split": e.time_split}),
         ),
         Some(job_event::Event::Failed(e)) => ("failed", json!({"reason": e.reason})),
         Some(job_event::Event::Cancelled(e)) => ("cancelled", json!({"reason": e.reason})),
@@ -200,7 +203,25 @@ pub fn job_details(job: &Job) -> String {
     if let Some(elapsed) = elapsed_s(job) {
         let _ = writeln!(out, "time:      {elapsed:.1} s rendering");
     }
+    if let Some(split) = &job.time_split {
+        let _ = writeln!(out, "split:     {}", time_split_text(split));
+    }
     out
+}
+
+/// Where a finished job's time went, in one line: the workers' phases (each the slowest rank's)
+/// and the coordinator's.
+pub fn time_split_text(t: &TimeSplit) -> String {
+    let exchange = if t.exchange_s > 0.0 {
+        format!(" (exchange between groups {:.2} s)", t.exchange_s)
+    } else {
+        String::new()
+    };
+    format!(
+        "load {:.2} s, text {:.2} s, denoise {:.2} s{exchange}, decode {:.2} s, \
+         send {:.2} s, stitch {:.2} s, encode {:.2} s; {:.2} s in all",
+        t.load_s, t.text_s, t.denoise_s, t.decode_s, t.send_s, t.stitch_s, t.encode_s, t.wall_s
+    )
 }
 
 /// `list` for people: one row per job, oldest first.
@@ -353,6 +374,7 @@ mod tests {
             "finished_at_ms",
             "output_bytes",
             "spec",
+            "time_split",
         ] {
             assert!(value.get(key).is_some(), "missing {key}: {value}");
         }

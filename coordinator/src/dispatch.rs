@@ -15,7 +15,7 @@ use longtake_proto::telemetry;
 use longtake_proto::worker_service_client::WorkerServiceClient;
 use longtake_proto::{
     task_event, AbortRequest, FrameBatch, OutputFormat, RenderSpec, ReserveRequest, Step,
-    TaskEvent, TaskRequest, Worker, MAX_MESSAGE_BYTES,
+    TaskEvent, TaskRequest, TimeSplit, Worker, MAX_MESSAGE_BYTES,
 };
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
@@ -255,6 +255,7 @@ async fn follow(
 
     let frames_total = a.spec.frames;
     let mut finished = vec![false; a.workers.len()];
+    let mut timings = vec![TimeSplit::default(); a.workers.len()];
     let mut step = 0u32;
     let mut total = a.spec.steps;
     let mut decoding = false;
@@ -337,6 +338,7 @@ async fn follow(
                         written_tx.send_replace(encoder.written);
                         reporter.encoding(encoder.written, frames_total).await;
                     }
+                    task_event::Event::Timings(t) => timings[rank] = t,
                     task_event::Event::Finished(f) => {
                         if !f.error.is_empty() || f.cancelled {
                             let why = if f.error.is_empty() { "cancelled" } else { &f.error };
@@ -347,7 +349,7 @@ async fn follow(
                         }
                         finished[rank] = true;
                         if finished.iter().all(|&f| f) {
-                            return encoder.finish(frames_total).await;
+                            return encoder.finish(frames_total, &timings).await;
                         }
                     }
                     // steps, decoding and frames of other ranks carry nothing the job needs
@@ -378,6 +380,9 @@ struct Encoder {
     sink: Option<Box<dyn FrameSink>>,
     written: u32,
     started: Instant,
+    /// Time in the writer (opening, frames, closing), and in checking batches around it.
+    encoding: Duration,
+    stitching: Duration,
 }
 
 impl Encoder {
@@ -394,10 +399,13 @@ impl Encoder {
             sink: None,
             written: 0,
             started: Instant::now(),
+            encoding: Duration::ZERO,
+            stitching: Duration::ZERO,
         }
     }
 
     async fn push(&mut self, batch: FrameBatch) -> Result<(), String> {
+        let start = Instant::now();
         if batch.first != self.written {
             return Err(format!(
                 "frames from {} arrived when {} were written (frames must come in order)",
@@ -416,6 +424,8 @@ impl Encoder {
         }
         let (output, format, fps) = (self.output.clone(), self.format, self.fps);
         let sink = self.sink.take();
+        self.stitching += start.elapsed();
+        let start = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let mut sink = match sink {
                 Some(sink) => sink,
@@ -442,13 +452,15 @@ impl Encoder {
         })
         .await
         .map_err(|e| format!("the encoder panicked: {e}"))?;
+        self.encoding += start.elapsed();
         let sink = result.map_err(|e| format!("encoding the output: {e}"))?;
         self.written = sink.frames_written() as u32;
         self.sink = Some(sink);
         Ok(())
     }
 
-    async fn finish(&mut self, frames_total: u32) -> Outcome {
+    /// Closes the clip; `ranks` are the time splits the ranks reported.
+    async fn finish(&mut self, frames_total: u32, ranks: &[TimeSplit]) -> Outcome {
         if self.written != frames_total {
             return Outcome::Failed(format!(
                 "every rank finished after {} of {frames_total} frames arrived",
@@ -459,20 +471,45 @@ impl Encoder {
             return Outcome::Failed("no frames arrived".into());
         };
         let output = self.output.clone();
+        let start = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             sink.finish()?;
             Ok::<_, encode::EncodeError>(output_size(&output))
         })
         .await;
+        self.encoding += start.elapsed();
         match result {
-            Ok(Ok(output_bytes)) => Outcome::Done {
-                output_bytes,
-                render_s: self.started.elapsed().as_secs_f64(),
-            },
+            Ok(Ok(output_bytes)) => {
+                let render_s = self.started.elapsed().as_secs_f64();
+                Outcome::Done {
+                    output_bytes,
+                    render_s,
+                    time_split: TimeSplit {
+                        stitch_s: self.stitching.as_secs_f64(),
+                        encode_s: self.encoding.as_secs_f64(),
+                        wall_s: render_s,
+                        ..slowest(ranks)
+                    },
+                }
+            }
             Ok(Err(e)) => Outcome::Failed(format!("encoding the output: {e}")),
             Err(e) => Outcome::Failed(format!("the encoder panicked: {e}")),
         }
     }
+}
+
+/// Each worker phase's longest time over the ranks: they run each phase at the same time, so the
+/// slowest rank's is what the job waited for.
+fn slowest(ranks: &[TimeSplit]) -> TimeSplit {
+    ranks.iter().fold(TimeSplit::default(), |a, r| TimeSplit {
+        load_s: a.load_s.max(r.load_s),
+        text_s: a.text_s.max(r.text_s),
+        denoise_s: a.denoise_s.max(r.denoise_s),
+        exchange_s: a.exchange_s.max(r.exchange_s),
+        decode_s: a.decode_s.max(r.decode_s),
+        send_s: a.send_s.max(r.send_s),
+        ..a
+    })
 }
 
 fn output_size(path: &std::path::Path) -> u64 {

@@ -12,7 +12,7 @@ use longtake_proto::spec::frames::WAN_TEMPORAL_PACK;
 use longtake_proto::spec::{JobSpec, Limits, ModelDescription, SpecError, SpecRequest};
 use longtake_proto::{
     job_event, Cancelled, Decoding, Done, Encoding, Failed, JobEvent, JobState, Planned, Queued,
-    RenderSpec, Step, Worker,
+    RenderSpec, Step, TimeSplit, Worker,
 };
 use tokio::sync::{broadcast, mpsc};
 
@@ -38,6 +38,7 @@ pub enum Outcome {
     Done {
         output_bytes: u64,
         render_s: f64,
+        time_split: TimeSplit,
     },
     /// A rank failed; the job fails with this reason.
     Failed(String),
@@ -316,6 +317,7 @@ impl JobTable {
             JobPhase::Done => Event::Done(Done {
                 output_bytes: job.output_bytes,
                 render_s: job.render_s(),
+                time_split: job.time_split,
             }),
             JobPhase::Failed => Event::Failed(Failed {
                 reason: job.message.clone(),
@@ -554,9 +556,11 @@ impl JobTable {
             Outcome::Done {
                 output_bytes,
                 render_s: _,
+                time_split,
             } => {
                 end(job, JobPhase::Done, String::new());
                 job.output_bytes = output_bytes;
+                job.time_split = Some(time_split);
                 job.steps_done = job.steps_total;
             }
             Outcome::Failed(reason) => end(job, JobPhase::Failed, reason),
@@ -872,6 +876,7 @@ mod tests {
                 Outcome::Done {
                     output_bytes: 1234,
                     render_s: 1.0,
+                    time_split: TimeSplit::default(),
                 },
                 50,
             )

@@ -8,7 +8,7 @@
 //! the store writes its own versioned format (`store::format`).
 
 use longtake_proto::spec::{JobSpec, Layout, SpecRequest};
-use longtake_proto::{Job, JobState, OutputFormat, RenderSpec};
+use longtake_proto::{Job, JobState, OutputFormat, RenderSpec, TimeSplit};
 
 /// Where a job is in its life: QUEUED → PLANNED → RUNNING → DONE | FAILED | CANCELLED, with
 /// QUEUED/PLANNED/RUNNING → CANCELLED and PLANNED/RUNNING → QUEUED when an attempt's workers are
@@ -256,6 +256,8 @@ pub struct JobRecord {
     pub message: String,
     /// Size of the finished output in bytes.
     pub output_bytes: u64,
+    /// Where a finished job's time went.
+    pub time_split: Option<TimeSplit>,
 }
 
 impl JobRecord {
@@ -283,6 +285,7 @@ impl JobRecord {
             steps_total: 0,
             message: String::new(),
             output_bytes: 0,
+            time_split: None,
         }
     }
 
@@ -309,6 +312,7 @@ impl From<&JobRecord> for Job {
             attempts: record.attempts,
             output_bytes: record.output_bytes,
             name: record.name.clone(),
+            time_split: record.time_split,
         }
     }
 }

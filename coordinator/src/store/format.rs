@@ -18,7 +18,7 @@
 use longtake_proto::spec::{
     JobSpec, Layout, LayoutError, ModelDescription, SpecError, SpecRequest,
 };
-use longtake_proto::{Job, RenderSpec};
+use longtake_proto::{Job, RenderSpec, TimeSplit};
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
@@ -64,6 +64,9 @@ pub struct StoredJob {
     pub message: String,
     #[serde(default)]
     pub output_bytes: u64,
+    /// Where a finished job's time went (added within version 2: older records have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_split: Option<TimeSplit>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +203,7 @@ pub fn decode(key: &str, bytes: &[u8]) -> Result<LoadedJob, StoreError> {
                 steps_total: 0,
                 message: problem.to_string(),
                 output_bytes: 0,
+                time_split: None,
             };
             Ok(LoadedJob {
                 record,
@@ -256,6 +260,7 @@ fn from_v1(job: Job) -> LoadedJob {
             steps_total: job.steps_total,
             message: job.message,
             output_bytes: job.output_bytes,
+            time_split: job.time_split,
         },
         problem,
     }
@@ -313,6 +318,7 @@ fn from_v2(stored: StoredJob) -> LoadedJob {
             steps_total: stored.steps_total,
             message: stored.message,
             output_bytes: stored.output_bytes,
+            time_split: stored.time_split,
         },
         problem: spec_problem.or(plan_problem),
     }
@@ -359,6 +365,7 @@ impl From<&JobRecord> for StoredJob {
             steps_total: record.steps_total,
             message: record.message.clone(),
             output_bytes: record.output_bytes,
+            time_split: record.time_split,
         }
     }
 }
@@ -513,6 +520,13 @@ mod tests {
                 finished_at_ms: 90,
                 output_bytes: 12345,
                 steps_done: 3,
+                time_split: Some(TimeSplit {
+                    denoise_s: 2.5,
+                    exchange_s: 0.25,
+                    encode_s: 0.125,
+                    wall_s: 3.0,
+                    ..Default::default()
+                }),
                 ..planned()
             },
         ] {

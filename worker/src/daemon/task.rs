@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use longtake_proto::{
-    task_event, Decoding, FrameBatch, Step, TaskEvent, TaskFinished, TaskStarted,
+    task_event, Decoding, FrameBatch, Step, TaskEvent, TaskFinished, TaskStarted, TimeSplit,
 };
 
 use super::models::{Models, ServedModel};
@@ -368,18 +368,22 @@ impl TaskRunner {
         if abort.is_aborted() {
             return Ok(());
         }
-        emit(event(task_event::Event::Started(TaskStarted {
+        let mut timings = TimeSplit {
             load_s: load_start.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
+        emit(event(task_event::Event::Started(TaskStarted {
+            load_s: timings.load_s,
         })));
         let mut last = 0.0;
         let frames = plan.spec.frames as u32;
         let video = render(&mut |progress| match progress {
-            Progress::Encoded { .. } => {}
+            Progress::Encoded { text, .. } => timings.text_s = text.as_secs_f64(),
             Progress::Step {
                 index,
                 total,
                 elapsed,
-                exchange_bytes,
+                exchange,
             } => {
                 let elapsed_s = elapsed.as_secs_f64();
                 emit(event(task_event::Event::Step(Step {
@@ -387,10 +391,12 @@ impl TaskRunner {
                     total: total as u32,
                     elapsed_s,
                     step_s: elapsed_s - last,
-                    exchange_bytes,
+                    exchange_bytes: exchange.bytes,
                     group_exchange_bytes: Vec::new(),
                 })));
                 last = elapsed_s;
+                timings.denoise_s = elapsed_s;
+                timings.exchange_s += exchange.time.as_secs_f64();
                 self.counters.steps_run.fetch_add(1, Ordering::SeqCst);
                 // The pipeline looks at its own token right after this report.
                 if abort.is_aborted() {
@@ -398,10 +404,14 @@ impl TaskRunner {
                 }
             }
             Progress::Decoding => emit(event(task_event::Event::Decoding(Decoding { frames }))),
+            Progress::Decoded { elapsed } => timings.decode_s = elapsed.as_secs_f64(),
         })?;
         if let Some(video) = video {
+            let start = Instant::now();
             send_frames(&video, abort, emit);
+            timings.send_s = start.elapsed().as_secs_f64();
         }
+        emit(event(task_event::Event::Timings(timings)));
         Ok(())
     }
 }

@@ -95,18 +95,30 @@ pub struct RenderSpec {
 /// A progress report from a render.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
-    /// Prompts encoded; the denoising loop of `total` steps starts.
-    Encoded { total: usize },
-    /// Denoising step `index` (0-based) of `total` finished after `elapsed`; this rank sent
-    /// `exchange_bytes` to other worker groups in it.
+    /// Prompts encoded (in `text`); the denoising loop of `total` steps starts.
+    Encoded { total: usize, text: Duration },
+    /// Denoising step `index` (0-based) of `total` finished after `elapsed`; what this rank
+    /// exchanged with other worker groups in it.
     Step {
         index: usize,
         total: usize,
         elapsed: Duration,
-        exchange_bytes: u64,
+        exchange: GroupExchange,
     },
     /// The latents are being decoded into frames.
     Decoding,
+    /// The frames this rank decodes are decoded, after `elapsed`.
+    Decoded { elapsed: Duration },
+}
+
+/// What a rank exchanged with the ranks of other worker groups in one step (a clip co-denoised
+/// by several groups settles the frames neighbouring groups share).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GroupExchange {
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Time spent sending and receiving, waiting for the neighbours included.
+    pub time: Duration,
 }
 
 /// How a render runs beyond its spec. The default starts from the spec's
@@ -171,11 +183,11 @@ pub trait FlowModel {
         Ok(())
     }
 
-    /// Bytes this rank sent to the ranks of other worker groups in its last prediction (a clip
-    /// co-denoised by several groups exchanges its shared frames each step); 0 when one group
-    /// holds the whole clip.
-    fn group_exchange_bytes(&self) -> u64 {
-        0
+    /// What this rank exchanged with the ranks of other worker groups in its last prediction (a
+    /// clip co-denoised by several groups exchanges its shared frames each step); nothing when
+    /// one group holds the whole clip.
+    fn group_exchange(&self) -> GroupExchange {
+        GroupExchange::default()
     }
 }
 

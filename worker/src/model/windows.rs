@@ -14,12 +14,13 @@
 //! prompts is then the fusion of the two prompts' flows.
 
 use std::ops::Range;
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use longtake_proto::spec::WindowPlan;
 
 use super::denoiser::Conditioning;
-use super::render::FlowModel;
+use super::render::{FlowModel, GroupExchange};
 use crate::parallel::comm::Communicator;
 
 /// The flow of a long clip, fused from the flows of its windows.
@@ -193,8 +194,8 @@ impl GroupPeers<'_> {
 pub struct GroupWindowedFlow<'a> {
     fused: WindowedFlow<'a>,
     peers: GroupPeers<'a>,
-    /// Bytes this rank sent to other groups in its last step.
-    bytes: std::sync::atomic::AtomicU64,
+    /// What this rank exchanged with other groups in its last step.
+    exchanged: std::sync::Mutex<GroupExchange>,
 }
 
 impl<'a> GroupWindowedFlow<'a> {
@@ -214,7 +215,7 @@ impl<'a> GroupWindowedFlow<'a> {
         Ok(Self {
             fused: WindowedFlow::new(model, plan, device)?,
             peers,
-            bytes: Default::default(),
+            exchanged: Default::default(),
         })
     }
 
@@ -227,9 +228,31 @@ impl<'a> GroupWindowedFlow<'a> {
         Ok(self)
     }
 
-    fn send(&self, tensor: &Tensor, group: usize) -> candle_core::Result<u64> {
+    /// Sends `tensor` to this rank's peer in `group`, counted in `exchange`.
+    fn send(
+        &self,
+        tensor: &Tensor,
+        group: usize,
+        exchange: &mut GroupExchange,
+    ) -> candle_core::Result<()> {
+        let start = Instant::now();
         self.peers.job.send(tensor, self.peers.peer(group))?;
-        Ok((tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64)
+        exchange.time += start.elapsed();
+        exchange.bytes += (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64;
+        Ok(())
+    }
+
+    /// Receives from this rank's peer in `group`, the wait counted in `exchange`.
+    fn recv(
+        &self,
+        group: usize,
+        device: &Device,
+        exchange: &mut GroupExchange,
+    ) -> candle_core::Result<Tensor> {
+        let start = Instant::now();
+        let tensor = self.peers.job.recv(self.peers.peer(group), device)?;
+        exchange.time += start.elapsed();
+        Ok(tensor)
     }
 }
 
@@ -255,23 +278,23 @@ impl FlowModel for GroupWindowedFlow<'_> {
             _ => plan.shared_with_next(g - 1),
         };
         let after = plan.shared_with_next(g);
-        let mut sent = 0;
+        let mut exchange = GroupExchange::default();
         // 1. our partial sum on what we share with the next group
         if !after.is_empty() {
             let partial = self
                 .fused
                 .accumulate(after.clone(), &windows, &weighted, None)?;
-            sent += self.send(&partial, g + 1)?;
+            self.send(&partial, g + 1, &mut exchange)?;
         }
         // 2. the previous group's partial sum on what we share, our windows added, sent back
         let head = if before.is_empty() {
             None
         } else {
-            let theirs = self.peers.job.recv(self.peers.peer(g - 1), device)?;
+            let theirs = self.recv(g - 1, device, &mut exchange)?;
             let total =
                 self.fused
                     .accumulate(before.clone(), &windows, &weighted, Some(&theirs))?;
-            sent += self.send(&total, g - 1)?;
+            self.send(&total, g - 1, &mut exchange)?;
             Some(total)
         };
         // 3. the frames only we hold, then the next group's totals on what we share
@@ -286,9 +309,12 @@ impl FlowModel for GroupWindowedFlow<'_> {
             parts.push(self.fused.accumulate(middle, &windows, &weighted, None)?);
         }
         if !after.is_empty() {
-            parts.push(self.peers.job.recv(self.peers.peer(g + 1), device)?);
+            parts.push(self.recv(g + 1, device, &mut exchange)?);
         }
-        self.bytes.store(sent, std::sync::atomic::Ordering::Relaxed);
+        *self
+            .exchanged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = exchange;
         Tensor::cat(&parts, 2)
     }
 
@@ -296,8 +322,11 @@ impl FlowModel for GroupWindowedFlow<'_> {
         self.fused.model.check_final_latents(latents)
     }
 
-    fn group_exchange_bytes(&self) -> u64 {
-        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    fn group_exchange(&self) -> GroupExchange {
+        *self
+            .exchanged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

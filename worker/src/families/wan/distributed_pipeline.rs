@@ -680,8 +680,8 @@ mod tests {
                         &spec(groups, timeline),
                         RenderOptions::default(),
                         &mut |p| {
-                            if let Progress::Step { exchange_bytes, .. } = p {
-                                exchanged.push(exchange_bytes);
+                            if let Progress::Step { exchange, .. } = p {
+                                exchanged.push(exchange.bytes);
                             }
                         },
                     )?;
@@ -705,7 +705,7 @@ mod tests {
                     "{groups} groups of {layout}: rank {rank}'s bytes per step"
                 );
             }
-            let (latents, video, _) = &first[0];
+            let (latents, _, _) = &first[0];
             let err = relative_l2(latents, &reference.latents)?;
             println!("{groups} groups of {layout}: relative L2 {err:.2e}");
             if exact {

@@ -13,6 +13,7 @@
 //! [`describe`] checks a Wan2.1 model without loading weights, for the worker to advertise it.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use longtake_proto::spec::frames::first_video_frame;
@@ -564,25 +565,30 @@ impl WanPipeline {
         let mut denoiser = self.denoiser(spec, latents)?;
         let conditioning =
             Conditioning::new(prompt_embeds, negative_prompt_embeds, spec.guidance_scale)?;
-        self.run_denoiser(model, &mut denoiser, &conditioning, progress, &mut |_| {
-            Ok(())
-        })?;
+        self.run_denoiser(
+            model,
+            &mut denoiser,
+            (&conditioning, Duration::ZERO),
+            progress,
+            &mut |_| Ok(()),
+        )?;
         Ok(denoiser.into_latents())
     }
 
-    /// The loop every render runs: [`Progress::Encoded`], the steps left (stopping between two
-    /// when this pipeline's [`CancelToken`] is cancelled), then the model's check of the final
-    /// latents.
+    /// The loop every render runs: [`Progress::Encoded`] (with the time the `conditioning`
+    /// took to encode), the steps left (stopping between two when this pipeline's
+    /// [`CancelToken`] is cancelled), then the model's check of the final latents.
     fn run_denoiser(
         &self,
         model: &dyn FlowModel,
         denoiser: &mut Denoiser,
-        conditioning: &Conditioning,
+        (conditioning, text): (&Conditioning, Duration),
         progress: &mut dyn FnMut(Progress),
         after_step: &mut AfterStep<'_>,
     ) -> Result<()> {
         progress(Progress::Encoded {
             total: denoiser.total_steps(),
+            text,
         });
         denoiser.run_to_end(model, conditioning, &self.cancel, progress, after_step)?;
         component("transformer", model.check_final_latents(denoiser.latents()))
@@ -661,7 +667,9 @@ impl WanPipeline {
             }
             Some(state) => self.resume_denoiser(spec, state)?,
         };
+        let text_start = Instant::now();
         let per_window = self.window_conditioning(spec, &plan)?;
+        let text = text_start.elapsed();
         let conditioning = first_window(&per_window)?;
         let mut no_hook = |_: &Denoiser| -> Result<()> { Ok(()) };
         let after_step: &mut AfterStep<'_> = match after_step {
@@ -680,11 +688,22 @@ impl WanPipeline {
             )?;
             &windowed
         };
-        self.run_denoiser(model, &mut denoiser, conditioning, progress, after_step)?;
+        self.run_denoiser(
+            model,
+            &mut denoiser,
+            (conditioning, text),
+            progress,
+            after_step,
+        )?;
         let latents = denoiser.into_latents();
         let video = if decode {
             progress(Progress::Decoding);
-            Some(self.decode_plan(&latents, &plan)?)
+            let start = Instant::now();
+            let video = self.decode_plan(&latents, &plan)?;
+            progress(Progress::Decoded {
+                elapsed: start.elapsed(),
+            });
+            Some(video)
         } else {
             None
         };
@@ -722,7 +741,9 @@ impl WanPipeline {
         let frames = plan.group_frames(group);
         let latents = self.initial_noise(spec, &plan, frames.clone())?;
         let mut denoiser = self.denoiser(spec, latents)?;
+        let text_start = Instant::now();
         let per_window = self.window_conditioning(spec, &plan)?;
+        let text = text_start.elapsed();
         let flow = component(
             "transformer",
             GroupWindowedFlow::new(model, &plan, peers, &self.device)
@@ -732,7 +753,7 @@ impl WanPipeline {
         self.run_denoiser(
             &flow,
             &mut denoiser,
-            conditioning,
+            (conditioning, text),
             progress,
             &mut |_| Ok(()),
         )?;
@@ -800,6 +821,7 @@ impl WanPipeline {
             )?;
         }
         progress(Progress::Decoding);
+        let start = Instant::now();
         let owned = plan.group_owned_frames(group);
         let _span = longtake_proto::telemetry::decode_span(owned.len()).entered();
         let own = local.narrow(2, owned.start - frames.start, owned.len())?;
@@ -815,6 +837,9 @@ impl WanPipeline {
             let latents = Tensor::cat(&[&warm, &own], 2)?;
             self.decode_segment(&latents, n..n + owned.len(), n)?
         };
+        progress(Progress::Decoded {
+            elapsed: start.elapsed(),
+        });
         Ok(Some(segment))
     }
 
