@@ -216,9 +216,9 @@ async fn follow(
 ) -> Outcome {
     let (tx, mut rx) = mpsc::channel::<(usize, Item)>(64);
     // Frames written so far. Each worker group's first rank streams the segment it decoded; a
-    // segment is read from its stream only once the frames before it are written, so the clip is
-    // encoded in order and a later segment waits in its worker (the stream's flow control), not
-    // here.
+    // segment is read from its stream only once the frames before it are written, and a batch
+    // only once the one before it is, so the clip is encoded in order and what is not encoded
+    // yet waits in its worker (the stream's flow control), not here.
     let (written_tx, written_rx) = tokio::sync::watch::channel(0u32);
     let mut forwarders = tokio::task::JoinSet::new();
     for (rank, mut stream) in streams.into_iter().enumerate() {
@@ -232,6 +232,7 @@ async fn follow(
                     Ok(None) => Item::Broken(None),
                     Err(status) => Item::Broken(Some(status)),
                 };
+                let mut batch_end = None;
                 if let Item::Event(TaskEvent {
                     event: Some(task_event::Event::Frames(batch)),
                 }) = &item
@@ -243,10 +244,18 @@ async fn follow(
                         }
                         segment_started = true;
                     }
+                    batch_end = Some(batch.first.saturating_add(batch.count));
                 }
                 let end = matches!(item, Item::Broken(_));
                 if tx.send((rank, item)).await.is_err() || end {
                     return;
+                }
+                // One batch of frames in the coordinator at a time: the next waits in its
+                // worker until this one is encoded, so memory here does not grow with the clip.
+                if let Some(batch_end) = batch_end {
+                    if written.wait_for(|&w| w >= batch_end).await.is_err() {
+                        return;
+                    }
                 }
             }
         });

@@ -634,6 +634,7 @@ mod tests {
                 let options = RenderOptions {
                     resume: None,
                     after_step: Some(&mut save),
+                    stream_frames: false,
                 };
                 match pipe.render_with(pipe.transformer()?, &spec, false, options, &mut |_| {}) {
                     Err(PipelineError::Cancelled { after_step, total }) => {
@@ -652,6 +653,7 @@ mod tests {
                     RenderOptions {
                         resume: Some(state),
                         after_step: None,
+                        stream_frames: false,
                     },
                     &mut |p| events.push(p),
                 )?;

@@ -107,7 +107,11 @@ pub enum Progress {
     },
     /// The latents are being decoded into frames.
     Decoding,
-    /// The frames this rank decodes are decoded, after `elapsed`.
+    /// Frames as they are decoded, numbered in the clip, when the render streams them
+    /// ([`RenderOptions::stream_frames`]).
+    Frames(Video),
+    /// The frames this rank decodes are decoded, after `elapsed` (the time the receiver of
+    /// [`Progress::Frames`] took left out).
     Decoded { elapsed: Duration },
 }
 
@@ -132,6 +136,10 @@ pub struct RenderOptions<'a> {
     /// Called after every step, before the cancellation check, e.g. to save the denoiser's
     /// state; an error stops the render.
     pub after_step: Option<&'a mut AfterStep<'a>>,
+    /// Hand the decoded frames out a few at a time as [`Progress::Frames`] instead of returning
+    /// the video, so that no more than a few frames are held at once (a worker streaming a long
+    /// clip).
+    pub stream_frames: bool,
 }
 
 /// The result of a render: the final latents, and the video where decoded.

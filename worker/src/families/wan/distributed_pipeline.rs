@@ -295,6 +295,7 @@ impl VideoPipeline for DistributedPipeline {
                 spec,
                 peers,
                 true,
+                options.stream_frames,
                 progress,
             );
         }
@@ -856,6 +857,7 @@ mod tests {
                     let options = RenderOptions {
                         resume: None,
                         after_step: Some(&mut save),
+                        stream_frames: false,
                     };
                     match pipe.render_with_options(&spec, options, &mut |_| {}) {
                         Err(PipelineError::Cancelled { after_step, .. }) if after_step == k => {}
@@ -870,6 +872,7 @@ mod tests {
                     let options = RenderOptions {
                         resume: Some(state),
                         after_step: None,
+                        stream_frames: false,
                     };
                     let latents = pipe
                         .render_with_options(&spec, options, &mut |_| {})?

@@ -22,7 +22,7 @@ use longtake_proto::spec::{
 };
 
 use super::transformer::{self as wan_transformer, WanTransformer3DModel};
-use super::vae::{self as wan_vae, WanVaeDecoder};
+use super::vae::{self as wan_vae, DecoderCache, WanVaeDecoder};
 use crate::model::denoiser::{AfterStep, Conditioning, Denoiser, DenoiserError, DenoiserState};
 use crate::model::family::{ModelFamily, PipelineSource};
 use crate::model::loader::{seeded_var_builder, Checkpoint, LoadError};
@@ -656,7 +656,11 @@ impl WanPipeline {
         options: RenderOptions<'_>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
-        let RenderOptions { resume, after_step } = options;
+        let RenderOptions {
+            resume,
+            after_step,
+            stream_frames,
+        } = options;
         // The plan and the latents before the prompts: a spec the model cannot render fails
         // before the text encoder runs.
         let plan = self.window_plan(spec)?;
@@ -699,11 +703,13 @@ impl WanPipeline {
         let video = if decode {
             progress(Progress::Decoding);
             let start = Instant::now();
-            let video = self.decode_plan(&latents, &plan)?;
+            let mut frames = FrameSink::new(stream_frames);
+            let handed_out =
+                self.decode_plan_into(&latents, &plan, &mut |video| frames.take(video, progress))?;
             progress(Progress::Decoded {
-                elapsed: start.elapsed(),
+                elapsed: start.elapsed().saturating_sub(handed_out),
             });
-            Some(video)
+            frames.into_video()
         } else {
             None
         };
@@ -726,6 +732,7 @@ impl WanPipeline {
         spec: &RenderSpec,
         peers: GroupPeers<'_>,
         decode: bool,
+        stream_frames: bool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
         let plan = self.window_plan(spec)?;
@@ -763,13 +770,7 @@ impl WanPipeline {
         let owned = local.narrow(2, skip, owned_frames.len())?.contiguous()?;
         let video = if decode {
             let peers = GroupPeers { job, group, size };
-            match self.decode_group_segment(&plan, &peers, group, &local, progress)? {
-                Some(segment) => {
-                    let first = first_video_frame(owned_frames.start, video::VAE_SCALE_TEMPORAL);
-                    Some(to_video(&segment, first)?)
-                }
-                None => None,
-            }
+            self.decode_group_segment(&plan, &peers, &local, stream_frames, progress)?
         } else {
             None
         };
@@ -803,11 +804,11 @@ impl WanPipeline {
         &self,
         plan: &WindowPlan,
         peers: &GroupPeers<'_>,
-        group: usize,
         local: &Tensor,
+        stream_frames: bool,
         progress: &mut dyn FnMut(Progress),
-    ) -> Result<Option<Tensor>> {
-        let job = peers.job;
+    ) -> Result<Option<Video>> {
+        let (job, group) = (peers.job, peers.group);
         if !job.rank().is_multiple_of(peers.size) {
             return Ok(None);
         }
@@ -823,10 +824,9 @@ impl WanPipeline {
         progress(Progress::Decoding);
         let start = Instant::now();
         let owned = plan.group_owned_frames(group);
-        let _span = longtake_proto::telemetry::decode_span(owned.len()).entered();
         let own = local.narrow(2, owned.start - frames.start, owned.len())?;
-        let segment = if group == 0 {
-            self.decode_segment(&own, 0..owned.len(), 0)?
+        let (latents, warmup) = if group == 0 {
+            (own, 0)
         } else {
             let warm = component(
                 "exchange",
@@ -834,38 +834,163 @@ impl WanPipeline {
                     .map_err(Into::into),
             )?;
             let n = warm.dim(2)?;
-            let latents = Tensor::cat(&[&warm, &own], 2)?;
-            self.decode_segment(&latents, n..n + owned.len(), n)?
+            (Tensor::cat(&[&warm, &own], 2)?, n)
         };
+        let mut segment = FrameSink::new(stream_frames);
+        let handed_out = self.decode_frames(&latents, warmup, owned.start, &mut |video| {
+            segment.take(video, progress)
+        })?;
         progress(Progress::Decoded {
-            elapsed: start.elapsed(),
+            elapsed: start.elapsed().saturating_sub(handed_out),
         });
-        Ok(Some(segment))
+        Ok(segment.into_video())
     }
 
-    /// The clip's frames from its final latents: one decode of the whole clip, or for a plan
-    /// of several worker groups each group's owned frames decoded on their own after a warm-up
-    /// ([`SEGMENT_WARMUP_LATENT_FRAMES`]), in order: what the groups decode in parallel, so one
-    /// process and a job of groups give the same frames.
-    pub fn decode_plan(&self, latents: &Tensor, plan: &WindowPlan) -> Result<Video> {
-        if plan.group_count() == 1 {
-            return self.decode_to_video(latents);
+    /// The clip's frames from its final latents, handed to `sink` a few at a time in order: one
+    /// decode of the whole clip, or for a plan of several worker groups each group's owned
+    /// frames decoded on their own after a warm-up ([`SEGMENT_WARMUP_LATENT_FRAMES`]): what the
+    /// groups decode in parallel, so one process and a job of groups give the same frames.
+    /// Returns the time `sink` took.
+    pub fn decode_plan_into(
+        &self,
+        latents: &Tensor,
+        plan: &WindowPlan,
+        sink: &mut dyn FnMut(Video) -> Result<()>,
+    ) -> Result<Duration> {
+        let mut handed_out = Duration::ZERO;
+        for g in 0..plan.group_count() {
+            let owned = plan.group_owned_frames(g);
+            let warm = segment_warmup(plan, g);
+            let start = owned.start - warm;
+            let latents = latents.narrow(2, start, owned.end - start)?;
+            handed_out += self.decode_frames(&latents, warm, owned.start, sink)?;
         }
-        let segments = (0..plan.group_count())
-            .map(|g| {
-                let owned = plan.group_owned_frames(g);
-                let warm = segment_warmup(plan, g);
-                let start = owned.start - warm;
-                let latents = latents.narrow(2, start, owned.end - start)?;
-                self.decode_segment(&latents, warm..warm + owned.len(), warm)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        to_video(&Tensor::cat(&segments, 2)?, 0)
+        Ok(handed_out)
+    }
+
+    /// [`Self::decode_plan_into`], the frames gathered into one video.
+    pub fn decode_plan(&self, latents: &Tensor, plan: &WindowPlan) -> Result<Video> {
+        let mut frames = FrameSink::new(false);
+        self.decode_plan_into(latents, plan, &mut |video| frames.take(video, &mut |_| {}))?;
+        frames
+            .into_video()
+            .ok_or_else(|| PipelineError::Spec("no latent frames to decode".into()))
     }
 
     /// Decodes final latents into RGB frames.
     pub fn decode_to_video(&self, latents: &Tensor) -> Result<Video> {
-        to_video(&self.decode(latents)?, 0)
+        let mut frames = FrameSink::new(false);
+        self.decode_frames(latents, 0, 0, &mut |video| frames.take(video, &mut |_| {}))?;
+        frames
+            .into_video()
+            .ok_or_else(|| PipelineError::Spec("no latent frames to decode".into()))
+    }
+
+    /// Decodes `latents` (final latents of the clip's latent frames from `first_latent` −
+    /// `warmup` on) with one decoder cache, [`STREAMED_LATENT_FRAMES`] latent frames at a time,
+    /// handing each piece's frames (numbered in the clip) to `sink`; the first `warmup` latent
+    /// frames are decoded for the causal context only and their frames thrown away (0 from the
+    /// clip's start: then this is the whole decode, frame for frame). Returns the time `sink`
+    /// took.
+    fn decode_frames(
+        &self,
+        latents: &Tensor,
+        warmup: usize,
+        first_latent: usize,
+        sink: &mut dyn FnMut(Video) -> Result<()>,
+    ) -> Result<Duration> {
+        let vae = self.vae.as_ref().ok_or_else(|| {
+            PipelineError::Spec("this pipeline was loaded without its VAE".into())
+        })?;
+        let total = latents.dim(2)?;
+        if first_latent > 0 && warmup == 0 {
+            return Err(PipelineError::Spec(format!(
+                "frames from latent frame {first_latent} need a warm-up of at least one latent frame"
+            )));
+        }
+        let _span = longtake_proto::telemetry::decode_span(total - warmup).entered();
+        let z = component(
+            "vae",
+            vae.unnormalize_latents(&latents.to_dtype(self.dtype)?),
+        )?;
+        let mut cache = DecoderCache::new();
+        if warmup > 0 {
+            component(
+                "vae",
+                vae.decode_with_cache(&z.narrow(2, 0, warmup)?, &mut cache),
+            )?;
+        }
+        let mut next_frame = first_video_frame(first_latent, video::VAE_SCALE_TEMPORAL);
+        let mut handed_out = Duration::ZERO;
+        let mut start = warmup;
+        while start < total {
+            let len = STREAMED_LATENT_FRAMES.min(total - start);
+            let piece = component(
+                "vae",
+                vae.decode_with_cache(&z.narrow(2, start, len)?, &mut cache),
+            )?;
+            let video = to_video(&piece.to_dtype(DType::F32)?, next_frame)?;
+            next_frame += video.frames;
+            let handing = Instant::now();
+            sink(video)?;
+            handed_out += handing.elapsed();
+            start += len;
+        }
+        Ok(handed_out)
+    }
+}
+
+/// Latent frames decoded at a time when frames are handed out as they are decoded: 16 video
+/// frames, so a rank holds a few frames rather than its whole segment.
+pub const STREAMED_LATENT_FRAMES: usize = 4;
+
+/// Where decoded frames go: out as [`Progress::Frames`] as they come (streaming), or gathered
+/// into one video.
+struct FrameSink {
+    stream: bool,
+    gathered: Option<Video>,
+}
+
+impl FrameSink {
+    fn new(stream: bool) -> Self {
+        Self {
+            stream,
+            gathered: None,
+        }
+    }
+
+    fn take(&mut self, video: Video, progress: &mut dyn FnMut(Progress)) -> Result<()> {
+        if self.stream {
+            progress(Progress::Frames(video));
+            return Ok(());
+        }
+        match &mut self.gathered {
+            None => self.gathered = Some(video),
+            Some(all) => {
+                if (all.width, all.height) != (video.width, video.height)
+                    || all.first_frame + all.frames != video.first_frame
+                {
+                    return Err(PipelineError::Spec(format!(
+                        "frames {}.. of {}x{} do not follow frames {}..{} of {}x{}",
+                        video.first_frame,
+                        video.width,
+                        video.height,
+                        all.first_frame,
+                        all.first_frame + all.frames,
+                        all.width,
+                        all.height
+                    )));
+                }
+                all.rgb.extend_from_slice(&video.rgb);
+                all.frames += video.frames;
+            }
+        }
+        Ok(())
+    }
+
+    /// The gathered video (`None` when streamed, or nothing was decoded).
+    fn into_video(self) -> Option<Video> {
+        self.gathered
     }
 }
 
@@ -1115,6 +1240,75 @@ mod tests {
             chosen.is_some_and(|max| max < 0.5),
             "the default warm-up leaves no pixel off by half a level: {chosen:?}"
         );
+        Ok(())
+    }
+
+    /// A render that streams its frames hands them out a few latent frames at a time, numbered
+    /// in the clip, and they are the frames of the render that returns its video, bit for bit
+    /// (one decode of a window, and each group's segment after its warm-up for a long clip);
+    /// the whole decode in pieces is the whole decode in one call.
+    #[test]
+    fn streamed_frames_are_the_returned_video_in_pieces() -> Result<()> {
+        let dev = Device::Cpu;
+        let pipe = WanPipeline::from_source(PipelineSource::Toy, &dev, DType::F32)?;
+        for (frames, groups) in [(33, 1), (97, 1), (97, 2)] {
+            let spec = RenderSpec {
+                prompt: "a yellow square bouncing on a blue background".into(),
+                negative_prompt: String::new(),
+                frames,
+                width: 64,
+                height: 64,
+                steps: 2,
+                guidance_scale: 5.0,
+                shift: None,
+                scheduler: None,
+                seed: 3,
+                windows: Some(WindowSettings {
+                    latent_frames: 9,
+                    overlap: 3,
+                    fusion: longtake_proto::spec::Fusion::Linear,
+                    groups,
+                    noise: NoiseSchedule::Independent,
+                }),
+                timeline: Default::default(),
+            };
+            let whole = pipe.render_with_options(&spec, RenderOptions::default(), &mut |_| {})?;
+            let whole_video = whole.video.expect("decoded");
+            let mut pieces = Vec::new();
+            let mut decoded = 0;
+            let streamed = pipe.render_with_options(
+                &spec,
+                RenderOptions {
+                    stream_frames: true,
+                    ..Default::default()
+                },
+                &mut |p| match p {
+                    Progress::Frames(video) => pieces.push(video),
+                    Progress::Decoded { .. } => decoded += 1,
+                    _ => {}
+                },
+            )?;
+            assert!(
+                streamed.video.is_none(),
+                "a streamed render returns no video"
+            );
+            assert_eq!(decoded, 1);
+            let mut next = 0;
+            let mut rgb = Vec::new();
+            for piece in &pieces {
+                assert_eq!(piece.first_frame, next, "{frames} frames, {groups} groups");
+                assert!(piece.frames <= 4 * STREAMED_LATENT_FRAMES);
+                next += piece.frames;
+                rgb.extend_from_slice(&piece.rgb);
+            }
+            assert_eq!(next, frames);
+            assert!(pieces.len() > 1);
+            assert!(rgb == whole_video.rgb, "{frames} frames, {groups} groups");
+            if groups == 1 {
+                let in_one_call = to_video(&pipe.decode(&whole.latents)?, 0)?;
+                assert!(in_one_call == whole_video, "{frames} frames");
+            }
+        }
         Ok(())
     }
 
