@@ -171,7 +171,7 @@ fn direct(pipeline: &WanPipeline, spec: &RenderSpec, dir: &Path) -> Result<Direc
     let video = pipeline.render(&tiny_render_spec(spec), &mut |p| match p {
         Progress::Encoded { .. } => encoded = Some(start.elapsed()),
         Progress::Step { .. } => steps.push(start.elapsed()),
-        Progress::Decoding | Progress::Decoded { .. } => {}
+        Progress::Decoding | Progress::Frames(_) | Progress::Decoded { .. } => {}
     })?;
     let render = start.elapsed();
     let (Some(encoded), Some(first), Some(last)) = (encoded, steps.first(), steps.last()) else {
