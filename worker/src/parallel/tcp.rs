@@ -38,6 +38,13 @@ const ACK_MAGIC: u32 = 0x4C54_4B41; // "LTKA"
 const PROTOCOL_VERSION: u16 = 1;
 const FRAME_HEADER_LEN: usize = 4 + 8 + 8 + 1 + 1 + 1 + 8;
 const MAX_TENSOR_RANK: usize = 16;
+/// The most bytes one frame's tensor may have (16 GiB: the largest exchange of a 14B model at
+/// 720p is about 3 GB). A header claiming more is a protocol error, and below it the payload's
+/// memory grows only as its bytes arrive, so a peer cannot make this process allocate what it
+/// does not send.
+const MAX_FRAME_PAYLOAD_BYTES: u64 = 16 << 30;
+/// What a payload's buffer starts with before its bytes arrive.
+const PAYLOAD_PREALLOCATION: u64 = 64 << 20;
 /// The group of the whole mesh; subgroups derive theirs from it.
 const WORLD_GROUP: u64 = 1;
 
@@ -494,8 +501,8 @@ async fn read_frames(read: OwnedReadHalf, peer: usize, inbox: Arc<Inbox>) {
 }
 
 /// One frame, or `None` at a clean end of stream (between frames).
-async fn read_frame(
-    read: &mut BufReader<OwnedReadHalf>,
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    read: &mut R,
 ) -> std::result::Result<Option<(u64, Frame)>, String> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     match read.read_exact(&mut header[..1]).await {
@@ -514,6 +521,12 @@ async fn read_frame(
     let seq = u64_at(12);
     let (op, dtype_code, ndim) = (header[20], header[21], header[22] as usize);
     let payload_len = u64_at(23);
+    if payload_len > MAX_FRAME_PAYLOAD_BYTES {
+        return Err(format!(
+            "protocol error: a frame of {payload_len} payload bytes is over the mesh's limit of \
+             {MAX_FRAME_PAYLOAD_BYTES}"
+        ));
+    }
     if ndim > MAX_TENSOR_RANK {
         return Err(format!("protocol error: a tensor of rank {ndim}"));
     }
@@ -533,8 +546,18 @@ async fn read_frame(
             "protocol error: {payload_len} payload bytes for a {dtype:?} tensor of shape {shape:?}"
         ));
     }
-    let mut payload = vec![0u8; payload_len as usize];
-    read.read_exact(&mut payload).await.map_err(io)?;
+    let mut payload = Vec::with_capacity(payload_len.min(PAYLOAD_PREALLOCATION) as usize);
+    (&mut *read)
+        .take(payload_len)
+        .read_to_end(&mut payload)
+        .await
+        .map_err(io)?;
+    if payload.len() as u64 != payload_len {
+        return Err(format!(
+            "reading a message: the connection ended {} bytes into a payload of {payload_len}",
+            payload.len()
+        ));
+    }
     Ok(Some((
         group,
         Frame {
@@ -865,5 +888,65 @@ impl Communicator for TcpMesh {
 
     fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame header as a peer would send it: f32 (code 5), `shape`, claiming `payload_len`.
+    fn header(shape: &[u64], payload_len: u64) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+        h.extend_from_slice(&WORLD_GROUP.to_le_bytes());
+        h.extend_from_slice(&0u64.to_le_bytes());
+        h.extend_from_slice(&[0, 5, shape.len() as u8]);
+        h.extend_from_slice(&payload_len.to_le_bytes());
+        for d in shape {
+            h.extend_from_slice(&d.to_le_bytes());
+        }
+        h
+    }
+
+    fn read(bytes: Vec<u8>) -> std::result::Result<Option<(u64, Frame)>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async { read_frame(&mut bytes.as_slice()).await })
+    }
+
+    fn refused(bytes: Vec<u8>) -> String {
+        match read(bytes) {
+            Err(e) => e,
+            Ok(_) => panic!("the frame was read"),
+        }
+    }
+
+    /// A hostile or broken peer cannot make the reader allocate what it does not send: a header
+    /// claiming 2^40 bytes (a consistent shape) is refused before any allocation, and one under
+    /// the limit whose bytes never come ends as an error when the connection does, having held
+    /// only what arrived.
+    #[test]
+    fn a_frame_header_cannot_make_the_reader_allocate_what_is_not_sent() {
+        let huge = 1u64 << 40;
+        let err = refused(header(&[huge / 4], huge));
+        assert!(err.contains("over the mesh's limit"), "{err}");
+
+        let big = 8u64 << 30;
+        let mut bytes = header(&[big / 4], big);
+        bytes.extend_from_slice(&[0u8; 1000]);
+        let err = refused(bytes);
+        assert!(
+            err.contains("ended 1000 bytes into a payload of 8589934592"),
+            "{err}"
+        );
+
+        // a whole frame still reads
+        let mut bytes = header(&[2], 8);
+        bytes.extend_from_slice(&[1.0f32.to_le_bytes(), 2.0f32.to_le_bytes()].concat());
+        let (group, frame) = read(bytes).unwrap().expect("a frame");
+        assert_eq!(group, WORLD_GROUP);
+        assert_eq!(frame.message.shape, [2]);
     }
 }
