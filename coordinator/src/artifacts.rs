@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use longtake_proto::{OutputChunk, OutputFormat};
 
-use crate::record::JobRecord;
+use crate::record::{is_job_id, JobRecord};
 
 /// Size of the `data` of one `OutputChunk`.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -32,21 +32,33 @@ impl Artifacts {
         &self.dir
     }
 
+    /// The job's directory; an id that is not a job id (`..`, `a/b`) is refused, so no job
+    /// reaches outside the artifact directory.
+    fn job_dir(&self, job_id: &str) -> io::Result<PathBuf> {
+        if !is_job_id(job_id) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{job_id:?} is not a job id; it has no artifact directory"),
+            ));
+        }
+        Ok(self.dir.join(job_id))
+    }
+
     /// Where `job`'s output is written: an `.mp4` file or a PNG sequence directory.
-    pub fn output_path(&self, job: &JobRecord) -> PathBuf {
+    pub fn output_path(&self, job: &JobRecord) -> io::Result<PathBuf> {
         let name = file_safe(&job.name);
         let png = job.spec.format() == OutputFormat::Png;
-        let job_dir = self.dir.join(&job.id);
-        if png {
+        let job_dir = self.job_dir(&job.id)?;
+        Ok(if png {
             job_dir.join(name)
         } else {
             job_dir.join(format!("{name}.mp4"))
-        }
+        })
     }
 
     /// Removes whatever an attempt of the job left (a partial clip, stray frames).
     pub fn clear(&self, job_id: &str) -> io::Result<()> {
-        match std::fs::remove_dir_all(self.dir.join(job_id)) {
+        match std::fs::remove_dir_all(self.job_dir(job_id)?) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -55,7 +67,7 @@ impl Artifacts {
     /// The files of `job`'s finished output, in order, each with the name it is fetched under
     /// (the clip's file name, or a frame's within the sequence).
     pub fn files(&self, job: &JobRecord) -> io::Result<Vec<(String, PathBuf)>> {
-        let path = self.output_path(job);
+        let path = self.output_path(job)?;
         if path.is_dir() {
             let mut files = Vec::new();
             for entry in std::fs::read_dir(&path)? {
@@ -176,16 +188,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Artifacts::open(dir.path()).unwrap();
         assert_eq!(
-            a.output_path(&job("wolf at night", OutputFormat::Mp4)),
+            a.output_path(&job("wolf at night", OutputFormat::Mp4))
+                .unwrap(),
             dir.path().join("j-1/wolf_at_night.mp4")
         );
         assert_eq!(
-            a.output_path(&job("../..", OutputFormat::Png)),
+            a.output_path(&job("../..", OutputFormat::Png)).unwrap(),
             dir.path().join("j-1/.._..")
         );
         assert_eq!(
-            a.output_path(&job("", OutputFormat::Png)),
+            a.output_path(&job("", OutputFormat::Png)).unwrap(),
             dir.path().join("j-1/output")
+        );
+    }
+
+    /// A job whose id is not an id (a record someone wrote into the store by hand) reaches
+    /// nothing: no output path, no file listing, and clearing it removes nothing, however the
+    /// id points outside the artifact directory.
+    #[test]
+    fn an_id_that_is_not_a_job_id_reaches_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let victim = root.path().join("victim");
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("output.mp4"), b"a studio's clip").unwrap();
+        let a = Artifacts::open(&root.path().join("artifacts")).unwrap();
+        for id in ["..", "../victim", "a/b", "", ".hidden", "-rf"] {
+            let mut j = job("output", OutputFormat::Mp4);
+            j.id = id.to_string();
+            let refused = |r: io::Result<()>| {
+                let e = r.unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{id:?}: {e}");
+            };
+            refused(a.output_path(&j).map(drop));
+            refused(a.files(&j).map(drop));
+            refused(a.clear(id));
+        }
+        assert!(
+            victim.join("output.mp4").exists(),
+            "nothing outside was touched"
         );
     }
 
@@ -194,7 +234,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Artifacts::open(dir.path()).unwrap();
         let j = job("clip", OutputFormat::Png);
-        let seq = a.output_path(&j);
+        let seq = a.output_path(&j).unwrap();
         std::fs::create_dir_all(&seq).unwrap();
         let big: Vec<u8> = (0..CHUNK_BYTES * 2 + 7).map(|i| (i % 251) as u8).collect();
         std::fs::write(seq.join("frame_00001.png"), b"").unwrap();

@@ -10,6 +10,17 @@
 use longtake_proto::spec::{JobSpec, Layout, SpecRequest};
 use longtake_proto::{Job, JobState, OutputFormat, RenderSpec, TimeSplit};
 
+/// Whether `id` is a job id: what [`crate::jobs::new_job_id`] makes (`j-` and base36), or any
+/// 1–64 ASCII letters, digits, `-` and `_` starting with a letter or digit. Ids name the job's
+/// artifact directory and its store key, so nothing else (`..`, `/`, an empty id) may be one.
+pub fn is_job_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Where a job is in its life: QUEUED → PLANNED → RUNNING → DONE | FAILED | CANCELLED, with
 /// QUEUED/PLANNED/RUNNING → CANCELLED and PLANNED/RUNNING → QUEUED when an attempt's workers are
 /// lost (the transitions themselves are the job table's).

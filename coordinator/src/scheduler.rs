@@ -242,23 +242,29 @@ impl Inner {
                             },
                         );
                         let _ = self.artifacts.clear(&id);
-                        let attempt = Attempt {
-                            output: self.artifacts.output_path(&assignment.job),
+                        let output = self.artifacts.output_path(&assignment.job);
+                        let (job_id, number) = (id.clone(), assignment.attempt);
+                        let attempt = output.map(|output| Attempt {
+                            output,
                             job_id: id.clone(),
                             attempt: assignment.attempt,
                             spec: assignment.spec,
                             workers,
                             start_timeout: self.config.start_timeout,
-                        };
+                        });
                         let inner = Arc::clone(self);
                         lock(&self.attempts).spawn(async move {
                             let reporter = AttemptReporter {
                                 inner: Arc::clone(&inner),
-                                job_id: attempt.job_id.clone(),
-                                attempt: attempt.attempt,
+                                job_id: job_id.clone(),
+                                attempt: number,
                             };
-                            let (job_id, number) = (attempt.job_id.clone(), attempt.attempt);
-                            let outcome = dispatch::run(attempt, control_rx, &reporter).await;
+                            let outcome = match attempt {
+                                Ok(attempt) => dispatch::run(attempt, control_rx, &reporter).await,
+                                Err(e) => crate::jobs::Outcome::Failed(format!(
+                                    "the job's output has no place in the artifact directory: {e}"
+                                )),
+                            };
                             inner.finish(&job_id, number, outcome).await;
                         });
                     }

@@ -22,7 +22,9 @@ use longtake_proto::{Job, RenderSpec, TimeSplit};
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
-use crate::record::{CheckpointRef, GroupPlan, JobPhase, JobRecord, JobSpecs, Plan, WindowRange};
+use crate::record::{
+    is_job_id, CheckpointRef, GroupPlan, JobPhase, JobRecord, JobSpecs, Plan, WindowRange,
+};
 
 /// The version [`encode`] writes.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -130,6 +132,12 @@ pub enum RecordProblem {
          delete the record to drop the job"
     )]
     UnknownSchema { id: String, key: String, found: u32 },
+    #[error(
+        "the record {key} holds the job id {id:?}, which is not the id its key names or not a \
+         job id at all (letters, digits, - and _); longtake never writes such a record: delete \
+         the key"
+    )]
+    InvalidId { id: String, key: String },
 }
 
 /// One record as read back: the job as far as it could be read, and why it cannot run when it
@@ -150,6 +158,24 @@ pub fn encode(record: &JobRecord) -> Vec<u8> {
 
 /// Reads a stored record. `key` names it in errors (the etcd key, or the id in memory).
 pub fn decode(key: &str, bytes: &[u8]) -> Result<LoadedJob, StoreError> {
+    let mut loaded = decode_record(key, bytes)?;
+    // The id names the job's artifact directory and its key: one that is not the key's own or
+    // not an id at all (`..`, `../victim`) fails the job, which then never runs, and the
+    // artifact directory refuses it.
+    let id = &loaded.record.id;
+    if !is_job_id(id) || key.rsplit('/').next() != Some(id.as_str()) {
+        let problem = RecordProblem::InvalidId {
+            id: id.clone(),
+            key: key.to_string(),
+        };
+        loaded.record.phase = JobPhase::Failed;
+        loaded.record.message = problem.to_string();
+        loaded.problem = Some(problem);
+    }
+    Ok(loaded)
+}
+
+fn decode_record(key: &str, bytes: &[u8]) -> Result<LoadedJob, StoreError> {
     let decode_error = |source| StoreError::Decode {
         key: key.to_string(),
         source,
@@ -533,7 +559,7 @@ mod tests {
             let bytes = encode(&record);
             let stored: StoredJob = serde_json::from_slice(&bytes).unwrap();
             assert_eq!(stored.schema, SCHEMA_VERSION);
-            let loaded = decode("/longtake/jobs/j-1", &bytes).unwrap();
+            let loaded = decode(&format!("/longtake/jobs/{}", record.id), &bytes).unwrap();
             assert_eq!(loaded.problem, None);
             assert_eq!(loaded.record, record);
         }
@@ -633,6 +659,37 @@ mod tests {
         // no id in the record: the key names it
         let loaded = decode("/longtake/jobs/j-10", br#"{"schema": 3}"#).unwrap();
         assert_eq!(loaded.record.id, "j-10");
+    }
+
+    /// A record whose id is not the id its key names, or not an id at all (`..`, `../victim`:
+    /// once the coordinator served, deleted and wrote files outside its artifact directory
+    /// for such records), fails its job with the reason and what to do; it never runs.
+    #[test]
+    fn a_record_whose_id_is_not_its_keys_job_id_fails_its_job() {
+        for (key, id) in [
+            ("/longtake/jobs/..", ".."),
+            ("/longtake/jobs/victim", "../victim"),
+            ("/longtake/jobs/j-1", "j-2"),
+            ("/longtake/jobs/", ""),
+        ] {
+            let record = JobRecord {
+                id: id.to_string(),
+                ..planned()
+            };
+            let loaded = decode(key, &encode(&record)).unwrap();
+            assert_eq!(
+                loaded.problem,
+                Some(RecordProblem::InvalidId {
+                    id: id.to_string(),
+                    key: key.to_string()
+                }),
+                "{key} holding {id:?}"
+            );
+            assert_eq!(loaded.record.phase, JobPhase::Failed);
+            assert!(loaded.record.message.ends_with("delete the key"));
+        }
+        let good = decode("/longtake/jobs/j-1", &encode(&planned())).unwrap();
+        assert_eq!(good.problem, None);
     }
 
     #[test]
