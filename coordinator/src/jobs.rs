@@ -20,8 +20,9 @@ use crate::placement::Request;
 use crate::record::{JobPhase, JobRecord, JobSpecs, Plan};
 use crate::store::LoadedJob;
 
-/// Events a slow watcher may lag behind before it is resynchronised with the job's state.
-const EVENT_BUFFER: usize = 1024;
+/// Events a slow watcher may lag behind before it is resynchronised with the job's state (a
+/// watcher that falls further behind gets the job's current state instead of what it missed).
+const EVENT_BUFFER: usize = 64;
 
 /// What the coordinator tells a running attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,7 +83,10 @@ pub struct AttemptHandle {
 
 struct Entry {
     job: JobRecord,
-    events: broadcast::Sender<JobEvent>,
+    /// The job's watchers' channel: opened by the first watcher, dropped when the job ends or
+    /// nobody watches, so a job nobody watches (most of a long queue, every finished job) holds
+    /// no event buffer.
+    events: Option<broadcast::Sender<JobEvent>>,
     attempt: Option<AttemptHandle>,
     /// Why the job went back to the queue, kept in front of the reasons it waits since.
     requeued: Option<String>,
@@ -197,13 +201,12 @@ impl JobTable {
                 self.queue.push(&job.id, job.priority, job.submitted_at_ms);
             }
             let requeued = is_active_before.then(|| job.message.clone());
-            let (events, _) = broadcast::channel(EVENT_BUFFER);
             self.jobs.insert(
                 job.id.clone(),
                 Entry {
                     requeued,
                     job,
-                    events,
+                    events: None,
                     attempt: None,
                     announced: None,
                 },
@@ -244,12 +247,11 @@ impl JobTable {
         }
         let job = JobRecord::queued(id.clone(), request, priority, name.to_string(), now_ms);
         self.queue.push(&id, priority, now_ms);
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
         self.jobs.insert(
             id.clone(),
             Entry {
                 job,
-                events,
+                events: None,
                 attempt: None,
                 requeued: None,
                 announced: None,
@@ -284,18 +286,27 @@ impl JobTable {
     /// [`Self::current_event`], after the job's plan when it is running (a watcher that joins
     /// after the job was placed still sees its workers and windows).
     pub fn watch(
-        &self,
+        &mut self,
         id: &str,
         now_ms: u64,
     ) -> Option<(Vec<JobEvent>, broadcast::Receiver<JobEvent>)> {
-        let entry = self.jobs.get(id)?;
-        let job = &entry.job;
+        let job = &self.jobs.get(id)?.job;
         let mut opening = Vec::new();
         if job.phase == JobPhase::Running {
             opening.push(event(job, job_event::Event::Planned(planned(job)), now_ms));
         }
         opening.push(self.current_event(job, now_ms));
-        Some((opening, entry.events.subscribe()))
+        let entry = self.jobs.get_mut(id)?;
+        let events = if entry.job.phase.is_ended() {
+            // nothing follows the end: a channel already closed
+            broadcast::channel(1).1
+        } else {
+            entry
+                .events
+                .get_or_insert_with(|| broadcast::channel(EVENT_BUFFER).0)
+                .subscribe()
+        };
+        Some((opening, events))
     }
 
     /// The event that sums up the job's state, the first one a watcher gets.
@@ -329,9 +340,24 @@ impl JobTable {
         event(job, body, now_ms)
     }
 
-    /// The broadcast channel of a job's events.
-    pub fn sender(&self, id: &str) -> Option<&broadcast::Sender<JobEvent>> {
-        self.jobs.get(id).map(|e| &e.events)
+    /// Tells the job's watchers the change's event. The channel closes after the job's last
+    /// event, and goes when no watcher is left.
+    pub fn announce(&mut self, change: Change) {
+        let Some(entry) = self.jobs.get_mut(&change.job.id) else {
+            return;
+        };
+        if let Some(tx) = &entry.events {
+            // no watcher is not an error
+            let _ = tx.send(change.event);
+            if entry.job.phase.is_ended() || tx.receiver_count() == 0 {
+                entry.events = None;
+            }
+        }
+    }
+
+    /// How many jobs have an open watchers' channel (each holds up to [`EVENT_BUFFER`] events).
+    pub fn event_channels(&self) -> usize {
+        self.jobs.values().filter(|e| e.events.is_some()).count()
     }
 
     /// The queued jobs in the order they run, as placement sees them.
@@ -888,6 +914,68 @@ mod tests {
         );
         assert!(t.claimed().is_empty());
         assert!(matches!(c.event.event, Some(job_event::Event::Done(_))));
+    }
+
+    /// A job holds an event buffer only while somebody watches it and it has not ended (a
+    /// 1024-slot channel per job, kept forever, once cost 125–155 KB per job): a long queue
+    /// nobody watches holds none; a watcher gets the job's last event, then the end of its
+    /// stream, and the buffer is gone.
+    #[test]
+    fn event_buffers_live_only_while_a_running_job_is_watched() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let ids: Vec<String> = (0..1000)
+            .map(|i| t.submit(&spec(), 0, "", 10 + i).unwrap().job.id)
+            .collect();
+        assert_eq!(t.event_channels(), 0, "nobody watches the queue");
+
+        let id = &ids[0];
+        let (_, mut events) = t.watch(id, 20).unwrap();
+        assert_eq!(t.event_channels(), 1);
+        let (c, a) = t.plan(id, &[worker("w1")], 21).unwrap();
+        t.announce(c);
+        let _rx = handle(&mut t, &a);
+        let done = Outcome::Done {
+            output_bytes: 1,
+            render_s: 1.0,
+            time_split: TimeSplit::default(),
+        };
+        let c = t.finish(id, 1, done, 30).unwrap();
+        t.announce(c);
+        assert_eq!(t.event_channels(), 0, "the job ended");
+        assert!(matches!(
+            events.try_recv().map(|e| e.event),
+            Ok(Some(job_event::Event::Planned(_)))
+        ));
+        assert!(matches!(
+            events.try_recv().map(|e| e.event),
+            Ok(Some(job_event::Event::Done(_)))
+        ));
+        assert!(matches!(
+            events.try_recv(),
+            Err(broadcast::error::TryRecvError::Closed)
+        ));
+
+        // a watcher that leaves lets the buffer go at the next event
+        let (_, events) = t.watch(&ids[1], 40).unwrap();
+        drop(events);
+        let c = t.cancel(&ids[1], "no longer needed", 41).unwrap().1;
+        if let Some(c) = c {
+            t.announce(c);
+        }
+        let (_, events) = t.watch(&ids[2], 42).unwrap();
+        drop(events);
+        assert_eq!(t.event_channels(), 1);
+        let change = t.queued_change(&ids[2], 43);
+        t.announce(change);
+        assert_eq!(t.event_channels(), 0);
+        // an ended job's watcher gets a stream that is already over
+        let (opening, mut events) = t.watch(id, 50).unwrap();
+        assert!(matches!(
+            opening.last().and_then(|e| e.event.as_ref()),
+            Some(job_event::Event::Done(_))
+        ));
+        assert!(events.try_recv().is_err());
+        assert_eq!(t.event_channels(), 0);
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl Scheduler {
             return Err(SubmitError::Store(e));
         }
         let job = change.job.clone();
-        announce(&table, change);
+        table.announce(change);
         drop(table);
         self.inner.wake.notify_one();
         Ok(job)
@@ -156,7 +156,7 @@ impl Scheduler {
         let (job, change) = table.cancel(id, reason, now_ms())?;
         if let Some(change) = change {
             self.inner.persist(&change).await;
-            announce(&table, change);
+            table.announce(change);
         }
         drop(table);
         self.inner.wake.notify_one();
@@ -190,13 +190,6 @@ fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn announce(table: &JobTable, change: Change) {
-    if let Some(tx) = table.sender(&change.job.id) {
-        // no watcher is not an error
-        let _ = tx.send(change.event);
-    }
-}
-
 impl Inner {
     async fn persist(&self, change: &Change) {
         if change.persist {
@@ -206,10 +199,10 @@ impl Inner {
         }
     }
 
-    async fn apply(&self, table: &JobTable, change: Option<Change>) {
+    async fn apply(&self, table: &mut JobTable, change: Option<Change>) {
         if let Some(change) = change {
             self.persist(&change).await;
-            announce(table, change);
+            table.announce(change);
         }
     }
 
@@ -231,7 +224,7 @@ impl Inner {
             match decision {
                 Decision::Place(workers) => match table.plan(&id, &workers, now_ms()) {
                     Ok((change, assignment)) => {
-                        self.apply(&table, Some(change)).await;
+                        self.apply(&mut table, Some(change)).await;
                         let (control, control_rx) = mpsc::unbounded_channel();
                         table.attach(
                             &id,
@@ -268,16 +261,16 @@ impl Inner {
                             inner.finish(&job_id, number, outcome).await;
                         });
                     }
-                    Err(failed) => self.apply(&table, failed.map(|c| *c)).await,
+                    Err(failed) => self.apply(&mut table, failed.map(|c| *c)).await,
                 },
                 Decision::Wait(reason) | Decision::Skip(reason) => {
                     let change = table.set_waiting(&id, &reason, now_ms());
-                    self.apply(&table, change).await;
+                    self.apply(&mut table, change).await;
                 }
             }
         }
         for change in table.position_updates(now_ms()) {
-            announce(&table, change);
+            table.announce(change);
         }
     }
 
@@ -290,7 +283,7 @@ impl Inner {
                 tracing::warn!(job = %id, "removing a partial output: {e}");
             }
         }
-        self.apply(&table, change).await;
+        self.apply(&mut table, change).await;
         drop(table);
         self.wake.notify_one();
     }
@@ -307,13 +300,13 @@ impl Reporter for AttemptReporter {
     async fn running(&self) {
         let mut table = self.inner.table.lock().await;
         let change = table.running(&self.job_id, self.attempt, now_ms());
-        self.inner.apply(&table, change).await;
+        self.inner.apply(&mut table, change).await;
     }
 
     async fn step(&self, step: Step, received: Instant) {
         let mut table = self.inner.table.lock().await;
         let change = table.step(&self.job_id, self.attempt, step, now_ms());
-        self.inner.apply(&table, change).await;
+        self.inner.apply(&mut table, change).await;
         drop(table);
         let nanos = received.elapsed().as_nanos() as u64;
         self.inner.step_count.fetch_add(1, Ordering::Relaxed);
@@ -327,7 +320,7 @@ impl Reporter for AttemptReporter {
         let body = job_event::Event::Decoding(Decoding { frames });
         let mut table = self.inner.table.lock().await;
         let change = table.progress(&self.job_id, self.attempt, body, now_ms());
-        self.inner.apply(&table, change).await;
+        self.inner.apply(&mut table, change).await;
     }
 
     async fn encoding(&self, frames_written: u32, frames_total: u32) {
@@ -337,7 +330,7 @@ impl Reporter for AttemptReporter {
         });
         let mut table = self.inner.table.lock().await;
         let change = table.progress(&self.job_id, self.attempt, body, now_ms());
-        self.inner.apply(&table, change).await;
+        self.inner.apply(&mut table, change).await;
     }
 }
 
