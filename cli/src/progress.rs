@@ -6,6 +6,8 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 use longtake_proto::{job_event, JobEvent};
 
+use crate::views::printable;
+
 /// Shows the events of one job as they come.
 pub struct JobDisplay {
     bar: Option<ProgressBar>,
@@ -55,7 +57,7 @@ impl JobDisplay {
                 Some(if q.reason.is_empty() {
                     format!("queued ({ahead})")
                 } else {
-                    format!("queued ({ahead}): {}", q.reason)
+                    format!("queued ({ahead}): {}", printable(&q.reason))
                 })
             }
             Event::Planned(p) => {
@@ -145,11 +147,11 @@ impl JobDisplay {
             }
             Event::Failed(f) => {
                 self.clear();
-                Some(format!("failed: {}", f.reason))
+                Some(format!("failed: {}", printable(&f.reason)))
             }
             Event::Cancelled(c) => {
                 self.clear();
-                Some(format!("cancelled: {}", c.reason))
+                Some(format!("cancelled: {}", printable(&c.reason)))
             }
         }
     }

@@ -84,6 +84,9 @@ pub struct CoordinatorArgs {
     /// Most prompt changes (`--prompt-at` cues) one job may have.
     #[arg(long)]
     pub max_prompt_cues: Option<u32>,
+    /// Longest job name, in characters.
+    #[arg(long)]
+    pub max_name_chars: Option<u32>,
 }
 
 impl CoordinatorArgs {
@@ -97,6 +100,7 @@ impl CoordinatorArgs {
             max_prompt_chars: self.max_prompt_chars.unwrap_or(default.max_prompt_chars),
             max_ranks: self.max_ranks.unwrap_or(default.max_ranks),
             max_prompt_cues: self.max_prompt_cues.unwrap_or(default.max_prompt_cues),
+            max_name_chars: self.max_name_chars.unwrap_or(default.max_name_chars),
         }
     }
 }

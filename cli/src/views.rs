@@ -150,11 +150,11 @@ pub fn job_details(job: &Job) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "job:       {}", job.id);
     if !job.name.is_empty() {
-        let _ = writeln!(out, "name:      {}", job.name);
+        let _ = writeln!(out, "name:      {}", printable(&job.name));
     }
     let _ = writeln!(out, "state:     {}", job_state_name(job.state));
     if !job.message.is_empty() {
-        let _ = writeln!(out, "message:   {}", job.message);
+        let _ = writeln!(out, "message:   {}", printable(&job.message));
     }
     let _ = writeln!(out, "priority:  {}", job.priority);
     let _ = writeln!(out, "progress:  {}", progress_text(job));
@@ -192,9 +192,14 @@ pub fn job_details(job: &Job) -> String {
                 format!(", layout {}", spec.layout)
             }
         );
-        let _ = writeln!(out, "prompt:    {}", spec.prompt);
+        let _ = writeln!(out, "prompt:    {}", printable(&spec.prompt));
         for cue in &spec.prompt_timeline {
-            let _ = writeln!(out, "  from {} s: {}", cue.at_seconds, cue.prompt);
+            let _ = writeln!(
+                out,
+                "  from {} s: {}",
+                cue.at_seconds,
+                printable(&cue.prompt)
+            );
         }
     }
     if job.output_bytes > 0 {
@@ -237,7 +242,7 @@ pub fn jobs_table(jobs: &[Job]) -> String {
                 job.name.clone(),
                 job.spec
                     .as_ref()
-                    .map(|s| shorten(&s.prompt, 40))
+                    .map(|s| shorten(&printable(&s.prompt), 40))
                     .unwrap_or_default(),
             ]
         })
@@ -294,6 +299,24 @@ fn elapsed_s(job: &Job) -> Option<f64> {
         .then(|| (job.finished_at_ms - job.started_at_ms) as f64 / 1000.0)
 }
 
+/// `text` for a terminal: every control character (an escape sequence, a line break) shown
+/// escaped (`\u{1b}`, `\n`) instead of acting. Text from a farm is whatever someone submitted
+/// (or wrote into its store), and `list` and `status` print other people's jobs.
+pub fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn shorten(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         text.to_string()
@@ -305,6 +328,12 @@ fn shorten(text: &str, max: usize) -> String {
 
 /// Left-aligned columns two spaces apart; the last column is not padded.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    // every cell may come from someone else's submission or a store record
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| printable(cell)).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -354,6 +383,38 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// Escape sequences in what others submitted (or wrote into the store) are shown, not
+    /// acted on: `list`, `status` and `workers` print them escaped.
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        let hostile = Job {
+            name: "shot\u{1b}[2J\u{1b}[31m".into(),
+            message: "re-queued\r\nfake: done".into(),
+            spec: Some(RenderSpec {
+                prompt: "a wolf\u{7}".into(),
+                ..Default::default()
+            }),
+            ..job()
+        };
+        let worker = Worker {
+            id: "w\u{1b}]0;owned\u{7}".into(),
+            ..Default::default()
+        };
+        for text in [
+            jobs_table(std::slice::from_ref(&hostile)),
+            job_details(&hostile),
+            workers_table(&[worker]),
+        ] {
+            let raw: Vec<char> = text
+                .chars()
+                .filter(|&c| c.is_control() && c != '\n')
+                .collect();
+            assert!(raw.is_empty(), "{raw:?} printed raw in {text:?}");
+        }
+        assert!(job_details(&hostile).contains("name:      shot\\u{1b}[2J"));
+        assert_eq!(printable("plain text"), "plain text");
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
 use longtake_proto::spec::frames::WAN_TEMPORAL_PACK;
-use longtake_proto::spec::{JobSpec, Limits, ModelDescription, SpecError, SpecRequest};
+use longtake_proto::spec::{
+    check_job_name, JobSpec, Limits, ModelDescription, SpecError, SpecRequest,
+};
 use longtake_proto::{
     job_event, Cancelled, Decoding, Done, Encoding, Failed, JobEvent, JobState, Planned, Queued,
     RenderSpec, Step, TimeSplit, Worker,
@@ -101,6 +103,8 @@ pub enum TableError {
     NotFound(String),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error("name: {0}")]
+    Name(String),
 }
 
 pub struct JobTable {
@@ -237,6 +241,7 @@ impl JobTable {
     ) -> Result<Change, TableError> {
         let request = SpecRequest::try_from(spec)?;
         request.check_limits(&self.limits)?;
+        check_job_name(name, &self.limits).map_err(TableError::Name)?;
         // Submission times are strictly increasing, so FIFO within a priority (and the ids,
         // which start with the time) follow the order of arrival, even within a millisecond.
         let now_ms = now_ms.max(self.last_submitted_ms + 1);
@@ -976,6 +981,39 @@ mod tests {
         ));
         assert!(events.try_recv().is_err());
         assert_eq!(t.event_channels(), 0);
+    }
+
+    /// Names are bounded and one line of plain text; prompts hold no control characters (once
+    /// a 1 MB name was accepted, and escape sequences reached every `list`).
+    #[test]
+    fn names_and_prompts_are_bounded_plain_text() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let long = "x".repeat(201);
+        let e = t.submit(&spec(), 0, &long, 10).unwrap_err().to_string();
+        assert_eq!(e, "name: 201 characters is over this farm's limit of 200");
+        let e = t
+            .submit(&spec(), 0, "shot\u{1b}[2J", 10)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "name: contains the control character \\u{1b}; a name is one line of plain text"
+        );
+        let escape = RenderSpec {
+            prompt: "a wolf\u{1b}[31m".into(),
+            ..spec()
+        };
+        let e = t.submit(&escape, 0, "", 10).unwrap_err().to_string();
+        assert!(
+            e.starts_with("spec.prompt: contains the control character"),
+            "{e}"
+        );
+        let lines = RenderSpec {
+            prompt: "a wolf\n\tat night".into(),
+            ..spec()
+        };
+        t.submit(&lines, 0, "shot 12 — take 3", 10).unwrap();
+        assert_eq!(t.list(|_| true).len(), 1, "nothing refused was queued");
     }
 
     #[test]

@@ -40,7 +40,7 @@ fn not_found(id: &str) -> Status {
 fn table_status(e: TableError) -> Status {
     match e {
         TableError::NotFound(id) => not_found(&id),
-        TableError::Spec(e) => Status::invalid_argument(e.to_string()),
+        e @ (TableError::Spec(_) | TableError::Name(_)) => Status::invalid_argument(e.to_string()),
     }
 }
 

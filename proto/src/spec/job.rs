@@ -53,6 +53,8 @@ pub struct Limits {
     pub max_ranks: u32,
     /// Cues of a prompt timeline.
     pub max_prompt_cues: u32,
+    /// A job's name, in characters.
+    pub max_name_chars: u32,
 }
 
 impl Default for Limits {
@@ -67,8 +69,29 @@ impl Default for Limits {
             max_ranks: 64,
             // a change of prompt every window of a minute of the toy model, with room
             max_prompt_cues: 64,
+            max_name_chars: 200,
         }
     }
+}
+
+/// Checks a job's name (not part of the spec: it names the job in lists and its output file):
+/// at most `limits.max_name_chars` characters, none of them a control character (a name is
+/// printed in terminals and logs, where those would act).
+pub fn check_job_name(name: &str, limits: &Limits) -> Result<(), String> {
+    let chars = name.chars().count();
+    if chars > limits.max_name_chars as usize {
+        return Err(format!(
+            "{chars} characters is over this farm's limit of {}",
+            limits.max_name_chars
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "contains the control character {}; a name is one line of plain text",
+            c.escape_unicode()
+        ));
+    }
+    Ok(())
 }
 
 /// What a model tells a spec: the defaults of the fields a spec may leave unset, and the shape a
@@ -520,6 +543,20 @@ fn check_text(field: &'static str, text: &str, max_chars: u32) -> Result<(), Spe
             format!("{chars} characters is over this farm's limit of {max_chars}"),
         ));
     }
+    // Prompts are shown by `status` and in logs; a control character (an escape sequence)
+    // would act on the terminal that shows them. Line breaks and tabs are text.
+    if let Some(c) = text
+        .chars()
+        .find(|&c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(bad(
+            field,
+            format!(
+                "contains the control character {}; prompts are plain text",
+                c.escape_unicode()
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -544,6 +581,8 @@ fn check_timeline_limits(cues: &[PromptCue], limits: &Limits) -> Result<(), Spec
                 max: limits.max_prompt_chars,
             }));
         }
+        check_text("prompt_timeline", &cue.prompt, limits.max_prompt_chars)
+            .map_err(|e| bad("prompt_timeline", format!("cue {index}: {}", e.message)))?;
     }
     Ok(())
 }

@@ -18,8 +18,8 @@ pub mod windows;
 
 pub use frames::FrameCountError;
 pub use job::{
-    JobSpec, Limits, ModelDescription, SpecError, SpecRequest, DEFAULT_MODEL, SIZE_MULTIPLE,
-    WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES,
+    check_job_name, JobSpec, Limits, ModelDescription, SpecError, SpecRequest, DEFAULT_MODEL,
+    SIZE_MULTIPLE, WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES,
 };
 pub use layout::{Coords, GroupKind, Layout, LayoutError, LayoutLimits};
 pub use scheduler::{SchedulerKind, UnknownScheduler};
