@@ -147,12 +147,6 @@ pub async fn run(command: ServeCommand) -> Result<i32> {
 
 async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
     let etcd = args.etcd.config();
-    std::fs::create_dir_all(&args.artifacts).with_context(|| {
-        format!(
-            "cannot create the artifact directory {}",
-            args.artifacts.display()
-        )
-    })?;
     let membership = EtcdMembership::connect(etcd.clone()).await?;
     let store = EtcdJobStore::connect(etcd).await?;
     let mut config = CoordinatorConfig::new(args.artifacts.clone());

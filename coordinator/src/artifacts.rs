@@ -10,6 +10,23 @@ use longtake_proto::{OutputChunk, OutputFormat};
 
 use crate::record::{is_job_id, JobRecord};
 
+/// Creates `dir` (and its parents) if needed and makes it 0700.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    set_mode(dir, 0o700)
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_path: &Path, _mode: u32) -> io::Result<()> {
+    Ok(())
+}
+
 /// Size of the `data` of one `OutputChunk`.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
@@ -20,12 +37,41 @@ pub struct Artifacts {
 }
 
 impl Artifacts {
-    /// Uses `dir`, creating it if needed.
+    /// Uses `dir`, creating it if needed, readable by this user only (studios' unreleased
+    /// material), and checks that files can be written there: an unwritable directory is an
+    /// error now, not after a render.
     pub fn open(dir: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir)?;
+        let probe = dir.join(".longtake-write-check");
+        std::fs::write(&probe, b"")
+            .and_then(|()| std::fs::remove_file(&probe))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot write files in it: {e}")))?;
         Ok(Self {
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Makes the directory a job's output goes in (0700, like the artifact directory).
+    pub fn create_job_dir(&self, job_id: &str) -> io::Result<PathBuf> {
+        let dir = self.job_dir(job_id)?;
+        private_dir(&dir)?;
+        Ok(dir)
+    }
+
+    /// Makes a finished output readable by this user only: the clip, or every frame of a PNG
+    /// sequence, 0600.
+    pub fn seal(path: &Path) -> io::Result<()> {
+        let files: Vec<PathBuf> = if path.is_dir() {
+            std::fs::read_dir(path)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<io::Result<_>>()?
+        } else {
+            vec![path.to_path_buf()]
+        };
+        for file in files {
+            set_mode(&file, 0o600)?;
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -200,6 +246,44 @@ mod tests {
             a.output_path(&job("", OutputFormat::Png)).unwrap(),
             dir.path().join("j-1/output")
         );
+    }
+
+    /// The artifact directory, a job's directory and a finished output are this user's only
+    /// (they were world-readable), and a directory that cannot take files is an error when the
+    /// coordinator starts, not after a render.
+    #[cfg(unix)]
+    #[test]
+    fn outputs_are_private_and_an_unusable_directory_is_refused_at_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = root.path().join("artifacts");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let a = Artifacts::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        let j = job("clip", OutputFormat::Mp4);
+        let job_dir = a.create_job_dir(&j.id).unwrap();
+        assert_eq!(mode(&job_dir), 0o700);
+        let clip = a.output_path(&j).unwrap();
+        std::fs::write(&clip, b"frames").unwrap();
+        Artifacts::seal(&clip).unwrap();
+        assert_eq!(mode(&clip), 0o600);
+        let seq = job_dir.join("seq");
+        std::fs::create_dir(&seq).unwrap();
+        std::fs::write(seq.join("frame_00000.png"), b"").unwrap();
+        Artifacts::seal(&seq).unwrap();
+        assert_eq!(mode(&seq.join("frame_00000.png")), 0o600);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "the write check leaves nothing behind"
+        );
+
+        let file = root.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(Artifacts::open(&file.join("artifacts")).is_err());
+        assert!(Artifacts::open(&file).is_err());
     }
 
     /// A job whose id is not an id (a record someone wrote into the store by hand) reaches

@@ -22,6 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 use tracing::Instrument;
 
+use crate::artifacts::Artifacts;
 use crate::encode::{self, FrameSink, Quality, VideoFormat};
 use crate::jobs::{Control, Outcome};
 
@@ -438,21 +439,15 @@ impl Encoder {
         let result = tokio::task::spawn_blocking(move || {
             let mut sink = match sink {
                 Some(sink) => sink,
-                None => {
-                    if let Some(parent) = output.parent() {
-                        std::fs::create_dir_all(parent)
-                            .map_err(|e| format!("artifact directory {}: {e}", parent.display()))?;
-                    }
-                    encode::open_writer(
-                        &output,
-                        Some(format),
-                        batch.width,
-                        batch.height,
-                        fps,
-                        Quality::default(),
-                    )
-                    .map_err(|e| e.to_string())?
-                }
+                None => encode::open_writer(
+                    &output,
+                    Some(format),
+                    batch.width,
+                    batch.height,
+                    fps,
+                    Quality::default(),
+                )
+                .map_err(|e| e.to_string())?,
             };
             for frame in batch.rgb.chunks_exact(frame_bytes.max(1)) {
                 sink.push_frame(frame).map_err(|e| e.to_string())?;
@@ -482,8 +477,9 @@ impl Encoder {
         let output = self.output.clone();
         let start = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
-            sink.finish()?;
-            Ok::<_, encode::EncodeError>(output_size(&output))
+            sink.finish().map_err(|e| e.to_string())?;
+            Artifacts::seal(&output).map_err(|e| format!("{}: {e}", output.display()))?;
+            Ok::<_, String>(output_size(&output))
         })
         .await;
         self.encoding += start.elapsed();

@@ -235,7 +235,10 @@ impl Inner {
                             },
                         );
                         let _ = self.artifacts.clear(&id);
-                        let output = self.artifacts.output_path(&assignment.job);
+                        let output = self
+                            .artifacts
+                            .create_job_dir(&id)
+                            .and_then(|_| self.artifacts.output_path(&assignment.job));
                         let (job_id, number) = (id.clone(), assignment.attempt);
                         let attempt = output.map(|output| Attempt {
                             output,
