@@ -236,6 +236,7 @@ async fn farm_job(
             spec: Some(spec.clone()),
             priority: 0,
             name: "bench".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()

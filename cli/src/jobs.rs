@@ -38,6 +38,11 @@ pub struct JobArgs {
     /// A name for the job, shown by `list` and `status`.
     #[arg(long, default_value = "")]
     pub name: String,
+    /// An idempotency key: a submission repeating an earlier one's request id gets that job
+    /// back instead of a second one (retry a submit whose reply was lost with the same key). 1-128
+    /// letters, digits and . _ : -
+    #[arg(long, default_value = "")]
+    pub request_id: String,
 }
 
 #[derive(Args)]
@@ -126,6 +131,7 @@ pub async fn submit_spec(
             spec: Some(spec),
             priority: job.priority,
             name: job.name.clone(),
+            request_id: job.request_id.clone(),
         })
         .await
         .map_err(|s| client.error(s))?

@@ -86,6 +86,7 @@ pub fn job_json(job: &Job) -> Value {
         "output_bytes": job.output_bytes,
         "spec": spec.unwrap_or(Value::Null),
         "time_split": job.time_split,
+        "request_id": job.request_id,
     })
 }
 
@@ -157,6 +158,9 @@ pub fn job_details(job: &Job) -> String {
         let _ = writeln!(out, "message:   {}", printable(&job.message));
     }
     let _ = writeln!(out, "priority:  {}", job.priority);
+    if !job.request_id.is_empty() {
+        let _ = writeln!(out, "request:   {}", printable(&job.request_id));
+    }
     let _ = writeln!(out, "progress:  {}", progress_text(job));
     if !job.workers.is_empty() {
         let _ = writeln!(
@@ -436,6 +440,7 @@ mod tests {
             "output_bytes",
             "spec",
             "time_split",
+            "request_id",
         ] {
             assert!(value.get(key).is_some(), "missing {key}: {value}");
         }

@@ -128,6 +128,7 @@ async fn submit(c: &mut RenderServiceClient<Channel>, spec: RenderSpec, priority
         spec: Some(spec),
         priority,
         name: "clip".into(),
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -516,6 +517,82 @@ async fn cancel_stops_a_running_job_and_frees_its_worker() {
     assert!(long.steps_done < 200);
 
     worker.stop().await;
+    served.stop().await;
+}
+
+/// Many clients submitting at once, each retrying some submissions with the same request id
+/// (as after a lost reply): every request id is exactly one job, every retry gets that job's id
+/// back, and the same id with another spec is refused naming the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_request_id_is_exactly_one_job_under_concurrent_retries() {
+    let farm = Farm::new();
+    let (_coordinator, url, served) = farm.coordinator().await;
+    let (clients, per_client) = (20, 10);
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..clients {
+        let url = url.clone();
+        tasks.spawn(async move {
+            let mut c = client(&url).await;
+            let mut answers = Vec::new();
+            for i in 0..per_client {
+                let request_id = format!("client-{k}:shot-{i}");
+                // 1 to 3 tries, as a client whose replies got lost would make
+                for _ in 0..1 + (k + i) % 3 {
+                    let job = c
+                        .submit(SubmitRequest {
+                            spec: Some(spec(1)),
+                            name: format!("shot {i}"),
+                            request_id: request_id.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .job
+                        .unwrap();
+                    answers.push((request_id.clone(), job.id));
+                }
+            }
+            answers
+        });
+    }
+    let mut by_request: HashMap<String, String> = HashMap::new();
+    while let Some(answers) = tasks.join_next().await {
+        for (request_id, job_id) in answers.unwrap() {
+            let first = by_request
+                .entry(request_id.clone())
+                .or_insert(job_id.clone());
+            assert_eq!(*first, job_id, "{request_id} answered with two jobs");
+        }
+    }
+    let mut c = client(&url).await;
+    let jobs = c
+        .list(ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), clients * per_client, "one job per request id");
+    assert_eq!(by_request.len(), clients * per_client);
+    for job in &jobs {
+        assert_eq!(by_request.get(&job.request_id), Some(&job.id), "{job:?}");
+    }
+
+    let e = c
+        .submit(SubmitRequest {
+            spec: Some(RenderSpec { seed: 8, ..spec(1) }),
+            name: "shot 0".into(),
+            request_id: "client-0:shot-0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert!(
+        e.message().contains(&by_request["client-0:shot-0"]),
+        "{}",
+        e.message()
+    );
     served.stop().await;
 }
 

@@ -19,7 +19,7 @@ use longtake_proto::{
 use tokio::sync::{broadcast, mpsc};
 
 use crate::placement::Request;
-use crate::record::{JobPhase, JobRecord, JobSpecs, Plan};
+use crate::record::{is_request_id, JobPhase, JobRecord, JobSpecs, Plan};
 use crate::store::LoadedJob;
 
 /// Events a slow watcher may lag behind before it is resynchronised with the job's state (a
@@ -105,10 +105,28 @@ pub enum TableError {
     Spec(#[from] SpecError),
     #[error("name: {0}")]
     Name(String),
+    #[error("request_id: {0:?} is not a request id (1-128 letters, digits and . _ : -)")]
+    InvalidRequestId(String),
+    #[error(
+        "request_id: {request_id} already submitted job {job_id} with another spec, priority or \
+         name; a retry must repeat the submission exactly (use a new request id for a new job)"
+    )]
+    RequestIdReused { request_id: String, job_id: String },
+}
+
+/// What a submission did.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// A new job, queued.
+    New(Change),
+    /// The job an earlier submission with the same request id made (a retry).
+    Existing(JobRecord),
 }
 
 pub struct JobTable {
     jobs: HashMap<String, Entry>,
+    /// Job ids by the request id they were submitted with.
+    request_ids: HashMap<String, String>,
     queue: crate::queue::JobQueue,
     limits: Limits,
     max_attempts: u32,
@@ -159,6 +177,7 @@ impl JobTable {
     pub fn new(limits: Limits, max_attempts: u32) -> Self {
         Self {
             jobs: HashMap::new(),
+            request_ids: HashMap::new(),
             queue: Default::default(),
             limits,
             max_attempts: max_attempts.max(1),
@@ -205,6 +224,10 @@ impl JobTable {
                 self.queue.push(&job.id, job.priority, job.submitted_at_ms);
             }
             let requeued = is_active_before.then(|| job.message.clone());
+            if !job.request_id.is_empty() {
+                self.request_ids
+                    .insert(job.request_id.clone(), job.id.clone());
+            }
             self.jobs.insert(
                 job.id.clone(),
                 Entry {
@@ -237,11 +260,35 @@ impl JobTable {
         spec: &RenderSpec,
         priority: i32,
         name: &str,
+        request_id: &str,
         now_ms: u64,
-    ) -> Result<Change, TableError> {
+    ) -> Result<Submitted, TableError> {
         let request = SpecRequest::try_from(spec)?;
         request.check_limits(&self.limits)?;
         check_job_name(name, &self.limits).map_err(TableError::Name)?;
+        if !request_id.is_empty() {
+            if !is_request_id(request_id) {
+                return Err(TableError::InvalidRequestId(request_id.to_string()));
+            }
+            if let Some(job) = self
+                .request_ids
+                .get(request_id)
+                .and_then(|id| self.jobs.get(id))
+                .map(|e| &e.job)
+            {
+                let same = job.spec.request() == Some(&request)
+                    && job.priority == priority
+                    && job.name == name;
+                return if same {
+                    Ok(Submitted::Existing(job.clone()))
+                } else {
+                    Err(TableError::RequestIdReused {
+                        request_id: request_id.to_string(),
+                        job_id: job.id.clone(),
+                    })
+                };
+            }
+        }
         // Submission times are strictly increasing, so FIFO within a priority (and the ids,
         // which start with the time) follow the order of arrival, even within a millisecond.
         let now_ms = now_ms.max(self.last_submitted_ms + 1);
@@ -250,7 +297,13 @@ impl JobTable {
         while self.jobs.contains_key(&id) {
             id = new_job_id(now_ms);
         }
-        let job = JobRecord::queued(id.clone(), request, priority, name.to_string(), now_ms);
+        let job = JobRecord {
+            request_id: request_id.to_string(),
+            ..JobRecord::queued(id.clone(), request, priority, name.to_string(), now_ms)
+        };
+        if !request_id.is_empty() {
+            self.request_ids.insert(request_id.to_string(), id.clone());
+        }
         self.queue.push(&id, priority, now_ms);
         self.jobs.insert(
             id.clone(),
@@ -262,13 +315,15 @@ impl JobTable {
                 announced: None,
             },
         );
-        Ok(self.queued_change(&id, now_ms))
+        Ok(Submitted::New(self.queued_change(&id, now_ms)))
     }
 
     /// Takes back a submission that could not be stored.
     pub fn forget(&mut self, id: &str) {
         self.queue.remove(id);
-        self.jobs.remove(id);
+        if let Some(entry) = self.jobs.remove(id) {
+            self.request_ids.remove(&entry.job.request_id);
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<&JobRecord> {
@@ -762,6 +817,32 @@ fn planned(job: &JobRecord) -> Planned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Submissions without a request id, which always make a new job.
+    trait SubmitNew {
+        fn submit_new(
+            &mut self,
+            spec: &RenderSpec,
+            priority: i32,
+            name: &str,
+            now_ms: u64,
+        ) -> Result<Change, TableError>;
+    }
+
+    impl SubmitNew for JobTable {
+        fn submit_new(
+            &mut self,
+            spec: &RenderSpec,
+            priority: i32,
+            name: &str,
+            now_ms: u64,
+        ) -> Result<Change, TableError> {
+            match self.submit(spec, priority, name, "", now_ms)? {
+                Submitted::New(change) => Ok(change),
+                Submitted::Existing(job) => panic!("no request id, yet job {} came back", job.id),
+            }
+        }
+    }
     use crate::store::{format, InMemoryJobStore, JobStore};
     use longtake_proto::{ModelInfo, WorkerState};
 
@@ -826,7 +907,7 @@ mod tests {
     fn jobs_of_one_millisecond_keep_their_order() {
         let mut t = JobTable::new(Limits::default(), 3);
         let ids: Vec<String> = (0..20)
-            .map(|_| t.submit(&spec(), 0, "", 10).unwrap().job.id)
+            .map(|_| t.submit_new(&spec(), 0, "", 10).unwrap().job.id)
             .collect();
         let mut sorted = ids.clone();
         sorted.sort();
@@ -838,7 +919,7 @@ mod tests {
     #[test]
     fn a_job_runs_through_to_done() {
         let mut t = JobTable::new(Limits::default(), 3);
-        let c = t.submit(&spec(), 0, "wolf", 10).unwrap();
+        let c = t.submit_new(&spec(), 0, "wolf", 10).unwrap();
         let id = c.job.id.clone();
         assert!(c.persist);
         assert!(matches!(
@@ -846,7 +927,7 @@ mod tests {
             Some(job_event::Event::Queued(Queued { position: 0, .. }))
         ));
         assert_eq!(
-            t.submit(
+            t.submit_new(
                 &RenderSpec {
                     frames: 8,
                     ..spec()
@@ -929,7 +1010,7 @@ mod tests {
     fn event_buffers_live_only_while_a_running_job_is_watched() {
         let mut t = JobTable::new(Limits::default(), 3);
         let ids: Vec<String> = (0..1000)
-            .map(|i| t.submit(&spec(), 0, "", 10 + i).unwrap().job.id)
+            .map(|i| t.submit_new(&spec(), 0, "", 10 + i).unwrap().job.id)
             .collect();
         assert_eq!(t.event_channels(), 0, "nobody watches the queue");
 
@@ -989,10 +1070,10 @@ mod tests {
     fn names_and_prompts_are_bounded_plain_text() {
         let mut t = JobTable::new(Limits::default(), 3);
         let long = "x".repeat(201);
-        let e = t.submit(&spec(), 0, &long, 10).unwrap_err().to_string();
+        let e = t.submit_new(&spec(), 0, &long, 10).unwrap_err().to_string();
         assert_eq!(e, "name: 201 characters is over this farm's limit of 200");
         let e = t
-            .submit(&spec(), 0, "shot\u{1b}[2J", 10)
+            .submit_new(&spec(), 0, "shot\u{1b}[2J", 10)
             .unwrap_err()
             .to_string();
         assert_eq!(
@@ -1003,7 +1084,7 @@ mod tests {
             prompt: "a wolf\u{1b}[31m".into(),
             ..spec()
         };
-        let e = t.submit(&escape, 0, "", 10).unwrap_err().to_string();
+        let e = t.submit_new(&escape, 0, "", 10).unwrap_err().to_string();
         assert!(
             e.starts_with("spec.prompt: contains the control character"),
             "{e}"
@@ -1012,14 +1093,70 @@ mod tests {
             prompt: "a wolf\n\tat night".into(),
             ..spec()
         };
-        t.submit(&lines, 0, "shot 12 — take 3", 10).unwrap();
+        t.submit_new(&lines, 0, "shot 12 — take 3", 10).unwrap();
         assert_eq!(t.list(|_| true).len(), 1, "nothing refused was queued");
+    }
+
+    /// A submission that repeats a request id gets the job the first one made (a client
+    /// retrying after a lost reply), also after a restart; the same id with another spec,
+    /// priority or name is refused naming the job; ids that are not request ids are refused.
+    #[test]
+    fn a_request_id_makes_one_job_however_often_it_is_submitted() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let first = match t.submit(&spec(), 1, "shot", "ci:shot-12", 10).unwrap() {
+            Submitted::New(c) => c.job,
+            Submitted::Existing(j) => panic!("the first submission made {}", j.id),
+        };
+        assert_eq!(first.request_id, "ci:shot-12");
+        for now in [11, 12] {
+            match t.submit(&spec(), 1, "shot", "ci:shot-12", now).unwrap() {
+                Submitted::Existing(j) => assert_eq!(j.id, first.id),
+                Submitted::New(c) => panic!("a retry made a second job {}", c.job.id),
+            }
+        }
+        let other = RenderSpec { seed: 9, ..spec() };
+        let e = t.submit(&other, 1, "shot", "ci:shot-12", 13).unwrap_err();
+        assert_eq!(
+            e,
+            TableError::RequestIdReused {
+                request_id: "ci:shot-12".into(),
+                job_id: first.id.clone()
+            }
+        );
+        assert!(t.submit(&spec(), 2, "shot", "ci:shot-12", 13).is_err());
+        assert!(t.submit(&spec(), 1, "take 2", "ci:shot-12", 13).is_err());
+        for bad in ["with space", "a/b", "\u{1b}[2J", &"x".repeat(129)] {
+            assert_eq!(
+                t.submit(&spec(), 0, "", bad, 14).unwrap_err(),
+                TableError::InvalidRequestId(bad.to_string())
+            );
+        }
+        assert_eq!(t.list(|_| true).len(), 1);
+
+        // a restarted coordinator knows the request ids of the jobs it restores
+        let stored = t
+            .list(|_| true)
+            .into_iter()
+            .map(|record| LoadedJob {
+                record,
+                problem: None,
+            })
+            .collect();
+        let mut restarted = JobTable::new(Limits::default(), 3);
+        restarted.restore(stored, 20);
+        match restarted
+            .submit(&spec(), 1, "shot", "ci:shot-12", 21)
+            .unwrap()
+        {
+            Submitted::Existing(j) => assert_eq!(j.id, first.id),
+            Submitted::New(c) => panic!("a retry after a restart made {}", c.job.id),
+        }
     }
 
     #[test]
     fn lost_workers_requeue_until_attempts_run_out() {
         let mut t = JobTable::new(Limits::default(), 2);
-        let id = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let id = t.submit_new(&spec(), 0, "", 10).unwrap().job.id;
         let (_, a) = t.plan(&id, &[worker("w1")], 20).unwrap();
         let c = t
             .finish(
@@ -1061,8 +1198,8 @@ mod tests {
     #[test]
     fn cancel_queued_at_once_and_running_through_its_attempt() {
         let mut t = JobTable::new(Limits::default(), 3);
-        let q = t.submit(&spec(), 0, "", 10).unwrap().job.id;
-        let r = t.submit(&spec(), 0, "", 11).unwrap().job.id;
+        let q = t.submit_new(&spec(), 0, "", 10).unwrap().job.id;
+        let r = t.submit_new(&spec(), 0, "", 11).unwrap().job.id;
         let (job, _) = t.cancel(&q, "", 12).unwrap();
         assert_eq!(job.phase, JobPhase::Cancelled);
         assert_eq!(job.message, "cancelled by request");
@@ -1101,7 +1238,7 @@ mod tests {
             },
             3,
         );
-        let id = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let id = t.submit_new(&spec(), 0, "", 10).unwrap().job.id;
         let c = t.plan(&id, &[worker("w1")], 20).unwrap_err().unwrap();
         assert_eq!(c.job.phase, JobPhase::Failed);
         assert_eq!(
@@ -1113,7 +1250,7 @@ mod tests {
     #[test]
     fn requeue_reasons_stay_in_front_of_waiting_reasons() {
         let mut t = JobTable::new(Limits::default(), 3);
-        let id = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let id = t.submit_new(&spec(), 0, "", 10).unwrap().job.id;
         let (_, a) = t.plan(&id, &[worker("w1")], 20).unwrap();
         t.finish(
             &id,
@@ -1136,8 +1273,8 @@ mod tests {
     #[test]
     fn watchers_hear_when_their_place_in_the_queue_moves() {
         let mut t = JobTable::new(Limits::default(), 3);
-        let a = t.submit(&spec(), 0, "", 10).unwrap().job.id;
-        let b = t.submit(&spec(), 0, "", 11).unwrap().job.id;
+        let a = t.submit_new(&spec(), 0, "", 10).unwrap().job.id;
+        let b = t.submit_new(&spec(), 0, "", 11).unwrap().job.id;
         assert!(t.position_updates(12).is_empty());
         t.plan(&a, &[worker("w1")], 13).unwrap();
         let moved = t.position_updates(14);
@@ -1154,7 +1291,7 @@ mod tests {
     #[test]
     fn waiting_reasons_are_changes_only_when_new() {
         let mut t = JobTable::new(Limits::default(), 3);
-        let id = t.submit(&spec(), 0, "", 10).unwrap().job.id;
+        let id = t.submit_new(&spec(), 0, "", 10).unwrap().job.id;
         let c = t
             .set_waiting(&id, "waiting: needs 2 workers, 1 live", 11)
             .unwrap();
@@ -1172,7 +1309,7 @@ mod tests {
         let store = InMemoryJobStore::new();
         let mut t = JobTable::new(Limits::default(), 3);
         let ids: Vec<String> = (0..4)
-            .map(|i| t.submit(&spec(), i, "", 10 + i as u64).unwrap().job.id)
+            .map(|i| t.submit_new(&spec(), i, "", 10 + i as u64).unwrap().job.id)
             .collect();
         let (_, a) = t.plan(&ids[3], &[worker("w1")], 20).unwrap();
         t.running(&ids[3], a.attempt, 21);
@@ -1218,8 +1355,8 @@ mod tests {
     #[test]
     fn a_stored_record_with_a_malformed_layout_fails_named_instead_of_running() {
         let mut t = JobTable::new(Limits::default(), 3);
-        let good = t.submit(&spec(), 0, "", 10).unwrap().job;
-        let bad = t.submit(&spec(), 0, "", 11).unwrap().job;
+        let good = t.submit_new(&spec(), 0, "", 10).unwrap().job;
+        let bad = t.submit_new(&spec(), 0, "", 11).unwrap().job;
         let mut stored: serde_json::Value = serde_json::from_slice(&format::encode(&bad)).unwrap();
         stored["spec"]["layout"] = "tp=two".into();
         let stored = serde_json::to_vec(&stored).unwrap();
@@ -1260,7 +1397,7 @@ mod tests {
     #[test]
     fn a_stored_record_of_a_newer_schema_fails_named_and_is_left_as_stored() {
         let mut t = JobTable::new(Limits::default(), 3);
-        let good = t.submit(&spec(), 0, "", 10).unwrap().job;
+        let good = t.submit_new(&spec(), 0, "", 10).unwrap().job;
         let newer = br#"{"schema": 99, "id": "j-newer", "name": "shot 9", "priority": 4,
             "submitted_at_ms": 11, "spec": {"prompt": "a wolf", "windows": [[0, 8]]}}"#;
 

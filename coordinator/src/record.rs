@@ -21,6 +21,15 @@ pub fn is_job_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Whether `id` is a request id (an idempotency key): 1–128 ASCII letters, digits, `.`, `_`,
+/// `:` and `-` (room for a UUID or a pipeline's own job key, nothing a terminal acts on).
+pub fn is_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+}
+
 /// Where a job is in its life: QUEUED → PLANNED → RUNNING → DONE | FAILED | CANCELLED, with
 /// QUEUED/PLANNED/RUNNING → CANCELLED and PLANNED/RUNNING → QUEUED when an attempt's workers are
 /// lost (the transitions themselves are the job table's).
@@ -269,6 +278,8 @@ pub struct JobRecord {
     pub output_bytes: u64,
     /// Where a finished job's time went.
     pub time_split: Option<TimeSplit>,
+    /// The idempotency key it was submitted with (empty: none).
+    pub request_id: String,
 }
 
 impl JobRecord {
@@ -297,6 +308,7 @@ impl JobRecord {
             message: String::new(),
             output_bytes: 0,
             time_split: None,
+            request_id: String::new(),
         }
     }
 
@@ -324,6 +336,7 @@ impl From<&JobRecord> for Job {
             output_bytes: record.output_bytes,
             name: record.name.clone(),
             time_split: record.time_split,
+            request_id: record.request_id.clone(),
         }
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, mpsc, watch, Mutex, Notify};
 
 use crate::artifacts::Artifacts;
 use crate::dispatch::{self, Attempt, Reporter};
-use crate::jobs::{AttemptHandle, Change, JobTable, TableError};
+use crate::jobs::{AttemptHandle, Change, JobTable, Submitted, TableError};
 use crate::placement::{self, Decision};
 use crate::record::{JobPhase, JobRecord};
 use crate::{CoordinatorConfig, CoordinatorError, JobStore};
@@ -111,14 +111,20 @@ impl Scheduler {
         &self.inner.artifacts
     }
 
+    /// Queues a job, or with a request id an earlier submission already queued, returns its
+    /// job.
     pub async fn submit(
         &self,
         spec: &RenderSpec,
         priority: i32,
         name: &str,
+        request_id: &str,
     ) -> Result<JobRecord, SubmitError> {
         let mut table = self.inner.table.lock().await;
-        let change = table.submit(spec, priority, name, now_ms())?;
+        let change = match table.submit(spec, priority, name, request_id, now_ms())? {
+            Submitted::New(change) => change,
+            Submitted::Existing(job) => return Ok(job),
+        };
         // nothing a user submitted is lost: the job is accepted only once it is stored
         if let Err(e) = self.inner.store.put(&change.job).await {
             table.forget(&change.job.id);

@@ -40,7 +40,10 @@ fn not_found(id: &str) -> Status {
 fn table_status(e: TableError) -> Status {
     match e {
         TableError::NotFound(id) => not_found(&id),
-        e @ (TableError::Spec(_) | TableError::Name(_)) => Status::invalid_argument(e.to_string()),
+        e @ (TableError::Spec(_) | TableError::Name(_) | TableError::InvalidRequestId(_)) => {
+            Status::invalid_argument(e.to_string())
+        }
+        e @ TableError::RequestIdReused { .. } => Status::already_exists(e.to_string()),
     }
 }
 
@@ -59,7 +62,11 @@ impl RenderService for Service {
     ) -> Result<Response<SubmitReply>, Status> {
         let r = request.into_inner();
         let spec = r.spec.unwrap_or_default();
-        match self.scheduler.submit(&spec, r.priority, &r.name).await {
+        match self
+            .scheduler
+            .submit(&spec, r.priority, &r.name, &r.request_id)
+            .await
+        {
             Ok(job) => Ok(Response::new(SubmitReply {
                 job: Some(Job::from(&job)),
             })),

@@ -69,6 +69,9 @@ pub struct StoredJob {
     /// Where a finished job's time went (added within version 2: older records have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_split: Option<TimeSplit>,
+    /// The idempotency key it was submitted with (added within version 2).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +233,7 @@ fn decode_record(key: &str, bytes: &[u8]) -> Result<LoadedJob, StoreError> {
                 message: problem.to_string(),
                 output_bytes: 0,
                 time_split: None,
+                request_id: String::new(),
             };
             Ok(LoadedJob {
                 record,
@@ -287,6 +291,7 @@ fn from_v1(job: Job) -> LoadedJob {
             message: job.message,
             output_bytes: job.output_bytes,
             time_split: job.time_split,
+            request_id: job.request_id,
         },
         problem,
     }
@@ -345,6 +350,7 @@ fn from_v2(stored: StoredJob) -> LoadedJob {
             message: stored.message,
             output_bytes: stored.output_bytes,
             time_split: stored.time_split,
+            request_id: stored.request_id,
         },
         problem: spec_problem.or(plan_problem),
     }
@@ -392,6 +398,7 @@ impl From<&JobRecord> for StoredJob {
             message: record.message.clone(),
             output_bytes: record.output_bytes,
             time_split: record.time_split,
+            request_id: record.request_id.clone(),
         }
     }
 }
@@ -546,6 +553,7 @@ mod tests {
                 finished_at_ms: 90,
                 output_bytes: 12345,
                 steps_done: 3,
+                request_id: "render-farm:shot-12:take-3".into(),
                 time_split: Some(TimeSplit {
                     denoise_s: 2.5,
                     exchange_s: 0.25,
