@@ -87,6 +87,7 @@ async fn run_attempt(
                     attempt.start_timeout
                 ),
                 counts: true,
+                unreachable: None,
             }),
         },
         Some(Control::Cancel(reason)) = control.recv() => Err(Outcome::Cancelled(reason)),
@@ -135,12 +136,15 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
     let mut clients = Vec::with_capacity(a.workers.len());
     let mut mesh = Vec::with_capacity(a.workers.len());
     for (rank, worker) in a.workers.iter().enumerate() {
+        // A worker that cannot be reached (dead, its lease not yet expired) is not the job's
+        // fault: the attempt does not count, and placement passes the worker over for a while.
         let mut client = connect(worker).await.map_err(|e| Outcome::StartFailed {
             reason: format!(
                 "worker {} (rank {rank}) at {} is unreachable: {e}",
                 worker.id, worker.address
             ),
-            counts: true,
+            counts: false,
+            unreachable: Some(worker.id.clone()),
         })?;
         let reply = client
             .reserve(ReserveRequest {
@@ -157,6 +161,7 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
                     s.message()
                 ),
                 counts: s.code() != Code::Unavailable,
+                unreachable: None,
             })?;
         mesh.push(reply.into_inner().mesh_address);
         clients.push(client);
@@ -180,6 +185,7 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
                     s.message()
                 ),
                 counts: true,
+                unreachable: None,
             })?;
         streams.push(stream.into_inner());
     }

@@ -49,10 +49,12 @@ pub enum Outcome {
     /// A rank's worker died or became unreachable: re-queue while attempts remain.
     Lost(String),
     /// The ranks could not be started. `counts`: whether it uses up one of the job's attempts
-    /// (a worker that only said "busy" does not).
+    /// (a worker that only said "busy", or could not be reached, does not); `unreachable`: the
+    /// worker that could not be reached, which placement then passes over for a while.
     StartFailed {
         reason: String,
         counts: bool,
+        unreachable: Option<String>,
     },
 }
 
@@ -662,7 +664,7 @@ impl JobTable {
                     );
                 }
             }
-            Outcome::StartFailed { reason, counts } => {
+            Outcome::StartFailed { reason, counts, .. } => {
                 if !counts {
                     job.attempts -= 1;
                 }
@@ -1179,6 +1181,7 @@ mod tests {
             Outcome::StartFailed {
                 reason: "worker w1 is busy".into(),
                 counts: false,
+                unreachable: None,
             },
             50,
         );

@@ -4,7 +4,7 @@
 //! on submit, membership changes, attempt ends and a 1 s tick, starting a dispatch task for every
 //! job placement gives workers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::{Duration, Instant};
@@ -22,6 +22,9 @@ use crate::{CoordinatorConfig, CoordinatorError, JobStore};
 
 const TICK: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long placement passes over a worker an attempt could not reach: longer than a worker's
+/// default lease (10 s), so a dead worker's record expires before it is tried again.
+const UNREACHABLE_PASSED_OVER: Duration = Duration::from_secs(30);
 
 /// The coordinator's own time per step: from rank 0's step event arriving to the job event
 /// being broadcast.
@@ -38,6 +41,9 @@ pub(crate) struct Inner {
     pub(crate) artifacts: Artifacts,
     table: Mutex<JobTable>,
     workers: StdMutex<BTreeMap<String, Worker>>,
+    /// Workers an attempt could not reach, passed over by placement until the time given (or
+    /// until they register again: another `started_at_ms`).
+    unreachable: StdMutex<HashMap<String, (u64, Instant)>>,
     wake: Notify,
     stop: watch::Sender<bool>,
     attempts: StdMutex<tokio::task::JoinSet<()>>,
@@ -83,6 +89,7 @@ impl Scheduler {
                     .map(|w| (w.id.clone(), w.clone()))
                     .collect(),
             ),
+            unreachable: StdMutex::new(HashMap::new()),
             wake: Notify::new(),
             stop,
             attempts: StdMutex::new(tokio::task::JoinSet::new()),
@@ -219,7 +226,20 @@ impl Inner {
             let mut attempts = lock(&self.attempts);
             while attempts.try_join_next().is_some() {}
         }
-        let live: Vec<Worker> = lock(&self.workers).values().cloned().collect();
+        let live: Vec<Worker> = {
+            let mut unreachable = lock(&self.unreachable);
+            let now = Instant::now();
+            unreachable.retain(|_, (_, until)| *until > now);
+            lock(&self.workers)
+                .values()
+                .filter(|w| {
+                    unreachable
+                        .get(&w.id)
+                        .is_none_or(|&(started, _)| started != w.started_at_ms)
+                })
+                .cloned()
+                .collect()
+        };
         let mut table = self.table.lock().await;
         let requests = table.queued_requests();
         if requests.is_empty() {
@@ -284,6 +304,24 @@ impl Inner {
     }
 
     async fn finish(&self, id: &str, attempt: u32, outcome: crate::jobs::Outcome) {
+        if let crate::jobs::Outcome::StartFailed {
+            unreachable: Some(worker),
+            ..
+        } = &outcome
+        {
+            let started = lock(&self.workers)
+                .get(worker)
+                .map_or(0, |w| w.started_at_ms);
+            tracing::warn!(
+                worker = %worker,
+                "unreachable: passed over by placement for {UNREACHABLE_PASSED_OVER:?} \
+                 (or until it registers again)"
+            );
+            lock(&self.unreachable).insert(
+                worker.clone(),
+                (started, Instant::now() + UNREACHABLE_PASSED_OVER),
+            );
+        }
         let mut table = self.table.lock().await;
         let failed = !matches!(outcome, crate::jobs::Outcome::Done { .. });
         let change = table.finish(id, attempt, outcome, now_ms());
