@@ -227,3 +227,38 @@ async fn connecting_where_nothing_listens_fails_fast_naming_the_url() {
         Ok(Ok(_)) => panic!("connected to a port where nothing listens"),
     }
 }
+
+/// A job history larger than one etcd response may be (the client's 4 MiB message limit: about
+/// 8,800 ordinary jobs, or fewer with long prompts) loads whole, in submission order; once a
+/// coordinator with such a history could not restart ("decoded message length too large").
+#[tokio::test]
+async fn a_history_larger_than_one_etcd_message_loads_whole() {
+    let server = EtcdServer::start();
+    let store = EtcdJobStore::connect(etcd_config(&server)).await.unwrap();
+    let prompt = "a lighthouse keeper walks the stairs in a storm, ".repeat(78); // 3,900 chars
+                                                                                 // about 8.3 KB each, 10.8 MB in all: one page of 512 records is over the limit too, so the
+                                                                                 // store reads in smaller pages
+    let count = 1_300;
+    for i in 0..count {
+        let id = format!("j-{i:04}");
+        let request = SpecRequest::try_from(&RenderSpec {
+            prompt: prompt.clone(),
+            negative_prompt: prompt.clone(),
+            model: "tiny".into(),
+            frames: 9,
+            guidance_scale: 5.0,
+            fps: 16,
+            ..Default::default()
+        })
+        .unwrap();
+        let record = JobRecord::queued(id, request, 0, String::new(), 1_000 + i);
+        store.put(&record).await.unwrap();
+    }
+    let loaded = records(store.load_all().await.unwrap());
+    assert_eq!(loaded.len(), count as usize);
+    let expected: Vec<String> = (0..count).map(|i| format!("j-{i:04}")).collect();
+    assert_eq!(
+        ids(&loaded),
+        expected.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+}

@@ -286,9 +286,21 @@ async fn one_rank_task_renders_the_single_process_frames() -> TestResult {
         "{:?}",
         events[4]
     );
-    assert!(events[5..events.len() - 1]
+    assert!(events[5..events.len() - 2]
         .iter()
         .all(|e| matches!(e, Event::Frames(_))));
+    // after the frames, where the task's time went
+    let Event::Timings(timings) = &events[events.len() - 2] else {
+        panic!(
+            "no time split before `finished`: {:?}",
+            events[events.len() - 2]
+        );
+    };
+    assert!(
+        timings.denoise_s > 0.0 && timings.decode_s > 0.0,
+        "{timings:?}"
+    );
+    assert_eq!(timings.exchange_s, 0.0, "one group exchanges nothing");
     assert!(
         frames(&events) == expected.rgb,
         "the daemon's frames differ from the pipeline's"

@@ -12,6 +12,22 @@ use etcd_client::{Client, GetOptions};
 use longtake_proto::membership::client::{bounded, connect};
 use longtake_proto::membership::EtcdConfig;
 
+/// Records read per request when loading (fewer when they are large).
+const LOAD_PAGE: i64 = 512;
+
+/// The end of the key range of every key starting with `prefix` (its last byte incremented).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // a prefix of 0xff bytes only: every key from it on
+    vec![0]
+}
+
 pub struct EtcdJobStore {
     client: Client,
     /// `<prefix>/jobs/`
@@ -54,19 +70,48 @@ impl JobStore for EtcdJobStore {
         Ok(())
     }
 
+    /// Reads the records a page at a time, all pages at the revision of the first, so a history
+    /// of any size loads (one read of every record failed once it passed the client's 4 MiB
+    /// message limit: about 8,800 ordinary jobs). A page too large for one message (records
+    /// with long prompts) is read again in halves.
     async fn load_all(&self) -> Result<Vec<LoadedJob>> {
-        let found = bounded(
-            self.client
-                .clone()
-                .get(self.jobs.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        .map_err(|e| self.error(e))?;
-        let mut jobs = found
-            .kvs()
-            .iter()
-            .map(|kv| format::decode(&String::from_utf8_lossy(kv.key()), kv.value()))
-            .collect::<Result<Vec<LoadedJob>>>()?;
+        let end = prefix_end(&self.jobs);
+        let mut from = self.jobs.as_bytes().to_vec();
+        let mut page = LOAD_PAGE;
+        let mut revision = 0;
+        let mut jobs = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page)
+                .with_revision(revision);
+            let found = match bounded(self.client.clone().get(from.clone(), Some(options))).await {
+                Ok(found) => found,
+                Err(etcd_client::Error::GRpcStatus(status))
+                    if status.code() == tonic::Code::OutOfRange && page > 1 =>
+                {
+                    page = (page / 2).max(1);
+                    continue;
+                }
+                Err(e) => return Err(self.error(e)),
+            };
+            if revision == 0 {
+                revision = found.header().map_or(0, |h| h.revision());
+            }
+            for kv in found.kvs() {
+                jobs.push(format::decode(
+                    &String::from_utf8_lossy(kv.key()),
+                    kv.value(),
+                )?);
+            }
+            match found.kvs().last() {
+                Some(last) if found.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
         in_submission_order(&mut jobs);
         Ok(jobs)
     }
