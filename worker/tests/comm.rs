@@ -455,6 +455,51 @@ fn a_silent_peer_times_out() {
     );
 }
 
+/// A connection that never says hello (a port scanner, a hostile or hung process) holds up no
+/// rank: the ranks' handshakes are read beside it, and the mesh forms while it is still open.
+/// (Handshakes were read one at a time, so it stalled the setup until the connect deadline.)
+#[test]
+fn a_silent_connection_does_not_hold_up_the_mesh() {
+    // Rank 1 waits 2 s for its answer; rank 0 would wait 30 s for a hello on one connection.
+    let timeouts = |rank: usize| Timeouts {
+        connect: Duration::from_secs(if rank == 0 { 30 } else { 2 }),
+        ..quick_timeouts()
+    };
+    let (listeners, addrs) = bind_listeners(2);
+    // queued on rank 0's listener before rank 1 dials, so it is accepted first
+    let silent = std::net::TcpStream::connect(addrs[0]).expect("connect to rank 0");
+    let results = hang_guard("a mesh beside a silent connection", move || {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let config = TcpMeshConfig {
+                        rank,
+                        peers: addrs.clone(),
+                        timeouts: timeouts(rank),
+                    };
+                    s.spawn(move || {
+                        let mesh = TcpMesh::connect_with_listener(config, listener)
+                            .map_err(|e| e.to_string())?;
+                        mesh.all_reduce_sum(&input(rank, (2, 2), DType::F32))
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank thread panicked"))
+                .collect::<Vec<_>>()
+        })
+    });
+    for (rank, result) in results.into_iter().enumerate() {
+        assert_eq!(result, Ok(()), "rank {rank}");
+    }
+    drop(silent);
+}
+
 #[test]
 fn misuse_is_reported() -> TestResult {
     let results = with_mesh(2, quick_timeouts(), |rank, comm| {

@@ -720,6 +720,11 @@ async fn dial_handshake(
     }
 }
 
+/// How long a connection may take to send its hello before it is dropped. Handshakes are read
+/// concurrently, so a silent or slow connection holds up no other rank (one silent connection
+/// once stalled the whole mesh setup until the connect deadline).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Accepts the ranks above `rank`. Connections that fail the handshake are answered with the
 /// reason and dropped; the wait goes on for the right peers until the deadline.
 async fn accept(
@@ -732,62 +737,79 @@ async fn accept(
     let world = addrs.len();
     let mut connected: Vec<(usize, TcpStream)> = Vec::with_capacity(world - rank - 1);
     let mut rejected: Option<String> = None;
+    let mut hellos = JoinSet::new();
     while connected.len() < world - rank - 1 {
-        let accepted = tokio::time::timeout_at(deadline, async {
-            loop {
-                match listener.accept().await {
-                    Ok(accepted) => break accepted,
-                    // e.g. out of file descriptors: wait a little rather than spin.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((mut stream, from_addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    hellos.spawn(async move {
+                        let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream)).await {
+                            Ok(hello) => hello,
+                            Err(_) => Err(format!("sent no handshake within {HELLO_TIMEOUT:?}")),
+                        };
+                        (stream, from_addr, hello)
+                    });
+                }
+                // e.g. out of file descriptors: wait a little rather than spin.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            },
+            Some(Ok((mut stream, from_addr, hello))) = hellos.join_next() => {
+                let answered = match hello {
+                    Ok(hello) => tokio::time::timeout(
+                        HELLO_TIMEOUT,
+                        answer_hello(&mut stream, &hello, rank, world, &connected),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err("did not take the handshake's answer".into())),
+                    Err(reason) => Err(reason),
+                };
+                match answered {
+                    Ok(from) => connected.push((from, stream)),
+                    Err(reason) => rejected = Some(format!("a connection from {from_addr}: {reason}")),
                 }
             }
-        })
-        .await;
-        let Ok((mut stream, from_addr)) = accepted else {
-            let missing = (rank + 1..world)
-                .find(|r| connected.iter().all(|(c, _)| c != r))
-                .expect("a rank is missing");
-            let mut reason = format!("it did not connect to {}", addrs[rank]);
-            if let Some(rejected) = rejected {
-                reason.push_str(&format!(" (rejected: {rejected})"));
+            _ = tokio::time::sleep_until(deadline) => {
+                let missing = (rank + 1..world)
+                    .find(|r| connected.iter().all(|(c, _)| c != r))
+                    .expect("a rank is missing");
+                let mut reason = format!("it did not connect to {}", addrs[rank]);
+                if let Some(rejected) = rejected {
+                    reason.push_str(&format!(" (rejected: {rejected})"));
+                }
+                return Err(CommError::Connect {
+                    rank,
+                    peer: PeerId {
+                        rank: missing,
+                        addr: Some(addrs[missing]),
+                    },
+                    after,
+                    reason,
+                });
             }
-            return Err(CommError::Connect {
-                rank,
-                peer: PeerId {
-                    rank: missing,
-                    addr: Some(addrs[missing]),
-                },
-                after,
-                reason,
-            });
-        };
-        let _ = stream.set_nodelay(true);
-        let checked = tokio::time::timeout_at(
-            deadline,
-            accept_handshake(&mut stream, rank, world, &connected),
-        )
-        .await;
-        match checked {
-            Ok(Ok(from)) => connected.push((from, stream)),
-            Ok(Err(reason)) => rejected = Some(format!("a connection from {from_addr}: {reason}")),
-            Err(_) => rejected = Some(format!("a connection from {from_addr} sent no handshake")),
         }
     }
     Ok(connected)
 }
 
-/// Reads a hello, checks it and answers it; returns the dialing rank.
-async fn accept_handshake(
-    stream: &mut TcpStream,
-    rank: usize,
-    world: usize,
-    connected: &[(usize, TcpStream)],
-) -> std::result::Result<usize, String> {
+/// Reads a connection's hello.
+async fn read_hello(stream: &mut TcpStream) -> std::result::Result<[u8; 18], String> {
     let mut hello = [0u8; 18];
     stream
         .read_exact(&mut hello)
         .await
         .map_err(|e| format!("no complete handshake: {e}"))?;
+    Ok(hello)
+}
+
+/// Checks a hello and answers it; returns the dialing rank.
+async fn answer_hello(
+    stream: &mut TcpStream,
+    hello: &[u8; 18],
+    rank: usize,
+    world: usize,
+    connected: &[(usize, TcpStream)],
+) -> std::result::Result<usize, String> {
     let u32_at = |at: usize| u32::from_le_bytes(hello[at..at + 4].try_into().expect("4 bytes"));
     let verdict = if u32_at(0) != HELLO_MAGIC {
         Err("not a longtake rank".to_string())
