@@ -348,6 +348,7 @@ async fn probe_worker(url: &str, job_id: &str, spec: RenderSpec) -> Result<Probe
             rank: 0,
             spec: Some(spec),
             peers: vec![],
+            ..Default::default()
         })
         .await?
         .into_inner();

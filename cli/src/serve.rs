@@ -87,6 +87,11 @@ pub struct CoordinatorArgs {
     /// Longest job name, in characters.
     #[arg(long)]
     pub max_name_chars: Option<u32>,
+    /// Checkpoint a job's denoiser state after every this many steps; a job whose worker is
+    /// lost, or whose coordinator restarts, resumes from the last one (0: never; jobs of several
+    /// worker groups are not checkpointed yet).
+    #[arg(long, default_value_t = 1)]
+    pub checkpoint_every: u32,
 }
 
 impl CoordinatorArgs {
@@ -151,6 +156,7 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
     let store = EtcdJobStore::connect(etcd).await?;
     let mut config = CoordinatorConfig::new(args.artifacts.clone());
     config.limits = args.limits();
+    config.checkpoint_every = args.checkpoint_every;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -87,6 +87,7 @@ pub fn job_json(job: &Job) -> Value {
         "spec": spec.unwrap_or(Value::Null),
         "time_split": job.time_split,
         "request_id": job.request_id,
+        "resumed_from_step": job.resumed_from_step,
     })
 }
 
@@ -162,6 +163,13 @@ pub fn job_details(job: &Job) -> String {
         let _ = writeln!(out, "request:   {}", printable(&job.request_id));
     }
     let _ = writeln!(out, "progress:  {}", progress_text(job));
+    if job.resumed_from_step > 0 {
+        let _ = writeln!(
+            out,
+            "resumed:   attempt {} continued from the checkpoint of step {}",
+            job.attempts, job.resumed_from_step
+        );
+    }
     if !job.workers.is_empty() {
         let _ = writeln!(
             out,
@@ -441,6 +449,7 @@ mod tests {
             "spec",
             "time_split",
             "request_id",
+            "resumed_from_step",
         ] {
             assert!(value.get(key).is_some(), "missing {key}: {value}");
         }

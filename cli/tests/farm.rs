@@ -696,7 +696,12 @@ async fn a_restarted_coordinator_lists_its_jobs_and_requeues_the_running_one() {
     let mut c = client(&url).await;
     let running = submit(&mut c, spec(200), 1).await;
     let queued = submit(&mut c, spec(2), 0).await;
-    wait_state(&mut c, &running.id, JobState::Running).await;
+    eventually("the running job has taken two steps", || {
+        let mut c = c.clone();
+        let id = running.id.clone();
+        async move { get(&mut c, &id).await.steps_done >= 2 }
+    })
+    .await;
     served.stop().await;
 
     // the records are as the first coordinator left them: nothing recorded its end
@@ -733,7 +738,8 @@ async fn a_restarted_coordinator_lists_its_jobs_and_requeues_the_running_one() {
 
     let (_third, url, served) = farm.coordinator().await;
     let mut c = client(&url).await;
-    // the re-queued job runs again (its worker aborted the orphaned task) as attempt 2
+    // the re-queued job runs again (its worker aborted the orphaned task) as attempt 2, from
+    // the checkpoint the first coordinator kept of it
     eventually("the re-queued job starts its second attempt", || {
         let mut c = c.clone();
         let id = running.id.clone();
@@ -743,6 +749,11 @@ async fn a_restarted_coordinator_lists_its_jobs_and_requeues_the_running_one() {
         }
     })
     .await;
+    let resumed = get(&mut c, &running.id).await;
+    assert!(
+        resumed.resumed_from_step >= 1,
+        "the second attempt resumes from a checkpoint: {resumed:?}"
+    );
     c.cancel(CancelRequest {
         id: running.id.clone(),
         reason: String::new(),
@@ -873,16 +884,42 @@ async fn a_job_whose_worker_dies_is_requeued_and_finishes_on_another() {
         requeued.starts_with("re-queued: worker w1 (rank 0) lost during step"),
         "{requeued}"
     );
+    let lost_at: u32 = requeued
+        .trim_start_matches("re-queued: worker w1 (rank 0) lost during step ")
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no step in {requeued:?}"));
     let job = get(&mut c, &job.id).await;
     assert_eq!(job.state, JobState::Done as i32, "{job:?}");
     assert_eq!(
         (job.attempts, job.workers.as_slice()),
         (2, &["w2".to_string()][..])
     );
+    // The second attempt continued from the first one's last checkpoint (one per step): it
+    // redid at most the step that was running when the worker died.
+    println!(
+        "lost during step {lost_at} of 60, resumed from step {}",
+        job.resumed_from_step
+    );
+    assert!(
+        job.resumed_from_step >= 1 && job.resumed_from_step + 1 >= lost_at,
+        "lost during step {lost_at}, resumed from step {}",
+        job.resumed_from_step
+    );
+    assert!(
+        !farm
+            .artifacts
+            .path()
+            .join(&job.id)
+            .join(".checkpoint.safetensors")
+            .exists(),
+        "a finished job keeps no checkpoint"
+    );
     let out = farm.artifacts.path().join("survived.mp4");
     fetch(&mut c, &job.id, &out).await;
     assert_eq!(ffprobe_frames(&out)["nb_read_frames"], "9");
-    // The re-run's clip is the undisturbed single-process clip, byte for byte.
+    // The resumed job's clip is the undisturbed single-process clip, byte for byte.
     let reference = farm.artifacts.path().join("survived-reference.mp4");
     reference_clip(&spec(60), &reference);
     assert!(

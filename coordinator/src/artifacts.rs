@@ -27,6 +27,10 @@ fn set_mode(_path: &Path, _mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// The file name of a job's checkpoint inside its directory (a name no output takes: outputs
+/// are `<name>.mp4` or `<name>/`, and names are file-safe without a leading dot).
+const CHECKPOINT_FILE: &str = ".checkpoint.safetensors";
+
 /// Size of the `data` of one `OutputChunk`.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
@@ -102,7 +106,61 @@ impl Artifacts {
         })
     }
 
-    /// Removes whatever an attempt of the job left (a partial clip, stray frames).
+    /// Where the job's latest checkpoint (a denoiser state file from rank 0) is kept, beside
+    /// its output.
+    pub fn checkpoint_path(&self, job_id: &str) -> io::Result<PathBuf> {
+        Ok(self.job_dir(job_id)?.join(CHECKPOINT_FILE))
+    }
+
+    /// Replaces the job's checkpoint with `state` atomically (a crash leaves the old one or the
+    /// new one, never half of one), readable by this user only; returns its path.
+    pub fn write_checkpoint(&self, job_id: &str, state: &[u8]) -> io::Result<PathBuf> {
+        let path = self.checkpoint_path(job_id)?;
+        private_dir(self.job_dir(job_id)?.as_path())?;
+        let tmp = path.with_extension("tmp");
+        {
+            let mut file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, state)?;
+            file.sync_all()?;
+        }
+        set_mode(&tmp, 0o600)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    /// The job's checkpoint, if it has one.
+    pub fn read_checkpoint(&self, job_id: &str) -> io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.checkpoint_path(job_id)?) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the job's checkpoint (the job finished).
+    pub fn remove_checkpoint(&self, job_id: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.checkpoint_path(job_id)?) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes what an attempt of the job wrote of its output (a partial clip, stray frames),
+    /// keeping its checkpoint.
+    pub fn clear_output(&self, job: &JobRecord) -> io::Result<()> {
+        let path = self.output_path(job)?;
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes whatever the job left (a partial clip, stray frames, its checkpoint).
     pub fn clear(&self, job_id: &str) -> io::Result<()> {
         match std::fs::remove_dir_all(self.job_dir(job_id)?) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),

@@ -43,6 +43,8 @@ pub trait Reporter: Send + Sync {
     async fn step(&self, step: Step, received: Instant);
     async fn decoding(&self, frames: u32);
     async fn encoding(&self, frames_written: u32, frames_total: u32);
+    /// Rank 0 sent its denoiser state after step `step`.
+    async fn checkpoint(&self, step: u32, state: Vec<u8>);
 }
 
 /// What one attempt runs.
@@ -57,6 +59,10 @@ pub struct Attempt {
     /// Where the encoder writes the clip (or the PNG directory).
     pub output: PathBuf,
     pub start_timeout: Duration,
+    /// A checkpoint of an earlier attempt every rank continues from (empty: none).
+    pub resume_state: Vec<u8>,
+    /// Rank 0 checkpoints after every this many steps (0: never).
+    pub checkpoint_every: u32,
 }
 
 type Client = WorkerServiceClient<Channel>;
@@ -176,6 +182,8 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
                 rank: rank as u32,
                 spec: Some(RenderSpec::from(&a.spec)),
                 peers: peers.clone(),
+                resume_state: a.resume_state.clone(),
+                checkpoint_every: a.checkpoint_every,
             })
             .await
             .map_err(|s| Outcome::StartFailed {
@@ -355,6 +363,9 @@ async fn follow(
                         reporter.encoding(encoder.written, frames_total).await;
                     }
                     task_event::Event::Timings(t) => timings[rank] = t,
+                    task_event::Event::Checkpoint(c) if rank == 0 => {
+                        reporter.checkpoint(c.step, c.state).await;
+                    }
                     task_event::Event::Finished(f) => {
                         if !f.error.is_empty() || f.cancelled {
                             let why = if f.error.is_empty() { "cancelled" } else { &f.error };

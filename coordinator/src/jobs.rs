@@ -19,7 +19,7 @@ use longtake_proto::{
 use tokio::sync::{broadcast, mpsc};
 
 use crate::placement::Request;
-use crate::record::{is_request_id, JobPhase, JobRecord, JobSpecs, Plan};
+use crate::record::{is_request_id, CheckpointRef, JobPhase, JobRecord, JobSpecs, Plan};
 use crate::store::LoadedJob;
 
 /// Events a slow watcher may lag behind before it is resynchronised with the job's state (a
@@ -591,6 +591,28 @@ impl JobTable {
         })
     }
 
+    /// The attempt `attempt` of job `id` continues from the checkpoint of step `step`.
+    pub fn resume_from(&mut self, id: &str, attempt: u32, step: u32) {
+        if let Some(entry) = self.current(id, attempt) {
+            entry.job.resumed_from_step = step;
+        }
+    }
+
+    /// Rank 0 of the attempt checkpointed step `step` at `path` (relative to the artifact
+    /// directory): the job resumes from there if the attempt is lost. Returns the record to
+    /// store (no watcher needs to hear of it).
+    pub fn checkpoint(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        step: u32,
+        path: String,
+    ) -> Option<JobRecord> {
+        let entry = self.current(id, attempt)?;
+        entry.job.checkpoint = Some(CheckpointRef { path, step });
+        Some(entry.job.clone())
+    }
+
     /// Rank 0 is decoding (`Decoding`) or the coordinator is encoding (`Encoding`).
     pub fn progress(
         &mut self,
@@ -647,6 +669,7 @@ impl JobTable {
                 time_split,
             } => {
                 end(job, JobPhase::Done, String::new());
+                job.checkpoint = None;
                 job.output_bytes = output_bytes;
                 job.time_split = Some(time_split);
                 job.steps_done = job.steps_total;

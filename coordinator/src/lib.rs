@@ -52,6 +52,9 @@ pub struct CoordinatorConfig {
     pub max_attempts: u32,
     /// How long reserving and starting a job's ranks may take before the attempt is abandoned.
     pub start_timeout: Duration,
+    /// Rank 0 of a job of one worker group checkpoints its denoiser state after every this
+    /// many steps, and a lost attempt's job resumes from the last one (0: never).
+    pub checkpoint_every: u32,
 }
 
 impl CoordinatorConfig {
@@ -61,6 +64,7 @@ impl CoordinatorConfig {
             artifact_dir,
             max_attempts: 3,
             start_timeout: Duration::from_secs(60),
+            checkpoint_every: 1,
         }
     }
 }

@@ -280,6 +280,8 @@ pub struct JobRecord {
     pub time_split: Option<TimeSplit>,
     /// The idempotency key it was submitted with (empty: none).
     pub request_id: String,
+    /// The step its current or last attempt resumed from (0: from the start).
+    pub resumed_from_step: u32,
 }
 
 impl JobRecord {
@@ -309,6 +311,7 @@ impl JobRecord {
             output_bytes: 0,
             time_split: None,
             request_id: String::new(),
+            resumed_from_step: 0,
         }
     }
 
@@ -337,6 +340,7 @@ impl From<&JobRecord> for Job {
             name: record.name.clone(),
             time_split: record.time_split,
             request_id: record.request_id.clone(),
+            resumed_from_step: record.resumed_from_step,
         }
     }
 }

@@ -260,7 +260,33 @@ impl Inner {
                                 control,
                             },
                         );
-                        let _ = self.artifacts.clear(&id);
+                        // What an earlier attempt wrote of the output goes; its checkpoint
+                        // stays, and a job of one worker group continues from it.
+                        let _ = self.artifacts.clear_output(&assignment.job);
+                        let one_group = assignment.spec.windows.groups <= 1;
+                        let resume = match &assignment.job.checkpoint {
+                            Some(checkpoint) if one_group => {
+                                match self.artifacts.read_checkpoint(&id) {
+                                    Ok(Some(state)) => Some((checkpoint.step, state)),
+                                    Ok(None) => None,
+                                    Err(e) => {
+                                        tracing::warn!(job = %id, "its checkpoint cannot be read, starting over: {e}");
+                                        None
+                                    }
+                                }
+                            }
+                            _ => None,
+                        };
+                        let resume_state = match resume {
+                            Some((step, state)) => {
+                                table.resume_from(&id, assignment.attempt, step);
+                                state
+                            }
+                            None => {
+                                table.resume_from(&id, assignment.attempt, 0);
+                                Vec::new()
+                            }
+                        };
                         let output = self
                             .artifacts
                             .create_job_dir(&id)
@@ -273,6 +299,12 @@ impl Inner {
                             spec: assignment.spec,
                             workers,
                             start_timeout: self.config.start_timeout,
+                            resume_state,
+                            checkpoint_every: if one_group {
+                                self.config.checkpoint_every
+                            } else {
+                                0
+                            },
                         });
                         let inner = Arc::clone(self);
                         lock(&self.attempts).spawn(async move {
@@ -323,11 +355,17 @@ impl Inner {
             );
         }
         let mut table = self.table.lock().await;
-        let failed = !matches!(outcome, crate::jobs::Outcome::Done { .. });
         let change = table.finish(id, attempt, outcome, now_ms());
-        if failed {
-            if let Err(e) = self.artifacts.clear(id) {
-                tracing::warn!(job = %id, "removing a partial output: {e}");
+        // A job that ended leaves its output only when done, and no checkpoint; one that went
+        // back to the queue keeps its checkpoint to resume from.
+        if let Some(job) = table.get(id) {
+            let tidied = match job.phase {
+                JobPhase::Done => self.artifacts.remove_checkpoint(id),
+                JobPhase::Failed | JobPhase::Cancelled => self.artifacts.clear(id),
+                _ => self.artifacts.clear_output(job),
+            };
+            if let Err(e) = tidied {
+                tracing::warn!(job = %id, "tidying its artifacts: {e}");
             }
         }
         self.apply(&mut table, change).await;
@@ -368,6 +406,35 @@ impl Reporter for AttemptReporter {
         let mut table = self.inner.table.lock().await;
         let change = table.progress(&self.job_id, self.attempt, body, now_ms());
         self.inner.apply(&mut table, change).await;
+    }
+
+    async fn checkpoint(&self, step: u32, state: Vec<u8>) {
+        let artifacts = self.inner.artifacts.clone();
+        let id = self.job_id.clone();
+        let written =
+            tokio::task::spawn_blocking(move || artifacts.write_checkpoint(&id, &state)).await;
+        let path = match written {
+            Ok(Ok(path)) => path,
+            Ok(Err(e)) => {
+                tracing::warn!(job = %self.job_id, "writing its checkpoint of step {step}: {e}");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(job = %self.job_id, "writing its checkpoint panicked: {e}");
+                return;
+            }
+        };
+        let relative = path
+            .strip_prefix(self.inner.artifacts.dir())
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        let mut table = self.inner.table.lock().await;
+        if let Some(job) = table.checkpoint(&self.job_id, self.attempt, step, relative) {
+            if let Err(e) = self.inner.store.put(&job).await {
+                tracing::warn!(job = %self.job_id, "job store: {e}");
+            }
+        }
     }
 
     async fn encoding(&self, frames_written: u32, frames_total: u32) {

@@ -149,6 +149,7 @@ fn task(job: &str, rank: u32, spec: RenderSpec, peers: &[String]) -> TaskRequest
         rank,
         spec: Some(spec),
         peers: peers.to_vec(),
+        ..Default::default()
     }
 }
 

@@ -72,6 +72,9 @@ pub struct StoredJob {
     /// The idempotency key it was submitted with (added within version 2).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub request_id: String,
+    /// The step its current or last attempt resumed from (added within version 2).
+    #[serde(default)]
+    pub resumed_from_step: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +237,7 @@ fn decode_record(key: &str, bytes: &[u8]) -> Result<LoadedJob, StoreError> {
                 output_bytes: 0,
                 time_split: None,
                 request_id: String::new(),
+                resumed_from_step: 0,
             };
             Ok(LoadedJob {
                 record,
@@ -292,6 +296,7 @@ fn from_v1(job: Job) -> LoadedJob {
             output_bytes: job.output_bytes,
             time_split: job.time_split,
             request_id: job.request_id,
+            resumed_from_step: job.resumed_from_step,
         },
         problem,
     }
@@ -351,6 +356,7 @@ fn from_v2(stored: StoredJob) -> LoadedJob {
             output_bytes: stored.output_bytes,
             time_split: stored.time_split,
             request_id: stored.request_id,
+            resumed_from_step: stored.resumed_from_step,
         },
         problem: spec_problem.or(plan_problem),
     }
@@ -399,6 +405,7 @@ impl From<&JobRecord> for StoredJob {
             output_bytes: record.output_bytes,
             time_split: record.time_split,
             request_id: record.request_id.clone(),
+            resumed_from_step: record.resumed_from_step,
         }
     }
 }

@@ -184,7 +184,12 @@ impl Control {
             assignment.rank as usize,
             assignment.world_size as usize,
             &request.peers,
-        );
+        )
+        .map(|plan| TaskPlan {
+            resume_state: request.resume_state,
+            checkpoint_every: request.checkpoint_every,
+            ..plan
+        });
         let runner = self.runner.clone();
         let thread_tx = tx.clone();
         let thread_abort = abort.clone();

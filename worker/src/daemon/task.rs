@@ -4,18 +4,22 @@
 //! ([`load_pipeline`]), this rank's share of its distributed pipeline over a [`TcpMesh`] for more
 //! ([`load_distributed_pipeline`]) — reported as [`TaskEvent`]s. Nothing here names a family.
 
+use std::cell::RefCell;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
 use longtake_proto::{
-    task_event, Decoding, FrameBatch, Step, TaskEvent, TaskFinished, TaskStarted, TimeSplit,
+    task_event, Checkpoint, Decoding, FrameBatch, Step, TaskEvent, TaskFinished, TaskStarted,
+    TimeSplit,
 };
 
 use super::models::{Models, ServedModel};
 use crate::families::{load_distributed_pipeline, load_pipeline};
+use crate::model::denoiser::{Denoiser, DenoiserState};
 use crate::model::render::{
     CancelToken, PipelineError, Progress, RenderOptions, RenderSpec, Video, VideoPipeline,
 };
@@ -57,6 +61,10 @@ pub struct TaskPlan {
     pub groups: usize,
     /// Every rank's mesh address (empty for one rank).
     pub peers: Vec<SocketAddr>,
+    /// A checkpoint to continue from (a denoiser state file); empty: from the spec's noise.
+    pub resume_state: Vec<u8>,
+    /// Rank 0 sends a checkpoint after every this many steps (0: none).
+    pub checkpoint_every: u32,
 }
 
 impl TaskPlan {
@@ -107,6 +115,8 @@ impl TaskPlan {
             layout,
             groups: job.windows.groups as usize,
             peers,
+            resume_state: Vec::new(),
+            checkpoint_every: 0,
         })
     }
 }
@@ -216,21 +226,18 @@ impl Outcome {
     }
 }
 
-/// A pipeline's render with its progress callback, the frames streamed through it
-/// ([`Progress::Frames`]) on the ranks that decode.
-type RenderFn<'a> = dyn FnMut(&mut dyn FnMut(Progress)) -> Result<(), PipelineError> + 'a;
+/// A pipeline's render with its options and progress callback.
+type RenderFn<'a> =
+    dyn FnMut(RenderOptions<'_>, &mut dyn FnMut(Progress)) -> Result<(), PipelineError> + 'a;
 
-/// [`VideoPipeline::render_with_options`] streaming its frames: a worker holds a few decoded
-/// frames at a time, never its whole share of the clip.
-fn render_streaming(
+/// [`VideoPipeline::render_with_options`] with `options`; the video is streamed through the
+/// progress callback, not returned.
+fn render_with(
     pipeline: &dyn VideoPipeline,
     spec: &RenderSpec,
+    options: RenderOptions<'_>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(), PipelineError> {
-    let options = RenderOptions {
-        stream_frames: true,
-        ..Default::default()
-    };
     pipeline.render_with_options(spec, options, progress)?;
     Ok(())
 }
@@ -328,7 +335,7 @@ impl TaskRunner {
             plan,
             abort,
             emit,
-            &mut |progress| render_streaming(pipeline.as_ref(), &plan.spec, progress),
+            &mut |options, progress| render_with(pipeline.as_ref(), &plan.spec, options, progress),
         );
         *self.cached.lock().unwrap_or_else(PoisonError::into_inner) = Some((name, pipeline));
         rendered
@@ -368,7 +375,7 @@ impl TaskRunner {
             plan,
             abort,
             emit,
-            &mut |progress| render_streaming(pipeline.as_ref(), &plan.spec, progress),
+            &mut |options, progress| render_with(pipeline.as_ref(), &plan.spec, options, progress),
         )
     }
 
@@ -393,9 +400,46 @@ impl TaskRunner {
         emit(event(task_event::Event::Started(TaskStarted {
             load_s: timings.load_s,
         })));
+        // The progress callback and the checkpoint hook both report; the denoiser calls them
+        // one after the other, never inside each other.
+        let emit = RefCell::new(emit);
+        let resume = if plan.resume_state.is_empty() {
+            None
+        } else {
+            let origin = Path::new("the checkpoint the coordinator sent");
+            Some(
+                DenoiserState::from_bytes(&plan.resume_state, origin, &self.device)
+                    .map_err(PipelineError::from)?,
+            )
+        };
+        let every = plan.checkpoint_every as usize;
+        let mut checkpoint = |denoiser: &Denoiser| -> Result<(), PipelineError> {
+            let step = denoiser.step_index();
+            if every > 0 && step.is_multiple_of(every) && step < denoiser.total_steps() {
+                let state = denoiser.state().to_bytes()?;
+                (emit.borrow_mut())(event(task_event::Event::Checkpoint(Checkpoint {
+                    step: step as u32,
+                    state,
+                })));
+            }
+            Ok(())
+        };
+        // Checkpoints come from rank 0 of a job of one worker group (a job of several cannot
+        // resume yet).
+        let checkpoints = plan.rank == 0 && plan.groups == 1 && every > 0;
+        let options = RenderOptions {
+            resume,
+            after_step: if checkpoints {
+                Some(&mut checkpoint)
+            } else {
+                None
+            },
+            stream_frames: true,
+        };
         let mut last = 0.0;
         let frames = plan.spec.frames as u32;
-        render(&mut |progress| match progress {
+        let emit = &emit;
+        render(options, &mut |progress| match progress {
             Progress::Encoded { text, .. } => timings.text_s = text.as_secs_f64(),
             Progress::Step {
                 index,
@@ -404,7 +448,7 @@ impl TaskRunner {
                 exchange,
             } => {
                 let elapsed_s = elapsed.as_secs_f64();
-                emit(event(task_event::Event::Step(Step {
+                (emit.borrow_mut())(event(task_event::Event::Step(Step {
                     step: index as u32 + 1,
                     total: total as u32,
                     elapsed_s,
@@ -421,15 +465,17 @@ impl TaskRunner {
                     pipeline_cancel.cancel();
                 }
             }
-            Progress::Decoding => emit(event(task_event::Event::Decoding(Decoding { frames }))),
+            Progress::Decoding => {
+                (emit.borrow_mut())(event(task_event::Event::Decoding(Decoding { frames })))
+            }
             Progress::Frames(video) => {
                 let start = Instant::now();
-                send_frames(&video, abort, emit);
+                send_frames(&video, abort, &mut *emit.borrow_mut());
                 timings.send_s += start.elapsed().as_secs_f64();
             }
             Progress::Decoded { elapsed } => timings.decode_s = elapsed.as_secs_f64(),
         })?;
-        emit(event(task_event::Event::Timings(timings)));
+        (emit.borrow_mut())(event(task_event::Event::Timings(timings)));
         Ok(())
     }
 }

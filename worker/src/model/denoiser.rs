@@ -325,7 +325,18 @@ impl DenoiserState {
             source,
         };
         std::fs::create_dir_all(dir).map_err(|e| io("write", e))?;
+        let bytes = self.to_bytes()?;
+        let mut file = std::fs::File::create(&tmp).map_err(|e| io("write", e))?;
+        file.write_all(&bytes).map_err(|e| io("write", e))?;
+        // Synced before the rename, so that the name never points at a half-written file.
+        file.sync_all().map_err(|e| io("write", e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io("write", e))?;
+        Ok(path)
+    }
 
+    /// The state as the bytes of a state file (what [`Self::save`] writes): safetensors with
+    /// the scheduler's state and a checksum in its metadata.
+    pub fn to_bytes(&self) -> std::result::Result<Vec<u8>, DenoiserError> {
         let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
         tensors.insert(LATENTS.into(), self.latents.contiguous().map_err(save_err)?);
         for (name, t) in &self.scheduler.tensors {
@@ -341,14 +352,7 @@ impl DenoiserState {
         };
         let json = serde_json::to_string(&header).map_err(save_err)?;
         let metadata = HashMap::from([(METADATA_KEY.to_string(), json)]);
-        let bytes = safetensors::serialize(&tensors, Some(metadata)).map_err(save_err)?;
-
-        let mut file = std::fs::File::create(&tmp).map_err(|e| io("write", e))?;
-        file.write_all(&bytes).map_err(|e| io("write", e))?;
-        // Synced before the rename, so that the name never points at a half-written file.
-        file.sync_all().map_err(|e| io("write", e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| io("write", e))?;
-        Ok(path)
+        safetensors::serialize(&tensors, Some(metadata)).map_err(save_err)
     }
 
     /// Reads the state that [`Self::save`] wrote into `dir`, its tensors on `device`.
@@ -362,11 +366,21 @@ impl DenoiserState {
             what: "read",
             source,
         })?;
+        Self::from_bytes(&bytes, &path, device)
+    }
+
+    /// Reads the bytes of a state file ([`Self::to_bytes`]); `origin` names them in errors.
+    pub fn from_bytes(
+        bytes: &[u8],
+        origin: &Path,
+        device: &Device,
+    ) -> std::result::Result<Self, DenoiserError> {
+        let path = origin.to_path_buf();
         let corrupt = |reason: String| DenoiserError::Corrupt {
             path: path.clone(),
             reason,
         };
-        let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
+        let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| corrupt(format!("{e:?}")))?;
         let json = metadata
             .metadata()
@@ -388,7 +402,7 @@ impl DenoiserState {
             .map_err(|e| corrupt(format!("`{METADATA_KEY}` metadata: {e}")))?;
 
         let file =
-            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+            safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(format!("{e:?}")))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in file.tensors() {
             let t = view
