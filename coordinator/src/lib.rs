@@ -121,17 +121,11 @@ impl Coordinator {
         let cluster = ClusterServiceServer::new(service::Service::new(self.scheduler.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        // Small replies (Submit, the job events, the last fetch chunk) otherwise wait out the
-        // peer's delayed ACK under Nagle: ~40 ms each on Linux loopback. tonic sets TCP_NODELAY
-        // only on sockets it accepts itself, not on an incoming stream it is handed.
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            |accepted| accepted.inspect(|stream| drop(stream.set_nodelay(true))),
-        );
-        let served = tonic::transport::Server::builder()
+        let incoming = longtake_proto::serving::incoming(listener);
+        let served = longtake_proto::serving::server()
             .add_service(render)
             .add_service(cluster)
-            .serve_with_incoming_shutdown(incoming, shutdown)
+            .serve_with_incoming_shutdown(incoming.connections, shutdown)
             .await;
         self.stop();
         Ok(served?)

@@ -2,10 +2,12 @@
 //! coordinator ↔ workers), and `membership`, how workers announce themselves (in etcd, or in
 //! process for the embedded farm), and `spec`, the job spec and its rules (layout grammar, frame
 //! rule, sampler names, validation and resolution), parsed once at each edge, and `telemetry`,
-//! the spans and metric names every process reports under. The CLI, the coordinator and the
+//! the spans and metric names every process reports under, and `serving`, what the gRPC
+//! servers share. The CLI, the coordinator and the
 //! worker build on it; it links no model code.
 
 pub mod membership;
+pub mod serving;
 pub mod spec;
 pub mod telemetry;
 

@@ -19,7 +19,6 @@ use std::time::Duration;
 use longtake_proto::membership::Membership;
 use longtake_proto::worker_service_server::WorkerServiceServer;
 use longtake_proto::{WorkerState, MAX_MESSAGE_BYTES};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::model::device::{parse_device, parse_dtype, DeviceError};
 use crate::parallel::Timeouts;
@@ -177,14 +176,10 @@ pub async fn run(
     let service = WorkerServiceServer::new(service::Service(control.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    // Without TCP_NODELAY (tonic sets it only on sockets it accepts itself) every small reply
-    // (Reserve, a step event) waits out the coordinator's delayed ACK: ~40 ms on Linux.
-    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |accepted| {
-        accepted.inspect(|stream| drop(stream.set_nodelay(true)))
-    });
-    tonic::transport::Server::builder()
+    let incoming = longtake_proto::serving::incoming(listener);
+    longtake_proto::serving::server()
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, stop)
+        .serve_with_incoming_shutdown(incoming.connections, stop)
         .await?;
     // No answer: the server stopped on its own, and the registration goes with `control`.
     if let Ok(left) = left_rx.await {

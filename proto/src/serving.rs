@@ -1,0 +1,75 @@
+//! What both gRPC servers (the coordinator's and each worker's) share: how their connections
+//! are accepted, and the limits every connection gets.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How long the accept loop waits after a failed accept (out of file descriptors, most often)
+/// before it tries again; without the wait it retried at once, and at the descriptor limit the
+/// coordinator spun at 100% CPU.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Accepted connections of a server, and how many accepts failed.
+pub struct Incoming {
+    pub connections: ReceiverStream<std::io::Result<TcpStream>>,
+    /// Failed accepts so far (each followed by [`ACCEPT_ERROR_BACKOFF`]).
+    pub accept_errors: Arc<AtomicU64>,
+}
+
+/// The connections `listener` accepts, with TCP_NODELAY (small replies otherwise wait out the
+/// peer's delayed ACK under Nagle, ~40 ms each on Linux; tonic sets it only on sockets it
+/// accepts itself); a failed accept is logged and the next one waits [`ACCEPT_ERROR_BACKOFF`].
+/// The accepting task ends when the server drops the stream.
+pub fn incoming(listener: TcpListener) -> Incoming {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let accept_errors = Arc::new(AtomicU64::new(0));
+    let errors = accept_errors.clone();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    if tx.send(Ok(stream)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "accepting a connection: {e}; trying again in {ACCEPT_ERROR_BACKOFF:?}"
+                    );
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+                    }
+                }
+            }
+        }
+    });
+    Incoming {
+        connections: ReceiverStream::new(rx),
+        accept_errors,
+    }
+}
+
+/// A gRPC server with the limits every longtake server keeps: dead peers' connections are found
+/// by HTTP/2 and TCP keep-alives and closed; one connection may run at most
+/// [`CONCURRENT_REQUESTS_PER_CONNECTION`] requests at once.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(CONCURRENT_REQUESTS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+}
+
+/// Requests one connection may run at once (watches included).
+pub const CONCURRENT_REQUESTS_PER_CONNECTION: usize = 256;
