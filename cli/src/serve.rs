@@ -61,8 +61,10 @@ impl EtcdArgs {
 pub struct CoordinatorArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
-    /// Address the gRPC API listens on (port 0: any free port, printed when ready).
-    #[arg(long, default_value = "0.0.0.0:7070")]
+    /// Address the gRPC API listens on (port 0: any free port, printed when ready). Loopback
+    /// by default: the API has no authentication yet, so opening it to a network (e.g.
+    /// `0.0.0.0:7070`) is an explicit choice.
+    #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
     /// Directory finished outputs are written to and served from.
     #[arg(long)]
@@ -115,7 +117,9 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
     /// Address the WorkerService listens on (port 0: any free port, printed when ready).
-    #[arg(long, default_value = "0.0.0.0:7071")]
+    /// Loopback by default (a farm on one machine); a worker the coordinator reaches over a
+    /// network listens on an explicit address (e.g. `0.0.0.0:7071`, with `--advertise`).
+    #[arg(long, default_value = "127.0.0.1:7071")]
     pub listen: SocketAddr,
     /// Host the coordinator and the other ranks reach this worker at [default: the listen host,
     /// or 127.0.0.1 for 0.0.0.0].
