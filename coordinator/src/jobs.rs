@@ -136,6 +136,21 @@ pub struct JobTable {
     last_submitted_ms: u64,
 }
 
+/// Ends `job` as failed with `reason`: the change that records and announces it.
+fn fail(job: &mut JobRecord, reason: String, now_ms: u64) -> Change {
+    job.phase = JobPhase::Failed;
+    job.message = reason;
+    job.finished_at_ms = now_ms;
+    let body = job_event::Event::Failed(Failed {
+        reason: job.message.clone(),
+    });
+    Change {
+        event: event(job, body, now_ms),
+        job: job.clone(),
+        persist: true,
+    }
+}
+
 fn event(job: &JobRecord, body: job_event::Event, now_ms: u64) -> JobEvent {
     JobEvent {
         job_id: job.id.clone(),
@@ -495,20 +510,7 @@ impl JobTable {
             .and_then(|job| job.check_limits(limits).map(|()| job));
         let resolved = match resolved {
             Ok(resolved) => resolved,
-            Err(e) => {
-                let job = &mut entry.job;
-                job.phase = JobPhase::Failed;
-                job.message = e.to_string();
-                job.finished_at_ms = now_ms;
-                let body = job_event::Event::Failed(Failed {
-                    reason: job.message.clone(),
-                });
-                return Err(Some(Box::new(Change {
-                    event: event(job, body, now_ms),
-                    job: job.clone(),
-                    persist: true,
-                })));
-            }
+            Err(e) => return Err(Some(Box::new(fail(&mut entry.job, e.to_string(), now_ms)))),
         };
         let job = &mut entry.job;
         job.phase = JobPhase::Planned;
@@ -589,6 +591,32 @@ impl JobTable {
             job: job.clone(),
             persist: false,
         })
+    }
+
+    /// Fails queued job `id` at once when its spec can never run on `model` (a model a live
+    /// worker serves): its layout does not fit the transformer, or the model's defaults take it
+    /// over the farm's limits. Such a job once waited in the queue forever when fewer workers
+    /// were live than its layout needs. `None` when it can run (or is not queued).
+    pub fn fail_if_unrunnable(
+        &mut self,
+        id: &str,
+        model: &ModelDescription,
+        now_ms: u64,
+    ) -> Option<Change> {
+        let limits = &self.limits;
+        let entry = self.jobs.get_mut(id)?;
+        if entry.job.phase != JobPhase::Queued {
+            return None;
+        }
+        let request = entry.job.spec.request()?;
+        let problem = request
+            .resolve(model)
+            .and_then(|job| job.check_limits(limits))
+            .err()?;
+        self.queue.remove(id);
+        let entry = self.jobs.get_mut(id)?;
+        let reason = format!("it can never run on model {}: {problem}", model.name);
+        Some(fail(&mut entry.job, reason, now_ms))
     }
 
     /// The attempt `attempt` of job `id` continues from the checkpoint of step `step`.
@@ -1176,6 +1204,44 @@ mod tests {
             Submitted::Existing(j) => assert_eq!(j.id, first.id),
             Submitted::New(c) => panic!("a retry after a restart made {}", c.job.id),
         }
+    }
+
+    /// A queued spec that can never run on the farm's model fails at once with the reason
+    /// (it once waited forever while fewer workers were live than it needed); one that fits
+    /// keeps waiting.
+    #[test]
+    fn a_spec_that_can_never_run_on_the_model_fails_at_once() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let served = ModelDescription::from(&worker("w1").models[0]); // 2 heads
+        let tp3 = t
+            .submit_new(
+                &RenderSpec {
+                    layout: "tp=3".into(),
+                    ..spec()
+                },
+                0,
+                "",
+                10,
+            )
+            .unwrap()
+            .job
+            .id;
+        let fits = t.submit_new(&spec(), 0, "", 11).unwrap().job.id;
+        assert!(t.fail_if_unrunnable(&fits, &served, 20).is_none());
+        assert_eq!(state(&t, &fits), JobPhase::Queued);
+        let change = t.fail_if_unrunnable(&tp3, &served, 20).unwrap();
+        assert!(change.persist);
+        assert_eq!(state(&t, &tp3), JobPhase::Failed);
+        let message = &t.get(&tp3).unwrap().message;
+        assert!(
+            message.starts_with("it can never run on model toy: spec.layout: "),
+            "{message}"
+        );
+        assert_eq!(
+            t.queued_requests().len(),
+            1,
+            "the failed job left the queue"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::jobs::{AttemptHandle, Change, JobTable, Submitted, TableError};
 use crate::placement::{self, Decision};
 use crate::record::{JobPhase, JobRecord};
 use crate::{CoordinatorConfig, CoordinatorError, JobStore};
+use longtake_proto::spec::ModelDescription;
 
 const TICK: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -325,7 +326,21 @@ impl Inner {
                     Err(failed) => self.apply(&mut table, failed.map(|c| *c)).await,
                 },
                 Decision::Wait(reason) | Decision::Skip(reason) => {
-                    let change = table.set_waiting(&id, &reason, now_ms());
+                    // A model a live worker serves says whether the job can ever run; a job
+                    // whose model no worker serves yet waits (workers may still come).
+                    let model = table.get(&id).and_then(|job| {
+                        let name = &job.spec.request()?.model;
+                        live.iter()
+                            .flat_map(|w| &w.models)
+                            .find(|m| &m.name == name)
+                            .map(ModelDescription::from)
+                    });
+                    let failed =
+                        model.and_then(|model| table.fail_if_unrunnable(&id, &model, now_ms()));
+                    let change = match failed {
+                        Some(failed) => Some(failed),
+                        None => table.set_waiting(&id, &reason, now_ms()),
+                    };
                     self.apply(&mut table, change).await;
                 }
             }
