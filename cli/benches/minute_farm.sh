@@ -4,6 +4,7 @@
 # (each worker on one core: RAYON_NUM_THREADS=1, pinned with taskset), renders the clip, and
 # prints the job's time split, what ffprobe reads and the peak RSS (VmHWM) of every process.
 # The README's "Long clips" table comes from `cli/benches/minute_farm.sh 10x1 10x2 60x1 60x2 90x2`.
+# CHECKPOINT_EVERY (default 1) is the coordinator's --checkpoint-every.
 # Needs: a release build (cargo build --release -p longtake-cli), etcd, ffprobe, taskset; ports
 # 23791/23801 (etcd) and 50071 (coordinator) free.
 set -u
@@ -17,7 +18,8 @@ for run in "$@"; do
   etcd --data-dir $D/etcd --listen-client-urls http://127.0.0.1:23791 \
     --advertise-client-urls http://127.0.0.1:23791 --listen-peer-urls http://127.0.0.1:23801 > $D/etcd.log 2>&1 &
   E=$!; sleep 2
-  $B serve coordinator --etcd http://127.0.0.1:23791 --listen 127.0.0.1:50071 --artifacts $D/art > $D/coordinator.log 2>&1 &
+  $B serve coordinator --etcd http://127.0.0.1:23791 --listen 127.0.0.1:50071 --artifacts $D/art \
+    --checkpoint-every ${CHECKPOINT_EVERY:-1} > $D/coordinator.log 2>&1 &
   C=$!
   W=()
   for g in $(seq 1 $groups); do
