@@ -703,7 +703,7 @@ impl WanPipeline {
         let video = if decode {
             progress(Progress::Decoding);
             let start = Instant::now();
-            let mut frames = FrameSink::new(stream_frames);
+            let mut frames = DecodedFrames::new(stream_frames);
             let handed_out =
                 self.decode_plan_into(&latents, &plan, &mut |video| frames.take(video, progress))?;
             progress(Progress::Decoded {
@@ -836,7 +836,7 @@ impl WanPipeline {
             let n = warm.dim(2)?;
             (Tensor::cat(&[&warm, &own], 2)?, n)
         };
-        let mut segment = FrameSink::new(stream_frames);
+        let mut segment = DecodedFrames::new(stream_frames);
         let handed_out = self.decode_frames(&latents, warmup, owned.start, &mut |video| {
             segment.take(video, progress)
         })?;
@@ -870,7 +870,7 @@ impl WanPipeline {
 
     /// [`Self::decode_plan_into`], the frames gathered into one video.
     pub fn decode_plan(&self, latents: &Tensor, plan: &WindowPlan) -> Result<Video> {
-        let mut frames = FrameSink::new(false);
+        let mut frames = DecodedFrames::new(false);
         self.decode_plan_into(latents, plan, &mut |video| frames.take(video, &mut |_| {}))?;
         frames
             .into_video()
@@ -879,7 +879,7 @@ impl WanPipeline {
 
     /// Decodes final latents into RGB frames.
     pub fn decode_to_video(&self, latents: &Tensor) -> Result<Video> {
-        let mut frames = FrameSink::new(false);
+        let mut frames = DecodedFrames::new(false);
         self.decode_frames(latents, 0, 0, &mut |video| frames.take(video, &mut |_| {}))?;
         frames
             .into_video()
@@ -946,12 +946,12 @@ pub const STREAMED_LATENT_FRAMES: usize = 4;
 
 /// Where decoded frames go: out as [`Progress::Frames`] as they come (streaming), or gathered
 /// into one video.
-struct FrameSink {
+struct DecodedFrames {
     stream: bool,
     gathered: Option<Video>,
 }
 
-impl FrameSink {
+impl DecodedFrames {
     fn new(stream: bool) -> Self {
         Self {
             stream,
