@@ -403,7 +403,7 @@ mod tests {
     fn control_characters_are_shown_escaped() {
         let hostile = Job {
             name: "shot\u{1b}[2J\u{1b}[31m".into(),
-            message: "re-queued\r\nfake: done".into(),
+            message: "re-queued\r\nstate:     done (a forged line)".into(),
             spec: Some(RenderSpec {
                 prompt: "a wolf\u{7}".into(),
                 ..Default::default()
