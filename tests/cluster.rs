@@ -349,6 +349,107 @@ fn unknown_ids_and_malformed_specs_are_refused_with_their_names() {
     assert!(!out.exists(), "a failed fetch writes nothing");
 }
 
+/// A farm started with `--tokens`: a call without a known token is refused; a studio sees,
+/// watches, cancels and fetches only its own jobs (another's job is "no job", as if it did not
+/// exist) and its request ids are its own; an admin reaches every job. The coordinator's audit
+/// log names who did what and what was refused, and never a token. (Before tokens, anyone who
+/// reached the API could cancel or fetch any job.)
+#[test]
+fn api_tokens_keep_each_studio_to_its_own_jobs() {
+    const A: &str = "tok-a-5c0e9d8f7b6a4e3d";
+    const B: &str = "tok-b-1f2e3d4c5b6a7980";
+    const OPS: &str = "tok-ops-9a8b7c6d5e4f3a2b";
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("# the farm's tokens\n{A} studio-a\n{B} studio-b studio\n{OPS} ops admin\n"),
+    )
+    .unwrap();
+    let mut farm = Farm::start_with(&["--tokens", tokens.to_str().unwrap()]);
+    farm.start_worker("w1", &[]);
+
+    let line = farm.cli(&["list"]).error_line();
+    assert!(line.contains("requires an API token"), "{line}");
+    let line = farm
+        .cli_as("tok-x-0000000000000000", &["list"])
+        .error_line();
+    assert!(line.contains("does not know the API token"), "{line}");
+    let mut submit = vec!["submit"];
+    let small = spec(2);
+    submit.extend(strs(&small));
+    assert!(farm.cli(&submit).error_line().contains("API token"));
+
+    // studio-a's job, with a request id
+    let mut with_request = submit.clone();
+    with_request.extend(["--request-id", "shot-7"]);
+    let a_job = farm.cli_as(A, &with_request).ok().stdout.trim().to_string();
+    farm.use_token(OPS);
+    let done = farm.wait_done(&a_job, JOB);
+    assert_eq!(field(&done, "owner"), "studio-a");
+
+    // studio-b reaches none of it, and its own same request id is its own job
+    let out = farm.path("b.mp4");
+    for args in [
+        vec!["status", a_job.as_str()],
+        vec!["watch", a_job.as_str()],
+        vec!["cancel", a_job.as_str()],
+        vec!["fetch", a_job.as_str(), "--out", out.to_str().unwrap()],
+    ] {
+        let line = farm.cli_as(B, &args).error_line();
+        assert!(
+            line.contains(&format!("no job {a_job}")),
+            "{args:?}: {line}"
+        );
+    }
+    assert!(!out.exists(), "a refused fetch writes nothing");
+    assert!(farm
+        .cli_as(B, &["list", "--json"])
+        .ok()
+        .json_values()
+        .is_empty());
+    let b_job = farm.cli_as(B, &with_request).ok().stdout.trim().to_string();
+    assert_ne!(
+        b_job, a_job,
+        "studio-b's request id handed it studio-a's job"
+    );
+    let b_status = farm.cli_as(B, &["status", &b_job, "--json"]).ok().json();
+    assert_eq!(field(&b_status, "owner"), "studio-b");
+    farm.wait_done(&b_job, JOB);
+
+    // studio-a fetches its own; a retry of its request gets the same job
+    let a_out = farm.path("a.mp4");
+    farm.cli_as(A, &["fetch", &a_job, "--out", a_out.to_str().unwrap()])
+        .ok();
+    assert_eq!(probe(&a_out)["nb_read_frames"], "9");
+    assert_eq!(farm.cli_as(A, &with_request).ok().stdout.trim(), a_job);
+    let mine = ids(&farm.cli_as(A, &["list", "--json"]).ok().json_values());
+    assert_eq!(mine, vec![a_job.clone()]);
+
+    // the admin sees both, and may cancel anyone's job
+    let all = ids(&farm.jobs());
+    assert_eq!(all, vec![a_job.clone(), b_job.clone()]);
+    let queued = farm.cli_as(B, &submit).ok().stdout.trim().to_string();
+    farm.cli(&["cancel", &queued]).ok();
+
+    let log = farm.coordinator_stderr();
+    for wanted in [
+        format!("caller=studio-a (studio) action=\"submit\" job={a_job}"),
+        format!("caller=studio-a (studio) action=\"fetch\" job={a_job}"),
+        format!("caller=studio-b (studio) action=\"cancel\" job={a_job} owner=studio-a"),
+        format!("caller=ops (admin) action=\"cancel\" job={queued}"),
+        "action=\"list\"".to_string(),
+    ] {
+        assert!(
+            log.contains(&wanted),
+            "no audit line with {wanted:?}:\n{log}"
+        );
+    }
+    for token in [A, B, OPS, "tok-x-0000000000000000"] {
+        assert!(!log.contains(token), "a token reached the log:\n{log}");
+    }
+}
+
 /// A clip of three windows of the toy model on two worker groups (two worker processes, one
 /// rank each): the groups exchange their shared frames peer to peer and each decodes the frames
 /// it owns, and the clip is the embedded single-process co-denoised render (one group, one

@@ -1,18 +1,26 @@
-//! Reaching the coordinator: its URL from `--coordinator` or `LONGTAKE_COORDINATOR`, a gRPC
-//! connection with a time-out, and gRPC statuses turned into one-line errors that keep the
+//! Reaching the coordinator: its URL from `--coordinator` or `LONGTAKE_COORDINATOR`, the API
+//! token from `--token-file` or `LONGTAKE_TOKEN`, a gRPC connection with a time-out that sends
+//! the token with every call, and gRPC statuses turned into one-line errors that keep the
 //! server's message (which names the field or the job).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use longtake_proto::cluster_service_client::ClusterServiceClient;
 use longtake_proto::render_service_client::RenderServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 /// The environment variable that names the coordinator when `--coordinator` is not given.
 pub const COORDINATOR_ENV: &str = "LONGTAKE_COORDINATOR";
+
+/// The environment variable holding the API token when `--token-file` is not given.
+pub const TOKEN_ENV: &str = "LONGTAKE_TOKEN";
 
 /// How long connecting to the coordinator may take before the CLI gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,6 +31,10 @@ pub struct CoordinatorArg {
     /// Coordinator URL, e.g. http://farm:7070 [default: $LONGTAKE_COORDINATOR].
     #[arg(long, value_name = "URL")]
     pub coordinator: Option<String>,
+    /// A file holding the API token a farm with tokens gave you [default: $LONGTAKE_TOKEN]. A
+    /// file rather than a flag, so the token stays out of shell history and `ps`.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl CoordinatorArg {
@@ -34,6 +46,32 @@ impl CoordinatorArg {
             .map(|u| u.trim().to_string())
             .filter(|u| !u.is_empty())
             .map(|u| normalize_url(&u))
+    }
+
+    /// The API token from `--token-file`, else from the environment; `None` when neither
+    /// gives one (a farm without tokens needs none).
+    pub fn token(&self) -> Result<Option<String>> {
+        let token = match &self.token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the token file {}", path.display()))?;
+                let token = text.trim().to_string();
+                if token.is_empty() {
+                    bail!("the token file {} is empty", path.display());
+                }
+                Some(token)
+            }
+            None => std::env::var(TOKEN_ENV)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty()),
+        };
+        Ok(token)
+    }
+
+    /// Connects to the coordinator this names, with its token.
+    pub async fn connect(&self) -> Result<Client> {
+        Client::connect(&self.require()?, self.token()?.as_deref()).await
     }
 
     /// The URL, or an error saying how to give one.
@@ -55,16 +93,53 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
+/// Sends the API token, if any, as `authorization: Bearer TOKEN` with every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> Result<Self> {
+        let value = token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| {
+                        anyhow!("the API token has characters an HTTP header cannot carry")
+                    })
+            })
+            .transpose()?;
+        Ok(Self(value))
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authorized = InterceptedService<Channel, BearerToken>;
+
 /// Both client-facing services of one coordinator over one connection.
 pub struct Client {
     url: String,
-    pub render: RenderServiceClient<Channel>,
-    pub cluster: ClusterServiceClient<Channel>,
+    pub render: RenderServiceClient<Authorized>,
+    pub cluster: ClusterServiceClient<Authorized>,
 }
 
 impl Client {
-    /// Connects now, so a coordinator that is not there is reported once, by URL.
-    pub async fn connect(url: &str) -> Result<Self> {
+    /// Connects now, so a coordinator that is not there is reported once, by URL; every call
+    /// carries `token` when there is one.
+    pub async fn connect(url: &str, token: Option<&str>) -> Result<Self> {
+        let bearer = BearerToken::new(token)?;
         let unreachable = |why: String| {
             anyhow!(
                 "cannot reach the coordinator at {url}: {why} (start one with `longtake serve coordinator` or set {COORDINATOR_ENV})"
@@ -80,10 +155,10 @@ impl Client {
         let max = longtake_proto::MAX_MESSAGE_BYTES;
         Ok(Self {
             url: url.to_string(),
-            render: RenderServiceClient::new(channel.clone())
+            render: RenderServiceClient::with_interceptor(channel.clone(), bearer.clone())
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-            cluster: ClusterServiceClient::new(channel)
+            cluster: ClusterServiceClient::with_interceptor(channel, bearer)
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         })
@@ -177,7 +252,7 @@ mod tests {
         // A port that was free a moment ago: nothing accepts on it.
         let port = longtake_proto::membership::testing::free_port();
         let url = format!("http://127.0.0.1:{port}");
-        let err = Client::connect(&url).await.err().expect("must fail");
+        let err = Client::connect(&url, None).await.err().expect("must fail");
         let text = err.to_string();
         assert!(text.contains(&url), "{text}");
         assert!(text.contains("longtake serve coordinator"), "{text}");

@@ -96,7 +96,7 @@ pub struct WorkersArgs {
 }
 
 async fn connect(arg: &CoordinatorArg) -> Result<Client> {
-    Client::connect(&arg.require()?).await
+    arg.connect().await
 }
 
 pub async fn submit(args: SubmitArgs) -> Result<i32> {

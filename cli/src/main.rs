@@ -62,14 +62,22 @@ enum Command {
 }
 
 fn main() {
+    let cli = Cli::try_parse().unwrap_or_else(|err| usage_error(err));
+    // The farm's daemons also write the audit log (who submitted, watched, cancelled, fetched
+    // which job, and every refusal); a command run by a person shows warnings only.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "warn,longtake::audit=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LONGTAKE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        // colour codes only for a person: a daemon's log goes to a file or a collector
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::try_parse().unwrap_or_else(|err| usage_error(err));
     let outcome = match cli.command {
         Command::CheckReference(args) => check_reference::run(args),
         Command::Inspect(args) => inspect_command::run(args),

@@ -54,6 +54,11 @@ pub async fn run(args: RenderArgs) -> Result<i32> {
     let format = download::format_for(&args.out, args.spec.format.map(|f| f.proto()))?;
     let built = args.spec.build(format)?;
     let url = args.coordinator.url();
+    // The embedded farm has no tokens: a token is for a farm named by --coordinator.
+    let token = match url {
+        Some(_) => args.coordinator.token()?,
+        None => None,
+    };
     if url.is_some() {
         for (flag, given) in [
             ("--workers", args.workers.is_some()),
@@ -99,7 +104,8 @@ pub async fn run(args: RenderArgs) -> Result<i32> {
             }
         }
     };
-    let outcome = submit_watch_fetch(&url, built.spec, &args, dest, &mut farm).await;
+    let outcome =
+        submit_watch_fetch(&url, token.as_deref(), built.spec, &args, dest, &mut farm).await;
     if let Some(farm) = farm {
         farm.shutdown().await;
     }
@@ -108,13 +114,14 @@ pub async fn run(args: RenderArgs) -> Result<i32> {
 
 async fn submit_watch_fetch(
     url: &str,
+    token: Option<&str>,
     spec: RenderSpec,
     args: &RenderArgs,
     dest: Destination,
     farm: &mut Option<Farm>,
 ) -> Result<()> {
     let start = Instant::now();
-    let mut client = match Client::connect(url).await {
+    let mut client = match Client::connect(url, token).await {
         Ok(client) => client,
         Err(err) => {
             dest.discard();

@@ -5,12 +5,13 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use longtake_coordinator::access::{Access, Tokens};
 use longtake_coordinator::{Coordinator, CoordinatorConfig, EtcdJobStore, Limits};
 use longtake_proto::membership::{EtcdConfig, EtcdMembership, Membership};
 use longtake_worker::daemon::{self, DaemonConfig, ModelSource};
@@ -62,10 +63,15 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
     /// Address the gRPC API listens on (port 0: any free port, printed when ready). Loopback
-    /// by default: the API has no authentication yet, so opening it to a network (e.g.
-    /// `0.0.0.0:7070`) is an explicit choice.
+    /// by default: opening the API to a network (e.g. `0.0.0.0:7070`) is an explicit choice,
+    /// to make with --tokens.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// API tokens: a file of `TOKEN OWNER [studio|admin]` lines (`#` comments). With it every
+    /// call needs a token (`LONGTAKE_TOKEN` or `--token-file` on the CLI), jobs carry their
+    /// owner and a studio reaches only its own jobs; without it every caller is an admin.
+    #[arg(long, value_name = "FILE")]
+    pub tokens: Option<PathBuf>,
     /// Directory finished outputs are written to and served from.
     #[arg(long)]
     pub artifacts: PathBuf,
@@ -161,6 +167,7 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
     let mut config = CoordinatorConfig::new(args.artifacts.clone());
     config.limits = args.limits();
     config.checkpoint_every = args.checkpoint_every;
+    config.access = access(args.tokens.as_deref(), args.listen)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -170,6 +177,35 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
     ready(&format!("coordinator listening on {address}"))?;
     coordinator.serve(listener, shutdown_signal()).await?;
     Ok(0)
+}
+
+/// The job API's access rule from `--tokens`; an open API on a non-loopback address is
+/// allowed (a farm behind its own network boundary) but said out loud.
+fn access(tokens: Option<&Path>, listen: SocketAddr) -> Result<Access> {
+    let Some(path) = tokens else {
+        if !listen.ip().is_loopback() {
+            tracing::warn!(
+                "the job API on {listen} has no tokens: anyone who reaches it can submit, see, \
+                 cancel and fetch every job (start with --tokens FILE to require them)"
+            );
+        }
+        return Ok(Access::Open);
+    };
+    let tokens = Tokens::load(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "the tokens file {} can be read by other users (mode {:o}): chmod 600 it",
+                path.display(),
+                mode & 0o777
+            );
+        }
+    }
+    tracing::info!("API tokens: {} from {}", tokens.len(), path.display());
+    Ok(Access::Tokens(tokens))
 }
 
 async fn worker(args: WorkerArgs) -> Result<i32> {

@@ -88,6 +88,7 @@ pub fn job_json(job: &Job) -> Value {
         "time_split": job.time_split,
         "request_id": job.request_id,
         "resumed_from_step": job.resumed_from_step,
+        "owner": job.owner,
     })
 }
 
@@ -159,6 +160,9 @@ pub fn job_details(job: &Job) -> String {
         let _ = writeln!(out, "message:   {}", printable(&job.message));
     }
     let _ = writeln!(out, "priority:  {}", job.priority);
+    if !job.owner.is_empty() {
+        let _ = writeln!(out, "owner:     {}", printable(&job.owner));
+    }
     if !job.request_id.is_empty() {
         let _ = writeln!(out, "request:   {}", printable(&job.request_id));
     }
@@ -450,6 +454,7 @@ mod tests {
             "time_split",
             "request_id",
             "resumed_from_step",
+            "owner",
         ] {
             assert!(value.get(key).is_some(), "missing {key}: {value}");
         }

@@ -128,7 +128,9 @@ pub enum Submitted {
 pub struct JobTable {
     jobs: HashMap<String, Entry>,
     /// Job ids by the request id they were submitted with.
-    request_ids: HashMap<String, String>,
+    /// Request ids → job ids, per owner: a request id is the owner's own namespace (another
+    /// owner's same id is another job, and never reveals the first).
+    request_ids: HashMap<(String, String), String>,
     queue: crate::queue::JobQueue,
     limits: Limits,
     max_attempts: u32,
@@ -243,7 +245,7 @@ impl JobTable {
             let requeued = is_active_before.then(|| job.message.clone());
             if !job.request_id.is_empty() {
                 self.request_ids
-                    .insert(job.request_id.clone(), job.id.clone());
+                    .insert((job.owner.clone(), job.request_id.clone()), job.id.clone());
             }
             self.jobs.insert(
                 job.id.clone(),
@@ -278,6 +280,7 @@ impl JobTable {
         priority: i32,
         name: &str,
         request_id: &str,
+        owner: &str,
         now_ms: u64,
     ) -> Result<Submitted, TableError> {
         let request = SpecRequest::try_from(spec)?;
@@ -289,7 +292,7 @@ impl JobTable {
             }
             if let Some(job) = self
                 .request_ids
-                .get(request_id)
+                .get(&(owner.to_string(), request_id.to_string()))
                 .and_then(|id| self.jobs.get(id))
                 .map(|e| &e.job)
             {
@@ -316,10 +319,12 @@ impl JobTable {
         }
         let job = JobRecord {
             request_id: request_id.to_string(),
+            owner: owner.to_string(),
             ..JobRecord::queued(id.clone(), request, priority, name.to_string(), now_ms)
         };
         if !request_id.is_empty() {
-            self.request_ids.insert(request_id.to_string(), id.clone());
+            self.request_ids
+                .insert((owner.to_string(), request_id.to_string()), id.clone());
         }
         self.queue.push(&id, priority, now_ms);
         self.jobs.insert(
@@ -339,7 +344,8 @@ impl JobTable {
     pub fn forget(&mut self, id: &str) {
         self.queue.remove(id);
         if let Some(entry) = self.jobs.remove(id) {
-            self.request_ids.remove(&entry.job.request_id);
+            self.request_ids
+                .remove(&(entry.job.owner, entry.job.request_id));
         }
     }
 
@@ -890,7 +896,7 @@ mod tests {
             name: &str,
             now_ms: u64,
         ) -> Result<Change, TableError> {
-            match self.submit(spec, priority, name, "", now_ms)? {
+            match self.submit(spec, priority, name, "", "", now_ms)? {
                 Submitted::New(change) => Ok(change),
                 Submitted::Existing(job) => panic!("no request id, yet job {} came back", job.id),
             }
@@ -1156,19 +1162,27 @@ mod tests {
     #[test]
     fn a_request_id_makes_one_job_however_often_it_is_submitted() {
         let mut t = JobTable::new(Limits::default(), 3);
-        let first = match t.submit(&spec(), 1, "shot", "ci:shot-12", 10).unwrap() {
+        let first = match t
+            .submit(&spec(), 1, "shot", "ci:shot-12", "studio-a", 10)
+            .unwrap()
+        {
             Submitted::New(c) => c.job,
             Submitted::Existing(j) => panic!("the first submission made {}", j.id),
         };
         assert_eq!(first.request_id, "ci:shot-12");
         for now in [11, 12] {
-            match t.submit(&spec(), 1, "shot", "ci:shot-12", now).unwrap() {
+            match t
+                .submit(&spec(), 1, "shot", "ci:shot-12", "studio-a", now)
+                .unwrap()
+            {
                 Submitted::Existing(j) => assert_eq!(j.id, first.id),
                 Submitted::New(c) => panic!("a retry made a second job {}", c.job.id),
             }
         }
         let other = RenderSpec { seed: 9, ..spec() };
-        let e = t.submit(&other, 1, "shot", "ci:shot-12", 13).unwrap_err();
+        let e = t
+            .submit(&other, 1, "shot", "ci:shot-12", "studio-a", 13)
+            .unwrap_err();
         assert_eq!(
             e,
             TableError::RequestIdReused {
@@ -1176,15 +1190,30 @@ mod tests {
                 job_id: first.id.clone()
             }
         );
-        assert!(t.submit(&spec(), 2, "shot", "ci:shot-12", 13).is_err());
-        assert!(t.submit(&spec(), 1, "take 2", "ci:shot-12", 13).is_err());
+        assert!(t
+            .submit(&spec(), 2, "shot", "ci:shot-12", "studio-a", 13)
+            .is_err());
+        assert!(t
+            .submit(&spec(), 1, "take 2", "ci:shot-12", "studio-a", 13)
+            .is_err());
         for bad in ["with space", "a/b", "\u{1b}[2J", &"x".repeat(129)] {
             assert_eq!(
-                t.submit(&spec(), 0, "", bad, 14).unwrap_err(),
+                t.submit(&spec(), 0, "", bad, "studio-a", 14).unwrap_err(),
                 TableError::InvalidRequestId(bad.to_string())
             );
         }
         assert_eq!(t.list(|_| true).len(), 1);
+        // another owner's same request id is that owner's own job, and reveals nothing
+        let theirs = match t
+            .submit(&other, 1, "shot", "ci:shot-12", "studio-b", 15)
+            .unwrap()
+        {
+            Submitted::New(c) => c.job,
+            Submitted::Existing(j) => panic!("studio-b was handed studio-a's job {}", j.id),
+        };
+        assert_eq!(theirs.owner, "studio-b");
+        assert_ne!(theirs.id, first.id);
+        assert_eq!(first.owner, "studio-a");
 
         // a restarted coordinator knows the request ids of the jobs it restores
         let stored = t
@@ -1198,10 +1227,17 @@ mod tests {
         let mut restarted = JobTable::new(Limits::default(), 3);
         restarted.restore(stored, 20);
         match restarted
-            .submit(&spec(), 1, "shot", "ci:shot-12", 21)
+            .submit(&spec(), 1, "shot", "ci:shot-12", "studio-a", 21)
             .unwrap()
         {
             Submitted::Existing(j) => assert_eq!(j.id, first.id),
+            Submitted::New(c) => panic!("a retry after a restart made {}", c.job.id),
+        }
+        match restarted
+            .submit(&other, 1, "shot", "ci:shot-12", "studio-b", 22)
+            .unwrap()
+        {
+            Submitted::Existing(j) => assert_eq!(j.id, theirs.id),
             Submitted::New(c) => panic!("a retry after a restart made {}", c.job.id),
         }
     }

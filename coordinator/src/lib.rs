@@ -14,9 +14,10 @@
 //! `artifacts` (where
 //! outputs live, read back in chunks), `dispatch` (one attempt of a job on its workers over
 //! `WorkerService`), `scheduler` (the job table behind its lock, the store writes, the live
-//! worker view and the placement loop), `service` (the thin gRPC edge), and `encode` (frames →
-//! MP4 / PNG).
+//! worker view and the placement loop), `access` (API tokens: who the caller is, which jobs it
+//! reaches), `service` (the thin gRPC edge), and `encode` (frames → MP4 / PNG).
 
+pub mod access;
 pub mod artifacts;
 pub mod dispatch;
 pub mod encode;
@@ -55,6 +56,8 @@ pub struct CoordinatorConfig {
     /// Rank 0 of a job of one worker group checkpoints its denoiser state after every this
     /// many steps, and a lost attempt's job resumes from the last one (0: never).
     pub checkpoint_every: u32,
+    /// Who may call the job API ([`access::Access::Open`]: everyone, as a local admin).
+    pub access: access::Access,
 }
 
 impl CoordinatorConfig {
@@ -65,6 +68,7 @@ impl CoordinatorConfig {
             max_attempts: 3,
             start_timeout: Duration::from_secs(60),
             checkpoint_every: 1,
+            access: access::Access::Open,
         }
     }
 }
@@ -90,6 +94,7 @@ pub enum CoordinatorError {
 #[derive(Clone)]
 pub struct Coordinator {
     scheduler: scheduler::Scheduler,
+    access: Arc<access::Access>,
 }
 
 impl Coordinator {
@@ -100,8 +105,9 @@ impl Coordinator {
         membership: Arc<dyn Membership>,
         store: Arc<dyn JobStore>,
     ) -> Result<Self, CoordinatorError> {
+        let access = Arc::new(config.access.clone());
         let scheduler = scheduler::Scheduler::start(config, membership, store).await?;
-        Ok(Self { scheduler })
+        Ok(Self { scheduler, access })
     }
 
     /// Serves `RenderService` and `ClusterService` on `listener` until `shutdown` resolves, then
@@ -115,12 +121,18 @@ impl Coordinator {
         use longtake_proto::render_service_server::RenderServiceServer;
         use longtake_proto::MAX_MESSAGE_BYTES;
 
-        let render = RenderServiceServer::new(service::Service::new(self.scheduler.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let cluster = ClusterServiceServer::new(service::Service::new(self.scheduler.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let render = RenderServiceServer::new(service::Service::new(
+            self.scheduler.clone(),
+            self.access.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let cluster = ClusterServiceServer::new(service::Service::new(
+            self.scheduler.clone(),
+            self.access.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let incoming = longtake_proto::serving::incoming(listener);
         let served = longtake_proto::serving::server()
             .add_service(render)

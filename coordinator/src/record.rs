@@ -282,6 +282,8 @@ pub struct JobRecord {
     pub request_id: String,
     /// The step its current or last attempt resumed from (0: from the start).
     pub resumed_from_step: u32,
+    /// Who submitted it (the owner its API token names; empty on a farm without tokens).
+    pub owner: String,
 }
 
 impl JobRecord {
@@ -312,6 +314,7 @@ impl JobRecord {
             time_split: None,
             request_id: String::new(),
             resumed_from_step: 0,
+            owner: String::new(),
         }
     }
 
@@ -341,6 +344,7 @@ impl From<&JobRecord> for Job {
             time_split: record.time_split,
             request_id: record.request_id.clone(),
             resumed_from_step: record.resumed_from_step,
+            owner: record.owner.clone(),
         }
     }
 }

@@ -127,9 +127,10 @@ impl Scheduler {
         priority: i32,
         name: &str,
         request_id: &str,
+        owner: &str,
     ) -> Result<JobRecord, SubmitError> {
         let mut table = self.inner.table.lock().await;
-        let change = match table.submit(spec, priority, name, request_id, now_ms())? {
+        let change = match table.submit(spec, priority, name, request_id, owner, now_ms())? {
             Submitted::New(change) => change,
             Submitted::Existing(job) => return Ok(job),
         };

@@ -1,8 +1,14 @@
 //! The gRPC edge: `RenderService` and `ClusterService` over the [`Scheduler`], mapping its errors
 //! to status codes (INVALID_ARGUMENT naming the spec field, NOT_FOUND `no job <id>`,
 //! FAILED_PRECONDITION for fetching an unfinished job, UNAVAILABLE when the store refuses).
+//!
+//! Every call first names its caller by the farm's [`Access`] rule (UNAUTHENTICATED without a
+//! token the farm knows); a job of another owner is NOT_FOUND, as a job that does not exist,
+//! so ids cannot be probed. Job actions and refusals are logged on the `longtake::audit` target
+//! (who, what, which job, from where); no token ever is.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use longtake_proto::cluster_service_server::ClusterService;
 use longtake_proto::render_service_server::RenderService;
@@ -15,9 +21,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::access::{Access, Caller};
 use crate::artifacts;
 use crate::jobs::TableError;
-use crate::record::JobPhase;
+use crate::record::{JobPhase, JobRecord};
 use crate::scheduler::{Scheduler, SubmitError};
 
 /// Chunks or events in flight to one client before the sender waits.
@@ -25,12 +32,67 @@ const STREAM_BUFFER: usize = 16;
 
 pub struct Service {
     scheduler: Scheduler,
+    access: Arc<Access>,
 }
 
 impl Service {
-    pub fn new(scheduler: Scheduler) -> Self {
-        Self { scheduler }
+    pub fn new(scheduler: Scheduler, access: Arc<Access>) -> Self {
+        Self { scheduler, access }
     }
+
+    /// The caller `request` comes from, or UNAUTHENTICATED saying what is missing.
+    fn caller<T>(&self, request: &Request<T>, action: &str) -> Result<Caller, Status> {
+        let header = request.metadata().get(AUTHORIZATION);
+        let named = match header.map(|value| value.to_str()) {
+            None => self.access.caller(None),
+            Some(Ok(value)) => self.access.caller(Some(value)),
+            Some(Err(_)) => Err(crate::access::AccessError::Malformed),
+        };
+        named.map_err(|e| {
+            tracing::warn!(
+                target: AUDIT,
+                action,
+                peer = %peer(request),
+                "refused: {e}"
+            );
+            Status::unauthenticated(e.to_string())
+        })
+    }
+
+    /// Job `id` if `caller` reaches it; NOT_FOUND as for a job that does not exist otherwise.
+    async fn reachable_job(
+        &self,
+        caller: &Caller,
+        id: &str,
+        action: &str,
+    ) -> Result<JobRecord, Status> {
+        let job = self.scheduler.get(id).await.ok_or_else(|| not_found(id))?;
+        if !caller.reaches(&job.owner) {
+            tracing::warn!(
+                target: AUDIT,
+                caller = %caller,
+                action,
+                job = %id,
+                owner = %job.owner,
+                "refused: not the owner's"
+            );
+            return Err(not_found(id));
+        }
+        Ok(job)
+    }
+}
+
+/// The metadata key of the API token (`Bearer TOKEN`).
+pub const AUTHORIZATION: &str = "authorization";
+
+/// The tracing target of the audit log: one line per job action and per refusal.
+pub const AUDIT: &str = "longtake::audit";
+
+fn peer<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "?".into())
 }
 
 fn not_found(id: &str) -> Status {
@@ -60,28 +122,38 @@ impl RenderService for Service {
         &self,
         request: Request<SubmitRequest>,
     ) -> Result<Response<SubmitReply>, Status> {
+        let caller = self.caller(&request, "submit")?;
+        let from = peer(&request);
         let r = request.into_inner();
         let spec = r.spec.unwrap_or_default();
         match self
             .scheduler
-            .submit(&spec, r.priority, &r.name, &r.request_id)
+            .submit(&spec, r.priority, &r.name, &r.request_id, &caller.owner)
             .await
         {
-            Ok(job) => Ok(Response::new(SubmitReply {
-                job: Some(Job::from(&job)),
-            })),
+            Ok(job) => {
+                tracing::info!(
+                    target: AUDIT,
+                    caller = %caller,
+                    action = "submit",
+                    job = %job.id,
+                    peer = %from,
+                    request_id = %r.request_id,
+                );
+                Ok(Response::new(SubmitReply {
+                    job: Some(Job::from(&job)),
+                }))
+            }
             Err(SubmitError::Invalid(e)) => Err(table_status(e)),
             Err(e @ SubmitError::Store(_)) => Err(Status::unavailable(e.to_string())),
         }
     }
 
     async fn get(&self, request: Request<JobRequest>) -> Result<Response<Job>, Status> {
+        let caller = self.caller(&request, "get")?;
         let id = request.into_inner().id;
-        self.scheduler
-            .get(&id)
-            .await
-            .map(|job| Response::new(Job::from(&job)))
-            .ok_or_else(|| not_found(&id))
+        let job = self.reachable_job(&caller, &id, "get").await?;
+        Ok(Response::new(Job::from(&job)))
     }
 
     type WatchStream = BoxStream<JobEvent>;
@@ -90,7 +162,11 @@ impl RenderService for Service {
         &self,
         request: Request<JobRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.caller(&request, "watch")?;
+        let from = peer(&request);
         let id = request.into_inner().id;
+        self.reachable_job(&caller, &id, "watch").await?;
+        tracing::info!(target: AUDIT, caller = %caller, action = "watch", job = %id, peer = %from);
         let (mut opening, mut events) = self
             .scheduler
             .watch(&id)
@@ -129,23 +205,40 @@ impl RenderService for Service {
     }
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<Job>, Status> {
+        let caller = self.caller(&request, "cancel")?;
+        let from = peer(&request);
         let r = request.into_inner();
-        self.scheduler
+        self.reachable_job(&caller, &r.id, "cancel").await?;
+        let job = self
+            .scheduler
             .cancel(&r.id, &r.reason)
             .await
-            .map(|job| Response::new(Job::from(&job)))
-            .map_err(table_status)
+            .map_err(table_status)?;
+        tracing::info!(
+            target: AUDIT,
+            caller = %caller,
+            action = "cancel",
+            job = %r.id,
+            peer = %from,
+            state = job.phase.name(),
+        );
+        Ok(Response::new(Job::from(&job)))
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListReply>, Status> {
-        // All jobs when no state is asked for; a state number this build does not know
-        // matches none.
+        let caller = self.caller(&request, "list")?;
+        // All the caller's jobs when no state is asked for; a state number this build does not
+        // know matches none.
         let states = request.into_inner().states;
         let wanted =
             |phase: JobPhase| states.is_empty() || states.contains(&(JobState::from(phase) as i32));
         let jobs = self.scheduler.list(wanted).await;
         Ok(Response::new(ListReply {
-            jobs: jobs.iter().map(Job::from).collect(),
+            jobs: jobs
+                .iter()
+                .filter(|job| caller.reaches(&job.owner))
+                .map(Job::from)
+                .collect(),
         }))
     }
 
@@ -155,12 +248,10 @@ impl RenderService for Service {
         &self,
         request: Request<JobRequest>,
     ) -> Result<Response<Self::FetchOutputStream>, Status> {
+        let caller = self.caller(&request, "fetch")?;
+        let from = peer(&request);
         let id = request.into_inner().id;
-        let job = self
-            .scheduler
-            .get(&id)
-            .await
-            .ok_or_else(|| not_found(&id))?;
+        let job = self.reachable_job(&caller, &id, "fetch").await?;
         if job.phase != JobPhase::Done {
             let state = job.phase.name();
             let hint = if job.phase.is_ended() {
@@ -178,6 +269,7 @@ impl RenderService for Service {
                 self.scheduler.artifacts().dir().display()
             ))
         })?;
+        tracing::info!(target: AUDIT, caller = %caller, action = "fetch", job = %id, peer = %from);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::task::spawn_blocking(move || {
             let read = artifacts::read_chunks(&files, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
@@ -195,8 +287,9 @@ impl RenderService for Service {
 impl ClusterService for Service {
     async fn list_workers(
         &self,
-        _request: Request<ListWorkersRequest>,
+        request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersReply>, Status> {
+        self.caller(&request, "workers")?;
         Ok(Response::new(ListWorkersReply {
             workers: self.scheduler.workers(),
         }))

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ pub struct Farm {
     coordinator: Option<Proc>,
     coordinator_args: Vec<String>,
     url: String,
+    /// The API token the CLI sends (`LONGTAKE_TOKEN`), for a farm started with `--tokens`.
+    token: Option<String>,
     artifacts: tempfile::TempDir,
     scratch: tempfile::TempDir,
     etcd: EtcdServer,
@@ -49,6 +52,7 @@ impl Farm {
             coordinator: None,
             coordinator_args: coordinator_args.iter().map(|a| a.to_string()).collect(),
             url: String::new(),
+            token: None,
             artifacts: tempfile::tempdir().expect("artifact directory"),
             scratch: tempfile::tempdir().expect("scratch directory"),
             etcd: EtcdServer::start(),
@@ -125,18 +129,45 @@ impl Farm {
         self.scratch.path().join(name)
     }
 
+    /// From now on the CLI calls (this farm's helpers included) send `token`.
+    pub fn use_token(&mut self, token: &str) {
+        self.token = Some(token.to_string());
+    }
+
+    /// The CLI pointed at this farm's coordinator, with this farm's token if it has one.
+    fn command(&self, token: Option<&str>) -> Command {
+        let mut cmd = longtake();
+        cmd.env("LONGTAKE_COORDINATOR", &self.url)
+            .env_remove("LONGTAKE_TOKEN");
+        if let Some(token) = token.or(self.token.as_deref()) {
+            cmd.env("LONGTAKE_TOKEN", token);
+        }
+        cmd
+    }
+
     /// Runs the CLI against this farm's coordinator.
     pub fn cli(&self, args: &[&str]) -> Run {
-        let mut cmd = longtake();
-        cmd.env("LONGTAKE_COORDINATOR", &self.url);
-        Run::of(cmd, args)
+        Run::of(self.command(None), args)
+    }
+
+    /// Runs the CLI against this farm's coordinator as the holder of `token`.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Run {
+        Run::of(self.command(Some(token)), args)
     }
 
     /// Starts a long-running CLI command (e.g. `watch`) against this farm in the background.
     pub fn spawn_cli(&self, name: &str, args: &[&str]) -> Proc {
-        let mut cmd = longtake();
-        cmd.env("LONGTAKE_COORDINATOR", &self.url).args(args);
+        let mut cmd = self.command(None);
+        cmd.args(args);
         Proc::spawn(name, cmd)
+    }
+
+    /// What the coordinator wrote on stderr so far (its log).
+    pub fn coordinator_stderr(&self) -> String {
+        self.coordinator
+            .as_ref()
+            .map(|c| c.stderr())
+            .unwrap_or_default()
     }
 
     /// `submit` with `spec` flags and `extra` (priority, name...); returns the job id.

@@ -75,6 +75,10 @@ pub struct StoredJob {
     /// The step its current or last attempt resumed from (added within version 2).
     #[serde(default)]
     pub resumed_from_step: u32,
+    /// Who submitted it (added within version 2: older records have no owner, which only an
+    /// admin reaches on a farm with tokens).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +203,8 @@ fn decode_record(key: &str, bytes: &[u8]) -> Result<LoadedJob, StoreError> {
         priority: i32,
         #[serde(default)]
         submitted_at_ms: u64,
+        #[serde(default)]
+        owner: String,
     }
     let header: Header = serde_json::from_slice(bytes).map_err(decode_error)?;
     match header.schema {
@@ -238,6 +244,7 @@ fn decode_record(key: &str, bytes: &[u8]) -> Result<LoadedJob, StoreError> {
                 time_split: None,
                 request_id: String::new(),
                 resumed_from_step: 0,
+                owner: header.owner,
             };
             Ok(LoadedJob {
                 record,
@@ -297,6 +304,7 @@ fn from_v1(job: Job) -> LoadedJob {
             time_split: job.time_split,
             request_id: job.request_id,
             resumed_from_step: job.resumed_from_step,
+            owner: job.owner,
         },
         problem,
     }
@@ -357,6 +365,7 @@ fn from_v2(stored: StoredJob) -> LoadedJob {
             time_split: stored.time_split,
             request_id: stored.request_id,
             resumed_from_step: stored.resumed_from_step,
+            owner: stored.owner,
         },
         problem: spec_problem.or(plan_problem),
     }
@@ -406,6 +415,7 @@ impl From<&JobRecord> for StoredJob {
             time_split: record.time_split,
             request_id: record.request_id.clone(),
             resumed_from_step: record.resumed_from_step,
+            owner: record.owner.clone(),
         }
     }
 }
@@ -561,6 +571,7 @@ mod tests {
                 output_bytes: 12345,
                 steps_done: 3,
                 request_id: "render-farm:shot-12:take-3".into(),
+                owner: "studio-a".into(),
                 time_split: Some(TimeSplit {
                     denoise_s: 2.5,
                     exchange_s: 0.25,
