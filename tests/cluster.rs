@@ -450,6 +450,121 @@ fn api_tokens_keep_each_studio_to_its_own_jobs() {
     }
 }
 
+/// A farm on TLS with certificates from `longtake certs init`: a job runs end to end over
+/// https (CLI → coordinator) and mutual TLS (coordinator → worker). A worker registered in etcd
+/// without the farm's certificate (as a forged etcd record was: it once received prompts and
+/// had its frames taken as a finished job) is never given the job; a worker's RPCs refuse a
+/// caller without a farm certificate, and one whose certificate is not the coordinator's; a
+/// client without the farm's CA, or speaking plain http, gets nothing.
+#[test]
+fn a_tls_farm_runs_jobs_and_refuses_who_holds_no_farm_certificate() {
+    use longtake_proto::tls::{Tls, TlsFiles, COORDINATOR_NAME, WORKER_NAME};
+    use longtake_proto::worker_service_client::WorkerServiceClient;
+    use longtake_proto::HealthRequest;
+    use tonic::transport::Endpoint;
+
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path().join("farm");
+    let made = support::cli::longtake()
+        .args(["certs", "init", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    let mut farm = Farm::start_tls(&dir, &[]);
+    assert!(farm.url().starts_with("https://"), "{}", farm.url());
+    farm.start_worker_without_tls("impostor");
+    farm.start_worker("w1", &[]);
+
+    let id = farm.submit(&spec(2), &[]);
+    let done = farm.wait_done(&id, JOB);
+    assert_eq!(workers_of(&done), vec!["w1"], "{done}");
+    assert_eq!(number(&done, "attempts"), 1, "{done}");
+    let clip = farm.path("tls.mp4");
+    farm.cli(&["fetch", &id, "--out", clip.to_str().unwrap()])
+        .ok();
+    assert_eq!(probe(&clip)["nb_read_frames"], "9");
+    let impostor = farm.worker("impostor").stderr();
+    assert!(
+        !impostor.contains(&id),
+        "the impostor heard of the job: {impostor}"
+    );
+
+    // clients that do not hold the farm's CA, or do not speak TLS
+    let address = farm.url().trim_start_matches("https://").to_string();
+    let mut plain = support::cli::longtake();
+    plain.env("LONGTAKE_COORDINATOR", format!("http://{address}"));
+    plain
+        .env_remove("LONGTAKE_CA_CERT")
+        .env_remove("LONGTAKE_TOKEN");
+    let run = support::cli::Run::of(plain, &["list"]);
+    run.error_line();
+    let mut no_ca = support::cli::longtake();
+    no_ca.env("LONGTAKE_COORDINATOR", farm.url());
+    no_ca
+        .env_remove("LONGTAKE_CA_CERT")
+        .env_remove("LONGTAKE_TOKEN");
+    let line = support::cli::Run::of(no_ca, &["list"]).error_line();
+    assert!(line.contains("--ca-cert"), "{line}");
+
+    // the worker's RPCs: only the coordinator's certificate gets an answer
+    let worker = farm
+        .workers()
+        .into_iter()
+        .find(|w| field(w, "id") == "w1")
+        .expect("w1 is listed");
+    let worker_url = format!("https://{}", field(&worker, "address"));
+    let role = |name: &str, role: &'static str| {
+        Tls::load(
+            &TlsFiles {
+                cert: dir.join(format!("{name}.pem")),
+                key: dir.join(format!("{name}.key")),
+                ca: dir.join("ca.pem"),
+            },
+            role,
+        )
+        .unwrap()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let health = |tls: Option<tonic::transport::ClientTlsConfig>| {
+        let url = worker_url.clone();
+        runtime.block_on(async move {
+            let mut endpoint = Endpoint::from_shared(url).unwrap();
+            if let Some(tls) = tls {
+                endpoint = endpoint.tls_config(tls).unwrap();
+            }
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            WorkerServiceClient::new(channel)
+                .health(HealthRequest {})
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        })
+    };
+    let ca_only = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            std::fs::read(dir.join("ca.pem")).unwrap(),
+        ))
+        .domain_name(WORKER_NAME);
+    let without_certificate = health(Some(ca_only));
+    assert!(
+        without_certificate.is_err(),
+        "a caller without a certificate was answered"
+    );
+    let as_worker = health(Some(role("worker", WORKER_NAME).client(WORKER_NAME)));
+    let refusal = as_worker.expect_err("a worker's certificate passed for the coordinator's");
+    assert!(refusal.starts_with("PermissionDenied"), "{refusal}");
+    health(Some(
+        role("coordinator", COORDINATOR_NAME).client(WORKER_NAME),
+    ))
+    .expect("the coordinator's certificate is answered");
+}
+
 /// A clip of three windows of the toy model on two worker groups (two worker processes, one
 /// rank each): the groups exchange their shared frames peer to peer and each decodes the frames
 /// it owns, and the clip is the embedded single-process co-denoised render (one group, one

@@ -22,6 +22,9 @@ pub const COORDINATOR_ENV: &str = "LONGTAKE_COORDINATOR";
 /// The environment variable holding the API token when `--token-file` is not given.
 pub const TOKEN_ENV: &str = "LONGTAKE_TOKEN";
 
+/// The environment variable naming the farm's CA certificate when `--ca-cert` is not given.
+pub const CA_CERT_ENV: &str = "LONGTAKE_CA_CERT";
+
 /// How long connecting to the coordinator may take before the CLI gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -35,6 +38,10 @@ pub struct CoordinatorArg {
     /// file rather than a flag, so the token stays out of shell history and `ps`.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// The farm's CA certificate (PEM), to trust an https:// coordinator's certificate
+    /// [default: $LONGTAKE_CA_CERT].
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl CoordinatorArg {
@@ -69,9 +76,27 @@ impl CoordinatorArg {
         Ok(token)
     }
 
+    /// The farm's CA certificate from `--ca-cert`, else from the environment.
+    pub fn ca_cert(&self) -> Option<PathBuf> {
+        self.ca_cert.clone().or_else(|| {
+            std::env::var_os(CA_CERT_ENV)
+                .map(PathBuf::from)
+                .filter(|p| !p.as_os_str().is_empty())
+        })
+    }
+
+    /// How to reach the coordinator this names: its URL, token and CA.
+    pub fn target(&self) -> Result<Target> {
+        Ok(Target {
+            url: self.require()?,
+            token: self.token()?,
+            ca_cert: self.ca_cert(),
+        })
+    }
+
     /// Connects to the coordinator this names, with its token.
     pub async fn connect(&self) -> Result<Client> {
-        Client::connect(&self.require()?, self.token()?.as_deref()).await
+        Client::connect(&self.target()?).await
     }
 
     /// The URL, or an error saying how to give one.
@@ -81,6 +106,25 @@ impl CoordinatorArg {
                 "no coordinator given: pass --coordinator URL or set {COORDINATOR_ENV} (e.g. http://127.0.0.1:7070)"
             )
         })
+    }
+}
+
+/// A coordinator to connect to: where, with which API token, trusting which CA.
+#[derive(Clone, Debug, Default)]
+pub struct Target {
+    pub url: String,
+    pub token: Option<String>,
+    /// The farm's CA certificate, for an https:// URL.
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl Target {
+    /// A coordinator without tokens or TLS (the embedded farm).
+    pub fn plain(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            ..Self::default()
+        }
     }
 }
 
@@ -137,17 +181,35 @@ pub struct Client {
 
 impl Client {
     /// Connects now, so a coordinator that is not there is reported once, by URL; every call
-    /// carries `token` when there is one.
-    pub async fn connect(url: &str, token: Option<&str>) -> Result<Self> {
-        let bearer = BearerToken::new(token)?;
+    /// carries the target's token when there is one; an https:// URL is checked against the
+    /// target's CA.
+    pub async fn connect(target: &Target) -> Result<Self> {
+        let url = target.url.as_str();
+        let bearer = BearerToken::new(target.token.as_deref())?;
         let unreachable = |why: String| {
             anyhow!(
                 "cannot reach the coordinator at {url}: {why} (start one with `longtake serve coordinator` or set {COORDINATOR_ENV})"
             )
         };
-        let endpoint = Endpoint::from_shared(url.to_string())
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| unreachable(error_chain(&e)))?
             .connect_timeout(CONNECT_TIMEOUT);
+        match (url.starts_with("https://"), &target.ca_cert) {
+            (true, Some(ca)) => {
+                endpoint = endpoint
+                    .tls_config(longtake_proto::tls::client_trusting(ca)?)
+                    .map_err(|e| unreachable(error_chain(&e)))?;
+            }
+            (true, None) => bail!(
+                "{url} speaks TLS: pass --ca-cert FILE or set {CA_CERT_ENV} to the farm's CA \
+                 certificate (ca.pem of `longtake certs init`)"
+            ),
+            (false, Some(_)) => bail!(
+                "a CA certificate is given but {url} is plain http: use https:// for a farm with \
+                 TLS, or unset {CA_CERT_ENV}"
+            ),
+            (false, None) => {}
+        }
         let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect())
             .await
             .map_err(|_| unreachable(format!("no answer in {} s", CONNECT_TIMEOUT.as_secs())))?
@@ -252,7 +314,10 @@ mod tests {
         // A port that was free a moment ago: nothing accepts on it.
         let port = longtake_proto::membership::testing::free_port();
         let url = format!("http://127.0.0.1:{port}");
-        let err = Client::connect(&url, None).await.err().expect("must fail");
+        let err = Client::connect(&Target::plain(&url))
+            .await
+            .err()
+            .expect("must fail");
         let text = err.to_string();
         assert!(text.contains(&url), "{text}");
         assert!(text.contains("longtake serve coordinator"), "{text}");

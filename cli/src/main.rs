@@ -3,10 +3,11 @@
 //! `render` submits a text-to-video job, watches it and downloads the clip (running a whole farm
 //! in this process when no coordinator is named); `submit`, `status`, `watch`, `list`, `cancel`,
 //! `fetch` and `workers` talk to a running farm; `serve` runs a farm's coordinator or workers;
-//! `check-reference` compares the model stack with PyTorch reference fixtures; `inspect` checks a
+//! `certs init` makes a farm's development TLS certificates; `check-reference` compares the model stack with PyTorch reference fixtures; `inspect` checks a
 //! rendered toy-world clip against its caption. Errors end the process with one line on stderr
 //! and exit status 1.
 
+mod certs;
 mod check_reference;
 mod client;
 mod download;
@@ -54,6 +55,10 @@ enum Command {
     /// Run a farm process: `serve coordinator` or `serve worker`.
     #[command(subcommand)]
     Serve(serve::ServeCommand),
+    /// TLS certificates of a farm: `certs init` makes a development CA and the coordinator's
+    /// and workers' certificates.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
     /// Run every case of reference fixture directories and report the error of each.
     CheckReference(check_reference::CheckReferenceArgs),
     /// Check a rendered toy-world clip against its caption: background, object colour and
@@ -81,6 +86,7 @@ fn main() {
     let outcome = match cli.command {
         Command::CheckReference(args) => check_reference::run(args),
         Command::Inspect(args) => inspect_command::run(args),
+        Command::Certs(command) => certs::run(command),
         command => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -109,6 +115,7 @@ async fn run(command: Command) -> anyhow::Result<i32> {
         Command::Serve(command) => serve::run(command).await,
         Command::CheckReference(args) => check_reference::run(args),
         Command::Inspect(args) => inspect_command::run(args),
+        Command::Certs(command) => certs::run(command),
     }
 }
 

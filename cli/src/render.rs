@@ -11,7 +11,7 @@ use longtake_proto::spec::WindowSettings;
 use longtake_proto::{JobEvent, RenderSpec};
 use longtake_worker::daemon::models;
 
-use crate::client::{Client, CoordinatorArg};
+use crate::client::{Client, CoordinatorArg, Target};
 use crate::download::{self, Destination};
 use crate::embedded::{Farm, FarmOptions};
 use crate::jobs::{self, JobArgs};
@@ -54,9 +54,9 @@ pub async fn run(args: RenderArgs) -> Result<i32> {
     let format = download::format_for(&args.out, args.spec.format.map(|f| f.proto()))?;
     let built = args.spec.build(format)?;
     let url = args.coordinator.url();
-    // The embedded farm has no tokens: a token is for a farm named by --coordinator.
-    let token = match url {
-        Some(_) => args.coordinator.token()?,
+    // The embedded farm has no tokens or TLS: they are for a farm named by --coordinator.
+    let target = match url {
+        Some(_) => Some(args.coordinator.target()?),
         None => None,
     };
     if url.is_some() {
@@ -104,8 +104,8 @@ pub async fn run(args: RenderArgs) -> Result<i32> {
             }
         }
     };
-    let outcome =
-        submit_watch_fetch(&url, token.as_deref(), built.spec, &args, dest, &mut farm).await;
+    let target = target.unwrap_or_else(|| Target::plain(&url));
+    let outcome = submit_watch_fetch(&target, built.spec, &args, dest, &mut farm).await;
     if let Some(farm) = farm {
         farm.shutdown().await;
     }
@@ -113,15 +113,15 @@ pub async fn run(args: RenderArgs) -> Result<i32> {
 }
 
 async fn submit_watch_fetch(
-    url: &str,
-    token: Option<&str>,
+    target: &Target,
     spec: RenderSpec,
     args: &RenderArgs,
     dest: Destination,
     farm: &mut Option<Farm>,
 ) -> Result<()> {
     let start = Instant::now();
-    let mut client = match Client::connect(url, token).await {
+    let url = target.url.as_str();
+    let mut client = match Client::connect(target).await {
         Ok(client) => client,
         Err(err) => {
             dest.discard();

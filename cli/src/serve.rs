@@ -14,6 +14,7 @@ use clap::{Args, Subcommand};
 use longtake_coordinator::access::{Access, Tokens};
 use longtake_coordinator::{Coordinator, CoordinatorConfig, EtcdJobStore, Limits};
 use longtake_proto::membership::{EtcdConfig, EtcdMembership, Membership};
+use longtake_proto::tls::{Tls, TlsFiles, COORDINATOR_NAME, WORKER_NAME};
 use longtake_worker::daemon::{self, DaemonConfig, ModelSource};
 use longtake_worker::parallel::Timeouts;
 
@@ -58,10 +59,45 @@ impl EtcdArgs {
     }
 }
 
+/// A daemon's TLS material (`longtake certs init` makes a development set). All three, or none
+/// (plain gRPC: a farm on loopback).
+#[derive(Args, Clone, Debug)]
+pub struct TlsArgs {
+    /// This daemon's certificate (PEM): with --tls-key and --tls-ca its gRPC endpoint speaks
+    /// TLS, and the coordinator and its workers authenticate each other by certificate.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The farm's CA certificate (PEM), which issued every daemon's certificate.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The loaded material, checked for `role` (`None` without the flags).
+    fn load(&self, role: &'static str) -> Result<Option<Tls>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                let files = TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    ca: ca.clone(),
+                };
+                Ok(Some(Tls::load(&files, role)?))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct CoordinatorArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Address the gRPC API listens on (port 0: any free port, printed when ready). Loopback
     /// by default: opening the API to a network (e.g. `0.0.0.0:7070`) is an explicit choice,
     /// to make with --tokens.
@@ -122,6 +158,8 @@ impl CoordinatorArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Address the WorkerService listens on (port 0: any free port, printed when ready).
     /// Loopback by default (a farm on one machine); a worker the coordinator reaches over a
     /// network listens on an explicit address (e.g. `0.0.0.0:7071`, with `--advertise`).
@@ -168,6 +206,7 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
     config.limits = args.limits();
     config.checkpoint_every = args.checkpoint_every;
     config.access = access(args.tokens.as_deref(), args.listen)?;
+    config.tls = args.tls.load(COORDINATOR_NAME)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -241,6 +280,7 @@ async fn worker(args: WorkerArgs) -> Result<i32> {
         mesh_timeouts: Timeouts::default(),
         reservation_timeout: Duration::from_secs(60),
         counters: Default::default(),
+        tls: args.tls.load(WORKER_NAME)?,
     };
     let membership: Arc<dyn Membership> = Arc::new(EtcdMembership::connect(etcd).await?);
     let mut daemon = tokio::spawn(daemon::run(

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use longtake_proto::spec::JobSpec;
 use longtake_proto::telemetry;
+use longtake_proto::tls::{Tls, WORKER_NAME};
 use longtake_proto::worker_service_client::WorkerServiceClient;
 use longtake_proto::{
     task_event, AbortRequest, FrameBatch, OutputFormat, RenderSpec, ReserveRequest, Step,
@@ -63,6 +64,9 @@ pub struct Attempt {
     pub resume_state: Vec<u8>,
     /// Rank 0 checkpoints after every this many steps (0: never).
     pub checkpoint_every: u32,
+    /// The coordinator's TLS: workers are reached over mutual TLS and must prove the worker
+    /// role (`None`: plain gRPC, a farm without certificates).
+    pub tls: Option<Tls>,
 }
 
 type Client = WorkerServiceClient<Channel>;
@@ -124,11 +128,16 @@ async fn run_attempt(
     outcome
 }
 
-async fn connect(worker: &Worker) -> Result<Client, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(format!("http://{}", worker.address))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .connect()
-        .await?;
+async fn connect(worker: &Worker, tls: Option<&Tls>) -> Result<Client, tonic::transport::Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", worker.address))?
+        .connect_timeout(CONNECT_TIMEOUT);
+    if let Some(tls) = tls {
+        // the worker's certificate is checked for the worker role, not for the address its
+        // etcd record claims: a record alone makes no worker
+        endpoint = endpoint.tls_config(tls.client(WORKER_NAME))?;
+    }
+    let channel = endpoint.connect().await?;
     Ok(WorkerServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -144,14 +153,17 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
     for (rank, worker) in a.workers.iter().enumerate() {
         // A worker that cannot be reached (dead, its lease not yet expired) is not the job's
         // fault: the attempt does not count, and placement passes the worker over for a while.
-        let mut client = connect(worker).await.map_err(|e| Outcome::StartFailed {
-            reason: format!(
-                "worker {} (rank {rank}) at {} is unreachable: {e}",
-                worker.id, worker.address
-            ),
-            counts: false,
-            unreachable: Some(worker.id.clone()),
-        })?;
+        let mut client =
+            connect(worker, a.tls.as_ref())
+                .await
+                .map_err(|e| Outcome::StartFailed {
+                    reason: format!(
+                        "worker {} (rank {rank}) at {} is unreachable: {e}",
+                        worker.id, worker.address
+                    ),
+                    counts: false,
+                    unreachable: Some(worker.id.clone()),
+                })?;
         let reply = client
             .reserve(ReserveRequest {
                 job_id: a.job_id.clone(),
@@ -553,9 +565,10 @@ fn output_size(path: &std::path::Path) -> u64 {
 fn abort_all(a: &Attempt, reason: &str) {
     for worker in &a.workers {
         let (worker, job_id, reason) = (worker.clone(), a.job_id.clone(), reason.to_string());
+        let tls = a.tls.clone();
         tokio::spawn(async move {
             let abort = async {
-                let mut client = connect(&worker).await.ok()?;
+                let mut client = connect(&worker, tls.as_ref()).await.ok()?;
                 client.abort(AbortRequest { job_id, reason }).await.ok()
             };
             if tokio::time::timeout(ABORT_TIMEOUT, abort).await.is_err() {

@@ -58,6 +58,9 @@ pub struct CoordinatorConfig {
     pub checkpoint_every: u32,
     /// Who may call the job API ([`access::Access::Open`]: everyone, as a local admin).
     pub access: access::Access,
+    /// The coordinator's certificate: its API speaks TLS and it reaches workers over mutual
+    /// TLS (`None`: plain gRPC, for a farm on loopback or the embedded farm).
+    pub tls: Option<longtake_proto::tls::Tls>,
 }
 
 impl CoordinatorConfig {
@@ -69,6 +72,7 @@ impl CoordinatorConfig {
             start_timeout: Duration::from_secs(60),
             checkpoint_every: 1,
             access: access::Access::Open,
+            tls: None,
         }
     }
 }
@@ -95,6 +99,7 @@ pub enum CoordinatorError {
 pub struct Coordinator {
     scheduler: scheduler::Scheduler,
     access: Arc<access::Access>,
+    tls: Option<longtake_proto::tls::Tls>,
 }
 
 impl Coordinator {
@@ -106,8 +111,13 @@ impl Coordinator {
         store: Arc<dyn JobStore>,
     ) -> Result<Self, CoordinatorError> {
         let access = Arc::new(config.access.clone());
+        let tls = config.tls.clone();
         let scheduler = scheduler::Scheduler::start(config, membership, store).await?;
-        Ok(Self { scheduler, access })
+        Ok(Self {
+            scheduler,
+            access,
+            tls,
+        })
     }
 
     /// Serves `RenderService` and `ClusterService` on `listener` until `shutdown` resolves, then
@@ -134,7 +144,11 @@ impl Coordinator {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let incoming = longtake_proto::serving::incoming(listener);
-        let served = longtake_proto::serving::server()
+        let mut server = longtake_proto::serving::server();
+        if let Some(tls) = &self.tls {
+            server = server.tls_config(tls.server(false))?;
+        }
+        let served = server
             .add_service(render)
             .add_service(cluster)
             .serve_with_incoming_shutdown(incoming.connections, shutdown)

@@ -307,6 +307,7 @@ impl Inner {
                             } else {
                                 0
                             },
+                            tls: self.config.tls.clone(),
                         });
                         let inner = Arc::clone(self);
                         lock(&self.attempts).spawn(async move {

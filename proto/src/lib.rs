@@ -3,13 +3,15 @@
 //! process for the embedded farm), and `spec`, the job spec and its rules (layout grammar, frame
 //! rule, sampler names, validation and resolution), parsed once at each edge, and `telemetry`,
 //! the spans and metric names every process reports under, and `serving`, what the gRPC
-//! servers share. The CLI, the coordinator and the
+//! servers share, and `tls`, the farm's certificates and the roles they prove. The CLI, the
+//! coordinator and the
 //! worker build on it; it links no model code.
 
 pub mod membership;
 pub mod serving;
 pub mod spec;
 pub mod telemetry;
+pub mod tls;
 
 /// The generated messages, clients and servers of package `longtake.v1`.
 pub mod v1 {

@@ -4,7 +4,7 @@
 //! lease timings would drift if several farms shared two cores.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -21,6 +21,18 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// How long a server may take to print its ready line (a worker checks its model first).
 const READY: Duration = Duration::from_secs(60);
 
+/// `--tls-cert/--tls-key/--tls-ca` of `role` (coordinator or worker) from `certs init`'s files.
+fn tls_args(dir: &Path, role: &str) -> Vec<PathBuf> {
+    vec![
+        "--tls-cert".into(),
+        dir.join(format!("{role}.pem")),
+        "--tls-key".into(),
+        dir.join(format!("{role}.key")),
+        "--tls-ca".into(),
+        dir.join("ca.pem"),
+    ]
+}
+
 /// A coordinator, its workers and the etcd they share. Dropping it kills every process.
 pub struct Farm {
     // Field order is drop order: the servers go before the etcd they talk to.
@@ -30,6 +42,8 @@ pub struct Farm {
     url: String,
     /// The API token the CLI sends (`LONGTAKE_TOKEN`), for a farm started with `--tokens`.
     token: Option<String>,
+    /// The directory of `longtake certs init`'s files, for a farm that speaks TLS.
+    tls: Option<PathBuf>,
     artifacts: tempfile::TempDir,
     scratch: tempfile::TempDir,
     etcd: EtcdServer,
@@ -44,6 +58,16 @@ impl Farm {
 
     /// etcd and a coordinator started with `coordinator_args` (e.g. `--max-frames 33`).
     pub fn start_with(coordinator_args: &[&str]) -> Farm {
+        Farm::start_over(coordinator_args, None)
+    }
+
+    /// etcd and a coordinator speaking TLS with the certificates `longtake certs init` wrote
+    /// to `certs`; the workers it starts do too, and the CLI trusts the farm's CA.
+    pub fn start_tls(certs: &Path, coordinator_args: &[&str]) -> Farm {
+        Farm::start_over(coordinator_args, Some(certs.to_path_buf()))
+    }
+
+    fn start_over(coordinator_args: &[&str], tls: Option<PathBuf>) -> Farm {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -53,11 +77,13 @@ impl Farm {
             coordinator_args: coordinator_args.iter().map(|a| a.to_string()).collect(),
             url: String::new(),
             token: None,
+            tls: None,
             artifacts: tempfile::tempdir().expect("artifact directory"),
             scratch: tempfile::tempdir().expect("scratch directory"),
             etcd: EtcdServer::start(),
             _serial: serial,
         };
+        farm.tls = tls;
         farm.start_coordinator();
         farm
     }
@@ -83,9 +109,13 @@ impl Farm {
             .args(["--listen", "127.0.0.1:0", "--artifacts"])
             .arg(self.artifacts.path())
             .args(&self.coordinator_args);
+        if let Some(dir) = &self.tls {
+            cmd.args(tls_args(dir, "coordinator"));
+        }
         let mut proc = Proc::spawn("coordinator", cmd);
         let addr = proc.wait_for_line("coordinator listening on ", READY);
-        self.url = format!("http://{addr}");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        self.url = format!("{scheme}://{addr}");
         self.coordinator = Some(proc);
     }
 
@@ -98,6 +128,16 @@ impl Farm {
     /// Starts worker `id` (tiny model, lease TTL 2 s unless `extra` says otherwise) and waits
     /// for its ready line.
     pub fn start_worker(&mut self, id: &str, extra: &[&str]) {
+        self.spawn_worker(id, extra, self.tls.is_some());
+    }
+
+    /// A worker of this farm's etcd without the farm's certificates (what a forged etcd
+    /// record stands for on a farm with TLS).
+    pub fn start_worker_without_tls(&mut self, id: &str) {
+        self.spawn_worker(id, &[], false);
+    }
+
+    fn spawn_worker(&mut self, id: &str, extra: &[&str], tls: bool) {
         assert!(!self.workers.contains_key(id), "worker {id} already runs");
         let mut cmd = longtake();
         cmd.args(["serve", "worker", "--etcd", self.etcd.url()])
@@ -109,6 +149,9 @@ impl Farm {
             cmd.args(["--lease-ttl", "2"]);
         }
         cmd.args(extra);
+        if let (true, Some(dir)) = (tls, &self.tls) {
+            cmd.args(tls_args(dir, "worker"));
+        }
         let mut proc = Proc::spawn(&format!("worker {id}"), cmd);
         proc.wait_for_line(&format!("worker {id} listening on "), READY);
         self.workers.insert(id.to_string(), proc);
@@ -138,7 +181,11 @@ impl Farm {
     fn command(&self, token: Option<&str>) -> Command {
         let mut cmd = longtake();
         cmd.env("LONGTAKE_COORDINATOR", &self.url)
-            .env_remove("LONGTAKE_TOKEN");
+            .env_remove("LONGTAKE_TOKEN")
+            .env_remove("LONGTAKE_CA_CERT");
+        if let Some(dir) = &self.tls {
+            cmd.env("LONGTAKE_CA_CERT", dir.join("ca.pem"));
+        }
         if let Some(token) = token.or(self.token.as_deref()) {
             cmd.env("LONGTAKE_TOKEN", token);
         }

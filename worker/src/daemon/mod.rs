@@ -48,6 +48,9 @@ pub struct DaemonConfig {
     pub reservation_timeout: Duration,
     /// What the daemon has done, counted (shared: the caller keeps a clone to read them).
     pub counters: Arc<DaemonCounters>,
+    /// The worker's certificate: it serves over mutual TLS, to the farm's coordinator alone
+    /// (`None`: plain gRPC, for a farm on loopback or the embedded farm).
+    pub tls: Option<longtake_proto::tls::Tls>,
 }
 
 /// Counts of what a daemon did, read by whoever holds the `Arc` (tests, a future metrics
@@ -98,6 +101,7 @@ impl DaemonConfig {
             mesh_timeouts: Timeouts::default(),
             reservation_timeout: DEFAULT_RESERVATION_TIMEOUT,
             counters: Arc::default(),
+            tls: None,
         }
     }
 }
@@ -173,11 +177,16 @@ pub async fn run(
         tracing::info!(worker = %drainer.id(), "draining");
         let _ = left_tx.send(drainer.drain().await);
     };
-    let service = WorkerServiceServer::new(service::Service(control.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let service =
+        WorkerServiceServer::new(service::Service::new(control.clone(), config.tls.is_some()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = longtake_proto::serving::incoming(listener);
-    longtake_proto::serving::server()
+    let mut server = longtake_proto::serving::server();
+    if let Some(tls) = &config.tls {
+        server = server.tls_config(tls.server(true))?;
+    }
+    server
         .add_service(service)
         .serve_with_incoming_shutdown(incoming.connections, stop)
         .await?;
