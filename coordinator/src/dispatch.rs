@@ -145,6 +145,17 @@ async fn connect(worker: &Worker, tls: Option<&Tls>) -> Result<Client, tonic::tr
 
 type Streams = Vec<tonic::Streaming<TaskEvent>>;
 
+/// Bytes of the secret the ranks of an attempt prove to each other (`TaskRequest.mesh_secret`).
+const MESH_SECRET_BYTES: usize = 32;
+
+/// A fresh mesh secret for one attempt, from the operating system's random source: a rank of
+/// an earlier attempt, or anyone who reaches a mesh port, cannot take a rank of this one.
+fn new_mesh_secret() -> Vec<u8> {
+    let mut secret = vec![0u8; MESH_SECRET_BYTES];
+    getrandom::fill(&mut secret).expect("the operating system's random source failed");
+    secret
+}
+
 /// Reserves every rank, then starts every task.
 async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
     let world = a.workers.len() as u32;
@@ -185,6 +196,11 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
         clients.push(client);
     }
     let peers = if world > 1 { mesh } else { Vec::new() };
+    let mesh_secret = if world > 1 {
+        new_mesh_secret()
+    } else {
+        Vec::new()
+    };
     let mut streams = Vec::with_capacity(clients.len());
     for (rank, client) in clients.iter_mut().enumerate() {
         let stream = client
@@ -196,6 +212,7 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
                 peers: peers.clone(),
                 resume_state: a.resume_state.clone(),
                 checkpoint_every: a.checkpoint_every,
+                mesh_secret: mesh_secret.clone(),
             })
             .await
             .map_err(|s| Outcome::StartFailed {

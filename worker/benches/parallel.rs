@@ -326,13 +326,14 @@ fn run_case(case: &Case, checkpoint: &Path) -> BenchResult<Vec<LayoutResult>> {
         for &layout in &layouts {
             let world = layout.world_size();
             let (listeners, addrs) = loopback_listeners(world)?;
+            let secret = longtake_worker::parallel::MeshSecret::random();
             let (report_tx, report_rx) = mpsc::channel();
             let mut step_txs = Vec::with_capacity(world);
             let mut handles = Vec::with_capacity(world);
             for (rank, listener) in listeners.into_iter().enumerate() {
                 let (step_tx, step_rx) = mpsc::channel();
                 step_txs.push(step_tx);
-                let mesh_config = TcpMeshConfig::new(rank, addrs.clone());
+                let mesh_config = TcpMeshConfig::new(rank, addrs.clone(), secret.clone());
                 let io = RankIo {
                     mesh_config,
                     listener,

@@ -6,7 +6,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use longtake_worker::parallel::{CommError, Communicator, Op, TcpMesh, TcpMeshConfig, Timeouts};
+use longtake_worker::parallel::{
+    CommError, Communicator, MeshSecret, Op, TcpMesh, TcpMeshConfig, Timeouts,
+};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -59,6 +61,7 @@ fn with_mesh<R: Send>(
     body: impl Fn(usize, TcpMesh) -> R + Sync,
 ) -> Vec<R> {
     let (listeners, addrs) = bind_listeners(n);
+    let secret = MeshSecret::random();
     std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
@@ -68,6 +71,7 @@ fn with_mesh<R: Send>(
                     rank,
                     peers: addrs.clone(),
                     timeouts: timeouts.clone(),
+                    secret: secret.clone(),
                 };
                 let body = &body;
                 s.spawn(move || {
@@ -297,6 +301,7 @@ fn unreachable_peer_is_an_error_within_the_connect_deadline() {
         rank: 1,
         peers: addrs.clone(),
         timeouts: timeouts.clone(),
+        secret: MeshSecret::random(),
     };
     let listener = listeners.next().unwrap();
     let err = hang_guard("connecting to a dead port", move || {
@@ -322,6 +327,7 @@ fn unreachable_peer_is_an_error_within_the_connect_deadline() {
         rank: 0,
         peers: addrs.clone(),
         timeouts,
+        secret: MeshSecret::random(),
     };
     let listener = listeners.into_iter().next().unwrap();
     let err = hang_guard("waiting for a rank that never comes", move || {
@@ -347,10 +353,12 @@ fn handshake_rejects_a_peer_of_another_world_size() {
     };
     let listener1 = listeners.pop().unwrap();
     let listener0 = listeners.pop().unwrap();
+    let secret = MeshSecret::random();
     let config0 = TcpMeshConfig {
         rank: 0,
         peers: addrs.clone(),
         timeouts: timeouts.clone(),
+        secret: secret.clone(),
     };
     // Rank 1 believes in a world of 3.
     let (_spare, extra) = bind_listeners(1);
@@ -359,6 +367,7 @@ fn handshake_rejects_a_peer_of_another_world_size() {
         rank: 1,
         peers: addrs,
         timeouts,
+        secret,
     };
     let (r0, r1) = std::thread::scope(|s| {
         let h0 = s.spawn(|| TcpMesh::connect_with_listener(config0, listener0));
@@ -375,6 +384,116 @@ fn handshake_rejects_a_peer_of_another_world_size() {
         msg.starts_with("rank 0:") && msg.contains("world size of 3"),
         "{msg}"
     );
+}
+
+/// A rank of another secret (another job's, or a process that only guessed the addresses) is
+/// refused in the handshake, on both sides, before any rank is taken.
+#[test]
+fn handshake_rejects_a_peer_without_the_mesh_secret() {
+    let (mut listeners, addrs) = bind_listeners(2);
+    let timeouts = Timeouts {
+        connect: Duration::from_millis(1500),
+        ..quick_timeouts()
+    };
+    let listener1 = listeners.pop().unwrap();
+    let listener0 = listeners.pop().unwrap();
+    let config0 = TcpMeshConfig {
+        rank: 0,
+        peers: addrs.clone(),
+        timeouts: timeouts.clone(),
+        secret: MeshSecret::random(),
+    };
+    let config1 = TcpMeshConfig {
+        rank: 1,
+        peers: addrs,
+        timeouts,
+        secret: MeshSecret::random(),
+    };
+    let (r0, r1) = hang_guard("ranks of two secrets", move || {
+        std::thread::scope(|s| {
+            let h0 = s.spawn(|| TcpMesh::connect_with_listener(config0, listener0));
+            let h1 = s.spawn(|| TcpMesh::connect_with_listener(config1, listener1));
+            (h0.join().unwrap().err(), h1.join().unwrap().err())
+        })
+    });
+    let e1 = r1.expect("rank 1 is rejected");
+    let msg = e1.to_string();
+    assert!(matches!(e1, CommError::Handshake { .. }), "{msg}");
+    assert!(
+        msg.contains("does not hold this job's mesh secret"),
+        "{msg}"
+    );
+    // rank 1 hangs up once rank 0's proof fails, before it sends its own
+    let msg = r0.expect("rank 0 never gets a rank 1").to_string();
+    assert!(
+        msg.starts_with("rank 0:") && msg.contains("no proof of the mesh secret"),
+        "{msg}"
+    );
+}
+
+/// A process that connects first and claims rank 1 with a well-formed hello but no proof of
+/// the secret does not take the rank (it once did: the first to connect took it); the real
+/// rank 1 joins after it and the mesh works.
+#[test]
+fn an_impostor_that_claims_a_rank_first_does_not_take_it() {
+    use std::io::{Read, Write};
+    let (listeners, addrs) = bind_listeners(2);
+    let secret = MeshSecret::random();
+    let mut impostor = std::net::TcpStream::connect(addrs[0]).expect("connect to rank 0");
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&0x4C54_4B48u32.to_le_bytes()); // the hello magic
+    hello.extend_from_slice(&2u16.to_le_bytes()); // protocol version
+    hello.extend_from_slice(&2u32.to_le_bytes()); // world size
+    hello.extend_from_slice(&1u32.to_le_bytes()); // "I am rank 1"
+    hello.extend_from_slice(&0u32.to_le_bytes()); // dialing rank 0
+    hello.extend_from_slice(&[0u8; 16]); // its nonce
+    impostor.write_all(&hello).unwrap();
+    // rank 0 answers with its challenge: magic, CHALLENGE, nonce, proof (53 bytes)
+    let (listener0, listener1) = {
+        let mut it = listeners.into_iter();
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let (config0, config1) = (
+        TcpMeshConfig {
+            rank: 0,
+            peers: addrs.clone(),
+            timeouts: quick_timeouts(),
+            secret: secret.clone(),
+        },
+        TcpMeshConfig {
+            rank: 1,
+            peers: addrs,
+            timeouts: quick_timeouts(),
+            secret,
+        },
+    );
+    let results = hang_guard("a mesh beside an impostor", move || {
+        std::thread::scope(|s| {
+            let h0 = s.spawn(|| {
+                let mesh = TcpMesh::connect_with_listener(config0, listener0)?;
+                mesh.all_reduce_sum(&input(0, (2, 2), DType::F32))
+            });
+            // the real rank 1 dials only once the impostor has had its challenge
+            let mut challenge = [0u8; 53];
+            impostor
+                .read_exact(&mut challenge)
+                .expect("rank 0 challenges it");
+            impostor.write_all(&[0xAA; 32]).unwrap(); // a made-up proof
+            let mut verdict = [0u8; 3];
+            impostor
+                .read_exact(&mut verdict)
+                .expect("rank 0 answers it");
+            assert_eq!(verdict[0], 0, "the impostor was accepted as rank 1");
+            let h1 = s.spawn(|| {
+                let mesh = TcpMesh::connect_with_listener(config1, listener1)?;
+                mesh.all_reduce_sum(&input(1, (2, 2), DType::F32))
+            });
+            (h0.join().unwrap(), h1.join().unwrap())
+        })
+    });
+    let expected = reference_sum(2, (2, 2), DType::F32);
+    assert_same(&results.0.unwrap(), &expected, "rank 0's sum");
+    assert_same(&results.1.unwrap(), &expected, "rank 1's sum");
 }
 
 #[test]
@@ -466,6 +585,7 @@ fn a_silent_connection_does_not_hold_up_the_mesh() {
         ..quick_timeouts()
     };
     let (listeners, addrs) = bind_listeners(2);
+    let secret = MeshSecret::random();
     // queued on rank 0's listener before rank 1 dials, so it is accepted first
     let silent = std::net::TcpStream::connect(addrs[0]).expect("connect to rank 0");
     let results = hang_guard("a mesh beside a silent connection", move || {
@@ -478,6 +598,7 @@ fn a_silent_connection_does_not_hold_up_the_mesh() {
                         rank,
                         peers: addrs.clone(),
                         timeouts: timeouts(rank),
+                        secret: secret.clone(),
                     };
                     s.spawn(move || {
                         let mesh = TcpMesh::connect_with_listener(config, listener)
@@ -527,6 +648,10 @@ fn misuse_is_reported() -> TestResult {
     Ok(())
 }
 
+/// The mesh secret the ranks of `ranks_as_os_processes` share (each learns it as the child
+/// process it is, from this file).
+const OS_PROCESS_SECRET: [u8; 32] = [0x5e; 32];
+
 /// Child mode of `ranks_as_os_processes`: this test binary, re-run with
 /// `LONGTAKE_TEST_COMM_CHILD` set, binds a port, prints its address, reads every rank's address
 /// (in rank order, comma-separated) from stdin and joins the mesh as the rank whose address is
@@ -556,6 +681,7 @@ fn os_process_rank() -> TestResult {
             rank,
             peers,
             timeouts: quick_timeouts(),
+            secret: MeshSecret::new(OS_PROCESS_SECRET),
         },
         listener,
     )?;

@@ -184,6 +184,7 @@ impl Control {
             assignment.rank as usize,
             assignment.world_size as usize,
             &request.peers,
+            &request.mesh_secret,
         )
         .map(|plan| TaskPlan {
             resume_state: request.resume_state,

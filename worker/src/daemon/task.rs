@@ -23,7 +23,7 @@ use crate::model::denoiser::{Denoiser, DenoiserState};
 use crate::model::render::{
     CancelToken, PipelineError, Progress, RenderOptions, RenderSpec, Video, VideoPipeline,
 };
-use crate::parallel::{TcpMesh, TcpMeshConfig, Timeouts};
+use crate::parallel::{MeshSecret, TcpMesh, TcpMeshConfig, Timeouts};
 use longtake_proto::spec::{JobSpec, Layout, ModelDescription, SpecError, SpecRequest};
 
 /// Largest RGB payload of one [`FrameBatch`] (whole frames; at least one per batch). The
@@ -43,6 +43,8 @@ pub enum TaskError {
     Layout(String),
     #[error("peers: {0}")]
     Peers(String),
+    #[error("mesh_secret: {0} (the coordinator hands one to every rank of a job of several)")]
+    MeshSecret(#[from] crate::parallel::mesh_secret::SecretLength),
     #[error("job mesh: {0}")]
     Mesh(#[from] crate::parallel::CommError),
     #[error("{0}")]
@@ -61,6 +63,8 @@ pub struct TaskPlan {
     pub groups: usize,
     /// Every rank's mesh address (empty for one rank).
     pub peers: Vec<SocketAddr>,
+    /// What admits the ranks to each other's mesh (`None` for one rank).
+    pub mesh_secret: Option<MeshSecret>,
     /// A checkpoint to continue from (a denoiser state file); empty: from the spec's noise.
     pub resume_state: Vec<u8>,
     /// Rank 0 sends a checkpoint after every this many steps (0: none).
@@ -70,13 +74,14 @@ pub struct TaskPlan {
 impl TaskPlan {
     /// Checks a task request for a job of `world_size` ranks: the model is served here, the
     /// scheduler is known, the layout has `world_size` ranks and can split the model, and there
-    /// is a mesh address for every rank.
+    /// is a mesh address for every rank, and a mesh secret.
     pub fn new(
         models: &Models,
         spec: &longtake_proto::RenderSpec,
         rank: usize,
         world_size: usize,
         peers: &[String],
+        mesh_secret: &[u8],
     ) -> Result<Self, TaskError> {
         let request = SpecRequest::try_from(spec).map_err(TaskError::Spec)?;
         let model = models
@@ -97,6 +102,11 @@ impl TaskPlan {
             )));
         }
         let render = render_spec(&job);
+        let mesh_secret = if world_size == 1 {
+            None
+        } else {
+            Some(MeshSecret::from_slice(mesh_secret)?)
+        };
         let peers = if world_size == 1 {
             Vec::new()
         } else {
@@ -115,6 +125,7 @@ impl TaskPlan {
             layout,
             groups: job.windows.groups as usize,
             peers,
+            mesh_secret,
             resume_state: Vec::new(),
             checkpoint_every: 0,
         })
@@ -352,10 +363,14 @@ impl TaskRunner {
         let listener = mesh.ok_or_else(|| {
             TaskError::Peers("no mesh listener was reserved for this rank".into())
         })?;
+        let secret = plan.mesh_secret.clone().ok_or_else(|| {
+            TaskError::Peers("a task of several ranks came without a mesh secret".into())
+        })?;
         let config = TcpMeshConfig {
             rank: plan.rank,
             peers: plan.peers.clone(),
             timeouts: self.mesh_timeouts.clone(),
+            secret,
         };
         let mesh = Box::new(TcpMesh::connect_with_listener(config, listener)?);
         let pipeline = load_distributed_pipeline(
@@ -533,7 +548,7 @@ mod tests {
             fps: 0,
             ..spec("")
         };
-        let plan = TaskPlan::new(&models, &unset, 0, 1, &[]).unwrap();
+        let plan = TaskPlan::new(&models, &unset, 0, 1, &[], &[]).unwrap();
         let toy = &models.get(crate::daemon::models::TOY).unwrap().facts.info;
         assert_eq!(
             (plan.spec.width, plan.spec.height, plan.spec.steps),
@@ -547,7 +562,7 @@ mod tests {
             width: 64,
             ..spec("")
         };
-        let plan = TaskPlan::new(&models, &euler, 0, 1, &[]).unwrap();
+        let plan = TaskPlan::new(&models, &euler, 0, 1, &[], &[]).unwrap();
         assert_eq!(
             plan.spec.scheduler,
             Some(longtake_proto::spec::SchedulerKind::Euler)
@@ -566,7 +581,7 @@ mod tests {
         let check =
             |spec: longtake_proto::RenderSpec, world: usize, peers: &[&str], start: &str| {
                 let peers: Vec<String> = peers.iter().map(|p| p.to_string()).collect();
-                let err = TaskPlan::new(&models, &spec, 0, world, &peers)
+                let err = TaskPlan::new(&models, &spec, 0, world, &peers, &[7; 32])
                     .unwrap_err()
                     .to_string();
                 assert!(err.starts_with(start), "{err}");

@@ -2,8 +2,10 @@
 //! and tests. Ranks may be threads of one process or separate processes.
 //!
 //! Each rank listens on its own address; rank j dials every rank i < j and accepts the ranks
-//! above it. A handshake carries (world size, dialing rank, expected rank), so a peer from
-//! another job or a misconfigured rank list is rejected with an error that says why.
+//! above it. In the handshake both ranks prove they hold the attempt's mesh secret
+//! ([`MeshSecret`]), so a process that merely reaches a mesh port cannot take a rank; it then
+//! carries (world size, dialing rank, expected rank), so a misconfigured rank list is rejected
+//! with an error that says why.
 //!
 //! The mesh owns a small tokio runtime. One reader task per peer drains its socket into an
 //! inbox keyed by (group, sender), so sends never wait for the receiver's code to call `recv`
@@ -31,11 +33,12 @@ use super::comm::{
     self, check_subgroup, dtype_from_code, CommError, Communicator, Encoded, Op, PeerId,
     PointToPoint, Received, Result,
 };
+use super::mesh_secret::{self, MeshSecret, Side, NONCE_BYTES, PROOF_BYTES};
 
 const FRAME_MAGIC: u32 = 0x4C54_4B46; // "LTKF"
 const HELLO_MAGIC: u32 = 0x4C54_4B48; // "LTKH"
 const ACK_MAGIC: u32 = 0x4C54_4B41; // "LTKA"
-const PROTOCOL_VERSION: u16 = 1;
+const PROTOCOL_VERSION: u16 = 2;
 const FRAME_HEADER_LEN: usize = 4 + 8 + 8 + 1 + 1 + 1 + 8;
 const MAX_TENSOR_RANK: usize = 16;
 /// The most bytes one frame's tensor may have (16 GiB: the largest exchange of a 14B model at
@@ -93,14 +96,17 @@ pub struct TcpMeshConfig {
     /// Every rank's listening address, this rank's own included; the world size is its length.
     pub peers: Vec<SocketAddr>,
     pub timeouts: Timeouts,
+    /// What every rank of this mesh holds and proves in the handshake (see [`MeshSecret`]).
+    pub secret: MeshSecret,
 }
 
 impl TcpMeshConfig {
-    pub fn new(rank: usize, peers: Vec<SocketAddr>) -> Self {
+    pub fn new(rank: usize, peers: Vec<SocketAddr>, secret: MeshSecret) -> Self {
         Self {
             rank,
             peers,
             timeouts: Timeouts::default(),
+            secret,
         }
     }
 }
@@ -205,6 +211,7 @@ impl TcpMesh {
             rank,
             peers,
             timeouts,
+            secret,
         } = config;
         let world = peers.len();
         let listen_err = |source| CommError::Listen {
@@ -221,8 +228,13 @@ impl TcpMesh {
             .build()
             .map_err(|source| CommError::Runtime { rank, source })?;
 
-        let streams =
-            runtime.block_on(establish(rank, peers.clone(), timeouts.clone(), listener))?;
+        let streams = runtime.block_on(establish(
+            rank,
+            peers.clone(),
+            timeouts.clone(),
+            secret,
+            listener,
+        ))?;
 
         let inbox = Arc::new(Inbox {
             state: Mutex::new(InboxState {
@@ -578,6 +590,7 @@ async fn establish(
     rank: usize,
     addrs: Vec<SocketAddr>,
     timeouts: Timeouts,
+    secret: MeshSecret,
     listener: std::net::TcpListener,
 ) -> Result<Vec<Option<TcpStream>>> {
     let world = addrs.len();
@@ -589,18 +602,19 @@ async fn establish(
         source,
     })?;
     let addrs = Arc::new(addrs);
+    let secret = Arc::new(secret);
     let mut tasks = JoinSet::new();
     for peer in 0..rank {
-        let (addrs, timeouts) = (addrs.clone(), timeouts.clone());
+        let (addrs, timeouts, secret) = (addrs.clone(), timeouts.clone(), secret.clone());
         tasks.spawn(async move {
-            dial(rank, peer, &addrs, &timeouts, deadline)
+            dial(rank, peer, &addrs, &timeouts, &secret, deadline)
                 .await
                 .map(|s| vec![(peer, s)])
         });
     }
     if rank + 1 < world {
         let (addrs, after) = (addrs.clone(), timeouts.connect);
-        tasks.spawn(async move { accept(listener, rank, &addrs, after, deadline).await });
+        tasks.spawn(async move { accept(listener, rank, &addrs, after, secret, deadline).await });
     }
     let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
     while let Some(joined) = tasks.join_next().await {
@@ -626,6 +640,7 @@ async fn dial(
     peer: usize,
     addrs: &[SocketAddr],
     timeouts: &Timeouts,
+    secret: &MeshSecret,
     deadline: tokio::time::Instant,
 ) -> Result<TcpStream> {
     let addr = addrs[peer];
@@ -641,7 +656,7 @@ async fn dial(
                 .map_err(|e| DialError::Retry(e.to_string()))?;
             // Frames are written as header + payload; do not let Nagle hold the small header.
             let _ = stream.set_nodelay(true);
-            dial_handshake(&mut stream, rank, peer, addrs.len())
+            dial_handshake(&mut stream, rank, peer, addrs.len(), secret)
                 .await
                 .map_err(|e| match e {
                     HandshakeError::Io(e) => {
@@ -685,44 +700,102 @@ impl From<std::io::Error> for HandshakeError {
     }
 }
 
-/// Hello: magic u32, version u16, world size u32, dialing rank u32, expected rank u32.
-/// Answer: magic u32, accepted u8, reason length u16, reason (UTF-8).
+/// Bytes of a hello: magic u32, version u16, world size u32, dialing rank u32, expected rank
+/// u32.
+const HELLO_BYTES: usize = 18;
+/// The acceptor's first reply: a challenge follows.
+const CHALLENGE: u8 = 0;
+/// The acceptor's first reply: refused before any challenge (wrong protocol).
+const REFUSED: u8 = 1;
+
+/// The handshake, dialer's side:
+/// 1. dialer → hello + dialer nonce;
+/// 2. acceptor → ACK magic, then `CHALLENGE` + acceptor nonce + the acceptor's proof of the
+///    mesh secret, or `REFUSED` + reason length u16 + reason;
+/// 3. dialer → its own proof (only once the acceptor's holds);
+/// 4. acceptor → accepted u8 + reason length u16 + reason (UTF-8).
 async fn dial_handshake(
     stream: &mut TcpStream,
     rank: usize,
     peer: usize,
     world: usize,
+    secret: &MeshSecret,
 ) -> std::result::Result<(), HandshakeError> {
-    let mut hello = Vec::with_capacity(18);
+    let mut hello = Vec::with_capacity(HELLO_BYTES + NONCE_BYTES);
     hello.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
     hello.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     hello.extend_from_slice(&(world as u32).to_le_bytes());
     hello.extend_from_slice(&(rank as u32).to_le_bytes());
     hello.extend_from_slice(&(peer as u32).to_le_bytes());
+    let dialer_nonce = mesh_secret::nonce();
+    hello.extend_from_slice(&dialer_nonce);
     stream.write_all(&hello).await?;
-    let mut answer = [0u8; 7];
-    stream.read_exact(&mut answer).await?;
-    if u32::from_le_bytes(answer[..4].try_into().expect("4 bytes")) != ACK_MAGIC {
+    let hello = &hello[..HELLO_BYTES];
+
+    let mut head = [0u8; 5];
+    stream.read_exact(&mut head).await?;
+    if u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) != ACK_MAGIC {
         return Err(HandshakeError::Rejected(
             "the process at that address is not a longtake rank".into(),
         ));
     }
-    let reason_len = u16::from_le_bytes([answer[5], answer[6]]) as usize;
-    let mut reason = vec![0u8; reason_len];
-    stream.read_exact(&mut reason).await?;
-    if answer[4] == 1 {
+    if head[4] != CHALLENGE {
+        let reason = read_reason(stream).await?;
+        return Err(HandshakeError::Rejected(format!(
+            "it rejected this rank: {reason}"
+        )));
+    }
+    let mut acceptor_nonce = [0u8; NONCE_BYTES];
+    stream.read_exact(&mut acceptor_nonce).await?;
+    let mut proof = [0u8; PROOF_BYTES];
+    stream.read_exact(&mut proof).await?;
+    if !secret.verify(
+        Side::Acceptor,
+        hello,
+        &dialer_nonce,
+        &acceptor_nonce,
+        &proof,
+    ) {
+        return Err(HandshakeError::Rejected(
+            "the process at that address does not hold this job's mesh secret (a rank of \
+             another job, or not a rank)"
+                .into(),
+        ));
+    }
+    let own = secret.proof(Side::Dialer, hello, &dialer_nonce, &acceptor_nonce);
+    stream.write_all(&own).await?;
+
+    let mut accepted = [0u8; 1];
+    stream.read_exact(&mut accepted).await?;
+    let reason = read_reason(stream).await?;
+    if accepted[0] == 1 {
         Ok(())
     } else {
         Err(HandshakeError::Rejected(format!(
-            "it rejected this rank: {}",
-            String::from_utf8_lossy(&reason)
+            "it rejected this rank: {reason}"
         )))
     }
 }
 
-/// How long a connection may take to send its hello before it is dropped. Handshakes are read
-/// concurrently, so a silent or slow connection holds up no other rank (one silent connection
-/// once stalled the whole mesh setup until the connect deadline).
+/// A reason: length u16, then UTF-8.
+async fn read_reason(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await?;
+    let mut reason = vec![0u8; u16::from_le_bytes(len) as usize];
+    stream.read_exact(&mut reason).await?;
+    Ok(String::from_utf8_lossy(&reason).into_owned())
+}
+
+fn with_reason(mut message: Vec<u8>, reason: &str) -> Vec<u8> {
+    let reason = &reason.as_bytes()[..reason.len().min(u16::MAX as usize)];
+    message.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+    message.extend_from_slice(reason);
+    message
+}
+
+/// How long a connection may take to complete its side of the handshake before it is dropped.
+/// Handshakes run concurrently, so a silent or slow connection holds up no other rank (one
+/// silent connection once stalled the whole mesh setup until the connect deadline).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Accepts the ranks above `rank`. Connections that fail the handshake are answered with the
@@ -732,41 +805,51 @@ async fn accept(
     rank: usize,
     addrs: &[SocketAddr],
     after: Duration,
+    secret: Arc<MeshSecret>,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<(usize, TcpStream)>> {
     let world = addrs.len();
     let mut connected: Vec<(usize, TcpStream)> = Vec::with_capacity(world - rank - 1);
     let mut rejected: Option<String> = None;
-    let mut hellos = JoinSet::new();
+    let mut handshakes = JoinSet::new();
     while connected.len() < world - rank - 1 {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((mut stream, from_addr)) => {
                     let _ = stream.set_nodelay(true);
-                    hellos.spawn(async move {
-                        let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream)).await {
-                            Ok(hello) => hello,
-                            Err(_) => Err(format!("sent no handshake within {HELLO_TIMEOUT:?}")),
-                        };
-                        (stream, from_addr, hello)
+                    let secret = secret.clone();
+                    handshakes.spawn(async move {
+                        let proven = tokio::time::timeout(
+                            HELLO_TIMEOUT,
+                            authenticate(&mut stream, rank, world, &secret),
+                        )
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(format!("did not complete the handshake within {HELLO_TIMEOUT:?}"))
+                        });
+                        (stream, from_addr, proven)
                     });
                 }
                 // e.g. out of file descriptors: wait a little rather than spin.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             },
-            Some(Ok((mut stream, from_addr, hello))) = hellos.join_next() => {
-                let answered = match hello {
-                    Ok(hello) => tokio::time::timeout(
-                        HELLO_TIMEOUT,
-                        answer_hello(&mut stream, &hello, rank, world, &connected),
-                    )
-                    .await
-                    .unwrap_or_else(|_| Err("did not take the handshake's answer".into())),
-                    Err(reason) => Err(reason),
-                };
-                match answered {
-                    Ok(from) => connected.push((from, stream)),
-                    Err(reason) => rejected = Some(format!("a connection from {from_addr}: {reason}")),
+            Some(Ok((mut stream, from_addr, proven))) = handshakes.join_next() => {
+                let verdict = proven.and_then(|from| {
+                    if connected.iter().any(|(c, _)| *c == from) {
+                        Err(format!("rank {from} is already connected"))
+                    } else {
+                        Ok(from)
+                    }
+                });
+                let mut answer = vec![u8::from(verdict.is_ok())];
+                answer = with_reason(answer, verdict.as_ref().err().map_or("", String::as_str));
+                let sent = tokio::time::timeout(HELLO_TIMEOUT, stream.write_all(&answer)).await;
+                match (verdict, sent) {
+                    (Ok(from), Ok(Ok(()))) => connected.push((from, stream)),
+                    (Ok(from), _) => {
+                        rejected = Some(format!("rank {from} at {from_addr} did not take the handshake's answer"));
+                    }
+                    (Err(reason), _) => rejected = Some(format!("a connection from {from_addr}: {reason}")),
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -792,66 +875,75 @@ async fn accept(
     Ok(connected)
 }
 
-/// Reads a connection's hello.
-async fn read_hello(stream: &mut TcpStream) -> std::result::Result<[u8; 18], String> {
-    let mut hello = [0u8; 18];
-    stream
-        .read_exact(&mut hello)
-        .await
-        .map_err(|e| format!("no complete handshake: {e}"))?;
-    Ok(hello)
-}
-
-/// Checks a hello and answers it; returns the dialing rank.
-async fn answer_hello(
+/// The acceptor's side of the handshake up to the verdict (see [`dial_handshake`]): reads the
+/// hello, proves the mesh secret, checks the dialer's proof and the hello; returns the dialing
+/// rank. A dialer is told why it was refused only once it has proven the secret.
+async fn authenticate(
     stream: &mut TcpStream,
-    hello: &[u8; 18],
     rank: usize,
     world: usize,
-    connected: &[(usize, TcpStream)],
+    secret: &MeshSecret,
 ) -> std::result::Result<usize, String> {
+    let mut received = [0u8; HELLO_BYTES + NONCE_BYTES];
+    stream
+        .read_exact(&mut received)
+        .await
+        .map_err(|e| format!("no complete handshake: {e}"))?;
+    let (hello, dialer_nonce) = received.split_at(HELLO_BYTES);
+    let dialer_nonce: [u8; NONCE_BYTES] = dialer_nonce.try_into().expect("nonce bytes");
     let u32_at = |at: usize| u32::from_le_bytes(hello[at..at + 4].try_into().expect("4 bytes"));
-    let verdict = if u32_at(0) != HELLO_MAGIC {
-        Err("not a longtake rank".to_string())
-    } else {
-        let version = u16::from_le_bytes([hello[4], hello[5]]);
-        let (their_world, from, to) =
-            (u32_at(6) as usize, u32_at(10) as usize, u32_at(14) as usize);
-        if version != PROTOCOL_VERSION {
-            Err(format!(
-                "protocol version {version}, this rank speaks {PROTOCOL_VERSION}"
-            ))
-        } else if their_world != world {
-            Err(format!(
-                "rank {from} has a world size of {their_world}, rank {rank} has {world}"
-            ))
-        } else if to != rank {
-            Err(format!(
-                "rank {from} dialed rank {to} but reached rank {rank}; the address lists differ"
-            ))
-        } else if from <= rank || from >= world {
-            Err(format!(
-                "rank {from} must not dial rank {rank} (ranks dial only lower ranks)"
-            ))
-        } else if connected.iter().any(|(c, _)| *c == from) {
-            Err(format!("rank {from} is already connected"))
-        } else {
-            Ok(from)
-        }
-    };
-    let reason = verdict.as_ref().err().map_or("", String::as_str).as_bytes();
-    let reason = &reason[..reason.len().min(u16::MAX as usize)];
-    let mut answer = Vec::with_capacity(7 + reason.len());
-    answer.extend_from_slice(&ACK_MAGIC.to_le_bytes());
-    answer.push(u8::from(verdict.is_ok()));
-    answer.extend_from_slice(&(reason.len() as u16).to_le_bytes());
-    answer.extend_from_slice(reason);
-    if let Err(e) = stream.write_all(&answer).await {
-        return Err(verdict
-            .err()
-            .unwrap_or_else(|| format!("answering the handshake: {e}")));
+    if u32_at(0) != HELLO_MAGIC {
+        return Err("not a longtake rank".to_string());
     }
-    verdict
+    let version = u16::from_le_bytes([hello[4], hello[5]]);
+    if version != PROTOCOL_VERSION {
+        let reason = format!("protocol version {version}, this rank speaks {PROTOCOL_VERSION}");
+        let mut refusal = ACK_MAGIC.to_le_bytes().to_vec();
+        refusal.push(REFUSED);
+        let _ = stream.write_all(&with_reason(refusal, &reason)).await;
+        return Err(reason);
+    }
+
+    let acceptor_nonce = mesh_secret::nonce();
+    let mut challenge = Vec::with_capacity(5 + NONCE_BYTES + PROOF_BYTES);
+    challenge.extend_from_slice(&ACK_MAGIC.to_le_bytes());
+    challenge.push(CHALLENGE);
+    challenge.extend_from_slice(&acceptor_nonce);
+    challenge.extend_from_slice(&secret.proof(
+        Side::Acceptor,
+        hello,
+        &dialer_nonce,
+        &acceptor_nonce,
+    ));
+    stream
+        .write_all(&challenge)
+        .await
+        .map_err(|e| format!("sending the challenge: {e}"))?;
+    let mut proof = [0u8; PROOF_BYTES];
+    stream
+        .read_exact(&mut proof)
+        .await
+        .map_err(|e| format!("no proof of the mesh secret: {e}"))?;
+    if !secret.verify(Side::Dialer, hello, &dialer_nonce, &acceptor_nonce, &proof) {
+        return Err("it does not hold this job's mesh secret".to_string());
+    }
+
+    let (their_world, from, to) = (u32_at(6) as usize, u32_at(10) as usize, u32_at(14) as usize);
+    if their_world != world {
+        Err(format!(
+            "rank {from} has a world size of {their_world}, rank {rank} has {world}"
+        ))
+    } else if to != rank {
+        Err(format!(
+            "rank {from} dialed rank {to} but reached rank {rank}; the address lists differ"
+        ))
+    } else if from <= rank || from >= world {
+        Err(format!(
+            "rank {from} must not dial rank {rank} (ranks dial only lower ranks)"
+        ))
+    } else {
+        Ok(from)
+    }
 }
 
 impl Communicator for TcpMesh {

@@ -38,6 +38,7 @@ pub(crate) fn run_ranks<T: Send>(
 ) -> TestResult<Vec<T>> {
     let (listeners, addrs) = loopback_listeners(world)?;
     let (f, addrs) = (&f, &addrs);
+    let secret = &crate::parallel::MeshSecret::random();
     std::thread::scope(|scope| {
         let handles: Vec<_> = listeners
             .into_iter()
@@ -45,7 +46,7 @@ pub(crate) fn run_ranks<T: Send>(
             .map(|(rank, listener)| {
                 scope.spawn(move || -> TestResult<T> {
                     let mesh = TcpMesh::connect_with_listener(
-                        TcpMeshConfig::new(rank, addrs.clone()),
+                        TcpMeshConfig::new(rank, addrs.clone(), secret.clone()),
                         listener,
                     )?;
                     f(rank, Box::new(mesh))
