@@ -451,7 +451,8 @@ fn api_tokens_keep_each_studio_to_its_own_jobs() {
 }
 
 /// A farm on TLS with certificates from `longtake certs init`: a job runs end to end over
-/// https (CLI → coordinator) and mutual TLS (coordinator → worker). A worker registered in etcd
+/// https (CLI → coordinator), mutual TLS (coordinator → worker) and an etcd that serves TLS to
+/// holders of a farm certificate only. A worker registered in etcd
 /// without the farm's certificate (as a forged etcd record was: it once received prompts and
 /// had its frames taken as a finished job) is never given the job; a worker's RPCs refuse a
 /// caller without a farm certificate, and one whose certificate is not the coordinator's; a
@@ -502,8 +503,8 @@ fn a_tls_farm_runs_jobs_and_refuses_who_holds_no_farm_certificate() {
     plain
         .env_remove("LONGTAKE_CA_CERT")
         .env_remove("LONGTAKE_TOKEN");
-    let run = support::cli::Run::of(plain, &["list"]);
-    run.error_line();
+    let line = support::cli::Run::of(plain, &["list"]).error_line();
+    assert!(line.contains("https:// URL and --ca-cert"), "{line}");
     let mut no_ca = support::cli::longtake();
     no_ca.env("LONGTAKE_COORDINATOR", farm.url());
     no_ca
@@ -511,6 +512,33 @@ fn a_tls_farm_runs_jobs_and_refuses_who_holds_no_farm_certificate() {
         .env_remove("LONGTAKE_TOKEN");
     let line = support::cli::Run::of(no_ca, &["list"]).error_line();
     assert!(line.contains("--ca-cert"), "{line}");
+
+    // etcd serves TLS to holders of a farm certificate only
+    assert!(
+        farm.etcd_url().starts_with("https://"),
+        "{}",
+        farm.etcd_url()
+    );
+    let artifacts = tempfile::tempdir().unwrap();
+    let refused = support::cli::longtake()
+        .args([
+            "serve",
+            "coordinator",
+            "--etcd",
+            farm.etcd_url(),
+            "--etcd-ca",
+        ])
+        .arg(dir.join("ca.pem"))
+        .args(["--listen", "127.0.0.1:0", "--artifacts"])
+        .arg(artifacts.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "a coordinator without an etcd certificate started"
+    );
+    assert!(said.contains("etcd refused this client's TLS"), "{said}");
 
     // the worker's RPCs: only the coordinator's certificate gets an answer
     let worker = farm

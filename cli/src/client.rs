@@ -241,6 +241,13 @@ impl Client {
 /// connection say which coordinator they came from.
 pub fn status_error(url: &str, status: tonic::Status) -> anyhow::Error {
     let message = status.message().trim().replace('\n', " ");
+    if url.starts_with("http://") && message.to_ascii_lowercase().contains("h2 protocol error") {
+        // what plain HTTP/2 gets from a TLS listener
+        return anyhow!(
+            "the coordinator at {url} did not answer plain gRPC ({message}): a farm with TLS \
+             takes an https:// URL and --ca-cert FILE (or {CA_CERT_ENV})"
+        );
+    }
     match status.code() {
         Code::Unavailable | Code::Unknown if message.is_empty() => {
             anyhow!(

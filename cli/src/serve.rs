@@ -43,10 +43,21 @@ pub struct EtcdArgs {
     /// Key prefix of this farm in etcd.
     #[arg(long, default_value = "/longtake")]
     pub prefix: String,
+    /// The CA of etcd's certificate (PEM), for `https://` etcd URLs.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for an etcd that requires one (`--client-cert-auth`); with
+    /// --etcd-key. The farm's own certificates serve (`certs init` makes them for client
+    /// authentication too).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_cert", "etcd_ca"])]
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl EtcdArgs {
-    fn config(&self) -> EtcdConfig {
+    fn config(&self) -> Result<EtcdConfig> {
         let mut config = EtcdConfig::new(
             self.etcd
                 .iter()
@@ -55,7 +66,24 @@ impl EtcdArgs {
                 .collect(),
         );
         config.prefix = self.prefix.clone();
-        config
+        let https = config.endpoints.iter().any(|u| u.starts_with("https://"));
+        match (&self.etcd_ca, https) {
+            (Some(ca), true) => {
+                let identity = self.etcd_cert.as_deref().zip(self.etcd_key.as_deref());
+                config.tls = Some(longtake_proto::tls::etcd_client(ca, identity)?);
+            }
+            (None, true) => bail!(
+                "etcd at {} speaks TLS: pass --etcd-ca FILE (and --etcd-cert/--etcd-key if it \
+                 requires client certificates)",
+                config.endpoints_text()
+            ),
+            (Some(_), false) => bail!(
+                "--etcd-ca is for https:// etcd URLs; {} is plain http",
+                config.endpoints_text()
+            ),
+            (None, false) => {}
+        }
+        Ok(config)
     }
 }
 
@@ -199,7 +227,7 @@ pub async fn run(command: ServeCommand) -> Result<i32> {
 }
 
 async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
-    let etcd = args.etcd.config();
+    let etcd = args.etcd.config()?;
     let membership = EtcdMembership::connect(etcd.clone()).await?;
     let store = EtcdJobStore::connect(etcd).await?;
     let mut config = CoordinatorConfig::new(args.artifacts.clone());
@@ -248,7 +276,7 @@ fn access(tokens: Option<&Path>, listen: SocketAddr) -> Result<Access> {
 }
 
 async fn worker(args: WorkerArgs) -> Result<i32> {
-    let mut etcd = args.etcd.config();
+    let mut etcd = args.etcd.config()?;
     if args.lease_ttl < 1 {
         bail!("--lease-ttl must be at least 1 second");
     }

@@ -139,6 +139,35 @@ pub fn client_trusting(ca: &Path) -> Result<ClientTlsConfig, TlsError> {
     Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
 }
 
+/// A client of an etcd cluster over TLS: it trusts `ca` for etcd's certificate and, for an
+/// etcd that requires client certificates, presents `identity` (certificate, key).
+pub fn etcd_client(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<ClientTlsConfig, TlsError> {
+    let mut config = client_trusting(ca)?;
+    if let Some((cert, key)) = identity {
+        let cert_pem = read(cert, "the etcd client certificate")?;
+        let key_pem = read(key, "the etcd client key")?;
+        if first_certificate(&cert_pem).is_none() {
+            return Err(TlsError::NotPem {
+                what: "the etcd client certificate",
+                path: cert.to_path_buf(),
+                kind: "certificate",
+            });
+        }
+        if rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
+            return Err(TlsError::NotPem {
+                what: "the etcd client key",
+                path: key.to_path_buf(),
+                kind: "private key",
+            });
+        }
+        config = config.identity(Identity::from_pem(cert_pem, key_pem));
+    }
+    Ok(config)
+}
+
 /// Whether the peer of a request presented a certificate (already verified against the farm's
 /// CA by the handshake) that is one of `role`.
 pub fn peer_has_role<T>(request: &tonic::Request<T>, role: &str) -> bool {

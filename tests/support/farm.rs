@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use longtake_proto::membership::testing::EtcdServer;
+use longtake_proto::membership::testing::{EtcdServer, EtcdServerTls};
 use serde_json::Value;
 
 use super::cli::{field, longtake, Run};
@@ -30,6 +30,18 @@ fn tls_args(dir: &Path, role: &str) -> Vec<PathBuf> {
         dir.join(format!("{role}.key")),
         "--tls-ca".into(),
         dir.join("ca.pem"),
+    ]
+}
+
+/// `--etcd-ca/--etcd-cert/--etcd-key`: the farm's CA and `role`'s certificate as an etcd client.
+fn etcd_tls_args(dir: &Path, role: &str) -> Vec<PathBuf> {
+    vec![
+        "--etcd-ca".into(),
+        dir.join("ca.pem"),
+        "--etcd-cert".into(),
+        dir.join(format!("{role}.pem")),
+        "--etcd-key".into(),
+        dir.join(format!("{role}.key")),
     ]
 }
 
@@ -62,7 +74,9 @@ impl Farm {
     }
 
     /// etcd and a coordinator speaking TLS with the certificates `longtake certs init` wrote
-    /// to `certs`; the workers it starts do too, and the CLI trusts the farm's CA.
+    /// to `certs`; the workers it starts do too, and the CLI trusts the farm's CA. etcd serves
+    /// TLS as well (with the coordinator's certificate, which names 127.0.0.1) and requires a
+    /// client certificate of the farm's CA: each daemon presents its own.
     pub fn start_tls(certs: &Path, coordinator_args: &[&str]) -> Farm {
         Farm::start_over(coordinator_args, Some(certs.to_path_buf()))
     }
@@ -80,7 +94,14 @@ impl Farm {
             tls: None,
             artifacts: tempfile::tempdir().expect("artifact directory"),
             scratch: tempfile::tempdir().expect("scratch directory"),
-            etcd: EtcdServer::start(),
+            etcd: match &tls {
+                Some(dir) => EtcdServer::start_tls(&EtcdServerTls {
+                    cert: dir.join("coordinator.pem"),
+                    key: dir.join("coordinator.key"),
+                    ca: dir.join("ca.pem"),
+                }),
+                None => EtcdServer::start(),
+            },
             _serial: serial,
         };
         farm.tls = tls;
@@ -111,6 +132,7 @@ impl Farm {
             .args(&self.coordinator_args);
         if let Some(dir) = &self.tls {
             cmd.args(tls_args(dir, "coordinator"));
+            cmd.args(etcd_tls_args(dir, "coordinator"));
         }
         let mut proc = Proc::spawn("coordinator", cmd);
         let addr = proc.wait_for_line("coordinator listening on ", READY);
@@ -149,8 +171,13 @@ impl Farm {
             cmd.args(["--lease-ttl", "2"]);
         }
         cmd.args(extra);
-        if let (true, Some(dir)) = (tls, &self.tls) {
-            cmd.args(tls_args(dir, "worker"));
+        if let Some(dir) = &self.tls {
+            // etcd access even without the worker's own certificate: what a forged record
+            // stands for is someone who can write to etcd
+            cmd.args(etcd_tls_args(dir, "worker"));
+            if tls {
+                cmd.args(tls_args(dir, "worker"));
+            }
         }
         let mut proc = Proc::spawn(&format!("worker {id}"), cmd);
         proc.wait_for_line(&format!("worker {id} listening on "), READY);
@@ -165,6 +192,11 @@ impl Farm {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The client URL of this farm's etcd.
+    pub fn etcd_url(&self) -> &str {
+        self.etcd.url()
     }
 
     /// A path in the test's scratch directory (for `--out`).

@@ -15,7 +15,10 @@ use crate::record::JobRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("job store in etcd at {endpoints}: {source} (is etcd running there?)")]
+    #[error(
+        "job store in etcd at {endpoints}: {source} ({})",
+        longtake_proto::membership::etcd_hint(source)
+    )]
     Etcd {
         endpoints: String,
         #[source]

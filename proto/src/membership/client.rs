@@ -29,9 +29,25 @@ pub async fn connect(config: &EtcdConfig) -> Result<Client, etcd_client::Error> 
         // (5 s), and not while idle: etcd answers either with GOAWAY (too many pings).
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(false);
+    let options = match &config.tls {
+        Some(tls) => options.with_tls(tls.clone()),
+        None => options,
+    };
     let mut client = Client::connect(&config.endpoints, Some(options)).await?;
     within(CONNECT_TIMEOUT, client.status()).await?;
     Ok(client)
+}
+
+/// What to do about an etcd error: a TLS refusal asks for the farm's etcd certificates,
+/// anything else for a running etcd at the given URL.
+pub fn hint(error: &etcd_client::Error) -> &'static str {
+    let text = format!("{error} {error:?}").to_ascii_lowercase();
+    if text.contains("certificate") || text.contains("tls") || text.contains("handshake") {
+        "etcd refused this client's TLS: pass --etcd-ca with the CA of etcd's certificate, and \
+         --etcd-cert/--etcd-key with a client certificate of the CA etcd trusts"
+    } else {
+        "is etcd running there? start it or pass --etcd with its client URL"
+    }
 }
 
 /// Runs one etcd request, failing with a timed-out I/O error after [`REQUEST_TIMEOUT`].

@@ -41,6 +41,9 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// Lease time-to-live in seconds: a worker that stops keeping alive is gone after this.
     pub lease_ttl_s: i64,
+    /// TLS to etcd (`https://` endpoints): the CA of etcd's certificate and, for an etcd with
+    /// `--client-cert-auth`, this process's certificate (`crate::tls::etcd_client`).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl EtcdConfig {
@@ -49,6 +52,7 @@ impl EtcdConfig {
             endpoints,
             prefix: "/longtake".into(),
             lease_ttl_s: 10,
+            tls: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! `longtake render` without a coordinator.
 
 pub mod client;
+pub use client::hint as etcd_hint;
 mod etcd;
 mod memory;
 #[cfg(feature = "testing")]
@@ -20,7 +21,7 @@ use crate::v1::Worker;
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
     /// etcd could not be reached or refused a request.
-    #[error("etcd at {endpoints}: {source} (is etcd running there? start it or pass --etcd with its client URL)")]
+    #[error("etcd at {endpoints}: {source} ({})", client::hint(source))]
     Etcd {
         endpoints: String,
         #[source]

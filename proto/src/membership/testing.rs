@@ -3,6 +3,7 @@
 //! fail with a message saying how to install it rather than skipping.
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,18 @@ use std::time::{Duration, Instant};
 pub struct EtcdServer {
     child: Child,
     client_url: String,
+    /// The port of plain-HTTP `/health` (the client port itself, or with TLS a metrics port).
+    health_port: u16,
     data: tempfile::TempDir,
+}
+
+/// The TLS an [`EtcdServer`] serves its clients with: its certificate and key, and the CA
+/// every client certificate must come from (`--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// A loopback port that was free a moment ago: nothing listens on it (for "unreachable" tests),
@@ -28,9 +40,19 @@ impl EtcdServer {
     /// moment ago, so a parallel test can take one first: an etcd that exits at start is
     /// started again on other ports, three times at most.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Like [`EtcdServer::start`], serving clients over TLS and only to holders of a
+    /// certificate of `tls.ca` (the client URL is `https://`).
+    pub fn start_tls(tls: &EtcdServerTls) -> Self {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&EtcdServerTls>) -> Self {
         let mut failures = Vec::new();
         for _ in 0..3 {
-            match Self::try_start() {
+            match Self::try_start(tls) {
                 Ok(server) => return server,
                 Err(why) => failures.push(why),
             }
@@ -38,13 +60,31 @@ impl EtcdServer {
         panic!("etcd did not start: {}", failures.join("; "));
     }
 
-    fn try_start() -> Result<Self, String> {
+    fn try_start(tls: Option<&EtcdServerTls>) -> Result<Self, String> {
         let data = tempfile::tempdir().expect("temporary directory for etcd");
         let (client, peer) = (free_port(), free_port());
-        let client_url = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(data.path().join("etcd.log")).expect("etcd log file");
-        let child = Command::new(std::env::var("LONGTAKE_ETCD_BIN").unwrap_or("etcd".into()))
+        let mut command = Command::new(std::env::var("LONGTAKE_ETCD_BIN").unwrap_or("etcd".into()));
+        let mut health_port = client;
+        if let Some(tls) = tls {
+            health_port = free_port();
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth")
+                .args([
+                    "--listen-metrics-urls",
+                    &format!("http://127.0.0.1:{health_port}"),
+                ]);
+        }
+        let child = command
             .args(["--name", "test", "--data-dir"])
             .arg(data.path().join("data"))
             .args(["--listen-client-urls", &client_url])
@@ -61,6 +101,7 @@ impl EtcdServer {
         let mut server = Self {
             child,
             client_url,
+            health_port,
             data,
         };
         server.wait_ready()?;
@@ -72,7 +113,7 @@ impl EtcdServer {
         // A hang guard, not a speed check: etcd is up when its health answers.
         let guard = Duration::from_secs(60);
         let deadline = Instant::now() + guard;
-        let health = format!("127.0.0.1:{}", self.port());
+        let health = format!("127.0.0.1:{}", self.health_port);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 let log =
@@ -103,14 +144,6 @@ impl EtcdServer {
     /// The client URL, e.g. `http://127.0.0.1:23791`.
     pub fn url(&self) -> &str {
         &self.client_url
-    }
-
-    fn port(&self) -> u16 {
-        self.client_url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("client URL ends with a port")
     }
 }
 
