@@ -24,9 +24,9 @@ const REGISTERED_POLL: Duration = Duration::from_millis(50);
 #[derive(Subcommand)]
 pub enum ServeCommand {
     /// The coordinator: job API, queue, placement; jobs and membership in etcd.
-    Coordinator(CoordinatorArgs),
+    Coordinator(Box<CoordinatorArgs>),
     /// A worker daemon: registers in etcd and runs the tasks the coordinator gives it.
-    Worker(WorkerArgs),
+    Worker(Box<WorkerArgs>),
 }
 
 /// Where the farm's etcd is and under which key prefix.
@@ -221,8 +221,8 @@ pub struct WorkerArgs {
 
 pub async fn run(command: ServeCommand) -> Result<i32> {
     match command {
-        ServeCommand::Coordinator(args) => coordinator(args).await,
-        ServeCommand::Worker(args) => worker(args).await,
+        ServeCommand::Coordinator(args) => coordinator(*args).await,
+        ServeCommand::Worker(args) => worker(*args).await,
     }
 }
 
