@@ -353,7 +353,8 @@ fn unknown_ids_and_malformed_specs_are_refused_with_their_names() {
 /// watches, cancels and fetches only its own jobs (another's job is "no job", as if it did not
 /// exist) and its request ids are its own; an admin reaches every job. The coordinator's audit
 /// log names who did what and what was refused, and never a token. (Before tokens, anyone who
-/// reached the API could cancel or fetch any job.)
+/// reached the API could cancel or fetch any job.) A job beyond its owner's rank quota is
+/// refused.
 #[test]
 fn api_tokens_keep_each_studio_to_its_own_jobs() {
     const A: &str = "tok-a-5c0e9d8f7b6a4e3d";
@@ -366,7 +367,12 @@ fn api_tokens_keep_each_studio_to_its_own_jobs() {
         format!("# the farm's tokens\n{A} studio-a\n{B} studio-b studio\n{OPS} ops admin\n"),
     )
     .unwrap();
-    let mut farm = Farm::start_with(&["--tokens", tokens.to_str().unwrap()]);
+    let mut farm = Farm::start_with(&[
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--max-ranks-per-owner",
+        "1",
+    ]);
     farm.start_worker("w1", &[]);
 
     let line = farm.cli(&["list"]).error_line();
@@ -379,6 +385,12 @@ fn api_tokens_keep_each_studio_to_its_own_jobs() {
     let small = spec(2);
     submit.extend(strs(&small));
     assert!(farm.cli(&submit).error_line().contains("API token"));
+
+    // a job beyond the owner's quota of ranks could never run: refused at once
+    let mut wide = submit.clone();
+    wide.extend(["--layout", "cfg=2"]);
+    let line = farm.cli_as(A, &wide).error_line();
+    assert!(line.contains("studio-a may use at most 1"), "{line}");
 
     // studio-a's job, with a request id
     let mut with_request = submit.clone();

@@ -241,8 +241,11 @@ impl Client {
 /// connection say which coordinator they came from.
 pub fn status_error(url: &str, status: tonic::Status) -> anyhow::Error {
     let message = status.message().trim().replace('\n', " ");
-    if url.starts_with("http://") && message.to_ascii_lowercase().contains("h2 protocol error") {
-        // what plain HTTP/2 gets from a TLS listener
+    let lowered = message.to_ascii_lowercase();
+    if url.starts_with("http://")
+        && (lowered.contains("h2 protocol error") || lowered == "transport error")
+    {
+        // what plain HTTP/2 gets from a TLS listener (which of the two depends on timing)
         return anyhow!(
             "the coordinator at {url} did not answer plain gRPC ({message}): a farm with TLS \
              takes an https:// URL and --ca-cert FILE (or {CA_CERT_ENV})"
@@ -314,6 +317,11 @@ mod tests {
         assert!(e.to_string().contains("http://h:1"), "{e}");
         let e = status_error("http://h:1", tonic::Status::unavailable(""));
         assert!(e.to_string().contains("http://h:1"), "{e}");
+        // plain HTTP/2 to a TLS listener fails in one of two ways
+        for said in ["h2 protocol error: http2 error", "transport error"] {
+            let e = status_error("http://h:1", tonic::Status::unknown(said)).to_string();
+            assert!(e.contains("https:// URL and --ca-cert"), "{e}");
+        }
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use longtake_coordinator::access::{Access, Tokens};
+use longtake_coordinator::placement::RankQuotas;
 use longtake_coordinator::{Coordinator, CoordinatorConfig, EtcdJobStore, Limits};
 use longtake_proto::membership::{EtcdConfig, EtcdMembership, Membership};
 use longtake_proto::tls::{Tls, TlsFiles, COORDINATOR_NAME, WORKER_NAME};
@@ -136,6 +137,13 @@ pub struct CoordinatorArgs {
     /// owner and a studio reaches only its own jobs; without it every caller is an admin.
     #[arg(long, value_name = "FILE")]
     pub tokens: Option<PathBuf>,
+    /// Most workers (ranks) one owner's jobs may hold at once; a job beyond it waits, holding
+    /// no workers, and one that needs more than the quota is refused [default: no limit].
+    #[arg(long, value_name = "N")]
+    pub max_ranks_per_owner: Option<usize>,
+    /// One owner's own rank quota, OWNER=N (overrides --max-ranks-per-owner); repeatable.
+    #[arg(long = "owner-max-ranks", value_parser = parse_quota, value_name = "OWNER=N")]
+    pub owner_max_ranks: Vec<(String, usize)>,
     /// Directory finished outputs are written to and served from.
     #[arg(long)]
     pub artifacts: PathBuf,
@@ -234,6 +242,10 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
     config.limits = args.limits();
     config.checkpoint_every = args.checkpoint_every;
     config.access = access(args.tokens.as_deref(), args.listen)?;
+    config.quotas = RankQuotas {
+        default: args.max_ranks_per_owner,
+        owners: args.owner_max_ranks.iter().cloned().collect(),
+    };
     config.tls = args.tls.load(COORDINATOR_NAME)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -408,6 +420,19 @@ fn parse_model(text: &str) -> Result<ModelSource, String> {
     }
 }
 
+fn parse_quota(text: &str) -> Result<(String, usize), String> {
+    let parsed = text
+        .split_once('=')
+        .and_then(|(owner, n)| Some((owner.trim(), n.trim().parse::<usize>().ok()?)))
+        .filter(|(owner, _)| !owner.is_empty());
+    match parsed {
+        Some((owner, n)) => Ok((owner.to_string(), n)),
+        None => Err(format!(
+            "expected OWNER=N (N a number of workers); got {text:?}"
+        )),
+    }
+}
+
 fn parse_label(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.trim().is_empty() => {
@@ -439,6 +464,10 @@ mod tests {
             Ok(("zone".to_string(), "eu-1".to_string()))
         );
         assert!(parse_label("zone").is_err());
+        assert_eq!(parse_quota("studio-a=4"), Ok(("studio-a".to_string(), 4)));
+        assert!(parse_quota("studio-a").is_err());
+        assert!(parse_quota("=4").is_err());
+        assert!(parse_quota("a=four").is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use longtake_proto::{
 };
 use tokio::sync::{broadcast, mpsc};
 
-use crate::placement::Request;
+use crate::placement::{RankQuotas, Request};
 use crate::record::{is_request_id, CheckpointRef, JobPhase, JobRecord, JobSpecs, Plan};
 use crate::store::LoadedJob;
 
@@ -114,6 +114,15 @@ pub enum TableError {
          name; a retry must repeat the submission exactly (use a new request id for a new job)"
     )]
     RequestIdReused { request_id: String, job_id: String },
+    #[error(
+        "the job needs {ranks} workers at once, and {owner} may use at most {quota}: it could \
+         never run (use a smaller layout or fewer --groups, or ask for a larger quota)"
+    )]
+    OverQuota {
+        owner: String,
+        ranks: usize,
+        quota: usize,
+    },
 }
 
 /// What a submission did.
@@ -127,12 +136,12 @@ pub enum Submitted {
 
 pub struct JobTable {
     jobs: HashMap<String, Entry>,
-    /// Job ids by the request id they were submitted with.
     /// Request ids → job ids, per owner: a request id is the owner's own namespace (another
     /// owner's same id is another job, and never reveals the first).
     request_ids: HashMap<(String, String), String>,
     queue: crate::queue::JobQueue,
     limits: Limits,
+    quotas: RankQuotas,
     max_attempts: u32,
     /// The latest `submitted_at_ms` handed out.
     last_submitted_ms: u64,
@@ -199,9 +208,32 @@ impl JobTable {
             request_ids: HashMap::new(),
             queue: Default::default(),
             limits,
+            quotas: RankQuotas::default(),
             max_attempts: max_attempts.max(1),
             last_submitted_ms: 0,
         }
+    }
+
+    /// Limits each owner's ranks running at once (no limit by default).
+    pub fn with_quotas(mut self, quotas: RankQuotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// For each owner of a queued job that has a quota, the ranks it may still start.
+    pub fn ranks_left(&self) -> HashMap<String, usize> {
+        let mut in_use: HashMap<String, usize> = HashMap::new();
+        for entry in self.jobs.values() {
+            if let Some(attempt) = &entry.attempt {
+                *in_use.entry(entry.job.owner.clone()).or_default() += attempt.workers.len();
+            }
+        }
+        let queued = self
+            .queue
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .map(|e| e.job.owner.as_str());
+        self.quotas.left(queued, &in_use)
     }
 
     /// Takes the stored jobs: queued ones queue again, planned or running ones (their attempt
@@ -285,6 +317,14 @@ impl JobTable {
     ) -> Result<Submitted, TableError> {
         let request = SpecRequest::try_from(spec)?;
         request.check_limits(&self.limits)?;
+        let ranks = request.layout.world_size() * request.groups as usize;
+        if let Some(quota) = self.quotas.limit(owner).filter(|&q| q < ranks) {
+            return Err(TableError::OverQuota {
+                owner: owner.to_string(),
+                ranks,
+                quota,
+            });
+        }
         check_job_name(name, &self.limits).map_err(TableError::Name)?;
         if !request_id.is_empty() {
             if !is_request_id(request_id) {
@@ -454,6 +494,7 @@ impl JobTable {
                     job_id: e.job.id.clone(),
                     model: request.model.clone(),
                     world_size: request.layout.world_size() * request.groups as usize,
+                    owner: e.job.owner.clone(),
                 })
             })
             .collect()
@@ -1240,6 +1281,44 @@ mod tests {
             Submitted::Existing(j) => assert_eq!(j.id, theirs.id),
             Submitted::New(c) => panic!("a retry after a restart made {}", c.job.id),
         }
+    }
+
+    /// A job that needs more workers than its owner's quota can never run: refused at submit,
+    /// naming the quota; the same job of an owner with a larger quota is queued.
+    #[test]
+    fn a_job_beyond_its_owners_quota_is_refused() {
+        let quotas = RankQuotas {
+            default: Some(1),
+            owners: [("ops".to_string(), 4)].into(),
+        };
+        let mut t = JobTable::new(Limits::default(), 3).with_quotas(quotas);
+        let cfg2 = RenderSpec {
+            layout: "cfg=2".into(),
+            ..spec()
+        };
+        let e = t.submit(&cfg2, 0, "", "", "studio-a", 1).unwrap_err();
+        assert_eq!(
+            e,
+            TableError::OverQuota {
+                owner: "studio-a".into(),
+                ranks: 2,
+                quota: 1
+            }
+        );
+        assert!(e.to_string().contains("at most 1"), "{e}");
+        assert!(matches!(
+            t.submit(&cfg2, 0, "", "", "ops", 2).unwrap(),
+            Submitted::New(_)
+        ));
+        assert!(matches!(
+            t.submit(&spec(), 0, "", "", "studio-a", 3).unwrap(),
+            Submitted::New(_)
+        ));
+        // what each queued job's owner may still start: nothing runs yet
+        assert_eq!(
+            t.ranks_left(),
+            [("ops".to_string(), 4), ("studio-a".to_string(), 1)].into()
+        );
     }
 
     /// A queued spec that can never run on the farm's model fails at once with the reason

@@ -58,6 +58,8 @@ pub struct CoordinatorConfig {
     pub checkpoint_every: u32,
     /// Who may call the job API ([`access::Access::Open`]: everyone, as a local admin).
     pub access: access::Access,
+    /// How many ranks each owner may run at once (no limit by default).
+    pub quotas: placement::RankQuotas,
     /// The coordinator's certificate: its API speaks TLS and it reaches workers over mutual
     /// TLS (`None`: plain gRPC, for a farm on loopback or the embedded farm).
     pub tls: Option<longtake_proto::tls::Tls>,
@@ -72,6 +74,7 @@ impl CoordinatorConfig {
             start_timeout: Duration::from_secs(60),
             checkpoint_every: 1,
             access: access::Access::Open,
+            quotas: placement::RankQuotas::default(),
             tls: None,
         }
     }

@@ -4,9 +4,10 @@
 //! job is not starved by a stream of small ones; a job that cannot run on the farm as it is now
 //! (no live worker serves its model, or fewer than its world size) is skipped with the reason.
 //! Ranks are ordered so that workers on one `node` label are consecutive (tp groups, the
-//! innermost degree, stay on a node), then by id.
+//! innermost degree, stay on a node), then by id. An owner with a rank quota runs at most that
+//! many ranks at once: its next job waits, holding no workers, so the others' jobs go past it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use longtake_proto::{Worker, WorkerState};
 
@@ -19,6 +20,40 @@ pub struct Request {
     pub job_id: String,
     pub model: String,
     pub world_size: usize,
+    /// Who submitted it (the owner its quota is counted against).
+    pub owner: String,
+}
+
+/// How many ranks each owner may run at once: `default` for every owner not named in
+/// `owners` (`None`: no limit).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RankQuotas {
+    pub default: Option<usize>,
+    pub owners: BTreeMap<String, usize>,
+}
+
+impl RankQuotas {
+    /// The most ranks `owner` may run at once (`None`: no limit).
+    pub fn limit(&self, owner: &str) -> Option<usize> {
+        self.owners.get(owner).copied().or(self.default)
+    }
+
+    /// For each owner with a quota among `owners`, the ranks it may still start, given the
+    /// ranks it runs now (`in_use`).
+    pub fn left<'a>(
+        &self,
+        owners: impl IntoIterator<Item = &'a str>,
+        in_use: &HashMap<String, usize>,
+    ) -> HashMap<String, usize> {
+        owners
+            .into_iter()
+            .filter_map(|owner| {
+                let limit = self.limit(owner)?;
+                let used = in_use.get(owner).copied().unwrap_or(0);
+                Some((owner.to_string(), limit.saturating_sub(used)))
+            })
+            .collect()
+    }
 }
 
 /// What to do with one queued job this round.
@@ -33,12 +68,15 @@ pub enum Decision {
 }
 
 /// Decides every request, in the order given (the queue's). `claimed` are workers the
-/// coordinator already uses, whatever their published state says.
+/// coordinator already uses, whatever their published state says; `ranks_left` the ranks each
+/// owner with a quota may still start (an owner not in it has no limit).
 pub fn plan(
     requests: &[Request],
     live: &[Worker],
     claimed: &HashSet<String>,
+    ranks_left: &HashMap<String, usize>,
 ) -> Vec<(String, Decision)> {
+    let mut ranks_left = ranks_left.clone();
     let mut taken: HashSet<String> = claimed.clone();
     // workers of higher-priority jobs that are waiting for them
     let mut held: HashSet<String> = HashSet::new();
@@ -49,7 +87,15 @@ pub fn plan(
             .filter(|w| w.state != WorkerState::Draining as i32)
             .filter(|w| w.models.iter().any(|m| m.name == req.model))
             .collect();
-        let decision = if serving.is_empty() {
+        let over_quota = ranks_left
+            .get(&req.owner)
+            .filter(|&&left| left < req.world_size);
+        let decision = if let Some(left) = over_quota {
+            Decision::Wait(format!(
+                "waiting: {} runs its quota of ranks ({} free of it, the job needs {})",
+                req.owner, left, req.world_size
+            ))
+        } else if serving.is_empty() {
             Decision::Skip(format!(
                 "waiting: no live worker serves model {}",
                 req.model
@@ -70,6 +116,9 @@ pub fn plan(
             if free.len() >= req.world_size {
                 let chosen = pick(&free, req.world_size);
                 taken.extend(chosen.iter().map(|w| w.id.clone()));
+                if let Some(left) = ranks_left.get_mut(&req.owner) {
+                    *left -= req.world_size;
+                }
                 Decision::Place(chosen)
             } else {
                 held.extend(serving.iter().map(|w| w.id.clone()));
@@ -141,10 +190,15 @@ mod tests {
     }
 
     fn req(id: &str, model: &str, world: usize) -> Request {
+        req_of("studio", id, model, world)
+    }
+
+    fn req_of(owner: &str, id: &str, model: &str, world: usize) -> Request {
         Request {
             job_id: id.into(),
             model: model.into(),
             world_size: world,
+            owner: owner.into(),
         }
     }
 
@@ -169,6 +223,7 @@ mod tests {
             ],
             &live,
             &HashSet::new(),
+            &HashMap::new(),
         );
         assert_eq!(
             d[0].1,
@@ -197,6 +252,7 @@ mod tests {
             ],
             &live,
             &HashSet::new(),
+            &HashMap::new(),
         );
         assert_eq!(
             d[0].1,
@@ -219,10 +275,16 @@ mod tests {
             &[req("j-1", "tiny", 1), req("j-2", "tiny", 1)],
             &live,
             &claimed,
+            &HashMap::new(),
         );
         assert_eq!(ids(&d[0].1), ["w2"]);
         assert!(matches!(d[1].1, Decision::Wait(_)));
-        let d = plan(&[req("j-3", "tiny", 3)], &live, &HashSet::new());
+        let d = plan(
+            &[req("j-3", "tiny", 3)],
+            &live,
+            &HashSet::new(),
+            &HashMap::new(),
+        );
         assert_eq!(
             d[0].1,
             Decision::Skip("waiting: needs 3 workers, 2 live".into())
@@ -240,18 +302,73 @@ mod tests {
             worker("c1", "", WorkerState::Idle, &["tiny"]),
         ];
         // the smallest node that fits
-        let d = plan(&[req("j-1", "tiny", 2)], &live, &HashSet::new());
+        let d = plan(
+            &[req("j-1", "tiny", 2)],
+            &live,
+            &HashSet::new(),
+            &HashMap::new(),
+        );
         assert_eq!(ids(&d[0].1), ["b1", "b2"]);
         // no node fits: biggest node first, its workers consecutive, unlabelled last
-        let d = plan(&[req("j-2", "tiny", 6)], &live, &HashSet::new());
+        let d = plan(
+            &[req("j-2", "tiny", 6)],
+            &live,
+            &HashSet::new(),
+            &HashMap::new(),
+        );
         assert_eq!(ids(&d[0].1), ["a1", "a2", "a3", "b1", "b2", "c1"]);
         // two jobs in one round do not share workers
         let d = plan(
             &[req("j-3", "tiny", 3), req("j-4", "tiny", 2)],
             &live,
             &HashSet::new(),
+            &HashMap::new(),
         );
         assert_eq!(ids(&d[0].1), ["a1", "a2", "a3"]);
         assert_eq!(ids(&d[1].1), ["b1", "b2"]);
+    }
+
+    /// An owner at its quota waits without holding workers: another owner's lower-priority
+    /// job runs on them; its own smaller job fits what is left of the quota.
+    #[test]
+    fn an_owner_runs_at_most_its_quota_of_ranks() {
+        let live: Vec<Worker> = (1..=4)
+            .map(|i| worker(&format!("w{i}"), "", WorkerState::Idle, &["tiny"]))
+            .collect();
+        let quotas = RankQuotas {
+            default: Some(3),
+            owners: [("ops".to_string(), 8)].into(),
+        };
+        assert_eq!((quotas.limit("a"), quotas.limit("ops")), (Some(3), Some(8)));
+        // studio a already runs one rank elsewhere
+        let in_use: HashMap<String, usize> = [("a".to_string(), 1)].into();
+        let left = quotas.left(["a", "b"], &in_use);
+        assert_eq!(left, [("a".to_string(), 2), ("b".to_string(), 3)].into());
+        let d = plan(
+            &[
+                req_of("a", "j-1", "tiny", 3),
+                req_of("b", "j-2", "tiny", 2),
+                req_of("a", "j-3", "tiny", 2),
+                req_of("a", "j-4", "tiny", 1),
+            ],
+            &live,
+            &HashSet::new(),
+            &left,
+        );
+        assert_eq!(
+            d[0].1,
+            Decision::Wait(
+                "waiting: a runs its quota of ranks (2 free of it, the job needs 3)".into()
+            )
+        );
+        assert_eq!(ids(&d[1].1), ["w1", "w2"], "the quota held workers");
+        assert_eq!(ids(&d[2].1), ["w3", "w4"]);
+        // a's quota is now spent
+        assert!(
+            matches!(&d[3].1, Decision::Wait(r) if r.contains("0 free of it")),
+            "{:?}",
+            d[3].1
+        );
+        assert!(RankQuotas::default().left(["a"], &in_use).is_empty());
     }
 }

@@ -71,7 +71,8 @@ impl Scheduler {
                 source,
             }
         })?;
-        let mut table = JobTable::new(config.limits.clone(), config.max_attempts);
+        let mut table = JobTable::new(config.limits.clone(), config.max_attempts)
+            .with_quotas(config.quotas.clone());
         let restored = table.restore(store.load_all().await?, now_ms());
         for change in restored.iter().filter(|c| c.persist) {
             store.put(&change.job).await?;
@@ -247,7 +248,7 @@ impl Inner {
         if requests.is_empty() {
             return;
         }
-        let decisions = placement::plan(&requests, &live, &table.claimed());
+        let decisions = placement::plan(&requests, &live, &table.claimed(), &table.ranks_left());
         for (id, decision) in decisions {
             match decision {
                 Decision::Place(workers) => match table.plan(&id, &workers, now_ms()) {

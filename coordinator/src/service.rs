@@ -106,6 +106,7 @@ fn table_status(e: TableError) -> Status {
             Status::invalid_argument(e.to_string())
         }
         e @ TableError::RequestIdReused { .. } => Status::already_exists(e.to_string()),
+        e @ TableError::OverQuota { .. } => Status::resource_exhausted(e.to_string()),
     }
 }
 
