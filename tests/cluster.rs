@@ -605,6 +605,41 @@ fn a_tls_farm_runs_jobs_and_refuses_who_holds_no_farm_certificate() {
     .expect("the coordinator's certificate is answered");
 }
 
+/// A coordinator with `--retain-finished 2s` prunes a job that ended more than 2 s ago: its
+/// record (a restarted coordinator does not know it either) and its output go; a job still
+/// queued stays. (Nothing was ever deleted: the history grew until the coordinator could not
+/// restart.)
+#[test]
+fn ended_jobs_are_pruned_after_the_retention_age() {
+    let mut farm = Farm::start_with(&["--retain-finished", "2s"]);
+    farm.start_worker("w1", &[]);
+    let done = farm.submit(&spec(2), &[]);
+    farm.wait_done(&done, JOB);
+    let output = farm.artifacts_dir().join(&done);
+    assert!(output.is_dir(), "no output at {}", output.display());
+    // no worker serves `toy` here: this one stays queued
+    let mut waiting_spec = spec(2);
+    let model = waiting_spec.iter().position(|a| a == "tiny").unwrap();
+    waiting_spec[model] = "toy".into();
+    let waiting = farm.submit(&waiting_spec, &[]);
+
+    farm.wait_until(&format!("job {done} is pruned"), JOB, || {
+        let run = farm.cli(&["status", &done]);
+        if run.code == Some(1) && run.stderr.contains(&format!("no job {done}")) {
+            Ok(())
+        } else {
+            Err(run.describe())
+        }
+    });
+    assert!(
+        !output.exists(),
+        "the output of a pruned job is still there"
+    );
+    farm.kill_coordinator();
+    farm.start_coordinator();
+    assert_eq!(ids(&farm.jobs()), vec![waiting]);
+}
+
 /// A clip of three windows of the toy model on two worker groups (two worker processes, one
 /// rank each): the groups exchange their shared frames peer to peer and each decodes the frames
 /// it owns, and the clip is the embedded single-process co-denoised render (one group, one

@@ -141,6 +141,10 @@ pub struct CoordinatorArgs {
     /// no workers, and one that needs more than the quota is refused [default: no limit].
     #[arg(long, value_name = "N")]
     pub max_ranks_per_owner: Option<usize>,
+    /// Prune jobs that ended longer ago than this (e.g. `30d`, `12h`), with their records and
+    /// outputs [default: keep every job].
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
+    pub retain_finished: Option<Duration>,
     /// One owner's own rank quota, OWNER=N (overrides --max-ranks-per-owner); repeatable.
     #[arg(long = "owner-max-ranks", value_parser = parse_quota, value_name = "OWNER=N")]
     pub owner_max_ranks: Vec<(String, usize)>,
@@ -242,6 +246,7 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
     config.limits = args.limits();
     config.checkpoint_every = args.checkpoint_every;
     config.access = access(args.tokens.as_deref(), args.listen)?;
+    config.retain_finished = args.retain_finished;
     config.quotas = RankQuotas {
         default: args.max_ranks_per_owner,
         owners: args.owner_max_ranks.iter().cloned().collect(),

@@ -394,6 +394,29 @@ impl JobTable {
     }
 
     /// The jobs whose phase is `wanted`, oldest first.
+    /// Ended jobs that finished before `cutoff_ms`, oldest first (what retention prunes).
+    pub fn ended_before(&self, cutoff_ms: u64) -> Vec<JobRecord> {
+        let mut ended: Vec<JobRecord> = self
+            .jobs
+            .values()
+            .filter(|e| e.job.phase.is_ended() && e.job.finished_at_ms < cutoff_ms)
+            .map(|e| e.job.clone())
+            .collect();
+        ended.sort_by_key(|j| (j.finished_at_ms, j.id.clone()));
+        ended
+    }
+
+    /// Forgets an ended job (retention pruned it); a job still active is kept.
+    pub fn remove_ended(&mut self, id: &str) -> Option<JobRecord> {
+        if !self.jobs.get(id)?.job.phase.is_ended() {
+            return None;
+        }
+        let entry = self.jobs.remove(id)?;
+        self.request_ids
+            .remove(&(entry.job.owner.clone(), entry.job.request_id.clone()));
+        Some(entry.job)
+    }
+
     pub fn list(&self, wanted: impl Fn(JobPhase) -> bool) -> Vec<JobRecord> {
         let mut jobs: Vec<JobRecord> = self
             .jobs
@@ -1280,6 +1303,33 @@ mod tests {
         {
             Submitted::Existing(j) => assert_eq!(j.id, theirs.id),
             Submitted::New(c) => panic!("a retry after a restart made {}", c.job.id),
+        }
+    }
+
+    /// Retention picks the ended jobs that finished before the cutoff, never an active one, and
+    /// a pruned job's request id is free again.
+    #[test]
+    fn retention_takes_only_jobs_ended_before_the_cutoff() {
+        let mut t = JobTable::new(Limits::default(), 3);
+        let old = match t.submit(&spec(), 0, "", "take-1", "a", 10).unwrap() {
+            Submitted::New(c) => c.job.id,
+            Submitted::Existing(j) => panic!("{}", j.id),
+        };
+        let queued = t.submit_new(&spec(), 0, "", 11).unwrap().job.id;
+        t.cancel(&old, "done with it", 20).unwrap();
+        assert!(t.ended_before(20).is_empty(), "ended at 20, not before");
+        let expired = t.ended_before(21);
+        assert_eq!(expired.iter().map(|j| &j.id).collect::<Vec<_>>(), [&old]);
+        assert!(
+            t.remove_ended(&queued).is_none(),
+            "a queued job is never pruned"
+        );
+        assert!(t.remove_ended(&old).is_some());
+        assert!(t.get(&old).is_none() && t.get(&queued).is_some());
+        // the request id names no job any more: the same key makes a new one
+        match t.submit(&spec(), 0, "", "take-1", "a", 30).unwrap() {
+            Submitted::New(c) => assert_ne!(c.job.id, old),
+            Submitted::Existing(j) => panic!("a pruned job came back: {}", j.id),
         }
     }
 

@@ -58,6 +58,9 @@ pub struct CoordinatorConfig {
     pub checkpoint_every: u32,
     /// Who may call the job API ([`access::Access::Open`]: everyone, as a local admin).
     pub access: access::Access,
+    /// Ended jobs older than this (since they ended) are pruned with their records and
+    /// artifacts (`None`: kept forever).
+    pub retain_finished: Option<Duration>,
     /// How many ranks each owner may run at once (no limit by default).
     pub quotas: placement::RankQuotas,
     /// The coordinator's certificate: its API speaks TLS and it reaches workers over mutual
@@ -75,6 +78,7 @@ impl CoordinatorConfig {
             checkpoint_every: 1,
             access: access::Access::Open,
             quotas: placement::RankQuotas::default(),
+            retain_finished: None,
             tls: None,
         }
     }

@@ -105,6 +105,9 @@ impl Scheduler {
             subscription.events,
         ));
         tokio::spawn(schedule_loop(Arc::downgrade(&inner)));
+        if let Some(retention) = inner.config.retain_finished {
+            tokio::spawn(prune_loop(Arc::downgrade(&inner), retention));
+        }
         inner.wake.notify_one();
         Ok(Self { inner })
     }
@@ -219,6 +222,31 @@ impl Inner {
         if let Some(change) = change {
             self.persist(&change).await;
             table.announce(change);
+        }
+    }
+
+    /// Deletes the ended jobs older than `retention`: the record from the store first (a job
+    /// whose record stays is kept whole, to be tried again), then its artifacts, then the entry.
+    async fn prune(&self, retention: Duration) {
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        let expired = self.table.lock().await.ended_before(cutoff);
+        for job in expired {
+            if let Err(e) = self.store.delete(&job.id).await {
+                tracing::warn!(job = %job.id, "retention: cannot delete the record, kept: {e}");
+                continue;
+            }
+            if let Err(e) = self.artifacts.clear(&job.id) {
+                tracing::warn!(job = %job.id, "retention: the record is gone, its artifacts not: {e}");
+            }
+            self.table.lock().await.remove_ended(&job.id);
+            tracing::info!(
+                target: "longtake::audit",
+                action = "prune",
+                job = %job.id,
+                owner = %job.owner,
+                "ended {} s ago",
+                now_ms().saturating_sub(job.finished_at_ms) / 1000
+            );
         }
     }
 
@@ -489,6 +517,32 @@ async fn schedule_loop(inner: Weak<Inner>) {
             _ = wait => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// How often retention looks for jobs to prune: a quarter of the retention, within 1 s to 60 s.
+fn prune_interval(retention: Duration) -> Duration {
+    (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Prunes ended jobs older than `retention`, record, artifacts and all, from the start on (a
+/// coordinator restarted over a long history prunes it first) until the coordinator stops.
+async fn prune_loop(inner: Weak<Inner>, retention: Duration) {
+    let mut stop = match inner.upgrade() {
+        Some(i) => i.stop.subscribe(),
+        None => return,
+    };
+    let mut ticks = tokio::time::interval(prune_interval(retention));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        strong.prune(retention).await;
     }
 }
 

@@ -1,5 +1,5 @@
 //! The job store contract (replace by id, load in submission order, every field of a record
-//! back through the stored format) run against the in-memory store and against a real etcd
+//! back through the stored format, delete) run against the in-memory store and against a real etcd
 //! (`EtcdServer`), plus what only etcd has: a second store (a restarted coordinator) sees the
 //! same jobs, a corrupt record refuses to load, naming its key, and records written by other
 //! versions (an older one's without a schema, a newer one's) are read or refused by job.
@@ -101,6 +101,13 @@ async fn store_contract(store: &dyn JobStore) -> Vec<JobRecord> {
     let loaded = records(store.load_all().await.unwrap());
     assert_eq!(ids(&loaded), ["j-c", "j-a", "j-b"]);
     assert_eq!(loaded[0], running);
+
+    // A deleted record is gone (retention); deleting it again is no error.
+    store.put(&job("j-x", 300, 0)).await.unwrap();
+    store.delete("j-x").await.unwrap();
+    store.delete("j-x").await.unwrap();
+    let loaded = records(store.load_all().await.unwrap());
+    assert_eq!(ids(&loaded), ["j-c", "j-a", "j-b"]);
     loaded
 }
 

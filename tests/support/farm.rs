@@ -194,6 +194,11 @@ impl Farm {
         &self.url
     }
 
+    /// The coordinator's artifact directory.
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.artifacts.path().to_path_buf()
+    }
+
     /// The client URL of this farm's etcd.
     pub fn etcd_url(&self) -> &str {
         self.etcd.url()

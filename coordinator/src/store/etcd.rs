@@ -61,6 +61,14 @@ impl EtcdJobStore {
 
 #[async_trait::async_trait]
 impl JobStore for EtcdJobStore {
+    async fn delete(&self, id: &str) -> Result<()> {
+        let key = format!("{}{}", self.jobs, id);
+        bounded(self.client.clone().delete(key, None))
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
     async fn put(&self, job: &JobRecord) -> Result<()> {
         let value = format::encode(job);
         let key = format!("{}{}", self.jobs, job.id);

@@ -37,4 +37,10 @@ impl JobStore for InMemoryJobStore {
         in_submission_order(&mut all);
         Ok(all)
     }
+
+    async fn delete(&self, id: &str) -> Result<()> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.remove(id);
+        Ok(())
+    }
 }

@@ -43,6 +43,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// Every stored job, in submission order (`submitted_at_ms`, then id); a record that can be
     /// listed but not run comes back with its problem.
     async fn load_all(&self) -> Result<Vec<LoadedJob>>;
+
+    /// Deletes the job's record (retention); deleting one that is not there is no error.
+    async fn delete(&self, id: &str) -> Result<()>;
 }
 
 /// Sorts loaded jobs into submission order (`submitted_at_ms`, then id).
