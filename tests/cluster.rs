@@ -605,6 +605,83 @@ fn a_tls_farm_runs_jobs_and_refuses_who_holds_no_farm_certificate() {
     .expect("the coordinator's certificate is answered");
 }
 
+/// 200 submissions from 20 concurrent clients, each request id sent one to three times (a
+/// client retrying after a lost reply, some retries racing the first submission): every
+/// request id is exactly one job, every retry got that job's id, and nothing else was queued.
+#[test]
+fn concurrent_clients_retrying_make_one_job_per_request_id() {
+    let farm = Farm::start();
+    let small = spec(2);
+    let outcomes: Vec<(String, Vec<String>)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..20u64)
+            .map(|client| {
+                let (farm, small) = (&farm, &small);
+                s.spawn(move || {
+                    // a fixed pseudo-random number of sends per request id (1 to 3)
+                    let mut state = client.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                    let mut next = move || {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        state
+                    };
+                    (0..10)
+                        .map(|shot| {
+                            let request_id = format!("client-{client}:shot-{shot}");
+                            let sends = 1 + next() % 3;
+                            // the sends of one request id at once: the retries race the first
+                            let ids = std::thread::scope(|s| {
+                                let sent: Vec<_> = (0..sends)
+                                    .map(|_| {
+                                        let request_id = request_id.as_str();
+                                        s.spawn(move || {
+                                            let mut args = vec!["submit"];
+                                            args.extend(strs(small));
+                                            args.extend(["--request-id", request_id]);
+                                            farm.cli(&args).ok().stdout.trim().to_string()
+                                        })
+                                    })
+                                    .collect();
+                                sent.into_iter()
+                                    .map(|h| h.join().expect("a send panicked"))
+                                    .collect::<Vec<_>>()
+                            });
+                            (request_id, ids)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("a client panicked"))
+            .collect()
+    });
+    assert_eq!(outcomes.len(), 200);
+    let mut job_of = std::collections::HashMap::new();
+    for (request_id, ids) in &outcomes {
+        assert!(
+            ids.iter().all(|id| id == &ids[0]),
+            "{request_id} made several jobs: {ids:?}"
+        );
+        assert!(
+            job_of.insert(ids[0].clone(), request_id.clone()).is_none(),
+            "two request ids got job {}",
+            ids[0]
+        );
+    }
+    let jobs = farm.jobs();
+    assert_eq!(jobs.len(), 200, "jobs queued: {}", jobs.len());
+    for job in &jobs {
+        let id = field(job, "id");
+        assert_eq!(
+            job_of.get(id).map(String::as_str),
+            Some(field(job, "request_id")),
+            "{job}"
+        );
+    }
+}
+
 /// A coordinator with `--retain-finished 2s` prunes a job that ended more than 2 s ago: its
 /// record (a restarted coordinator does not know it either) and its output go; a job still
 /// queued stays. (Nothing was ever deleted: the history grew until the coordinator could not
