@@ -682,6 +682,56 @@ fn concurrent_clients_retrying_make_one_job_per_request_id() {
     }
 }
 
+/// etcd unreachable for 20 s mid-job (its process stopped: to its clients, a partition), then
+/// back: the job finishes once, and what etcd holds afterwards is what happened: a coordinator
+/// restarted over it finds the job done (it neither re-runs it nor deletes its output) and the
+/// worker idle. (Before, the job's record stayed `running` and its worker `busy` forever, and a
+/// restarted coordinator re-ran the finished job and deleted its output meanwhile.)
+#[test]
+fn an_etcd_outage_mid_job_leaves_no_stale_record() {
+    // No checkpoints, so the job ends within the outage (each failed write holds the table for
+    // the store's 5 s time-out); a lease longer than the outage, so the worker's record is not
+    // simply put again by re-registering.
+    let mut farm = Farm::start_with(&["--checkpoint-every", "0"]);
+    farm.start_worker("w1", &["--lease-ttl", "60"]);
+    let id = farm.submit(&long_spec(30), &[]);
+    farm.wait_running(&id, JOB);
+    farm.etcd().pause();
+    std::thread::sleep(Duration::from_secs(20));
+    farm.etcd().resume();
+    let done = farm.wait_done(&id, JOB);
+    assert_eq!(number(&done, "attempts"), 1, "{done}");
+    farm.wait_until("worker w1 is listed idle", JOB, || {
+        let states = farm.worker_states();
+        if states == [("w1".to_string(), "idle".to_string())] {
+            Ok(())
+        } else {
+            Err(format!("{states:?}"))
+        }
+    });
+    // what etcd holds: a coordinator started over it now
+    farm.kill_coordinator();
+    farm.start_coordinator();
+    let job = farm.job(&id);
+    assert_eq!(field(&job, "state"), "done", "{job}");
+    assert_eq!(number(&job, "attempts"), 1, "{job}");
+    std::thread::sleep(Duration::from_secs(3)); // a re-run would have started by now
+    let job = farm.job(&id);
+    assert_eq!(
+        (field(&job, "state"), number(&job, "attempts")),
+        ("done", 1),
+        "{job}"
+    );
+    let clip = farm.path("after-outage.mp4");
+    farm.cli(&["fetch", &id, "--out", clip.to_str().unwrap()])
+        .ok();
+    assert_eq!(probe(&clip)["nb_read_frames"], "33");
+    assert_eq!(
+        farm.worker_states(),
+        [("w1".to_string(), "idle".to_string())]
+    );
+}
+
 /// A coordinator with `--retain-finished 2s` prunes a job that ended more than 2 s ago: its
 /// record (a restarted coordinator does not know it either) and its output go; a job still
 /// queued stays. (Nothing was ever deleted: the history grew until the coordinator could not

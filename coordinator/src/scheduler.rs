@@ -4,7 +4,7 @@
 //! on submit, membership changes, attempt ends and a 1 s tick, starting a dispatch task for every
 //! job placement gives workers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::{Duration, Instant};
@@ -51,6 +51,9 @@ pub(crate) struct Inner {
     step_count: AtomicU64,
     step_nanos: AtomicU64,
     step_max_nanos: AtomicU64,
+    /// Jobs whose latest record did not reach the store (an etcd outage): written again at
+    /// every tick until the store takes them, so no record stays stale after the outage.
+    unsaved: StdMutex<HashSet<String>>,
 }
 
 /// Handle on the scheduler; clones share it.
@@ -98,6 +101,7 @@ impl Scheduler {
             step_count: AtomicU64::new(0),
             step_nanos: AtomicU64::new(0),
             step_max_nanos: AtomicU64::new(0),
+            unsaved: StdMutex::new(HashSet::new()),
         });
         tokio::spawn(watch_membership(
             Arc::downgrade(&inner),
@@ -212,10 +216,54 @@ fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Inner {
     async fn persist(&self, change: &Change) {
         if change.persist {
-            if let Err(e) = self.store.put(&change.job).await {
-                tracing::warn!(job = %change.job.id, "job store: {e}");
+            self.write(&change.job).await;
+        }
+    }
+
+    /// Writes a job's record (the caller holds the table); one the store refuses is kept
+    /// among the unsaved, written again at the next tick.
+    async fn write(&self, job: &JobRecord) {
+        match self.store.put(job).await {
+            Ok(()) => {
+                lock(&self.unsaved).remove(&job.id);
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, "job store: {e}; the record is written again once the store answers");
+                lock(&self.unsaved).insert(job.id.clone());
             }
         }
+    }
+
+    /// Writes the current record of every job whose last write failed; returns how many are
+    /// still unsaved.
+    async fn save_unsaved(&self) -> usize {
+        let ids: Vec<String> = lock(&self.unsaved).iter().cloned().collect();
+        if ids.is_empty() {
+            return 0;
+        }
+        let mut saved = 0;
+        // The table stays locked across the writes, as for every change's write: a newer
+        // record of the same job cannot be written in between and then overwritten by this one.
+        let table = self.table.lock().await;
+        for id in ids {
+            let Some(job) = table.get(&id) else {
+                lock(&self.unsaved).remove(&id);
+                continue;
+            };
+            if self.store.put(job).await.is_err() {
+                break; // still down: the next tick tries again
+            }
+            lock(&self.unsaved).remove(&id);
+            saved += 1;
+        }
+        drop(table);
+        let left = lock(&self.unsaved).len();
+        if saved > 0 {
+            tracing::info!(
+                "job store answers again: {saved} job record(s) brought up to date, {left} left"
+            );
+        }
+        left
     }
 
     async fn apply(&self, table: &mut JobTable, change: Option<Change>) {
@@ -477,9 +525,7 @@ impl Reporter for AttemptReporter {
             .to_string();
         let mut table = self.inner.table.lock().await;
         if let Some(job) = table.checkpoint(&self.job_id, self.attempt, step, relative) {
-            if let Err(e) = self.inner.store.put(&job).await {
-                tracing::warn!(job = %self.job_id, "job store: {e}");
-            }
+            self.inner.write(&job).await;
         }
     }
 
@@ -506,6 +552,7 @@ async fn schedule_loop(inner: Weak<Inner>) {
         if *stop.borrow() {
             return;
         }
+        strong.save_unsaved().await;
         strong.schedule().await;
         let wait = async {
             tokio::select! {

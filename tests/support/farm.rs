@@ -199,6 +199,11 @@ impl Farm {
         self.artifacts.path().to_path_buf()
     }
 
+    /// This farm's etcd, e.g. to pause it.
+    pub fn etcd(&self) -> &EtcdServer {
+        &self.etcd
+    }
+
     /// The client URL of this farm's etcd.
     pub fn etcd_url(&self) -> &str {
         self.etcd.url()

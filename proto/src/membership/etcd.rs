@@ -161,6 +161,7 @@ impl Membership for EtcdMembership {
                 lease: lease.id(),
                 ttl_s: lease.ttl(),
                 ended: false,
+                unpublished: false,
             }),
         });
         let keeper = tokio::spawn(keep_alive(shared.clone()));
@@ -289,6 +290,9 @@ struct Current {
     ttl_s: i64,
     /// Left, or the id was taken by another worker while the lease was lost.
     ended: bool,
+    /// The last update of the record did not reach etcd (an outage shorter than the lease):
+    /// the keep-alive puts `worker` again once etcd answers, so no state stays stale.
+    unpublished: bool,
 }
 
 /// Why a keep-alive stream stopped holding its lease.
@@ -330,6 +334,7 @@ impl Shared {
             Ok(r) if r.succeeded() => {
                 current.lease = lease.id();
                 current.ttl_s = lease.ttl();
+                current.unpublished = false;
                 Ok(())
             }
             Ok(_) => {
@@ -422,7 +427,7 @@ async fn hold(shared: &Shared, lease: i64, period: Duration) -> Stopped {
             return Stopped::Broken(e);
         }
         match bounded(responses.message()).await {
-            Ok(Some(response)) if response.ttl() > 0 => {}
+            Ok(Some(response)) if response.ttl() > 0 => republish(shared, lease).await,
             Ok(Some(_)) => return Stopped::LeaseGone,
             Ok(None) => {
                 return Stopped::Broken(etcd_client::Error::LeaseKeepAliveError(
@@ -431,6 +436,35 @@ async fn hold(shared: &Shared, lease: i64, period: Duration) -> Stopped {
             }
             Err(e) => return Stopped::Broken(e),
         }
+    }
+}
+
+/// Puts the record again if its last update failed and the lease it was meant for is still
+/// this one (a failed put is tried again at the next keep-alive).
+async fn republish(shared: &Shared, lease: i64) {
+    let mut current = shared.current.lock().await;
+    if !current.unpublished || current.lease != lease || current.ended {
+        return;
+    }
+    let mut client = shared.client.clone();
+    let put = bounded(client.put(
+        shared.key.clone(),
+        encode(&current.worker),
+        Some(PutOptions::new().with_lease(lease)),
+    ))
+    .await;
+    match put {
+        Ok(_) => {
+            current.unpublished = false;
+            tracing::info!(
+                "worker {}: its record is up to date in etcd again",
+                shared.id
+            );
+        }
+        Err(e) => tracing::warn!(
+            "worker {}: putting its record again failed: {e}; retrying",
+            shared.id
+        ),
     }
 }
 
@@ -460,10 +494,20 @@ impl Registration for EtcdRegistration {
         ))
         .await;
         match put {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                current.unpublished = false;
+                Ok(())
+            }
             // The keep-alive task has not noticed yet; renewing here puts the new record too.
-            Err(e) if is_lease_not_found(&e) => shared.renew(&mut current).await,
-            Err(e) => Err(etcd_error(&shared.config, e)),
+            Err(e) if is_lease_not_found(&e) => {
+                shared.renew(&mut current).await.inspect_err(|_| {
+                    current.unpublished = true;
+                })
+            }
+            Err(e) => {
+                current.unpublished = true;
+                Err(etcd_error(&shared.config, e))
+            }
         }
     }
 

@@ -141,6 +141,26 @@ impl EtcdServer {
         );
     }
 
+    /// Stops the etcd process (SIGSTOP): to its clients an outage (a partition, a hung node)
+    /// until [`EtcdServer::resume`]; its data and ports stay.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused etcd run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("cannot run kill");
+        assert!(status.success(), "kill {signal} etcd failed");
+    }
+
     /// The client URL, e.g. `http://127.0.0.1:23791`.
     pub fn url(&self) -> &str {
         &self.client_url
