@@ -20,11 +20,22 @@ pub struct Incoming {
     pub accept_errors: Arc<AtomicU64>,
 }
 
+/// How long an accepted connection may stay silent before it is closed unserved: a gRPC client
+/// speaks first (the HTTP/2 preface, or a TLS ClientHello), at once.
+pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The connections `listener` accepts, with TCP_NODELAY (small replies otherwise wait out the
 /// peer's delayed ACK under Nagle, ~40 ms each on Linux; tonic sets it only on sockets it
-/// accepts itself); a failed accept is logged and the next one waits [`ACCEPT_ERROR_BACKOFF`].
-/// The accepting task ends when the server drops the stream.
+/// accepts itself); a failed accept is logged and the next one waits [`ACCEPT_ERROR_BACKOFF`];
+/// a connection that sends nothing within [`FIRST_BYTES_TIMEOUT`] is closed (the server never
+/// sees it, and it holds no descriptor for longer). The accepting task ends when the server
+/// drops the stream.
 pub fn incoming(listener: TcpListener) -> Incoming {
+    incoming_with(listener, FIRST_BYTES_TIMEOUT)
+}
+
+/// [`incoming`] with another first-bytes time-out (tests).
+pub fn incoming_with(listener: TcpListener, first_bytes_timeout: Duration) -> Incoming {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let accept_errors = Arc::new(AtomicU64::new(0));
     let errors = accept_errors.clone();
@@ -35,11 +46,23 @@ pub fn incoming(listener: TcpListener) -> Incoming {
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    if tx.send(Ok(stream)).await.is_err() {
-                        return;
-                    }
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut first = [0u8; 1];
+                        match tokio::time::timeout(first_bytes_timeout, stream.peek(&mut first))
+                            .await
+                        {
+                            Ok(Ok(1..)) => {
+                                let _ = tx.send(Ok(stream)).await;
+                            }
+                            _ => tracing::debug!(
+                                %peer,
+                                "closed a connection that sent nothing in {first_bytes_timeout:?}"
+                            ),
+                        }
+                    });
                 }
                 Err(e) => {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -61,15 +84,29 @@ pub fn incoming(listener: TcpListener) -> Incoming {
 }
 
 /// A gRPC server with the limits every longtake server keeps: dead peers' connections are found
-/// by HTTP/2 and TCP keep-alives and closed; one connection may run at most
+/// by HTTP/2 and TCP keep-alives and closed; a connection idle but alive is closed once it is
+/// [`MAX_CONNECTION_AGE`] old; one connection may run at most
 /// [`CONCURRENT_REQUESTS_PER_CONNECTION`] requests at once.
 pub fn server() -> tonic::transport::Server {
+    server_with_age(MAX_CONNECTION_AGE)
+}
+
+/// [`server`] with another connection age (tests).
+pub fn server_with_age(max_connection_age: Duration) -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(CONCURRENT_REQUESTS_PER_CONNECTION)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_keepalive(Some(Duration::from_secs(60)))
+        .max_connection_age(max_connection_age)
 }
+
+/// How old a connection may grow before the server asks it to go (HTTP/2 GOAWAY): requests in
+/// flight finish (a watch or a task of hours is not cut: no grace limit is set), new ones go to
+/// a new connection (tonic's clients reconnect by themselves), and a connection that is idle
+/// but alive, or never spoke HTTP/2 at all, is closed. Before, such connections were kept
+/// forever, and enough of them took every file descriptor.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(600);
 
 /// Requests one connection may run at once (watches included).
 pub const CONCURRENT_REQUESTS_PER_CONNECTION: usize = 256;
