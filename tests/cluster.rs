@@ -550,7 +550,11 @@ fn a_tls_farm_runs_jobs_and_refuses_who_holds_no_farm_certificate() {
         !refused.status.success(),
         "a coordinator without an etcd certificate started"
     );
-    assert!(said.contains("etcd refused this client's TLS"), "{said}");
+    // (how the refusal shows depends on timing: a TLS alert, or a closed connection)
+    assert!(
+        said.contains("etcd at https://") && said.contains("--etcd-cert/--etcd-key"),
+        "{said}"
+    );
 
     // the worker's RPCs: only the coordinator's certificate gets an answer
     let worker = farm

@@ -17,8 +17,13 @@ async fn failed_accepts_back_off_instead_of_spinning() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     // connections waiting in the backlog that the server cannot take: no descriptor is left
+    // (each says something, as a client does: a silent one is never handed to the server)
     let waiting: Vec<std::net::TcpStream> = (0..4)
-        .map(|_| std::net::TcpStream::connect(address).unwrap())
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            std::io::Write::write_all(&mut stream, b"P").unwrap();
+            stream
+        })
         .collect();
     let mut old = libc::rlimit {
         rlim_cur: 0,

@@ -17,7 +17,7 @@ use crate::record::JobRecord;
 pub enum StoreError {
     #[error(
         "job store in etcd at {endpoints}: {source} ({})",
-        longtake_proto::membership::etcd_hint(source)
+        longtake_proto::membership::etcd_hint(endpoints, source)
     )]
     Etcd {
         endpoints: String,

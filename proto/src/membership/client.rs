@@ -38,13 +38,17 @@ pub async fn connect(config: &EtcdConfig) -> Result<Client, etcd_client::Error> 
     Ok(client)
 }
 
-/// What to do about an etcd error: a TLS refusal asks for the farm's etcd certificates,
-/// anything else for a running etcd at the given URL.
-pub fn hint(error: &etcd_client::Error) -> &'static str {
+/// What to do about an etcd error at `endpoints`: a TLS refusal asks for the farm's etcd
+/// certificates; otherwise a running etcd at the given URL (and, for an https:// one, the
+/// certificates too: a refused client certificate can also look like a closed connection).
+pub fn hint(endpoints: &str, error: &etcd_client::Error) -> &'static str {
     let text = format!("{error} {error:?}").to_ascii_lowercase();
     if text.contains("certificate") || text.contains("tls") || text.contains("handshake") {
         "etcd refused this client's TLS: pass --etcd-ca with the CA of etcd's certificate, and \
          --etcd-cert/--etcd-key with a client certificate of the CA etcd trusts"
+    } else if endpoints.contains("https://") {
+        "is etcd running there, and does it take this client's certificate? check --etcd-ca, \
+         and --etcd-cert/--etcd-key for an etcd with --client-cert-auth"
     } else {
         "is etcd running there? start it or pass --etcd with its client URL"
     }

@@ -21,7 +21,7 @@ use crate::v1::Worker;
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
     /// etcd could not be reached or refused a request.
-    #[error("etcd at {endpoints}: {source} ({})", client::hint(source))]
+    #[error("etcd at {endpoints}: {source} ({})", client::hint(endpoints, source))]
     Etcd {
         endpoints: String,
         #[source]
