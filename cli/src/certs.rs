@@ -21,6 +21,27 @@ use rcgen::{
 pub enum CertsCommand {
     /// Make a development CA and a coordinator and a worker certificate signed by it.
     Init(InitArgs),
+    /// Issue one more certificate from the CA `init` made (e.g. one per worker host).
+    Issue(IssueArgs),
+}
+
+#[derive(Args)]
+pub struct IssueArgs {
+    /// The directory `certs init` wrote (its ca.pem and ca.key sign the new certificate).
+    #[arg(long, default_value = "longtake-certs")]
+    pub dir: PathBuf,
+    /// What the certificate is for.
+    #[arg(long, value_parser = ["worker", "coordinator"])]
+    pub role: String,
+    /// File name of the new certificate and key in --dir (NAME.pem, NAME.key), e.g. the host.
+    #[arg(long)]
+    pub name: String,
+    /// A host name or IP address the holder is reached at; repeatable.
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
 }
 
 #[derive(Args)]
@@ -50,7 +71,125 @@ pub const FILES: [&str; 6] = [
 pub fn run(command: CertsCommand) -> Result<i32> {
     match command {
         CertsCommand::Init(args) => init(&args),
+        CertsCommand::Issue(args) => issue(&args),
     }
+}
+
+/// The common name of the farm's CA; an issuer rebuilt from the CA's key carries it, so what it
+/// signs chains to the CA certificate `init` wrote.
+const CA_NAME: &str = "longtake farm CA";
+
+fn ca_params() -> Result<CertificateParams> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name.push(DnType::CommonName, CA_NAME);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(ca)
+}
+
+/// `params` valid from an hour ago (clock skew) for `days`.
+fn valid_for(params: &mut CertificateParams, days: u32) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+}
+
+/// Signs a certificate of `role` (its role name first among `names`) and writes NAME.pem and
+/// NAME.key to `dir`.
+fn issue_leaf(
+    dir: &Path,
+    name: &str,
+    role: &str,
+    names: Vec<String>,
+    days: u32,
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<()> {
+    let key = KeyPair::generate().with_context(|| format!("generating the {name} key"))?;
+    let mut params = CertificateParams::new(names)
+        .with_context(|| format!("a {name} host name is not a DNS name or IP address"))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("longtake {role} {name}"));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    valid_for(&mut params, days);
+    let cert = params
+        .signed_by(&key, issuer)
+        .with_context(|| format!("signing the {name} certificate"))?;
+    write(dir, &format!("{name}.pem"), &cert.pem(), false)?;
+    write(dir, &format!("{name}.key"), &key.serialize_pem(), true)
+}
+
+/// The role name first, then `hosts` (trimmed, without repeats).
+fn names_of(role_name: &str, hosts: &[String]) -> Vec<String> {
+    let mut names = vec![role_name.to_string()];
+    for host in hosts {
+        let host = host.trim().to_string();
+        if !host.is_empty() && !names.contains(&host) {
+            names.push(host);
+        }
+    }
+    names
+}
+
+fn issue(args: &IssueArgs) -> Result<i32> {
+    if args.days == 0 {
+        bail!("--days must be at least 1");
+    }
+    let name = args.name.trim();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+    {
+        bail!("--name {name:?}: letters, digits and - . _ only (it names the files)");
+    }
+    for file in [format!("{name}.pem"), format!("{name}.key")] {
+        let path = args.dir.join(&file);
+        if path.exists() {
+            bail!("{} already exists: choose another --name", path.display());
+        }
+    }
+    let key_path = args.dir.join("ca.key");
+    let ca_key = std::fs::read_to_string(&key_path).with_context(|| {
+        format!(
+            "cannot read the CA key {} (made by `certs init`)",
+            key_path.display()
+        )
+    })?;
+    let ca_key = KeyPair::from_pem(&ca_key)
+        .with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let role_name = if args.role == "coordinator" {
+        COORDINATOR_NAME
+    } else {
+        WORKER_NAME
+    };
+    issue_leaf(
+        &args.dir,
+        name,
+        &args.role,
+        names_of(role_name, &args.hosts),
+        args.days,
+        &issuer,
+    )?;
+    let d = args.dir.display();
+    println!(
+        "wrote {d}/{name}.pem and {d}/{name}.key: a {} certificate",
+        args.role
+    );
+    println!(
+        "  longtake serve {} --tls-cert {d}/{name}.pem --tls-key {d}/{name}.key --tls-ca {d}/ca.pem ...",
+        args.role
+    );
+    Ok(0)
 }
 
 fn init(args: &InitArgs) -> Result<i32> {
@@ -67,64 +206,31 @@ fn init(args: &InitArgs) -> Result<i32> {
         }
     }
     make_private_dir(&args.dir)?;
-    let now = time::OffsetDateTime::now_utc();
-    let valid = |days: u32, params: &mut CertificateParams| {
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(i64::from(days));
-    };
-
     let ca_key = KeyPair::generate().context("generating the CA key")?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "longtake farm CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    valid(args.days.saturating_mul(10), &mut ca);
+    let mut ca = ca_params()?;
+    valid_for(&mut ca, args.days.saturating_mul(10));
     let ca_cert = ca.self_signed(&ca_key).context("signing the CA")?;
     write(&args.dir, "ca.pem", &ca_cert.pem(), false)?;
     write(&args.dir, "ca.key", &ca_key.serialize_pem(), true)?;
     let issuer = Issuer::new(ca, ca_key);
-
-    let mut coordinator_names = vec![
-        COORDINATOR_NAME.to_string(),
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-    ];
-    for host in &args.coordinator_hosts {
-        let host = host.trim().to_string();
-        if !host.is_empty() && !coordinator_names.contains(&host) {
-            coordinator_names.push(host);
-        }
-    }
-    let worker_names = vec![WORKER_NAME.to_string()];
-    for (role, names) in [("coordinator", coordinator_names), ("worker", worker_names)] {
-        let key = KeyPair::generate().with_context(|| format!("generating the {role} key"))?;
-        let mut params = CertificateParams::new(names)
-            .with_context(|| format!("a {role} host name is not a DNS name or IP address"))?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("longtake {role}"));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        valid(args.days, &mut params);
-        let cert = params
-            .signed_by(&key, &issuer)
-            .with_context(|| format!("signing the {role} certificate"))?;
-        write(&args.dir, &format!("{role}.pem"), &cert.pem(), false)?;
-        write(
-            &args.dir,
-            &format!("{role}.key"),
-            &key.serialize_pem(),
-            true,
-        )?;
-    }
+    let mut coordinator_hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    coordinator_hosts.extend(args.coordinator_hosts.iter().cloned());
+    issue_leaf(
+        &args.dir,
+        "coordinator",
+        "coordinator",
+        names_of(COORDINATOR_NAME, &coordinator_hosts),
+        args.days,
+        &issuer,
+    )?;
+    issue_leaf(
+        &args.dir,
+        "worker",
+        "worker",
+        names_of(WORKER_NAME, &[]),
+        args.days,
+        &issuer,
+    )?;
 
     let d = args.dir.display();
     println!("wrote {d}/: {}", FILES.join(" "));
@@ -212,5 +318,68 @@ mod tests {
         // never over what is there
         let e = init(&args).unwrap_err().to_string();
         assert!(e.contains("already exists"), "{e}");
+    }
+
+    /// A certificate `issue` signs later with the CA's key chains to the CA `init` wrote: a
+    /// worker serving it completes a mutual-TLS handshake with the coordinator's certificate.
+    #[tokio::test]
+    async fn an_issued_worker_certificate_is_trusted_by_the_farm() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("certs");
+        init(&InitArgs {
+            dir: dir.clone(),
+            coordinator_hosts: vec![],
+            days: 30,
+        })
+        .unwrap();
+        let args = IssueArgs {
+            dir: dir.clone(),
+            role: "worker".into(),
+            name: "gpu-07".into(),
+            hosts: vec!["gpu-07.studio.lan".into()],
+            days: 30,
+        };
+        assert_eq!(issue(&args).unwrap(), 0);
+        let e = issue(&args).unwrap_err().to_string();
+        assert!(e.contains("already exists"), "{e}");
+
+        let coordinator = Tls::load(&files(&dir, "coordinator"), COORDINATOR_NAME).unwrap();
+        let worker = Tls::load(&files(&dir, "gpu-07"), WORKER_NAME).unwrap();
+        handshake(&worker, &coordinator)
+            .await
+            .expect("the farm's coordinator did not accept the issued certificate");
+
+        // the same from another farm's CA is refused
+        let other = tmp.path().join("other");
+        init(&InitArgs {
+            dir: other.clone(),
+            coordinator_hosts: vec![],
+            days: 30,
+        })
+        .unwrap();
+        let stranger = Tls::load(&files(&other, "worker"), WORKER_NAME).unwrap();
+        assert!(handshake(&stranger, &coordinator).await.is_err());
+    }
+
+    /// A mutual-TLS connection from `client` to a server presenting `server`'s certificate.
+    async fn handshake(server: &Tls, client: &Tls) -> Result<(), tonic::transport::Error> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let served = longtake_proto::serving::incoming(listener);
+        let running = tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(server.server(true))
+                .unwrap()
+                .add_routes(tonic::service::Routes::default())
+                .serve_with_incoming(served.connections),
+        );
+        let connected = tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+            .unwrap()
+            .tls_config(client.client(WORKER_NAME))
+            .unwrap()
+            .connect()
+            .await;
+        running.abort();
+        connected.map(|_| ())
     }
 }
