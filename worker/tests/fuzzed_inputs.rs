@@ -1,7 +1,9 @@
 //! Fuzzed inputs at the worker's edges: safetensors files (checkpoint weights and denoiser
 //! state files: random bytes, or a real file with its header changed or cut) and tokenizer files
-//! (a real one with bytes changed) are read or refused with an error, never a panic; and a
-//! connection that sends any bytes to a rank's mesh port takes no rank and stops no mesh.
+//! (a real one with bytes changed) are read or refused with an error, never a panic; a
+//! connection that sends any bytes to a rank's mesh port takes no rank and stops no mesh; and a
+//! peer that completes the handshake and then sends any frames makes the collective fail with an
+//! error, never a panic or a hang.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -12,6 +14,7 @@ use candle_core::Device;
 use longtake_worker::model::denoiser::DenoiserState;
 use longtake_worker::model::loader::SafetensorsWeights;
 use longtake_worker::model::tokenizer::PromptTokenizer;
+use longtake_worker::parallel::mesh_secret::{self, Side};
 use longtake_worker::parallel::{Communicator, MeshSecret, TcpMesh, TcpMeshConfig, Timeouts};
 use proptest::prelude::*;
 
@@ -147,5 +150,71 @@ proptest! {
         for sum in sums {
             prop_assert_eq!(sum, Ok(vec![2.0, 2.0]));
         }
+    }
+}
+
+/// Dials rank 0 at `address` as rank 1 of 2 with `secret`, completes the handshake and returns
+/// the connection.
+fn join_as_rank_1(address: SocketAddr, secret: &MeshSecret) -> std::net::TcpStream {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&0x4C54_4B48u32.to_le_bytes()); // the hello magic
+    hello.extend_from_slice(&2u16.to_le_bytes()); // protocol version
+    hello.extend_from_slice(&2u32.to_le_bytes()); // world size
+    hello.extend_from_slice(&1u32.to_le_bytes()); // this rank
+    hello.extend_from_slice(&0u32.to_le_bytes()); // the rank dialed
+    let nonce = mesh_secret::nonce();
+    stream.write_all(&hello).unwrap();
+    stream.write_all(&nonce).unwrap();
+    let mut challenge = [0u8; 5 + mesh_secret::NONCE_BYTES + mesh_secret::PROOF_BYTES];
+    stream.read_exact(&mut challenge).unwrap();
+    let theirs: [u8; mesh_secret::NONCE_BYTES] = challenge[5..21].try_into().unwrap();
+    stream
+        .write_all(&secret.proof(Side::Dialer, &hello, &nonce, &theirs))
+        .unwrap();
+    let mut verdict = [0u8; 3];
+    stream.read_exact(&mut verdict).unwrap();
+    assert_eq!(verdict[0], 1, "rank 0 refused a rank holding the secret");
+    stream
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// After a valid handshake, rank 1 sends `frames` (random bytes, or a frame header with the
+    /// mesh's magic and any fields) and hangs up: rank 0's reduction is an error.
+    #[test]
+    fn any_frames_from_a_joined_peer_end_in_an_error(
+        junk in proptest::collection::vec(any::<u8>(), 0..200),
+        framed in any::<bool>(),
+    ) {
+        let (listener, address) = bind();
+        let secret = MeshSecret::random();
+        let config = TcpMeshConfig {
+            rank: 0,
+            peers: vec![address, "127.0.0.1:9".parse().unwrap()],
+            timeouts: Timeouts {
+                connect: Duration::from_secs(20),
+                op: Duration::from_secs(20),
+                retry_interval: Duration::from_millis(10),
+            },
+            secret: secret.clone(),
+        };
+        let rank0 = std::thread::spawn(move || {
+            let mesh = TcpMesh::connect_with_listener(config, listener).map_err(|e| e.to_string())?;
+            let one = candle_core::Tensor::ones(2, candle_core::DType::F32, &Device::Cpu).unwrap();
+            mesh.all_reduce_sum(&one).map(|_| ()).map_err(|e| e.to_string())
+        });
+        let mut peer = join_as_rank_1(address, &secret);
+        let mut bytes = Vec::new();
+        if framed {
+            bytes.extend_from_slice(&0x4C54_4B46u32.to_le_bytes()); // the frame magic
+        }
+        bytes.extend_from_slice(&junk);
+        let _ = peer.write_all(&bytes);
+        drop(peer);
+        let outcome = rank0.join().expect("rank 0 panicked");
+        prop_assert!(outcome.is_err(), "a reduction with junk succeeded");
     }
 }
