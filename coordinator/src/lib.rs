@@ -151,15 +151,13 @@ impl Coordinator {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let incoming = longtake_proto::serving::incoming(listener);
-        let mut server = longtake_proto::serving::server();
-        if let Some(tls) = &self.tls {
-            server = server.tls_config(tls.server(false))?;
-        }
-        let served = server
-            .add_service(render)
-            .add_service(cluster)
-            .serve_with_incoming_shutdown(incoming.connections, shutdown)
-            .await;
+        let served = longtake_proto::serving::server_with_tls(
+            self.tls.as_ref().map(|tls| tls.server(false)),
+        )?
+        .add_service(render)
+        .add_service(cluster)
+        .serve_with_incoming_shutdown(incoming.connections, shutdown)
+        .await;
         self.stop();
         Ok(served?)
     }

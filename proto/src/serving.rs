@@ -91,6 +91,16 @@ pub fn server() -> tonic::transport::Server {
     server_with_age(MAX_CONNECTION_AGE)
 }
 
+/// [`server`], speaking TLS when given its configuration (a daemon started with certificates).
+pub fn server_with_tls(
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<tonic::transport::Server, tonic::transport::Error> {
+    match tls {
+        Some(tls) => server().tls_config(tls),
+        None => Ok(server()),
+    }
+}
+
 /// [`server`] with another connection age (tests).
 pub fn server_with_age(max_connection_age: Duration) -> tonic::transport::Server {
     tonic::transport::Server::builder()

@@ -70,34 +70,15 @@ impl Tls {
     /// with the coordinator's certificate, or the reverse, fails at start, not at the first
     /// handshake).
     pub fn load(files: &TlsFiles, role: &'static str) -> Result<Self, TlsError> {
-        let cert = read(&files.cert, "the certificate")?;
-        let key = read(&files.key, "the private key")?;
-        let ca = read(&files.ca, "the CA certificate")?;
-        let first = first_certificate(&cert).ok_or_else(|| TlsError::NotPem {
-            what: "the certificate",
-            path: files.cert.clone(),
-            kind: "certificate",
-        })?;
+        let (cert, first) = read_certificate(&files.cert, "the certificate")?;
         if !has_role(&first, role) {
             return Err(TlsError::WrongRole {
                 path: files.cert.clone(),
                 role,
             });
         }
-        if rustls_pki_types::PrivateKeyDer::from_pem_slice(&key).is_err() {
-            return Err(TlsError::NotPem {
-                what: "the private key",
-                path: files.key.clone(),
-                kind: "private key",
-            });
-        }
-        if first_certificate(&ca).is_none() {
-            return Err(TlsError::NotPem {
-                what: "the CA certificate",
-                path: files.ca.clone(),
-                kind: "certificate",
-            });
-        }
+        let key = read_key(&files.key, "the private key")?;
+        let (ca, _) = read_certificate(&files.ca, "the CA certificate")?;
         Ok(Self {
             identity: Identity::from_pem(cert, key),
             ca: Certificate::from_pem(ca),
@@ -128,14 +109,7 @@ impl Tls {
 /// A client of a farm's TLS endpoint without a certificate of its own (the CLI: its identity
 /// is its API token): it trusts the CA in `ca` for the server's certificate.
 pub fn client_trusting(ca: &Path) -> Result<ClientTlsConfig, TlsError> {
-    let pem = read(ca, "the CA certificate")?;
-    if first_certificate(&pem).is_none() {
-        return Err(TlsError::NotPem {
-            what: "the CA certificate",
-            path: ca.to_path_buf(),
-            kind: "certificate",
-        });
-    }
+    let (pem, _) = read_certificate(ca, "the CA certificate")?;
     Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
 }
 
@@ -147,22 +121,8 @@ pub fn etcd_client(
 ) -> Result<ClientTlsConfig, TlsError> {
     let mut config = client_trusting(ca)?;
     if let Some((cert, key)) = identity {
-        let cert_pem = read(cert, "the etcd client certificate")?;
-        let key_pem = read(key, "the etcd client key")?;
-        if first_certificate(&cert_pem).is_none() {
-            return Err(TlsError::NotPem {
-                what: "the etcd client certificate",
-                path: cert.to_path_buf(),
-                kind: "certificate",
-            });
-        }
-        if rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).is_err() {
-            return Err(TlsError::NotPem {
-                what: "the etcd client key",
-                path: key.to_path_buf(),
-                kind: "private key",
-            });
-        }
+        let (cert_pem, _) = read_certificate(cert, "the etcd client certificate")?;
+        let key_pem = read_key(key, "the etcd client key")?;
         config = config.identity(Identity::from_pem(cert_pem, key_pem));
     }
     Ok(config)
@@ -187,8 +147,34 @@ pub fn has_role(cert: &CertificateDer<'_>, role: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn first_certificate(pem: &[u8]) -> Option<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem).next()?.ok()
+/// A PEM file's bytes and its first certificate; an error naming the file if it holds none.
+fn read_certificate(
+    path: &Path,
+    what: &'static str,
+) -> Result<(Vec<u8>, CertificateDer<'static>), TlsError> {
+    let pem = read(path, what)?;
+    let first = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| TlsError::NotPem {
+            what,
+            path: path.to_path_buf(),
+            kind: "certificate",
+        })?;
+    Ok((pem, first))
+}
+
+/// A PEM file's bytes; an error naming the file if it holds no private key.
+fn read_key(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    let pem = read(path, what)?;
+    if rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem).is_err() {
+        return Err(TlsError::NotPem {
+            what,
+            path: path.to_path_buf(),
+            kind: "private key",
+        });
+    }
+    Ok(pem)
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {

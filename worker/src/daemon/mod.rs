@@ -182,11 +182,7 @@ pub async fn run(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = longtake_proto::serving::incoming(listener);
-    let mut server = longtake_proto::serving::server();
-    if let Some(tls) = &config.tls {
-        server = server.tls_config(tls.server(true))?;
-    }
-    server
+    longtake_proto::serving::server_with_tls(config.tls.as_ref().map(|tls| tls.server(true)))?
         .add_service(service)
         .serve_with_incoming_shutdown(incoming.connections, stop)
         .await?;
