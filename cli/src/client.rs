@@ -31,8 +31,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `--coordinator URL` flag of every command that talks to a farm.
 #[derive(Args, Clone, Debug, Default)]
 pub struct CoordinatorArg {
-    /// Coordinator URL, e.g. http://farm:7070 [default: $LONGTAKE_COORDINATOR].
-    #[arg(long, value_name = "URL")]
+    /// Coordinator URL, e.g. http://farm:7070 [default: $LONGTAKE_COORDINATOR]. A farm with
+    /// standby coordinators: every one's URL, comma-separated; the CLI uses the one that
+    /// answers (the leader: standbys do not listen) and follows a job across a failover.
+    #[arg(long, value_name = "URL[,URL...]")]
     pub coordinator: Option<String>,
     /// A file holding the API token a farm with tokens gave you [default: $LONGTAKE_TOKEN]. A
     /// file rather than a flag, so the token stays out of shell history and `ps`.
@@ -45,14 +47,21 @@ pub struct CoordinatorArg {
 }
 
 impl CoordinatorArg {
-    /// The URL from the flag, else from the environment; `None` when neither names one.
+    /// The URL(s) from the flag, else from the environment, comma-separated; `None` when
+    /// neither names one.
     pub fn url(&self) -> Option<String> {
         self.coordinator
             .clone()
             .or_else(|| std::env::var(COORDINATOR_ENV).ok())
-            .map(|u| u.trim().to_string())
+            .map(|urls| {
+                urls.split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(normalize_url)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
             .filter(|u| !u.is_empty())
-            .map(|u| normalize_url(&u))
     }
 
     /// The API token from `--token-file`, else from the environment; `None` when neither
@@ -112,6 +121,7 @@ impl CoordinatorArg {
 /// A coordinator to connect to: where, with which API token, trusting which CA.
 #[derive(Clone, Debug, Default)]
 pub struct Target {
+    /// One URL, or several comma-separated (a leader and its standbys).
     pub url: String,
     pub token: Option<String>,
     /// The farm's CA certificate, for an https:// URL.
@@ -172,19 +182,68 @@ impl Interceptor for BearerToken {
 
 type Authorized = InterceptedService<Channel, BearerToken>;
 
+/// How long a client that lost its coordinator keeps trying to reach one again (a standby
+/// takes over within its `--leader-ttl`, 10 s by default, then loads the jobs).
+const REATTACH_WINDOW: Duration = Duration::from_secs(45);
+
 /// Both client-facing services of one coordinator over one connection.
 pub struct Client {
+    target: Target,
     url: String,
     pub render: RenderServiceClient<Authorized>,
     pub cluster: ClusterServiceClient<Authorized>,
 }
 
 impl Client {
-    /// Connects now, so a coordinator that is not there is reported once, by URL; every call
-    /// carries the target's token when there is one; an https:// URL is checked against the
-    /// target's CA.
+    /// Connects now, to the first of the target's URLs that answers, so a coordinator that is
+    /// not there is reported once, by URL; every call carries the target's token when there is
+    /// one; an https:// URL is checked against the target's CA.
     pub async fn connect(target: &Target) -> Result<Self> {
-        let url = target.url.as_str();
+        let mut failures = Vec::new();
+        for url in target.url.split(',') {
+            match Self::connect_to(target, url).await {
+                Ok(client) => return Ok(client),
+                Err(e) => failures.push(e),
+            }
+        }
+        match failures.len() {
+            0 => bail!("no coordinator URL given"),
+            1 => Err(failures.remove(0)),
+            _ => bail!(
+                "no coordinator of {} answers: {}",
+                target.url,
+                failures
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        }
+    }
+
+    /// Connects again after the coordinator went away, to whichever of the target's URLs
+    /// answers first (a standby that took over, or the same one restarted), trying for
+    /// [`REATTACH_WINDOW`].
+    pub async fn reconnect(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + REATTACH_WINDOW;
+        loop {
+            match Self::connect(&self.target).await {
+                Ok(client) => {
+                    *self = client;
+                    return Ok(());
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(e.context(format!(
+                        "no coordinator came back within {} s",
+                        REATTACH_WINDOW.as_secs()
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    async fn connect_to(target: &Target, url: &str) -> Result<Self> {
         let bearer = BearerToken::new(target.token.as_deref())?;
         let unreachable = |why: String| {
             anyhow!(
@@ -216,6 +275,7 @@ impl Client {
             .map_err(|e| unreachable(error_chain(&e)))?;
         let max = longtake_proto::MAX_MESSAGE_BYTES;
         Ok(Self {
+            target: target.clone(),
             url: url.to_string(),
             render: RenderServiceClient::with_interceptor(channel.clone(), bearer.clone())
                 .max_decoding_message_size(max)
@@ -265,6 +325,13 @@ pub fn status_error(url: &str, status: tonic::Status) -> anyhow::Error {
         _ if message.is_empty() => anyhow!("{}", status.code().description()),
         _ => anyhow!("{message}"),
     }
+}
+
+/// Whether `status` says the connection to the coordinator was lost (the coordinator died or
+/// stopped), rather than an answer of the coordinator.
+pub fn is_lost_connection(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+        && (status.message().is_empty() || looks_like_transport(status.message()))
 }
 
 /// tonic reports a dropped connection as UNAVAILABLE with the transport's words, while a busy

@@ -178,28 +178,66 @@ pub async fn watch(args: ShowArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Streams the job's events into `show` until it ends; returns the final event.
+/// Streams the job's events into `show` until it ends; returns the final event. When the
+/// coordinator goes away meanwhile (killed, restarted, or a standby taking over), connects
+/// again to whichever of the target's coordinators answers and watches on: watching replays
+/// the job's state, so nothing is missed.
 pub async fn follow(
     client: &mut Client,
     id: &str,
     mut show: impl FnMut(&JobEvent),
 ) -> Result<JobEvent> {
-    let mut stream = client
-        .render
-        .watch(JobRequest { id: id.to_string() })
-        .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
-    while let Some(event) = stream.message().await.map_err(|s| client.error(s))? {
-        show(&event);
-        if views::is_final(event.state) {
-            return Ok(event);
+    loop {
+        let lost = match watch_once(client, id, &mut show).await {
+            Ok(Watched::Ended(event)) => return Ok(event),
+            Ok(Watched::Lost(why)) => why,
+            Err(e) => return Err(e),
+        };
+        eprintln!(
+            "lost the coordinator at {} ({lost}); re-attaching to job {id}",
+            client.url()
+        );
+        client.reconnect().await?;
+        eprintln!("re-attached to job {id} at {}", client.url());
+    }
+}
+
+enum Watched {
+    Ended(JobEvent),
+    /// The connection to the coordinator broke, or it closed the watch before the job ended.
+    Lost(String),
+}
+
+async fn watch_once(
+    client: &mut Client,
+    id: &str,
+    show: &mut impl FnMut(&JobEvent),
+) -> Result<Watched> {
+    let lost = |status: &tonic::Status| crate::client::is_lost_connection(status);
+    let mut stream = match client.render.watch(JobRequest { id: id.to_string() }).await {
+        Ok(stream) => stream.into_inner(),
+        Err(status) if lost(&status) => return Ok(Watched::Lost(status.message().to_string())),
+        Err(status) => return Err(client.error(status)),
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(event)) => {
+                show(&event);
+                if views::is_final(event.state) {
+                    return Ok(Watched::Ended(event));
+                }
+            }
+            Ok(None) => {
+                return Ok(Watched::Lost(
+                    "it ended the watch before the job ended".into(),
+                ))
+            }
+            Err(status) if lost(&status) => {
+                return Ok(Watched::Lost(status.message().to_string()))
+            }
+            Err(status) => return Err(client.error(status)),
         }
     }
-    bail!(
-        "the coordinator at {} ended the watch of job {id} before the job ended (see `longtake status {id}`)",
-        client.url()
-    )
 }
 
 /// Ok for a finished job; the job's reason for a failed or cancelled one.

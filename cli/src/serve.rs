@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use longtake_coordinator::access::{Access, Tokens};
+use longtake_coordinator::leadership::Leadership;
 use longtake_coordinator::placement::RankQuotas;
 use longtake_coordinator::{Coordinator, CoordinatorConfig, EtcdJobStore, Limits};
 use longtake_proto::membership::{EtcdConfig, EtcdMembership, Membership};
@@ -176,6 +177,12 @@ pub struct CoordinatorArgs {
     /// worker groups are not checkpointed yet).
     #[arg(long, default_value_t = 1)]
     pub checkpoint_every: u32,
+    /// Several coordinators may serve one farm (one etcd, one shared --artifacts directory):
+    /// they elect a leader in etcd, which alone listens and schedules; the others stand by and
+    /// the first in line takes over, with the running jobs, within this time of the leader's
+    /// loss (at once when it stops on a signal).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", value_name = "TTL")]
+    pub leader_ttl: Duration,
 }
 
 impl CoordinatorArgs {
@@ -240,8 +247,11 @@ pub async fn run(command: ServeCommand) -> Result<i32> {
 
 async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
     let etcd = args.etcd.config()?;
-    let membership = EtcdMembership::connect(etcd.clone()).await?;
-    let store = EtcdJobStore::connect(etcd).await?;
+    if args.leader_ttl < Duration::from_secs(1) {
+        bail!("--leader-ttl must be at least 1s");
+    }
+    // everything that can be refused is checked before campaigning: a leader that then
+    // exited would keep the standbys waiting for its lease
     let mut config = CoordinatorConfig::new(args.artifacts.clone());
     config.limits = args.limits();
     config.checkpoint_every = args.checkpoint_every;
@@ -252,6 +262,17 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
         owners: args.owner_max_ranks.iter().cloned().collect(),
     };
     config.tls = args.tls.load(COORDINATOR_NAME)?;
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let announced = format!("{scheme}://{}", args.listen);
+    let leadership = Leadership::campaign(&etcd, &announced, args.leader_ttl, |leader| {
+        let leader = leader.unwrap_or_else(|| "another coordinator".into());
+        let _ = ready(&format!(
+            "coordinator standby: {leader} leads; this one takes over when it is gone"
+        ));
+    })
+    .await?;
+    let membership = EtcdMembership::connect(etcd.clone()).await?;
+    let store = EtcdJobStore::connect(etcd).await?.fenced(leadership.fence());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -259,7 +280,25 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
     let coordinator = Coordinator::start(config, Arc::new(membership), Arc::new(store)).await?;
     // The listener is bound, so connections made after this line wait for `serve` to accept.
     ready(&format!("coordinator listening on {address}"))?;
-    coordinator.serve(listener, shutdown_signal()).await?;
+    let lost = Arc::new(std::sync::Mutex::new(None));
+    let shutdown = {
+        let (lost, leadership_lost) = (lost.clone(), leadership.lost());
+        async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                why = leadership_lost => *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why),
+            }
+        }
+    };
+    coordinator.serve(listener, shutdown).await?;
+    let lost = lost.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(why) = lost {
+        bail!(
+            "this coordinator stopped leading: {why}. It exits so that its supervisor starts it \
+             again, as a standby"
+        );
+    }
+    leadership.resign().await;
     Ok(0)
 }
 

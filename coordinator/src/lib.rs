@@ -15,13 +15,15 @@
 //! outputs live, read back in chunks), `dispatch` (one attempt of a job on its workers over
 //! `WorkerService`), `scheduler` (the job table behind its lock, the store writes, the live
 //! worker view and the placement loop), `access` (API tokens: who the caller is, which jobs it
-//! reaches), `service` (the thin gRPC edge), and `encode` (frames → MP4 / PNG).
+//! reaches), `leadership` (which of several coordinators on one etcd schedules, and the fence
+//! on its writes), `service` (the thin gRPC edge), and `encode` (frames → MP4 / PNG).
 
 pub mod access;
 pub mod artifacts;
 pub mod dispatch;
 pub mod encode;
 pub mod jobs;
+pub mod leadership;
 pub mod placement;
 pub mod queue;
 pub mod record;
@@ -151,6 +153,13 @@ impl Coordinator {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let incoming = longtake_proto::serving::incoming(listener);
+        // stopped before the server drains its connections: the drain waits for open streams,
+        // and a job's watch ends only when the scheduler stops
+        let stopping = self.clone();
+        let shutdown = async move {
+            shutdown.await;
+            stopping.stop();
+        };
         let served = longtake_proto::serving::server_with_tls(
             self.tls.as_ref().map(|tls| tls.server(false)),
         )?

@@ -123,6 +123,14 @@ impl Scheduler {
         lock(&self.inner.attempts).abort_all();
     }
 
+    /// Resolves once the scheduler is stopped (at once if it already is).
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stop = self.inner.stop.subscribe();
+        async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }
+    }
+
     pub fn artifacts(&self) -> &Artifacts {
         &self.inner.artifacts
     }

@@ -175,7 +175,9 @@ impl RenderService for Service {
             .ok_or_else(|| not_found(&id))?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let scheduler = self.scheduler.clone();
+        let stopped = self.scheduler.stopped();
         tokio::spawn(async move {
+            tokio::pin!(stopped);
             let Some(mut last) = opening.pop() else {
                 return;
             };
@@ -189,7 +191,13 @@ impl RenderService for Service {
                 if tx.send(Ok(last)).await.is_err() || end {
                     return;
                 }
-                last = match events.recv().await {
+                let received = tokio::select! {
+                    received = events.recv() => received,
+                    // a stopping coordinator ends its watches (the server waits for open
+                    // streams before it exits); the client watches again, elsewhere
+                    _ = &mut stopped => return,
+                };
+                last = match received {
                     Ok(event) => event,
                     // fell behind: the job's state now stands for what was missed
                     Err(broadcast::error::RecvError::Lagged(_)) => {

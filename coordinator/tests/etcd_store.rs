@@ -269,3 +269,83 @@ async fn a_history_larger_than_one_etcd_message_loads_whole() {
         expected.iter().map(String::as_str).collect::<Vec<_>>()
     );
 }
+
+/// The coordinator election: one leader at a time (a second candidate is told who leads and
+/// waits); when the leader's lease ends (revoked here from outside, as its expiry after a
+/// partition would), the next candidate leads, the deposed one learns that it lost, and its
+/// fenced writes are refused while the new leader's go through. (Before, two coordinators on one
+/// etcd both scheduled and wrote.)
+#[tokio::test]
+async fn one_coordinator_leads_and_a_deposed_leader_cannot_write() {
+    use longtake_coordinator::leadership::Leadership;
+    let server = EtcdServer::start();
+    let config = etcd_config(&server);
+    let ttl = Duration::from_secs(2);
+    let first = Leadership::campaign(&config, "http://first:7070", ttl, |leader| {
+        panic!("nobody leads yet, but {leader:?} was named")
+    })
+    .await
+    .unwrap();
+    let first_store = EtcdJobStore::connect(config.clone())
+        .await
+        .unwrap()
+        .fenced(first.fence());
+    first_store.put(&job("j-1", 100, 0)).await.unwrap();
+
+    let (told, heard) = tokio::sync::oneshot::channel();
+    let second = tokio::spawn({
+        let config = config.clone();
+        async move {
+            Leadership::campaign(&config, "http://second:7070", ttl, move |leader| {
+                let _ = told.send(leader);
+            })
+            .await
+        }
+    });
+    assert_eq!(heard.await.unwrap().as_deref(), Some("http://first:7070"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !second.is_finished(),
+        "the second candidate waits while the first leads (its lease kept alive past its TTL)"
+    );
+
+    let mut etcd = etcd_client::Client::connect([server.url()], None)
+        .await
+        .unwrap();
+    let candidates = etcd
+        .get(
+            "/longtake/coordinator/leader",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let first_lease = candidates
+        .kvs()
+        .iter()
+        .find(|kv| kv.value() == b"http://first:7070")
+        .expect("the first candidate's key")
+        .lease();
+    etcd.lease_revoke(first_lease).await.unwrap();
+
+    let second = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("hang guard: the second candidate leads once the first's lease is gone")
+        .unwrap()
+        .unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(30), first.lost())
+        .await
+        .expect("hang guard: the deposed leader learns that it lost");
+    assert!(why.contains("lease"), "{why}");
+    match first_store.put(&job("j-2", 200, 0)).await {
+        Err(StoreError::NotLeader) => {}
+        other => panic!("a deposed leader's write must be refused, got {other:?}"),
+    }
+    let second_store = EtcdJobStore::connect(config)
+        .await
+        .unwrap()
+        .fenced(second.fence());
+    second_store.put(&job("j-3", 300, 0)).await.unwrap();
+    let loaded = records(second_store.load_all().await.unwrap());
+    assert_eq!(ids(&loaded), ["j-1", "j-3"]);
+    second.resign().await;
+}

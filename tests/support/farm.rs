@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use longtake_proto::membership::testing::{EtcdServer, EtcdServerTls};
+use longtake_proto::membership::testing::{EtcdCluster, EtcdServer, EtcdServerTls};
 use serde_json::Value;
 
 use super::cli::{field, longtake, Run};
@@ -45,11 +45,29 @@ fn etcd_tls_args(dir: &Path, role: &str) -> Vec<PathBuf> {
     ]
 }
 
+/// The etcd a farm keeps its membership and job records in.
+enum FarmEtcd {
+    Single(EtcdServer),
+    Cluster(EtcdCluster),
+}
+
+impl FarmEtcd {
+    /// What `--etcd` takes: the client URL, or every member's, comma-separated.
+    fn urls(&self) -> String {
+        match self {
+            FarmEtcd::Single(server) => server.url().to_string(),
+            FarmEtcd::Cluster(cluster) => cluster.urls(),
+        }
+    }
+}
+
 /// A coordinator, its workers and the etcd they share. Dropping it kills every process.
 pub struct Farm {
     // Field order is drop order: the servers go before the etcd they talk to.
     workers: BTreeMap<String, Proc>,
     coordinator: Option<Proc>,
+    /// A second coordinator standing by (`start_standby_coordinator`) and its URL.
+    standby: Option<(Proc, String)>,
     coordinator_args: Vec<String>,
     url: String,
     /// The API token the CLI sends (`LONGTAKE_TOKEN`), for a farm started with `--tokens`.
@@ -58,7 +76,7 @@ pub struct Farm {
     tls: Option<PathBuf>,
     artifacts: tempfile::TempDir,
     scratch: tempfile::TempDir,
-    etcd: EtcdServer,
+    etcd: FarmEtcd,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -70,7 +88,7 @@ impl Farm {
 
     /// etcd and a coordinator started with `coordinator_args` (e.g. `--max-frames 33`).
     pub fn start_with(coordinator_args: &[&str]) -> Farm {
-        Farm::start_over(coordinator_args, None)
+        Farm::start_over(coordinator_args, None, false)
     }
 
     /// etcd and a coordinator speaking TLS with the certificates `longtake certs init` wrote
@@ -78,16 +96,23 @@ impl Farm {
     /// TLS as well (with the coordinator's certificate, which names 127.0.0.1) and requires a
     /// client certificate of the farm's CA: each daemon presents its own.
     pub fn start_tls(certs: &Path, coordinator_args: &[&str]) -> Farm {
-        Farm::start_over(coordinator_args, Some(certs.to_path_buf()))
+        Farm::start_over(coordinator_args, Some(certs.to_path_buf()), false)
     }
 
-    fn start_over(coordinator_args: &[&str], tls: Option<PathBuf>) -> Farm {
+    /// A coordinator over a 3-member etcd cluster (plain HTTP), every daemon given all three
+    /// members' URLs.
+    pub fn start_on_etcd_cluster(coordinator_args: &[&str]) -> Farm {
+        Farm::start_over(coordinator_args, None, true)
+    }
+
+    fn start_over(coordinator_args: &[&str], tls: Option<PathBuf>, cluster: bool) -> Farm {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut farm = Farm {
             workers: BTreeMap::new(),
             coordinator: None,
+            standby: None,
             coordinator_args: coordinator_args.iter().map(|a| a.to_string()).collect(),
             url: String::new(),
             token: None,
@@ -95,12 +120,13 @@ impl Farm {
             artifacts: tempfile::tempdir().expect("artifact directory"),
             scratch: tempfile::tempdir().expect("scratch directory"),
             etcd: match &tls {
-                Some(dir) => EtcdServer::start_tls(&EtcdServerTls {
+                Some(dir) => FarmEtcd::Single(EtcdServer::start_tls(&EtcdServerTls {
                     cert: dir.join("coordinator.pem"),
                     key: dir.join("coordinator.key"),
                     ca: dir.join("ca.pem"),
-                }),
-                None => EtcdServer::start(),
+                })),
+                None if cluster => FarmEtcd::Cluster(EtcdCluster::start(3)),
+                None => FarmEtcd::Single(EtcdServer::start()),
             },
             _serial: serial,
         };
@@ -126,7 +152,7 @@ impl Farm {
             "a coordinator is already running"
         );
         let mut cmd = longtake();
-        cmd.args(["serve", "coordinator", "--etcd", self.etcd.url()])
+        cmd.args(["serve", "coordinator", "--etcd", &self.etcd.urls()])
             .args(["--listen", "127.0.0.1:0", "--artifacts"])
             .arg(self.artifacts.path())
             .args(&self.coordinator_args);
@@ -139,6 +165,42 @@ impl Farm {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.url = format!("{scheme}://{addr}");
         self.coordinator = Some(proc);
+    }
+
+    /// Starts a second coordinator over this farm's etcd and artifact directory, with the
+    /// same arguments, on a port of its own; it stands by while the first leads. The CLI is
+    /// given both URLs from now on.
+    pub fn start_standby_coordinator(&mut self) {
+        assert!(self.standby.is_none(), "a standby is already running");
+        assert!(self.tls.is_none(), "a standby of a TLS farm is not supported here");
+        let port = longtake_proto::membership::testing::free_port();
+        let mut cmd = longtake();
+        cmd.args(["serve", "coordinator", "--etcd", &self.etcd.urls()])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--artifacts"])
+            .arg(self.artifacts.path())
+            .args(&self.coordinator_args);
+        let mut proc = Proc::spawn("standby coordinator", cmd);
+        proc.wait_for_line("coordinator standby: ", READY);
+        let url = format!("http://127.0.0.1:{port}");
+        self.url = format!("{},{url}", self.url);
+        self.standby = Some((proc, url));
+    }
+
+    /// Waits until the standby coordinator leads (its ready line) and makes it this farm's
+    /// coordinator; the CLI keeps both URLs.
+    pub fn wait_standby_leads(&mut self, timeout: Duration) {
+        let (mut proc, url) = self.standby.take().expect("a standby coordinator");
+        let addr = proc.wait_for_line("coordinator listening on ", timeout);
+        assert_eq!(format!("http://{addr}"), url, "the standby listens where it said");
+        assert!(self.coordinator.is_none(), "the leader still runs");
+        self.coordinator = Some(proc);
+    }
+
+    /// SIGTERMs the coordinator (a graceful stop) and waits for it to exit.
+    pub fn stop_coordinator(&mut self) -> std::process::ExitStatus {
+        let mut proc = self.coordinator.take().expect("a running coordinator");
+        proc.terminate();
+        proc.wait_exit(READY)
     }
 
     /// SIGKILLs the coordinator (no chance to tidy up).
@@ -162,7 +224,7 @@ impl Farm {
     fn spawn_worker(&mut self, id: &str, extra: &[&str], tls: bool) {
         assert!(!self.workers.contains_key(id), "worker {id} already runs");
         let mut cmd = longtake();
-        cmd.args(["serve", "worker", "--etcd", self.etcd.url()])
+        cmd.args(["serve", "worker", "--etcd", &self.etcd.urls()])
             .args(["--listen", "127.0.0.1:0", "--id", id]);
         if !extra.contains(&"--model") {
             cmd.args(["--model", "tiny"]);
@@ -199,14 +261,25 @@ impl Farm {
         self.artifacts.path().to_path_buf()
     }
 
-    /// This farm's etcd, e.g. to pause it.
+    /// This farm's etcd, e.g. to pause it (a farm on one etcd server).
     pub fn etcd(&self) -> &EtcdServer {
-        &self.etcd
+        match &self.etcd {
+            FarmEtcd::Single(server) => server,
+            FarmEtcd::Cluster(_) => panic!("this farm runs on an etcd cluster: use etcd_cluster"),
+        }
     }
 
-    /// The client URL of this farm's etcd.
-    pub fn etcd_url(&self) -> &str {
-        self.etcd.url()
+    /// This farm's etcd cluster, e.g. to kill a member (a farm started on one).
+    pub fn etcd_cluster(&mut self) -> &mut EtcdCluster {
+        match &mut self.etcd {
+            FarmEtcd::Cluster(cluster) => cluster,
+            FarmEtcd::Single(_) => panic!("this farm runs on one etcd server"),
+        }
+    }
+
+    /// The client URL(s) of this farm's etcd, as `--etcd` takes them.
+    pub fn etcd_url(&self) -> String {
+        self.etcd.urls()
     }
 
     /// A path in the test's scratch directory (for `--out`).
@@ -351,6 +424,9 @@ impl Farm {
         let mut logs = String::new();
         if let Some(c) = &self.coordinator {
             logs.push_str(&c.logs());
+        }
+        if let Some((standby, _)) = &self.standby {
+            logs.push_str(&standby.logs());
         }
         for w in self.workers.values() {
             logs.push_str(&w.logs());

@@ -8,8 +8,9 @@
 use super::format::{self, LoadedJob};
 use super::{in_submission_order, JobStore, Result, StoreError};
 use crate::record::JobRecord;
-use etcd_client::{Client, GetOptions};
-use longtake_proto::membership::client::{bounded, connect};
+use crate::leadership::Fence;
+use etcd_client::{GetOptions, TxnOp};
+use longtake_proto::membership::client::{connect, Etcd};
 use longtake_proto::membership::EtcdConfig;
 
 /// Records read per request when loading (fewer when they are large).
@@ -29,10 +30,12 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
 }
 
 pub struct EtcdJobStore {
-    client: Client,
+    client: Etcd,
     /// `<prefix>/jobs/`
     jobs: String,
     endpoints: String,
+    /// Writes only while this leadership holds (a coordinator of several on one etcd).
+    fence: Option<Fence>,
 }
 
 impl EtcdJobStore {
@@ -48,7 +51,38 @@ impl EtcdJobStore {
             client,
             jobs: config.keys_of("jobs"),
             endpoints,
+            fence: None,
         })
+    }
+
+    /// This store, writing only while `fence`'s leadership holds: a write after it was lost is
+    /// refused ([`StoreError::NotLeader`]) and raises the fence's flag.
+    pub fn fenced(self, fence: Fence) -> Self {
+        Self {
+            fence: Some(fence),
+            ..self
+        }
+    }
+
+    /// Does `operation` (a put or a delete), inside the fence's transaction when fenced.
+    async fn write(&self, operation: TxnOp) -> Result<()> {
+        let Some(fence) = &self.fence else {
+            self.client
+                .txn(etcd_client::Txn::new().and_then([operation]))
+                .await
+                .map_err(|e| self.error(e))?;
+            return Ok(());
+        };
+        let done = self
+            .client
+            .txn(fence.guard(operation))
+            .await
+            .map_err(|e| self.error(e))?;
+        if !done.succeeded() {
+            fence.refused();
+            return Err(StoreError::NotLeader);
+        }
+        Ok(())
     }
 
     fn error(&self, source: etcd_client::Error) -> StoreError {
@@ -63,19 +97,13 @@ impl EtcdJobStore {
 impl JobStore for EtcdJobStore {
     async fn delete(&self, id: &str) -> Result<()> {
         let key = format!("{}{}", self.jobs, id);
-        bounded(self.client.clone().delete(key, None))
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
+        self.write(TxnOp::delete(key, None)).await
     }
 
     async fn put(&self, job: &JobRecord) -> Result<()> {
         let value = format::encode(job);
         let key = format!("{}{}", self.jobs, job.id);
-        bounded(self.client.clone().put(key, value, None))
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
+        self.write(TxnOp::put(key, value, None)).await
     }
 
     /// Reads the records a page at a time, all pages at the revision of the first, so a history
@@ -93,7 +121,7 @@ impl JobStore for EtcdJobStore {
                 .with_range(end.clone())
                 .with_limit(page)
                 .with_revision(revision);
-            let found = match bounded(self.client.clone().get(from.clone(), Some(options))).await {
+            let found = match self.client.get(from.clone(), Some(options)).await {
                 Ok(found) => found,
                 Err(etcd_client::Error::GRpcStatus(status))
                     if status.code() == tonic::Code::OutOfRange && page > 1 =>

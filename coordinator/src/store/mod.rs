@@ -24,6 +24,11 @@ pub enum StoreError {
         #[source]
         source: etcd_client::Error,
     },
+    #[error(
+        "job store: this coordinator no longer leads (another coordinator on this etcd took \
+         over); the write was refused"
+    )]
+    NotLeader,
     #[error("job record {key} is not valid JSON of a job: {source}")]
     Decode {
         key: String,

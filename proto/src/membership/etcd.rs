@@ -18,13 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
     WatchOptions, WatchResponse, WatchStream,
 };
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
 
-use super::client::{bounded, connect};
+use super::client::{bounded, connect, Etcd};
 use super::{Membership, MembershipError, MembershipEvent, Registration, Result, Subscription};
 use crate::v1::Worker;
 
@@ -60,7 +60,7 @@ impl EtcdConfig {
 /// Membership backed by an etcd cluster.
 pub struct EtcdMembership {
     config: EtcdConfig,
-    client: Client,
+    client: Etcd,
 }
 
 impl EtcdMembership {
@@ -130,8 +130,8 @@ fn events(prefix: &str, response: &WatchResponse) -> Vec<MembershipEvent> {
 impl Membership for EtcdMembership {
     async fn register(&self, worker: Worker) -> Result<Box<dyn Registration>> {
         let key = format!("{}{}", self.prefix(), worker.id);
-        let mut client = self.client.clone();
-        let lease = bounded(client.lease_grant(self.config.lease_ttl_s, None))
+        let client = self.client.clone();
+        let lease = client.lease_grant(self.config.lease_ttl_s)
             .await
             .map_err(|e| etcd_error(&self.config, e))?;
         // Created only if the key is absent: checking and putting in one transaction leaves no
@@ -143,9 +143,9 @@ impl Membership for EtcdMembership {
                 encode(&worker),
                 Some(PutOptions::new().with_lease(lease.id())),
             )]);
-        let created = bounded(client.txn(create)).await;
+        let created = client.txn(create).await;
         if !matches!(created, Ok(ref r) if r.succeeded()) {
-            let _ = bounded(client.lease_revoke(lease.id())).await;
+            let _ = client.lease_revoke(lease.id()).await;
             return Err(match created {
                 Ok(_) => MembershipError::DuplicateId(worker.id),
                 Err(e) => etcd_error(&self.config, e),
@@ -170,8 +170,8 @@ impl Membership for EtcdMembership {
 
     async fn list(&self) -> Result<Vec<Worker>> {
         let prefix = self.prefix();
-        let mut client = self.client.clone();
-        let found = bounded(client.get(prefix.clone(), Some(GetOptions::new().with_prefix())))
+        let client = self.client.clone();
+        let found = client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| etcd_error(&self.config, e))?;
         let mut workers: Vec<Worker> = found
@@ -185,9 +185,9 @@ impl Membership for EtcdMembership {
 
     async fn subscribe(&self) -> Result<Subscription> {
         let prefix = self.prefix();
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let fail = |e| etcd_error(&self.config, e);
-        let snapshot = bounded(client.get(prefix.clone(), Some(GetOptions::new().with_prefix())))
+        let snapshot = client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(fail)?;
         let revision = snapshot.header().map(|h| h.revision()).unwrap_or(0);
@@ -202,7 +202,7 @@ impl Membership for EtcdMembership {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        let mut watch = bounded(client.watch(prefix.clone(), Some(options)))
+        let mut watch = client.watch(prefix.clone(), Some(options))
             .await
             .map_err(fail)?;
         let first = bounded(watch.message()).await.map_err(fail)?;
@@ -274,7 +274,7 @@ async fn forward(
 /// What a registration and its keep-alive task share.
 struct Shared {
     config: EtcdConfig,
-    client: Client,
+    client: Etcd,
     key: String,
     id: String,
     /// Held across every write of the record, so that an update and a lease renewal never
@@ -314,8 +314,8 @@ impl Shared {
     /// id while the old lease was gone (then the registration ends).
     async fn renew(&self, current: &mut Current) -> Result<()> {
         let fail = |e| etcd_error(&self.config, e);
-        let mut client = self.client.clone();
-        let lease = bounded(client.lease_grant(self.config.lease_ttl_s, None))
+        let client = self.client.clone();
+        let lease = client.lease_grant(self.config.lease_ttl_s)
             .await
             .map_err(fail)?;
         let put = Txn::new()
@@ -329,7 +329,7 @@ impl Shared {
                 encode(&current.worker),
                 Some(PutOptions::new().with_lease(lease.id())),
             )]);
-        let put = bounded(client.txn(put)).await;
+        let put = client.txn(put).await;
         match put {
             Ok(r) if r.succeeded() => {
                 current.lease = lease.id();
@@ -338,12 +338,12 @@ impl Shared {
                 Ok(())
             }
             Ok(_) => {
-                let _ = bounded(client.lease_revoke(lease.id())).await;
+                let _ = client.lease_revoke(lease.id()).await;
                 current.ended = true;
                 Err(MembershipError::DuplicateId(self.id.clone()))
             }
             Err(e) => {
-                let _ = bounded(client.lease_revoke(lease.id())).await;
+                let _ = client.lease_revoke(lease.id()).await;
                 Err(fail(e))
             }
         }
@@ -412,8 +412,8 @@ async fn keep_alive(shared: Arc<Shared>) {
 
 /// Keeps `lease` alive on one keep-alive stream, every `period`, until something stops it.
 async fn hold(shared: &Shared, lease: i64, period: Duration) -> Stopped {
-    let mut client = shared.client.clone();
-    let (mut keeper, mut responses) = match bounded(client.lease_keep_alive(lease)).await {
+    let client = shared.client.clone();
+    let (mut keeper, mut responses) = match client.lease_keep_alive(lease).await {
         Ok(pair) => pair,
         Err(e) if is_lease_not_found(&e) => return Stopped::LeaseGone,
         Err(e) => return Stopped::Broken(e),
@@ -446,13 +446,14 @@ async fn republish(shared: &Shared, lease: i64) {
     if !current.unpublished || current.lease != lease || current.ended {
         return;
     }
-    let mut client = shared.client.clone();
-    let put = bounded(client.put(
-        shared.key.clone(),
-        encode(&current.worker),
-        Some(PutOptions::new().with_lease(lease)),
-    ))
-    .await;
+    let client = shared.client.clone();
+    let put = client
+        .put(
+            shared.key.clone(),
+            encode(&current.worker),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await;
     match put {
         Ok(_) => {
             current.unpublished = false;
@@ -486,13 +487,14 @@ impl Registration for EtcdRegistration {
             id: shared.id.clone(),
             ..worker
         };
-        let mut client = shared.client.clone();
-        let put = bounded(client.put(
-            shared.key.clone(),
-            encode(&current.worker),
-            Some(PutOptions::new().with_lease(current.lease)),
-        ))
-        .await;
+        let client = shared.client.clone();
+        let put = client
+            .put(
+                shared.key.clone(),
+                encode(&current.worker),
+                Some(PutOptions::new().with_lease(current.lease)),
+            )
+            .await;
         match put {
             Ok(_) => {
                 current.unpublished = false;
@@ -516,8 +518,8 @@ impl Registration for EtcdRegistration {
         let mut current = self.shared.current.lock().await;
         current.ended = true;
         self.keeper.abort();
-        let mut client = self.shared.client.clone();
-        match bounded(client.lease_revoke(current.lease)).await {
+        let client = self.shared.client.clone();
+        match client.lease_revoke(current.lease).await {
             Ok(_) => Ok(()),
             Err(e) if is_lease_not_found(&e) => Ok(()),
             Err(e) => Err(etcd_error(&self.shared.config, e)),

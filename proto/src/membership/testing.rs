@@ -52,60 +52,78 @@ impl EtcdServer {
     fn start_with(tls: Option<&EtcdServerTls>) -> Self {
         let mut failures = Vec::new();
         for _ in 0..3 {
-            match Self::try_start(tls) {
-                Ok(server) => return server,
+            match Self::try_start_cluster(1, tls) {
+                Ok(mut members) => return members.remove(0),
                 Err(why) => failures.push(why),
             }
         }
         panic!("etcd did not start: {}", failures.join("; "));
     }
 
-    fn try_start(tls: Option<&EtcdServerTls>) -> Result<Self, String> {
-        let data = tempfile::tempdir().expect("temporary directory for etcd");
-        let (client, peer) = (free_port(), free_port());
+    /// Starts `size` members of one new cluster, all of them before waiting for any: a member
+    /// is healthy only once a quorum has elected a leader.
+    fn try_start_cluster(size: usize, tls: Option<&EtcdServerTls>) -> Result<Vec<Self>, String> {
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let client_url = format!("{scheme}://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(data.path().join("etcd.log")).expect("etcd log file");
-        let mut command = Command::new(std::env::var("LONGTAKE_ETCD_BIN").unwrap_or("etcd".into()));
-        let mut health_port = client;
-        if let Some(tls) = tls {
-            health_port = free_port();
-            command
-                .arg("--cert-file")
-                .arg(&tls.cert)
-                .arg("--key-file")
-                .arg(&tls.key)
-                .arg("--trusted-ca-file")
-                .arg(&tls.ca)
-                .arg("--client-cert-auth")
-                .args([
-                    "--listen-metrics-urls",
-                    &format!("http://127.0.0.1:{health_port}"),
-                ]);
-        }
-        let child = command
-            .args(["--name", "test", "--data-dir"])
-            .arg(data.path().join("data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("test={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start etcd ({e}); install it with tests/setup.sh (Debian: apt-get install etcd-server)")
+        let names: Vec<String> = (0..size).map(|i| format!("member{i}")).collect();
+        let peer_urls: Vec<String> = (0..size)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let initial_cluster = names
+            .iter()
+            .zip(&peer_urls)
+            .map(|(name, url)| format!("{name}={url}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (name, peer_url) in names.iter().zip(&peer_urls) {
+            let data = tempfile::tempdir().expect("temporary directory for etcd");
+            let client_url = format!("{scheme}://127.0.0.1:{}", free_port());
+            let log = std::fs::File::create(data.path().join("etcd.log")).expect("etcd log file");
+            let mut command =
+                Command::new(std::env::var("LONGTAKE_ETCD_BIN").unwrap_or("etcd".into()));
+            let mut health_port = client_url.rsplit(':').next().and_then(|p| p.parse().ok());
+            if let Some(tls) = tls {
+                let metrics = free_port();
+                health_port = Some(metrics);
+                command
+                    .arg("--cert-file")
+                    .arg(&tls.cert)
+                    .arg("--key-file")
+                    .arg(&tls.key)
+                    .arg("--trusted-ca-file")
+                    .arg(&tls.ca)
+                    .arg("--client-cert-auth")
+                    .args([
+                        "--listen-metrics-urls",
+                        &format!("http://127.0.0.1:{metrics}"),
+                    ]);
+            }
+            let child = command
+                .args(["--name", name, "--data-dir"])
+                .arg(data.path().join("data"))
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", peer_url])
+                .args(["--initial-advertise-peer-urls", peer_url])
+                .args(["--initial-cluster", &initial_cluster])
+                .args(["--initial-cluster-state", "new"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start etcd ({e}); install it with tests/setup.sh (Debian: apt-get install etcd-server)")
+                });
+            members.push(Self {
+                child,
+                client_url,
+                health_port: health_port.expect("the client URL ends in its port"),
+                data,
             });
-        let mut server = Self {
-            child,
-            client_url,
-            health_port,
-            data,
-        };
-        server.wait_ready()?;
-        Ok(server)
+        }
+        for member in &mut members {
+            member.wait_ready()?;
+        }
+        Ok(members)
     }
 
     /// `Err` when etcd exited at start (its log's last line says why, e.g. a port in use).
@@ -164,6 +182,43 @@ impl EtcdServer {
     /// The client URL, e.g. `http://127.0.0.1:23791`.
     pub fn url(&self) -> &str {
         &self.client_url
+    }
+}
+
+/// A cluster of etcd members on loopback, for tests of a farm that loses one of them.
+pub struct EtcdCluster {
+    members: Vec<Option<EtcdServer>>,
+    urls: Vec<String>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members (panics with the reason if they cannot start, as
+    /// [`EtcdServer::start`]); plain HTTP.
+    pub fn start(size: usize) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match EtcdServer::try_start_cluster(size, None) {
+                Ok(members) => {
+                    return Self {
+                        urls: members.iter().map(|m| m.url().to_string()).collect(),
+                        members: members.into_iter().map(Some).collect(),
+                    }
+                }
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("etcd cluster did not start: {}", failures.join("; "));
+    }
+
+    /// Every member's client URL, comma-separated (as `--etcd` takes them), the killed ones
+    /// included: a client configured before a loss still names the dead member.
+    pub fn urls(&self) -> String {
+        self.urls.join(",")
+    }
+
+    /// Kills member `index` (SIGKILL), leaving the others a quorum for a cluster of three.
+    pub fn kill(&mut self, index: usize) {
+        self.members[index] = None;
     }
 }
 
