@@ -761,7 +761,11 @@ fn a_three_member_etcd_losing_one_member_keeps_the_farm_working() {
     let third = farm.submit(&spec(3), &["--name", "third"]);
     let third_job = farm.wait_done(&third, JOB);
     assert_eq!(number(&third_job, "attempts"), 1, "{third_job}");
-    let mut workers: Vec<String> = farm.workers().iter().map(|w| field(w, "id").to_string()).collect();
+    let mut workers: Vec<String> = farm
+        .workers()
+        .iter()
+        .map(|w| field(w, "id").to_string())
+        .collect();
     workers.sort();
     assert_eq!(workers, ["w1", "w2"]);
     let clip = farm.path("third.mp4");
@@ -785,7 +789,9 @@ fn a_standby_coordinator_takes_over_from_a_killed_leader_mid_job() {
     let job_spec = long_spec(20);
     let id = farm.submit(&job_spec, &[]);
     let mut watcher = farm.spawn_cli("watch", &["watch", &id, "--json"]);
-    farm.wait_job(&id, "3 steps done", JOB, |j| j["steps_done"].as_u64().unwrap_or(0) >= 3);
+    farm.wait_job(&id, "3 steps done", JOB, |j| {
+        j["steps_done"].as_u64().unwrap_or(0) >= 3
+    });
     let killed = std::time::Instant::now();
     farm.kill_coordinator();
     farm.wait_standby_leads(JOB);
@@ -811,7 +817,12 @@ fn a_standby_coordinator_takes_over_from_a_killed_leader_mid_job() {
         "{}",
         watcher.logs()
     );
-    let last = watcher.stdout().lines().last().unwrap_or_default().to_string();
+    let last = watcher
+        .stdout()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
     assert!(last.contains("\"done\""), "watch ended on: {last}");
 
     let clip = farm.path("failover.mp4");
@@ -831,7 +842,7 @@ fn a_standby_coordinator_takes_over_from_a_killed_leader_mid_job() {
     let status = farm.stop_coordinator();
     assert!(status.success(), "the stopped leader exits 0: {status}");
     farm.wait_standby_leads(JOB);
-    assert_eq!(ids(&farm.jobs()), [id.clone()]);
+    assert_eq!(ids(&farm.jobs()), [id]);
     let second = farm.submit(&spec(3), &[]);
     let second_job = farm.wait_done(&second, JOB);
     assert_eq!(number(&second_job, "attempts"), 1, "{second_job}");
@@ -1037,4 +1048,67 @@ fn a_worker_killed_mid_job_is_replaced_and_the_result_is_unchanged() {
         "the re-run equals the undisturbed render (max |diff| {})",
         max_diff(&frames, &expected)
     );
+}
+
+/// kill -9 of a worker of a two-rank job (`cfg=2`) at each point of its run: as soon as it
+/// runs (reserving, loading, the first step), mid-denoising (rank 1, then rank 0) and after the
+/// last step (rank 0 decoding, encoding, streaming frames: rank 1's part is done by then). Each
+/// time the job finishes on the workers left, and its clip is byte for byte the undisturbed
+/// render of the same layout; a kill mid-run costs one attempt, resumed from a checkpoint.
+#[test]
+fn a_worker_killed_at_any_point_of_a_two_rank_job_costs_no_frame() {
+    let mut farm = Farm::with_workers(&["w1", "w2", "w3"]);
+    let mut job_spec = long_spec(12);
+    job_spec.extend(["--layout", "cfg=2"].map(String::from));
+    let reference = farm.path("reference.mp4");
+    let mut args = strs(&job_spec);
+    args.extend(["--out", reference.to_str().unwrap()]);
+    embedded_render(&args);
+    let reference = std::fs::read(&reference).unwrap();
+
+    // (what the job has done when the worker is killed, which rank dies)
+    for (round, (steps_done, rank)) in [(0, 1), (5, 1), (6, 0), (12, 0)].into_iter().enumerate() {
+        let id = farm.submit(&job_spec, &[]);
+        let job = farm.wait_job(&id, &format!("{steps_done} steps done"), JOB, |j| {
+            j["state"] == "running" && j["steps_done"].as_u64().unwrap_or(0) >= steps_done
+        });
+        let victim = workers_of(&job)[rank].clone();
+        farm.worker(&victim).kill();
+        let killed_at = job;
+        let done = farm.wait_done(&id, JOB);
+        if steps_done < 12 {
+            assert_eq!(
+                number(&done, "attempts"),
+                2,
+                "round {round}: the job ran again after {victim} was killed: {done}"
+            );
+        }
+        let clip = farm.path(&format!("round-{round}.mp4"));
+        farm.cli(&["fetch", &id, "--out", clip.to_str().unwrap()])
+            .ok();
+        assert!(
+            std::fs::read(&clip).unwrap() == reference,
+            "round {round}: killed {victim} (rank {rank}) at {} steps ({}), the clip differs \
+             from the undisturbed render",
+            number(&killed_at, "steps_done"),
+            field(&killed_at, "state")
+        );
+        eprintln!(
+            "round {round}: killed {victim} (rank {rank}) at {} of 12 steps ({}); attempts {}, \
+             resumed from step {}",
+            number(&killed_at, "steps_done"),
+            field(&killed_at, "state"),
+            number(&done, "attempts"),
+            number(&done, "resumed_from_step")
+        );
+        // the killed worker comes back under its id once its lease has expired
+        farm.wait_until(&format!("{victim} gone"), JOB, || {
+            let states = farm.worker_states();
+            (!states.iter().any(|(id, _)| *id == victim))
+                .then_some(())
+                .ok_or(format!("{states:?}"))
+        });
+        farm.forget_worker(&victim);
+        farm.start_worker(&victim, &[]);
+    }
 }

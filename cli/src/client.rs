@@ -330,8 +330,10 @@ pub fn status_error(url: &str, status: tonic::Status) -> anyhow::Error {
 /// Whether `status` says the connection to the coordinator was lost (the coordinator died or
 /// stopped), rather than an answer of the coordinator.
 pub fn is_lost_connection(status: &tonic::Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
-        && (status.message().is_empty() || looks_like_transport(status.message()))
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    ) && (status.message().is_empty() || looks_like_transport(status.message()))
 }
 
 /// tonic reports a dropped connection as UNAVAILABLE with the transport's words, while a busy

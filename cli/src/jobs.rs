@@ -232,9 +232,7 @@ async fn watch_once(
                     "it ended the watch before the job ended".into(),
                 ))
             }
-            Err(status) if lost(&status) => {
-                return Ok(Watched::Lost(status.message().to_string()))
-            }
+            Err(status) if lost(&status) => return Ok(Watched::Lost(status.message().to_string())),
             Err(status) => return Err(client.error(status)),
         }
     }

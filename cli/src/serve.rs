@@ -262,7 +262,11 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
         owners: args.owner_max_ranks.iter().cloned().collect(),
     };
     config.tls = args.tls.load(COORDINATOR_NAME)?;
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let announced = format!("{scheme}://{}", args.listen);
     let leadership = Leadership::campaign(&etcd, &announced, args.leader_ttl, |leader| {
         let leader = leader.unwrap_or_else(|| "another coordinator".into());
@@ -272,7 +276,9 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
     })
     .await?;
     let membership = EtcdMembership::connect(etcd.clone()).await?;
-    let store = EtcdJobStore::connect(etcd).await?.fenced(leadership.fence());
+    let store = EtcdJobStore::connect(etcd)
+        .await?
+        .fenced(leadership.fence());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -239,11 +239,14 @@ async fn keep_alive(
             }
         }
         if renewed.elapsed() + period >= ttl {
-            lose(&lost, format!(
-                "its lease could not be renewed for {:.1} s (TTL {} s)",
-                renewed.elapsed().as_secs_f64(),
-                ttl.as_secs()
-            ));
+            lose(
+                &lost,
+                format!(
+                    "its lease could not be renewed for {:.1} s (TTL {} s)",
+                    renewed.elapsed().as_secs_f64(),
+                    ttl.as_secs()
+                ),
+            );
             return;
         }
     }

@@ -172,7 +172,10 @@ impl Farm {
     /// given both URLs from now on.
     pub fn start_standby_coordinator(&mut self) {
         assert!(self.standby.is_none(), "a standby is already running");
-        assert!(self.tls.is_none(), "a standby of a TLS farm is not supported here");
+        assert!(
+            self.tls.is_none(),
+            "a standby of a TLS farm is not supported here"
+        );
         let port = longtake_proto::membership::testing::free_port();
         let mut cmd = longtake();
         cmd.args(["serve", "coordinator", "--etcd", &self.etcd.urls()])
@@ -191,7 +194,11 @@ impl Farm {
     pub fn wait_standby_leads(&mut self, timeout: Duration) {
         let (mut proc, url) = self.standby.take().expect("a standby coordinator");
         let addr = proc.wait_for_line("coordinator listening on ", timeout);
-        assert_eq!(format!("http://{addr}"), url, "the standby listens where it said");
+        assert_eq!(
+            format!("http://{addr}"),
+            url,
+            "the standby listens where it said"
+        );
         assert!(self.coordinator.is_none(), "the leader still runs");
         self.coordinator = Some(proc);
     }
@@ -244,6 +251,14 @@ impl Farm {
         let mut proc = Proc::spawn(&format!("worker {id}"), cmd);
         proc.wait_for_line(&format!("worker {id} listening on "), READY);
         self.workers.insert(id.to_string(), proc);
+    }
+
+    /// Drops worker `id`'s process (killed or exited), so that a worker of that id can start
+    /// again.
+    pub fn forget_worker(&mut self, id: &str) {
+        if let Some(mut proc) = self.workers.remove(id) {
+            proc.kill();
+        }
     }
 
     pub fn worker(&mut self, id: &str) -> &mut Proc {

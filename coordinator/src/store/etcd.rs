@@ -7,8 +7,8 @@
 
 use super::format::{self, LoadedJob};
 use super::{in_submission_order, JobStore, Result, StoreError};
-use crate::record::JobRecord;
 use crate::leadership::Fence;
+use crate::record::JobRecord;
 use etcd_client::{GetOptions, TxnOp};
 use longtake_proto::membership::client::{connect, Etcd};
 use longtake_proto::membership::EtcdConfig;

@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{
     CampaignResponse, Client, ConnectOptions, DeleteOptions, DeleteResponse, GetOptions,
-    GetResponse, LeaderResponse, LeaseGrantResponse, LeaseKeepAliveStream, LeaseKeeper, LeaseRevokeResponse,
-    PutOptions, PutResponse, Txn, TxnResponse, WatchOptions,
-    WatchStream,
+    GetResponse, LeaderResponse, LeaseGrantResponse, LeaseKeepAliveStream, LeaseKeeper,
+    LeaseRevokeResponse, PutOptions, PutResponse, Txn, TxnResponse, WatchOptions, WatchStream,
 };
 
 use super::EtcdConfig;
@@ -115,7 +114,10 @@ impl Etcd {
             .await
     }
 
-    pub async fn lease_revoke(&self, lease: i64) -> Result<LeaseRevokeResponse, etcd_client::Error> {
+    pub async fn lease_revoke(
+        &self,
+        lease: i64,
+    ) -> Result<LeaseRevokeResponse, etcd_client::Error> {
         self.request(|mut c| async move { c.lease_revoke(lease).await })
             .await
     }
@@ -176,7 +178,11 @@ impl Etcd {
     }
 
     /// Sends `call` until it reaches etcd (see [`never_reached_etcd`]) or `limit` has passed.
-    async fn retried<T, F, Fut>(&self, limit: Duration, mut call: F) -> Result<T, etcd_client::Error>
+    async fn retried<T, F, Fut>(
+        &self,
+        limit: Duration,
+        mut call: F,
+    ) -> Result<T, etcd_client::Error>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -186,8 +192,7 @@ impl Etcd {
             let left = deadline.saturating_duration_since(Instant::now());
             match within(left, call(self.client.clone())).await {
                 Err(error)
-                    if never_reached_etcd(&error)
-                        && Instant::now() + RETRY_PAUSE < deadline =>
+                    if never_reached_etcd(&error) && Instant::now() + RETRY_PAUSE < deadline =>
                 {
                     tracing::debug!("etcd request could not reach an endpoint ({error}); again");
                     tokio::time::sleep(RETRY_PAUSE).await;

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
-    WatchOptions, WatchResponse, WatchStream,
+    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchResponse, WatchStream,
 };
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
@@ -131,7 +131,8 @@ impl Membership for EtcdMembership {
     async fn register(&self, worker: Worker) -> Result<Box<dyn Registration>> {
         let key = format!("{}{}", self.prefix(), worker.id);
         let client = self.client.clone();
-        let lease = client.lease_grant(self.config.lease_ttl_s)
+        let lease = client
+            .lease_grant(self.config.lease_ttl_s)
             .await
             .map_err(|e| etcd_error(&self.config, e))?;
         // Created only if the key is absent: checking and putting in one transaction leaves no
@@ -171,7 +172,8 @@ impl Membership for EtcdMembership {
     async fn list(&self) -> Result<Vec<Worker>> {
         let prefix = self.prefix();
         let client = self.client.clone();
-        let found = client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+        let found = client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| etcd_error(&self.config, e))?;
         let mut workers: Vec<Worker> = found
@@ -187,7 +189,8 @@ impl Membership for EtcdMembership {
         let prefix = self.prefix();
         let client = self.client.clone();
         let fail = |e| etcd_error(&self.config, e);
-        let snapshot = client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+        let snapshot = client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(fail)?;
         let revision = snapshot.header().map(|h| h.revision()).unwrap_or(0);
@@ -202,7 +205,8 @@ impl Membership for EtcdMembership {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        let mut watch = client.watch(prefix.clone(), Some(options))
+        let mut watch = client
+            .watch(prefix.clone(), Some(options))
             .await
             .map_err(fail)?;
         let first = bounded(watch.message()).await.map_err(fail)?;
@@ -315,7 +319,8 @@ impl Shared {
     async fn renew(&self, current: &mut Current) -> Result<()> {
         let fail = |e| etcd_error(&self.config, e);
         let client = self.client.clone();
-        let lease = client.lease_grant(self.config.lease_ttl_s)
+        let lease = client
+            .lease_grant(self.config.lease_ttl_s)
             .await
             .map_err(fail)?;
         let put = Txn::new()
