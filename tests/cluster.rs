@@ -1112,3 +1112,137 @@ fn a_worker_killed_at_any_point_of_a_two_rank_job_costs_no_frame() {
         farm.start_worker(&victim, &[]);
     }
 }
+
+/// Both daemons' `/metrics` (`--metrics-listen`), scraped as Prometheus would and parsed by a
+/// Prometheus text-format parser and checked by `promtool check metrics`: during a job the coordinator counts it running, its steps and tokens, and the
+/// worker holds it; after it, the job is counted done with its step, decode and encode times,
+/// and the worker's task finished.
+#[test]
+fn metrics_of_both_daemons_move_as_a_job_runs() {
+    use support::metrics::{promtool_check, scrape, value};
+    let mut farm = Farm::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let coordinator = farm.coordinator_line("coordinator metrics on ");
+    farm.start_worker("w1", &["--metrics-listen", "127.0.0.1:0"]);
+    let worker = farm
+        .worker("w1")
+        .wait_for_line("worker w1 metrics on ", JOB);
+
+    let (_, idle) = scrape(&coordinator);
+    assert_eq!(
+        value(&idle, "longtake_workers", &[("state", "idle")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&idle, "longtake_jobs_submitted_total", &[]),
+        Some(0.0)
+    );
+
+    let steps = 40;
+    let id = farm.submit(&long_spec(steps), &["--priority", "3"]);
+    let blocked = farm.submit(&spec(3), &["--priority", "2"]);
+    farm.wait_job(&id, "5 steps done", JOB, |j| {
+        j["steps_done"].as_u64().unwrap_or(0) >= 5
+    });
+    let (during_body, during) = scrape(&coordinator);
+    let (worker_during_body, worker_during) = scrape(&worker);
+    assert_eq!(
+        value(&during, "longtake_jobs", &[("state", "running")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&during, "longtake_queue_depth", &[("priority", "2")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&during, "longtake_workers", &[("state", "busy")]),
+        Some(1.0)
+    );
+    assert_eq!(value(&during, "longtake_attempts_total", &[]), Some(1.0));
+    let layout = [
+        ("cfg", "1"),
+        ("tp", "1"),
+        ("ulysses", "1"),
+        ("ring", "1"),
+        ("groups", "1"),
+    ];
+    let steps_during = value(&during, "longtake_step_duration_seconds_count", &layout)
+        .expect("steps counted by layout");
+    assert!(
+        steps_during >= 5.0 && steps_during < f64::from(steps),
+        "{steps_during}"
+    );
+    assert_eq!(
+        value(&worker_during, "longtake_worker_busy", &[]),
+        Some(1.0)
+    );
+
+    farm.wait_done(&id, JOB);
+    farm.wait_done(&blocked, JOB);
+    let (after_body, after) = scrape(&coordinator);
+    let (worker_after_body, worker_after) = scrape(&worker);
+    assert_eq!(
+        value(&after, "longtake_jobs_submitted_total", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&after, "longtake_jobs_ended_total", &[("state", "done")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&after, "longtake_jobs", &[("state", "done")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&after, "longtake_queue_depth", &[("priority", "2")]),
+        None
+    );
+    assert_eq!(
+        value(&after, "longtake_step_duration_seconds_count", &layout),
+        Some(f64::from(steps + 3))
+    );
+    // 33 frames at 128x128: 9 latent frames of 16 x 16 cells a step; 9 frames at 64x64: 3 of 8 x 8
+    assert_eq!(
+        value(&after, "longtake_denoised_tokens_total", &[]),
+        Some(f64::from(steps * 9 * 16 * 16 + 3 * 3 * 8 * 8))
+    );
+    for histogram in [
+        "longtake_job_duration_seconds",
+        "longtake_vae_decode_seconds",
+        "longtake_encode_seconds",
+    ] {
+        assert_eq!(
+            value(&after, &format!("{histogram}_count"), &[]),
+            Some(2.0),
+            "{histogram}"
+        );
+        let sum = value(&after, &format!("{histogram}_sum"), &[]).unwrap();
+        assert!(sum > 0.0, "{histogram}_sum {sum}");
+    }
+    assert_eq!(value(&after, "longtake_requeues_total", &[]), Some(0.0));
+    assert_eq!(
+        value(
+            &worker_after,
+            "longtake_worker_tasks_total",
+            &[("outcome", "finished")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(value(&worker_after, "longtake_worker_busy", &[]), Some(0.0));
+    assert_eq!(
+        value(
+            &worker_after,
+            "longtake_worker_step_duration_seconds_count",
+            &[]
+        ),
+        Some(f64::from(steps + 3))
+    );
+    for body in [
+        &during_body,
+        &worker_during_body,
+        &after_body,
+        &worker_after_body,
+    ] {
+        let said = promtool_check(body);
+        assert!(!said.contains("promtool failed"), "{said}\n{body}");
+    }
+}

@@ -3,15 +3,17 @@
 # installs only what is missing:
 # - protoc (protobuf-compiler): the build scripts of the gRPC crates (ours and etcd-client's);
 # - etcd (etcd-server): the cluster tests start their own etcd on free loopback ports;
-# - ffprobe (ffmpeg): the tests decode the rendered videos.
+# - ffprobe (ffmpeg): the tests decode the rendered videos;
+# - promtool (prometheus): the tests check the daemons' /metrics with Prometheus's own parser.
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v ffprobe >/dev/null 2>&1 || need+=(ffmpeg)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi

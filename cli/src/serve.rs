@@ -183,6 +183,30 @@ pub struct CoordinatorArgs {
     /// loss (at once when it stops on a signal).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", value_name = "TTL")]
     pub leader_ttl: Duration,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+/// Where a daemon serves its Prometheus metrics.
+#[derive(Args, Clone, Debug, Default)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this address, e.g.
+    /// 127.0.0.1:9464 (port 0: any free port, printed when ready) [default: none].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl MetricsArgs {
+    /// Binds the metrics listener, if one is asked for.
+    async fn bind(&self) -> Result<Option<tokio::net::TcpListener>> {
+        let Some(address) = self.metrics_listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {address}"))?;
+        Ok(Some(listener))
+    }
 }
 
 impl CoordinatorArgs {
@@ -207,6 +231,8 @@ pub struct WorkerArgs {
     pub etcd: EtcdArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// Address the WorkerService listens on (port 0: any free port, printed when ready).
     /// Loopback by default (a farm on one machine); a worker the coordinator reaches over a
     /// network listens on an explicit address (e.g. `0.0.0.0:7071`, with `--advertise`).
@@ -284,6 +310,16 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
     let coordinator = Coordinator::start(config, Arc::new(membership), Arc::new(store)).await?;
+    if let Some(metrics) = args.metrics.bind().await? {
+        let address = metrics.local_addr()?;
+        let serving = coordinator.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serving.serve_metrics(metrics, std::future::pending()).await {
+                tracing::error!("the metrics endpoint on {address} stopped: {e}");
+            }
+        });
+        ready(&format!("coordinator metrics on http://{address}/metrics"))?;
+    }
     // The listener is bound, so connections made after this line wait for `serve` to accept.
     ready(&format!("coordinator listening on {address}"))?;
     let lost = Arc::new(std::sync::Mutex::new(None));
@@ -371,6 +407,23 @@ async fn worker(args: WorkerArgs) -> Result<i32> {
         reservation_timeout: Duration::from_secs(60),
         counters: Default::default(),
         tls: args.tls.load(WORKER_NAME)?,
+        metrics: Default::default(),
+    };
+    let metrics = args.metrics.bind().await?;
+    let metrics_address = match metrics {
+        Some(listener) => {
+            let address = listener.local_addr()?;
+            let exported = config.metrics.clone();
+            tokio::spawn(async move {
+                let served =
+                    longtake_proto::metrics::serve(listener, exported, std::future::pending());
+                if let Err(e) = served.await {
+                    tracing::error!("the metrics endpoint on {address} stopped: {e}");
+                }
+            });
+            Some(address)
+        }
+        None => None,
     };
     let membership: Arc<dyn Membership> = Arc::new(EtcdMembership::connect(etcd).await?);
     let mut daemon = tokio::spawn(daemon::run(
@@ -387,6 +440,9 @@ async fn worker(args: WorkerArgs) -> Result<i32> {
             bail!("worker {id} stopped before it registered");
         }
         seen = registered => seen?,
+    }
+    if let Some(address) = metrics_address {
+        ready(&format!("worker {id} metrics on http://{address}/metrics"))?;
     }
     ready(&format!("worker {id} listening on {advertise}:{port}"))?;
     daemon.await.context("the worker daemon panicked")??;

@@ -4,9 +4,7 @@
 use std::fmt::Write as _;
 
 use longtake_coordinator::record::JobPhase;
-use longtake_proto::{
-    job_event, Job, JobEvent, JobState, OutputFormat, TimeSplit, Worker, WorkerState,
-};
+use longtake_proto::{job_event, Job, JobEvent, JobState, OutputFormat, TimeSplit, Worker};
 use serde_json::{json, Value};
 
 /// `queued`, `planned`, `running`, `done`, `failed`, `cancelled` (`unknown` for anything else).
@@ -44,15 +42,7 @@ pub fn is_final(state: i32) -> bool {
     JobPhase::from_proto(state).is_some_and(JobPhase::is_ended)
 }
 
-/// `idle`, `busy`, `draining` (`unknown` for anything else).
-pub fn worker_state_name(state: i32) -> &'static str {
-    match WorkerState::try_from(state) {
-        Ok(WorkerState::Idle) => "idle",
-        Ok(WorkerState::Busy) => "busy",
-        Ok(WorkerState::Draining) => "draining",
-        Ok(WorkerState::Unspecified) | Err(_) => "unknown",
-    }
-}
+pub use longtake_proto::worker_state_name;
 
 pub fn format_name(format: i32) -> &'static str {
     match OutputFormat::try_from(format) {
@@ -379,7 +369,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use longtake_proto::{DeviceInfo, RenderSpec, Step};
+    use longtake_proto::{DeviceInfo, RenderSpec, Step, WorkerState};
 
     fn job() -> Job {
         Job {

@@ -417,6 +417,11 @@ impl JobTable {
         Some(entry.job)
     }
 
+    /// Every job's phase and priority (what the metrics count), in no order.
+    pub fn phases(&self) -> impl Iterator<Item = (JobPhase, i32)> + '_ {
+        self.jobs.values().map(|e| (e.job.phase, e.job.priority))
+    }
+
     pub fn list(&self, wanted: impl Fn(JobPhase) -> bool) -> Vec<JobRecord> {
         let mut jobs: Vec<JobRecord> = self
             .jobs

@@ -16,7 +16,8 @@
 //! `WorkerService`), `scheduler` (the job table behind its lock, the store writes, the live
 //! worker view and the placement loop), `access` (API tokens: who the caller is, which jobs it
 //! reaches), `leadership` (which of several coordinators on one etcd schedules, and the fence
-//! on its writes), `service` (the thin gRPC edge), and `encode` (frames → MP4 / PNG).
+//! on its writes), `metrics` (what `/metrics` exports), `service` (the thin gRPC edge), and
+//! `encode` (frames → MP4 / PNG).
 
 pub mod access;
 pub mod artifacts;
@@ -24,6 +25,7 @@ pub mod dispatch;
 pub mod encode;
 pub mod jobs;
 pub mod leadership;
+pub mod metrics;
 pub mod placement;
 pub mod queue;
 pub mod record;
@@ -176,6 +178,16 @@ impl Coordinator {
     /// coordinator over the same store re-queues those jobs.
     pub fn stop(&self) {
         self.scheduler.stop();
+    }
+
+    /// Serves the coordinator's Prometheus metrics (`GET /metrics`) on `listener` until
+    /// `shutdown` resolves.
+    pub async fn serve_metrics(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        longtake_proto::metrics::serve(listener, Arc::new(self.scheduler.clone()), shutdown).await
     }
 
     /// The coordinator's own time per denoising step so far: from rank 0's step event arriving

@@ -16,6 +16,7 @@ use tokio::sync::{broadcast, mpsc, watch, Mutex, Notify};
 use crate::artifacts::Artifacts;
 use crate::dispatch::{self, Attempt, Reporter};
 use crate::jobs::{AttemptHandle, Change, JobTable, Submitted, TableError};
+use crate::metrics::Metrics;
 use crate::placement::{self, Decision};
 use crate::record::{JobPhase, JobRecord};
 use crate::{CoordinatorConfig, CoordinatorError, JobStore};
@@ -54,6 +55,7 @@ pub(crate) struct Inner {
     /// Jobs whose latest record did not reach the store (an etcd outage): written again at
     /// every tick until the store takes them, so no record stays stale after the outage.
     unsaved: StdMutex<HashSet<String>>,
+    metrics: Metrics,
 }
 
 /// Handle on the scheduler; clones share it.
@@ -102,6 +104,7 @@ impl Scheduler {
             step_nanos: AtomicU64::new(0),
             step_max_nanos: AtomicU64::new(0),
             unsaved: StdMutex::new(HashSet::new()),
+            metrics: Metrics::new(),
         });
         tokio::spawn(watch_membership(
             Arc::downgrade(&inner),
@@ -156,6 +159,7 @@ impl Scheduler {
             return Err(SubmitError::Store(e));
         }
         let job = change.job.clone();
+        self.inner.metrics.submitted();
         table.announce(change);
         drop(table);
         self.inner.wake.notify_one();
@@ -194,6 +198,13 @@ impl Scheduler {
         Ok(job)
     }
 
+    /// Every metric, the gauges read from the job table and the membership now.
+    pub async fn gather_metrics(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let workers = self.workers();
+        let table = self.inner.table.lock().await;
+        self.inner.metrics.refresh(table.phases(), &workers)
+    }
+
     pub fn workers(&self) -> Vec<Worker> {
         lock(&self.inner.workers).values().cloned().collect()
     }
@@ -215,6 +226,13 @@ pub enum SubmitError {
     Invalid(#[from] TableError),
     #[error("the job could not be stored, so it was not accepted: {0}")]
     Store(#[from] crate::StoreError),
+}
+
+#[async_trait::async_trait]
+impl longtake_proto::metrics::Scrape for Scheduler {
+    async fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.gather_metrics().await
+    }
 }
 
 fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -277,6 +295,7 @@ impl Inner {
     async fn apply(&self, table: &mut JobTable, change: Option<Change>) {
         if let Some(change) = change {
             self.persist(&change).await;
+            self.metrics.observe(&change);
             table.announce(change);
         }
     }

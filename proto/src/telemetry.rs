@@ -44,18 +44,74 @@ pub fn collective_span(op: &'static str, bytes: usize) -> Span {
     tracing::debug_span!("collective", op, bytes)
 }
 
-/// The names of the metrics the farm exports (Prometheus style: `longtake_` prefix, base units).
+/// The names of the metrics the farm exports (Prometheus conventions: a `longtake_` prefix,
+/// base units in the name, `_total` on counters). The coordinator's describe the farm; a
+/// worker's (`longtake_worker_`) describe that worker.
 pub mod metric {
-    /// Jobs waiting in the queue (gauge).
+    /// Jobs waiting in the queue, by priority (gauge, label `priority`).
     pub const QUEUE_DEPTH: &str = "longtake_queue_depth";
-    /// Jobs that ended, by state (counter, label `state`).
+    /// Jobs the coordinator knows, by state (gauge, label `state`).
+    pub const JOBS: &str = "longtake_jobs";
+    /// Jobs accepted (counter).
+    pub const JOBS_SUBMITTED: &str = "longtake_jobs_submitted_total";
+    /// Jobs that ended, by state: done, failed, cancelled (counter, label `state`).
     pub const JOBS_ENDED: &str = "longtake_jobs_ended_total";
-    /// Duration of one denoising step (histogram, seconds).
-    pub const STEP_SECONDS: &str = "longtake_step_seconds";
-    /// Bytes a rank sent through its communicator (counter).
-    pub const COMM_BYTES: &str = "longtake_comm_bytes_total";
+    /// Attempts started on workers (counter).
+    pub const ATTEMPTS: &str = "longtake_attempts_total";
+    /// Jobs sent back to the queue after a lost worker or a failed start (counter).
+    pub const REQUEUES: &str = "longtake_requeues_total";
+    /// From submission to the clip written, of the jobs done (histogram, seconds).
+    pub const JOB_SECONDS: &str = "longtake_job_duration_seconds";
+    /// One denoising step, by layout (histogram, seconds, labels `cfg`, `tp`, `ulysses`,
+    /// `ring`: the degrees, and `groups`: the worker groups).
+    pub const STEP_SECONDS: &str = "longtake_step_duration_seconds";
+    /// Latent tokens denoised: per step, the job's latent frames × height × width in latent
+    /// cells (counter; its rate is the farm's tokens per second).
+    pub const TOKENS: &str = "longtake_denoised_tokens_total";
+    /// Bytes the worker groups of multi-group jobs exchanged (counter).
+    pub const EXCHANGE_BYTES: &str = "longtake_exchange_bytes_total";
+    /// The VAE decode of a job (its longest group's), of the jobs done (histogram, seconds).
+    pub const DECODE_SECONDS: &str = "longtake_vae_decode_seconds";
+    /// Encoding a job's clip on the coordinator (histogram, seconds).
+    pub const ENCODE_SECONDS: &str = "longtake_encode_seconds";
     /// Workers in the membership, by state (gauge, label `state`).
     pub const WORKERS: &str = "longtake_workers";
+
+    /// Tasks this worker ran, by outcome: finished, failed (counter, label `outcome`).
+    pub const WORKER_TASKS: &str = "longtake_worker_tasks_total";
+    /// One denoising step on this worker (histogram, seconds).
+    pub const WORKER_STEP_SECONDS: &str = "longtake_worker_step_duration_seconds";
+    /// Bytes this worker sent to the ranks of other worker groups (counter).
+    pub const WORKER_EXCHANGE_BYTES: &str = "longtake_worker_exchange_bytes_total";
+    /// Loading a model's weights for a task (histogram, seconds).
+    pub const WORKER_LOAD_SECONDS: &str = "longtake_worker_load_seconds";
+    /// This worker's VAE decodes (histogram, seconds).
+    pub const WORKER_DECODE_SECONDS: &str = "longtake_worker_vae_decode_seconds";
+    /// Whether this worker holds a task now (gauge, 0 or 1).
+    pub const WORKER_BUSY: &str = "longtake_worker_busy";
+
+    /// Every name above, for checks (a dashboard's queries name only these).
+    pub const ALL: &[&str] = &[
+        QUEUE_DEPTH,
+        JOBS,
+        JOBS_SUBMITTED,
+        JOBS_ENDED,
+        ATTEMPTS,
+        REQUEUES,
+        JOB_SECONDS,
+        STEP_SECONDS,
+        TOKENS,
+        EXCHANGE_BYTES,
+        DECODE_SECONDS,
+        ENCODE_SECONDS,
+        WORKERS,
+        WORKER_TASKS,
+        WORKER_STEP_SECONDS,
+        WORKER_EXCHANGE_BYTES,
+        WORKER_LOAD_SECONDS,
+        WORKER_DECODE_SECONDS,
+        WORKER_BUSY,
+    ];
 }
 
 #[cfg(test)]

@@ -339,6 +339,15 @@ impl Farm {
         Proc::spawn(name, cmd)
     }
 
+    /// The rest of the coordinator's ready line that starts with `prefix` (e.g. the URL after
+    /// `coordinator metrics on `).
+    pub fn coordinator_line(&mut self, prefix: &str) -> String {
+        self.coordinator
+            .as_mut()
+            .expect("a running coordinator")
+            .wait_for_line(prefix, READY)
+    }
+
     /// What the coordinator wrote on stderr so far (its log).
     pub fn coordinator_stderr(&self) -> String {
         self.coordinator

@@ -7,5 +7,6 @@
 pub mod cli;
 pub mod farm;
 pub mod media;
+pub mod metrics;
 pub mod poll;
 pub mod process;

@@ -352,6 +352,16 @@ impl JobSpec {
         frames::latent_frames(self.frames, WAN_TEMPORAL_PACK)
     }
 
+    /// The clip's latent cells (latent frames × rows × columns, the VAE's 8× spatial
+    /// compression): what one denoising step processes, the unit of the farm's tokens per
+    /// second.
+    pub fn latent_cells(&self) -> u64 {
+        const SPATIAL_SCALE: u64 = 8;
+        u64::from(self.latent_frames())
+            * (u64::from(self.height) / SPATIAL_SCALE)
+            * (u64::from(self.width) / SPATIAL_SCALE)
+    }
+
     /// The clip's windows and their groups (checked when the spec was resolved).
     pub fn window_plan(&self) -> Result<WindowPlan, SpecError> {
         WindowPlan::new(self.latent_frames(), self.windows).map_err(|e| bad(e.field(), e.problem()))

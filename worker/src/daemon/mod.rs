@@ -4,6 +4,7 @@
 //! one it has, and leaves the membership.
 
 mod control;
+pub mod metrics;
 pub mod models;
 mod service;
 pub mod slot;
@@ -51,6 +52,8 @@ pub struct DaemonConfig {
     /// The worker's certificate: it serves over mutual TLS, to the farm's coordinator alone
     /// (`None`: plain gRPC, for a farm on loopback or the embedded farm).
     pub tls: Option<longtake_proto::tls::Tls>,
+    /// Its Prometheus metrics (shared: whoever serves `/metrics` keeps a clone).
+    pub metrics: Arc<metrics::WorkerMetrics>,
 }
 
 /// Counts of what a daemon did, read by whoever holds the `Arc` (tests, a future metrics
@@ -102,6 +105,7 @@ impl DaemonConfig {
             reservation_timeout: DEFAULT_RESERVATION_TIMEOUT,
             counters: Arc::default(),
             tls: None,
+            metrics: Arc::default(),
         }
     }
 }
@@ -177,10 +181,13 @@ pub async fn run(
         tracing::info!(worker = %drainer.id(), "draining");
         let _ = left_tx.send(drainer.drain().await);
     };
-    let service =
-        WorkerServiceServer::new(service::Service::new(control.clone(), config.tls.is_some()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let service = WorkerServiceServer::new(service::Service::new(
+        control.clone(),
+        config.tls.is_some(),
+        config.metrics.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = longtake_proto::serving::incoming(listener);
     longtake_proto::serving::server_with_tls(config.tls.as_ref().map(|tls| tls.server(true)))?
         .add_service(service)

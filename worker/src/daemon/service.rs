@@ -18,19 +18,22 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::control::Control;
+use super::metrics::WorkerMetrics;
 use super::slot::{Assignment, SlotError};
 
 pub struct Service {
     control: Arc<Control>,
     /// Whether callers must prove the coordinator role (a worker started with TLS).
     coordinator_only: bool,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl Service {
-    pub fn new(control: Arc<Control>, coordinator_only: bool) -> Self {
+    pub fn new(control: Arc<Control>, coordinator_only: bool, metrics: Arc<WorkerMetrics>) -> Self {
         Self {
             control,
             coordinator_only,
+            metrics,
         }
     }
 
@@ -97,9 +100,11 @@ impl WorkerService for Service {
             .run_task(request.into_inner())
             .map_err(status)?;
         let open = stream.open;
+        let metrics = self.metrics.clone();
         // The stream owns the mark: the worker stays in the farm until gRPC is done with it.
         let events = ReceiverStream::new(stream.events).map(move |event| {
             open.held();
+            metrics.observe(&event);
             Ok(event)
         });
         Ok(Response::new(Box::pin(events)))

@@ -1,0 +1,122 @@
+//! A worker's Prometheus metrics, counted from the events of the tasks it runs as they are
+//! handed to gRPC: tasks by outcome, step and decode durations, model loads, bytes sent to other
+//! worker groups, and whether it holds a task. Names are `longtake_proto::telemetry::metric`'s.
+
+use longtake_proto::metrics::{duration_buckets, Scrape};
+use longtake_proto::task_event::Event;
+use longtake_proto::telemetry::metric;
+use longtake_proto::TaskEvent;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Every metric of one worker, registered in its own registry.
+#[derive(Debug)]
+pub struct WorkerMetrics {
+    registry: Registry,
+    tasks: IntCounterVec,
+    step_seconds: Histogram,
+    exchange_bytes: IntCounter,
+    load_seconds: Histogram,
+    decode_seconds: Histogram,
+    busy: IntGauge,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn registered<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: M) -> M {
+    registry
+        .register(Box::new(m.clone()))
+        .expect("each metric is registered once");
+    m
+}
+
+fn seconds(registry: &Registry, name: &str, help: &str) -> Histogram {
+    let opts = HistogramOpts::new(name, help).buckets(duration_buckets());
+    registered(registry, Histogram::with_opts(opts).expect("valid metric"))
+}
+
+impl WorkerMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        Self {
+            tasks: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(metric::WORKER_TASKS, "Tasks this worker ran, by outcome."),
+                    &["outcome"],
+                )
+                .expect("valid metric"),
+            ),
+            step_seconds: seconds(
+                &registry,
+                metric::WORKER_STEP_SECONDS,
+                "One denoising step on this worker.",
+            ),
+            exchange_bytes: registered(
+                &registry,
+                IntCounter::new(
+                    metric::WORKER_EXCHANGE_BYTES,
+                    "Bytes this worker sent to the ranks of other worker groups.",
+                )
+                .expect("valid metric"),
+            ),
+            load_seconds: seconds(
+                &registry,
+                metric::WORKER_LOAD_SECONDS,
+                "Loading a model's weights for a task.",
+            ),
+            decode_seconds: seconds(
+                &registry,
+                metric::WORKER_DECODE_SECONDS,
+                "This worker's VAE decodes.",
+            ),
+            busy: registered(
+                &registry,
+                IntGauge::new(metric::WORKER_BUSY, "Whether this worker holds a task now.")
+                    .expect("valid metric"),
+            ),
+            registry,
+        }
+    }
+
+    /// Counts one event of a task as it leaves the worker.
+    pub fn observe(&self, event: &TaskEvent) {
+        match &event.event {
+            Some(Event::Started(_)) => self.busy.set(1),
+            Some(Event::Step(step)) => {
+                self.step_seconds.observe(step.step_s);
+                self.exchange_bytes.inc_by(step.exchange_bytes);
+            }
+            Some(Event::Timings(split)) => {
+                if split.load_s > 0.0 {
+                    self.load_seconds.observe(split.load_s);
+                }
+                if split.decode_s > 0.0 {
+                    self.decode_seconds.observe(split.decode_s);
+                }
+            }
+            Some(Event::Finished(finished)) => {
+                let outcome = if finished.error.is_empty() {
+                    "finished"
+                } else if finished.cancelled {
+                    "cancelled"
+                } else {
+                    "failed"
+                };
+                self.tasks.with_label_values(&[outcome]).inc();
+                self.busy.set(0);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Scrape for WorkerMetrics {
+    async fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+}
