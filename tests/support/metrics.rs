@@ -77,9 +77,9 @@ pub fn promtool_check(body: &str) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    Some(if out.status.success() {
+    if out.status.success() {
         said
     } else {
         format!("promtool failed: {said}")
-    })
+    }
 }
