@@ -147,3 +147,34 @@ fn every_dashboard_query_is_valid_promql() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The Helm chart renders (Helm's own engine, offline) for the default values and for
+/// `values-gpu.yaml`, its values pass `values.schema.json`, and every rendered object is valid
+/// against the Kubernetes schemas: `deploy/helm/check_chart.py`, which says what it checked.
+#[test]
+fn the_helm_chart_renders_and_every_object_validates() {
+    let script = repository().join("deploy/helm/check_chart.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3 {}: {e}", script.display()));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !said.contains("ModuleNotFoundError"),
+        "install the chart checker's packages with tests/setup.sh (pip: helm-python-sdk \
+         kubernetes-validate pyyaml):\n{said}"
+    );
+    assert!(out.status.success(), "{said}");
+    for expected in [
+        "default values: longtake/templates/worker.yaml: Deployment farm-longtake-worker: valid",
+        "values-gpu.yaml: longtake/templates/worker.yaml: ScaledObject farm-longtake-worker: valid",
+        "values-gpu.yaml: longtake/templates/etcd.yaml: StatefulSet farm-longtake-etcd: valid",
+        "values.schema.json refuses worker.device=tpu",
+    ] {
+        assert!(said.contains(expected), "{expected:?} not in:\n{said}");
+    }
+}
