@@ -1246,3 +1246,118 @@ fn metrics_of_both_daemons_move_as_a_job_runs() {
         assert!(!said.contains("promtool failed"), "{said}\n{body}");
     }
 }
+
+/// One trace per job across processes: with an OTLP endpoint set (a real OTLP/gRPC receiver
+/// here), a `render` of a two-rank `cfg=2` job yields one trace holding the CLI's span, the
+/// coordinator's (the submission and the attempt, its child) and each worker's task (children
+/// of the attempt, one per rank), with the steps under each task and the collectives (with
+/// their bytes) under the tasks, the steps' among them.
+#[test]
+fn a_two_worker_job_is_one_trace_across_the_cli_the_coordinator_and_both_workers() {
+    use support::otlp::{ReceivedSpan, Receiver};
+    let receiver = Receiver::start();
+    let mut farm = Farm::start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    farm.start_worker("w1", &[]);
+    farm.start_worker("w2", &[]);
+    let clip = farm.path("traced.mp4");
+    let mut args = strs(&spec(3))
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
+    args.extend(["--layout", "cfg=2", "--out", clip.to_str().unwrap()].map(String::from));
+    let mut render = vec!["render"];
+    render.extend(args.iter().map(String::as_str));
+    farm.cli(&render).ok();
+
+    let named = |spans: &[ReceivedSpan], service: &str, name: &str| -> Vec<ReceivedSpan> {
+        spans
+            .iter()
+            .filter(|s| s.service == service && s.name == name)
+            .cloned()
+            .collect()
+    };
+    let spans = receiver.wait_for(
+        "the spans of the CLI, the coordinator and both ranks",
+        |spans| {
+            !named(spans, "longtake-cli", "cli").is_empty()
+                && !named(spans, "longtake-coordinator", "attempt").is_empty()
+                && named(spans, "longtake-worker", "task").len() == 2
+                && named(spans, "longtake-worker", "step").len() >= 6
+                && !named(spans, "longtake-worker", "collective").is_empty()
+        },
+    );
+    let cli = &named(&spans, "longtake-cli", "cli")[0];
+    assert_eq!(cli.attribute("command"), Some("render"));
+    assert!(cli.parent_span_id.is_empty(), "the CLI's span is the root");
+    let trace = cli.trace_id.clone();
+    let submit = named(&spans, "longtake-coordinator", "submit");
+    assert_eq!(submit.len(), 1, "{submit:?}");
+    assert_eq!(
+        submit[0].parent_span_id, cli.span_id,
+        "submit under the CLI's span"
+    );
+    let attempt = &named(&spans, "longtake-coordinator", "attempt")[0];
+    assert_eq!(
+        attempt.parent_span_id, submit[0].span_id,
+        "the attempt under the submission"
+    );
+    let tasks = named(&spans, "longtake-worker", "task");
+    let mut ranks: Vec<&str> = tasks.iter().filter_map(|t| t.attribute("rank")).collect();
+    ranks.sort();
+    assert_eq!(ranks, ["0", "1"], "one task per rank: {tasks:?}");
+    for task in &tasks {
+        assert_eq!(
+            task.parent_span_id, attempt.span_id,
+            "task under the attempt"
+        );
+        let steps: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| s.name == "step" && s.parent_span_id == task.span_id)
+            .collect();
+        assert_eq!(
+            steps.len(),
+            3,
+            "3 steps under rank {:?}",
+            task.attribute("rank")
+        );
+    }
+    let by_id = |id: &[u8]| spans.iter().find(|s| s.span_id == id);
+    // the names of a span's ancestors, nearest first
+    let ancestors = |span: &ReceivedSpan| {
+        let mut names = Vec::new();
+        let mut at = by_id(&span.parent_span_id);
+        while let Some(parent) = at {
+            names.push(parent.name.clone());
+            at = by_id(&parent.parent_span_id);
+        }
+        names
+    };
+    let collectives = named(&spans, "longtake-worker", "collective");
+    let mut in_steps = 0;
+    for collective in &collectives {
+        // a rank's collectives belong to its task: the steps' and the setup's and decode's
+        let above = ancestors(collective);
+        assert!(
+            above.contains(&"task".to_string()),
+            "{collective:?} under {above:?}"
+        );
+        assert!(collective.attribute("bytes").is_some(), "{collective:?}");
+        if above.contains(&"step".to_string()) {
+            in_steps += 1;
+        }
+    }
+    assert!(in_steps > 0, "no collective inside a step: {collectives:?}");
+    for span in [cli, &submit[0], attempt].into_iter().chain(&tasks).chain(
+        spans
+            .iter()
+            .filter(|s| s.name == "step" || s.name == "collective"),
+    ) {
+        assert_eq!(span.trace_id, trace, "one trace: {span:?}");
+    }
+}

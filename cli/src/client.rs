@@ -147,7 +147,8 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
-/// Sends the API token, if any, as `authorization: Bearer TOKEN` with every call.
+/// Sends the API token, if any, as `authorization: Bearer TOKEN` with every call, and the
+/// trace context of the command's span where traces are exported.
 #[derive(Clone)]
 pub struct BearerToken(Option<MetadataValue<Ascii>>);
 
@@ -176,6 +177,8 @@ impl Interceptor for BearerToken {
                 .metadata_mut()
                 .insert("authorization", value.clone());
         }
+        // the command's span: the coordinator's spans for this call join its trace
+        longtake_proto::telemetry::inject(&tracing::Span::current(), request.metadata_mut());
         Ok(request)
     }
 }

@@ -18,6 +18,7 @@ mod progress;
 mod render;
 mod serve;
 mod spec_args;
+mod traces;
 mod views;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,10 @@ use clap::{Parser, Subcommand};
     about = "Render long text-to-video clips with open video diffusion transformers, on one machine or a farm"
 )]
 struct Cli {
+    /// Export traces over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317
+    /// [default: $OTEL_EXPORTER_OTLP_ENDPOINT; none: no traces].
+    #[arg(long, global = true, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -68,37 +73,64 @@ enum Command {
 
 fn main() {
     let cli = Cli::try_parse().unwrap_or_else(|err| usage_error(err));
+    if let Some(endpoint) = &cli.otlp_endpoint {
+        // the one place the endpoint is read from, for this process and the exporter alike
+        std::env::set_var(traces::OTLP_ENDPOINT_ENV, endpoint);
+    }
     // The farm's daemons also write the audit log (who submitted, watched, cancelled, fetched
     // which job, and every refusal); a command run by a person shows warnings only.
-    let default_filter = match cli.command {
-        Command::Serve(_) => "warn,longtake::audit=info",
-        _ => "warn",
+    let (service, default_log) = match &cli.command {
+        Command::Serve(serve::ServeCommand::Coordinator(_)) => {
+            ("longtake-coordinator", "warn,longtake::audit=info")
+        }
+        Command::Serve(serve::ServeCommand::Worker(_)) => {
+            ("longtake-worker", "warn,longtake::audit=info")
+        }
+        _ => ("longtake-cli", "warn"),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LONGTAKE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        // colour codes only for a person: a daemon's log goes to a file or a collector
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let outcome = match cli.command {
-        Command::CheckReference(args) => check_reference::run(args),
-        Command::Inspect(args) => inspect_command::run(args),
-        Command::Certs(command) => certs::run(command),
-        command => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|runtime| runtime.block_on(run(command))),
-    };
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            let traces = {
+                let _inside = runtime.enter();
+                traces::init(service, default_log)
+            }?;
+            let span = longtake_proto::telemetry::cli_span(command_name(&cli.command));
+            let outcome = match cli.command {
+                Command::CheckReference(args) => check_reference::run(args),
+                Command::Inspect(args) => inspect_command::run(args),
+                Command::Certs(command) => certs::run(command),
+                command => runtime.block_on(tracing::Instrument::instrument(run(command), span)),
+            };
+            traces.shutdown();
+            outcome
+        });
     match outcome {
         Ok(code) => std::process::exit(code),
         Err(err) => {
             eprintln!("error: {}", one_line(&err));
             std::process::exit(1);
         }
+    }
+}
+
+/// The command's name, as the root span of its trace names it.
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Render(_) => "render",
+        Command::Submit(_) => "submit",
+        Command::Status(_) => "status",
+        Command::Watch(_) => "watch",
+        Command::List(_) => "list",
+        Command::Cancel(_) => "cancel",
+        Command::Fetch(_) => "fetch",
+        Command::Workers(_) => "workers",
+        Command::Serve(_) => "serve",
+        Command::Certs(_) => "certs",
+        Command::CheckReference(_) => "check-reference",
+        Command::Inspect(_) => "inspect",
     }
 }
 

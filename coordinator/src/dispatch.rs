@@ -67,6 +67,8 @@ pub struct Attempt {
     /// The coordinator's TLS: workers are reached over mutual TLS and must prove the worker
     /// role (`None`: plain gRPC, a farm without certificates).
     pub tls: Option<Tls>,
+    /// The job's submission trace context: the attempt's span joins it (empty: none).
+    pub trace_parent: String,
 }
 
 type Client = WorkerServiceClient<Channel>;
@@ -78,6 +80,7 @@ pub async fn run(
     reporter: &dyn Reporter,
 ) -> Outcome {
     let span = telemetry::attempt_span(&attempt.job_id, attempt.attempt);
+    telemetry::adopt(&span, telemetry::context_of(&attempt.trace_parent));
     run_attempt(attempt, control, reporter)
         .instrument(span)
         .await
@@ -203,17 +206,20 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
     };
     let mut streams = Vec::with_capacity(clients.len());
     for (rank, client) in clients.iter_mut().enumerate() {
+        let mut request = tonic::Request::new(TaskRequest {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            rank: rank as u32,
+            spec: Some(RenderSpec::from(&a.spec)),
+            peers: peers.clone(),
+            resume_state: a.resume_state.clone(),
+            checkpoint_every: a.checkpoint_every,
+            mesh_secret: mesh_secret.clone(),
+        });
+        // the attempt's span: each rank's task joins the job's trace
+        telemetry::inject(&tracing::Span::current(), request.metadata_mut());
         let stream = client
-            .run_task(TaskRequest {
-                job_id: a.job_id.clone(),
-                attempt: a.attempt,
-                rank: rank as u32,
-                spec: Some(RenderSpec::from(&a.spec)),
-                peers: peers.clone(),
-                resume_state: a.resume_state.clone(),
-                checkpoint_every: a.checkpoint_every,
-                mesh_secret: mesh_secret.clone(),
-            })
+            .run_task(request)
             .await
             .map_err(|s| Outcome::StartFailed {
                 reason: format!(

@@ -417,6 +417,13 @@ impl JobTable {
         Some(entry.job)
     }
 
+    /// Keeps the trace context of job `id`'s submission (see [`JobRecord::trace_parent`]).
+    pub fn set_trace_parent(&mut self, id: &str, trace_parent: &str) {
+        if let Some(entry) = self.jobs.get_mut(id) {
+            entry.job.trace_parent = trace_parent.to_string();
+        }
+    }
+
     /// Every job's phase and priority (what the metrics count), in no order.
     pub fn phases(&self) -> impl Iterator<Item = (JobPhase, i32)> + '_ {
         self.jobs.values().map(|e| (e.job.phase, e.job.priority))

@@ -284,6 +284,9 @@ pub struct JobRecord {
     pub resumed_from_step: u32,
     /// Who submitted it (the owner its API token names; empty on a farm without tokens).
     pub owner: String,
+    /// The W3C `traceparent` of the submission, so that every attempt (on any coordinator)
+    /// joins the trace of the command that submitted it; empty where traces are not exported.
+    pub trace_parent: String,
 }
 
 impl JobRecord {
@@ -315,6 +318,7 @@ impl JobRecord {
             request_id: String::new(),
             resumed_from_step: 0,
             owner: String::new(),
+            trace_parent: String::new(),
         }
     }
 

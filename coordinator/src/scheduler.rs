@@ -147,10 +147,17 @@ impl Scheduler {
         name: &str,
         request_id: &str,
         owner: &str,
+        trace_parent: &str,
     ) -> Result<JobRecord, SubmitError> {
         let mut table = self.inner.table.lock().await;
         let change = match table.submit(spec, priority, name, request_id, owner, now_ms())? {
-            Submitted::New(change) => change,
+            Submitted::New(mut change) => {
+                if !trace_parent.is_empty() {
+                    table.set_trace_parent(&change.job.id, trace_parent);
+                    change.job.trace_parent = trace_parent.to_string();
+                }
+                change
+            }
             Submitted::Existing(job) => return Ok(job),
         };
         // nothing a user submitted is lost: the job is accepted only once it is stored
@@ -398,8 +405,10 @@ impl Inner {
                             .create_job_dir(&id)
                             .and_then(|_| self.artifacts.output_path(&assignment.job));
                         let (job_id, number) = (id.clone(), assignment.attempt);
+                        let trace_parent = assignment.job.trace_parent.clone();
                         let attempt = output.map(|output| Attempt {
                             output,
+                            trace_parent,
                             job_id: id.clone(),
                             attempt: assignment.attempt,
                             spec: assignment.spec,

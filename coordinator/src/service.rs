@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use longtake_proto::cluster_service_server::ClusterService;
 use longtake_proto::render_service_server::RenderService;
+use longtake_proto::telemetry;
 use longtake_proto::{
     CancelRequest, Job, JobEvent, JobRequest, JobState, ListReply, ListRequest, ListWorkersReply,
     ListWorkersRequest, OutputChunk, SubmitReply, SubmitRequest,
@@ -125,11 +126,22 @@ impl RenderService for Service {
     ) -> Result<Response<SubmitReply>, Status> {
         let caller = self.caller(&request, "submit")?;
         let from = peer(&request);
+        // the submitting command's trace: every attempt of the job joins it
+        let submission = tracing::info_span!("submit");
+        telemetry::adopt(&submission, telemetry::extract(request.metadata()));
+        let trace_parent = telemetry::traceparent(&submission);
         let r = request.into_inner();
         let spec = r.spec.unwrap_or_default();
         match self
             .scheduler
-            .submit(&spec, r.priority, &r.name, &r.request_id, &caller.owner)
+            .submit(
+                &spec,
+                r.priority,
+                &r.name,
+                &r.request_id,
+                &caller.owner,
+                &trace_parent,
+            )
             .await
         {
             Ok(job) => {

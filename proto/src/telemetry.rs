@@ -5,9 +5,21 @@
 //! work (OTLP export, the trace context over gRPC, Prometheus) has one place to change.
 //!
 //! Spans are `tracing` spans at `INFO` (a step, a job) or `DEBUG` (a collective): with no
-//! subscriber, or a filter that drops them, they cost a level check.
+//! subscriber, or a filter that drops them, they cost a level check. A trace crosses processes
+//! through [`inject`] (a caller's gRPC metadata) and [`extract`] / [`adopt`] (the callee's span).
 
+use std::collections::HashMap;
+
+use opentelemetry::propagation::{Extractor, Injector};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// A command of the CLI that talks to a farm (`render`, `submit`, ...): the root of a job's
+/// trace.
+pub fn cli_span(command: &str) -> Span {
+    tracing::info_span!("cli", command)
+}
 
 /// A job, from submission to its end, on the coordinator.
 pub fn job_span(job_id: &str) -> Span {
@@ -42,6 +54,81 @@ pub fn decode_span(latent_frames: usize) -> Span {
 /// One collective of a communicator (`op`: all_reduce, all_gather, all_to_all, ...).
 pub fn collective_span(op: &'static str, bytes: usize) -> Span {
     tracing::debug_span!("collective", op, bytes)
+}
+
+/// Carries `span`'s trace context (W3C `traceparent`, `tracestate`) in gRPC metadata, so the
+/// spans the callee opens for the call join the caller's trace. Does nothing where no trace
+/// is exported (the global propagator is then a no-op).
+pub fn inject(span: &Span, metadata: &mut MetadataMap) {
+    let context = span.context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut MetadataCarrier(metadata))
+    });
+}
+
+/// The trace context a caller sent in `metadata` (see [`inject`]), to parent the callee's
+/// span with [`adopt`].
+pub fn extract(metadata: &MetadataMap) -> opentelemetry::Context {
+    let carrier = ReadCarrier(metadata);
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&carrier))
+}
+
+/// `span`'s trace context as one `traceparent` value, kept with a job so that its later
+/// attempts join the trace of its submission; empty where no trace is exported.
+pub fn traceparent(span: &Span) -> String {
+    let mut fields: HashMap<String, String> = HashMap::new();
+    let context = span.context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut fields)
+    });
+    fields.remove("traceparent").unwrap_or_default()
+}
+
+/// The trace context of a `traceparent` value kept by [`traceparent`] (an empty context for
+/// an empty or malformed one).
+pub fn context_of(traceparent: &str) -> opentelemetry::Context {
+    let fields = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&fields))
+}
+
+/// Makes `span` a child of the (remote) span of `parent`, when `parent` has one.
+pub fn adopt(span: &Span, parent: opentelemetry::Context) {
+    use opentelemetry::trace::TraceContextExt;
+    if parent.span().span_context().is_valid() {
+        // refused only for a span already started elsewhere: the span keeps its own parent
+        let _ = span.set_parent(parent);
+    }
+}
+
+struct MetadataCarrier<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataCarrier<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+struct ReadCarrier<'a>(&'a MetadataMap);
+
+impl Extractor for ReadCarrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|key| match key {
+                tonic::metadata::KeyRef::Ascii(key) => Some(key.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
 }
 
 /// The names of the metrics the farm exports (Prometheus conventions: a `longtake_` prefix,

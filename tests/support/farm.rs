@@ -66,6 +66,8 @@ pub struct Farm {
     // Field order is drop order: the servers go before the etcd they talk to.
     workers: BTreeMap<String, Proc>,
     coordinator: Option<Proc>,
+    /// Environment every process of the farm (the CLI included) starts with.
+    env: Vec<(String, String)>,
     /// A second coordinator standing by (`start_standby_coordinator`) and its URL.
     standby: Option<(Proc, String)>,
     coordinator_args: Vec<String>,
@@ -88,7 +90,7 @@ impl Farm {
 
     /// etcd and a coordinator started with `coordinator_args` (e.g. `--max-frames 33`).
     pub fn start_with(coordinator_args: &[&str]) -> Farm {
-        Farm::start_over(coordinator_args, None, false)
+        Farm::start_over(coordinator_args, None, false, &[])
     }
 
     /// etcd and a coordinator speaking TLS with the certificates `longtake certs init` wrote
@@ -96,16 +98,27 @@ impl Farm {
     /// TLS as well (with the coordinator's certificate, which names 127.0.0.1) and requires a
     /// client certificate of the farm's CA: each daemon presents its own.
     pub fn start_tls(certs: &Path, coordinator_args: &[&str]) -> Farm {
-        Farm::start_over(coordinator_args, Some(certs.to_path_buf()), false)
+        Farm::start_over(coordinator_args, Some(certs.to_path_buf()), false, &[])
     }
 
     /// A coordinator over a 3-member etcd cluster (plain HTTP), every daemon given all three
     /// members' URLs.
     pub fn start_on_etcd_cluster(coordinator_args: &[&str]) -> Farm {
-        Farm::start_over(coordinator_args, None, true)
+        Farm::start_over(coordinator_args, None, true, &[])
     }
 
-    fn start_over(coordinator_args: &[&str], tls: Option<PathBuf>, cluster: bool) -> Farm {
+    /// etcd and a coordinator, every process of the farm (workers and CLI calls included)
+    /// started with `env` (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn start_with_env(coordinator_args: &[&str], env: &[(&str, &str)]) -> Farm {
+        Farm::start_over(coordinator_args, None, false, env)
+    }
+
+    fn start_over(
+        coordinator_args: &[&str],
+        tls: Option<PathBuf>,
+        cluster: bool,
+        env: &[(&str, &str)],
+    ) -> Farm {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -113,6 +126,10 @@ impl Farm {
             workers: BTreeMap::new(),
             coordinator: None,
             standby: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             coordinator_args: coordinator_args.iter().map(|a| a.to_string()).collect(),
             url: String::new(),
             token: None,
@@ -152,6 +169,7 @@ impl Farm {
             "a coordinator is already running"
         );
         let mut cmd = longtake();
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.args(["serve", "coordinator", "--etcd", &self.etcd.urls()])
             .args(["--listen", "127.0.0.1:0", "--artifacts"])
             .arg(self.artifacts.path())
@@ -178,6 +196,7 @@ impl Farm {
         );
         let port = longtake_proto::membership::testing::free_port();
         let mut cmd = longtake();
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.args(["serve", "coordinator", "--etcd", &self.etcd.urls()])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--artifacts"])
             .arg(self.artifacts.path())
@@ -231,6 +250,7 @@ impl Farm {
     fn spawn_worker(&mut self, id: &str, extra: &[&str], tls: bool) {
         assert!(!self.workers.contains_key(id), "worker {id} already runs");
         let mut cmd = longtake();
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.args(["serve", "worker", "--etcd", &self.etcd.urls()])
             .args(["--listen", "127.0.0.1:0", "--id", id]);
         if !extra.contains(&"--model") {
@@ -310,6 +330,7 @@ impl Farm {
     /// The CLI pointed at this farm's coordinator, with this farm's token if it has one.
     fn command(&self, token: Option<&str>) -> Command {
         let mut cmd = longtake();
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env("LONGTAKE_COORDINATOR", &self.url)
             .env_remove("LONGTAKE_TOKEN")
             .env_remove("LONGTAKE_CA_CERT");

@@ -8,5 +8,6 @@ pub mod cli;
 pub mod farm;
 pub mod media;
 pub mod metrics;
+pub mod otlp;
 pub mod poll;
 pub mod process;

@@ -79,6 +79,9 @@ pub struct StoredJob {
     /// admin reaches on a farm with tokens).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub owner: String,
+    /// The submission's trace context (added within version 2).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_parent: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +248,7 @@ fn decode_record(key: &str, bytes: &[u8]) -> Result<LoadedJob, StoreError> {
                 request_id: String::new(),
                 resumed_from_step: 0,
                 owner: header.owner,
+                trace_parent: String::new(),
             };
             Ok(LoadedJob {
                 record,
@@ -305,6 +309,7 @@ fn from_v1(job: Job) -> LoadedJob {
             request_id: job.request_id,
             resumed_from_step: job.resumed_from_step,
             owner: job.owner,
+            trace_parent: String::new(),
         },
         problem,
     }
@@ -366,6 +371,7 @@ fn from_v2(stored: StoredJob) -> LoadedJob {
             request_id: stored.request_id,
             resumed_from_step: stored.resumed_from_step,
             owner: stored.owner,
+            trace_parent: stored.trace_parent,
         },
         problem: spec_problem.or(plan_problem),
     }
@@ -416,6 +422,7 @@ impl From<&JobRecord> for StoredJob {
             request_id: record.request_id.clone(),
             resumed_from_step: record.resumed_from_step,
             owner: record.owner.clone(),
+            trace_parent: record.trace_parent.clone(),
         }
     }
 }

@@ -173,7 +173,13 @@ impl Control {
 
     /// Starts the reserved task on its own thread; its events, ending with `finished`, come
     /// through the returned receiver. Dropping the receiver aborts the task.
-    pub fn run_task(self: &Arc<Self>, request: TaskRequest) -> Result<TaskStream, SlotError> {
+    /// Starts the task of `request`; its span is a child of `parent` (the coordinator's attempt,
+    /// when traces are exported).
+    pub fn run_task(
+        self: &Arc<Self>,
+        request: TaskRequest,
+        parent: opentelemetry::Context,
+    ) -> Result<TaskStream, SlotError> {
         let (assignment, mesh, abort) =
             self.with_slot(|slot| slot.start(&request.job_id, request.attempt, request.rank))?;
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -200,6 +206,7 @@ impl Control {
             assignment.rank as usize,
             assignment.world_size as usize,
         );
+        telemetry::adopt(&span, parent);
         let spawned = std::thread::Builder::new()
             .name(format!("task-{}-r{}", assignment.job_id, assignment.rank))
             .spawn(move || {

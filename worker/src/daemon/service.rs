@@ -95,9 +95,10 @@ impl WorkerService for Service {
         request: Request<TaskRequest>,
     ) -> Result<Response<Self::RunTaskStream>, Status> {
         self.check_caller(&request, "RunTask")?;
+        let parent = longtake_proto::telemetry::extract(request.metadata());
         let stream = self
             .control
-            .run_task(request.into_inner())
+            .run_task(request.into_inner(), parent)
             .map_err(status)?;
         let open = stream.open;
         let metrics = self.metrics.clone();

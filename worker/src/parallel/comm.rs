@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use half::slice::HalfFloatSliceExt;
+use longtake_proto::telemetry::collective_span;
 
 pub type Result<T> = std::result::Result<T, CommError>;
 
@@ -429,6 +430,7 @@ fn gather_all<P: PointToPoint + ?Sized>(p: &P, op: Op, tensor: &Tensor) -> Resul
 }
 
 pub(crate) fn all_reduce_sum<P: PointToPoint + ?Sized>(p: &P, tensor: &Tensor) -> Result<Tensor> {
+    let _span = collective_span("all_reduce", tensor_bytes(tensor)).entered();
     let op = Op::AllReduceSum;
     let parts = gather_all(p, op, tensor)?;
     for (r, part) in parts.iter().enumerate() {
@@ -473,6 +475,7 @@ pub(crate) fn all_gather<P: PointToPoint + ?Sized>(
     tensor: &Tensor,
     dim: usize,
 ) -> Result<Tensor> {
+    let _span = collective_span("all_gather", tensor_bytes(tensor)).entered();
     let op = Op::AllGather;
     if dim >= tensor.rank() {
         return Err(CommError::Usage {
@@ -495,6 +498,8 @@ pub(crate) fn all_to_all<P: PointToPoint + ?Sized>(
     p: &P,
     mut tensors: Vec<Tensor>,
 ) -> Result<Vec<Tensor>> {
+    let bytes = tensors.iter().map(tensor_bytes).sum();
+    let _span = collective_span("all_to_all", bytes).entered();
     let op = Op::AllToAll;
     let n = p.group_size();
     let me = p.group_rank();
@@ -522,6 +527,7 @@ pub(crate) fn all_to_all<P: PointToPoint + ?Sized>(
 }
 
 pub(crate) fn send<P: PointToPoint + ?Sized>(p: &P, tensor: &Tensor, to: usize) -> Result<()> {
+    let _span = collective_span("send", tensor_bytes(tensor)).entered();
     check_peer(p, Op::Send, to, "destination")?;
     let encoded = Encoded::new(tensor).map_err(tensor_err(p, Op::Send))?;
     p.send_message(to, Op::Send, &encoded)
@@ -532,6 +538,7 @@ pub(crate) fn recv<P: PointToPoint + ?Sized>(
     from: usize,
     device: &Device,
 ) -> Result<Tensor> {
+    let _span = collective_span("recv", 0).entered();
     check_peer(p, Op::Recv, from, "source")?;
     let deadline = Instant::now() + p.op_timeout();
     p.recv_message(from, Op::Recv, deadline)?
@@ -545,6 +552,7 @@ pub(crate) fn broadcast<P: PointToPoint + ?Sized>(
     root: usize,
     device: &Device,
 ) -> Result<Tensor> {
+    let _span = collective_span("broadcast", tensor.map_or(0, tensor_bytes)).entered();
     let op = Op::Broadcast;
     let n = p.group_size();
     let me = p.group_rank();
@@ -582,6 +590,7 @@ pub(crate) fn broadcast<P: PointToPoint + ?Sized>(
 }
 
 pub(crate) fn barrier<P: PointToPoint + ?Sized>(p: &P) -> Result<()> {
+    let _span = collective_span("barrier", 0).entered();
     let n = p.group_size();
     let me = p.group_rank();
     let deadline = Instant::now() + p.op_timeout();
@@ -593,4 +602,9 @@ pub(crate) fn barrier<P: PointToPoint + ?Sized>(p: &P) -> Result<()> {
         p.recv_message(from, Op::Barrier, deadline)?;
     }
     Ok(())
+}
+
+/// The bytes of a tensor's elements, as a collective span reports them.
+fn tensor_bytes(tensor: &Tensor) -> usize {
+    tensor.elem_count() * tensor.dtype().size_in_bytes()
 }
