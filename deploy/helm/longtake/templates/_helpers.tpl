@@ -50,3 +50,15 @@ prometheus.io/port: {{ .port | quote }}
 prometheus.io/path: /metrics
 {{- end }}
 {{- end -}}
+
+{{/* the trace exporter's environment, when an OTLP endpoint is set */}}
+{{- define "longtake.traceEnv" -}}
+{{- with .Values.traces.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.traces.filter }}
+- name: LONGTAKE_TRACE
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
