@@ -22,7 +22,10 @@ fn arg(args: &[String], name: &str, default: u32) -> u32 {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number"))
+        })
         .unwrap_or(default)
 }
 
@@ -98,5 +101,9 @@ fn main() {
         "  on:  median {:.4} s/step ({spans} spans received, /metrics scraped every second)",
         on
     );
-    println!("  on/off: {:.4} ({:+.2}%)", on / off, (on / off - 1.0) * 100.0);
+    println!(
+        "  on/off: {:.4} ({:+.2}%)",
+        on / off,
+        (on / off - 1.0) * 100.0
+    );
 }

@@ -4,18 +4,25 @@
 //! The leader alone starts the scheduler. Every job-record write it makes is fenced: the store
 //! writes in a transaction that compares the leader key's create revision ([`Fence`]), so a
 //! coordinator that lost the leadership (its lease expired while it was cut off from etcd and a
-//! standby took over) writes nothing more. Losing the leadership ends a coordinator's term:
-//! [`Leadership::lost`] resolves, and `serve coordinator` stops and exits, to be started again
-//! (by its supervisor) as a standby. A coordinator that stops on a signal gives the leadership
-//! up at once ([`Leadership::resign`]), so a standby takes over without waiting for the lease.
+//! standby took over) writes nothing more. Losing the leadership to another coordinator ends a
+//! coordinator's term: [`Leadership::lost`] resolves, and `serve coordinator` stops and exits,
+//! to be started again (by its supervisor) as a standby. A coordinator that stops on a signal
+//! gives the leadership up at once ([`Leadership::resign`]), so a standby takes over without
+//! waiting for the lease.
+//!
+//! An etcd outage is not a loss: while etcd does not answer, nobody else can be elected either,
+//! and the leader keeps its running jobs (their records are written once etcd answers). If its
+//! lease expired meanwhile, it campaigns again at once; it goes on leading, with a new fence, if
+//! no other coordinator was elected, and exits otherwise.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, CompareOp, LeaderKey, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use longtake_proto::membership::client::{bounded, connect, Etcd};
 use longtake_proto::membership::EtcdConfig;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 /// Why a coordinator could not lead.
@@ -34,54 +41,79 @@ pub enum LeadershipError {
     Lost(String),
 }
 
-/// The proof of leadership a job store checks each write against, and the flag it raises when
-/// a write finds the leadership gone.
-#[derive(Clone)]
-pub struct Fence {
+/// One term of leadership: the leader key etcd made for the campaign, its create revision,
+/// and the lease that holds it.
+#[derive(Debug, Clone, Default)]
+struct Term {
     key: Vec<u8>,
     revision: i64,
-    lost: Arc<watch::Sender<Option<String>>>,
+    lease: i64,
+}
+
+/// What the leader and its keep-alive task share.
+struct Shared {
+    etcd: Etcd,
+    name: String,
+    address: String,
+    ttl: Duration,
+    term: RwLock<Term>,
+    leading: AtomicBool,
+    /// A fenced write was refused: look at the term now.
+    check: Notify,
+    lost: watch::Sender<Option<String>>,
+}
+
+impl Shared {
+    fn term(&self) -> Term {
+        self.term.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_term(&self, term: Term) {
+        *self.term.write().unwrap_or_else(|p| p.into_inner()) = term;
+    }
+
+    /// Records the first reason the leadership was lost (later ones add nothing).
+    fn lose(&self, why: String) {
+        self.lost.send_if_modified(|lost| {
+            if lost.is_none() {
+                *lost = Some(why);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// The proof of leadership a job store checks each write against.
+#[derive(Clone)]
+pub struct Fence {
+    shared: Arc<Shared>,
 }
 
 impl Fence {
-    /// A transaction doing `operation` only while this leadership holds.
+    /// A transaction doing `operation` only while this leadership's current term holds.
     pub fn guard(&self, operation: TxnOp) -> Txn {
+        let term = self.shared.term();
         Txn::new()
             .when([Compare::create_revision(
-                self.key.clone(),
+                term.key,
                 CompareOp::Equal,
-                self.revision,
+                term.revision,
             )])
             .and_then([operation])
     }
 
-    /// Records that a fenced write was refused: another coordinator leads.
+    /// A fenced write was refused: the term ended (its lease expired in an etcd outage, or
+    /// another coordinator leads). The keep-alive task looks at once and leads again or gives up.
     pub fn refused(&self) {
-        self.lose("a job-record write found that this coordinator no longer leads".into());
+        self.shared.check.notify_one();
     }
-
-    fn lose(&self, why: String) {
-        lose(&self.lost, why);
-    }
-}
-
-/// Records the first reason the leadership was lost (later ones add nothing).
-fn lose(lost: &watch::Sender<Option<String>>, why: String) {
-    lost.send_if_modified(|lost| {
-        if lost.is_none() {
-            *lost = Some(why);
-            true
-        } else {
-            false
-        }
-    });
 }
 
 /// This coordinator's leadership, from winning the election until it resigns or loses it.
 pub struct Leadership {
-    etcd: Etcd,
-    lease: i64,
-    fence: Fence,
+    shared: Arc<Shared>,
     lost: watch::Receiver<Option<String>>,
     keeper: JoinHandle<()>,
 }
@@ -103,18 +135,28 @@ impl Leadership {
             source,
         };
         let etcd = connect(config).await.map_err(fail)?;
-        let name = election_name(config);
-        let ttl_s = ttl.as_secs().max(1) as i64;
-        let lease = etcd.lease_grant(ttl_s).await.map_err(fail)?.id();
+        let ttl = Duration::from_secs(ttl.as_secs().max(1));
+        let lease = etcd
+            .lease_grant(ttl.as_secs() as i64)
+            .await
+            .map_err(fail)?
+            .id();
         let (lost_tx, lost) = watch::channel(None);
-        let lost_tx = Arc::new(lost_tx);
-        let keeper = tokio::spawn(keep_alive(
-            etcd.clone(),
-            lease,
-            Duration::from_secs(ttl_s as u64),
-            lost_tx.clone(),
-        ));
-        if let Ok(current) = etcd.leader(name.clone()).await {
+        let shared = Arc::new(Shared {
+            etcd: etcd.clone(),
+            name: election_name(config),
+            address: address.to_string(),
+            ttl,
+            term: RwLock::new(Term {
+                lease,
+                ..Term::default()
+            }),
+            leading: AtomicBool::new(false),
+            check: Notify::new(),
+            lost: lost_tx,
+        });
+        let keeper = tokio::spawn(keep_alive(shared.clone()));
+        if let Ok(current) = etcd.leader(shared.name.clone()).await {
             let address = current
                 .kv()
                 .and_then(|kv| String::from_utf8(kv.value().to_vec()).ok());
@@ -122,7 +164,7 @@ impl Leadership {
         }
         let won = loop {
             tokio::select! {
-                won = etcd.campaign(name.clone(), address, lease) => match won {
+                won = etcd.campaign(shared.name.clone(), address, lease) => match won {
                     Ok(won) => break won,
                     // a broken connection ends the campaign call, not the candidacy: the lease
                     // holds it; campaigning again with the same lease takes up the same key
@@ -141,19 +183,18 @@ impl Leadership {
                 }
             }
         };
-        let leader: LeaderKey = won
-            .leader()
-            .cloned()
-            .ok_or_else(|| LeadershipError::Lost("etcd named no leader key".into()))?;
-        let fence = Fence {
+        let Some(leader) = won.leader() else {
+            keeper.abort();
+            return Err(LeadershipError::Lost("etcd named no leader key".into()));
+        };
+        shared.set_term(Term {
             key: leader.key().to_vec(),
             revision: leader.rev(),
-            lost: lost_tx,
-        };
-        Ok(Self {
-            etcd,
             lease,
-            fence,
+        });
+        shared.leading.store(true, Ordering::SeqCst);
+        Ok(Self {
+            shared,
             lost,
             keeper,
         })
@@ -161,11 +202,13 @@ impl Leadership {
 
     /// What this leadership's job-record writes are checked against.
     pub fn fence(&self) -> Fence {
-        self.fence.clone()
+        Fence {
+            shared: self.shared.clone(),
+        }
     }
 
-    /// Resolves with the reason once this coordinator no longer leads (its lease could not be
-    /// renewed in time, or a fenced write was refused).
+    /// Resolves with the reason once another coordinator leads (or this one's candidacy
+    /// ended).
     pub fn lost(&self) -> impl std::future::Future<Output = String> + Send + 'static {
         reason(&self.lost)
     }
@@ -174,7 +217,8 @@ impl Leadership {
     /// standby in line leads at once.
     pub async fn resign(self) {
         self.keeper.abort();
-        if let Err(e) = self.etcd.lease_revoke(self.lease).await {
+        let lease = self.shared.term().lease;
+        if let Err(e) = self.shared.etcd.lease_revoke(lease).await {
             tracing::warn!(
                 "coordinator election: giving up the leadership failed ({e}); a standby takes \
                  over when the lease expires"
@@ -199,55 +243,162 @@ fn election_name(config: &EtcdConfig) -> String {
     format!("{}/coordinator/leader", config.prefix.trim_end_matches('/'))
 }
 
-/// Keeps the lease alive a third of its TTL apart. Declares the leadership lost when etcd says
-/// the lease is gone, or when no renewal has succeeded for the TTL less one period: before
-/// etcd can expire the lease and let a standby lead, so two coordinators never both believe
-/// they lead.
-async fn keep_alive(
-    etcd: Etcd,
-    lease: i64,
-    ttl: Duration,
-    lost: Arc<watch::Sender<Option<String>>>,
-) {
-    let period = ttl / 3;
-    let mut renewed = Instant::now();
-    let mut stream = None;
-    loop {
-        tokio::time::sleep(period).await;
-        if stream.is_none() {
-            match etcd.lease_keep_alive(lease).await {
-                Ok(pair) => stream = Some(pair),
-                Err(e) => tracing::warn!("coordinator election: renewing the lease: {e}"),
-            }
-        }
-        if let Some((keeper, responses)) = stream.as_mut() {
-            let renewal = match keeper.keep_alive().await {
-                Ok(()) => bounded(responses.message()).await,
-                Err(e) => Err(e),
-            };
-            match renewal {
-                Ok(Some(response)) if response.ttl() > 0 => renewed = Instant::now(),
-                Ok(Some(_)) => {
-                    lose(&lost, "its lease expired at etcd".into());
-                    return;
-                }
-                Ok(None) => stream = None,
-                Err(e) => {
-                    tracing::warn!("coordinator election: renewing the lease: {e}");
-                    stream = None;
-                }
-            }
-        }
-        if renewed.elapsed() + period >= ttl {
-            lose(
-                &lost,
-                format!(
-                    "its lease could not be renewed for {:.1} s (TTL {} s)",
-                    renewed.elapsed().as_secs_f64(),
-                    ttl.as_secs()
-                ),
-            );
-            return;
+/// What one renewal of the lease found.
+enum Renewal {
+    Alive,
+    /// etcd answered that the lease is gone (expired, or revoked).
+    Gone,
+    /// etcd did not answer.
+    Unreachable(String),
+}
+
+type KeepAlive = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+async fn renew(shared: &Shared, lease: i64, stream: &mut Option<KeepAlive>) -> Renewal {
+    let gone = |e: &etcd_client::Error| format!("{e:?}").contains("lease not found");
+    if stream.is_none() {
+        match shared.etcd.lease_keep_alive(lease).await {
+            Ok(pair) => *stream = Some(pair),
+            Err(e) if gone(&e) => return Renewal::Gone,
+            Err(e) => return Renewal::Unreachable(e.to_string()),
         }
     }
+    let Some((keeper, responses)) = stream.as_mut() else {
+        return Renewal::Unreachable("no keep-alive stream".into());
+    };
+    let answer = match keeper.keep_alive().await {
+        Ok(()) => bounded(responses.message()).await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(Some(response)) if response.ttl() > 0 => Renewal::Alive,
+        Ok(Some(_)) => Renewal::Gone,
+        Ok(None) => {
+            *stream = None;
+            Renewal::Unreachable("the keep-alive stream ended".into())
+        }
+        Err(e) if gone(&e) => Renewal::Gone,
+        Err(e) => {
+            *stream = None;
+            Renewal::Unreachable(e.to_string())
+        }
+    }
+}
+
+/// Keeps the lease alive a third of its TTL apart (at once after a refused write), and
+/// handles the end of a term: see the module's doc.
+async fn keep_alive(shared: Arc<Shared>) {
+    let period = shared.ttl / 3;
+    let mut stream = None;
+    let mut unanswered_since: Option<Instant> = None;
+    let mut warned = false;
+    loop {
+        let checked = tokio::select! {
+            _ = tokio::time::sleep(period) => false,
+            _ = shared.check.notified() => true,
+        };
+        let term = shared.term();
+        let leading = shared.leading.load(Ordering::SeqCst);
+        let ended = match renew(&shared, term.lease, &mut stream).await {
+            Renewal::Alive => {
+                if warned {
+                    tracing::info!("coordinator election: etcd answers again; still leading");
+                }
+                unanswered_since = None;
+                warned = false;
+                // a refused write with the lease alive: is the key still this term's?
+                checked && leading && !holds_key(&shared, &term).await
+            }
+            Renewal::Gone => true,
+            Renewal::Unreachable(why) => {
+                let since = *unanswered_since.get_or_insert_with(Instant::now);
+                if !warned && since.elapsed() >= shared.ttl {
+                    warned = true;
+                    tracing::warn!(
+                        "coordinator election: etcd has not answered for {:.0} s ({why}); the \
+                         running jobs go on, their records are written once it answers",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                false
+            }
+        };
+        if !ended {
+            continue;
+        }
+        stream = None;
+        if !leading {
+            shared.lose("its candidacy's lease expired".into());
+            return;
+        }
+        match lead_again(&shared).await {
+            Ok(term) => {
+                tracing::warn!(
+                    "coordinator election: its lease had expired (etcd unreachable); no other \
+                     coordinator was elected, so it leads again"
+                );
+                shared.set_term(term);
+            }
+            Err(why) => {
+                shared.lose(why);
+                return;
+            }
+        }
+    }
+}
+
+/// Whether this term's leader key is still there, made by this term.
+async fn holds_key(shared: &Shared, term: &Term) -> bool {
+    match shared.etcd.get(term.key.clone(), None).await {
+        Ok(found) => found
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.create_revision() == term.revision),
+        // no answer: no evidence either way; the next refused write asks again
+        Err(_) => true,
+    }
+}
+
+/// After this leader's term ended without a successor: campaigns again with a new lease and
+/// returns the new term, or why it cannot lead (another coordinator does).
+async fn lead_again(shared: &Shared) -> Result<Term, String> {
+    if let Ok(current) = shared.etcd.leader(shared.name.clone()).await {
+        if let Some(kv) = current.kv() {
+            return Err(format!(
+                "another coordinator leads now ({})",
+                String::from_utf8_lossy(kv.value())
+            ));
+        }
+    }
+    let lease = shared
+        .etcd
+        .lease_grant(shared.ttl.as_secs() as i64)
+        .await
+        .map_err(|e| format!("its lease expired and a new one could not be had: {e}"))?
+        .id();
+    let campaign = shared
+        .etcd
+        .campaign(shared.name.clone(), shared.address.clone(), lease);
+    // A campaign that does not win at once waits behind another candidate: a standby leads.
+    let won = match tokio::time::timeout(shared.ttl, campaign).await {
+        Ok(Ok(won)) => won,
+        Ok(Err(e)) => {
+            let _ = shared.etcd.lease_revoke(lease).await;
+            return Err(format!(
+                "its lease expired and campaigning again failed: {e}"
+            ));
+        }
+        Err(_) => {
+            let _ = shared.etcd.lease_revoke(lease).await;
+            return Err("its lease expired and another coordinator was first in line".into());
+        }
+    };
+    let leader = won
+        .leader()
+        .ok_or_else(|| "etcd named no leader key".to_string())?;
+    Ok(Term {
+        key: leader.key().to_vec(),
+        revision: leader.rev(),
+        lease,
+    })
 }

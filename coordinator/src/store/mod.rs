@@ -25,8 +25,8 @@ pub enum StoreError {
         source: etcd_client::Error,
     },
     #[error(
-        "job store: this coordinator no longer leads (another coordinator on this etcd took \
-         over); the write was refused"
+        "job store: the write was refused: this coordinator's term as leader ended (its lease \
+         expired, or another coordinator leads); it is written again once this one leads again"
     )]
     NotLeader,
     #[error("job record {key} is not valid JSON of a job: {source}")]
