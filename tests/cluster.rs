@@ -1250,8 +1250,9 @@ fn metrics_of_both_daemons_move_as_a_job_runs() {
 /// One trace per job across processes: with an OTLP endpoint set (a real OTLP/gRPC receiver
 /// here), a `render` of a two-rank `cfg=2` job yields one trace holding the CLI's span, the
 /// coordinator's (the submission and the attempt, its child) and each worker's task (children
-/// of the attempt, one per rank), with the steps under each task and the collectives (with
-/// their bytes) under the tasks, the steps' among them.
+/// of the attempt, one per rank), with the steps under each task, the transformer blocks under
+/// the steps and the collectives (with their bytes) under the tasks, the steps' among them; the
+/// coordinator's encode under the attempt and its fetch under the CLI's command.
 #[test]
 fn a_two_worker_job_is_one_trace_across_the_cli_the_coordinator_and_both_workers() {
     use support::otlp::{ReceivedSpan, Receiver};
@@ -1353,6 +1354,25 @@ fn a_two_worker_job_is_one_trace_across_the_cli_the_coordinator_and_both_workers
         }
     }
     assert!(in_steps > 0, "no collective inside a step: {collectives:?}");
+    // every transformer block's span lies in a step
+    let blocks = named(&spans, "longtake-worker", "block");
+    assert!(!blocks.is_empty(), "no block spans");
+    for block in &blocks {
+        assert!(ancestors(block).contains(&"step".to_string()), "{block:?}");
+    }
+    // the coordinator's encode under the attempt, its fetch under the CLI's command
+    let encode = named(&spans, "longtake-coordinator", "encode");
+    assert_eq!(encode.len(), 1, "{encode:?}");
+    assert_eq!(
+        encode[0].parent_span_id, attempt.span_id,
+        "encode under the attempt"
+    );
+    let fetch = named(&spans, "longtake-coordinator", "fetch");
+    assert_eq!(fetch.len(), 1, "{fetch:?}");
+    assert_eq!(
+        fetch[0].parent_span_id, cli.span_id,
+        "fetch under the CLI's span"
+    );
     for span in [cli, &submit[0], attempt].into_iter().chain(&tasks).chain(
         spans
             .iter()

@@ -445,6 +445,10 @@ struct Encoder {
     /// Time in the writer (opening, frames, closing), and in checking batches around it.
     encoding: Duration,
     stitching: Duration,
+    job_id: String,
+    frames: usize,
+    /// From the first frame to the clip closed.
+    span: Option<tracing::Span>,
 }
 
 impl Encoder {
@@ -463,6 +467,9 @@ impl Encoder {
             started: Instant::now(),
             encoding: Duration::ZERO,
             stitching: Duration::ZERO,
+            job_id: a.job_id.clone(),
+            frames: a.spec.frames as usize,
+            span: None,
         }
     }
 
@@ -488,7 +495,12 @@ impl Encoder {
         let sink = self.sink.take();
         self.stitching += start.elapsed();
         let start = Instant::now();
+        let span = self
+            .span
+            .get_or_insert_with(|| telemetry::encode_span(&self.job_id, self.frames))
+            .clone();
         let result = tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
             let mut sink = match sink {
                 Some(sink) => sink,
                 None => encode::open_writer(
@@ -528,7 +540,10 @@ impl Encoder {
         };
         let output = self.output.clone();
         let start = Instant::now();
+        // the span ends with the clip closed
+        let span = self.span.take().unwrap_or_else(tracing::Span::none);
         let result = tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
             sink.finish().map_err(|e| e.to_string())?;
             Artifacts::seal(&output).map_err(|e| format!("{}: {e}", output.display()))?;
             Ok::<_, String>(output_size(&output))

@@ -271,6 +271,8 @@ impl RenderService for Service {
     ) -> Result<Response<Self::FetchOutputStream>, Status> {
         let caller = self.caller(&request, "fetch")?;
         let from = peer(&request);
+        let span = telemetry::fetch_span(&request.get_ref().id);
+        telemetry::adopt(&span, telemetry::extract(request.metadata()));
         let id = request.into_inner().id;
         let job = self.reachable_job(&caller, &id, "fetch").await?;
         if job.phase != JobPhase::Done {
@@ -293,6 +295,7 @@ impl RenderService for Service {
         tracing::info!(target: AUDIT, caller = %caller, action = "fetch", job = %id, peer = %from);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
             let read = artifacts::read_chunks(&files, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
             if let Err(e) = read {
                 let _ = tx.blocking_send(Err(Status::internal(format!(

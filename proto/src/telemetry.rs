@@ -1,5 +1,6 @@
 //! The one vocabulary of longtake's telemetry: the spans every process opens for the work it
-//! does, nested job → attempt → group → step → window → collective, and the names of the metrics the farm
+//! does, nested job → attempt → task → step → window → block → collective, with decode, encode
+//! and fetch beside them, and the names of the metrics the farm
 //! exports. The coordinator, the worker daemon and the model stack open their spans through
 //! these functions, so a trace reads the same whichever process wrote it and the observability
 //! work (OTLP export, the trace context over gRPC, Prometheus) has one place to change.
@@ -44,6 +45,21 @@ pub fn step_span(index: usize, total: usize) -> Span {
 /// One window's flow prediction inside a denoising step (latent frames `start..start + len`).
 pub fn window_span(start: usize, len: usize) -> Span {
     tracing::debug_span!("window", start, len)
+}
+
+/// One transformer block of a flow prediction (`index` from 0), within a step.
+pub fn block_span(index: usize) -> Span {
+    tracing::debug_span!("block", index)
+}
+
+/// Encoding a job's clip on the coordinator, as its frames arrive and closing it.
+pub fn encode_span(job_id: &str, frames: usize) -> Span {
+    tracing::info_span!("encode", job.id = %job_id, frames)
+}
+
+/// Serving a finished job's output to a client.
+pub fn fetch_span(job_id: &str) -> Span {
+    tracing::info_span!("fetch", job.id = %job_id)
 }
 
 /// The VAE decode of a group's latents.

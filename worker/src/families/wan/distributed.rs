@@ -366,7 +366,8 @@ impl DistributedWanTransformer {
             groups: &self.groups,
             options: &self.options,
         };
-        for block in &self.blocks {
+        for (index, block) in self.blocks.iter().enumerate() {
+            let _span = longtake_proto::telemetry::block_span(index).entered();
             x = block.forward(&x, &ctx)?;
         }
 

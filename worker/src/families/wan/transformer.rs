@@ -472,7 +472,8 @@ impl WanTransformer3DModel {
 
         let (mut x, cond) = self.ends.embed(hidden_states, timestep, text)?;
         let mut block_outputs = Vec::new();
-        for block in &self.blocks {
+        for (index, block) in self.blocks.iter().enumerate() {
+            let _span = longtake_proto::telemetry::block_span(index).entered();
             x = block.forward(&x, &cond.modulation, &cond.context, &rope)?;
             if keep_blocks {
                 block_outputs.push(x.clone());
