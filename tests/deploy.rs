@@ -173,6 +173,8 @@ fn the_helm_chart_renders_and_every_object_validates() {
         "default values: longtake/templates/worker.yaml: Deployment farm-longtake-worker: valid",
         "values-gpu.yaml: longtake/templates/worker.yaml: ScaledObject farm-longtake-worker: valid",
         "values-gpu.yaml: longtake/templates/etcd.yaml: StatefulSet farm-longtake-etcd: valid",
+        "an HPA on queue depth: longtake/templates/worker.yaml: HorizontalPodAutoscaler farm-longtake-worker: valid",
+        "keda and hpa together are refused",
         "values.schema.json refuses worker.device=tpu",
     ] {
         assert!(said.contains(expected), "{expected:?} not in:\n{said}");

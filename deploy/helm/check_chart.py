@@ -56,7 +56,12 @@ def main():
     lint = helm_python.lint(str(CHART))
     print(f"helm lint: {lint}")
     gpu = yaml.safe_load((HERE / "longtake" / "values-gpu.yaml").read_text())
-    for label, values in [("default values", {}), ("values-gpu.yaml", gpu)]:
+    hpa = {"autoscaling": {"hpa": {"enabled": True, "maxReplicas": 12}}}
+    for label, values in [
+        ("default values", {}),
+        ("values-gpu.yaml", gpu),
+        ("an HPA on queue depth", hpa),
+    ]:
         kinds = []
         for path, obj in render(chart, values, label):
             kind = obj.get("kind")
@@ -71,6 +76,14 @@ def main():
             kinds.append(kind)
             print(f"{label}: {path}: {kind} {name}: valid")
         print(f"{label}: {len(kinds)} objects valid against Kubernetes {args.kubernetes_version}")
+    # KEDA and the HPA are one or the other
+    try:
+        chart.render({"autoscaling": {"hpa": {"enabled": True}, "keda": {"enabled": True}}},
+                     name="farm", namespace="render", is_install=True)
+    except helm_python.HelmError as e:
+        print(f"keda and hpa together are refused: {str(e).splitlines()[0]}")
+    else:
+        sys.exit("keda and hpa together rendered")
     # a value the schema refuses is refused before anything renders
     try:
         chart.validate_schema({"worker": {"device": "tpu"}})
