@@ -306,9 +306,12 @@ pub fn status_error(url: &str, status: tonic::Status) -> anyhow::Error {
     let message = status.message().trim().replace('\n', " ");
     let lowered = message.to_ascii_lowercase();
     if url.starts_with("http://")
-        && (lowered.contains("h2 protocol error") || lowered == "transport error")
+        && (lowered.contains("h2 protocol error")
+            || lowered == "transport error"
+            || lowered == "operation was canceled")
     {
-        // what plain HTTP/2 gets from a TLS listener (which of the two depends on timing)
+        // what plain HTTP/2 gets from a TLS listener (which of the three depends on timing:
+        // the listener closes the connection as soon as the HTTP/2 preface fails its handshake)
         return anyhow!(
             "the coordinator at {url} did not answer plain gRPC ({message}): a farm with TLS \
              takes an https:// URL and --ca-cert FILE (or {CA_CERT_ENV})"
@@ -389,8 +392,12 @@ mod tests {
         assert!(e.to_string().contains("http://h:1"), "{e}");
         let e = status_error("http://h:1", tonic::Status::unavailable(""));
         assert!(e.to_string().contains("http://h:1"), "{e}");
-        // plain HTTP/2 to a TLS listener fails in one of two ways
-        for said in ["h2 protocol error: http2 error", "transport error"] {
+        // plain HTTP/2 to a TLS listener fails in one of three ways
+        for said in [
+            "h2 protocol error: http2 error",
+            "transport error",
+            "operation was canceled",
+        ] {
             let e = status_error("http://h:1", tonic::Status::unknown(said)).to_string();
             assert!(e.contains("https:// URL and --ca-cert"), "{e}");
         }

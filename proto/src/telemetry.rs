@@ -47,6 +47,12 @@ pub fn window_span(start: usize, len: usize) -> Span {
     tracing::debug_span!("window", start, len)
 }
 
+/// A transfer of shared frames between this rank and its peer in worker group `group` (a long
+/// clip's groups settle the frames they share every step): `direction` is `send` or `recv`.
+pub fn exchange_span(direction: &'static str, group: usize, bytes: usize) -> Span {
+    tracing::debug_span!("exchange", direction, group, bytes)
+}
+
 /// One transformer block of a flow prediction (`index` from 0), within a step.
 pub fn block_span(index: usize) -> Span {
     tracing::debug_span!("block", index)

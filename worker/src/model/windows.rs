@@ -235,6 +235,8 @@ impl<'a> GroupWindowedFlow<'a> {
         group: usize,
         exchange: &mut GroupExchange,
     ) -> candle_core::Result<()> {
+        let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
+        let _span = longtake_proto::telemetry::exchange_span("send", group, bytes).entered();
         let start = Instant::now();
         self.peers.job.send(tensor, self.peers.peer(group))?;
         exchange.time += start.elapsed();
@@ -249,8 +251,14 @@ impl<'a> GroupWindowedFlow<'a> {
         device: &Device,
         exchange: &mut GroupExchange,
     ) -> candle_core::Result<Tensor> {
+        let span = longtake_proto::telemetry::exchange_span("recv", group, 0);
+        let _entered = span.enter();
         let start = Instant::now();
         let tensor = self.peers.job.recv(self.peers.peer(group), device)?;
+        span.record(
+            "bytes",
+            tensor.elem_count() * tensor.dtype().size_in_bytes(),
+        );
         exchange.time += start.elapsed();
         Ok(tensor)
     }
