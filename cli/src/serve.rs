@@ -16,6 +16,7 @@ use longtake_coordinator::leadership::Leadership;
 use longtake_coordinator::placement::RankQuotas;
 use longtake_coordinator::{Coordinator, CoordinatorConfig, EtcdJobStore, Limits};
 use longtake_proto::membership::{EtcdConfig, EtcdMembership, Membership};
+use longtake_proto::metrics::Scrape;
 use longtake_proto::tls::{Tls, TlsFiles, COORDINATOR_NAME, WORKER_NAME};
 use longtake_worker::daemon::{self, DaemonConfig, ModelSource};
 use longtake_worker::parallel::Timeouts;
@@ -197,15 +198,23 @@ pub struct MetricsArgs {
 }
 
 impl MetricsArgs {
-    /// Binds the metrics listener, if one is asked for.
-    async fn bind(&self) -> Result<Option<tokio::net::TcpListener>> {
+    /// Binds the metrics listener, if one is asked for, and serves `scrape` on it for as long
+    /// as the process runs; returns the address bound.
+    async fn serve(&self, scrape: Arc<dyn Scrape>) -> Result<Option<SocketAddr>> {
         let Some(address) = self.metrics_listen else {
             return Ok(None);
         };
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("cannot listen for metrics on {address}"))?;
-        Ok(Some(listener))
+        let address = listener.local_addr()?;
+        tokio::spawn(async move {
+            let served = longtake_proto::metrics::serve(listener, scrape, std::future::pending());
+            if let Err(e) = served.await {
+                tracing::error!("the metrics endpoint on {address} stopped: {e}");
+            }
+        });
+        Ok(Some(address))
     }
 }
 
@@ -310,14 +319,7 @@ async fn coordinator(args: CoordinatorArgs) -> Result<i32> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
     let coordinator = Coordinator::start(config, Arc::new(membership), Arc::new(store)).await?;
-    if let Some(metrics) = args.metrics.bind().await? {
-        let address = metrics.local_addr()?;
-        let serving = coordinator.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serving.serve_metrics(metrics, std::future::pending()).await {
-                tracing::error!("the metrics endpoint on {address} stopped: {e}");
-            }
-        });
+    if let Some(address) = args.metrics.serve(coordinator.metrics()).await? {
         ready(&format!("coordinator metrics on http://{address}/metrics"))?;
     }
     // The listener is bound, so connections made after this line wait for `serve` to accept.
@@ -409,22 +411,7 @@ async fn worker(args: WorkerArgs) -> Result<i32> {
         tls: args.tls.load(WORKER_NAME)?,
         metrics: Default::default(),
     };
-    let metrics = args.metrics.bind().await?;
-    let metrics_address = match metrics {
-        Some(listener) => {
-            let address = listener.local_addr()?;
-            let exported = config.metrics.clone();
-            tokio::spawn(async move {
-                let served =
-                    longtake_proto::metrics::serve(listener, exported, std::future::pending());
-                if let Err(e) = served.await {
-                    tracing::error!("the metrics endpoint on {address} stopped: {e}");
-                }
-            });
-            Some(address)
-        }
-        None => None,
-    };
+    let metrics_address = args.metrics.serve(config.metrics.clone()).await?;
     let membership: Arc<dyn Membership> = Arc::new(EtcdMembership::connect(etcd).await?);
     let mut daemon = tokio::spawn(daemon::run(
         config,

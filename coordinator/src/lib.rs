@@ -180,14 +180,9 @@ impl Coordinator {
         self.scheduler.stop();
     }
 
-    /// Serves the coordinator's Prometheus metrics (`GET /metrics`) on `listener` until
-    /// `shutdown` resolves.
-    pub async fn serve_metrics(
-        &self,
-        listener: tokio::net::TcpListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        longtake_proto::metrics::serve(listener, Arc::new(self.scheduler.clone()), shutdown).await
+    /// What the coordinator's `/metrics` exports (see `longtake_proto::metrics::serve`).
+    pub fn metrics(&self) -> Arc<dyn longtake_proto::metrics::Scrape> {
+        Arc::new(self.scheduler.clone())
     }
 
     /// The coordinator's own time per denoising step so far: from rank 0's step event arriving

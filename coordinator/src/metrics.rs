@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use longtake_proto::job_event::Event;
-use longtake_proto::metrics::duration_buckets;
+use longtake_proto::metrics::{duration_buckets, registered, seconds};
 use longtake_proto::telemetry::metric;
 use longtake_proto::{worker_state_name, Worker};
 use prometheus::{
@@ -35,29 +35,17 @@ pub struct Metrics {
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let counter = IntCounter::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(counter.clone()))
-        .expect("registered once");
-    counter
-}
-
-fn histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
-    let histogram =
-        Histogram::with_opts(HistogramOpts::new(name, help).buckets(duration_buckets()))
-            .expect("valid metric");
-    registry
-        .register(Box::new(histogram.clone()))
-        .expect("registered once");
-    histogram
+    registered(
+        registry,
+        IntCounter::new(name, help).expect("a valid metric"),
+    )
 }
 
 fn gauges(registry: &Registry, name: &str, help: &str, label: &str) -> IntGaugeVec {
-    let gauges = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-    registry
-        .register(Box::new(gauges.clone()))
-        .expect("registered once");
-    gauges
+    registered(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), &[label]).expect("a valid metric"),
+    )
 }
 
 impl Default for Metrics {
@@ -69,26 +57,26 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let ended = IntCounterVec::new(
-            Opts::new(metric::JOBS_ENDED, "Jobs that ended, by state."),
-            &["state"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(ended.clone()))
-            .expect("registered once");
-        let step_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                metric::STEP_SECONDS,
-                "One denoising step, by layout (its degrees, and the worker groups).",
+        let ended = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(metric::JOBS_ENDED, "Jobs that ended, by state."),
+                &["state"],
             )
-            .buckets(duration_buckets()),
-            &["cfg", "tp", "ulysses", "ring", "groups"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(step_seconds.clone()))
-            .expect("registered once");
+            .expect("a valid metric"),
+        );
+        let step_seconds = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    metric::STEP_SECONDS,
+                    "One denoising step, by layout (its degrees, and the worker groups).",
+                )
+                .buckets(duration_buckets()),
+                &["cfg", "tp", "ulysses", "ring", "groups"],
+            )
+            .expect("a valid metric"),
+        );
         Self {
             queue_depth: gauges(
                 &registry,
@@ -111,7 +99,7 @@ impl Metrics {
                 metric::REQUEUES,
                 "Jobs sent back to the queue after a lost worker or a failed start.",
             ),
-            job_seconds: histogram(
+            job_seconds: seconds(
                 &registry,
                 metric::JOB_SECONDS,
                 "From submission to the clip written, of the jobs done.",
@@ -127,12 +115,12 @@ impl Metrics {
                 metric::EXCHANGE_BYTES,
                 "Bytes the worker groups of multi-group jobs exchanged.",
             ),
-            decode_seconds: histogram(
+            decode_seconds: seconds(
                 &registry,
                 metric::DECODE_SECONDS,
                 "The VAE decode of a job done (its slowest group's).",
             ),
-            encode_seconds: histogram(
+            encode_seconds: seconds(
                 &registry,
                 metric::ENCODE_SECONDS,
                 "Encoding a job's clip on the coordinator.",

@@ -54,3 +54,24 @@ async fn metrics(State(scrape): State<Arc<dyn Scrape>>) -> impl IntoResponse {
 pub fn duration_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.01, 2.5, 16).expect("valid buckets")
 }
+
+/// `metric`, registered in `registry` (each daemon's metrics are built once, so a name is
+/// never registered twice).
+pub fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &prometheus::Registry,
+    metric: M,
+) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
+}
+
+/// A histogram of durations in seconds ([`duration_buckets`]), registered in `registry`.
+pub fn seconds(registry: &prometheus::Registry, name: &str, help: &str) -> prometheus::Histogram {
+    let opts = prometheus::HistogramOpts::new(name, help).buckets(duration_buckets());
+    registered(
+        registry,
+        prometheus::Histogram::with_opts(opts).expect("a valid metric"),
+    )
+}

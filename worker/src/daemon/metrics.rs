@@ -2,11 +2,11 @@
 //! handed to gRPC: tasks by outcome, step and decode durations, model loads, bytes sent to other
 //! worker groups, and whether it holds a task. Names are `longtake_proto::telemetry::metric`'s.
 
-use longtake_proto::metrics::{duration_buckets, Scrape};
+use longtake_proto::metrics::{registered, seconds, Scrape};
 use longtake_proto::task_event::Event;
 use longtake_proto::telemetry::metric;
 use longtake_proto::TaskEvent;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every metric of one worker, registered in its own registry.
 #[derive(Debug)]
@@ -24,18 +24,6 @@ impl Default for WorkerMetrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn registered<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: M) -> M {
-    registry
-        .register(Box::new(m.clone()))
-        .expect("each metric is registered once");
-    m
-}
-
-fn seconds(registry: &Registry, name: &str, help: &str) -> Histogram {
-    let opts = HistogramOpts::new(name, help).buckets(duration_buckets());
-    registered(registry, Histogram::with_opts(opts).expect("valid metric"))
 }
 
 impl WorkerMetrics {
