@@ -1113,6 +1113,65 @@ fn a_worker_killed_at_any_point_of_a_two_rank_job_costs_no_frame() {
     }
 }
 
+/// kill -9 of the worker of group 0 of a long clip on two worker groups (one rank each)
+/// mid-denoising: each group checkpointed its own frames after every step, so the job resumes on
+/// the workers left from the last step both groups saved, its clip is byte for byte the
+/// undisturbed render's, and no checkpoint is left once it is done.
+#[test]
+fn a_worker_killed_mid_job_of_two_worker_groups_resumes_from_their_checkpoints() {
+    let mut farm = Farm::start();
+    for id in ["w1", "w2", "w3"] {
+        farm.start_worker(id, &["--model", "toy"]);
+    }
+    let steps = 16;
+    let mut grouped = spec_of("61", "64x64", steps);
+    grouped[1] = "toy".into();
+    grouped.extend(["--window", "9", "--groups", "2"].map(String::from));
+    let undisturbed = farm.submit(&grouped, &["--name", "undisturbed"]);
+    farm.wait_done(&undisturbed, JOB);
+    let reference = farm.path("undisturbed.mp4");
+    farm.cli(&["fetch", &undisturbed, "--out", reference.to_str().unwrap()])
+        .ok();
+
+    let id = farm.submit(&grouped, &["--name", "killed"]);
+    let job = farm.wait_job(&id, "6 steps done", JOB, |j| {
+        j["state"] == "running" && j["steps_done"].as_u64().unwrap_or(0) >= 6
+    });
+    let victim = workers_of(&job)[0].clone();
+    farm.worker(&victim).kill();
+    let killed_at = number(&job, "steps_done");
+    let done = farm.wait_done(&id, JOB);
+    assert_eq!(number(&done, "attempts"), 2, "{done}");
+    assert!(
+        !workers_of(&done).contains(&victim),
+        "the second attempt ran on the workers left: {done}"
+    );
+    let resumed = number(&done, "resumed_from_step");
+    eprintln!(
+        "killed {victim} (group 0) at {killed_at} of {steps} steps; resumed from step {resumed}"
+    );
+    assert!(
+        resumed >= 1 && resumed + 2 >= killed_at,
+        "lost at step {killed_at}, resumed from step {resumed}"
+    );
+    let clip = farm.path("killed.mp4");
+    farm.cli(&["fetch", &id, "--out", clip.to_str().unwrap()])
+        .ok();
+    assert!(
+        std::fs::read(&clip).unwrap() == std::fs::read(&reference).unwrap(),
+        "the resumed clip differs from the undisturbed render"
+    );
+    let left: Vec<String> = std::fs::read_dir(farm.artifacts_dir().join(&id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".checkpoint"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a finished job keeps no checkpoint: {left:?}"
+    );
+}
+
 /// Both daemons' `/metrics` (`--metrics-listen`), scraped as Prometheus would and parsed by a
 /// Prometheus text-format parser and checked by `promtool check metrics`: during a job the coordinator counts it running, its steps and tokens, and the
 /// worker holds it; after it, the job is counted done with its step, decode and encode times,

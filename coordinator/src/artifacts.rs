@@ -27,9 +27,20 @@ fn set_mode(_path: &Path, _mode: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// The file name of a job's checkpoint inside its directory (a name no output takes: outputs
-/// are `<name>.mp4` or `<name>/`, and names are file-safe without a leading dot).
-const CHECKPOINT_FILE: &str = ".checkpoint.safetensors";
+/// Checkpoint files inside a job's directory are `.checkpoint-g<group>-s<step>.safetensors`
+/// (names no output takes: outputs are `<name>.mp4` or `<name>/`, and names are file-safe
+/// without a leading dot).
+const CHECKPOINT_PREFIX: &str = ".checkpoint-g";
+const CHECKPOINT_SUFFIX: &str = ".safetensors";
+
+/// The group and step of a checkpoint file's name; `None` for any other name.
+fn checkpoint_of(name: &str) -> Option<(u32, u32)> {
+    let rest = name
+        .strip_prefix(CHECKPOINT_PREFIX)?
+        .strip_suffix(CHECKPOINT_SUFFIX)?;
+    let (group, step) = rest.split_once("-s")?;
+    Some((group.parse().ok()?, step.parse().ok()?))
+}
 
 /// Size of the `data` of one `OutputChunk`.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -106,16 +117,24 @@ impl Artifacts {
         })
     }
 
-    /// Where the job's latest checkpoint (a denoiser state file from rank 0) is kept, beside
-    /// its output.
-    pub fn checkpoint_path(&self, job_id: &str) -> io::Result<PathBuf> {
-        Ok(self.job_dir(job_id)?.join(CHECKPOINT_FILE))
+    /// Where worker group `group`'s checkpoint of step `step` (a denoiser state file from the
+    /// group's first rank) is kept, beside the job's output.
+    pub fn checkpoint_path(&self, job_id: &str, group: u32, step: u32) -> io::Result<PathBuf> {
+        Ok(self.job_dir(job_id)?.join(format!(
+            "{CHECKPOINT_PREFIX}{group}-s{step}{CHECKPOINT_SUFFIX}"
+        )))
     }
 
-    /// Replaces the job's checkpoint with `state` atomically (a crash leaves the old one or the
-    /// new one, never half of one), readable by this user only; returns its path.
-    pub fn write_checkpoint(&self, job_id: &str, state: &[u8]) -> io::Result<PathBuf> {
-        let path = self.checkpoint_path(job_id)?;
+    /// Writes group `group`'s checkpoint of step `step` atomically (a crash leaves no half
+    /// file under its name), readable by this user only; returns its path.
+    pub fn write_checkpoint(
+        &self,
+        job_id: &str,
+        group: u32,
+        step: u32,
+        state: &[u8],
+    ) -> io::Result<PathBuf> {
+        let path = self.checkpoint_path(job_id, group, step)?;
         private_dir(self.job_dir(job_id)?.as_path())?;
         let tmp = path.with_extension("tmp");
         {
@@ -128,25 +147,49 @@ impl Artifacts {
         Ok(path)
     }
 
-    /// The job's checkpoint, if it has one.
-    pub fn read_checkpoint(&self, job_id: &str) -> io::Result<Option<Vec<u8>>> {
-        match std::fs::read(self.checkpoint_path(job_id)?) {
+    /// Group `group`'s checkpoint of step `step`, if the job has it.
+    pub fn read_checkpoint(
+        &self,
+        job_id: &str,
+        group: u32,
+        step: u32,
+    ) -> io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.checkpoint_path(job_id, group, step)?) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Removes the job's checkpoint (the job finished).
-    pub fn remove_checkpoint(&self, job_id: &str) -> io::Result<()> {
-        match std::fs::remove_file(self.checkpoint_path(job_id)?) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+    /// Removes the job's checkpoints of steps before `before` (every one when `None`: the job
+    /// finished), and any half-written one.
+    pub fn remove_checkpoints(&self, job_id: &str, before: Option<u32>) -> io::Result<()> {
+        let dir = self.job_dir(job_id)?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let stale = match checkpoint_of(&name) {
+                Some((_, step)) => before.is_none_or(|before| step < before),
+                None => name.starts_with(CHECKPOINT_PREFIX) && name.ends_with(".tmp"),
+            };
+            if stale {
+                match std::fs::remove_file(entry.path()) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
         }
+        Ok(())
     }
 
     /// Removes what an attempt of the job wrote of its output (a partial clip, stray frames),
-    /// keeping its checkpoint.
+    /// keeping its checkpoints.
     pub fn clear_output(&self, job: &JobRecord) -> io::Result<()> {
         let path = self.output_path(job)?;
         let removed = if path.is_dir() {
@@ -160,7 +203,7 @@ impl Artifacts {
         }
     }
 
-    /// Removes whatever the job left (a partial clip, stray frames, its checkpoint).
+    /// Removes whatever the job left (a partial clip, stray frames, its checkpoints).
     pub fn clear(&self, job_id: &str) -> io::Result<()> {
         match std::fs::remove_dir_all(self.job_dir(job_id)?) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -344,6 +387,56 @@ mod tests {
         assert!(Artifacts::open(&file).is_err());
     }
 
+    /// Each group's checkpoint of each step is its own private file; removing those before a
+    /// step keeps that step's and later ones (and the output), and a finished job's removal
+    /// takes every checkpoint and half-written file.
+    #[cfg(unix)]
+    #[test]
+    fn checkpoints_are_kept_per_group_and_step_and_removed_by_age() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = Artifacts::open(dir.path()).unwrap();
+        let j = job("clip", OutputFormat::Mp4);
+        let clip = a.output_path(&j).unwrap();
+        for step in [3, 4, 5] {
+            for group in [0, 1] {
+                let path = a.write_checkpoint(&j.id, group, step, &[group as u8, step as u8]);
+                let mode = std::fs::metadata(path.unwrap())
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o777, 0o600);
+            }
+        }
+        std::fs::write(&clip, b"frames").unwrap();
+        std::fs::write(
+            a.checkpoint_path(&j.id, 0, 6)
+                .unwrap()
+                .with_extension("tmp"),
+            b"",
+        )
+        .unwrap();
+        assert_eq!(a.read_checkpoint(&j.id, 1, 4).unwrap(), Some(vec![1, 4]));
+        assert_eq!(a.read_checkpoint(&j.id, 2, 4).unwrap(), None);
+        a.remove_checkpoints(&j.id, Some(4)).unwrap();
+        assert_eq!(a.read_checkpoint(&j.id, 0, 3).unwrap(), None);
+        assert_eq!(a.read_checkpoint(&j.id, 1, 3).unwrap(), None);
+        assert_eq!(a.read_checkpoint(&j.id, 0, 4).unwrap(), Some(vec![0, 4]));
+        assert_eq!(a.read_checkpoint(&j.id, 1, 5).unwrap(), Some(vec![1, 5]));
+        a.remove_checkpoints(&j.id, None).unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path().join(&j.id))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["clip.mp4"]);
+        assert_eq!(
+            checkpoint_of(".checkpoint-g12-s340.safetensors"),
+            Some((12, 340))
+        );
+        assert_eq!(checkpoint_of(".checkpoint-g1-s.safetensors"), None);
+        assert_eq!(checkpoint_of("clip.mp4"), None);
+    }
+
     /// A job whose id is not an id (a record someone wrote into the store by hand) reaches
     /// nothing: no output path, no file listing, and clearing it removes nothing, however the
     /// id points outside the artifact directory.
@@ -364,6 +457,8 @@ mod tests {
             refused(a.output_path(&j).map(drop));
             refused(a.files(&j).map(drop));
             refused(a.clear(id));
+            refused(a.remove_checkpoints(id, None));
+            refused(a.read_checkpoint(id, 0, 1).map(drop));
         }
         assert!(
             victim.join("output.mp4").exists(),

@@ -44,8 +44,9 @@ pub trait Reporter: Send + Sync {
     async fn step(&self, step: Step, received: Instant);
     async fn decoding(&self, frames: u32);
     async fn encoding(&self, frames_written: u32, frames_total: u32);
-    /// Rank 0 sent its denoiser state after step `step`.
-    async fn checkpoint(&self, step: u32, state: Vec<u8>);
+    /// The first rank of worker group `group` sent its group's denoiser state after step
+    /// `step`.
+    async fn checkpoint(&self, group: u32, step: u32, state: Vec<u8>);
 }
 
 /// What one attempt runs.
@@ -60,9 +61,10 @@ pub struct Attempt {
     /// Where the encoder writes the clip (or the PNG directory).
     pub output: PathBuf,
     pub start_timeout: Duration,
-    /// A checkpoint of an earlier attempt every rank continues from (empty: none).
-    pub resume_state: Vec<u8>,
-    /// Rank 0 checkpoints after every this many steps (0: never).
+    /// The checkpoint of an earlier attempt each worker group continues from, in group order
+    /// (empty: none, every group starts from the spec's noise).
+    pub resume_state: Vec<Vec<u8>>,
+    /// The first rank of each group checkpoints after every this many steps (0: never).
     pub checkpoint_every: u32,
     /// The coordinator's TLS: workers are reached over mutual TLS and must prove the worker
     /// role (`None`: plain gRPC, a farm without certificates).
@@ -212,7 +214,11 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
             rank: rank as u32,
             spec: Some(RenderSpec::from(&a.spec)),
             peers: peers.clone(),
-            resume_state: a.resume_state.clone(),
+            resume_state: a
+                .resume_state
+                .get(rank / a.spec.layout.world_size())
+                .cloned()
+                .unwrap_or_default(),
             checkpoint_every: a.checkpoint_every,
             mesh_secret: mesh_secret.clone(),
         });
@@ -398,8 +404,9 @@ async fn follow(
                         reporter.encoding(encoder.written, frames_total).await;
                     }
                     task_event::Event::Timings(t) => timings[rank] = t,
-                    task_event::Event::Checkpoint(c) if rank == 0 => {
-                        reporter.checkpoint(c.step, c.state).await;
+                    task_event::Event::Checkpoint(c) if rank % group_size == 0 => {
+                        let group = (rank / group_size) as u32;
+                        reporter.checkpoint(group, c.step, c.state).await;
                     }
                     task_event::Event::Finished(f) => {
                         if !f.error.is_empty() || f.cancelled {

@@ -708,18 +708,17 @@ impl JobTable {
         }
     }
 
-    /// Rank 0 of the attempt checkpointed step `step` at `path` (relative to the artifact
-    /// directory): the job resumes from there if the attempt is lost. Returns the record to
-    /// store (no watcher needs to hear of it).
+    /// Every worker group of the attempt saved its state after step `checkpoint.step`: the job
+    /// resumes from there if the attempt is lost. Returns the record to store (no watcher needs
+    /// to hear of it).
     pub fn checkpoint(
         &mut self,
         id: &str,
         attempt: u32,
-        step: u32,
-        path: String,
+        checkpoint: CheckpointRef,
     ) -> Option<JobRecord> {
         let entry = self.current(id, attempt)?;
-        entry.job.checkpoint = Some(CheckpointRef { path, step });
+        entry.job.checkpoint = Some(checkpoint);
         Some(entry.job.clone())
     }
 

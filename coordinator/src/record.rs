@@ -239,14 +239,15 @@ impl Plan {
     }
 }
 
-/// A saved denoising state a job can resume from. Nothing writes one yet: the farm's
-/// checkpoint/resume work fills it in, and a re-queued job will start from it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The denoising step a re-queued job resumes from: every worker group of the job saved its
+/// state after it (one file per group in the job's artifact directory, named by group and step:
+/// [`Artifacts::checkpoint_path`](crate::artifacts::Artifacts::checkpoint_path)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointRef {
-    /// The state file, relative to the job's artifact directory.
-    pub path: String,
-    /// Denoising steps done in that state.
+    /// Denoising steps done in those states.
     pub step: u32,
+    /// Worker groups that saved one (the job's groups).
+    pub groups: u32,
 }
 
 /// One job, as the coordinator knows it.
@@ -263,7 +264,7 @@ pub struct JobRecord {
     pub plan: Option<Plan>,
     /// Attempts started so far (a start a busy worker refused does not count).
     pub attempts: u32,
-    /// Where the job could resume from; always `None` today (see [`CheckpointRef`]).
+    /// Where the job resumes from if its attempt is lost.
     pub checkpoint: Option<CheckpointRef>,
     /// Unix milliseconds; 0 when not reached.
     pub submitted_at_ms: u64,

@@ -18,7 +18,7 @@ use crate::dispatch::{self, Attempt, Reporter};
 use crate::jobs::{AttemptHandle, Change, JobTable, Submitted, TableError};
 use crate::metrics::Metrics;
 use crate::placement::{self, Decision};
-use crate::record::{JobPhase, JobRecord};
+use crate::record::{CheckpointRef, JobPhase, JobRecord};
 use crate::{CoordinatorConfig, CoordinatorError, JobStore};
 use longtake_proto::spec::ModelDescription;
 
@@ -373,27 +373,18 @@ impl Inner {
                                 control,
                             },
                         );
-                        // What an earlier attempt wrote of the output goes; its checkpoint
-                        // stays, and a job of one worker group continues from it.
+                        // What an earlier attempt wrote of the output goes; its checkpoints
+                        // stay, and the job continues from the last step every group saved.
                         let _ = self.artifacts.clear_output(&assignment.job);
-                        let one_group = assignment.spec.windows.groups <= 1;
-                        let resume = match &assignment.job.checkpoint {
-                            Some(checkpoint) if one_group => {
-                                match self.artifacts.read_checkpoint(&id) {
-                                    Ok(Some(state)) => Some((checkpoint.step, state)),
-                                    Ok(None) => None,
-                                    Err(e) => {
-                                        tracing::warn!(job = %id, "its checkpoint cannot be read, starting over: {e}");
-                                        None
-                                    }
-                                }
-                            }
-                            _ => None,
-                        };
+                        let groups = assignment.spec.windows.groups.max(1);
+                        let resume = assignment
+                            .job
+                            .checkpoint
+                            .and_then(|c| self.read_checkpoints(&id, c, groups));
                         let resume_state = match resume {
-                            Some((step, state)) => {
+                            Some((step, states)) => {
                                 table.resume_from(&id, assignment.attempt, step);
-                                state
+                                states
                             }
                             None => {
                                 table.resume_from(&id, assignment.attempt, 0);
@@ -415,11 +406,7 @@ impl Inner {
                             workers,
                             start_timeout: self.config.start_timeout,
                             resume_state,
-                            checkpoint_every: if one_group {
-                                self.config.checkpoint_every
-                            } else {
-                                0
-                            },
+                            checkpoint_every: self.config.checkpoint_every,
                             tls: self.config.tls.clone(),
                         });
                         let inner = Arc::clone(self);
@@ -428,6 +415,8 @@ impl Inner {
                                 inner: Arc::clone(&inner),
                                 job_id: job_id.clone(),
                                 attempt: number,
+                                groups,
+                                saved: StdMutex::default(),
                             };
                             let outcome = match attempt {
                                 Ok(attempt) => dispatch::run(attempt, control_rx, &reporter).await,
@@ -465,6 +454,36 @@ impl Inner {
         }
     }
 
+    /// The states every worker group of job `id` saved after `checkpoint.step`, in group order,
+    /// with that step; `None` (the job starts over, with a warning saying why) when the job now
+    /// has another number of groups or a state is missing or unreadable.
+    fn read_checkpoints(
+        &self,
+        id: &str,
+        checkpoint: CheckpointRef,
+        groups: u32,
+    ) -> Option<(u32, Vec<Vec<u8>>)> {
+        let step = checkpoint.step;
+        if checkpoint.groups != groups {
+            tracing::warn!(job = %id, "its checkpoint of step {step} is of {} worker groups, the job has {groups}: starting over", checkpoint.groups);
+            return None;
+        }
+        let states = (0..groups)
+            .map(|group| match self.artifacts.read_checkpoint(id, group, step) {
+                Ok(Some(state)) => Some(state),
+                Ok(None) => {
+                    tracing::warn!(job = %id, "group {group}'s checkpoint of step {step} is missing: starting over");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, "group {group}'s checkpoint of step {step} cannot be read, starting over: {e}");
+                    None
+                }
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some((step, states))
+    }
+
     async fn finish(&self, id: &str, attempt: u32, outcome: crate::jobs::Outcome) {
         if let crate::jobs::Outcome::StartFailed {
             unreachable: Some(worker),
@@ -490,7 +509,7 @@ impl Inner {
         // back to the queue keeps its checkpoint to resume from.
         if let Some(job) = table.get(id) {
             let tidied = match job.phase {
-                JobPhase::Done => self.artifacts.remove_checkpoint(id),
+                JobPhase::Done => self.artifacts.remove_checkpoints(id, None),
                 JobPhase::Failed | JobPhase::Cancelled => self.artifacts.clear(id),
                 _ => self.artifacts.clear_output(job),
             };
@@ -508,6 +527,34 @@ struct AttemptReporter {
     inner: Arc<Inner>,
     job_id: String,
     attempt: u32,
+    /// The job's worker groups: a step is a checkpoint once each has saved it.
+    groups: u32,
+    saved: StdMutex<SavedSteps>,
+}
+
+/// Which groups of an attempt saved which steps, and the last step all of them saved.
+#[derive(Debug, Default)]
+struct SavedSteps {
+    by_step: BTreeMap<u32, HashSet<u32>>,
+    complete: Option<u32>,
+}
+
+impl SavedSteps {
+    /// Group `group` of `groups` saved `step`. When that completes the step (and it is later
+    /// than the last complete one), returns `Some` of the step before it that was complete
+    /// (older files can go), or `Some(None)` for the attempt's first.
+    fn add(&mut self, group: u32, step: u32, groups: u32) -> Option<Option<u32>> {
+        if self.complete.is_some_and(|c| step <= c) {
+            return None;
+        }
+        let saved = self.by_step.entry(step).or_default();
+        saved.insert(group);
+        if saved.len() < groups as usize {
+            return None;
+        }
+        self.by_step.retain(|&s, _| s > step);
+        Some(self.complete.replace(step))
+    }
 }
 
 #[async_trait::async_trait]
@@ -538,30 +585,48 @@ impl Reporter for AttemptReporter {
         self.inner.apply(&mut table, change).await;
     }
 
-    async fn checkpoint(&self, step: u32, state: Vec<u8>) {
+    async fn checkpoint(&self, group: u32, step: u32, state: Vec<u8>) {
         let artifacts = self.inner.artifacts.clone();
         let id = self.job_id.clone();
-        let written =
-            tokio::task::spawn_blocking(move || artifacts.write_checkpoint(&id, &state)).await;
-        let path = match written {
-            Ok(Ok(path)) => path,
+        let written = tokio::task::spawn_blocking(move || {
+            artifacts.write_checkpoint(&id, group, step, &state)
+        })
+        .await;
+        match written {
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                tracing::warn!(job = %self.job_id, "writing its checkpoint of step {step}: {e}");
+                tracing::warn!(job = %self.job_id, "writing group {group}'s checkpoint of step {step}: {e}");
                 return;
             }
             Err(e) => {
-                tracing::warn!(job = %self.job_id, "writing its checkpoint panicked: {e}");
+                tracing::warn!(job = %self.job_id, "writing group {group}'s checkpoint panicked: {e}");
                 return;
             }
+        }
+        let Some(superseded) = lock(&self.saved).add(group, step, self.groups) else {
+            return;
         };
-        let relative = path
-            .strip_prefix(self.inner.artifacts.dir())
-            .unwrap_or(&path)
-            .display()
-            .to_string();
+        let checkpoint = CheckpointRef {
+            step,
+            groups: self.groups,
+        };
         let mut table = self.inner.table.lock().await;
-        if let Some(job) = table.checkpoint(&self.job_id, self.attempt, step, relative) {
+        if let Some(job) = table.checkpoint(&self.job_id, self.attempt, checkpoint) {
             self.inner.write(&job).await;
+        }
+        drop(table);
+        // The step before this one stays too: a record whose write failed (etcd away) may
+        // still name it when this coordinator is gone.
+        if let Some(before) = superseded {
+            let artifacts = self.inner.artifacts.clone();
+            let id = self.job_id.clone();
+            let removed = tokio::task::spawn_blocking(move || {
+                artifacts.remove_checkpoints(&id, Some(before))
+            })
+            .await;
+            if let Ok(Err(e)) = removed {
+                tracing::warn!(job = %self.job_id, "removing checkpoints before step {before}: {e}");
+            }
         }
     }
 
@@ -689,5 +754,33 @@ async fn watch_membership(
             }
         }
         strong.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SavedSteps;
+
+    /// A step is complete once every group saved it, whatever the order the groups report in
+    /// (a group may save the next step before another saved this one); completing it names the
+    /// previous complete step, whose older files can go, and a late report of an older step
+    /// changes nothing.
+    #[test]
+    fn a_step_is_a_checkpoint_once_every_group_saved_it() {
+        let mut saved = SavedSteps::default();
+        assert_eq!(saved.add(0, 1, 2), None);
+        assert_eq!(saved.add(0, 2, 2), None);
+        assert_eq!(saved.add(1, 1, 2), Some(None));
+        assert_eq!(saved.add(1, 2, 2), Some(Some(1)));
+        assert_eq!(saved.add(1, 3, 2), None);
+        assert_eq!(
+            saved.add(0, 1, 2),
+            None,
+            "older than the last complete step"
+        );
+        assert_eq!(saved.add(0, 3, 2), Some(Some(2)));
+        let mut one = SavedSteps::default();
+        assert_eq!(one.add(0, 4, 1), Some(None));
+        assert_eq!(one.add(0, 8, 1), Some(Some(4)));
     }
 }

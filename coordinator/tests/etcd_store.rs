@@ -87,10 +87,7 @@ async fn store_contract(store: &dyn JobStore) -> Vec<JobRecord> {
             resolved.layout,
         )),
         spec: JobSpecs::Resolved { request, resolved },
-        checkpoint: Some(CheckpointRef {
-            path: "checkpoints/step-2.safetensors".into(),
-            step: 2,
-        }),
+        checkpoint: Some(CheckpointRef { step: 2, groups: 1 }),
         steps_done: 2,
         steps_total: 3,
         started_at_ms: 150,

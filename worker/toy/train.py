@@ -467,7 +467,19 @@ def train_transformer(args) -> None:
         clips = world.dataset(args.data_seed, len(captions), "train")
         assert [c.caption for c in clips] == captions, "--data-seed/--clips differ from encode's"
         weights = torch.stack([object_latent_mask(c) for c in clips]) * (args.object_weight - 1) + 1
-    if args.resume:
+    first_step, trainer = 0, None
+    if args.continue_run:
+        saved = sorted(
+            (int(d[len("transformer-step"):]), d) for d in os.listdir(args.work)
+            if d.startswith("transformer-step") and os.path.exists(os.path.join(args.work, d, "trainer.pt"))
+        )
+        if not saved:
+            raise SystemExit(f"--continue-run: no transformer-stepN/trainer.pt under {args.work}")
+        first_step, latest = saved[-1]
+        model = WanTransformer3DModel.from_pretrained(os.path.join(args.work, latest))
+        trainer = torch.load(os.path.join(args.work, latest, "trainer.pt"))
+        log(f"transformer continues the run from step {first_step} ({args.work}/{latest})")
+    elif args.resume:
         model = WanTransformer3DModel.from_pretrained(os.path.join(args.work, "transformer"))
         log(f"transformer resumed from {args.work}/transformer")
     else:
@@ -479,7 +491,15 @@ def train_transformer(args) -> None:
     averaged = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else None
     g = torch.Generator().manual_seed(args.seed)
     start, ema = time.time(), None
-    for step in range(args.steps):
+    if trainer is not None:
+        # the same run as one that never stopped: optimiser moments, batch and noise draws, loss
+        # average and weight average all continue where the checkpoint left them
+        opt.load_state_dict(trainer["optimizer"])
+        g.set_state(trainer["generator"])
+        ema = trainer["loss_ema"]
+        if averaged is not None:
+            averaged.load_state_dict(trainer["averaged"])
+    for step in range(first_step, args.steps):
         warm = min(1.0, (step + 1) / 200)
         decay = 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
@@ -508,7 +528,11 @@ def train_transformer(args) -> None:
                     kept.lerp_(p, 1 - args.ema)
         ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
-            model.save_pretrained(os.path.join(args.work, f"transformer-step{step + 1}"))
+            out = os.path.join(args.work, f"transformer-step{step + 1}")
+            model.save_pretrained(out)
+            torch.save({"optimizer": opt.state_dict(), "generator": g.get_state(), "loss_ema": ema,
+                        "averaged": averaged.state_dict() if averaged is not None else None},
+                       os.path.join(out, "trainer.pt"))
         if (step + 1) % 100 == 0 or step + 1 == args.steps:
             log(f"transformer step {step + 1}/{args.steps} loss {loss.item():.4f} (ema {ema:.4f}) "
                 f"{time.time() - start:.0f}s")
@@ -611,7 +635,11 @@ def main() -> None:
                    help="decay of the exported moving average of the transformer's weights (0: none)")
     p.add_argument("--resume", action="store_true", help="continue --work/transformer")
     p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="also save the raw weights every N steps (--work/transformer-stepN)")
+                   help="also save the raw weights and the trainer's state every N steps "
+                        "(--work/transformer-stepN)")
+    p.add_argument("--continue-run", action="store_true",
+                   help="continue an interrupted run from its latest --work/transformer-stepN, on the "
+                        "same schedule (same --steps, --lr and seeds as the run)")
     p.add_argument("--infer-steps", type=int, default=20, help="the exported default step count")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--samples", type=int, default=3, help="captions per split for `sample`")

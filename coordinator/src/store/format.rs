@@ -118,8 +118,15 @@ pub struct StoredWindow {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredCheckpoint {
-    pub path: String,
     pub step: u32,
+    /// Added within version 2 (older records name one file in a `path`, which is ignored: the
+    /// files are found by group and step).
+    #[serde(default = "one_group")]
+    pub groups: u32,
+}
+
+fn one_group() -> u32 {
+    1
 }
 
 /// Why a stored record can be listed but not run. Each message names the job and what to do.
@@ -357,8 +364,8 @@ fn from_v2(stored: StoredJob) -> LoadedJob {
             plan,
             attempts: stored.attempts,
             checkpoint: stored.checkpoint.map(|c| CheckpointRef {
-                path: c.path,
                 step: c.step,
+                groups: c.groups,
             }),
             submitted_at_ms: stored.submitted_at_ms,
             started_at_ms: stored.started_at_ms,
@@ -407,9 +414,9 @@ impl From<&JobRecord> for StoredJob {
             resolved,
             plan: record.plan.as_ref().map(StoredPlan::from),
             attempts: record.attempts,
-            checkpoint: record.checkpoint.as_ref().map(|c| StoredCheckpoint {
-                path: c.path.clone(),
+            checkpoint: record.checkpoint.map(|c| StoredCheckpoint {
                 step: c.step,
+                groups: c.groups,
             }),
             submitted_at_ms: record.submitted_at_ms,
             started_at_ms: record.started_at_ms,
@@ -556,10 +563,7 @@ mod tests {
                 resolved,
             },
             attempts: 2,
-            checkpoint: Some(CheckpointRef {
-                path: "state/step-00002.safetensors".into(),
-                step: 2,
-            }),
+            checkpoint: Some(CheckpointRef { step: 2, groups: 1 }),
             started_at_ms: 30,
             steps_total: 3,
             message: "re-queued: worker w9 (rank 0) lost".into(),

@@ -65,9 +65,11 @@ pub struct TaskPlan {
     pub peers: Vec<SocketAddr>,
     /// What admits the ranks to each other's mesh (`None` for one rank).
     pub mesh_secret: Option<MeshSecret>,
-    /// A checkpoint to continue from (a denoiser state file); empty: from the spec's noise.
+    /// A checkpoint to continue from (a denoiser state file: for a job of several worker
+    /// groups, this rank's group's); empty: from the spec's noise.
     pub resume_state: Vec<u8>,
-    /// Rank 0 sends a checkpoint after every this many steps (0: none).
+    /// The first rank of each worker group sends its group's checkpoint after every this many
+    /// steps (0: none).
     pub checkpoint_every: u32,
 }
 
@@ -439,9 +441,9 @@ impl TaskRunner {
             }
             Ok(())
         };
-        // Checkpoints come from rank 0 of a job of one worker group (a job of several cannot
-        // resume yet).
-        let checkpoints = plan.rank == 0 && plan.groups == 1 && every > 0;
+        // Checkpoints come from the first rank of each worker group: its group's state (the
+        // whole clip's for a job of one group).
+        let checkpoints = plan.rank.is_multiple_of(plan.layout.world_size()) && every > 0;
         let options = RenderOptions {
             resume,
             after_step: if checkpoints {

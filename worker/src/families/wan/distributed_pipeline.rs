@@ -275,16 +275,11 @@ impl VideoPipeline for DistributedPipeline {
         options: RenderOptions<'_>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
-        // Every rank passes the same options (a resumed state too) and gets the same final
-        // latents; the video is rank 0's, or for several worker groups each group's first
-        // rank's segment.
+        // Every rank passes the same options (a resumed state too: for several worker groups,
+        // its own group's) and gets the same final latents; the video is rank 0's, or for
+        // several worker groups each group's first rank's segment.
         self.check_spec(spec)?;
         if let Some(job) = &self.job {
-            if options.resume.is_some() || options.after_step.is_some() {
-                return Err(PipelineError::Spec(
-                    "a job of several worker groups cannot yet be resumed or checkpointed".into(),
-                ));
-            }
             let peers = GroupPeers {
                 job: job.world.as_ref(),
                 group: job.group,
@@ -295,7 +290,7 @@ impl VideoPipeline for DistributedPipeline {
                 spec,
                 peers,
                 true,
-                options.stream_frames,
+                options,
                 progress,
             );
         }
@@ -801,6 +796,105 @@ mod tests {
             bits(&expected)?,
             "rescheduled noise on 2 groups"
         );
+        Ok(())
+    }
+
+    /// A clip of four windows co-denoised by 2 worker groups (of one rank, and of `ulysses=2`)
+    /// whose ranks all stop after step k of 4, each group's first rank saving its group's state,
+    /// then resumed by every rank from its own group's file, ends with the uninterrupted run's
+    /// latents bit for bit on rank 0 (the clip) and on every rank (its group's frames), for
+    /// k = 1, 3.
+    #[test]
+    fn worker_groups_stopped_and_resumed_are_bit_identical() -> TestResult {
+        use longtake_proto::spec::{Fusion, WindowSettings};
+        let dev = Device::Cpu;
+        let checkpoint = crate::model::reference::toy_checkpoint_dir();
+        let source = PipelineSource::Checkpoint(&checkpoint);
+        let steps = 4;
+        let stops = [1, 3];
+        let spec = RenderSpec {
+            prompt: "a red circle moving right on a black background".into(),
+            negative_prompt: String::new(),
+            frames: 101,
+            width: 64,
+            height: 64,
+            steps,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: Some(SchedulerKind::UniPc),
+            seed: 3,
+            windows: Some(WindowSettings {
+                latent_frames: 9,
+                overlap: 3,
+                fusion: Fusion::Linear,
+                groups: 2,
+                noise: Default::default(),
+            }),
+            timeline: Default::default(),
+        };
+        for layout in ["", "ulysses=2"] {
+            let layout: Layout = layout.parse()?;
+            let size = layout.world_size();
+            let dirs: Vec<Vec<_>> = stops
+                .iter()
+                .map(|_| (0..2).map(|_| tempfile::tempdir()).collect())
+                .collect::<std::io::Result<_>>()?;
+            let outputs = run_ranks(2 * size, |rank, job| {
+                let group = rank / size;
+                let pipe = DistributedPipeline::for_job(source, &dev, DType::F32, layout, job, 2)?;
+                let full =
+                    pipe.render_with_options(&spec, RenderOptions::default(), &mut |_| {})?;
+                let mut resumed = Vec::new();
+                for (&k, dirs) in stops.iter().zip(&dirs) {
+                    let token = pipe.pipeline().cancel_token();
+                    let mut save = |d: &Denoiser| -> Result<()> {
+                        if d.step_index() == k {
+                            if rank % size == 0 {
+                                d.state().save(dirs[group].path())?;
+                            }
+                            token.cancel();
+                        }
+                        Ok(())
+                    };
+                    let options = RenderOptions {
+                        resume: None,
+                        after_step: Some(&mut save),
+                        stream_frames: false,
+                    };
+                    match pipe.render_with_options(&spec, options, &mut |_| {}) {
+                        Err(PipelineError::Cancelled { after_step, .. }) if after_step == k => {}
+                        other => return Err(format!("stop after {k}: got {other:?}").into()),
+                    }
+                    token.reset();
+                    // Every group's file is written before any rank reads one.
+                    pipe.job
+                        .as_ref()
+                        .expect("a job of groups")
+                        .world
+                        .barrier()?;
+                    let state = DenoiserState::load(dirs[group].path(), &dev)?;
+                    let options = RenderOptions {
+                        resume: Some(state),
+                        after_step: None,
+                        stream_frames: false,
+                    };
+                    let latents = pipe
+                        .render_with_options(&spec, options, &mut |_| {})?
+                        .latents;
+                    resumed.push((k, latents));
+                }
+                Ok((full.latents, resumed))
+            })?;
+            assert_eq!(outputs[0].0.dim(2)?, 26, "rank 0 holds the clip's latents");
+            for (rank, (full, resumed)) in outputs.iter().enumerate() {
+                for (k, latents) in resumed {
+                    assert!(
+                        bits(latents)? == bits(full)?,
+                        "{layout}: rank {rank}: resumed after step {k} differs from the uninterrupted render"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 

@@ -519,8 +519,20 @@ impl WanPipeline {
     /// the state was saved by a render of another scheduler, step count or shift, or of another
     /// latent size.
     pub fn resume_denoiser(&self, spec: &RenderSpec, state: &DenoiserState) -> Result<Denoiser> {
+        let frames = self.latent_shape(spec)?.frames;
+        self.resume_denoiser_of(spec, 0..frames, state)
+    }
+
+    /// [`Self::resume_denoiser`] for the latent frames `frames` of the clip (one worker group's
+    /// share of a co-denoised clip): the state must hold exactly those frames.
+    fn resume_denoiser_of(
+        &self,
+        spec: &RenderSpec,
+        frames: std::ops::Range<usize>,
+        state: &DenoiserState,
+    ) -> Result<Denoiser> {
         let shape = self.latent_shape(spec)?;
-        let expected = vec![1, shape.channels, shape.frames, shape.height, shape.width];
+        let expected = vec![1, shape.channels, frames.len(), shape.height, shape.width];
         if state.latents.dims() != expected.as_slice() {
             return Err(DenoiserError::LatentShape {
                 saved: state.latents.dims().to_vec(),
@@ -725,16 +737,23 @@ impl WanPipeline {
     /// returns the clip's latents (the single-process reference's bits); every other rank returns
     /// its group's. Where `decode`, the first rank of each group returns the video of the frames
     /// it owns ([`Self::decode_group_segment`], numbered in the clip): segments go their own
-    /// way to whoever stitches them, so no rank holds the whole clip's frames.
+    /// way to whoever stitches them, so no rank holds the whole clip's frames. `options.resume`
+    /// is the group's own state (its frames only), saved by the `after_step` hook of a group
+    /// stopped after the same step as every other group.
     pub fn render_group(
         &self,
         model: &dyn FlowModel,
         spec: &RenderSpec,
         peers: GroupPeers<'_>,
         decode: bool,
-        stream_frames: bool,
+        options: RenderOptions<'_>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
+        let RenderOptions {
+            resume,
+            after_step,
+            stream_frames,
+        } = options;
         let plan = self.window_plan(spec)?;
         let (job, group, size) = (peers.job, peers.group, peers.size);
         if group >= plan.group_count() || job.world_size() != plan.group_count() * size {
@@ -746,8 +765,15 @@ impl WanPipeline {
             )));
         }
         let frames = plan.group_frames(group);
-        let latents = self.initial_noise(spec, &plan, frames.clone())?;
-        let mut denoiser = self.denoiser(spec, latents)?;
+        let mut denoiser = match &resume {
+            None => self.denoiser(spec, self.initial_noise(spec, &plan, frames.clone())?)?,
+            Some(state) => self.resume_denoiser_of(spec, frames.clone(), state)?,
+        };
+        let mut no_hook = |_: &Denoiser| -> Result<()> { Ok(()) };
+        let after_step: &mut AfterStep<'_> = match after_step {
+            Some(hook) => hook,
+            None => &mut no_hook,
+        };
         let text_start = Instant::now();
         let per_window = self.window_conditioning(spec, &plan)?;
         let text = text_start.elapsed();
@@ -762,7 +788,7 @@ impl WanPipeline {
             &mut denoiser,
             (conditioning, text),
             progress,
-            &mut |_| Ok(()),
+            after_step,
         )?;
         let local = denoiser.into_latents();
         let owned_frames = plan.group_owned_frames(group);
