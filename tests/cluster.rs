@@ -1147,8 +1147,14 @@ fn a_worker_killed_mid_job_of_two_worker_groups_resumes_from_their_checkpoints()
         "the second attempt ran on the workers left: {done}"
     );
     let resumed = number(&done, "resumed_from_step");
+    let took = |job: &Value| {
+        (number(job, "finished_at_ms") - number(job, "submitted_at_ms")) as f64 / 1000.0
+    };
+    let undisturbed_took = took(&farm.job(&undisturbed));
     eprintln!(
-        "killed {victim} (group 0) at {killed_at} of {steps} steps; resumed from step {resumed}"
+        "killed {victim} (group 0) at {killed_at} of {steps} steps; resumed from step {resumed}; \
+         submitted to done {:.2} s against {undisturbed_took:.2} s undisturbed",
+        took(&done)
     );
     assert!(
         resumed >= 1 && resumed + 2 >= killed_at,
