@@ -898,6 +898,68 @@ mod tests {
         Ok(())
     }
 
+    /// A state saved by the single process after step 2 of 4 resumes under every layout of the
+    /// parallel runtime (a re-queued job placed on another layout) and ends within the layout
+    /// tolerance of the uninterrupted single-process render: the state holds the whole clip's
+    /// latents and the solver's history, nothing of the layout.
+    #[test]
+    fn a_state_saved_in_one_layout_resumes_in_every_other() -> TestResult {
+        let dev = Device::Cpu;
+        let spec = RenderSpec {
+            prompt: "a wolf howling at the moon".into(),
+            negative_prompt: "blurry".into(),
+            frames: 5,
+            width: 32,
+            height: 32,
+            steps: 4,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: Some(SchedulerKind::UniPc),
+            seed: 5,
+            windows: None,
+            timeline: Default::default(),
+        };
+        let single = WanPipeline::tiny(&dev, DType::F32)?;
+        let expected = single.render_with_options(&spec, RenderOptions::default(), &mut |_| {})?;
+        let dir = tempfile::tempdir()?;
+        let token = single.cancel_token();
+        let mut save = |d: &Denoiser| -> Result<()> {
+            if d.step_index() == 2 {
+                d.state().save(dir.path())?;
+                token.cancel();
+            }
+            Ok(())
+        };
+        let options = RenderOptions {
+            after_step: Some(&mut save),
+            ..Default::default()
+        };
+        assert!(matches!(
+            single.render_with_options(&spec, options, &mut |_| {}),
+            Err(PipelineError::Cancelled { after_step: 2, .. })
+        ));
+        for &l in LAYOUTS.iter() {
+            let layout = crate::parallel::testing::layout(l);
+            let outputs = run_ranks(layout.world_size(), |_, world| {
+                let pipe = DistributedPipeline::tiny(&dev, DType::F32, layout, world)?;
+                let options = RenderOptions {
+                    resume: Some(DenoiserState::load(dir.path(), &dev)?),
+                    ..Default::default()
+                };
+                Ok(pipe
+                    .render_with_options(&spec, options, &mut |_| {})?
+                    .latents)
+            })?;
+            let err = relative_l2(&outputs[0], &expected.latents)?;
+            println!("saved in one process, resumed under {layout}: relative L2 {err:.3e}");
+            assert!(
+                err <= TOLERANCE,
+                "resumed under {layout}: relative L2 {err:e}"
+            );
+        }
+        Ok(())
+    }
+
     /// Under `ulysses=2`, for both schedulers: a render whose ranks stop (cancelled) after step
     /// k of 5, rank 0 saving the state, then resumed by every rank from rank 0's file, ends with
     /// the uninterrupted distributed render's latents bit for bit on every rank, for k = 1, 3, 4.
