@@ -1181,7 +1181,7 @@ fn a_worker_killed_mid_job_of_two_worker_groups_resumes_from_their_checkpoints()
 /// Both daemons' `/metrics` (`--metrics-listen`), scraped as Prometheus would and parsed by a
 /// Prometheus text-format parser and checked by `promtool check metrics`: during a job the coordinator counts it running, its steps and tokens, and the
 /// worker holds it; after it, the job is counted done with its step, decode and encode times,
-/// and the worker's task finished.
+/// and the worker's task finished; both export their process's memory, CPU and descriptors.
 #[test]
 fn metrics_of_both_daemons_move_as_a_job_runs() {
     use support::metrics::{promtool_check, scrape, value};
@@ -1301,6 +1301,14 @@ fn metrics_of_both_daemons_move_as_a_job_runs() {
         ),
         Some(f64::from(steps + 3))
     );
+    // every daemon's own memory, CPU and descriptors (the process collector)
+    for (daemon, metrics) in [("coordinator", &after), ("worker", &worker_after)] {
+        let of = |name| value(metrics, name, &[]).unwrap_or_else(|| panic!("{daemon}: no {name}"));
+        assert!(of("process_resident_memory_bytes") > 1e6, "{daemon}");
+        assert!(of("process_open_fds") > 3.0, "{daemon}");
+        // whole seconds in this collector: a quiet coordinator may have used less than one
+        assert!(of("process_cpu_seconds_total") >= 0.0, "{daemon}");
+    }
     for body in [
         &during_body,
         &worker_during_body,

@@ -42,7 +42,13 @@ fn query_panels(panels: &Value) -> Vec<&Value> {
 fn metrics_read(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut rest = expr;
-    while let Some(at) = rest.find("longtake_") {
+    let next = |rest: &str| {
+        ["longtake_", "process_"]
+            .iter()
+            .filter_map(|p| rest.find(p))
+            .min()
+    };
+    while let Some(at) = next(rest) {
         let tail = &rest[at..];
         let end = tail
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))

@@ -56,7 +56,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let registry = longtake_proto::metrics::registry();
         let ended = registered(
             &registry,
             IntCounterVec::new(

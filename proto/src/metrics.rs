@@ -50,6 +50,21 @@ async fn metrics(State(scrape): State<Arc<dyn Scrape>>) -> impl IntoResponse {
     }
 }
 
+/// A daemon's registry, holding from the start the standard process metrics of Prometheus's
+/// process collector where the platform gives them (Linux: resident and virtual memory, CPU
+/// seconds, open and maximum descriptors, threads, start time), so every daemon's memory and
+/// CPU are on the dashboard beside what it does.
+pub fn registry() -> prometheus::Registry {
+    let registry = prometheus::Registry::new();
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("a fresh registry takes the process collector");
+    registry
+}
+
 /// Histogram buckets for durations from 10 ms to about 10 minutes (seconds).
 pub fn duration_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.01, 2.5, 16).expect("valid buckets")

@@ -199,6 +199,14 @@ pub mod metric {
     /// Whether this worker holds a task now (gauge, 0 or 1).
     pub const WORKER_BUSY: &str = "longtake_worker_busy";
 
+    /// Of Prometheus's process collector, on every daemon (Linux): resident memory (gauge,
+    /// bytes).
+    pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+    /// Of the process collector: CPU time used (counter, seconds).
+    pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
+    /// Of the process collector: open file descriptors (gauge; connections count).
+    pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+
     /// Every name above, for checks (a dashboard's queries name only these).
     pub const ALL: &[&str] = &[
         QUEUE_DEPTH,
@@ -220,6 +228,9 @@ pub mod metric {
         WORKER_LOAD_SECONDS,
         WORKER_DECODE_SECONDS,
         WORKER_BUSY,
+        PROCESS_RESIDENT_MEMORY,
+        PROCESS_CPU_SECONDS,
+        PROCESS_OPEN_FDS,
     ];
 }
 

@@ -28,7 +28,7 @@ impl Default for WorkerMetrics {
 
 impl WorkerMetrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
+        let registry = longtake_proto::metrics::registry();
         Self {
             tasks: registered(
                 &registry,
