@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use longtake_worker::families::wan::pipeline::tiny_configs;
 use longtake_worker::families::wan::transformer::{Config, WanTransformer3DModel};
+use longtake_worker::model::attention::{self, AttentionOptions};
 use longtake_worker::model::loader::seeded_var_builder;
 
 type BenchResult = Result<(), Box<dyn std::error::Error>>;
@@ -77,6 +78,28 @@ fn main() -> BenchResult {
             5,
             &device,
         )?;
+    }
+
+    if wanted("attention") {
+        // The attention core alone on the tiny model's self-attention shape (B=2 × 4 heads,
+        // 5,376 tokens, head dim 16) and the mid model's (B=2 × 8 heads, 1,344 tokens, 64): the
+        // fused CPU kernel beside the score-matrix path it replaced on the CPU.
+        for (name, heads, tokens, d) in [("tiny", 4, 5376, 16), ("mid", 8, 1344, 64)] {
+            let qkv = || Tensor::randn(0f32, 1.0, (2, heads, tokens, d), &device);
+            let (q, k, v) = (qkv()?, qkv()?, qkv()?);
+            time(&format!("attention_{name} fused"), 5, || {
+                attention::attention(&q, &k, &v, &AttentionOptions::default())?;
+                Ok(())
+            })?;
+            time(
+                &format!("attention_{name} score matrix (chunked)"),
+                3,
+                || {
+                    attention::attention_chunked(&q, &k, &v, &AttentionOptions::default())?;
+                    Ok(())
+                },
+            )?;
+        }
     }
 
     if wanted("transformer_mid") {

@@ -6,6 +6,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use super::cpu_attention;
+
 /// How the attention core bounds its memory.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionOptions {
@@ -32,9 +34,24 @@ impl AttentionOptions {
 
 /// Scaled dot-product attention, `softmax(q kᵀ / √d) v`, without a mask. `q` is
 /// `(B, H, Lq, D)`, `k` and `v` are `(B, H, Lk, D)`; the result is `(B, H, Lq, D)` in `q`'s dtype.
-/// Scores and softmax are computed in f32, queries in chunks so that at most
-/// `options.max_scores` scores exist at a time.
+/// Scores and softmax are computed in f32. On the CPU the fused kernel of
+/// [`cpu_attention`](super::cpu_attention) holds no score matrix; elsewhere queries go in chunks
+/// so that at most `options.max_scores` scores exist at a time.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, options: &AttentionOptions) -> Result<Tensor> {
+    if cpu_attention::serves(q.device()) {
+        return Ok(cpu_attention::attention_with_lse(q, k, v)?.0);
+    }
+    attention_chunked(q, k, v, options)
+}
+
+/// [`attention`] with the score matrix computed a chunk of queries at a time (the path of
+/// devices without a fused kernel).
+pub fn attention_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: &AttentionOptions,
+) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let lk = k.dim(2)?;
     let q = scale_queries(q, d)?;
@@ -64,6 +81,9 @@ pub fn attention_unchunked(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>
 /// `(B, H, Lq)` in f32, so that blocks of keys attended separately (ring attention) can be
 /// merged exactly with [`merge_blocks`].
 pub fn attention_block_with_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    if cpu_attention::serves(q.device()) {
+        return cpu_attention::attention_with_lse(q, k, v);
+    }
     let q = scale_queries(q, q.dim(D::Minus1)?)?;
     let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
     let max = scores.max_keepdim(D::Minus1)?;
@@ -165,11 +185,11 @@ mod tests {
             max_scores: 2 * 3 * 29 * 5,
         };
         assert_eq!(options.query_chunk(6, 29), 5);
-        let chunked = attention(&q, &k, &v, &options)?;
+        let chunked = attention_chunked(&q, &k, &v, &options)?;
         let err = relative_l2(&chunked, &whole)?;
         assert!(err < 1e-6, "chunked vs unchunked: {err}");
         // One query at a time.
-        let single = attention(&q, &k, &v, &AttentionOptions { max_scores: 1 })?;
+        let single = attention_chunked(&q, &k, &v, &AttentionOptions { max_scores: 1 })?;
         assert!(relative_l2(&single, &whole)? < 1e-6);
         Ok(())
     }

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod builtin;
 pub mod compare;
+pub mod cpu_attention;
 pub mod denoiser;
 pub mod device;
 pub mod family;
