@@ -1325,7 +1325,9 @@ fn metrics_of_both_daemons_move_as_a_job_runs() {
 /// coordinator's (the submission and the attempt, its child) and each worker's task (children
 /// of the attempt, one per rank), with the steps under each task, the transformer blocks under
 /// the steps and the collectives (with their bytes) under the tasks, the steps' among them; the
-/// coordinator's encode under the attempt and its fetch under the CLI's command.
+/// coordinator's encode under the attempt and its fetch under the CLI's command. Then a long
+/// clip on two worker groups: window spans, and the groups' exchanges (both ways, with their
+/// bytes) inside the steps of its own trace.
 #[test]
 fn a_two_worker_job_is_one_trace_across_the_cli_the_coordinator_and_both_workers() {
     use support::otlp::{ReceivedSpan, Receiver};
@@ -1453,4 +1455,59 @@ fn a_two_worker_job_is_one_trace_across_the_cli_the_coordinator_and_both_workers
     ) {
         assert_eq!(span.trace_id, trace, "one trace: {span:?}");
     }
+
+    // A long clip on two worker groups: each group's steps hold its windows and the exchanges
+    // of the frames it shares with the other group, with their bytes, in the job's one trace.
+    let mut long = spec_of("61", "64x64", 2);
+    long.extend(["--window", "9", "--groups", "2"].map(String::from));
+    long.extend([
+        "--out".to_string(),
+        farm.path("long.mp4").display().to_string(),
+    ]);
+    let mut render = vec!["render"];
+    render.extend(long.iter().map(String::as_str));
+    farm.cli(&render).ok();
+    let spans = receiver.wait_for("the long clip's exchanges", |spans| {
+        spans.iter().filter(|s| s.name == "cli").count() == 2
+            && named(spans, "longtake-worker", "exchange").len() >= 4
+    });
+    let second = spans
+        .iter()
+        .find(|s| s.name == "cli" && s.trace_id != trace)
+        .expect("the second render's span");
+    let exchanges: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.name == "exchange" && s.trace_id == second.trace_id)
+        .collect();
+    let by_id = |id: &[u8]| spans.iter().find(|s| s.span_id == id);
+    let step_of = |span: &ReceivedSpan| {
+        let mut at = by_id(&span.parent_span_id);
+        while let Some(parent) = at {
+            if parent.name == "step" {
+                return true;
+            }
+            at = by_id(&parent.parent_span_id);
+        }
+        false
+    };
+    for direction in ["send", "recv"] {
+        let of: Vec<_> = exchanges
+            .iter()
+            .filter(|s| s.attribute("direction") == Some(direction))
+            .collect();
+        assert!(!of.is_empty(), "no {direction} exchange: {exchanges:?}");
+        for span in of {
+            assert!(step_of(span), "{span:?} not inside a step");
+            let bytes: u64 = span.attribute("bytes").unwrap().parse().unwrap();
+            assert!(bytes > 0, "{span:?}");
+        }
+    }
+    let windows = spans
+        .iter()
+        .filter(|s| s.name == "window" && s.trace_id == second.trace_id)
+        .count();
+    assert!(
+        windows >= 2 * 2,
+        "a window span per window and step: {windows}"
+    );
 }

@@ -48,9 +48,15 @@ pub fn window_span(start: usize, len: usize) -> Span {
 }
 
 /// A transfer of shared frames between this rank and its peer in worker group `group` (a long
-/// clip's groups settle the frames they share every step): `direction` is `send` or `recv`.
-pub fn exchange_span(direction: &'static str, group: usize, bytes: usize) -> Span {
-    tracing::debug_span!("exchange", direction, group, bytes)
+/// clip's groups settle the frames they share every step): `direction` is `send` or `recv`;
+/// `bytes` where known when it starts (a receive records them once they have arrived: a field
+/// given a value at the start and recorded again is exported twice).
+pub fn exchange_span(direction: &'static str, group: usize, bytes: Option<usize>) -> Span {
+    let span = tracing::debug_span!("exchange", direction, group, bytes = tracing::field::Empty);
+    if let Some(bytes) = bytes {
+        span.record("bytes", bytes);
+    }
+    span
 }
 
 /// One transformer block of a flow prediction (`index` from 0), within a step.

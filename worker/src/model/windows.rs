@@ -236,7 +236,7 @@ impl<'a> GroupWindowedFlow<'a> {
         exchange: &mut GroupExchange,
     ) -> candle_core::Result<()> {
         let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
-        let _span = longtake_proto::telemetry::exchange_span("send", group, bytes).entered();
+        let _span = longtake_proto::telemetry::exchange_span("send", group, Some(bytes)).entered();
         let start = Instant::now();
         self.peers.job.send(tensor, self.peers.peer(group))?;
         exchange.time += start.elapsed();
@@ -251,7 +251,7 @@ impl<'a> GroupWindowedFlow<'a> {
         device: &Device,
         exchange: &mut GroupExchange,
     ) -> candle_core::Result<Tensor> {
-        let span = longtake_proto::telemetry::exchange_span("recv", group, 0);
+        let span = longtake_proto::telemetry::exchange_span("recv", group, None);
         let _entered = span.enter();
         let start = Instant::now();
         let tensor = self.peers.job.recv(self.peers.peer(group), device)?;
