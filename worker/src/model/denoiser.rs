@@ -461,7 +461,7 @@ fn checksum(tensors: &BTreeMap<String, Tensor>) -> candle_core::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::families::wan::pipeline::WanPipeline;
+    use crate::families::wan::pipeline::{Decode, WanPipeline};
     use crate::model::render::{RenderOptions, RenderSpec};
     use crate::model::scheduler::{self, SchedulerKind};
     use crate::parallel::testing::{bits, TestResult};
@@ -628,7 +628,7 @@ mod tests {
             let full = pipe.render_with(
                 pipe.transformer()?,
                 &spec,
-                false,
+                Decode::No,
                 RenderOptions::default(),
                 &mut |_| {},
             )?;
@@ -650,7 +650,8 @@ mod tests {
                     after_step: Some(&mut save),
                     stream_frames: false,
                 };
-                match pipe.render_with(pipe.transformer()?, &spec, false, options, &mut |_| {}) {
+                match pipe.render_with(pipe.transformer()?, &spec, Decode::No, options, &mut |_| {})
+                {
                     Err(PipelineError::Cancelled { after_step, total }) => {
                         assert_eq!((after_step, total), (k, steps), "{kind:?}")
                     }
@@ -663,7 +664,7 @@ mod tests {
                 let resumed = other.render_with(
                     other.transformer()?,
                     &spec,
-                    false,
+                    Decode::No,
                     RenderOptions {
                         resume: Some(state),
                         after_step: None,

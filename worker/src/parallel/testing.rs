@@ -53,14 +53,21 @@ pub(crate) fn run_ranks<T: Send>(
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(rank, h)| match h.join() {
-                Ok(result) => result.map_err(|e| format!("rank {rank}: {e}").into()),
-                Err(_) => Err(format!("rank {rank} panicked").into()),
-            })
-            .collect()
+        let mut results = Vec::with_capacity(world);
+        let mut failures = Vec::new();
+        for (rank, handle) in handles.into_iter().enumerate() {
+            match handle.join() {
+                Ok(Ok(value)) => results.push(value),
+                Ok(Err(e)) => failures.push(format!("rank {rank}: {e}")),
+                Err(_) => failures.push(format!("rank {rank} panicked")),
+            }
+        }
+        // Every rank's failure: the first rank's is often only that a peer went away.
+        if failures.is_empty() {
+            Ok(results)
+        } else {
+            Err(failures.join("\n").into())
+        }
     })
 }
 

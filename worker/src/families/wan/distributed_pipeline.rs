@@ -5,8 +5,10 @@
 //! [`DistributedWanTransformer`] forward, whose output is bit-identical on every rank. So the
 //! ranks never exchange latents; a fingerprint of the latents is compared across ranks before
 //! every step and once more at the end, so a rank that drifted is an error instead of a silently
-//! torn video. Only rank 0 loads the VAE and decodes. The flow itself is the single-process one,
-//! [`WanPipeline::render_with`], run with a `CheckedFlow` model; so a distributed render
+//! torn video. Every rank loads the VAE and decodes its rows of the frames (the layout's ranks
+//! split the decode by rows, [`Decode::Split`]); the frames come out on rank 0. The flow itself
+//! is the single-process one, [`WanPipeline::render_with`], run with a `CheckedFlow` model; so a
+//! distributed render
 //! resumes from a saved [`DenoiserState`](crate::model::denoiser::DenoiserState) like one in a
 //! single process. It is the family's [`VideoPipeline`] on a rank of a layout.
 
@@ -15,7 +17,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::distributed::DistributedWanTransformer;
-use super::pipeline::{Parts, WanPipeline, TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED};
+use super::pipeline::{Decode, Parts, WanPipeline, TINY_TRANSFORMER_PREFIX, TINY_WEIGHT_SEED};
 use super::tensor_parallel::tensor_parallel_plan;
 use crate::model::family::PipelineSource;
 use crate::model::loader::{Checkpoint, Weights};
@@ -27,7 +29,7 @@ use crate::model::windows::GroupPeers;
 use crate::parallel::comm::Communicator;
 use crate::parallel::layout::Layout;
 
-/// The rank that decodes and writes the video.
+/// The rank that gets the decoded frames and writes the video.
 pub const ROOT: usize = 0;
 
 impl FlowModel for DistributedWanTransformer {
@@ -115,7 +117,7 @@ impl DistributedPipeline {
     }
 
     /// Loads this rank's part of a checkpoint in the diffusers layout: the text encoder, its
-    /// tensor-parallel slices of the transformer, and on rank 0 the VAE. `world` spans the
+    /// tensor-parallel slices of the transformer, and the VAE. `world` spans the
     /// layout; its rank is this rank.
     pub fn load(
         dir: impl AsRef<Path>,
@@ -128,7 +130,7 @@ impl DistributedPipeline {
         check_rank(layout, world.as_ref())?;
         let parts = Parts {
             transformer: false,
-            vae: world.rank() == ROOT,
+            vae: true,
         };
         let pipeline = WanPipeline::load_parts(dir, device, dtype, parts)?;
         let component = Checkpoint::open(dir)?.component("transformer")?;
@@ -185,7 +187,7 @@ impl DistributedPipeline {
         check_rank(layout, world.as_ref())?;
         let parts = Parts {
             transformer: false,
-            vae: world.rank() == ROOT,
+            vae: true,
         };
         let pipeline = WanPipeline::tiny_parts(device, dtype, parts)?;
         let config = pipeline.transformer_config().clone();
@@ -208,8 +210,8 @@ impl DistributedPipeline {
         self
     }
 
-    /// The single-process pipeline's shared pieces (text encoder, scheduler, sizes; the VAE on
-    /// rank 0); its own transformer is not loaded.
+    /// The single-process pipeline's shared pieces (text encoder, scheduler, sizes, the VAE);
+    /// its own transformer is not loaded.
     pub fn pipeline(&self) -> &WanPipeline {
         &self.pipeline
     }
@@ -289,7 +291,7 @@ impl VideoPipeline for DistributedPipeline {
                 &CheckedFlow(&self.transformer),
                 spec,
                 peers,
-                true,
+                Decode::Split(self.transformer.world()),
                 options,
                 progress,
             );
@@ -297,7 +299,7 @@ impl VideoPipeline for DistributedPipeline {
         self.pipeline.render_with(
             &CheckedFlow(&self.transformer),
             spec,
-            self.rank() == ROOT,
+            Decode::Split(self.transformer.world()),
             options,
             progress,
         )

@@ -15,3 +15,4 @@ pub mod transformer;
 pub mod vae;
 mod vae_blocks;
 mod vae_conv;
+pub mod vae_split;

@@ -23,6 +23,7 @@ use longtake_proto::spec::{
 
 use super::transformer::{self as wan_transformer, WanTransformer3DModel};
 use super::vae::{self as wan_vae, DecoderCache, WanVaeDecoder};
+use super::vae_split::RowSplit;
 use crate::model::denoiser::{AfterStep, Conditioning, Denoiser, DenoiserError, DenoiserState};
 use crate::model::family::{ModelFamily, PipelineSource};
 use crate::model::loader::{seeded_var_builder, Checkpoint, LoadError};
@@ -38,6 +39,7 @@ use crate::model::tokenizer::PromptTokenizer;
 use crate::model::umt5::{self, UMT5EncoderModel};
 use crate::model::video;
 use crate::model::windows::{GroupPeers, GroupWindowedFlow, WindowedFlow};
+use crate::parallel::Communicator;
 
 /// The defaults of a checkpoint loaded by [`WanPipeline::load`]: those its `model_index.json`
 /// states in its `_longtake` section ([`StatedDefaults`]), the others Wan2.1's published 480p
@@ -71,6 +73,26 @@ pub fn tiny_info() -> PipelineInfo {
 /// A heavy part of the pipeline, built only when it is `wanted` (see [`Parts`]).
 fn optional_part<T>(wanted: bool, build: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
     wanted.then(build).transpose()
+}
+
+/// Who decodes the final latents of a render.
+#[derive(Clone, Copy)]
+pub enum Decode<'a> {
+    /// Nobody: the render ends with its latents.
+    No,
+    /// This process, alone.
+    Here,
+    /// Every rank of this communicator, each its rows of the frames ([`RowSplit`]); the frames
+    /// come out on its first rank. Latents fewer rows high than it has ranks are decoded by its
+    /// first rank alone.
+    Split(&'a dyn Communicator),
+}
+
+impl Decode<'_> {
+    /// Whether this rank takes part in the decode.
+    fn here(self) -> bool {
+        !matches!(self, Decode::No)
+    }
 }
 
 /// The configurations of the built-in tiny model's parts: Wan2.1's architecture at a toy size.
@@ -654,17 +676,18 @@ impl WanPipeline {
         options: RenderOptions<'_>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
-        self.render_with(self.transformer()?, spec, true, options, progress)
+        self.render_with(self.transformer()?, spec, Decode::Here, options, progress)
     }
 
     /// The text-to-video flow every render runs, in one process or on each rank of a layout:
     /// initial noise (or the state resumed from), prompt embeddings, the denoising loop with
-    /// `model`, then, where `decode`, [`Progress::Decoding`] and the frames.
+    /// `model`, then, where this rank takes part in `decode`, [`Progress::Decoding`] and the
+    /// frames (those of the rank that gets them).
     pub fn render_with(
         &self,
         model: &dyn FlowModel,
         spec: &RenderSpec,
-        decode: bool,
+        decode: Decode<'_>,
         options: RenderOptions<'_>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
@@ -712,12 +735,13 @@ impl WanPipeline {
             after_step,
         )?;
         let latents = denoiser.into_latents();
-        let video = if decode {
+        let video = if decode.here() {
             progress(Progress::Decoding);
             let start = Instant::now();
             let mut frames = DecodedFrames::new(stream_frames);
-            let handed_out =
-                self.decode_plan_into(&latents, &plan, &mut |video| frames.take(video, progress))?;
+            let handed_out = self.decode_plan_with(&latents, &plan, decode, &mut |video| {
+                frames.take(video, progress)
+            })?;
             progress(Progress::Decoded {
                 elapsed: start.elapsed().saturating_sub(handed_out),
             });
@@ -736,8 +760,9 @@ impl WanPipeline {
     /// frames it owns (its own, and those shared with the next group) to the job's rank 0, which
     /// returns the clip's latents (the single-process reference's bits); every other rank returns
     /// its group's. Where `decode`, the first rank of each group returns the video of the frames
-    /// it owns ([`Self::decode_group_segment`], numbered in the clip): segments go their own
-    /// way to whoever stitches them, so no rank holds the whole clip's frames. `options.resume`
+    /// it owns ([`Self::decode_group_segment`], numbered in the clip; decoded by it alone or,
+    /// with [`Decode::Split`] over the group, by the whole group): segments go their own way to
+    /// whoever stitches them, so no rank holds the whole clip's frames. `options.resume`
     /// is the group's own state (its frames only), saved by the `after_step` hook of a group
     /// stopped after the same step as every other group.
     pub fn render_group(
@@ -745,7 +770,7 @@ impl WanPipeline {
         model: &dyn FlowModel,
         spec: &RenderSpec,
         peers: GroupPeers<'_>,
-        decode: bool,
+        decode: Decode<'_>,
         options: RenderOptions<'_>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Rendered> {
@@ -794,9 +819,9 @@ impl WanPipeline {
         let owned_frames = plan.group_owned_frames(group);
         let skip = owned_frames.start - frames.start;
         let owned = local.narrow(2, skip, owned_frames.len())?.contiguous()?;
-        let video = if decode {
+        let video = if decode.here() {
             let peers = GroupPeers { job, group, size };
-            self.decode_group_segment(&plan, &peers, &local, stream_frames, progress)?
+            self.decode_group_segment(&plan, &peers, &local, decode, stream_frames, progress)?
         } else {
             None
         };
@@ -822,20 +847,28 @@ impl WanPipeline {
     }
 
     /// The video `(1, 3, frames, H, W)` of the frames `group` owns, decoded on the group's first
-    /// rank ([`Self::decode_segment`]) from its final latents `local` (the group's frames)
-    /// after [`SEGMENT_WARMUP_LATENT_FRAMES`] of warm-up that the previous group sends (the
-    /// last latent frames it holds, which are the clip's frames before this group's own).
-    /// `None` on the other ranks of the group.
+    /// rank, or by the whole group with [`Decode::Split`] ([`Self::decode_segment`]), from its
+    /// final latents `local` (the group's frames) after [`SEGMENT_WARMUP_LATENT_FRAMES`] of
+    /// warm-up that the previous group sends (the last latent frames it holds, which are the
+    /// clip's frames before this group's own): each decoding rank of a group receives them from
+    /// the rank at its place in the previous group ([`GroupPeers::peer`]). `None` on the other
+    /// ranks of the group.
     fn decode_group_segment(
         &self,
         plan: &WindowPlan,
         peers: &GroupPeers<'_>,
         local: &Tensor,
+        decode: Decode<'_>,
         stream_frames: bool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Option<Video>> {
         let (job, group) = (peers.job, peers.group);
-        if !job.rank().is_multiple_of(peers.size) {
+        let decoding = match decode {
+            Decode::No => false,
+            Decode::Here => job.rank().is_multiple_of(peers.size),
+            Decode::Split(_) => true,
+        };
+        if !decoding {
             return Ok(None);
         }
         let frames = plan.group_frames(group);
@@ -863,9 +896,10 @@ impl WanPipeline {
             (Tensor::cat(&[&warm, &own], 2)?, n)
         };
         let mut segment = DecodedFrames::new(stream_frames);
-        let handed_out = self.decode_frames(&latents, warmup, owned.start, &mut |video| {
-            segment.take(video, progress)
-        })?;
+        let handed_out =
+            self.decode_frames(&latents, warmup, owned.start, decode, &mut |video| {
+                segment.take(video, progress)
+            })?;
         progress(Progress::Decoded {
             elapsed: start.elapsed().saturating_sub(handed_out),
         });
@@ -883,13 +917,25 @@ impl WanPipeline {
         plan: &WindowPlan,
         sink: &mut dyn FnMut(Video) -> Result<()>,
     ) -> Result<Duration> {
+        self.decode_plan_with(latents, plan, Decode::Here, sink)
+    }
+
+    /// [`Self::decode_plan_into`] by `decode`'s ranks; `sink` sees the frames on the rank
+    /// that gets them.
+    fn decode_plan_with(
+        &self,
+        latents: &Tensor,
+        plan: &WindowPlan,
+        decode: Decode<'_>,
+        sink: &mut dyn FnMut(Video) -> Result<()>,
+    ) -> Result<Duration> {
         let mut handed_out = Duration::ZERO;
         for g in 0..plan.group_count() {
             let owned = plan.group_owned_frames(g);
             let warm = segment_warmup(plan, g);
             let start = owned.start - warm;
             let latents = latents.narrow(2, start, owned.end - start)?;
-            handed_out += self.decode_frames(&latents, warm, owned.start, sink)?;
+            handed_out += self.decode_frames(&latents, warm, owned.start, decode, sink)?;
         }
         Ok(handed_out)
     }
@@ -906,7 +952,9 @@ impl WanPipeline {
     /// Decodes final latents into RGB frames.
     pub fn decode_to_video(&self, latents: &Tensor) -> Result<Video> {
         let mut frames = DecodedFrames::new(false);
-        self.decode_frames(latents, 0, 0, &mut |video| frames.take(video, &mut |_| {}))?;
+        self.decode_frames(latents, 0, 0, Decode::Here, &mut |video| {
+            frames.take(video, &mut |_| {})
+        })?;
         frames
             .into_video()
             .ok_or_else(|| PipelineError::Spec("no latent frames to decode".into()))
@@ -916,13 +964,15 @@ impl WanPipeline {
     /// `warmup` on) with one decoder cache, [`STREAMED_LATENT_FRAMES`] latent frames at a time,
     /// handing each piece's frames (numbered in the clip) to `sink`; the first `warmup` latent
     /// frames are decoded for the causal context only and their frames thrown away (0 from the
-    /// clip's start: then this is the whole decode, frame for frame). Returns the time `sink`
-    /// took.
+    /// clip's start: then this is the whole decode, frame for frame). Under [`Decode::Split`]
+    /// every rank of the split decodes its rows and `sink` is called on its first rank only.
+    /// Returns the time `sink` took.
     fn decode_frames(
         &self,
         latents: &Tensor,
         warmup: usize,
         first_latent: usize,
+        decode: Decode<'_>,
         sink: &mut dyn FnMut(Video) -> Result<()>,
     ) -> Result<Duration> {
         let vae = self.vae.as_ref().ok_or_else(|| {
@@ -939,28 +989,41 @@ impl WanPipeline {
             "vae",
             vae.unnormalize_latents(&latents.to_dtype(self.dtype)?),
         )?;
+        let split = match decode {
+            Decode::No => return Ok(Duration::ZERO),
+            Decode::Here => None,
+            Decode::Split(comm) if comm.world_size() > latents.dim(3)? => {
+                // Too few rows to go round: the first rank decodes alone.
+                if comm.rank() != 0 {
+                    return Ok(Duration::ZERO);
+                }
+                None
+            }
+            Decode::Split(comm) => Some(component("vae", RowSplit::new(comm, latents.dim(3)?))?),
+        };
         let mut cache = DecoderCache::new();
+        let decode_piece = |z: &Tensor, cache: &mut DecoderCache| match &split {
+            None => vae.decode_with_cache(z, cache).map(Some),
+            Some(split) => vae.decode_rows_with_cache(z, cache, split),
+        };
         if warmup > 0 {
-            component(
-                "vae",
-                vae.decode_with_cache(&z.narrow(2, 0, warmup)?, &mut cache),
-            )?;
+            component("vae", decode_piece(&z.narrow(2, 0, warmup)?, &mut cache))?;
         }
         let mut next_frame = first_video_frame(first_latent, video::VAE_SCALE_TEMPORAL);
         let mut handed_out = Duration::ZERO;
         let mut start = warmup;
         while start < total {
             let len = STREAMED_LATENT_FRAMES.min(total - start);
-            let piece = component(
-                "vae",
-                vae.decode_with_cache(&z.narrow(2, start, len)?, &mut cache),
-            )?;
+            let piece = component("vae", decode_piece(&z.narrow(2, start, len)?, &mut cache))?;
+            start += len;
+            let Some(piece) = piece else {
+                continue; // another rank of the split has the frames
+            };
             let video = to_video(&piece.to_dtype(DType::F32)?, next_frame)?;
             next_frame += video.frames;
             let handing = Instant::now();
             sink(video)?;
             handed_out += handing.elapsed();
-            start += len;
         }
         Ok(handed_out)
     }
@@ -1226,7 +1289,7 @@ mod tests {
             .render_with(
                 pipe.transformer()?,
                 &spec,
-                false,
+                Decode::No,
                 RenderOptions::default(),
                 &mut |_| {},
             )?

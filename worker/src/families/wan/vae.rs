@@ -8,12 +8,15 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::vae_blocks::{AttentionBlock, ResidualBlock, RmsNorm, Slot, SlotCounter, Upsample};
+use super::vae_blocks::{
+    AttentionBlock, Pass, ResidualBlock, RmsNorm, Slot, SlotCounter, Upsample,
+};
 use super::vae_conv::CausalConv3d;
+use super::vae_split::RowSplit;
 
 /// Wan2.1's latent statistics, diffusers' defaults for `latents_mean` / `latents_std`.
 const WAN21_LATENTS_MEAN: [f64; 16] = [
@@ -376,6 +379,41 @@ impl WanVaeDecoder {
     /// decoding `[0, a)` then `[a, b)` gives exactly the frames of decoding `[0, b)` at once.
     /// After an error the cache is in an unspecified state and must not be reused.
     pub fn decode_with_cache(&self, z: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
+        let frames = self.decode_pass(z, cache, None)?;
+        frames.permute((1, 0, 2, 3))?.unsqueeze(0)?.contiguous()
+    }
+
+    /// [`Self::decode_with_cache`] by all the ranks of `split` together, each decoding its rows
+    /// of the frames: every rank passes the same latents `z` and its own cache (which holds its
+    /// rows only), and the first rank gets the whole video (the others `None`). The frames
+    /// equal the single-rank decode's up to the order of float sums.
+    pub fn decode_rows_with_cache(
+        &self,
+        z: &Tensor,
+        cache: &mut DecoderCache,
+        split: &RowSplit<'_>,
+    ) -> Result<Option<Tensor>> {
+        let band = split.rows();
+        let height = z.dim(3)?;
+        if band.end > height {
+            candle_core::bail!("latent rows {band:?} of latents {height} rows high");
+        }
+        let frames = self.decode_pass(&z.narrow(3, band.start, band.len())?, cache, Some(split))?;
+        match split.gather_to_first(&frames)? {
+            Some(frames) => Ok(Some(
+                frames.permute((1, 0, 2, 3))?.unsqueeze(0)?.contiguous()?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The decode of `z` (this rank's latent rows under `split`), frames-first `(T', C, H', W')`.
+    fn decode_pass(
+        &self,
+        z: &Tensor,
+        cache: &mut DecoderCache,
+        split: Option<&RowSplit<'_>>,
+    ) -> Result<Tensor> {
         let (batch, channels, frames, _, _) = z.dims5()?;
         if batch != 1 || channels != self.config.z_dim || frames == 0 {
             candle_core::bail!(
@@ -394,40 +432,42 @@ impl WanVaeDecoder {
             );
         }
         let z = z.to_dtype(self.dtype)?;
+        let mut pass = Pass {
+            slots: &mut cache.slots,
+            split,
+        };
         // Frames-first (F, C, H, W) for the whole decoder; post_quant_conv is pointwise in time.
         let x = z.squeeze(0)?.permute((1, 0, 2, 3))?.contiguous()?;
-        let x = self.post_quant_conv.forward(&x, &mut cache.slots)?;
+        let x = self.post_quant_conv.forward(&x, &mut pass)?;
         // One latent frame at a time like diffusers: the time upsamplers treat a video's first
         // frame apart, and peak memory stays at one chunk's activations.
-        let chunks = (0..frames)
-            .map(|f| {
-                let out = self
-                    .decode_chunk(&x.narrow(0, f, 1)?, &mut cache.slots)?
-                    .clamp(-1f64, 1f64);
-                cache.latent_frames += 1;
-                out
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let video = Tensor::cat(&chunks, 0)?;
-        video.permute((1, 0, 2, 3))?.unsqueeze(0)?.contiguous()
+        let mut chunks = Vec::with_capacity(frames);
+        for f in 0..frames {
+            chunks.push(
+                self.decode_chunk(&x.narrow(0, f, 1)?, &mut pass)?
+                    .clamp(-1f64, 1f64)?,
+            );
+            cache.latent_frames += 1;
+        }
+        Tensor::cat(&chunks, 0)
     }
 
     /// The decoder on one chunk of frames `(T, z_dim, H, W)` → `(T', C, 8H, 8W)`, unclamped.
-    fn decode_chunk(&self, x: &Tensor, cache: &mut [Slot]) -> Result<Tensor> {
-        let mut x = self.conv_in.forward(x, cache)?;
-        x = self.mid_resnets[0].forward(&x, cache)?;
-        x = self.mid_attention.forward(&x)?;
-        x = self.mid_resnets[1].forward(&x, cache)?;
+    fn decode_chunk(&self, x: &Tensor, pass: &mut Pass<'_, '_>) -> Result<Tensor> {
+        let mut x = self.conv_in.forward(x, pass)?;
+        x = self.mid_resnets[0].forward(&x, pass)?;
+        x = self.mid_attention.forward(&x, pass.split)?;
+        x = self.mid_resnets[1].forward(&x, pass)?;
         for block in &self.up_blocks {
             for resnet in &block.resnets {
-                x = resnet.forward(&x, cache)?;
+                x = resnet.forward(&x, pass)?;
             }
             if let Some(up) = &block.upsampler {
-                x = up.forward(&x, cache)?;
+                x = up.forward(&x, pass)?;
             }
         }
         let x = self.norm_out.forward_silu(&x)?;
-        self.conv_out.forward(&x, cache)
+        self.conv_out.forward(&x, pass)
     }
 }
 
@@ -490,6 +530,35 @@ mod tests {
         }
     }
 
+    /// Every fixture's decode split across two ranks by rows matches PyTorch's as closely as
+    /// the single-rank decode does.
+    #[test]
+    fn split_decode_matches_reference() {
+        let dev = Device::Cpu;
+        for dir in crate::model::reference::test_fixture_dirs() {
+            let component = Checkpoint::open(dir.join("pipeline"))
+                .unwrap()
+                .component("vae")
+                .unwrap();
+            let config: Config = component.config().unwrap();
+            let vae = WanVaeDecoder::new(&config, component.var_builder(DType::F32, &dev).unwrap())
+                .unwrap();
+            let case =
+                SafetensorsWeights::open_file(dir.join("cases/vae_decode.safetensors")).unwrap();
+            let z = case.load("z", &dev).unwrap();
+            let (vae, z) = (&vae, &z);
+            let videos = crate::parallel::testing::run_ranks(2, |_, comm| {
+                let split = RowSplit::new(comm.as_ref(), z.dim(3)?)?;
+                Ok(vae.decode_rows_with_cache(z, &mut DecoderCache::new(), &split)?)
+            })
+            .unwrap();
+            let ours = videos[0].clone().expect("the first rank has the video");
+            let err = relative_l2(&ours, &case.load("video", &dev).unwrap()).unwrap();
+            println!("{}: 2-rank vae_decode relative L2 {err:.3e}", dir.display());
+            assert!(err <= 1e-4, "{}: {err:.3e}", dir.display());
+        }
+    }
+
     /// The bf16 path (weights, activations and convolutions in bf16, norms, softmax and
     /// upsampling in f32) runs and stays close to the f32 reference: bf16 rounding only.
     #[test]
@@ -548,6 +617,35 @@ mod tests {
             let joined = Tensor::cat(&[&a, &b], 2).unwrap();
             let err = relative_l2(&joined, &whole).unwrap();
             assert!(err < 1e-6, "split at {split}: relative L2 {err:.3e}");
+        }
+    }
+
+    /// The ranks of a group decoding their rows together give the single-rank frames (bands
+    /// of uneven heights, two segments through the caches, the attention's gathered keys).
+    #[test]
+    fn a_decode_split_by_rows_across_ranks_equals_one_rank() {
+        let dev = Device::Cpu;
+        let vae =
+            WanVaeDecoder::new(&tiny_config(8), seeded_var_builder(3, DType::F32, &dev)).unwrap();
+        let z = random(&[1, 16, 3, 5, 6], 8);
+        let whole = vae.decode(&z).unwrap();
+        let (vae, z) = (&vae, &z);
+        for ranks in [2, 3, 4] {
+            let videos = crate::parallel::testing::run_ranks(ranks, |_, comm| {
+                let split = RowSplit::new(comm.as_ref(), 5)?;
+                let mut cache = DecoderCache::new();
+                let a = vae.decode_rows_with_cache(&z.narrow(2, 0, 2)?, &mut cache, &split)?;
+                let b = vae.decode_rows_with_cache(&z.narrow(2, 2, 1)?, &mut cache, &split)?;
+                Ok(a.zip(b))
+            })
+            .unwrap();
+            assert!(videos[1..].iter().all(Option::is_none), "{ranks} ranks");
+            let (a, b) = videos[0].clone().expect("the first rank has the video");
+            let joined = Tensor::cat(&[&a, &b], 2).unwrap();
+            assert_eq!(joined.dims(), whole.dims());
+            let err = relative_l2(&joined, &whole).unwrap();
+            println!("{ranks} ranks: relative L2 {err:.3e}");
+            assert!(err < 1e-6, "{ranks} ranks: relative L2 {err:.3e}");
         }
     }
 

@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::vae_conv::{CausalConv3d, Conv2d};
+use super::vae_split::RowSplit;
 
 /// The state a causal layer keeps between two chunks of frames (diffusers' `feat_cache` entry).
 #[derive(Debug, Clone, Default)]
@@ -25,6 +26,13 @@ pub(crate) enum Slot {
     /// The last `kernel_t - 1` input frames of the layer, zeros included where the history is
     /// shorter, `(kernel_t - 1, C, H, W)`.
     Frames(Tensor),
+}
+
+/// What one decode carries through the decoder's layers: the causal cache slots, and the row
+/// split when the ranks of a group decode the frames together.
+pub(crate) struct Pass<'s, 'c> {
+    pub(crate) slots: &'s mut [Slot],
+    pub(crate) split: Option<&'s RowSplit<'c>>,
 }
 
 /// Hands out cache slots in the order diffusers' `feat_idx` counts them.
@@ -215,15 +223,15 @@ impl ResidualBlock {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, cache: &mut [Slot]) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, pass: &mut Pass<'_, '_>) -> Result<Tensor> {
         let residual = match &self.shortcut {
-            Some(conv) => conv.forward(x, cache)?,
+            Some(conv) => conv.forward(x, pass)?,
             None => x.clone(),
         };
         let h = self.norm1.forward_silu(x)?;
-        let h = self.conv1.forward(&h, cache)?;
+        let h = self.conv1.forward(&h, pass)?;
         let h = self.norm2.forward_silu(&h)?;
-        let h = self.conv2.forward(&h, cache)?;
+        let h = self.conv2.forward(&h, pass)?;
         h + residual
     }
 }
@@ -251,23 +259,29 @@ impl AttentionBlock {
     }
 }
 
-impl Module for AttentionBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl AttentionBlock {
+    /// Self-attention over each frame's pixels, `x` `(T, C, H, W)`; under `split`, `x` is this
+    /// rank's rows and they attend to the whole frame's keys and values, gathered from the
+    /// group.
+    pub(crate) fn forward(&self, x: &Tensor, split: Option<&RowSplit<'_>>) -> Result<Tensor> {
         let (t, c, h, w) = x.dims4()?;
-        let qkv = self
-            .to_qkv
-            .forward(&self.norm.forward(x)?)?
-            .reshape((t, 3 * c, h * w))?;
+        let qkv = self.to_qkv.forward(&self.norm.forward(x)?, None)?;
         // Channels-first (T, C, HW) operands: scores = qᵀk, out = v·attnᵀ, so no transposed copy
         // of the activations is needed.
-        let q = qkv.narrow(1, 0, c)?;
-        let k = qkv.narrow(1, c, c)?;
-        let v = qkv.narrow(1, 2 * c, c)?;
+        let q = qkv.narrow(1, 0, c)?.reshape((t, c, h * w))?;
+        let kv = match split {
+            Some(split) => split.gather_rows(&qkv.narrow(1, c, 2 * c)?)?,
+            None => qkv.narrow(1, c, 2 * c)?,
+        };
+        let pixels = kv.dim(2)? * kv.dim(3)?;
+        let kv = kv.reshape((t, 2 * c, pixels))?;
+        let k = kv.narrow(1, 0, c)?;
+        let v = kv.narrow(1, c, c)?;
         let scores = (q.transpose(1, 2)?.matmul(&k)? / (self.dim as f64).sqrt())?;
         let attn =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
         let out = v.matmul(&attn.transpose(1, 2)?)?.reshape((t, c, h, w))?;
-        self.proj.forward(&out)? + x
+        self.proj.forward(&out, None)? + x
     }
 }
 
@@ -304,16 +318,16 @@ impl Upsample {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, cache: &mut [Slot]) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, pass: &mut Pass<'_, '_>) -> Result<Tensor> {
         let mut x = x.clone();
         if let Some(time_conv) = &self.time_conv {
-            if matches!(cache[self.slot], Slot::Empty) {
+            if matches!(pass.slots[self.slot], Slot::Empty) {
                 // The video's first frame is not upsampled in time (1 + 4(F-1) output frames).
-                cache[self.slot] = Slot::Started;
+                pass.slots[self.slot] = Slot::Started;
             } else {
                 let (t, c, h, w) = x.dims4()?;
                 // (T, 2C, H, W) → (2T, C, H, W): frame 2t+j is half j of frame t.
-                x = time_conv.forward(&x, cache)?.reshape((2 * t, c, h, w))?;
+                x = time_conv.forward(&x, pass)?.reshape((2 * t, c, h, w))?;
             }
         }
         let (_, _, h, w) = x.dims4()?;
@@ -323,7 +337,7 @@ impl Upsample {
             .to_dtype(DType::F32)?
             .upsample_nearest2d(2 * h, 2 * w)?
             .to_dtype(dtype)?;
-        self.resample.forward(&up)
+        self.resample.forward(&up, pass.split)
     }
 }
 

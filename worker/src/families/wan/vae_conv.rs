@@ -13,7 +13,8 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::vae_blocks::{Slot, SlotCounter};
+use super::vae_blocks::{Pass, Slot, SlotCounter};
+use super::vae_split::RowSplit;
 
 /// The most im2col elements built at once (16 MiB in f32); bigger inputs are done in bands of
 /// rows. Bands that stay in cache while the matmul reads them are 2-3× faster than whole frames,
@@ -72,21 +73,44 @@ impl FrameConv {
     /// Convolves `padded` `(T + kernel_t - 1, C_in, H, W)`, whose first frames are the history,
     /// into `(T, C_out, H, W)`; spatial padding is `k / 2` zeros on each side.
     fn forward(&self, padded: &Tensor) -> Result<Tensor> {
-        self.forward_banded(padded, IM2COL_MAX_ELEMENTS)
+        self.forward_banded(padded, IM2COL_MAX_ELEMENTS, false)
     }
 
-    /// [`Self::forward`] building at most about `max_elements` patch values at once.
-    fn forward_banded(&self, padded: &Tensor, max_elements: usize) -> Result<Tensor> {
-        let (n, c, h, w) = padded.dims4()?;
+    /// [`Self::forward`] on this rank's rows of the frames under `split`: a 3×3 kernel reads
+    /// one row of the neighbouring bands on each side.
+    fn forward_split(&self, padded: &Tensor, split: Option<&RowSplit<'_>>) -> Result<Tensor> {
+        match split {
+            Some(split) if self.k > 1 => {
+                self.forward_banded(&split.with_halo(padded)?, IM2COL_MAX_ELEMENTS, true)
+            }
+            _ => self.forward(padded),
+        }
+    }
+
+    /// [`Self::forward`] building at most about `max_elements` patch values at once; with
+    /// `halo` the input's outer rows are only read ([`Self::forward_halo`]).
+    fn forward_banded(&self, padded: &Tensor, max_elements: usize, halo: bool) -> Result<Tensor> {
+        let (n, c, h_in, w) = padded.dims4()?;
         let t = n + 1 - self.kernel_t;
+        // Output row y reads input rows y - 1 ..= y + 1 of the frame, rows y ..= y + 2 of a
+        // band with halo: it is the padded convolution's row y + 1.
+        let (first, h) = if halo {
+            if h_in < 3 {
+                candle_core::bail!("a band with halo rows needs at least 3 rows, got {h_in}");
+            }
+            (1, h_in - 2)
+        } else {
+            (0, h_in)
+        };
         match &self.kernel {
             Kernel::Gemm(weight) => {
                 let padded = padded.contiguous()?;
                 let rows_k = c * self.k * self.k;
                 let band = (max_elements / (n * rows_k * w).max(1)).clamp(1, h);
                 let mut bands = Vec::with_capacity(h.div_ceil(band));
-                for y0 in (0..h).step_by(band) {
-                    let rows = band.min(h - y0);
+                for y in (0..h).step_by(band) {
+                    let rows = band.min(h - y);
+                    let y0 = first + y;
                     let cols = if self.k == 1 {
                         padded.narrow(2, y0, rows)?.contiguous()?
                     } else {
@@ -123,7 +147,9 @@ impl FrameConv {
                 } else {
                     Tensor::cat(&taps, 1)?
                 };
-                let out = stacked.conv2d(weight, self.k / 2, 1, 1, 1)?;
+                let out = stacked
+                    .conv2d(weight, self.k / 2, 1, 1, 1)?
+                    .narrow(2, first, h)?;
                 out.broadcast_add(&self.bias.unsqueeze(3)?)
             }
         }
@@ -232,12 +258,14 @@ impl CausalConv3d {
     }
 
     /// The convolution of `x` `(T, C_in, H, W)` given the frames before it, `(T, C_out, H, W)`.
-    /// Updates the layer's slot with the last `kernel_t - 1` frames of its input.
-    pub(crate) fn forward(&self, x: &Tensor, cache: &mut [Slot]) -> Result<Tensor> {
+    /// Updates the layer's slot with the last `kernel_t - 1` frames of its input. Under a row
+    /// split `x` and the slot hold this rank's rows only.
+    pub(crate) fn forward(&self, x: &Tensor, pass: &mut Pass<'_, '_>) -> Result<Tensor> {
         if self.history == 0 {
             // Pointwise in time: diffusers keeps no cache for these either.
-            return self.conv.forward(x);
+            return self.conv.forward_split(x, pass.split);
         }
+        let cache = &mut *pass.slots;
         let past = match &cache[self.slot] {
             Slot::Frames(frames) => frames.clone(),
             Slot::Empty | Slot::Started => {
@@ -249,7 +277,7 @@ impl CausalConv3d {
         let t = x.dim(0)?;
         // Copied out so that the cache does not pin the whole padded input.
         cache[self.slot] = Slot::Frames(padded.narrow(0, t, self.history)?.copy()?);
-        self.conv.forward(&padded)
+        self.conv.forward_split(&padded, pass.split)
     }
 }
 
@@ -267,8 +295,9 @@ impl Conv2d {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(x)
+    /// The convolution of `x` `(N, C_in, H, W)`, or of this rank's rows of it under `split`.
+    pub(crate) fn forward(&self, x: &Tensor, split: Option<&RowSplit<'_>>) -> Result<Tensor> {
+        self.conv.forward_split(x, split)
     }
 }
 
@@ -294,11 +323,11 @@ mod tests {
                 kernel: Kernel::Conv2d(stacked.contiguous().unwrap()),
                 ..conv.clone()
             };
-            let want = direct.forward_banded(&x, usize::MAX).unwrap();
+            let want = direct.forward_banded(&x, usize::MAX, false).unwrap();
             assert_eq!(want.dims(), &[6 - kt, 5, 7, 6]);
             // Whole frames, then bands of 1 and 3 rows.
             for max in [usize::MAX, 1, 5 * 4 * 9 * 6 * 3] {
-                let got = conv.forward_banded(&x, max).unwrap();
+                let got = conv.forward_banded(&x, max, false).unwrap();
                 let err = relative_l2(&got, &want).unwrap();
                 assert!(err < 1e-6, "kt {kt} k {k} max {max}: {err:.3e}");
             }
