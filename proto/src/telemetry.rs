@@ -204,6 +204,10 @@ pub mod metric {
     pub const WORKER_DECODE_SECONDS: &str = "longtake_worker_vae_decode_seconds";
     /// Whether this worker holds a task now (gauge, 0 or 1).
     pub const WORKER_BUSY: &str = "longtake_worker_busy";
+    /// The memory of this worker's GPU, by kind: `used` (by every process on the device) and
+    /// `total` (gauge, bytes, label `kind`), read at each scrape; only on workers whose device
+    /// reports it (CUDA). A CPU worker's memory is its process's resident memory.
+    pub const WORKER_DEVICE_MEMORY: &str = "longtake_worker_device_memory_bytes";
 
     /// Of Prometheus's process collector, on every daemon (Linux): resident memory (gauge,
     /// bytes).
@@ -234,6 +238,7 @@ pub mod metric {
         WORKER_LOAD_SECONDS,
         WORKER_DECODE_SECONDS,
         WORKER_BUSY,
+        WORKER_DEVICE_MEMORY,
         PROCESS_RESIDENT_MEMORY,
         PROCESS_CPU_SECONDS,
         PROCESS_OPEN_FDS,

@@ -139,6 +139,7 @@ pub async fn run(
     }
     let device = parse_device(&config.device)?;
     let dtype = parse_dtype(config.dtype.as_deref(), &device)?;
+    config.metrics.watch_device(&device);
     let models = models::Models::open(&config.models)?;
     let port = listener
         .local_addr()

@@ -39,6 +39,29 @@ pub fn cpu_model(cpuinfo: &str) -> Option<(String, usize)> {
     Some((model, cpus))
 }
 
+/// A device's own memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Not free, by any process on the device.
+    pub used: u64,
+    pub total: u64,
+}
+
+/// The memory of `device` where it has its own and reports it (a CUDA device: the driver's
+/// free and total); `None` for the CPU, whose memory is the host's.
+pub fn device_memory(device: &Device) -> Option<DeviceMemory> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return Some(DeviceMemory {
+            used: total.saturating_sub(free) as u64,
+            total: total as u64,
+        });
+    }
+    let _ = device;
+    None
+}
+
 /// The record's description of the device tasks run on (`name` as configured: `cpu`, `cuda:N`).
 pub fn device_info(device: &Device) -> DeviceInfo {
     match device.location() {
@@ -54,12 +77,11 @@ pub fn device_info(device: &Device) -> DeviceInfo {
                 memory_bytes: host_memory_bytes(),
             }
         }
-        // candle exposes no device name or memory size through its public API (cudarc would,
-        // but only with the `cuda` feature); the ordinal is what it can tell.
+        // candle exposes no device name; the ordinal and the memory size are what it can tell.
         DeviceLocation::Cuda { gpu_id } => DeviceInfo {
             name: format!("cuda:{gpu_id}"),
             description: format!("CUDA device {gpu_id}"),
-            memory_bytes: 0,
+            memory_bytes: device_memory(device).map_or(0, |m| m.total),
         },
         DeviceLocation::Metal { gpu_id } => DeviceInfo {
             name: format!("metal:{gpu_id}"),
@@ -89,5 +111,6 @@ mod tests {
         assert_eq!(cpu.name, "cpu");
         assert!(!cpu.description.is_empty());
         assert_eq!(cpu.memory_bytes, host_memory_bytes());
+        assert_eq!(device_memory(&Device::Cpu), None);
     }
 }
