@@ -519,7 +519,7 @@ mod tests {
             };
             assert!(
                 videos[1..].iter().all(Option::is_none),
-                "{layout}: only rank 0 decodes"
+                "{layout}: only rank 0 gets the frames"
             );
             assert_eq!(
                 (video.frames, video.height, video.width),
@@ -718,14 +718,14 @@ mod tests {
                     "{groups} groups of {layout}: relative L2 {err}"
                 );
             }
-            // each group's first rank decodes the frames its group owns; in order they are
+            // each group's first rank gets the frames its group owns; in order they are
             // the clip
             let mut segments: Vec<&Video> = Vec::new();
             for (rank, (_, video, _)) in first.iter().enumerate() {
                 assert_eq!(
                     video.is_some(),
                     rank % layout.world_size() == 0,
-                    "{groups} groups of {layout}: rank {rank} decodes only as its group's first"
+                    "{groups} groups of {layout}: rank {rank} gets frames only as its group's first"
                 );
                 segments.extend(video);
             }
