@@ -213,37 +213,16 @@ fn main() -> BenchResult {
         None if full => 3,
         None => 1,
     };
-    let setups: Vec<Setup> = if full {
-        vec![
-            Setup {
-                ranks: 1,
-                threads: 1,
-            },
-            Setup {
-                ranks: 2,
-                threads: 1,
-            },
-            Setup {
-                ranks: 4,
-                threads: 1,
-            },
-            Setup {
-                ranks: 1,
-                threads: 2,
-            },
-        ]
+    // (ranks, threads per rank)
+    let shapes: &[(usize, usize)] = if full {
+        &[(1, 1), (2, 1), (4, 1), (1, 2)]
     } else {
-        vec![
-            Setup {
-                ranks: 1,
-                threads: 1,
-            },
-            Setup {
-                ranks: 2,
-                threads: 1,
-            },
-        ]
+        &[(1, 1), (2, 1)]
     };
+    let setups: Vec<Setup> = shapes
+        .iter()
+        .map(|&(ranks, threads)| Setup { ranks, threads })
+        .collect();
     let dir = tempfile::tempdir()?;
     let video_of = |i: usize| dir.path().join(format!("setup{i}.safetensors"));
     let c = case(full);

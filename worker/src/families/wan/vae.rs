@@ -486,6 +486,22 @@ mod tests {
         Tensor::from_vec(noise::gaussian(7, stream, 0, n), shape, &Device::Cpu).unwrap()
     }
 
+    /// A reference fixture's VAE config, its decoder in `dtype`, and its decode case.
+    fn fixture_vae(
+        dir: &std::path::Path,
+        dtype: DType,
+    ) -> (Config, WanVaeDecoder, SafetensorsWeights) {
+        let component = Checkpoint::open(dir.join("pipeline"))
+            .unwrap()
+            .component("vae")
+            .unwrap();
+        let config: Config = component.config().unwrap();
+        let vb = component.var_builder(dtype, &Device::Cpu).unwrap();
+        let vae = WanVaeDecoder::new(&config, vb).unwrap();
+        let case = SafetensorsWeights::open_file(dir.join("cases/vae_decode.safetensors")).unwrap();
+        (config, vae, case)
+    }
+
     fn tiny_config(base_dim: usize) -> Config {
         Config {
             base_dim,
@@ -503,15 +519,7 @@ mod tests {
         );
         let dev = Device::Cpu;
         for dir in dirs {
-            let component = Checkpoint::open(dir.join("pipeline"))
-                .unwrap()
-                .component("vae")
-                .unwrap();
-            let config: Config = component.config().unwrap();
-            let vae = WanVaeDecoder::new(&config, component.var_builder(DType::F32, &dev).unwrap())
-                .unwrap();
-            let case =
-                SafetensorsWeights::open_file(dir.join("cases/vae_decode.safetensors")).unwrap();
+            let (config, vae, case) = fixture_vae(&dir, DType::F32);
             let z = case.load("z", &dev).unwrap();
             let reference = case.load("video", &dev).unwrap();
             let ours = vae.decode(&z).unwrap();
@@ -536,15 +544,7 @@ mod tests {
     fn split_decode_matches_reference() {
         let dev = Device::Cpu;
         for dir in crate::model::reference::test_fixture_dirs() {
-            let component = Checkpoint::open(dir.join("pipeline"))
-                .unwrap()
-                .component("vae")
-                .unwrap();
-            let config: Config = component.config().unwrap();
-            let vae = WanVaeDecoder::new(&config, component.var_builder(DType::F32, &dev).unwrap())
-                .unwrap();
-            let case =
-                SafetensorsWeights::open_file(dir.join("cases/vae_decode.safetensors")).unwrap();
+            let (_, vae, case) = fixture_vae(&dir, DType::F32);
             let z = case.load("z", &dev).unwrap();
             let (vae, z) = (&vae, &z);
             let videos = crate::parallel::testing::run_ranks(2, |_, comm| {
@@ -570,16 +570,7 @@ mod tests {
             "no reference fixtures found: set LONGTAKE_REFERENCE_DIR"
         );
         for dir in dirs {
-            let component = Checkpoint::open(dir.join("pipeline"))
-                .unwrap()
-                .component("vae")
-                .unwrap();
-            let config: Config = component.config().unwrap();
-            let vae =
-                WanVaeDecoder::new(&config, component.var_builder(DType::BF16, &dev).unwrap())
-                    .unwrap();
-            let case =
-                SafetensorsWeights::open_file(dir.join("cases/vae_decode.safetensors")).unwrap();
+            let (_, vae, case) = fixture_vae(&dir, DType::BF16);
             let z = case.load("z", &dev).unwrap().to_dtype(DType::BF16).unwrap();
             let ours = vae.decode(&z).unwrap();
             assert_eq!(ours.dtype(), DType::BF16);
