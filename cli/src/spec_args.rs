@@ -27,7 +27,7 @@ pub struct SpecArgs {
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// Number of frames; Wan makes 4k+1 frames, other counts are rounded up [default: the
-    /// model's: toy 33, Wan2.1 81].
+    /// model's: toy 17, Wan2.1 81].
     #[arg(long, conflicts_with = "seconds")]
     pub frames: Option<u64>,
     /// Clip length in seconds (frames = seconds × fps, rounded up to 4k+1; fps 16 unless
@@ -63,12 +63,12 @@ pub struct SpecArgs {
     /// ulysses × ring workers; missing keys are 1). Absent: one worker.
     #[arg(long)]
     pub layout: Option<String>,
-    /// A clip longer than the model's native length (toy 33 frames, Wan2.1 81) is denoised as
+    /// A clip longer than the model's native length (toy 17 frames, Wan2.1 81) is denoised as
     /// overlapping windows; this many worker groups share them, each with --layout [default: 1].
     #[arg(long)]
     pub groups: Option<u32>,
     /// Window length in latent frames (4 video frames each after the first) [default: the
-    /// model's native length: toy 9, Wan2.1 21].
+    /// model's native length: toy 5, Wan2.1 21].
     #[arg(long)]
     pub window: Option<u32>,
     /// The least number of latent frames neighbouring windows share [default: a third of the

@@ -131,7 +131,7 @@ fn five_seconds_at_16_fps_is_81_frames_of_h264() {
 }
 
 /// Without --frames, --seconds, --fps or --size the clip is the model's own: the toy model
-/// states 33 frames of 64×64 at 16 fps in its checkpoint, which the farm fills in.
+/// states 17 frames of 64×64 at 16 fps in its checkpoint, which the farm fills in.
 #[test]
 fn a_render_without_a_length_takes_the_models_clip() {
     let dir = tempfile::tempdir().unwrap();
@@ -148,14 +148,14 @@ fn a_render_without_a_length_takes_the_models_clip() {
     assert!(run.status.success(), "render failed: {}", stderr(&run));
     assert!(!stderr(&run).contains("rounded up"), "{}", stderr(&run));
     let stream = probe(&out);
-    assert_eq!(stream["nb_read_frames"], "33");
+    assert_eq!(stream["nb_read_frames"], "17");
     assert_eq!(stream["r_frame_rate"], "16/1");
     assert_eq!(
         (stream["width"].as_u64(), stream["height"].as_u64()),
         (Some(64), Some(64))
     );
     let wrote = String::from_utf8_lossy(&run.stdout);
-    assert!(wrote.contains("33 frames, 64x64, 16 fps"), "{wrote}");
+    assert!(wrote.contains("17 frames, 64x64, 16 fps"), "{wrote}");
 }
 
 #[test]

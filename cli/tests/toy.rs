@@ -73,7 +73,7 @@ fn the_toy_model_renders_its_captioned_background_through_the_first_command() {
                 m["width"].as_u64(),
                 m["height"].as_u64()
             ),
-            (Some(33), Some(64), Some(64)),
+            (Some(17), Some(64), Some(64)),
             "the toy model's own clip"
         );
         let background_right = report["verdict"]["background_right"].as_bool().unwrap();

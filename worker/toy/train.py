@@ -561,12 +561,18 @@ def export(args) -> None:
     vae = AutoencoderKLWan.from_pretrained(os.path.join(args.work, "vae"))
     vae.register_to_config(latents_mean=[round(v, 5) for v in data["mean"].tolist()],
                            latents_std=[round(v, 5) for v in data["std"].tolist()])
-    transformer = WanTransformer3DModel.from_pretrained(os.path.join(args.work, "transformer"))
+    trained = f"transformer-step{args.export_step}" if args.export_step else "transformer"
+    transformer = WanTransformer3DModel.from_pretrained(os.path.join(args.work, trained))
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=FLOW_SHIFT)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=transformer.half(),
                        vae=vae.half(), scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
+    for part in ("transformer", "vae"):  # the work directory's path is nobody else's business
+        config_path = os.path.join(out, part, "config.json")
+        config = json.load(open(config_path))
+        config["_name_or_path"] = "toy"
+        json.dump(config, open(config_path, "w"), indent=2, sort_keys=True)
     index_path = os.path.join(out, "model_index.json")
     index = json.load(open(index_path))
     index["_longtake"] = {  # the defaults longtake serves this model with; diffusers ignores it
@@ -622,14 +628,14 @@ def main() -> None:
                    help="loss weight of the object's pixels in every VAE stage")
     p.add_argument("--vae-decoder-steps", type=int, default=400)
     p.add_argument("--data-seed", type=int, default=7, help="the training set's world seed")
-    p.add_argument("--clips", type=int, default=2400, help="training clips to encode")
-    p.add_argument("--steps", type=int, default=8000, help="transformer steps")
+    p.add_argument("--clips", type=int, default=4000, help="training clips to encode")
+    p.add_argument("--steps", type=int, default=20000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--patch", type=int, default=2, help="the transformer's spatial patch (latent cells)")
+    p.add_argument("--patch", type=int, default=1, help="the transformer's spatial patch (latent cells)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train-shift", type=float, default=FLOW_SHIFT,
                    help="the shift of the σ drawn in training (the scheduler's is FLOW_SHIFT)")
-    p.add_argument("--object-weight", type=float, default=1.0,
+    p.add_argument("--object-weight", type=float, default=10.0,
                    help="loss weight of the latent cells the object covers")
     p.add_argument("--ema", type=float, default=0.0,
                    help="decay of the exported moving average of the transformer's weights (0: none)")
@@ -640,6 +646,9 @@ def main() -> None:
     p.add_argument("--continue-run", action="store_true",
                    help="continue an interrupted run from its latest --work/transformer-stepN, on the "
                         "same schedule (same --steps, --lr and seeds as the run)")
+    p.add_argument("--export-step", type=int, default=0,
+                   help="export --work/transformer-stepN (a checkpoint of --checkpoint-every) instead of "
+                        "--work/transformer (the run's end)")
     p.add_argument("--infer-steps", type=int, default=20, help="the exported default step count")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--samples", type=int, default=3, help="captions per split for `sample`")

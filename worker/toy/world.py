@@ -18,7 +18,7 @@ import numpy as np
 
 FPS = 16
 SIZE = 64  # frames are SIZE × SIZE pixels
-FRAMES = 33  # the native window: 9 latent frames (2 s)
+FRAMES = 17  # the native window: 5 latent frames (1 s)
 
 COLORS = {
     "red": (220, 40, 40),
@@ -40,8 +40,8 @@ BACKGROUNDS = {
 }
 
 RADIUS = (9.0, 14.0)  # half the object's extent, pixels
-STRAIGHT_SPEED = (0.5, 1.0)  # pixels per frame; slow enough to stay inside for FRAMES frames
-BOUNCE_SPEED = (1.0, 2.0)
+STRAIGHT_SPEED = (1.5, 2.0)  # pixels per frame: a latent cell (8 px) per latent frame
+BOUNCE_SPEED = (2.0, 3.0)
 
 
 def held_out(color: str, shape: str, direction: str) -> bool:

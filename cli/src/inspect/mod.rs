@@ -76,8 +76,8 @@ pub fn toy_windows() -> WindowSettings {
     }
 }
 
-/// The toy model's native length in latent frames (33 frames).
-pub const TOY_WINDOW: u32 = 9;
+/// The toy model's native length in latent frames (17 frames).
+pub const TOY_WINDOW: u32 = 5;
 
 impl Report {
     /// Measures `frames` and judges them against `caption`.

@@ -6,8 +6,8 @@
 //! position must first travel [`REVERSAL_TRAVEL`] of the frame one way and then come back at
 //! least as far.
 //!
-//! In the world (`worker/toy/world.py`: 33 frames, straight motion 0.5–1.0 px/frame along one
-//! axis, bouncing 1.0–2.0 px/frame at any angle, redrawn until it reflects) most bouncing clips
+//! In the world (`worker/toy/world.py`: 17 frames, straight motion 1.5–2.0 px/frame along one
+//! axis, bouncing 2.0–3.0 px/frame at any angle, redrawn until it reflects) most bouncing clips
 //! turn well inside the clip, but some only graze a wall in the last frames. So a track is also
 //! bouncing when it moves as only a bouncing object does there: more than
 //! [`MAX_STRAIGHT_ANGLE_DEG`] off both axes, or faster than [`MAX_STRAIGHT_SPEED`].
@@ -22,18 +22,18 @@ use super::world::Direction;
 pub const REVERSAL_TRAVEL: f64 = 0.05;
 
 /// Below this net displacement, as a share of the frame's shorter side, the object is static:
-/// 3.84 px at 64 px, where the world's slowest straight motion covers 16 px in 33 frames.
+/// 3.84 px at 64 px, where the world's slowest straight motion covers 24 px in 17 frames.
 pub const STATIC_TRAVEL: f64 = 0.06;
 
 /// Straight motion runs along an axis; a net displacement farther off both axes than this is
 /// bouncing (or no caption's motion at all).
 pub const MAX_STRAIGHT_ANGLE_DEG: f64 = 20.0;
 
-/// Faster than this, as a share of the frame's shorter side per frame, is bouncing: 1.25 px/frame
-/// at 64 px, where straight motion is at most 1.0 and bouncing at least 1.0. The gap is a margin
-/// for measurement, so bouncing clips between 1.0 and 1.25 px/frame are only caught by a
-/// reflection or their angle.
-pub const MAX_STRAIGHT_SPEED: f64 = 1.25 / 64.0;
+/// Faster than this, as a share of the frame's shorter side per frame, is bouncing: 2.4 px/frame
+/// at 64 px, where straight motion is at most 2.0 and bouncing at least 2.0. The gap is a margin
+/// for measurement (a rendered object's centroid wobbles), so bouncing clips between 2.0 and 2.4
+/// px/frame are only caught by a reflection or their angle.
+pub const MAX_STRAIGHT_SPEED: f64 = 2.4 / 64.0;
 
 /// Frames in the running median that smooths the track.
 const SMOOTHING_WINDOW: usize = 5;
@@ -258,24 +258,24 @@ mod tests {
 
     #[test]
     fn off_axis_or_fast_tracks_without_a_turn_are_bouncing() {
-        // a bouncing object that meets no wall in the clip: 1.5 px/frame at 37° from x
-        let diagonal = track(|t| [10.0 + 1.2 * t, 10.0 + 0.9 * t], 33);
+        // a bouncing object that meets no wall in the clip: 2.5 px/frame at 37° from x
+        let diagonal = track(|t| [10.0 + 2.0 * t, 10.0 + 1.5 * t], 17);
         let motion = analyse(&diagonal, 64, 64).unwrap();
         assert_eq!(motion.reflections(), 0);
         assert_eq!(motion.direction, ObservedDirection::Bouncing, "{motion:?}");
         // along an axis but faster than straight motion goes
-        let fast = track(|t| [8.0 + 1.5 * t, 30.0], 33);
+        let fast = track(|t| [8.0 + 2.8 * t, 30.0], 17);
         assert_eq!(
             analyse(&fast, 64, 64).unwrap().direction,
             ObservedDirection::Bouncing
         );
-        // the same track at 128 px is 0.75 px/frame in the world's scale: straight
+        // the same track at 128 px is 1.4 px/frame in the world's scale: straight
         assert_eq!(
             analyse(&fast, 128, 128).unwrap().direction,
             ObservedDirection::Right
         );
         // slightly off the axis is still straight
-        let drift = track(|t| [8.0 + 0.9 * t, 30.0 + 0.2 * t], 33);
+        let drift = track(|t| [8.0 + 1.8 * t, 30.0 + 0.4 * t], 17);
         assert_eq!(
             analyse(&drift, 64, 64).unwrap().direction,
             ObservedDirection::Right

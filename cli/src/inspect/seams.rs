@@ -225,7 +225,7 @@ mod tests {
     use crate::inspect::toy_windows;
     use crate::inspect::world::{Direction, Shape};
 
-    /// A bouncing square over 61 frames (16 latent frames: 3 toy windows).
+    /// A bouncing square over 49 frames (13 latent frames: 3 toy windows).
     fn long_scene() -> Scene {
         let mut scene = Scene::new(
             [240, 220, 40],
@@ -233,7 +233,7 @@ mod tests {
             Shape::Square,
             Direction::Bouncing,
         );
-        scene.frames = 61;
+        scene.frames = 49;
         scene
     }
 
@@ -266,9 +266,10 @@ mod tests {
         let clean = scene.render();
         let seam = report_of(&clean).seams[1].frames.clone();
         let cut = (seam.start + seam.end) / 2;
-        // from the seam on, the object is 6 px further along and drawn in another colour
+        // from the seam on, the object is 8 px further down its path (where it meets no wall
+        // near the cut) and drawn in another colour
         let mut shifted = scene.clone();
-        shifted.start = [scene.start[0] + 6.0, scene.start[1]];
+        shifted.start = [scene.start[0], scene.start[1] + 8.0];
         shifted.color = [250, 170, 40];
         let mut frames = clean[..cut].to_vec();
         frames.extend_from_slice(&shifted.render()[cut..]);

@@ -23,14 +23,14 @@ pub struct Scene {
 }
 
 impl Scene {
-    /// A clip of the world's size (64×64, 33 frames) of a radius-8 object moving `direction`:
-    /// straight at 0.75 px/frame with its path centred in the frame, or bouncing at 1.5 px/frame
+    /// A clip of the world's size (64×64, 17 frames) of a radius-8 object moving `direction`:
+    /// straight at 1.75 px/frame with its path centred in the frame, or bouncing at 2.5 px/frame
     /// at 37° from (40, 27), which reflects once, off the right border.
     pub fn new(color: Rgb, background: Rgb, shape: Shape, direction: Direction) -> Self {
         let speed = if direction == Direction::Bouncing {
-            1.5
+            2.5
         } else {
-            0.75
+            1.75
         };
         let velocity = match direction {
             Direction::Left => [-speed, 0.0],
@@ -49,7 +49,7 @@ impl Scene {
             bouncing: direction == Direction::Bouncing,
             width: 64,
             height: 64,
-            frames: 33,
+            frames: 17,
         };
         if scene.bouncing {
             scene.start = [40.0, 27.0];

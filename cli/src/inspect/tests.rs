@@ -86,8 +86,8 @@ fn every_colour_on_every_background_passes_with_its_own_caption() {
             assert!((motion.motion.velocity[0] - scene.velocity[0]).abs() < 0.01);
             assert!((motion.motion.velocity[1] - scene.velocity[1]).abs() < 0.01);
             assert!(motion.motion.dx.hypot(motion.motion.dy) > 20.0);
-            // 0.75 px/frame; the weighted centroid follows sub-pixel motion.
-            assert!(m.consistency.max_centroid_jump.unwrap() < 1.0, "{report}");
+            // 1.75 px/frame; the weighted centroid follows sub-pixel motion.
+            assert!(m.consistency.max_centroid_jump.unwrap() < 2.0, "{report}");
         }
     }
 }
@@ -137,7 +137,7 @@ fn blurred_noisy_and_faint_clips_still_pass() {
         assert!(report.passed, "{}\n{report}", report.caption);
 
         let m = &report.measurements;
-        // Frames 7 and 27 keep 15% of the object: too faint to find in most pairs.
+        // Frame 7 keeps 15% of the object: too faint to find in most pairs.
         assert!(m.consistency.missing_frames.len() <= 2, "{report}");
         for missing in &m.consistency.missing_frames {
             assert_eq!(missing % 20, 7, "{report}");
@@ -320,7 +320,7 @@ fn the_report_serialises_every_figure() {
     );
     assert_eq!(
         json["measurements"]["per_frame"].as_array().unwrap().len(),
-        33
+        17
     );
     let text = report.to_string();
     assert!(

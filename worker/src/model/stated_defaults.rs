@@ -3,7 +3,7 @@
 //! size, clip length or prompt length says so there, e.g. the built-in toy model:
 //!
 //! ```json
-//! "_longtake": {"name": "toy", "default_width": 64, "default_height": 64, "default_frames": 33,
+//! "_longtake": {"name": "toy", "default_width": 64, "default_height": 64, "default_frames": 17,
 //!               "default_fps": 16, "default_steps": 20, "max_sequence_length": 16}
 //! ```
 //!

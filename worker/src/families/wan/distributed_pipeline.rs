@@ -498,7 +498,7 @@ mod tests {
             timeline: Default::default(),
         };
         let expected = single.render(&spec, &mut |_| {})?;
-        assert_eq!(expected.frames, 33);
+        assert_eq!(expected.frames, 17);
         let layouts = [
             "cfg=2",
             "tp=2",

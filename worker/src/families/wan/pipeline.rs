@@ -1166,7 +1166,7 @@ mod tests {
         );
         assert_eq!(
             (info.default_frames, info.default_fps),
-            (33, 16),
+            (17, 16),
             "{info:?}"
         );
         assert_eq!(info.max_sequence_length, 16, "trained on 16-token prompts");
