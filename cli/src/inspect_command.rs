@@ -30,7 +30,7 @@ pub struct InspectArgs {
     #[arg(long, default_value_t = 3, value_name = "N")]
     strip_scale: usize,
     /// For the seam report of a long clip: the window length it was rendered with, in latent
-    /// frames [default: the toy model's 9].
+    /// frames [default: the toy model's 5].
     #[arg(long, value_name = "N")]
     window: Option<u32>,
     /// ... and the least overlap of its windows [default: a third of the window].

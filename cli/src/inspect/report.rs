@@ -187,6 +187,7 @@ impl fmt::Display for Report {
                 )?;
             }
             writeln!(f, "             worst seam: {}", seams.worst())?;
+            writeln!(f, "motion per window {}", seams.directions())?;
         }
         write!(
             f,

@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use super::checker::FrameObject;
 use super::frame::Frame;
+use super::motion::{analyse, ObservedDirection};
 use super::stats::{mean, quantile};
 use super::world::distance;
 
@@ -70,6 +71,9 @@ pub struct SeamReport {
     /// The largest ratio of every figure over the seams.
     pub worst_drift_ratio: [Option<f64>; 4],
     pub worst_jump_ratio: [Option<f64>; 4],
+    /// What each window's own video frames show (`None`: the object is in fewer than two of
+    /// them): where a prompt timeline's direction takes hold, or where a long clip loses it.
+    pub window_directions: Vec<Option<ObservedDirection>>,
 }
 
 impl SeamReport {
@@ -85,6 +89,26 @@ impl SeamReport {
             ratios(self.worst_drift_ratio),
             ratios(self.worst_jump_ratio)
         )
+    }
+
+    /// [`Self::window_directions`] as runs of windows: `0–19 right, 20 bouncing, 21–39 left`
+    /// (`-` where the object was not found).
+    pub fn directions(&self) -> String {
+        let name = |d: Option<ObservedDirection>| d.map_or("-", ObservedDirection::name);
+        let mut runs: Vec<(usize, usize, &str)> = Vec::new();
+        for (i, d) in self.window_directions.iter().enumerate() {
+            match runs.last_mut() {
+                Some((_, end, what)) if *what == name(*d) => *end = i,
+                _ => runs.push((i, i, name(*d))),
+            }
+        }
+        runs.iter()
+            .map(|&(start, end, what)| match start == end {
+                true => format!("{start} {what}"),
+                false => format!("{start}–{end} {what}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -146,6 +170,18 @@ pub fn seam_report(
             }
         })
         .collect();
+    let (width, height) = (frames[0].width(), frames[0].height());
+    let window_directions = plan
+        .windows()
+        .iter()
+        .map(|w| {
+            let shown = w.video_frames(pack);
+            let track: Vec<(usize, [f64; 2])> = (shown.start..shown.end.min(frames.len()))
+                .filter_map(|i| per_frame[i].object().map(|o| (i, o.centroid)))
+                .collect();
+            analyse(&track, width, height).map(|m| m.direction)
+        })
+        .collect();
     let worst = |ratio: fn(&Seam) -> [Option<f64>; 4]| {
         std::array::from_fn(|k| seams.iter().filter_map(|s| ratio(s)[k]).reduce(f64::max))
     };
@@ -156,6 +192,7 @@ pub fn seam_report(
         worst_drift_ratio: worst(|s| s.drift_ratio),
         worst_jump_ratio: worst(|s| s.jump_ratio),
         seams,
+        window_directions,
     }))
 }
 
@@ -283,6 +320,30 @@ mod tests {
             "the other seam is clean: {:?}",
             report.seams[0]
         );
+    }
+
+    #[test]
+    fn each_window_reports_the_motion_its_frames_show() {
+        // right at 1 px/frame until frame 25, then back left: the three windows of 49 frames
+        // (video frames 0–16, 13–32, 29–48) see right, the turn, left
+        let mut right = Scene::new([240, 220, 40], [0, 0, 0], Shape::Square, Direction::Right);
+        (right.start, right.velocity, right.frames) = ([16.0, 32.0], [1.0, 0.0], 49);
+        let mut left = right.clone();
+        (left.start, left.velocity) = ([66.0, 32.0], [-1.0, 0.0]);
+        let (there, back) = (right.render(), left.render());
+        let frames: Vec<Frame> = (0..49)
+            .map(|i| if i < 25 { &there[i] } else { &back[i] }.clone())
+            .collect();
+        let measured = measure(&frames).unwrap();
+        let report = seam_report(&frames, &measured.per_frame, toy_windows())
+            .unwrap()
+            .unwrap();
+        use ObservedDirection::*;
+        assert_eq!(
+            report.window_directions,
+            vec![Some(Right), Some(Bouncing), Some(Left)]
+        );
+        assert_eq!(report.directions(), "0 right, 1 bouncing, 2 left");
     }
 
     #[test]
