@@ -172,12 +172,13 @@ pub fn measure(frames: &[Frame]) -> Result<Measurements, CheckError> {
         .iter()
         .filter_map(|f| f.object().map(|b| (f.index, b.centroid)))
         .collect();
-    let motion = motion::analyse(&track, width, height).map(|motion| MotionFigures {
-        speed: motion.speed(),
-        reflections: motion.reflections(),
-        stays_inside: stays_inside(&found),
-        motion,
-    });
+    let motion =
+        motion::analyse(&track, half_extent(&found), width, height).map(|motion| MotionFigures {
+            speed: motion.speed(),
+            reflections: motion.reflections(),
+            stays_inside: stays_inside(&found),
+            motion,
+        });
     let consistency = Consistency {
         area_cv: std_dev(&areas(&found))
             .zip(mean(&areas(&found)))
@@ -277,6 +278,18 @@ fn measure_object(found: &[&Blob], background: [f64; 3]) -> Option<ObjectFigures
 
 /// Whether no frame shows the object cut off: touching the border with much less than its usual
 /// area. Touching alone is allowed, since a bouncing object reflects exactly at the border.
+/// The object's usual half-size along x and y, px: the median over `found` of half its bounds.
+pub fn half_extent(found: &[&Blob]) -> [f64; 2] {
+    let half = |axis: usize| {
+        let halves: Vec<f64> = found
+            .iter()
+            .map(|b| (b.bounds[axis + 2] - b.bounds[axis] + 1) as f64 / 2.0)
+            .collect();
+        median(&halves).unwrap_or(0.0)
+    };
+    [half(0), half(1)]
+}
+
 fn stays_inside(found: &[&Blob]) -> bool {
     let Some(usual) = median(&areas(found)) else {
         return true;

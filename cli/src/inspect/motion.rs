@@ -2,9 +2,12 @@
 //! reflections, and the direction the track shows.
 //!
 //! The track is median-smoothed first (a faint frame's misplaced centroid is one outlier, not a
-//! turn). A reflection is a reversal along x or y with real movement on both sides: the smoothed
+//! turn). A reflection is a reversal along x or y with real movement on both sides (the smoothed
 //! position must first travel [`REVERSAL_TRAVEL`] of the frame one way and then come back at
-//! least as far.
+//! least as far) at a wall: where it turns, the object is within [`WALL_MARGIN`] of the border it
+//! turned back from, as a bouncing object of the world is when it reflects. A reversal in the
+//! middle of the frame is a wobble of the object's outline (a rendered object's centroid shifts
+//! as its shape breathes), not a bounce.
 //!
 //! In the world (`worker/toy/world.py`: 17 frames, straight motion 1.5–2.0 px/frame along one
 //! axis, bouncing 2.0–3.0 px/frame at any angle, redrawn until it reflects) most bouncing clips
@@ -20,6 +23,11 @@ use super::world::Direction;
 /// How far, as a share of the frame's extent along an axis, the track must go each way for a
 /// reversal to count: 3.2 px at 64 px.
 pub const REVERSAL_TRAVEL: f64 = 0.05;
+
+/// How near, as a share of the frame's extent along the axis, the object's edge must come to a
+/// border for a reversal there to be a reflection: 6.4 px at 64 px (the smoothed track turns a
+/// frame's travel or so short of the wall, and a rendered object's outline is soft).
+pub const WALL_MARGIN: f64 = 0.1;
 
 /// Below this net displacement, as a share of the frame's shorter side, the object is static:
 /// 3.84 px at 64 px, where the world's slowest straight motion covers 24 px in 17 frames.
@@ -92,9 +100,14 @@ impl Motion {
     }
 }
 
-/// The motion of a track of `(frame index, centroid)` points in a `width`×`height` frame;
-/// `None` for fewer than two points.
-pub fn analyse(track: &[(usize, [f64; 2])], width: usize, height: usize) -> Option<Motion> {
+/// The motion of a track of `(frame index, centroid)` points of an object of half-size
+/// `half_extent` (px along x and y) in a `width`×`height` frame; `None` for fewer than two points.
+pub fn analyse(
+    track: &[(usize, [f64; 2])],
+    half_extent: [f64; 2],
+    width: usize,
+    height: usize,
+) -> Option<Motion> {
     if track.len() < 2 {
         return None;
     }
@@ -116,8 +129,26 @@ pub fn analyse(track: &[(usize, [f64; 2])], width: usize, height: usize) -> Opti
         slope(&points).unwrap_or(0.0)
     };
     let velocity = [fit(&xs), fit(&ys)];
-    let reflections_x = reversals(&xs, REVERSAL_TRAVEL * width as f64);
-    let reflections_y = reversals(&ys, REVERSAL_TRAVEL * height as f64);
+    let at_wall = |turns: Vec<Turn>, extent: usize, half: f64| {
+        let near = half + WALL_MARGIN * extent as f64;
+        turns
+            .iter()
+            .filter(|turn| match turn {
+                Turn::Low(v) => *v <= near,
+                Turn::High(v) => *v >= extent as f64 - near,
+            })
+            .count()
+    };
+    let reflections_x = at_wall(
+        turns(&xs, REVERSAL_TRAVEL * width as f64),
+        width,
+        half_extent[0],
+    );
+    let reflections_y = at_wall(
+        turns(&ys, REVERSAL_TRAVEL * height as f64),
+        height,
+        half_extent[1],
+    );
 
     let speed = velocity[0].hypot(velocity[1]);
     let shorter_side = width.min(height) as f64;
@@ -150,16 +181,23 @@ pub fn analyse(track: &[(usize, [f64; 2])], width: usize, height: usize) -> Opti
     })
 }
 
+/// Where a track turned back: at its highest or its lowest value of the leg before.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Turn {
+    High(f64),
+    Low(f64),
+}
+
 /// Reversals of direction in `values` where each leg, before and after the turn, covers at
 /// least `min_travel`: a zig-zag filter, so wobble smaller than `min_travel` is never a turn.
-fn reversals(values: &[f64], min_travel: f64) -> usize {
+fn turns(values: &[f64], min_travel: f64) -> Vec<Turn> {
+    let mut out = Vec::new();
     let Some(&first) = values.first() else {
-        return 0;
+        return out;
     };
     // +1 rising, -1 falling, 0 before the first leg has covered `min_travel`.
     let mut heading = 0i8;
     let (mut low, mut high) = (first, first);
-    let mut count = 0;
     for &v in values {
         match heading {
             0 => {
@@ -175,25 +213,28 @@ fn reversals(values: &[f64], min_travel: f64) -> usize {
             }
             1 if v > high => high = v,
             1 if high - v >= min_travel => {
-                count += 1;
+                out.push(Turn::High(high));
                 heading = -1;
                 low = v;
             }
             -1 if v < low => low = v,
             -1 if v - low >= min_travel => {
-                count += 1;
+                out.push(Turn::Low(low));
                 heading = 1;
                 high = v;
             }
             _ => {}
         }
     }
-    count
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A radius-8 object.
+    const HALF: [f64; 2] = [8.0, 8.0];
 
     fn track(points: impl Fn(f64) -> [f64; 2], frames: usize) -> Vec<(usize, [f64; 2])> {
         (0..frames).map(|t| (t, points(t as f64))).collect()
@@ -210,6 +251,7 @@ mod tests {
         for (v, expected) in cases {
             let motion = analyse(
                 &track(|t| [32.0 + v[0] * (t - 40.0), 32.0 + v[1] * (t - 40.0)], 81),
+                HALF,
                 64,
                 64,
             )
@@ -235,7 +277,7 @@ mod tests {
     #[test]
     fn a_still_or_wobbling_object_is_static() {
         let wobble = track(|t| [20.0 + (t * 0.9).sin(), 40.0 + (t * 1.3).cos()], 81);
-        let motion = analyse(&wobble, 64, 64).unwrap();
+        let motion = analyse(&wobble, HALF, 64, 64).unwrap();
         assert_eq!(motion.direction, ObservedDirection::Static, "{motion:?}");
         assert_eq!(motion.reflections(), 0);
     }
@@ -244,7 +286,7 @@ mod tests {
     fn a_reflection_is_counted_once_and_a_spike_is_not() {
         // 1 px/frame right, turns at x = 54
         let bounce = track(|t| [if t < 40.0 { 14.0 + t } else { 94.0 - t }, 30.0], 81);
-        let motion = analyse(&bounce, 64, 64).unwrap();
+        let motion = analyse(&bounce, HALF, 64, 64).unwrap();
         assert_eq!((motion.reflections_x, motion.reflections_y), (1, 0));
         assert_eq!(motion.direction, ObservedDirection::Bouncing);
 
@@ -252,7 +294,7 @@ mod tests {
         let mut spiky = track(|t| [10.0 + 0.3 * t, 30.0], 81);
         spiky[40].1 = [50.0, 5.0];
         spiky[41].1 = [2.0, 60.0];
-        let motion = analyse(&spiky, 64, 64).unwrap();
+        let motion = analyse(&spiky, HALF, 64, 64).unwrap();
         assert_eq!(motion.direction, ObservedDirection::Right, "{motion:?}");
     }
 
@@ -260,31 +302,63 @@ mod tests {
     fn off_axis_or_fast_tracks_without_a_turn_are_bouncing() {
         // a bouncing object that meets no wall in the clip: 2.5 px/frame at 37° from x
         let diagonal = track(|t| [10.0 + 2.0 * t, 10.0 + 1.5 * t], 17);
-        let motion = analyse(&diagonal, 64, 64).unwrap();
+        let motion = analyse(&diagonal, HALF, 64, 64).unwrap();
         assert_eq!(motion.reflections(), 0);
         assert_eq!(motion.direction, ObservedDirection::Bouncing, "{motion:?}");
         // along an axis but faster than straight motion goes
         let fast = track(|t| [8.0 + 2.8 * t, 30.0], 17);
         assert_eq!(
-            analyse(&fast, 64, 64).unwrap().direction,
+            analyse(&fast, HALF, 64, 64).unwrap().direction,
             ObservedDirection::Bouncing
         );
         // the same track at 128 px is 1.4 px/frame in the world's scale: straight
         assert_eq!(
-            analyse(&fast, 128, 128).unwrap().direction,
+            analyse(&fast, HALF, 128, 128).unwrap().direction,
             ObservedDirection::Right
         );
         // slightly off the axis is still straight
         let drift = track(|t| [8.0 + 1.8 * t, 30.0 + 0.4 * t], 17);
         assert_eq!(
-            analyse(&drift, 64, 64).unwrap().direction,
+            analyse(&drift, HALF, 64, 64).unwrap().direction,
             ObservedDirection::Right
         );
     }
 
     #[test]
+    fn a_turn_away_from_the_walls_is_a_wobble_not_a_reflection() {
+        // down at 1.6 px/frame while the outline sways 4 px either way in the middle of the frame
+        let swaying = track(
+            |t| {
+                [
+                    32.0 + if (t as usize / 4) % 2 == 0 { 4.0 } else { -4.0 },
+                    10.0 + 1.6 * t,
+                ]
+            },
+            17,
+        );
+        let motion = analyse(&swaying, HALF, 64, 64).unwrap();
+        assert_eq!(motion.reflections(), 0, "{motion:?}");
+        assert_eq!(motion.direction, ObservedDirection::Down, "{motion:?}");
+        // the same sway where the object's edge meets the left wall is a reflection
+        let at_wall = track(
+            |t| {
+                [
+                    13.0 + if (t as usize / 4) % 2 == 0 { 4.0 } else { -4.0 },
+                    10.0 + 1.6 * t,
+                ]
+            },
+            17,
+        );
+        assert!(analyse(&at_wall, HALF, 64, 64).unwrap().reflections_x > 0);
+    }
+
+    #[test]
     fn reversals_need_travel_on_both_sides() {
-        assert_eq!(reversals(&[0.0, 5.0, 10.0, 5.0, 0.0, 5.0, 10.0], 3.0), 2);
+        let reversals = |values: &[f64], travel: f64| turns(values, travel).len();
+        assert_eq!(
+            turns(&[0.0, 5.0, 10.0, 5.0, 0.0, 5.0, 10.0], 3.0),
+            vec![Turn::High(10.0), Turn::Low(0.0)]
+        );
         // comes back by less than the travel
         assert_eq!(reversals(&[0.0, 5.0, 10.0, 8.0], 3.0), 0);
         // the first leg is too short to be one
@@ -294,6 +368,6 @@ mod tests {
 
     #[test]
     fn one_point_is_no_motion() {
-        assert!(analyse(&[(0, [1.0, 1.0])], 64, 64).is_none());
+        assert!(analyse(&[(0, [1.0, 1.0])], HALF, 64, 64).is_none());
     }
 }

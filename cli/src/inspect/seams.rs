@@ -22,9 +22,10 @@ use longtake_proto::spec::frames::{first_video_frame, WAN_TEMPORAL_PACK};
 use longtake_proto::spec::{WindowError, WindowPlan, WindowSettings};
 use serde::Serialize;
 
-use super::checker::FrameObject;
+use super::checker::{half_extent, FrameObject};
 use super::frame::Frame;
 use super::motion::{analyse, ObservedDirection};
+use super::segment::Blob;
 use super::stats::{mean, quantile};
 use super::world::distance;
 
@@ -176,10 +177,13 @@ pub fn seam_report(
         .iter()
         .map(|w| {
             let shown = w.video_frames(pack);
+            let found: Vec<&Blob> = (shown.start..shown.end.min(frames.len()))
+                .filter_map(|i| per_frame[i].object())
+                .collect();
             let track: Vec<(usize, [f64; 2])> = (shown.start..shown.end.min(frames.len()))
                 .filter_map(|i| per_frame[i].object().map(|o| (i, o.centroid)))
                 .collect();
-            analyse(&track, width, height).map(|m| m.direction)
+            analyse(&track, half_extent(&found), width, height).map(|m| m.direction)
         })
         .collect();
     let worst = |ratio: fn(&Seam) -> [Option<f64>; 4]| {
@@ -324,12 +328,13 @@ mod tests {
 
     #[test]
     fn each_window_reports_the_motion_its_frames_show() {
-        // right at 1 px/frame until frame 25, then back left: the three windows of 49 frames
-        // (video frames 0–16, 13–32, 29–48) see right, the turn, left
+        // right at 1 px/frame until it meets the right wall at frame 25, then back left: the
+        // three windows of 49 frames (video frames 0–16, 13–32, 29–48) see right, the
+        // reflection, left
         let mut right = Scene::new([240, 220, 40], [0, 0, 0], Shape::Square, Direction::Right);
-        (right.start, right.velocity, right.frames) = ([16.0, 32.0], [1.0, 0.0], 49);
+        (right.start, right.velocity, right.frames) = ([29.0, 32.0], [1.0, 0.0], 49);
         let mut left = right.clone();
-        (left.start, left.velocity) = ([66.0, 32.0], [-1.0, 0.0]);
+        (left.start, left.velocity) = ([79.0, 32.0], [-1.0, 0.0]);
         let (there, back) = (right.render(), left.render());
         let frames: Vec<Frame> = (0..49)
             .map(|i| if i < 25 { &there[i] } else { &back[i] }.clone())
