@@ -326,29 +326,18 @@ mod tests {
 
     #[test]
     fn a_turn_away_from_the_walls_is_a_wobble_not_a_reflection() {
-        // down at 1.6 px/frame while the outline sways 4 px either way in the middle of the frame
-        let swaying = track(
-            |t| {
-                [
-                    32.0 + if (t as usize / 4) % 2 == 0 { 4.0 } else { -4.0 },
-                    10.0 + 1.6 * t,
-                ]
-            },
-            17,
-        );
+        // down at 1.6 px/frame while the outline sways 4 px either way, every 4 frames
+        let sway = |t: f64| match (t as usize / 4).is_multiple_of(2) {
+            true => 4.0,
+            false => -4.0,
+        };
+        // in the middle of the frame
+        let swaying = track(|t| [32.0 + sway(t), 10.0 + 1.6 * t], 17);
         let motion = analyse(&swaying, HALF, 64, 64).unwrap();
         assert_eq!(motion.reflections(), 0, "{motion:?}");
         assert_eq!(motion.direction, ObservedDirection::Down, "{motion:?}");
         // the same sway where the object's edge meets the left wall is a reflection
-        let at_wall = track(
-            |t| {
-                [
-                    13.0 + if (t as usize / 4) % 2 == 0 { 4.0 } else { -4.0 },
-                    10.0 + 1.6 * t,
-                ]
-            },
-            17,
-        );
+        let at_wall = track(|t| [13.0 + sway(t), 10.0 + 1.6 * t], 17);
         assert!(analyse(&at_wall, HALF, 64, 64).unwrap().reflections_x > 0);
     }
 
