@@ -276,8 +276,6 @@ fn measure_object(found: &[&Blob], background: [f64; 3]) -> Option<ObjectFigures
     })
 }
 
-/// Whether no frame shows the object cut off: touching the border with much less than its usual
-/// area. Touching alone is allowed, since a bouncing object reflects exactly at the border.
 /// The object's usual half-size along x and y, px: the median over `found` of half its bounds.
 pub fn half_extent(found: &[&Blob]) -> [f64; 2] {
     let half = |axis: usize| {
@@ -290,6 +288,8 @@ pub fn half_extent(found: &[&Blob]) -> [f64; 2] {
     [half(0), half(1)]
 }
 
+/// Whether no frame shows the object cut off: touching the border with much less than its usual
+/// area. Touching alone is allowed, since a bouncing object reflects exactly at the border.
 fn stays_inside(found: &[&Blob]) -> bool {
     let Some(usual) = median(&areas(found)) else {
         return true;

@@ -177,13 +177,13 @@ pub fn seam_report(
         .iter()
         .map(|w| {
             let shown = w.video_frames(pack);
-            let found: Vec<&Blob> = (shown.start..shown.end.min(frames.len()))
-                .filter_map(|i| per_frame[i].object())
+            let found: Vec<(usize, &Blob)> = (shown.start..shown.end.min(frames.len()))
+                .filter_map(|i| per_frame[i].object().map(|o| (i, o)))
                 .collect();
-            let track: Vec<(usize, [f64; 2])> = (shown.start..shown.end.min(frames.len()))
-                .filter_map(|i| per_frame[i].object().map(|o| (i, o.centroid)))
-                .collect();
-            analyse(&track, half_extent(&found), width, height).map(|m| m.direction)
+            let track: Vec<(usize, [f64; 2])> =
+                found.iter().map(|(i, o)| (*i, o.centroid)).collect();
+            let blobs: Vec<&Blob> = found.iter().map(|(_, o)| *o).collect();
+            analyse(&track, half_extent(&blobs), width, height).map(|m| m.direction)
         })
         .collect();
     let worst = |ratio: fn(&Seam) -> [Option<f64>; 4]| {
