@@ -8,11 +8,13 @@
 //! products (scores, then probabilities × values) go through the `gemm` crate (its own SIMD
 //! kernels, chosen at run time), and the softmax between them is plain slices that LLVM
 //! vectorises: on x86-64 compiled a second time for AVX2 and FMA and chosen at run time when the
-//! CPU has them, so the portable build stays portable. The exponential is a polynomial of 2^x
-//! (relative error ~2e-7), since a libm `exp` per score cost more than the products.
+//! CPU has them, so the portable build stays portable. The exponential is `cpu_math`'s polynomial
+//! 2^x, since a libm `exp` per score cost more than the products.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
+
+use crate::model::cpu_math::{exp2, has_avx2_fma};
 
 /// Queries per work item: enough rows to reuse each block of keys from cache.
 const QUERY_BLOCK: usize = 128;
@@ -146,8 +148,7 @@ enum Kernel {
 impl Kernel {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_avx2_fma() {
             return Kernel::Avx2Fma;
         }
         Kernel::Portable
@@ -327,54 +328,11 @@ fn exp2_in_place_sum(xs: &mut [f32], max: f32) -> f32 {
     total + acc.iter().sum::<f32>()
 }
 
-/// 2^x for x ≤ 0 (down to where it underflows to 0), relative error about 2e-7: x = n + f with
-/// n the nearest integer and |f| ≤ 1/2, 2^f by its Taylor series to degree 6, 2^n into the
-/// exponent bits. Branch-free, so a loop of it vectorises.
-#[inline(always)]
-fn exp2(x: f32) -> f32 {
-    // round to nearest by adding and taking away 1.5 · 2^23 (no libm call, so it vectorises)
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-126.0);
-    let n = (x + ROUND) - ROUND;
-    let f = x - n;
-    const C: [f32; 7] = [
-        1.0,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
-    ];
-    let p = C[6]
-        .mul_add(f, C[5])
-        .mul_add(f, C[4])
-        .mul_add(f, C[3])
-        .mul_add(f, C[2])
-        .mul_add(f, C[1])
-        .mul_add(f, C[0]);
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::attention::attention_unchunked;
     use crate::model::compare::relative_l2;
-
-    #[test]
-    fn exp2_is_within_a_few_ulps_of_libm() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -100.0 * i as f32 / 200_000.0;
-            let got = exp2(x) as f64;
-            let want = (x as f64).exp2();
-            worst = worst.max(((got - want) / want).abs());
-        }
-        assert!(worst < 5e-7, "relative error {worst:e}");
-        assert_eq!(exp2(f32::NEG_INFINITY), exp2(-126.0));
-        assert_eq!(exp2(0.0), 1.0);
-    }
 
     /// Odd sizes (ragged query and key blocks, head dims of 8, 16 and 24), and both kernels.
     #[test]

@@ -15,6 +15,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 
 use crate::families::wan::transformer::Config;
+use crate::model::cpu_math::gelu;
 use crate::model::loader::{Shard, ShardPlan};
 use crate::parallel::group::Group;
 use crate::parallel::layout::shard_range;
@@ -217,7 +218,7 @@ impl TpFeedForward {
     }
 
     pub fn forward(&self, x: &Tensor, tp: &Group) -> Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?, tp)
+        self.proj_out.forward(&gelu(&self.proj_in.forward(x)?)?, tp)
     }
 }
 

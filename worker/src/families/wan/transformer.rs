@@ -13,6 +13,7 @@ use super::attention::WanAttention;
 use super::embeddings::{ConditionEmbedder, Conditioning, PatchEmbedding};
 use super::rope::{RopeTables, WanRope};
 use crate::model::attention::AttentionOptions;
+use crate::model::cpu_math::gelu;
 
 /// `transformer/config.json`. Unknown fields are ignored; defaults are diffusers' (the 14B model).
 #[derive(Debug, Clone, Deserialize)]
@@ -132,7 +133,7 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        self.proj_out.forward(&gelu(&self.proj_in.forward(x)?)?)
     }
 
     /// `net.0.proj` (column-parallel under tensor parallelism) and `net.2` (row-parallel).

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::vae_conv::{CausalConv3d, Conv2d};
 use super::vae_split::RowSplit;
+use crate::model::cpu_math::{has_avx2_fma, silu};
 
 /// The state a causal layer keeps between two chunks of frames (diffusers' `feat_cache` entry).
 #[derive(Debug, Clone, Default)]
@@ -88,6 +89,7 @@ impl RmsNorm {
             x.contiguous()?.apply_op1_no_bwd(&ChannelRmsNorm {
                 scale: &self.scale_host,
                 silu,
+                avx2_fma: has_avx2_fma(),
             })?
         } else {
             // F.normalize's eps bounds the norm from below, it is not added to it.
@@ -117,6 +119,8 @@ impl Module for RmsNorm {
 struct ChannelRmsNorm<'a> {
     scale: &'a [f32],
     silu: bool,
+    /// Run the AVX2 + FMA compilation of [`Self::frame`] (the CPU has both).
+    avx2_fma: bool,
 }
 
 impl ChannelRmsNorm<'_> {
@@ -124,6 +128,22 @@ impl ChannelRmsNorm<'_> {
     const BLOCK: usize = 256;
 
     fn frame(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2_fma {
+            // SAFETY: `avx2_fma` is only set when the CPU has both.
+            return unsafe { self.frame_avx2(src, dst, pixels) };
+        }
+        self.frame_portable(src, dst, pixels)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn frame_avx2(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
+        self.frame_portable(src, dst, pixels)
+    }
+
+    #[inline(always)]
+    fn frame_portable(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
         let channels = self.scale.len();
         let mut inv = [0f32; Self::BLOCK];
         for p0 in (0..pixels).step_by(Self::BLOCK) {
@@ -141,13 +161,19 @@ impl ChannelRmsNorm<'_> {
             }
             for (c, &scale) in self.scale.iter().enumerate() {
                 let range = c * pixels + p0..c * pixels + p0 + len;
-                for ((out, v), i) in dst[range.clone()]
+                let rows = dst[range.clone()]
                     .iter_mut()
                     .zip(&src[range])
-                    .zip(inv.iter())
-                {
-                    let y = v * i * scale;
-                    *out = if self.silu { y / (1.0 + (-y).exp()) } else { y };
+                    .zip(inv.iter());
+                // two loops, not a branch per pixel, so that each vectorises
+                if self.silu {
+                    for ((out, v), i) in rows {
+                        *out = silu(v * i * scale);
+                    }
+                } else {
+                    for ((out, v), i) in rows {
+                        *out = v * i * scale;
+                    }
                 }
             }
         }
