@@ -6,7 +6,7 @@ transformer), and a side-by-side mode that runs both, alternately, and prints th
 A bench-only tool: it needs torch and diffusers (never installed by CI, never run by it).
 
     python3 worker/benches/peer.py peer [FILTER]          # diffusers' timings alone
-    python3 worker/benches/peer.py compare [--rounds N]   # longtake and diffusers, alternately
+    python3 worker/benches/peer.py compare [FILTER] [--rounds N]   # longtake and diffusers, alternately
 
 `compare` runs from the repository root: `cargo bench -p longtake-worker --bench model
 transformer` and `--bench vae`, then this script's own cases, `--rounds` times, and prints each
@@ -75,29 +75,35 @@ def peer_cases(wanted: str | None) -> dict[str, float]:
         results[name] = best
         print(f"peer {name}: best {best:.3f} s ({runs} runs)", flush=True)
 
-    if wanted is None or wanted in "transformer_tiny":
+    def want(name):
+        return wanted is None or wanted in name
+
+    if want("transformer_tiny"):
         transformer("transformer_tiny", (21, 32, 32), 5, num_attention_heads=4, attention_head_dim=16,
                     text_dim=32, freq_dim=64, ffn_dim=128, num_layers=2)
-    if wanted is None or wanted in "transformer_mid":
+    if want("transformer_mid"):
         transformer("transformer_mid", (21, 16, 16), 3, num_attention_heads=8, attention_head_dim=64,
                     text_dim=512, freq_dim=256, ffn_dim=2048, num_layers=8)
-    if wanted is None or wanted in "vae_tiny":
+    if want("vae_tiny"):
         vae("vae_tiny", (21, 32, 32), 1, base_dim=8, num_res_blocks=1)
-    if wanted is None or wanted in "vae_wan21":
+    if want("vae_wan21"):
         vae("vae_wan21", (5, 16, 16), 1, base_dim=96, num_res_blocks=2)
     return results
 
 
-def longtake_cases() -> dict[str, float]:
-    """longtake's time for each case, from its benches' output (release build)."""
+def longtake_cases(cases: list[str]) -> dict[str, float]:
+    """longtake's time for each of `cases`, from its benches' output (release build)."""
     out = ""
     for bench, args in (("model", ["transformer"]), ("vae", [])):
+        if not any(case.startswith(bench if bench == "vae" else "transformer") for case in cases):
+            continue
         run = subprocess.run(["cargo", "bench", "-q", "-p", "longtake-worker", "--bench", bench, "--", *args],
                              capture_output=True, text=True, check=True)
         out += run.stdout
         sys.stdout.write(run.stdout)
     results = {}
-    for case, (label, figure) in CASES.items():
+    for case in cases:
+        label, figure = CASES[case]
         line = next((l for l in out.splitlines() if l.startswith(label)), None)
         if line is None:
             raise SystemExit(f"longtake's bench printed no line for {label!r}")
@@ -111,7 +117,7 @@ def longtake_cases() -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["peer", "compare"])
-    p.add_argument("filter", nargs="?", help="peer: only the cases whose name contains it")
+    p.add_argument("filter", nargs="?", help="only the cases whose name contains it (transformer, vae, _mid, ...)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch's threads (longtake uses every core)")
     args = p.parse_args()
@@ -120,15 +126,18 @@ def main() -> None:
     if args.mode == "peer":
         peer_cases(args.filter)
         return
+    cases = [case for case in CASES if args.filter is None or args.filter in case]
+    if not cases:
+        raise SystemExit(f"no case matches {args.filter!r}: the cases are {', '.join(CASES)}")
     rows = []
     for round_ in range(1, args.rounds + 1):
-        ours = longtake_cases()
+        ours = longtake_cases(cases)
         load = os.getloadavg()[0]
-        theirs = peer_cases(None)
+        theirs = peer_cases(args.filter)
         rows.append((round_, load, ours, theirs))
     print(f"\n{'case':<18} {'round':>5} {'load':>5} {'longtake':>10} {'diffusers':>10} {'ratio':>7}")
     for round_, load, ours, theirs in rows:
-        for case in CASES:
+        for case in cases:
             print(f"{case:<18} {round_:>5} {load:>5.2f} {ours[case]:>9.3f}s {theirs[case]:>9.3f}s "
                   f"{ours[case] / theirs[case]:>6.2f}x")
 

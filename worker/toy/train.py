@@ -483,7 +483,8 @@ def train_transformer(args) -> None:
         model = WanTransformer3DModel.from_pretrained(os.path.join(args.work, "transformer"))
         log(f"transformer resumed from {args.work}/transformer")
     else:
-        model = WanTransformer3DModel(**dict(TRANSFORMER_CONFIG, patch_size=[1, args.patch, args.patch]))
+        model = WanTransformer3DModel(**dict(TRANSFORMER_CONFIG, patch_size=[1, args.patch, args.patch],
+                                             num_layers=args.layers))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     # An exponential moving average of the weights is what gets exported (when --ema > 0): the
     # raw weights of a small model at this learning rate draw jittery objects with stray
@@ -631,6 +632,8 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=4000, help="training clips to encode")
     p.add_argument("--steps", type=int, default=20000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--layers", type=int, default=TRANSFORMER_CONFIG["num_layers"],
+                   help="the transformer's blocks (a new run; a continued one keeps its checkpoint's)")
     p.add_argument("--patch", type=int, default=1, help="the transformer's spatial patch (latent cells)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train-shift", type=float, default=FLOW_SHIFT,
