@@ -652,7 +652,7 @@ def main() -> None:
     p.add_argument("--export-step", type=int, default=0,
                    help="export --work/transformer-stepN (a checkpoint of --checkpoint-every) instead of "
                         "--work/transformer (the run's end)")
-    p.add_argument("--infer-steps", type=int, default=20, help="the exported default step count")
+    p.add_argument("--infer-steps", type=int, default=40, help="the exported default step count")
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--samples", type=int, default=3, help="captions per split for `sample`")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "model"))

@@ -14,7 +14,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::model::cpu_math::{exp2, has_avx2_fma};
+use crate::model::cpu_math::{exp2, Isa};
 
 /// Queries per work item: enough rows to reuse each block of keys from cache.
 const QUERY_BLOCK: usize = 128;
@@ -25,10 +25,10 @@ const KEY_BLOCK: usize = 512;
 /// `(B, H, Lq)`): what [`crate::model::attention`] computes, fused. `q` is `(B, H, Lq, D)`, `k`
 /// and `v` `(B, H, Lk, D)`, all on the CPU; the output is in `q`'s dtype (computed in f32).
 pub fn attention_with_lse(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-    fused(q, k, v, Kernel::detect())
+    fused(q, k, v, Isa::detect())
 }
 
-fn fused(q: &Tensor, k: &Tensor, v: &Tensor, kernel: Kernel) -> Result<(Tensor, Tensor)> {
+fn fused(q: &Tensor, k: &Tensor, v: &Tensor, isa: Isa) -> Result<(Tensor, Tensor)> {
     let (b, h, lq, d) = q.dims4()?;
     let (kb, kh, lk, kd) = k.dims4()?;
     if (kb, kh, kd) != (b, h, d) || v.dims4()? != (b, h, lk, d) {
@@ -67,7 +67,8 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, kernel: Kernel) -> Result<(Tensor, 
             // SAFETY: each (head, block) writes its own disjoint rows of `out` and `lse`, which
             // outlive this parallel loop.
             let (o, l) = unsafe { out_ptr.rows(head * lq + row0, rows, d) };
-            kernel.run(
+            run(
+                isa,
                 Inputs { q, k, v },
                 o,
                 l,
@@ -138,42 +139,40 @@ struct Scratch {
     sum: Vec<f32>,
 }
 
-#[derive(Clone, Copy)]
-enum Kernel {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2Fma,
-}
-
-impl Kernel {
-    fn detect() -> Self {
+/// [`block`] through `isa`'s compilation.
+fn run(
+    isa: Isa,
+    inputs: Inputs<'_>,
+    out: &mut [f32],
+    lse: &mut [f32],
+    dims: Dims,
+    scratch: &mut Scratch,
+) {
+    // SAFETY (both): `isa` comes from `Isa::detect`, so the CPU has the features.
+    match isa {
+        Isa::Portable => block(inputs, out, lse, dims, scratch),
         #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            return Kernel::Avx2Fma;
-        }
-        Kernel::Portable
-    }
-
-    fn run(
-        self,
-        inputs: Inputs<'_>,
-        out: &mut [f32],
-        lse: &mut [f32],
-        dims: Dims,
-        scratch: &mut Scratch,
-    ) {
-        match self {
-            Kernel::Portable => block(inputs, out, lse, dims, scratch),
-            // SAFETY: chosen only when the CPU has AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2Fma => unsafe { block_avx2(inputs, out, lse, dims, scratch) },
-        }
+        Isa::Avx2Fma => unsafe { block_avx2(inputs, out, lse, dims, scratch) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { block_avx512(inputs, out, lse, dims, scratch) },
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2(
+    inputs: Inputs<'_>,
+    out: &mut [f32],
+    lse: &mut [f32],
+    dims: Dims,
+    scratch: &mut Scratch,
+) {
+    block(inputs, out, lse, dims, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn block_avx512(
     inputs: Inputs<'_>,
     out: &mut [f32],
     lse: &mut [f32],
@@ -288,9 +287,10 @@ fn block(
     }
 }
 
-/// Lanes of partial results: reductions in eight independent lanes vectorise (one running
+/// Lanes of partial results: reductions in sixteen independent lanes vectorise (one AVX-512
+/// register, two AVX2 ones) (one running
 /// value would fix the order of the additions, and LLVM keeps that order).
-const LANES: usize = 8;
+const LANES: usize = 16;
 
 /// The largest of `xs`.
 #[inline(always)]
@@ -347,8 +347,8 @@ mod tests {
             let max = scores.max_keepdim(3)?;
             let want_lse =
                 (scores.broadcast_sub(&max)?.exp()?.sum_keepdim(3)?.log()? + max)?.squeeze(3)?;
-            for kernel in [Kernel::Portable, Kernel::detect()] {
-                let (got, lse) = fused(&q, &k, &v, kernel)?;
+            for isa in Isa::available() {
+                let (got, lse) = fused(&q, &k, &v, isa)?;
                 let err = relative_l2(&got, &want)?;
                 assert!(err < 1e-6, "{:?}: relative L2 {err:e}", (b, h, lq, lk, d));
                 assert!(relative_l2(&lse, &want_lse)? < 1e-6);

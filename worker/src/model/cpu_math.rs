@@ -4,22 +4,59 @@
 //! tanh approximation) and the VAE's norms (SiLU).
 //!
 //! Profiled on the toy model's render, candle's scalar GELU (`tanh` through libm's `expm1f` per
-//! element) took 30% of the denoising time, more than the attention. The kernels here are
-//! compiled a second time for AVX2 and FMA and chosen at run time when the CPU has them (the
-//! portable build stays portable: `mul_add` without FMA is a libm call, slow but exact).
+//! element) took 30% of the denoising time, more than the attention. The kernels are compiled
+//! once per [`Isa`] and the best the CPU has is chosen at run time (the portable variant stays
+//! portable: `mul_add` without FMA is a libm call, slow but exact).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Whether this CPU runs the AVX2 + FMA versions of the kernels.
-pub(crate) fn has_avx2_fma() -> bool {
+/// The instruction set a CPU kernel is compiled for: each kernel is compiled once per variant
+/// (`#[target_feature]`) and the best one the CPU has is chosen at run time, so the portable
+/// build stays portable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Portable,
+    /// AVX2 and FMA: 8 lanes of f32.
     #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    Avx2Fma,
+    /// AVX-512F (with AVX2 and FMA): 16 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    /// The widest variant this CPU runs.
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                return if has!("avx512f") {
+                    Isa::Avx512
+                } else {
+                    Isa::Avx2Fma
+                };
+            }
+        }
+        Isa::Portable
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// Every variant this CPU runs (for tests that compare them).
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Self> {
+        let mut all = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let best = Isa::detect();
+            if best != Isa::Portable {
+                all.push(Isa::Avx2Fma);
+            }
+            if best == Isa::Avx512 {
+                all.push(Isa::Avx512);
+            }
+        }
+        all
     }
 }
 
@@ -78,16 +115,15 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
 /// (other devices, other dtypes).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1_no_bwd(&Gelu {
-            avx2_fma: has_avx2_fma(),
-        })
+        x.contiguous()?
+            .apply_op1_no_bwd(&Gelu { isa: Isa::detect() })
     } else {
         x.gelu()
     }
 }
 
 struct Gelu {
-    avx2_fma: bool,
+    isa: Isa,
 }
 
 /// Elements per rayon task: large enough to amortise the task, small enough to spread.
@@ -107,23 +143,23 @@ impl CustomOp1 for Gelu {
         let mut dst = vec![0f32; src.len()];
         dst.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
-            .for_each(|(dst, src)| map_slice(src, dst, gelu_tanh, self.avx2_fma));
+            .for_each(|(dst, src)| map_slice(src, dst, gelu_tanh, self.isa));
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 }
 
-/// `dst[i] = f(src[i])`, through the AVX2 + FMA compilation when `avx2_fma` (`f` is a generic,
-/// not a pointer, so that it is inlined into each compilation and vectorised there).
+/// `dst[i] = f(src[i])`, through `isa`'s compilation (`f` is a generic, not a pointer, so that
+/// it is inlined into each compilation and vectorised there).
 #[inline(always)]
-pub(crate) fn map_slice(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32, avx2_fma: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2_fma {
-        // SAFETY: `avx2_fma` is only true when the CPU has both (`has_avx2_fma`).
-        unsafe { map_slice_avx2(src, dst, f) };
-        return;
+pub(crate) fn map_slice(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32, isa: Isa) {
+    // SAFETY (both): `isa` comes from `Isa::detect`, so the CPU has the features.
+    match isa {
+        Isa::Portable => map_slice_portable(src, dst, f),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { map_slice_avx2(src, dst, f) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { map_slice_avx512(src, dst, f) },
     }
-    let _ = avx2_fma;
-    map_slice_portable(src, dst, f)
 }
 
 #[inline(always)]
@@ -136,6 +172,12 @@ fn map_slice_portable(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn map_slice_avx2(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+    map_slice_portable(src, dst, f)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn map_slice_avx512(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
     map_slice_portable(src, dst, f)
 }
 
@@ -193,9 +235,9 @@ mod tests {
         let want = x.gelu()?;
         assert!(relative_l2(&gelu(&x)?, &want)? < 1e-6);
         let flat = x.flatten_all()?.to_vec1::<f32>()?;
-        for avx2_fma in [false, has_avx2_fma()] {
+        for isa in Isa::available() {
             let mut out = vec![0f32; flat.len()];
-            map_slice(&flat, &mut out, gelu_tanh, avx2_fma);
+            map_slice(&flat, &mut out, gelu_tanh, isa);
             let got = Tensor::from_vec(out, x.shape(), &Device::Cpu)?;
             assert!(relative_l2(&got, &want)? < 1e-6);
         }

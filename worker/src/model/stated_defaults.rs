@@ -4,7 +4,7 @@
 //!
 //! ```json
 //! "_longtake": {"name": "toy", "default_width": 64, "default_height": 64, "default_frames": 17,
-//!               "default_fps": 16, "default_steps": 20, "max_sequence_length": 16}
+//!               "default_fps": 16, "default_steps": 40, "max_sequence_length": 16}
 //! ```
 //!
 //! Every field is optional and falls back to the family's defaults; unknown fields are ignored

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::vae_conv::{CausalConv3d, Conv2d};
 use super::vae_split::RowSplit;
-use crate::model::cpu_math::{has_avx2_fma, silu};
+use crate::model::cpu_math::{silu, Isa};
 
 /// The state a causal layer keeps between two chunks of frames (diffusers' `feat_cache` entry).
 #[derive(Debug, Clone, Default)]
@@ -89,7 +89,7 @@ impl RmsNorm {
             x.contiguous()?.apply_op1_no_bwd(&ChannelRmsNorm {
                 scale: &self.scale_host,
                 silu,
-                avx2_fma: has_avx2_fma(),
+                isa: Isa::detect(),
             })?
         } else {
             // F.normalize's eps bounds the norm from below, it is not added to it.
@@ -119,8 +119,8 @@ impl Module for RmsNorm {
 struct ChannelRmsNorm<'a> {
     scale: &'a [f32],
     silu: bool,
-    /// Run the AVX2 + FMA compilation of [`Self::frame`] (the CPU has both).
-    avx2_fma: bool,
+    /// The compilation of [`Self::frame`] to run.
+    isa: Isa,
 }
 
 impl ChannelRmsNorm<'_> {
@@ -128,17 +128,25 @@ impl ChannelRmsNorm<'_> {
     const BLOCK: usize = 256;
 
     fn frame(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2_fma {
-            // SAFETY: `avx2_fma` is only set when the CPU has both.
-            return unsafe { self.frame_avx2(src, dst, pixels) };
+        // SAFETY (both): `isa` comes from `Isa::detect`, so the CPU has the features.
+        match self.isa {
+            Isa::Portable => self.frame_portable(src, dst, pixels),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { self.frame_avx2(src, dst, pixels) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.frame_avx512(src, dst, pixels) },
         }
-        self.frame_portable(src, dst, pixels)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn frame_avx2(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
+        self.frame_portable(src, dst, pixels)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn frame_avx512(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
         self.frame_portable(src, dst, pixels)
     }
 
