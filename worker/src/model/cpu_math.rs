@@ -68,7 +68,8 @@ pub(crate) fn exp2(x: f32) -> f32 {
     // round to nearest by adding and taking away 1.5 · 2^23 (no libm call, so it vectorises)
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-126.0, 126.0);
-    let n = (x + ROUND) - ROUND;
+    let shifted = x + ROUND; // n sits in the low bits of the mantissa
+    let n = shifted - ROUND;
     let f = x - n;
     const C: [f32; 7] = [
         1.0,
@@ -86,7 +87,10 @@ pub(crate) fn exp2(x: f32) -> f32 {
         .mul_add(f, C[2])
         .mul_add(f, C[1])
         .mul_add(f, C[0]);
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n's two's complement from the bits, not `n as i32`: Rust's saturating float-to-int cast
+    // is a compare and branch per lane, which kept this loop scalar
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// The logistic function 1 / (1 + e^−x); saturates to 0 and 1 without overflow.
