@@ -380,7 +380,7 @@ impl WanVaeDecoder {
     /// After an error the cache is in an unspecified state and must not be reused.
     pub fn decode_with_cache(&self, z: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
         let frames = self.decode_pass(z, cache, None)?;
-        frames.permute((1, 0, 2, 3))?.unsqueeze(0)?.contiguous()
+        frames.permute((3, 0, 1, 2))?.unsqueeze(0)?.contiguous()
     }
 
     /// [`Self::decode_with_cache`] by all the ranks of `split` together, each decoding its rows
@@ -401,13 +401,14 @@ impl WanVaeDecoder {
         let frames = self.decode_pass(&z.narrow(3, band.start, band.len())?, cache, Some(split))?;
         match split.gather_to_first(&frames)? {
             Some(frames) => Ok(Some(
-                frames.permute((1, 0, 2, 3))?.unsqueeze(0)?.contiguous()?,
+                frames.permute((3, 0, 1, 2))?.unsqueeze(0)?.contiguous()?,
             )),
             None => Ok(None),
         }
     }
 
-    /// The decode of `z` (this rank's latent rows under `split`), frames-first `(T', C, H', W')`.
+    /// The decode of `z` (this rank's latent rows under `split`), channels-last
+    /// `(T', H', W', C)`.
     fn decode_pass(
         &self,
         z: &Tensor,
@@ -436,8 +437,8 @@ impl WanVaeDecoder {
             slots: &mut cache.slots,
             split,
         };
-        // Frames-first (F, C, H, W) for the whole decoder; post_quant_conv is pointwise in time.
-        let x = z.squeeze(0)?.permute((1, 0, 2, 3))?.contiguous()?;
+        // Channels-last (F, H, W, C) for the whole decoder; post_quant_conv is pointwise in time.
+        let x = z.squeeze(0)?.permute((1, 2, 3, 0))?.contiguous()?;
         let x = self.post_quant_conv.forward(&x, &mut pass)?;
         // One latent frame at a time like diffusers: the time upsamplers treat a video's first
         // frame apart, and peak memory stays at one chunk's activations.
@@ -452,7 +453,7 @@ impl WanVaeDecoder {
         Tensor::cat(&chunks, 0)
     }
 
-    /// The decoder on one chunk of frames `(T, z_dim, H, W)` → `(T', C, 8H, 8W)`, unclamped.
+    /// The decoder on one chunk of frames `(T, H, W, z_dim)` → `(T', 8H, 8W, C)`, unclamped.
     fn decode_chunk(&self, x: &Tensor, pass: &mut Pass<'_, '_>) -> Result<Tensor> {
         let mut x = self.conv_in.forward(x, pass)?;
         x = self.mid_resnets[0].forward(&x, pass)?;

@@ -2,9 +2,10 @@
 //! `vae_conv`): the cache slots of causal layers, the channel RMS norm, residual blocks, the
 //! single-head attention of the mid block and the spatial / spatio-temporal upsamplers.
 //!
-//! Every block works on one video laid out frames-first, `(T, C, H, W)`: the frames are the
+//! Every block works on one video laid out channels-last, `(T, H, W, C)`: the frames are the
 //! batch of the 2D operations, so that the temporal taps of a causal 3D convolution are slices
-//! along the first dimension and the time upsampler's interleave is a free reshape.
+//! along the first dimension, and a pixel's channels are contiguous, which the convolutions'
+//! matrix products and the channel norm read best.
 //! The tensor names mirror diffusers' `AutoencoderKLWan` exactly.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
@@ -25,7 +26,7 @@ pub(crate) enum Slot {
     /// the next one starts its time convolution from zeros (diffusers' `"Rep"` marker).
     Started,
     /// The last `kernel_t - 1` input frames of the layer, zeros included where the history is
-    /// shorter, `(kernel_t - 1, C, H, W)`.
+    /// shorter, `(kernel_t - 1, H, W, C)`.
     Frames(Tensor),
 }
 
@@ -52,11 +53,11 @@ impl SlotCounter {
 }
 
 /// `WanRMS_norm` (without bias, as in Wan2.1): `x / max(‖x‖₂, 1e-12) · √C · γ` over the channel
-/// dimension of `(N, C, H, W)`, computed in f32 whatever the model dtype. Every use but the
+/// dimension of `(N, H, W, C)`, computed in f32 whatever the model dtype. Every use but the
 /// attention's is followed by SiLU, which [`RmsNorm::forward_silu`] fuses in.
 #[derive(Debug, Clone)]
 pub(crate) struct RmsNorm {
-    /// `γ · √C` as `(C, 1, 1)`, f32.
+    /// `γ · √C` as `(C,)`, f32.
     scale: Tensor,
     /// The same values on the host, for the fused CPU kernel.
     scale_host: Vec<f32>,
@@ -71,7 +72,7 @@ impl RmsNorm {
         } else {
             vb.get((dim, 1, 1, 1), "gamma")?
         };
-        let scale = (gamma.to_dtype(DType::F32)?.reshape((dim, 1, 1))? * (dim as f64).sqrt())?;
+        let scale = (gamma.to_dtype(DType::F32)?.reshape(dim)? * (dim as f64).sqrt())?;
         let scale_host = scale.flatten_all()?.to_vec1::<f32>()?;
         Ok(Self { scale, scale_host })
     }
@@ -95,7 +96,7 @@ impl RmsNorm {
             // F.normalize's eps bounds the norm from below, it is not added to it.
             let norm = x
                 .sqr()?
-                .sum_keepdim(1)?
+                .sum_keepdim(3)?
                 .sqrt()?
                 .clamp(1e-12f64, f64::INFINITY)?;
             let y = x.broadcast_div(&norm)?.broadcast_mul(&self.scale)?;
@@ -115,73 +116,68 @@ impl Module for RmsNorm {
     }
 }
 
-/// The CPU kernel of [`RmsNorm`] on contiguous f32 `(N, C, H, W)`, optionally followed by SiLU.
+/// The CPU kernel of [`RmsNorm`] on contiguous f32 `(N, H, W, C)`, optionally followed by SiLU.
 struct ChannelRmsNorm<'a> {
     scale: &'a [f32],
     silu: bool,
-    /// The compilation of [`Self::frame`] to run.
+    /// The compilation of [`Self::pixels`] to run.
     isa: Isa,
 }
 
 impl ChannelRmsNorm<'_> {
-    /// Pixels normalised together: their channel sums stay in L1 while the channels stream by.
-    const BLOCK: usize = 256;
+    /// Pixels per parallel task.
+    const BLOCK: usize = 512;
 
-    fn frame(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
+    fn pixels(&self, src: &[f32], dst: &mut [f32]) {
         // SAFETY (both): `isa` comes from `Isa::detect`, so the CPU has the features.
         match self.isa {
-            Isa::Portable => self.frame_portable(src, dst, pixels),
+            Isa::Portable => self.pixels_portable(src, dst),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { self.frame_avx2(src, dst, pixels) },
+            Isa::Avx2Fma => unsafe { self.pixels_avx2(src, dst) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { self.frame_avx512(src, dst, pixels) },
+            Isa::Avx512 => unsafe { self.pixels_avx512(src, dst) },
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn frame_avx2(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
-        self.frame_portable(src, dst, pixels)
+    unsafe fn pixels_avx2(&self, src: &[f32], dst: &mut [f32]) {
+        self.pixels_portable(src, dst)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn frame_avx512(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
-        self.frame_portable(src, dst, pixels)
+    unsafe fn pixels_avx512(&self, src: &[f32], dst: &mut [f32]) {
+        self.pixels_portable(src, dst)
     }
 
     #[inline(always)]
-    fn frame_portable(&self, src: &[f32], dst: &mut [f32], pixels: usize) {
+    fn pixels_portable(&self, src: &[f32], dst: &mut [f32]) {
+        const LANES: usize = 16;
         let channels = self.scale.len();
-        let mut inv = [0f32; Self::BLOCK];
-        for p0 in (0..pixels).step_by(Self::BLOCK) {
-            let len = Self::BLOCK.min(pixels - p0);
-            let inv = &mut inv[..len];
-            inv.fill(0.0);
-            for c in 0..channels {
-                let row = &src[c * pixels + p0..c * pixels + p0 + len];
-                for (acc, v) in inv.iter_mut().zip(row) {
+        for (src, dst) in src
+            .chunks_exact(channels)
+            .zip(dst.chunks_exact_mut(channels))
+        {
+            // Sixteen partial sums, so that the sum of squares vectorises.
+            let mut lanes = [0f32; LANES];
+            let mut blocks = src.chunks_exact(LANES);
+            for block in &mut blocks {
+                for (acc, v) in lanes.iter_mut().zip(block) {
                     *acc += v * v;
                 }
             }
-            for acc in inv.iter_mut() {
-                *acc = 1.0 / acc.sqrt().max(1e-12);
-            }
-            for (c, &scale) in self.scale.iter().enumerate() {
-                let range = c * pixels + p0..c * pixels + p0 + len;
-                let rows = dst[range.clone()]
-                    .iter_mut()
-                    .zip(&src[range])
-                    .zip(inv.iter());
-                // two loops, not a branch per pixel, so that each vectorises
-                if self.silu {
-                    for ((out, v), i) in rows {
-                        *out = silu(v * i * scale);
-                    }
-                } else {
-                    for ((out, v), i) in rows {
-                        *out = v * i * scale;
-                    }
+            let tail: f32 = blocks.remainder().iter().map(|v| v * v).sum();
+            let inv = 1.0 / (lanes.iter().sum::<f32>() + tail).sqrt().max(1e-12);
+            let values = dst.iter_mut().zip(src).zip(self.scale);
+            // two loops, not a branch per channel, so that each vectorises
+            if self.silu {
+                for ((out, v), scale) in values {
+                    *out = silu(v * inv * scale);
+                }
+            } else {
+                for ((out, v), scale) in values {
+                    *out = v * inv * scale;
                 }
             }
         }
@@ -194,23 +190,22 @@ impl CustomOp1 for ChannelRmsNorm<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = layout.shape().dims4()?;
+        let c = layout.shape().dims4()?.3;
         let (CpuStorage::F32(src), Some((start, end))) = (storage, layout.contiguous_offsets())
         else {
             candle_core::bail!("channel rms norm needs contiguous f32");
         };
-        if c != self.scale.len() {
+        if c != self.scale.len() || c == 0 {
             candle_core::bail!(
                 "channel rms norm over {c} channels with {} scales",
                 self.scale.len()
             );
         }
         let src = &src[start..end];
-        let frame = c * h * w;
-        let mut dst = vec![0f32; n * frame];
-        dst.par_chunks_mut(frame.max(1))
-            .zip(src.par_chunks(frame.max(1)))
-            .for_each(|(dst, src)| self.frame(src, dst, h * w));
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(Self::BLOCK * c)
+            .zip(src.par_chunks(Self::BLOCK * c))
+            .for_each(|(dst, src)| self.pixels(src, dst));
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 }
@@ -294,27 +289,25 @@ impl AttentionBlock {
 }
 
 impl AttentionBlock {
-    /// Self-attention over each frame's pixels, `x` `(T, C, H, W)`; under `split`, `x` is this
+    /// Self-attention over each frame's pixels, `x` `(T, H, W, C)`; under `split`, `x` is this
     /// rank's rows and they attend to the whole frame's keys and values, gathered from the
     /// group.
     pub(crate) fn forward(&self, x: &Tensor, split: Option<&RowSplit<'_>>) -> Result<Tensor> {
-        let (t, c, h, w) = x.dims4()?;
+        let (t, h, w, c) = x.dims4()?;
         let qkv = self.to_qkv.forward(&self.norm.forward(x)?, None)?;
-        // Channels-first (T, C, HW) operands: scores = qᵀk, out = v·attnᵀ, so no transposed copy
-        // of the activations is needed.
-        let q = qkv.narrow(1, 0, c)?.reshape((t, c, h * w))?;
+        let q = qkv.narrow(3, 0, c)?.reshape((t, h * w, c))?;
         let kv = match split {
-            Some(split) => split.gather_rows(&qkv.narrow(1, c, 2 * c)?)?,
-            None => qkv.narrow(1, c, 2 * c)?,
+            Some(split) => split.gather_rows(&qkv.narrow(3, c, 2 * c)?)?,
+            None => qkv.narrow(3, c, 2 * c)?,
         };
-        let pixels = kv.dim(2)? * kv.dim(3)?;
-        let kv = kv.reshape((t, 2 * c, pixels))?;
-        let k = kv.narrow(1, 0, c)?;
-        let v = kv.narrow(1, c, c)?;
-        let scores = (q.transpose(1, 2)?.matmul(&k)? / (self.dim as f64).sqrt())?;
+        let pixels = kv.dim(1)? * kv.dim(2)?;
+        let kv = kv.reshape((t, pixels, 2 * c))?;
+        let k = kv.narrow(2, 0, c)?.contiguous()?;
+        let v = kv.narrow(2, c, c)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? / (self.dim as f64).sqrt())?;
         let attn =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
-        let out = v.matmul(&attn.transpose(1, 2)?)?.reshape((t, c, h, w))?;
+        let out = attn.matmul(&v)?.reshape((t, h, w, c))?;
         self.proj.forward(&out, None)? + x
     }
 }
@@ -359,18 +352,22 @@ impl Upsample {
                 // The video's first frame is not upsampled in time (1 + 4(F-1) output frames).
                 pass.slots[self.slot] = Slot::Started;
             } else {
-                let (t, c, h, w) = x.dims4()?;
-                // (T, 2C, H, W) → (2T, C, H, W): frame 2t+j is half j of frame t.
-                x = time_conv.forward(&x, pass)?.reshape((2 * t, c, h, w))?;
+                let (t, h, w, c) = x.dims4()?;
+                // (T, H, W, 2C) → (2T, H, W, C): frame 2t+j is half j of frame t's channels.
+                x = time_conv
+                    .forward(&x, pass)?
+                    .reshape((t, h, w, 2, c))?
+                    .permute((0, 3, 1, 2, 4))?
+                    .reshape((2 * t, h, w, c))?;
             }
         }
-        let (_, _, h, w) = x.dims4()?;
-        let dtype = x.dtype();
-        // Nearest-exact at an integer ×2 factor is plain nearest; diffusers upsamples in f32.
+        // Nearest-exact at an integer ×2 factor is plain nearest: every pixel repeated 2 × 2
+        // (exact in any dtype, so no f32 round trip as diffusers makes).
+        let (t, h, w, c) = x.dims4()?;
         let up = x
-            .to_dtype(DType::F32)?
-            .upsample_nearest2d(2 * h, 2 * w)?
-            .to_dtype(dtype)?;
+            .reshape((t, h, 1, w, 1, c))?
+            .broadcast_as((t, h, 2, w, 2, c))?
+            .reshape((t, 2 * h, 2 * w, c))?;
         self.resample.forward(&up, pass.split)
     }
 }
@@ -386,33 +383,34 @@ mod tests {
     #[test]
     fn fused_norm_matches_its_definition() {
         let dev = Device::Cpu;
-        let gamma = Tensor::randn(1f32, 0.3, (5, 1, 1, 1), &dev).unwrap();
+        // 21 channels: one block of sixteen lanes and a tail; 900 pixels: one parallel block of
+        // 512 and a partial one; one pixel all zeros.
+        let gamma = Tensor::randn(1f32, 0.3, (21, 1, 1, 1), &dev).unwrap();
         let vb = VarBuilder::from_tensors(
             [("gamma".to_string(), gamma.clone())].into(),
             DType::F32,
             &dev,
         );
-        let norm = RmsNorm::new(5, false, vb).unwrap();
-        // 300 pixels: one full block of 256 and a partial one; one pixel all zeros.
-        let x = Tensor::randn(0f32, 2.0, (3, 5, 10, 30), &dev).unwrap();
+        let norm = RmsNorm::new(21, false, vb).unwrap();
+        let x = Tensor::randn(0f32, 2.0, (3, 10, 30, 21), &dev).unwrap();
         let x = x
             .slice_assign(
-                &[0..1, 0..5, 0..1, 0..1],
-                &Tensor::zeros((1, 5, 1, 1), DType::F32, &dev).unwrap(),
+                &[0..1, 0..1, 0..1, 0..21],
+                &Tensor::zeros((1, 1, 1, 21), DType::F32, &dev).unwrap(),
             )
             .unwrap();
         let l2 = x
             .sqr()
             .unwrap()
-            .sum_keepdim(1)
+            .sum_keepdim(3)
             .unwrap()
             .sqrt()
             .unwrap()
             .clamp(1e-12f64, f64::INFINITY)
             .unwrap();
-        let want = (x.broadcast_div(&l2).unwrap() * 5f64.sqrt())
+        let want = (x.broadcast_div(&l2).unwrap() * 21f64.sqrt())
             .unwrap()
-            .broadcast_mul(&gamma.reshape((5, 1, 1)).unwrap())
+            .broadcast_mul(&gamma.reshape(21).unwrap())
             .unwrap();
         assert!(relative_l2(&norm.forward(&x).unwrap(), &want).unwrap() < 1e-6);
         let want = want.silu().unwrap();

@@ -1,44 +1,42 @@
-//! The Wan VAE's convolutions on frames-first video `(T, C, H, W)`: the causal 3D convolution
+//! The Wan VAE's convolutions on channels-last frames `(T, H, W, C)`: the causal 3D convolution
 //! (`WanCausalConv3d`) with its per-layer frame cache, and the plain 2D convolutions.
 //!
-//! Candle has no conv3d, and its CPU conv2d is slow at the VAE's shapes (few channels, large
-//! frames), so on the CPU a convolution is one spatial im2col of every input frame followed by a
-//! batched matmul: the im2col rows of the `kernel_t` frames a temporal window covers lie next to
-//! each other in memory, so each output frame's patch matrix is an overlapping view
-//! ([`Tensor::unfold`]) and no per-tap copy or sum is made. Other devices stack the temporal taps
-//! along the channels and use the backend's conv2d.
+//! Candle has no conv3d, and its CPU conv2d is slow at the VAE's shapes, so on the CPU a
+//! convolution is a sum of matrix products over shifted views of the input, with no patch
+//! matrix: channels-last, the input frames are padded once (a zero pixel on each side of a row,
+//! a zero row above and below a frame), and then for a kernel tap `(t, y)` the rows of the left
+//! operand are the padded pixels shifted by that tap, each row the `3 · C` values of three
+//! neighbouring pixels (the three `x` taps, contiguous in memory, so the rows overlap). Every
+//! output frame and row is one matrix of the product: output pixels over the padded width, the
+//! two pixels of each row that fall on the padding thrown away when the result is copied out
+//! with the bias. The products are `gemm`'s canonical row-major form, which runs at the
+//! machine's matrix rate, and no operand is copied but the padded input. Other devices use the
+//! backend's conv2d on channels-first frames, with the temporal taps stacked along the channels.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::vae_blocks::{Pass, Slot, SlotCounter};
 use super::vae_split::RowSplit;
 
-/// The most im2col elements built at once (16 MiB in f32); bigger inputs are done in bands of
-/// rows. Bands that stay in cache while the matmul reads them are 2-3× faster than whole frames,
-/// and they bound the memory of a real-size decode (a 480p frame at 96 channels would otherwise
-/// need gigabytes of patches).
-const IM2COL_MAX_ELEMENTS: usize = 1 << 22;
-
 /// The weights of one convolution, laid out for the device that runs it.
 #[derive(Debug, Clone)]
 enum Kernel {
-    /// `(kernel_t · C_in · k · k, C_out)`, rows ordered (tap, channel, ky, kx) like the im2col.
-    Gemm(Tensor),
-    /// `(C_out, kernel_t · C_in, k, k)`, the taps stacked tap-major along the input channels.
-    Conv2d(Tensor),
+    /// `(kernel_t, k, k, C_in, C_out)` and the bias, f32 on the host, for [`ShiftedProducts`].
+    Host { weight: Vec<f32>, bias: Vec<f32> },
+    /// `(C_out, kernel_t · C_in, k, k)`, the taps stacked tap-major along the input channels,
+    /// and the bias as `(1, C_out, 1, 1)`.
+    Conv2d { weight: Tensor, bias: Tensor },
 }
 
 /// A convolution over frames, `kernel_t` frames deep and `k × k` wide, stride 1.
 #[derive(Debug, Clone)]
 struct FrameConv {
     kernel: Kernel,
-    /// `(1, C_out, 1)`, broadcast over frames and pixels.
-    bias: Tensor,
     kernel_t: usize,
     k: usize,
+    in_dim: usize,
     out_dim: usize,
 }
 
@@ -50,181 +48,258 @@ impl FrameConv {
             candle_core::bail!("only 1×1 and 3×3 spatial kernels are supported, got {k}×{kw}");
         }
         let kernel = if device.is_cpu() {
-            let w = weight
-                .permute((2, 1, 3, 4, 0))?
-                .reshape((kernel_t * in_dim * k * k, out_dim))?;
-            Kernel::Gemm(w.contiguous()?)
+            let host = |t: Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            Kernel::Host {
+                weight: host(weight.permute((2, 3, 4, 1, 0))?.contiguous()?)?,
+                bias: host(bias)?,
+            }
         } else {
             let w = weight
                 .permute((0, 2, 1, 3, 4))?
                 .reshape((out_dim, kernel_t * in_dim, k, k))?;
-            Kernel::Conv2d(w.contiguous()?)
+            Kernel::Conv2d {
+                weight: w.contiguous()?,
+                bias: bias.reshape((1, out_dim, 1, 1))?,
+            }
         };
-        let bias = bias.reshape((1, out_dim, 1))?;
         Ok(Self {
             kernel,
-            bias,
             kernel_t,
             k,
+            in_dim,
             out_dim,
         })
     }
 
-    /// Convolves `padded` `(T + kernel_t - 1, C_in, H, W)`, whose first frames are the history,
-    /// into `(T, C_out, H, W)`; spatial padding is `k / 2` zeros on each side.
+    /// Convolves `padded` `(T + kernel_t - 1, H, W, C_in)`, whose first frames are the history,
+    /// into `(T, H, W, C_out)`; spatial padding is `k / 2` zeros on each side.
     fn forward(&self, padded: &Tensor) -> Result<Tensor> {
-        self.forward_banded(padded, IM2COL_MAX_ELEMENTS, false)
+        self.forward_rows(padded, false)
     }
 
     /// [`Self::forward`] on this rank's rows of the frames under `split`: a 3×3 kernel reads
     /// one row of the neighbouring bands on each side.
     fn forward_split(&self, padded: &Tensor, split: Option<&RowSplit<'_>>) -> Result<Tensor> {
         match split {
-            Some(split) if self.k > 1 => {
-                self.forward_banded(&split.with_halo(padded)?, IM2COL_MAX_ELEMENTS, true)
-            }
+            Some(split) if self.k > 1 => self.forward_rows(&split.with_halo(padded)?, true),
             _ => self.forward(padded),
         }
     }
 
-    /// [`Self::forward`] building at most about `max_elements` patch values at once; with
-    /// `halo` the input's outer rows are only read ([`Self::forward_halo`]).
-    fn forward_banded(&self, padded: &Tensor, max_elements: usize, halo: bool) -> Result<Tensor> {
-        let (n, c, h_in, w) = padded.dims4()?;
-        let t = n + 1 - self.kernel_t;
-        // Output row y reads input rows y - 1 ..= y + 1 of the frame, rows y ..= y + 2 of a
-        // band with halo: it is the padded convolution's row y + 1.
-        let (first, h) = if halo {
-            if h_in < 3 {
-                candle_core::bail!("a band with halo rows needs at least 3 rows, got {h_in}");
-            }
-            (1, h_in - 2)
-        } else {
-            (0, h_in)
-        };
+    /// With `halo`, the first and last rows of `padded` are only read (the neighbouring bands'
+    /// rows): the output has two rows fewer than the input.
+    fn forward_rows(&self, padded: &Tensor, halo: bool) -> Result<Tensor> {
+        let (n, h_in, _, c) = padded.dims4()?;
+        if c != self.in_dim || n < self.kernel_t {
+            candle_core::bail!(
+                "a convolution of {} input channels and {} frames deep got frames {:?}",
+                self.in_dim,
+                self.kernel_t,
+                padded.dims()
+            );
+        }
+        if halo && h_in < 3 {
+            candle_core::bail!("a band with halo rows needs at least 3 rows, got {h_in}");
+        }
         match &self.kernel {
-            Kernel::Gemm(weight) => {
-                let padded = padded.contiguous()?;
-                let rows_k = c * self.k * self.k;
-                let band = (max_elements / (n * rows_k * w).max(1)).clamp(1, h);
-                let mut bands = Vec::with_capacity(h.div_ceil(band));
-                for y in (0..h).step_by(band) {
-                    let rows = band.min(h - y);
-                    let y0 = first + y;
-                    let cols = if self.k == 1 {
-                        padded.narrow(2, y0, rows)?.contiguous()?
-                    } else {
-                        padded.apply_op1_no_bwd(&Im2Col3x3 { y0, rows })?
-                    };
-                    let pixels = rows * w;
-                    // Window j of the flattened (N·rows_k, pixels) patch rows is output frame j's
-                    // (kernel_t·rows_k) patch matrix, read transposed: (T, pixels, kernel_t·rows_k).
-                    let windows = cols.reshape((n * rows_k, pixels))?.unfold(
-                        0,
-                        self.kernel_t * rows_k,
-                        rows_k,
-                    )?;
-                    let out = windows.broadcast_matmul(weight)?; // (T, pixels, C_out)
-                    bands.push(out.transpose(1, 2)?.broadcast_add(&self.bias)?.reshape((
-                        t,
-                        self.out_dim,
-                        rows,
-                        w,
-                    ))?);
-                }
-                if bands.len() == 1 {
-                    Ok(bands.remove(0))
-                } else {
-                    Tensor::cat(&bands, 2)
-                }
-            }
-            Kernel::Conv2d(weight) => {
-                let taps: Vec<Tensor> = (0..self.kernel_t)
-                    .map(|k| padded.narrow(0, k, t))
-                    .collect::<Result<_>>()?;
-                let stacked = if taps.len() == 1 {
-                    taps[0].clone()
-                } else {
-                    Tensor::cat(&taps, 1)?
+            Kernel::Host { weight, bias } => {
+                let dtype = padded.dtype();
+                let op = ShiftedProducts {
+                    weight,
+                    bias,
+                    kernel_t: self.kernel_t,
+                    k: self.k,
+                    out_dim: self.out_dim,
+                    halo,
                 };
-                let out = stacked
-                    .conv2d(weight, self.k / 2, 1, 1, 1)?
-                    .narrow(2, first, h)?;
-                out.broadcast_add(&self.bias.unsqueeze(3)?)
+                padded
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(&op)?
+                    .to_dtype(dtype)
+            }
+            Kernel::Conv2d { weight, bias } => {
+                let t = n + 1 - self.kernel_t;
+                let frames = padded.permute((0, 3, 1, 2))?;
+                let taps: Vec<Tensor> = (0..self.kernel_t)
+                    .map(|k| frames.narrow(0, k, t))
+                    .collect::<Result<_>>()?;
+                let stacked = Tensor::cat(&taps, 1)?.contiguous()?;
+                let out = stacked.conv2d(weight, self.k / 2, 1, 1, 1)?;
+                let out = if halo {
+                    out.narrow(2, 1, h_in - 2)?
+                } else {
+                    out
+                };
+                out.broadcast_add(bias)?.permute((0, 2, 3, 1))?.contiguous()
             }
         }
     }
 }
 
-/// The 3×3, padding 1 patches of output rows `y0 .. y0 + rows` of each frame:
-/// `(N, C, H, W)` → `(N, C·9, rows, W)`, patch rows ordered (channel, ky, kx).
-struct Im2Col3x3 {
-    y0: usize,
-    rows: usize,
+/// The CPU convolution of contiguous f32 channels-last frames `(N, H, W, C_in)` into
+/// `(N + 1 - kernel_t, H', W, C_out)` as sums of products of shifted views (see the module
+/// documentation).
+struct ShiftedProducts<'a> {
+    /// `(kernel_t, k, k, C_in, C_out)`.
+    weight: &'a [f32],
+    bias: &'a [f32],
+    kernel_t: usize,
+    k: usize,
+    out_dim: usize,
+    /// The input's first and last rows are the neighbouring bands' rows, not zero padding.
+    halo: bool,
 }
 
-impl Im2Col3x3 {
-    fn run<T: Copy + Default + Send + Sync>(
-        &self,
-        src: &[T],
-        (n, c, h, w): (usize, usize, usize, usize),
-    ) -> Vec<T> {
-        let plane = self.rows * w;
-        let mut dst = vec![T::default(); n * c * 9 * plane];
-        // One (frame, channel) input plane fills 9 consecutive output planes.
-        dst.par_chunks_mut(9 * plane)
+impl ShiftedProducts<'_> {
+    fn run(&self, src: &[f32], (n, h_in, w, c): (usize, usize, usize, usize)) -> (Vec<f32>, Shape) {
+        let t = n + 1 - self.kernel_t;
+        let cout = self.out_dim;
+        if self.k == 1 {
+            // Pointwise in space: the frames themselves are the operand of each time tap.
+            let pixels = h_in * w;
+            let mut out = vec![0f32; t * pixels * cout];
+            for tap in 0..self.kernel_t {
+                let lhs = &src[tap * pixels * c..(tap + t) * pixels * c];
+                let rhs = &self.weight[tap * c * cout..(tap + 1) * c * cout];
+                product(&mut out, tap > 0, lhs, c, c, rhs, cout);
+            }
+            self.add_bias(&mut out);
+            return (out, Shape::from((t, h_in, w, cout)));
+        }
+        // Frames padded to (H + 2) × (W + 2), or W + 2 only when the halo rows are there; two
+        // extra pixels at the end, which only the thrown-away columns of the last row read.
+        let (hp, wp, top) = if self.halo {
+            (h_in, w + 2, 0)
+        } else {
+            (h_in + 2, w + 2, 1)
+        };
+        let h = hp - 2;
+        let plane = hp * wp;
+        let mut padded = vec![0f32; (n * plane + 2) * c];
+        padded[..n * plane * c]
+            .par_chunks_mut(plane * c)
+            .zip(src.par_chunks(h_in * w * c))
+            .for_each(|(dst, frame)| {
+                for (y, row) in frame.chunks(w * c).enumerate() {
+                    let at = ((y + top) * wp + 1) * c;
+                    dst[at..at + w * c].copy_from_slice(row);
+                }
+            });
+        // Output pixel r of the padded grid (frame r / plane, row, column) reads padded pixels
+        // r + base(tap) .. r + base(tap) + 3 for the tap's three x offsets.
+        let rows = (t - 1) * plane + h * wp;
+        let mut grid = vec![0f32; rows * cout];
+        let taps = self.kernel_t * 3;
+        for tap in 0..taps {
+            let (dt, dy) = (tap / 3, tap % 3);
+            let base = (dt * plane + dy * wp) * c;
+            let lhs = &padded[base..base + ((rows - 1) * c + 3 * c)];
+            let rhs = &self.weight[tap * 3 * c * cout..(tap + 1) * 3 * c * cout];
+            product(&mut grid, tap > 0, lhs, c, 3 * c, rhs, cout);
+        }
+        // Copied out without the padding columns (and rows between frames), bias added.
+        let mut out = vec![0f32; t * h * w * cout];
+        out.par_chunks_mut(w * cout)
             .enumerate()
-            .for_each(|(fc, out)| {
-                let src = &src[fc * h * w..(fc + 1) * h * w];
-                for ky in 0..3 {
-                    for kx in 0..3 {
-                        let out = &mut out[(ky * 3 + kx) * plane..(ky * 3 + kx + 1) * plane];
-                        for r in 0..self.rows {
-                            let y = self.y0 + r + ky;
-                            if y == 0 || y > h {
-                                continue; // the zero padding above or below the frame
-                            }
-                            let line = &src[(y - 1) * w..y * w];
-                            let dst = &mut out[r * w..(r + 1) * w];
-                            match kx {
-                                0 => dst[1..].copy_from_slice(&line[..w - 1]),
-                                1 => dst.copy_from_slice(line),
-                                _ => dst[..w - 1].copy_from_slice(&line[1..]),
-                            }
-                        }
+            .for_each(|(i, dst)| {
+                let (f, y) = (i / h, i % h);
+                let at = (f * plane + y * wp) * cout;
+                for (dst, src) in dst
+                    .chunks_exact_mut(cout)
+                    .zip(grid[at..at + w * cout].chunks_exact(cout))
+                {
+                    for ((d, s), b) in dst.iter_mut().zip(src).zip(self.bias) {
+                        *d = s + b;
                     }
                 }
             });
-        dst
+        (out, Shape::from((t, h, w, cout)))
+    }
+
+    fn add_bias(&self, out: &mut [f32]) {
+        out.par_chunks_mut(self.out_dim * 256).for_each(|block| {
+            for pixel in block.chunks_exact_mut(self.out_dim) {
+                for (v, b) in pixel.iter_mut().zip(self.bias) {
+                    *v += b;
+                }
+            }
+        });
     }
 }
 
-impl CustomOp1 for Im2Col3x3 {
+/// `dst (M, N) (+)= lhs · rhs` for row-major `dst` and `rhs (K, N)`, the rows of `lhs` `K`
+/// values long and `lhs_step` apart (overlapping when `lhs_step < K`). `M` is `dst`'s rows.
+fn product(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_step: usize,
+    k: usize,
+    rhs: &[f32],
+    n: usize,
+) {
+    let m = dst.len() / n;
+    assert!(
+        m == 0 || lhs.len() >= (m - 1) * lhs_step + k,
+        "lhs rows out of bounds"
+    );
+    assert_eq!(rhs.len(), k * n, "rhs is not K × N");
+    if m == 0 {
+        return;
+    }
+    // SAFETY: the asserts keep every read of `lhs` and `rhs` in bounds, `dst` is M × N with
+    // row stride N, and nothing else holds these slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            lhs_step as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
+impl CustomOp1 for ShiftedProducts<'_> {
     fn name(&self) -> &'static str {
-        "wan-vae-im2col3x3"
+        "wan-vae-conv"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = layout.shape().dims4()?;
-        let (n, c, h, w) = dims;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("im2col needs a contiguous input");
+        let (n, h, w, c) = layout.shape().dims4()?;
+        let (CpuStorage::F32(src), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("the VAE convolution needs contiguous f32 frames");
         };
-        if self.y0 + self.rows > h || w == 0 {
+        if self.weight.len() != self.kernel_t * self.k * self.k * c * self.out_dim
+            || n < self.kernel_t
+            || w == 0
+        {
             candle_core::bail!(
-                "im2col rows {}..{} outside a frame of {h} rows",
-                self.y0,
-                self.y0 + self.rows
+                "a {}×{k}×{k} convolution to {} channels cannot take frames {:?}",
+                self.kernel_t,
+                self.out_dim,
+                (n, h, w, c),
+                k = self.k
             );
         }
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end], dims)),
-            CpuStorage::F16(v) => CpuStorage::F16(self.run(&v[start..end], dims)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.run(&v[start..end], dims)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end], dims)),
-            other => candle_core::bail!("im2col: unsupported dtype {:?}", other.dtype()),
-        };
-        Ok((out, Shape::from((n, c * 9, self.rows, w))))
+        let (out, shape) = self.run(&src[start..end], (n, h, w, c));
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -269,8 +344,8 @@ impl CausalConv3d {
         let past = match &cache[self.slot] {
             Slot::Frames(frames) => frames.clone(),
             Slot::Empty | Slot::Started => {
-                let (_, c, h, w) = x.dims4()?;
-                Tensor::zeros((self.history, c, h, w), x.dtype(), x.device())?
+                let (_, h, w, c) = x.dims4()?;
+                Tensor::zeros((self.history, h, w, c), x.dtype(), x.device())?
             }
         };
         let padded = Tensor::cat(&[&past, x], 0)?;
@@ -307,29 +382,38 @@ mod tests {
     use crate::model::compare::relative_l2;
 
     #[test]
-    fn gemm_path_matches_conv2d_path_in_bands_too() {
+    fn shifted_products_match_the_backend_conv2d() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (5, 4, 7, 6), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (5, 7, 6, 4), &dev).unwrap();
         for (kt, k) in [(3, 3), (1, 3), (3, 1), (1, 1)] {
             let weight = Tensor::randn(0f32, 1., (5, 4, kt, k, k), &dev).unwrap();
             let bias = Tensor::randn(0f32, 1., 5, &dev).unwrap();
-            let conv = FrameConv::new(weight.clone(), bias, &dev).unwrap();
+            let host = FrameConv::new(weight.clone(), bias.clone(), &dev).unwrap();
             let stacked = weight
                 .permute((0, 2, 1, 3, 4))
                 .unwrap()
                 .reshape((5, kt * 4, k, k))
                 .unwrap();
-            let direct = FrameConv {
-                kernel: Kernel::Conv2d(stacked.contiguous().unwrap()),
-                ..conv.clone()
+            let backend = FrameConv {
+                kernel: Kernel::Conv2d {
+                    weight: stacked.contiguous().unwrap(),
+                    bias: bias.reshape((1, 5, 1, 1)).unwrap(),
+                },
+                ..host.clone()
             };
-            let want = direct.forward_banded(&x, usize::MAX, false).unwrap();
-            assert_eq!(want.dims(), &[6 - kt, 5, 7, 6]);
-            // Whole frames, then bands of 1 and 3 rows.
-            for max in [usize::MAX, 1, 5 * 4 * 9 * 6 * 3] {
-                let got = conv.forward_banded(&x, max, false).unwrap();
-                let err = relative_l2(&got, &want).unwrap();
-                assert!(err < 1e-6, "kt {kt} k {k} max {max}: {err:.3e}");
+            assert!(matches!(host.kernel, Kernel::Host { .. }));
+            let want = backend.forward(&x).unwrap();
+            assert_eq!(want.dims(), &[6 - kt, 7, 6, 5]);
+            let got = host.forward(&x).unwrap();
+            let err = relative_l2(&got, &want).unwrap();
+            assert!(err < 1e-6, "kt {kt} k {k}: {err:.3e}");
+            if k == 3 {
+                // Rows 1..6 with rows 0 and 6 as halo: the inner rows of the whole convolution.
+                for conv in [&host, &backend] {
+                    let got = conv.forward_rows(&x, true).unwrap();
+                    let err = relative_l2(&got, &want.narrow(1, 1, 5).unwrap()).unwrap();
+                    assert!(err < 1e-6, "halo kt {kt}: {err:.3e}");
+                }
             }
         }
     }

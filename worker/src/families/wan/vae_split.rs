@@ -58,28 +58,29 @@ impl<'a> RowSplit<'a> {
         self.comm.rank() == 0
     }
 
-    /// This rank's band of `(N, C, H, W)` `x` whose H is the latent height times `scale`.
+    /// This rank's band of channels-last frames `x` `(N, H, W, C)` whose H is the latent height
+    /// times `scale`.
     pub fn band_of(&self, x: &Tensor, scale: usize) -> Result<Tensor> {
         let rows = self.rows();
-        x.narrow(2, rows.start * scale, rows.len() * scale)
+        x.narrow(1, rows.start * scale, rows.len() * scale)
     }
 
-    /// This rank's band `(N, C, h, W)` with one row more on each side, `(N, C, h + 2, W)`: the
+    /// This rank's band `(N, h, W, C)` with one row more on each side, `(N, h + 2, W, C)`: the
     /// neighbouring bands' edge rows, zeros above the frame's first row and below its last (the
     /// 3×3 convolutions' zero padding).
     pub(crate) fn with_halo(&self, x: &Tensor) -> Result<Tensor> {
         let (me, ranks) = (self.comm.rank(), self.comm.world_size());
-        let h = x.dim(2)?;
+        let h = x.dim(1)?;
         // Every send goes out before any receive: the communicator buffers sends, so no rank
         // waits on one that waits on it.
         if me > 0 {
-            self.comm.send(&x.narrow(2, 0, 1)?.contiguous()?, me - 1)?;
+            self.comm.send(&x.narrow(1, 0, 1)?.contiguous()?, me - 1)?;
         }
         if me + 1 < ranks {
             self.comm
-                .send(&x.narrow(2, h - 1, 1)?.contiguous()?, me + 1)?;
+                .send(&x.narrow(1, h - 1, 1)?.contiguous()?, me + 1)?;
         }
-        let zeros = || x.narrow(2, 0, 1)?.zeros_like();
+        let zeros = || x.narrow(1, 0, 1)?.zeros_like();
         let above = if me > 0 {
             self.receive(me - 1, x.device())?
         } else {
@@ -90,16 +91,16 @@ impl<'a> RowSplit<'a> {
         } else {
             zeros()?
         };
-        Tensor::cat(&[&above, x, &below], 2)
+        Tensor::cat(&[&above, x, &below], 1)
     }
 
-    /// Every rank's band of `x` `(N, C, h, W)`, in order: the whole frames `(N, C, H, W)`.
+    /// Every rank's band of `x` `(N, h, W, C)`, in order: the whole frames `(N, H, W, C)`.
     pub(crate) fn gather_rows(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.comm.all_gather(&x.contiguous()?, 2)?)
+        Ok(self.comm.all_gather(&x.contiguous()?, 1)?)
     }
 
     /// The whole frames on the first rank (`None` elsewhere): every other rank sends its band
-    /// of `x` `(N, C, h, W)` there.
+    /// of `x` `(N, h, W, C)` there.
     pub fn gather_to_first(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let (me, ranks) = (self.comm.rank(), self.comm.world_size());
         if me != 0 {
@@ -110,7 +111,7 @@ impl<'a> RowSplit<'a> {
         for r in 1..ranks {
             bands.push(self.receive(r, x.device())?);
         }
-        Tensor::cat(&bands, 2).map(Some)
+        Tensor::cat(&bands, 1).map(Some)
     }
 
     fn receive(&self, from: usize, device: &Device) -> Result<Tensor> {
@@ -142,9 +143,9 @@ mod tests {
     fn halos_hold_the_neighbours_rows_and_zeros_at_the_edges() {
         let frame = Tensor::arange(0f32, 2. * 6. * 3., &Device::Cpu)
             .unwrap()
-            .reshape((1, 2, 6, 3))
+            .reshape((1, 6, 3, 2))
             .unwrap();
-        let padded = frame.pad_with_zeros(2, 1, 1).unwrap();
+        let padded = frame.pad_with_zeros(1, 1, 1).unwrap();
         let frame = &frame;
         let got = run_ranks(3, |_, comm| {
             let split = RowSplit::new(comm.as_ref(), 3)?;
@@ -157,7 +158,7 @@ mod tests {
         .unwrap();
         for (rows, halo, whole, first) in got {
             let want = padded
-                .narrow(2, rows.start * 2, rows.len() * 2 + 2)
+                .narrow(1, rows.start * 2, rows.len() * 2 + 2)
                 .unwrap();
             let diff = (halo - want).unwrap().abs().unwrap().sum_all().unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "rows {rows:?}");
