@@ -159,11 +159,15 @@ impl ShiftedProducts<'_> {
             // Pointwise in space: the frames themselves are the operand of each time tap.
             let pixels = h_in * w;
             let mut out = vec![0f32; t * pixels * cout];
-            for tap in 0..self.kernel_t {
-                let lhs = &src[tap * pixels * c..(tap + t) * pixels * c];
-                let rhs = &self.weight[tap * c * cout..(tap + 1) * c * cout];
-                product(&mut out, tap > 0, lhs, c, c, rhs, cout);
-            }
+            let taps: Vec<(usize, &[f32])> = (0..self.kernel_t)
+                .map(|tap| {
+                    (
+                        tap * pixels * c,
+                        &self.weight[tap * c * cout..(tap + 1) * c * cout],
+                    )
+                })
+                .collect();
+            shifted_products(&mut out, cout, src, c, c, &taps);
             self.add_bias(&mut out);
             return (out, Shape::from((t, h_in, w, cout)));
         }
@@ -190,14 +194,14 @@ impl ShiftedProducts<'_> {
         // r + base(tap) .. r + base(tap) + 3 for the tap's three x offsets.
         let rows = (t - 1) * plane + h * wp;
         let mut grid = vec![0f32; rows * cout];
-        let taps = self.kernel_t * 3;
-        for tap in 0..taps {
-            let (dt, dy) = (tap / 3, tap % 3);
-            let base = (dt * plane + dy * wp) * c;
-            let lhs = &padded[base..base + ((rows - 1) * c + 3 * c)];
-            let rhs = &self.weight[tap * 3 * c * cout..(tap + 1) * 3 * c * cout];
-            product(&mut grid, tap > 0, lhs, c, 3 * c, rhs, cout);
-        }
+        let taps: Vec<(usize, &[f32])> = (0..self.kernel_t * 3)
+            .map(|tap| {
+                let (dt, dy) = (tap / 3, tap % 3);
+                let weight = &self.weight[tap * 3 * c * cout..(tap + 1) * 3 * c * cout];
+                ((dt * plane + dy * wp) * c, weight)
+            })
+            .collect();
+        shifted_products(&mut grid, cout, &padded, c, 3 * c, &taps);
         // Copied out without the padding columns (and rows between frames), bias added.
         let mut out = vec![0f32; t * h * w * cout];
         out.par_chunks_mut(w * cout)
@@ -228,51 +232,70 @@ impl ShiftedProducts<'_> {
     }
 }
 
-/// `dst (M, N) (+)= lhs · rhs` for row-major `dst` and `rhs (K, N)`, the rows of `lhs` `K`
-/// values long and `lhs_step` apart (overlapping when `lhs_step < K`). `M` is `dst`'s rows.
-fn product(
+/// `dst (M, N) = Σ lhs_tap · rhs_tap` over the `taps` `(offset, rhs)`: row `r` of `lhs_tap` is
+/// the `K` values of `lhs` from `offset + r · lhs_step` (rows overlap when `lhs_step < K`),
+/// `rhs` is row-major `(K, N)`, and so is `dst`.
+///
+/// The rows are cut into blocks that the threads take whole, every tap of a block in turn, so
+/// that the block's sums stay in the core's cache across the taps; gemm's own threading splits
+/// one product across the threads instead and, at these shapes, streams its packed operand
+/// through memory on both cores at once (1.2× from the second thread, against 1.8-2× this way).
+fn shifted_products(
     dst: &mut [f32],
-    accumulate: bool,
+    n: usize,
     lhs: &[f32],
     lhs_step: usize,
     k: usize,
-    rhs: &[f32],
-    n: usize,
+    taps: &[(usize, &[f32])],
 ) {
     let m = dst.len() / n;
-    assert!(
-        m == 0 || lhs.len() >= (m - 1) * lhs_step + k,
-        "lhs rows out of bounds"
-    );
-    assert_eq!(rhs.len(), k * n, "rhs is not K × N");
     if m == 0 {
         return;
     }
-    // SAFETY: the asserts keep every read of `lhs` and `rhs` in bounds, `dst` is M × N with
-    // row stride N, and nothing else holds these slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            lhs_step as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
+    for (offset, rhs) in taps {
+        assert!(
+            lhs.len() >= offset + (m - 1) * lhs_step + k,
+            "lhs rows out of bounds"
         );
+        assert_eq!(rhs.len(), k * n, "rhs is not K × N");
     }
+    let block = m
+        .div_ceil(8 * rayon::current_num_threads())
+        .clamp(128, 2048);
+    dst.par_chunks_mut(block * n)
+        .enumerate()
+        .for_each(|(b, dst)| {
+            let rows = dst.len() / n;
+            for (i, (offset, rhs)) in taps.iter().enumerate() {
+                let lhs = &lhs[offset + b * block * lhs_step..];
+                // SAFETY: the asserts above keep every read of `lhs` and `rhs` in bounds (this
+                // block's rows are a part of the M rows checked), `dst` is this block's
+                // rows × N with row stride N, and no other task holds it.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        n,
+                        k,
+                        dst.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        i > 0,
+                        lhs.as_ptr(),
+                        1,
+                        lhs_step as isize,
+                        rhs.as_ptr(),
+                        1,
+                        n as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
 }
 
 impl CustomOp1 for ShiftedProducts<'_> {
