@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::vae_conv::{CausalConv3d, Conv2d};
+use super::vae_conv::{CausalConv3d, Conv2d, UpsampleConv2d};
 use super::vae_split::RowSplit;
 use crate::model::cpu_math::{silu, Isa};
 
@@ -316,7 +316,7 @@ impl AttentionBlock {
 /// preceded for `upsample3d` by a causal time conv that doubles the frame count.
 #[derive(Debug, Clone)]
 pub(crate) struct Upsample {
-    resample: Conv2d,
+    resample: UpsampleConv2d,
     /// `(3, 1, 1)` causal conv from `C` to `2C`: the two halves are the two output frames.
     time_conv: Option<CausalConv3d>,
     /// The cache slot of the time conv's "first chunk seen" state.
@@ -337,7 +337,7 @@ impl Upsample {
         } else {
             (None, usize::MAX)
         };
-        let resample = Conv2d::new(dim, dim / 2, 3, vb.pp("resample.1"))?;
+        let resample = UpsampleConv2d::new(dim, dim / 2, vb.pp("resample.1"))?;
         Ok(Self {
             resample,
             time_conv,
@@ -361,14 +361,7 @@ impl Upsample {
                     .reshape((2 * t, h, w, c))?;
             }
         }
-        // Nearest-exact at an integer ×2 factor is plain nearest: every pixel repeated 2 × 2
-        // (exact in any dtype, so no f32 round trip as diffusers makes).
-        let (t, h, w, c) = x.dims4()?;
-        let up = x
-            .reshape((t, h, 1, w, 1, c))?
-            .broadcast_as((t, h, 2, w, 2, c))?
-            .reshape((t, 2 * h, 2 * w, c))?;
-        self.resample.forward(&up, pass.split)
+        self.resample.forward(&x, pass.split)
     }
 }
 

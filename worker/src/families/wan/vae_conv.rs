@@ -152,7 +152,7 @@ struct ShiftedProducts<'a> {
 }
 
 impl ShiftedProducts<'_> {
-    fn run(&self, src: &[f32], (n, h_in, w, c): (usize, usize, usize, usize)) -> (Vec<f32>, Shape) {
+    fn run(&self, src: &[f32], (n, h_in, w, c): Dims4) -> (Vec<f32>, Shape) {
         let t = n + 1 - self.kernel_t;
         let cout = self.out_dim;
         if self.k == 1 {
@@ -171,29 +171,11 @@ impl ShiftedProducts<'_> {
             self.add_bias(&mut out);
             return (out, Shape::from((t, h_in, w, cout)));
         }
-        // Frames padded to (H + 2) × (W + 2), or W + 2 only when the halo rows are there; two
-        // extra pixels at the end, which only the thrown-away columns of the last row read.
-        let (hp, wp, top) = if self.halo {
-            (h_in, w + 2, 0)
-        } else {
-            (h_in + 2, w + 2, 1)
-        };
-        let h = hp - 2;
-        let plane = hp * wp;
-        let mut padded = vec![0f32; (n * plane + 2) * c];
-        padded[..n * plane * c]
-            .par_chunks_mut(plane * c)
-            .zip(src.par_chunks(h_in * w * c))
-            .for_each(|(dst, frame)| {
-                for (y, row) in frame.chunks(w * c).enumerate() {
-                    let at = ((y + top) * wp + 1) * c;
-                    dst[at..at + w * c].copy_from_slice(row);
-                }
-            });
+        let padded = Padded::new(src, (n, h_in, w, c), self.halo);
+        let (plane, wp, h) = (padded.plane, padded.wp, padded.rows);
         // Output pixel r of the padded grid (frame r / plane, row, column) reads padded pixels
         // r + base(tap) .. r + base(tap) + 3 for the tap's three x offsets.
-        let rows = (t - 1) * plane + h * wp;
-        let mut grid = vec![0f32; rows * cout];
+        let mut grid = vec![0f32; padded.grid_rows(t) * cout];
         let taps: Vec<(usize, &[f32])> = (0..self.kernel_t * 3)
             .map(|tap| {
                 let (dt, dy) = (tap / 3, tap % 3);
@@ -201,7 +183,7 @@ impl ShiftedProducts<'_> {
                 ((dt * plane + dy * wp) * c, weight)
             })
             .collect();
-        shifted_products(&mut grid, cout, &padded, c, 3 * c, &taps);
+        shifted_products(&mut grid, cout, &padded.data, c, 3 * c, &taps);
         // Copied out without the padding columns (and rows between frames), bias added.
         let mut out = vec![0f32; t * h * w * cout];
         out.par_chunks_mut(w * cout)
@@ -209,14 +191,7 @@ impl ShiftedProducts<'_> {
             .for_each(|(i, dst)| {
                 let (f, y) = (i / h, i % h);
                 let at = (f * plane + y * wp) * cout;
-                for (dst, src) in dst
-                    .chunks_exact_mut(cout)
-                    .zip(grid[at..at + w * cout].chunks_exact(cout))
-                {
-                    for ((d, s), b) in dst.iter_mut().zip(src).zip(self.bias) {
-                        *d = s + b;
-                    }
-                }
+                add_bias_to(dst, &grid[at..at + w * cout], self.bias);
             });
         (out, Shape::from((t, h, w, cout)))
     }
@@ -229,6 +204,135 @@ impl ShiftedProducts<'_> {
                 }
             }
         });
+    }
+}
+
+/// `dst = src + bias` pixel by pixel, `bias` one value per channel.
+fn add_bias_to(dst: &mut [f32], src: &[f32], bias: &[f32]) {
+    for (dst, src) in dst
+        .chunks_exact_mut(bias.len())
+        .zip(src.chunks_exact(bias.len()))
+    {
+        for ((d, s), b) in dst.iter_mut().zip(src).zip(bias) {
+            *d = s + b;
+        }
+    }
+}
+
+/// Channels-last frames `(N, H, W, C)` padded for a 3×3 kernel: to `(H + 2) × (W + 2)`, or to
+/// `W + 2` only when the frames' first and last rows are halo rows of the neighbouring bands;
+/// two extra zero pixels at the end, which only the thrown-away columns of the last row read.
+struct Padded {
+    data: Vec<f32>,
+    /// Pixels per padded row and per padded frame.
+    wp: usize,
+    plane: usize,
+    /// Output rows per frame.
+    rows: usize,
+}
+
+impl Padded {
+    fn new(src: &[f32], (n, h_in, w, c): Dims4, halo: bool) -> Self {
+        let (hp, top) = if halo { (h_in, 0) } else { (h_in + 2, 1) };
+        let wp = w + 2;
+        let plane = hp * wp;
+        let mut data = vec![0f32; (n * plane + 2) * c];
+        data[..n * plane * c]
+            .par_chunks_mut(plane * c)
+            .zip(src.par_chunks(h_in * w * c))
+            .for_each(|(dst, frame)| {
+                for (y, row) in frame.chunks(w * c).enumerate() {
+                    let at = ((y + top) * wp + 1) * c;
+                    dst[at..at + w * c].copy_from_slice(row);
+                }
+            });
+        Self {
+            data,
+            wp,
+            plane,
+            rows: hp - 2,
+        }
+    }
+
+    /// The rows of the output grid of `frames` output frames: every padded pixel of the frames
+    /// but the last frame's two bottom rows. Grid row `r` is output frame `r / plane`, row
+    /// `r % plane / wp`, column `r % wp` (columns `W` and `W + 1` are thrown away).
+    fn grid_rows(&self, frames: usize) -> usize {
+        (frames - 1) * self.plane + self.rows * self.wp
+    }
+}
+
+/// `WanResample`'s nearest ×2 upsampling followed by its 3×3 convolution, computed at the
+/// input's resolution: output pixel `(2y + a, 2x + b)` reads only input rows `y - 1 + a ..= y + a`
+/// and columns `x - 1 + b ..= x + b`, so each of the four phases `(a, b)` is a 2×2 convolution of
+/// the input whose weights are sums of the 3×3 kernel's (the kernel taps that fall on the same
+/// input pixel). 16 products per input pixel instead of 36, and the upsampled frames are never
+/// made. Exact up to the order of float sums.
+struct UpsampledProducts<'a> {
+    /// `(a, b, dy, dx, C_in, C_out)`: [`phase_weights`].
+    phases: &'a [f32],
+    bias: &'a [f32],
+    out_dim: usize,
+    halo: bool,
+}
+
+/// The 2×2 kernels of [`UpsampledProducts`] from a 3×3 kernel `(ky, kx, C_in, C_out)`.
+fn phase_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
+    // The 3×3 taps that phase `a`'s tap `d` sums: a = 0 reads input rows y - 1 (tap 0) and y
+    // (taps 1, 2); a = 1 reads y (taps 0, 1) and y + 1 (tap 2). Columns alike.
+    const TAPS: [[&[usize]; 2]; 2] = [[&[0], &[1, 2]], [&[0, 1], &[2]]];
+    let block = cin * cout;
+    let mut phases = vec![0f32; 16 * block];
+    for (i, out) in phases.chunks_exact_mut(block).enumerate() {
+        let (a, b, dy, dx) = (i / 8, i / 4 % 2, i / 2 % 2, i % 2);
+        for &ky in TAPS[a][dy] {
+            for &kx in TAPS[b][dx] {
+                let tap = &weight[(ky * 3 + kx) * block..(ky * 3 + kx + 1) * block];
+                for (o, w) in out.iter_mut().zip(tap) {
+                    *o += w;
+                }
+            }
+        }
+    }
+    phases
+}
+
+impl UpsampledProducts<'_> {
+    fn run(&self, src: &[f32], (n, h_in, w, c): Dims4) -> (Vec<f32>, Shape) {
+        let cout = self.out_dim;
+        let padded = Padded::new(src, (n, h_in, w, c), self.halo);
+        let (plane, wp, h) = (padded.plane, padded.wp, padded.rows);
+        let block = 2 * c * cout;
+        let grids: Vec<Vec<f32>> = (0..4)
+            .map(|phase| {
+                let (a, b) = (phase / 2, phase % 2);
+                // Tap dy of phase (a, b) reads padded rows y + a + dy, columns x + b and x + b + 1.
+                let taps: Vec<(usize, &[f32])> = (0..2)
+                    .map(|dy| {
+                        let weight = &self.phases[(phase * 2 + dy) * block..][..block];
+                        (((a + dy) * wp + b) * c, weight)
+                    })
+                    .collect();
+                let mut grid = vec![0f32; padded.grid_rows(n) * cout];
+                shifted_products(&mut grid, cout, &padded.data, c, 2 * c, &taps);
+                grid
+            })
+            .collect();
+        // Output row 2y + a interleaves phases (a, 0) and (a, 1) of input row y.
+        let mut out = vec![0f32; n * 2 * h * 2 * w * cout];
+        out.par_chunks_mut(2 * w * cout)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let (f, y, a) = (i / (2 * h), i % (2 * h) / 2, i % 2);
+                let at = (f * plane + y * wp) * cout;
+                for (x, pair) in dst.chunks_exact_mut(2 * cout).enumerate() {
+                    let (left, right) = pair.split_at_mut(cout);
+                    let src = at + x * cout..at + (x + 1) * cout;
+                    add_bias_to(left, &grids[2 * a][src.clone()], self.bias);
+                    add_bias_to(right, &grids[2 * a + 1][src], self.bias);
+                }
+            });
+        (out, Shape::from((n, 2 * h, 2 * w, cout)))
     }
 }
 
@@ -298,20 +402,29 @@ fn shifted_products(
         });
 }
 
+/// `(N, H, W, C)`.
+type Dims4 = (usize, usize, usize, usize);
+
+/// The contiguous f32 values of channels-last frames, for the CPU operations of this module.
+fn host_frames<'s>(storage: &'s CpuStorage, layout: &Layout) -> Result<(&'s [f32], Dims4)> {
+    let dims = layout.shape().dims4()?;
+    let (CpuStorage::F32(src), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("the VAE convolution needs contiguous f32 frames");
+    };
+    Ok((&src[start..end], dims))
+}
+
 impl CustomOp1 for ShiftedProducts<'_> {
     fn name(&self) -> &'static str {
         "wan-vae-conv"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, h, w, c) = layout.shape().dims4()?;
-        let (CpuStorage::F32(src), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("the VAE convolution needs contiguous f32 frames");
-        };
+        let (src, (n, h, w, c)) = host_frames(storage, layout)?;
         if self.weight.len() != self.kernel_t * self.k * self.k * c * self.out_dim
             || n < self.kernel_t
             || w == 0
+            || (self.halo && h < 3)
         {
             candle_core::bail!(
                 "a {}×{k}×{k} convolution to {} channels cannot take frames {:?}",
@@ -321,7 +434,26 @@ impl CustomOp1 for ShiftedProducts<'_> {
                 k = self.k
             );
         }
-        let (out, shape) = self.run(&src[start..end], (n, h, w, c));
+        let (out, shape) = self.run(src, (n, h, w, c));
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+impl CustomOp1 for UpsampledProducts<'_> {
+    fn name(&self) -> &'static str {
+        "wan-vae-upsample-conv"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (src, (n, h, w, c)) = host_frames(storage, layout)?;
+        if self.phases.len() != 16 * c * self.out_dim || n == 0 || w == 0 || (self.halo && h < 3) {
+            candle_core::bail!(
+                "an upsampling 3×3 convolution to {} channels cannot take frames {:?}",
+                self.out_dim,
+                (n, h, w, c)
+            );
+        }
+        let (out, shape) = self.run(src, (n, h, w, c));
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -393,9 +525,62 @@ impl Conv2d {
         })
     }
 
-    /// The convolution of `x` `(N, C_in, H, W)`, or of this rank's rows of it under `split`.
+    /// The convolution of `x` `(N, H, W, C_in)`, or of this rank's rows of it under `split`.
     pub(crate) fn forward(&self, x: &Tensor, split: Option<&RowSplit<'_>>) -> Result<Tensor> {
         self.conv.forward_split(x, split)
+    }
+}
+
+/// `WanResample`'s `resample`: nearest ×2 upsampling in space, then a 3×3 convolution with bias.
+#[derive(Debug, Clone)]
+pub(crate) struct UpsampleConv2d {
+    conv: FrameConv,
+    /// On the CPU, the 2×2 kernels of the four output phases ([`UpsampledProducts`]).
+    phases: Option<Vec<f32>>,
+}
+
+impl UpsampleConv2d {
+    pub(crate) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let conv = Conv2d::new(in_dim, out_dim, 3, vb)?.conv;
+        let phases = match &conv.kernel {
+            Kernel::Host { weight, .. } => Some(phase_weights(weight, in_dim, out_dim)),
+            Kernel::Conv2d { .. } => None,
+        };
+        Ok(Self { conv, phases })
+    }
+
+    /// `x` `(N, H, W, C_in)` upsampled and convolved, `(N, 2H, 2W, C_out)`; under `split`, this
+    /// rank's rows of it.
+    pub(crate) fn forward(&self, x: &Tensor, split: Option<&RowSplit<'_>>) -> Result<Tensor> {
+        match (&self.phases, &self.conv.kernel) {
+            (Some(phases), Kernel::Host { bias, .. }) => {
+                let input = match split {
+                    Some(split) => split.with_halo(x)?,
+                    None => x.clone(),
+                };
+                let op = UpsampledProducts {
+                    phases,
+                    bias,
+                    out_dim: self.conv.out_dim,
+                    halo: split.is_some(),
+                };
+                input
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(&op)?
+                    .to_dtype(x.dtype())
+            }
+            _ => {
+                // Nearest-exact at an integer ×2 factor is plain nearest: every pixel repeated
+                // 2 × 2 (exact in any dtype, so no f32 round trip as diffusers makes).
+                let (n, h, w, c) = x.dims4()?;
+                let up = x
+                    .reshape((n, h, 1, w, 1, c))?
+                    .broadcast_as((n, h, 2, w, 2, c))?
+                    .reshape((n, 2 * h, 2 * w, c))?;
+                self.conv.forward_split(&up, split)
+            }
+        }
     }
 }
 
@@ -439,5 +624,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_upsampling_convolution_equals_upsampling_then_convolving() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 5, 4, 3), &dev).unwrap();
+        let weight = Tensor::randn(0f32, 1., (6, 3, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1., 6, &dev).unwrap();
+        let vb = VarBuilder::from_tensors(
+            [("weight".to_string(), weight), ("bias".to_string(), bias)].into(),
+            DType::F32,
+            &dev,
+        );
+        let conv = UpsampleConv2d::new(3, 6, vb).unwrap();
+        assert!(conv.phases.is_some());
+        let explicit = UpsampleConv2d {
+            phases: None,
+            ..conv.clone()
+        };
+        let want = explicit.forward(&x, None).unwrap();
+        assert_eq!(want.dims(), &[2, 10, 8, 6]);
+        let got = conv.forward(&x, None).unwrap();
+        let err = relative_l2(&got, &want).unwrap();
+        assert!(err < 1e-6, "{err:.3e}");
+        // Input rows 1..4 with rows 0 and 4 as halo: output rows 2..8 of the whole.
+        let op = UpsampledProducts {
+            phases: conv.phases.as_ref().unwrap(),
+            bias: match &conv.conv.kernel {
+                Kernel::Host { bias, .. } => bias,
+                Kernel::Conv2d { .. } => unreachable!(),
+            },
+            out_dim: 6,
+            halo: true,
+        };
+        let got = x.apply_op1_no_bwd(&op).unwrap();
+        let err = relative_l2(&got, &want.narrow(1, 2, 6).unwrap()).unwrap();
+        assert!(err < 1e-6, "halo: {err:.3e}");
     }
 }
