@@ -13,7 +13,7 @@
 //! machine's matrix rate, and no operand is copied but the padded input. Other devices use the
 //! backend's conv2d on channels-first frames, with the temporal taps stacked along the channels.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -86,6 +86,33 @@ impl FrameConv {
         }
     }
 
+    /// [`Self::forward_split`] of the frames `history` then `x`, joined only where the device
+    /// path needs them joined.
+    fn forward_causal(
+        &self,
+        history: &Tensor,
+        x: &Tensor,
+        split: Option<&RowSplit<'_>>,
+    ) -> Result<Tensor> {
+        match &self.kernel {
+            Kernel::Host { weight, bias } if self.k == 3 && split.is_none() => {
+                let op = ShiftedProducts {
+                    weight,
+                    bias,
+                    kernel_t: self.kernel_t,
+                    k: self.k,
+                    out_dim: self.out_dim,
+                    halo: false,
+                };
+                let host = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+                host(history)?
+                    .apply_op2_no_bwd(&host(x)?, &op)?
+                    .to_dtype(x.dtype())
+            }
+            _ => self.forward_split(&Tensor::cat(&[history, x], 0)?, split),
+        }
+    }
+
     /// With `halo`, the first and last rows of `padded` are only read (the neighbouring bands'
     /// rows): the output has two rows fewer than the input.
     fn forward_rows(&self, padded: &Tensor, halo: bool) -> Result<Tensor> {
@@ -152,13 +179,22 @@ struct ShiftedProducts<'a> {
 }
 
 impl ShiftedProducts<'_> {
-    fn run(&self, src: &[f32], (n, h_in, w, c): Dims4) -> (Vec<f32>, Shape) {
+    /// `sources` hold the `N` input frames one after the other.
+    fn run(&self, sources: &[&[f32]], (n, h_in, w, c): Dims4) -> (Vec<f32>, Shape) {
         let t = n + 1 - self.kernel_t;
         let cout = self.out_dim;
         if self.k == 1 {
+            let joined;
+            let src = match sources {
+                [src] => *src,
+                _ => {
+                    joined = sources.concat();
+                    &joined
+                }
+            };
             // Pointwise in space: the frames themselves are the operand of each time tap.
             let pixels = h_in * w;
-            let mut out = vec![0f32; t * pixels * cout];
+            let mut out = zeroed(t * pixels * cout);
             let taps: Vec<(usize, &[f32])> = (0..self.kernel_t)
                 .map(|tap| {
                     (
@@ -171,11 +207,11 @@ impl ShiftedProducts<'_> {
             self.add_bias(&mut out);
             return (out, Shape::from((t, h_in, w, cout)));
         }
-        let padded = Padded::new(src, (n, h_in, w, c), self.halo);
+        let padded = Padded::new(sources, (n, h_in, w, c), self.halo);
         let (plane, wp, h) = (padded.plane, padded.wp, padded.rows);
         // Output pixel r of the padded grid (frame r / plane, row, column) reads padded pixels
         // r + base(tap) .. r + base(tap) + 3 for the tap's three x offsets.
-        let mut grid = vec![0f32; padded.grid_rows(t) * cout];
+        let mut grid = zeroed(padded.grid_rows(t) * cout);
         let taps: Vec<(usize, &[f32])> = (0..self.kernel_t * 3)
             .map(|tap| {
                 let (dt, dy) = (tap / 3, tap % 3);
@@ -185,7 +221,7 @@ impl ShiftedProducts<'_> {
             .collect();
         shifted_products(&mut grid, cout, &padded.data, c, 3 * c, &taps);
         // Copied out without the padding columns (and rows between frames), bias added.
-        let mut out = vec![0f32; t * h * w * cout];
+        let mut out = zeroed(t * h * w * cout);
         out.par_chunks_mut(w * cout)
             .enumerate()
             .for_each(|(i, dst)| {
@@ -194,6 +230,23 @@ impl ShiftedProducts<'_> {
                 add_bias_to(dst, &grid[at..at + w * cout], self.bias);
             });
         (out, Shape::from((t, h, w, cout)))
+    }
+
+    fn check(&self, (n, h, w, c): Dims4) -> Result<()> {
+        if self.weight.len() != self.kernel_t * self.k * self.k * c * self.out_dim
+            || n < self.kernel_t
+            || w == 0
+            || (self.halo && h < 3)
+        {
+            candle_core::bail!(
+                "a {}×{k}×{k} convolution to {} channels cannot take frames {:?}",
+                self.kernel_t,
+                self.out_dim,
+                (n, h, w, c),
+                k = self.k
+            );
+        }
+        Ok(())
     }
 
     fn add_bias(&self, out: &mut [f32]) {
@@ -205,6 +258,14 @@ impl ShiftedProducts<'_> {
             }
         });
     }
+}
+
+/// `len` zeros, written by all the threads: a large buffer's single-threaded memset was a
+/// tenth of a decode's wall time on two cores.
+fn zeroed(len: usize) -> Vec<f32> {
+    let mut zeros = Vec::with_capacity(len);
+    zeros.par_extend(rayon::iter::repeat_n(0f32, len));
+    zeros
 }
 
 /// `dst = src + bias` pixel by pixel, `bias` one value per channel.
@@ -232,14 +293,20 @@ struct Padded {
 }
 
 impl Padded {
-    fn new(src: &[f32], (n, h_in, w, c): Dims4, halo: bool) -> Self {
+    /// `sources` hold the `N` frames one after the other (the causal history, then the chunk).
+    fn new(sources: &[&[f32]], (n, h_in, w, c): Dims4, halo: bool) -> Self {
         let (hp, top) = if halo { (h_in, 0) } else { (h_in + 2, 1) };
         let wp = w + 2;
         let plane = hp * wp;
-        let mut data = vec![0f32; (n * plane + 2) * c];
+        let frames: Vec<&[f32]> = sources
+            .iter()
+            .flat_map(|source| source.chunks_exact(h_in * w * c))
+            .collect();
+        assert_eq!(frames.len(), n, "the sources hold {} frames", frames.len());
+        let mut data = zeroed((n * plane + 2) * c);
         data[..n * plane * c]
             .par_chunks_mut(plane * c)
-            .zip(src.par_chunks(h_in * w * c))
+            .zip(frames.par_iter())
             .for_each(|(dst, frame)| {
                 for (y, row) in frame.chunks(w * c).enumerate() {
                     let at = ((y + top) * wp + 1) * c;
@@ -300,7 +367,7 @@ fn phase_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
 impl UpsampledProducts<'_> {
     fn run(&self, src: &[f32], (n, h_in, w, c): Dims4) -> (Vec<f32>, Shape) {
         let cout = self.out_dim;
-        let padded = Padded::new(src, (n, h_in, w, c), self.halo);
+        let padded = Padded::new(&[src], (n, h_in, w, c), self.halo);
         let (plane, wp, h) = (padded.plane, padded.wp, padded.rows);
         let block = 2 * c * cout;
         let grids: Vec<Vec<f32>> = (0..4)
@@ -313,13 +380,13 @@ impl UpsampledProducts<'_> {
                         (((a + dy) * wp + b) * c, weight)
                     })
                     .collect();
-                let mut grid = vec![0f32; padded.grid_rows(n) * cout];
+                let mut grid = zeroed(padded.grid_rows(n) * cout);
                 shifted_products(&mut grid, cout, &padded.data, c, 2 * c, &taps);
                 grid
             })
             .collect();
         // Output row 2y + a interleaves phases (a, 0) and (a, 1) of input row y.
-        let mut out = vec![0f32; n * 2 * h * 2 * w * cout];
+        let mut out = zeroed(n * 2 * h * 2 * w * cout);
         out.par_chunks_mut(2 * w * cout)
             .enumerate()
             .for_each(|(i, dst)| {
@@ -420,21 +487,39 @@ impl CustomOp1 for ShiftedProducts<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (src, (n, h, w, c)) = host_frames(storage, layout)?;
-        if self.weight.len() != self.kernel_t * self.k * self.k * c * self.out_dim
-            || n < self.kernel_t
-            || w == 0
-            || (self.halo && h < 3)
-        {
+        let (src, dims) = host_frames(storage, layout)?;
+        self.check(dims)?;
+        let (out, shape) = self.run(&[src], dims);
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// The convolution of the causal history (the first argument) followed by the chunk (the
+/// second), without joining them first.
+impl CustomOp2 for ShiftedProducts<'_> {
+    fn name(&self) -> &'static str {
+        "wan-vae-causal-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        history: &CpuStorage,
+        history_layout: &Layout,
+        chunk: &CpuStorage,
+        chunk_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (past, (p, ph, pw, pc)) = host_frames(history, history_layout)?;
+        let (src, (n, h, w, c)) = host_frames(chunk, chunk_layout)?;
+        if (ph, pw, pc) != (h, w, c) {
             candle_core::bail!(
-                "a {}×{k}×{k} convolution to {} channels cannot take frames {:?}",
-                self.kernel_t,
-                self.out_dim,
-                (n, h, w, c),
-                k = self.k
+                "causal history frames {:?} do not match the chunk's {:?}",
+                (p, ph, pw, pc),
+                (n, h, w, c)
             );
         }
-        let (out, shape) = self.run(src, (n, h, w, c));
+        let dims = (p + n, h, w, c);
+        self.check(dims)?;
+        let (out, shape) = self.run(&[past, src], dims);
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -503,11 +588,16 @@ impl CausalConv3d {
                 Tensor::zeros((self.history, h, w, c), x.dtype(), x.device())?
             }
         };
-        let padded = Tensor::cat(&[&past, x], 0)?;
         let t = x.dim(0)?;
-        // Copied out so that the cache does not pin the whole padded input.
-        cache[self.slot] = Slot::Frames(padded.narrow(0, t, self.history)?.copy()?);
-        self.conv.forward_split(&padded, pass.split)
+        // Copied out so that the cache does not pin the whole input.
+        let next = if t >= self.history {
+            x.narrow(0, t - self.history, self.history)?.copy()?
+        } else {
+            Tensor::cat(&[&past, x], 0)?.narrow(0, t, self.history)?
+        };
+        let out = self.conv.forward_causal(&past, x, pass.split)?;
+        cache[self.slot] = Slot::Frames(next);
+        Ok(out)
     }
 }
 
