@@ -13,6 +13,8 @@
 //! machine's matrix rate, and no operand is copied but the padded input. Other devices use the
 //! backend's conv2d on channels-first frames, with the temporal taps stacked along the channels.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -207,11 +209,12 @@ impl ShiftedProducts<'_> {
             self.add_bias(&mut out);
             return (out, Shape::from((t, h_in, w, cout)));
         }
-        let padded = Padded::new(sources, (n, h_in, w, c), self.halo);
+        let (padding, mut grid) = scratch::take();
+        let padded = Padded::new(sources, (n, h_in, w, c), self.halo, padding);
         let (plane, wp, h) = (padded.plane, padded.wp, padded.rows);
         // Output pixel r of the padded grid (frame r / plane, row, column) reads padded pixels
         // r + base(tap) .. r + base(tap) + 3 for the tap's three x offsets.
-        let mut grid = zeroed(padded.grid_rows(t) * cout);
+        scratch::fit(&mut grid, padded.grid_rows(t) * cout);
         let taps: Vec<(usize, &[f32])> = (0..self.kernel_t * 3)
             .map(|tap| {
                 let (dt, dy) = (tap / 3, tap % 3);
@@ -221,14 +224,18 @@ impl ShiftedProducts<'_> {
             .collect();
         shifted_products(&mut grid, cout, &padded.data, c, 3 * c, &taps);
         // Copied out without the padding columns (and rows between frames), bias added.
-        let mut out = zeroed(t * h * w * cout);
-        out.par_chunks_mut(w * cout)
-            .enumerate()
-            .for_each(|(i, dst)| {
-                let (f, y) = (i / h, i % h);
-                let at = (f * plane + y * wp) * cout;
-                add_bias_to(dst, &grid[at..at + w * cout], self.bias);
-            });
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut(w * cout)
+                .enumerate()
+                .for_each(|(i, dst)| {
+                    let (f, y) = (i / h, i % h);
+                    let at = (f * plane + y * wp) * cout;
+                    add_bias_to(dst, &grid[at..at + w * cout], self.bias);
+                })
+        };
+        // SAFETY: the rows of `fill` cover the output, and `add_bias_to` writes each of theirs.
+        let out = unsafe { written(t * h * w * cout, fill) };
+        scratch::put(padded.data, grid);
         (out, Shape::from((t, h, w, cout)))
     }
 
@@ -268,14 +275,62 @@ fn zeroed(len: usize) -> Vec<f32> {
     zeros
 }
 
+/// A new vector of `len` values that `fill` writes, never zeroed: the outputs are written whole,
+/// and a zeroing pass over tens of megabytes per convolution showed in the decode's time.
+///
+/// # Safety
+/// `fill` must write every element.
+unsafe fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut values: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` values need no initialisation, and the capacity is `len`.
+    unsafe { values.set_len(len) };
+    fill(&mut values);
+    let mut values = std::mem::ManuallyDrop::new(values);
+    // SAFETY: every element is initialised (the caller's promise), `MaybeUninit<f32>` has the
+    // layout of `f32`, and the allocation is handed over whole.
+    unsafe { Vec::from_raw_parts(values.as_mut_ptr().cast::<f32>(), len, values.capacity()) }
+}
+
+/// The large temporaries of the CPU convolutions (the padded input, the product grid), kept per
+/// thread from one convolution to the next: fresh buffers of this size are new pages each time,
+/// and the page faults and the kernel's zeroing of them cost more than the copies themselves.
+/// Holds as much as the largest convolution of the thread needed (about 70 MB for Wan2.1's
+/// decoder at 128×128; a 480p frame needs proportionally more).
+mod scratch {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static BUFFERS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// The thread's two buffers, with whatever they held; empty ones if another call has them.
+    pub(super) fn take() -> (Vec<f32>, Vec<f32>) {
+        BUFFERS.with(|buffers| std::mem::take(&mut *buffers.borrow_mut()))
+    }
+
+    /// Gives the buffers back for the next convolution on this thread.
+    pub(super) fn put(padding: Vec<f32>, grid: Vec<f32>) {
+        BUFFERS.with(|buffers| *buffers.borrow_mut() = (padding, grid));
+    }
+
+    /// `buffer` at `len` values; the values it keeps are not cleared (callers overwrite them).
+    pub(super) fn fit(buffer: &mut Vec<f32>, len: usize) {
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
+        } else {
+            buffer.truncate(len);
+        }
+    }
+}
+
 /// `dst = src + bias` pixel by pixel, `bias` one value per channel.
-fn add_bias_to(dst: &mut [f32], src: &[f32], bias: &[f32]) {
+fn add_bias_to(dst: &mut [MaybeUninit<f32>], src: &[f32], bias: &[f32]) {
     for (dst, src) in dst
         .chunks_exact_mut(bias.len())
         .zip(src.chunks_exact(bias.len()))
     {
         for ((d, s), b) in dst.iter_mut().zip(src).zip(bias) {
-            *d = s + b;
+            d.write(s + b);
         }
     }
 }
@@ -293,8 +348,9 @@ struct Padded {
 }
 
 impl Padded {
-    /// `sources` hold the `N` frames one after the other (the causal history, then the chunk).
-    fn new(sources: &[&[f32]], (n, h_in, w, c): Dims4, halo: bool) -> Self {
+    /// `sources` hold the `N` frames one after the other (the causal history, then the chunk);
+    /// `data` is a buffer to reuse, whatever it holds.
+    fn new(sources: &[&[f32]], (n, h_in, w, c): Dims4, halo: bool, mut data: Vec<f32>) -> Self {
         let (hp, top) = if halo { (h_in, 0) } else { (h_in + 2, 1) };
         let wp = w + 2;
         let plane = hp * wp;
@@ -303,14 +359,22 @@ impl Padded {
             .flat_map(|source| source.chunks_exact(h_in * w * c))
             .collect();
         assert_eq!(frames.len(), n, "the sources hold {} frames", frames.len());
-        let mut data = zeroed((n * plane + 2) * c);
-        data[..n * plane * c]
-            .par_chunks_mut(plane * c)
+        scratch::fit(&mut data, (n * plane + 2) * c);
+        let (body, end) = data.split_at_mut(n * plane * c);
+        end.fill(0.0);
+        body.par_chunks_mut(plane * c)
             .zip(frames.par_iter())
             .for_each(|(dst, frame)| {
-                for (y, row) in frame.chunks(w * c).enumerate() {
-                    let at = ((y + top) * wp + 1) * c;
-                    dst[at..at + w * c].copy_from_slice(row);
+                for (yp, row) in dst.chunks_exact_mut(wp * c).enumerate() {
+                    match (yp as isize - top as isize).try_into() {
+                        Ok(y) if y < h_in => {
+                            let y: usize = y;
+                            row[..c].fill(0.0);
+                            row[c..(w + 1) * c].copy_from_slice(&frame[y * w * c..][..w * c]);
+                            row[(w + 1) * c..].fill(0.0);
+                        }
+                        _ => row.fill(0.0),
+                    }
                 }
             });
         Self {
@@ -367,38 +431,42 @@ fn phase_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
 impl UpsampledProducts<'_> {
     fn run(&self, src: &[f32], (n, h_in, w, c): Dims4) -> (Vec<f32>, Shape) {
         let cout = self.out_dim;
-        let padded = Padded::new(&[src], (n, h_in, w, c), self.halo);
+        let (padding, mut grids) = scratch::take();
+        let padded = Padded::new(&[src], (n, h_in, w, c), self.halo, padding);
         let (plane, wp, h) = (padded.plane, padded.wp, padded.rows);
         let block = 2 * c * cout;
-        let grids: Vec<Vec<f32>> = (0..4)
-            .map(|phase| {
-                let (a, b) = (phase / 2, phase % 2);
-                // Tap dy of phase (a, b) reads padded rows y + a + dy, columns x + b and x + b + 1.
-                let taps: Vec<(usize, &[f32])> = (0..2)
-                    .map(|dy| {
-                        let weight = &self.phases[(phase * 2 + dy) * block..][..block];
-                        (((a + dy) * wp + b) * c, weight)
-                    })
-                    .collect();
-                let mut grid = zeroed(padded.grid_rows(n) * cout);
-                shifted_products(&mut grid, cout, &padded.data, c, 2 * c, &taps);
-                grid
-            })
-            .collect();
+        let grid_len = padded.grid_rows(n) * cout;
+        scratch::fit(&mut grids, 4 * grid_len);
+        for (phase, grid) in grids.chunks_exact_mut(grid_len).enumerate() {
+            let (a, b) = (phase / 2, phase % 2);
+            // Tap dy of phase (a, b) reads padded rows y + a + dy, columns x + b and x + b + 1.
+            let taps: Vec<(usize, &[f32])> = (0..2)
+                .map(|dy| {
+                    let weight = &self.phases[(phase * 2 + dy) * block..][..block];
+                    (((a + dy) * wp + b) * c, weight)
+                })
+                .collect();
+            shifted_products(grid, cout, &padded.data, c, 2 * c, &taps);
+        }
+        let phase = |i: usize| &grids[i * grid_len..(i + 1) * grid_len];
         // Output row 2y + a interleaves phases (a, 0) and (a, 1) of input row y.
-        let mut out = zeroed(n * 2 * h * 2 * w * cout);
-        out.par_chunks_mut(2 * w * cout)
-            .enumerate()
-            .for_each(|(i, dst)| {
-                let (f, y, a) = (i / (2 * h), i % (2 * h) / 2, i % 2);
-                let at = (f * plane + y * wp) * cout;
-                for (x, pair) in dst.chunks_exact_mut(2 * cout).enumerate() {
-                    let (left, right) = pair.split_at_mut(cout);
-                    let src = at + x * cout..at + (x + 1) * cout;
-                    add_bias_to(left, &grids[2 * a][src.clone()], self.bias);
-                    add_bias_to(right, &grids[2 * a + 1][src], self.bias);
-                }
-            });
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut(2 * w * cout)
+                .enumerate()
+                .for_each(|(i, dst)| {
+                    let (f, y, a) = (i / (2 * h), i % (2 * h) / 2, i % 2);
+                    let at = (f * plane + y * wp) * cout;
+                    for (x, pair) in dst.chunks_exact_mut(2 * cout).enumerate() {
+                        let (left, right) = pair.split_at_mut(cout);
+                        let src = at + x * cout..at + (x + 1) * cout;
+                        add_bias_to(left, &phase(2 * a)[src.clone()], self.bias);
+                        add_bias_to(right, &phase(2 * a + 1)[src], self.bias);
+                    }
+                })
+        };
+        // SAFETY: the rows of `fill` cover the output, and each pixel pair is written whole.
+        let out = unsafe { written(n * 2 * h * 2 * w * cout, fill) };
+        scratch::put(padded.data, grids);
         (out, Shape::from((n, 2 * h, 2 * w, cout)))
     }
 }
