@@ -41,7 +41,7 @@ pub struct SpecArgs {
     /// 256x256, a Wan2.1 checkpoint 832x480].
     #[arg(long, value_parser = parse_size)]
     pub size: Option<(u32, u32)>,
-    /// Denoising steps [default: the model's: toy 20, tiny 10, a Wan2.1 checkpoint 50].
+    /// Denoising steps [default: the model's: toy 40, tiny 10, a Wan2.1 checkpoint 50].
     #[arg(long)]
     pub steps: Option<u32>,
     /// Classifier-free guidance scale (1 disables guidance).
@@ -283,6 +283,38 @@ mod tests {
         let mut argv = vec!["x", "--prompt", "a wolf"];
         argv.extend_from_slice(extra);
         Cmd::try_parse_from(argv).unwrap().spec
+    }
+
+    #[test]
+    fn the_help_states_the_built_in_toy_models_own_defaults() {
+        use clap::CommandFactory;
+        let index = longtake_worker::model::builtin::TOY_FILES
+            .iter()
+            .find(|(name, _)| *name == "model_index.json")
+            .expect("the toy model ships its model_index.json")
+            .1;
+        let index: serde_json::Value = serde_json::from_slice(index).unwrap();
+        let stated = &index["_longtake"];
+        let number = |key: &str| stated[key].as_u64().unwrap_or_else(|| panic!("{key}"));
+        let mut cmd = Cmd::command();
+        let help = cmd
+            .render_long_help()
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for claim in [
+            format!("toy {}", number("default_steps")),
+            format!("toy {}", number("default_frames")),
+            format!(
+                "toy {}x{}",
+                number("default_width"),
+                number("default_height")
+            ),
+            format!("{} for toy", number("default_fps")),
+        ] {
+            assert!(help.contains(&claim), "the help does not say {claim:?}");
+        }
     }
 
     #[test]
