@@ -6,12 +6,14 @@
 //! matrix: channels-last, the input frames are padded once (a zero pixel on each side of a row,
 //! a zero row above and below a frame), and then for a kernel tap `(t, y)` the rows of the left
 //! operand are the padded pixels shifted by that tap, each row the `3 · C` values of three
-//! neighbouring pixels (the three `x` taps, contiguous in memory, so the rows overlap). Every
-//! output frame and row is one matrix of the product: output pixels over the padded width, the
-//! two pixels of each row that fall on the padding thrown away when the result is copied out
-//! with the bias. The products are `gemm`'s canonical row-major form, which runs at the
-//! machine's matrix rate, and no operand is copied but the padded input. Other devices use the
-//! backend's conv2d on channels-first frames, with the temporal taps stacked along the channels.
+//! neighbouring pixels (the three `x` taps, contiguous in memory, so the rows overlap). All the
+//! output frames and rows form one matrix of the product, its rows the output pixels over the
+//! padded width: the two pixels of each row that fall on the padding are thrown away when the
+//! result is copied out with the bias. The products are `gemm`'s canonical row-major form, which
+//! runs at the machine's matrix rate, and no operand is copied but the padded input. Other
+//! devices use the backend's conv2d on channels-first frames (permuted there and back, two
+//! copies per convolution that a GPU build has not measured yet), with the temporal taps stacked
+//! along the channels.
 
 use std::mem::MaybeUninit;
 
