@@ -90,6 +90,18 @@ impl FrameConv {
         }
     }
 
+    /// The CPU operation of this convolution with the host `weight` and `bias` of its kernel.
+    fn host_op<'a>(&self, weight: &'a [f32], bias: &'a [f32], halo: bool) -> ShiftedProducts<'a> {
+        ShiftedProducts {
+            weight,
+            bias,
+            kernel_t: self.kernel_t,
+            k: self.k,
+            out_dim: self.out_dim,
+            halo,
+        }
+    }
+
     /// [`Self::forward_split`] of the frames `history` then `x`, joined only where the device
     /// path needs them joined.
     fn forward_causal(
@@ -100,14 +112,7 @@ impl FrameConv {
     ) -> Result<Tensor> {
         match &self.kernel {
             Kernel::Host { weight, bias } if self.k == 3 && split.is_none() => {
-                let op = ShiftedProducts {
-                    weight,
-                    bias,
-                    kernel_t: self.kernel_t,
-                    k: self.k,
-                    out_dim: self.out_dim,
-                    halo: false,
-                };
+                let op = self.host_op(weight, bias, false);
                 let host = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
                 host(history)?
                     .apply_op2_no_bwd(&host(x)?, &op)?
@@ -135,14 +140,7 @@ impl FrameConv {
         match &self.kernel {
             Kernel::Host { weight, bias } => {
                 let dtype = padded.dtype();
-                let op = ShiftedProducts {
-                    weight,
-                    bias,
-                    kernel_t: self.kernel_t,
-                    k: self.k,
-                    out_dim: self.out_dim,
-                    halo,
-                };
+                let op = self.host_op(weight, bias, halo);
                 padded
                     .to_dtype(DType::F32)?
                     .contiguous()?
