@@ -4,7 +4,7 @@
 //! head split/merge around it. Model-specific steps (projections, q/k norms, rotary embedding)
 //! live with each family; the sequence-parallel forms (Ulysses, ring) in the parallel runtime.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::cpu_attention;
 
@@ -26,6 +26,22 @@ impl Default for AttentionOptions {
 }
 
 impl AttentionOptions {
+    /// The bound for `device`: the default on the CPU (whose fused kernel holds no scores at all);
+    /// on a GPU, scores in a sixteenth of its memory. A score costs up to 10 bytes while a chunk
+    /// is attended (f32 scores, their f32 softmax, the probabilities in the values' dtype). The
+    /// default's 2²⁶ would cut a 14B model's 720p self-attention (2 × 40 rows of 75,600 keys)
+    /// into chunks of 11 queries; an H200 (141 GB) takes chunks of 145.
+    pub fn for_device(device: &Device) -> Self {
+        const BYTES_PER_SCORE: usize = 10;
+        let default = Self::default();
+        match super::device::memory_info(device) {
+            Some((_, total)) => Self {
+                max_scores: (total / 16 / BYTES_PER_SCORE).max(default.max_scores),
+            },
+            None => default,
+        }
+    }
+
     /// The number of queries per chunk for `batch · heads` rows attending to `keys` keys.
     pub fn query_chunk(&self, rows: usize, keys: usize) -> usize {
         (self.max_scores / (rows * keys).max(1)).max(1)
@@ -164,7 +180,6 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::model::compare::relative_l2;
-    use candle_core::Device;
 
     fn qkv(b: usize, h: usize, lq: usize, lk: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let dev = Device::Cpu;
@@ -173,6 +188,14 @@ mod tests {
             Tensor::randn(0f32, 1.0, (b, h, lk, d), &dev)?,
             Tensor::randn(0f32, 1.0, (b, h, lk, d), &dev)?,
         ))
+    }
+
+    #[test]
+    fn the_cpu_keeps_the_default_bound() {
+        assert_eq!(
+            AttentionOptions::for_device(&Device::Cpu).max_scores,
+            AttentionOptions::default().max_scores
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Names of compute devices and precisions as users type them (`cpu`, `cuda:1`, `bf16`), turned
-//! into candle's [`Device`] and [`DType`]; shared by the CLI and the worker daemon.
+//! into candle's [`Device`] and [`DType`]; shared by the CLI and the worker daemon. Also what a
+//! GPU says about its memory (capacity, and the high-water mark of what the model stack
+//! allocated), for sizing work to it and for benchmarks.
 
 use candle_core::{DType, Device};
 
@@ -58,6 +60,83 @@ pub fn parse_dtype(name: Option<&str>, device: &Device) -> Result<DType, DeviceE
     })
 }
 
+/// A GPU's `(free, total)` memory in bytes as its driver reports it; `None` on the CPU.
+pub fn memory_info(device: &Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(gpu) = device {
+        return gpu.cuda_stream().context().mem_get_info().ok();
+    }
+    let _ = device;
+    None
+}
+
+/// The high-water mark, in bytes, of the GPU memory in use in the device's default memory pool
+/// (where candle allocates, stream-ordered) since the last [`reset_peak_memory`]: the peak of the
+/// model stack's own tensors, without the driver's and libraries' fixed overheads. `None` on the
+/// CPU and on GPUs without memory pools.
+pub fn peak_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(gpu) = device {
+        return pool_attribute(gpu, PoolAttribute::UsedHigh, None);
+    }
+    let _ = device;
+    None
+}
+
+/// Starts a new [`peak_memory`] window at what is in use now.
+pub fn reset_peak_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(gpu) = device {
+        pool_attribute(gpu, PoolAttribute::UsedHigh, Some(0));
+    }
+    let _ = device;
+}
+
+#[cfg(feature = "cuda")]
+enum PoolAttribute {
+    UsedHigh,
+}
+
+/// Reads (or, with `set`, writes then reads) an attribute of the default memory pool of `gpu`.
+#[cfg(feature = "cuda")]
+fn pool_attribute(
+    gpu: &candle_core::CudaDevice,
+    attribute: PoolAttribute,
+    set: Option<u64>,
+) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let context = gpu.cuda_stream().context().clone();
+    if !context.has_async_alloc() || context.bind_to_thread().is_err() {
+        return None;
+    }
+    let attribute = match attribute {
+        PoolAttribute::UsedHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+    };
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut value: u64 = set.unwrap_or(0);
+    // SAFETY: the context is current on this thread; the pool handle and the value are plain
+    // out-parameters of the sizes the driver writes (a handle, a cuuint64_t).
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            != sys::CUresult::CUDA_SUCCESS
+        {
+            return None;
+        }
+        if set.is_some()
+            && sys::cuMemPoolSetAttribute(pool, attribute, (&mut value as *mut u64).cast())
+                != sys::CUresult::CUDA_SUCCESS
+        {
+            return None;
+        }
+        if sys::cuMemPoolGetAttribute(pool, attribute, (&mut value as *mut u64).cast())
+            != sys::CUresult::CUDA_SUCCESS
+        {
+            return None;
+        }
+    }
+    Some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +160,12 @@ mod tests {
             parse_dtype(Some("f64"), &cpu).unwrap_err().to_string(),
             "--dtype f64: expected f32, bf16 or f16"
         );
+    }
+
+    #[test]
+    fn the_cpu_reports_no_device_memory() {
+        assert_eq!(memory_info(&Device::Cpu), None);
+        reset_peak_memory(&Device::Cpu);
+        assert_eq!(peak_memory(&Device::Cpu), None);
     }
 }

@@ -53,7 +53,7 @@ impl WanAttention {
             norm_k: vb.get(dim, "norm_k.weight")?,
             eps,
             heads,
-            options: AttentionOptions::default(),
+            options: AttentionOptions::for_device(vb.device()),
         })
     }
 

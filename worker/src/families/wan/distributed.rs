@@ -259,7 +259,7 @@ impl DistributedWanTransformer {
             world,
             ends: TransformerEnds::new(config, &vb)?,
             blocks,
-            options: AttentionOptions::default(),
+            options: AttentionOptions::for_device(vb.device()),
             loaded_weight_bytes: None,
         })
     }
