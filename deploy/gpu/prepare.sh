@@ -38,7 +38,10 @@ for line in sys.stdin:
 
 rm -rf "$KIT"
 mkdir -p "$KIT/bin" "$KIT/fixtures" "$KIT/wheels"
+# Stripped, it is some 57 MB (candle's kernels: PTX text and sm_80 code); xz makes it 7.
 strip -o "$KIT/bin/gpu" "$binary"
+readelf -d "$KIT/bin/gpu" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' >"$KIT/bin/gpu.needs"
+xz -9 -T2 "$KIT/bin/gpu"
 # The Wan2.1 text-to-video fixtures (the families this build runs; the others are refused).
 for fixture in wan-tiny wan-wide; do
   cp -r "../shared/reference/$fixture" "$KIT/fixtures/"
@@ -50,7 +53,7 @@ $PIP download -q "diffusers==0.42.1" --dest "$KIT/wheels" --only-binary=:all: \
   --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64
 # numpy comes with PyTorch; its wheel alone would be a quarter of what can be carried.
 rm -f "$KIT"/wheels/numpy-*.whl
-echo "prepare: the binary needs (the GPU machine's driver and PyTorch provide them):"
-readelf -d "$KIT/bin/gpu" | grep NEEDED
-du -sh "$KIT"/* "$KIT"
+echo "prepare: the binary needs (the GPU machine's driver and PyTorch provide them):" $(cat "$KIT/bin/gpu.needs")
+du -sh "$KIT"/*
+du -sh "$KIT"
 echo "prepare: kit ready in $KIT (the device tool carries at most 64 MiB)"

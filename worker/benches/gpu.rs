@@ -12,7 +12,7 @@
 //! A step is one transformer forward on classifier-free guidance's batch of 2 with 512 text
 //! tokens (what a denoising step costs; the scheduler's update is negligible beside it), timed
 //! after a warm-up forward on a one-frame latent that loads the kernels and the cuBLAS handles.
-//! Results go to stdout and, with `--json`, one JSON object per line as each finishes, so that
+//! Results go to stdout and, with `--json`, one JSON object per line appended as each finishes, so that
 //! a run cut short still leaves what it measured. Exit status 1 when a parity case fails.
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it is a smoke test on the CPU: the
@@ -122,7 +122,13 @@ impl Options {
                 "--fixtures" => fixtures.push(args.next().ok_or("--fixtures needs a dir")?.into()),
                 "--json" => {
                     let path = args.next().ok_or("--json needs a file")?;
-                    json = Some(std::fs::File::create(&path).map_err(|e| format!("{path}: {e}"))?);
+                    // Appended to: a driver script runs one section per process into one file.
+                    let file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .map_err(|e| format!("{path}: {e}"))?;
+                    json = Some(file);
                 }
                 other => {
                     return Err(format!("unknown argument {other:?} (see the file's doc)").into())

@@ -236,7 +236,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help="gpu: torch's device (cuda; cpu for the smoke case)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch's threads (longtake uses every core)")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     if args.mode == "gpu":
         gpu_case(args.filter, args.json, args.device)
         return
