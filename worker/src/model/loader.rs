@@ -564,6 +564,10 @@ enum Source {
     /// Tensors made from a seed and the tensor's full name, `prefix` + the name asked for (see
     /// [`seeded_values`]).
     Seeded { seed: u64, prefix: String },
+    /// Tensors drawn by the device's own generator with the seeded weights' distributions
+    /// ([`seeded_init`]): for timing model sizes whose seeded weights would take minutes to make
+    /// on the host (a 14B model's 14·10⁹ values). Not reproducible across devices.
+    DeviceRandom,
 }
 
 /// The tensors a [`Weights`] backend has handed out, by name, when asked to keep them
@@ -631,6 +635,12 @@ impl Weights {
         }
     }
 
+    /// Weights drawn on the device they are asked for (see [`Source::DeviceRandom`]); seed the
+    /// device (`Device::set_seed`) for repeatable draws on one device.
+    pub fn device_random() -> Self {
+        Self::from_source(Source::DeviceRandom)
+    }
+
     /// Serves the tensors `plan` names as slices.
     pub fn sharded(mut self, plan: ShardPlan) -> Self {
         self.plan = plan;
@@ -648,7 +658,7 @@ impl Weights {
     pub fn bytes_read(&self) -> ByteCounter {
         match &self.source {
             Source::Files(files) => files.bytes_read(),
-            Source::Seeded { .. } => ByteCounter::default(),
+            Source::Seeded { .. } | Source::DeviceRandom => ByteCounter::default(),
         }
     }
 
@@ -761,6 +771,21 @@ impl SimpleBackend for Weights {
                 dtype,
                 dev,
             )?,
+            Source::DeviceRandom => {
+                if shard.is_some() {
+                    candle_core::bail!(
+                        "device-drawn weights are not sliced: `{name}` is in the plan"
+                    );
+                }
+                match seeded_init(name, shape.dims(), hint) {
+                    SeededInit::Fill(value) => {
+                        Tensor::full(value, shape.clone(), dev)?.to_dtype(dtype)?
+                    }
+                    SeededInit::Normal(std) => {
+                        Tensor::randn(0f32, std, shape.clone(), dev)?.to_dtype(dtype)?
+                    }
+                }
+            }
         };
         if let Some(recorded) = &self.recorded {
             recorded.keep(name, &tensor);
@@ -778,7 +803,7 @@ impl SimpleBackend for Weights {
                 }
                 Ok(tensor)
             }
-            Source::Seeded { .. } => {
+            Source::Seeded { .. } | Source::DeviceRandom => {
                 candle_core::bail!("seeded weights need a shape for tensor `{name}`")
             }
         }
@@ -787,39 +812,54 @@ impl SimpleBackend for Weights {
     fn contains_tensor(&self, name: &str) -> bool {
         match &self.source {
             Source::Files(files) => files.location.contains_key(name),
-            Source::Seeded { .. } => true,
+            Source::Seeded { .. } | Source::DeviceRandom => true,
         }
     }
 }
 
-/// The values of seeded tensor `name` of `shape`, for the built-in tiny model and for
-/// benchmarks: a pure function of (seed, tensor name, shape), so a model built twice is
-/// identical on every machine.
-///
-/// Matrices and kernels get N(0, 1/fan_in) entries, which keeps activations at unit scale through
-/// random layers; vectors named like norm scales get ones; other vectors (biases, modulation
-/// tables) get small N(0, 0.02²) values. `Init::Const` hints are honoured.
-fn seeded_values(seed: u64, name: &str, shape: &Shape, hint: Init) -> Vec<f32> {
-    let n = shape.elem_count();
+/// How a seeded tensor's values are drawn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SeededInit {
+    /// Every value the same.
+    Fill(f32),
+    /// N(0, std²).
+    Normal(f32),
+}
+
+/// The distribution of seeded tensor `name` with `dims`: matrices and kernels get N(0, 1/fan_in)
+/// entries, which keeps activations at unit scale through random layers; vectors named like
+/// norm scales get ones; other vectors (biases, modulation tables) small N(0, 0.02²) values.
+/// Non-zero `Init::Const` hints are honoured.
+pub fn seeded_init(name: &str, dims: &[usize], hint: Init) -> SeededInit {
     if let Init::Const(c) = hint {
         if c != 0.0 {
-            return vec![c as f32; n];
+            return SeededInit::Fill(c as f32);
         }
     }
-    let dims = shape.dims();
     let is_norm_scale = dims.len() == 1
         && (name.ends_with("norm.weight")
             || name.contains("norm") && name.ends_with(".weight")
             || name.ends_with(".gamma")
             || name.ends_with("layer_norm.weight"));
     if is_norm_scale {
-        return vec![1.0; n];
+        return SeededInit::Fill(1.0);
     }
-    let scale = if dims.len() >= 2 {
+    SeededInit::Normal(if dims.len() >= 2 {
         let fan_in: usize = dims[1..].iter().product();
         1.0 / (fan_in.max(1) as f32).sqrt()
     } else {
         0.02
+    })
+}
+
+/// The values of seeded tensor `name` of `shape`, for the built-in tiny model and for
+/// benchmarks: a pure function of (seed, tensor name, shape), so a model built twice is
+/// identical on every machine. Drawn as [`seeded_init`] says.
+fn seeded_values(seed: u64, name: &str, shape: &Shape, hint: Init) -> Vec<f32> {
+    let n = shape.elem_count();
+    let scale = match seeded_init(name, shape.dims(), hint) {
+        SeededInit::Fill(value) => return vec![value; n],
+        SeededInit::Normal(std) => std,
     };
     // FNV-1a of the name picks the stream, so tensors do not share values.
     let stream = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -846,6 +886,44 @@ mod tests {
             .map(|(n, t)| (n.to_string(), t.clone()))
             .collect();
         candle_core::safetensors::save(&map, path).unwrap();
+    }
+
+    #[test]
+    fn device_drawn_weights_follow_the_seeded_distributions() {
+        let vb = Weights::device_random().var_builder(DType::F32, &Device::Cpu);
+        let matrix = vb.get((256, 400), "blocks.0.ffn.net.2.weight").unwrap();
+        let std = matrix
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        assert!(
+            (std - 0.05).abs() < 0.002,
+            "std {std}, 1/√400 = 0.05 expected"
+        );
+        let norm = vb
+            .get(8, "norm_q.weight")
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(norm, vec![1.0; 8]);
+        let bias = vb.get(4096, "to_q.bias").unwrap();
+        let std = bias
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
+        assert!((std - 0.02).abs() < 0.002, "bias std {std}");
+        assert_eq!(
+            seeded_init("norm_q.weight", &[8], Init::Const(0.0)),
+            SeededInit::Fill(1.0)
+        );
     }
 
     #[test]
