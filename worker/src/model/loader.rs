@@ -889,41 +889,25 @@ mod tests {
     }
 
     #[test]
-    fn device_drawn_weights_follow_the_seeded_distributions() {
+    fn device_drawn_weights_follow_the_seeded_distributions() -> candle_core::Result<()> {
+        let rms = |t: Tensor| -> candle_core::Result<f32> {
+            Ok(t.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt())
+        };
         let vb = Weights::device_random().var_builder(DType::F32, &Device::Cpu);
-        let matrix = vb.get((256, 400), "blocks.0.ffn.net.2.weight").unwrap();
-        let std = matrix
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
+        let std = rms(vb.get((256, 400), "blocks.0.ffn.net.2.weight")?)?;
         assert!(
             (std - 0.05).abs() < 0.002,
             "std {std}, 1/√400 = 0.05 expected"
         );
-        let norm = vb
-            .get(8, "norm_q.weight")
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let norm = vb.get(8, "norm_q.weight")?.to_vec1::<f32>()?;
         assert_eq!(norm, vec![1.0; 8]);
-        let bias = vb.get(4096, "to_q.bias").unwrap();
-        let std = bias
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt();
+        let std = rms(vb.get(4096, "to_q.bias")?)?;
         assert!((std - 0.02).abs() < 0.002, "bias std {std}");
         assert_eq!(
             seeded_init("norm_q.weight", &[8], Init::Const(0.0)),
             SeededInit::Fill(1.0)
         );
+        Ok(())
     }
 
     #[test]
