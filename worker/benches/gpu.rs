@@ -71,23 +71,20 @@ fn step_cases(smoke: bool) -> Vec<StepCase> {
             text_tokens: 8,
         }];
     }
-    let mut cases = Vec::new();
-    for (size, config) in [("1.3b", wan21_1_3b()), ("14b", Config::default())] {
-        for (resolution, latent) in [("480p", LATENT_480P), ("720p", LATENT_720P)] {
-            cases.push(StepCase {
-                name: match (size, resolution) {
-                    ("1.3b", "480p") => "1.3b-480p",
-                    ("1.3b", _) => "1.3b-720p",
-                    (_, "480p") => "14b-480p",
-                    _ => "14b-720p",
-                },
-                config: config.clone(),
-                latent,
-                text_tokens: 512,
-            });
-        }
-    }
-    cases
+    [
+        ("1.3b-480p", wan21_1_3b(), LATENT_480P),
+        ("1.3b-720p", wan21_1_3b(), LATENT_720P),
+        ("14b-480p", Config::default(), LATENT_480P),
+        ("14b-720p", Config::default(), LATENT_720P),
+    ]
+    .into_iter()
+    .map(|(name, config, latent)| StepCase {
+        name,
+        config,
+        latent,
+        text_tokens: 512,
+    })
+    .collect()
 }
 
 /// What the command line asks for.

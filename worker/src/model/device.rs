@@ -77,7 +77,7 @@ pub fn memory_info(device: &Device) -> Option<(usize, usize)> {
 pub fn peak_memory(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(gpu) = device {
-        return pool_attribute(gpu, PoolAttribute::UsedHigh, None);
+        return pool_used_high(gpu, false);
     }
     let _ = device;
     None
@@ -87,33 +87,24 @@ pub fn peak_memory(device: &Device) -> Option<u64> {
 pub fn reset_peak_memory(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(gpu) = device {
-        pool_attribute(gpu, PoolAttribute::UsedHigh, Some(0));
+        pool_used_high(gpu, true);
     }
     let _ = device;
 }
 
+/// The used-memory high-water mark of the default memory pool of `gpu`, reset to what is in use
+/// now first when `reset`.
 #[cfg(feature = "cuda")]
-enum PoolAttribute {
-    UsedHigh,
-}
-
-/// Reads (or, with `set`, writes then reads) an attribute of the default memory pool of `gpu`.
-#[cfg(feature = "cuda")]
-fn pool_attribute(
-    gpu: &candle_core::CudaDevice,
-    attribute: PoolAttribute,
-    set: Option<u64>,
-) -> Option<u64> {
+fn pool_used_high(gpu: &candle_core::CudaDevice, reset: bool) -> Option<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let context = gpu.cuda_stream().context().clone();
     if !context.has_async_alloc() || context.bind_to_thread().is_err() {
         return None;
     }
-    let attribute = match attribute {
-        PoolAttribute::UsedHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-    };
+    let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut value: u64 = set.unwrap_or(0);
+    // the driver takes 0 as "reset to the current use"
+    let mut value: u64 = 0;
     // SAFETY: the context is current on this thread; the pool handle and the value are plain
     // out-parameters of the sizes the driver writes (a handle, a cuuint64_t).
     unsafe {
@@ -122,7 +113,7 @@ fn pool_attribute(
         {
             return None;
         }
-        if set.is_some()
+        if reset
             && sys::cuMemPoolSetAttribute(pool, attribute, (&mut value as *mut u64).cast())
                 != sys::CUresult::CUDA_SUCCESS
         {
