@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use longtake_worker::families::wan::pipeline::tiny_configs;
 use longtake_worker::families::wan::transformer::{Config, WanTransformer3DModel};
 use longtake_worker::model::attention::{self, AttentionOptions};
@@ -99,6 +99,32 @@ fn main() -> BenchResult {
                     Ok(())
                 },
             )?;
+        }
+    }
+
+    if wanted("linear") {
+        // The linear layers alone at the mid model's shapes (2 × 1,344 tokens; attention
+        // projections, FFN in and out) and the tiny model's (2 × 5,376 tokens, dim 64, FFN 256).
+        for (tokens, fan_in, fan_out) in [
+            (2688, 512, 512),
+            (2688, 512, 2048),
+            (2688, 2048, 512),
+            (10752, 64, 64),
+            (10752, 64, 256),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (tokens, fan_in), &device)?;
+            let layer =
+                candle_nn::linear(fan_in, fan_out, seeded_var_builder(0, DType::F32, &device))?;
+            let name = format!("linear {tokens}x{fan_in} -> {fan_out}");
+            let flops = 2.0 * (tokens * fan_in * fan_out) as f64;
+            let mut best = f64::INFINITY;
+            time(&name, 10, || {
+                let start = Instant::now();
+                layer.forward(&x)?;
+                best = best.min(start.elapsed().as_secs_f64());
+                Ok(())
+            })?;
+            println!("    {:.0} GFLOP/s at its best", flops / best / 1e9);
         }
     }
 
