@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use longtake_worker::families::wan::pipeline::tiny_configs;
 use longtake_worker::families::wan::transformer::{Config, WanTransformer3DModel};
 use longtake_worker::model::attention::{self, AttentionOptions};
+use longtake_worker::model::linear::linear;
 use longtake_worker::model::loader::seeded_var_builder;
 
 type BenchResult = Result<(), Box<dyn std::error::Error>>;
@@ -113,18 +114,24 @@ fn main() -> BenchResult {
             (10752, 64, 256),
         ] {
             let x = Tensor::randn(0f32, 1.0, (tokens, fan_in), &device)?;
-            let layer =
-                candle_nn::linear(fan_in, fan_out, seeded_var_builder(0, DType::F32, &device))?;
-            let name = format!("linear {tokens}x{fan_in} -> {fan_out}");
+            let vb = seeded_var_builder(0, DType::F32, &device);
+            let ours = linear(fan_in, fan_out, vb.clone())?;
+            let candles = candle_nn::linear(fan_in, fan_out, vb)?;
             let flops = 2.0 * (tokens * fan_in * fan_out) as f64;
-            let mut best = f64::INFINITY;
-            time(&name, 10, || {
-                let start = Instant::now();
-                layer.forward(&x)?;
-                best = best.min(start.elapsed().as_secs_f64());
-                Ok(())
-            })?;
-            println!("    {:.0} GFLOP/s at its best", flops / best / 1e9);
+            for (kind, layer) in [("fused", &ours as &dyn Module), ("candle", &candles)] {
+                let mut best = f64::INFINITY;
+                time(
+                    &format!("linear {tokens}x{fan_in} -> {fan_out} {kind}"),
+                    10,
+                    || {
+                        let start = Instant::now();
+                        layer.forward(&x)?;
+                        best = best.min(start.elapsed().as_secs_f64());
+                        Ok(())
+                    },
+                )?;
+                println!("    {:.0} GFLOP/s at its best", flops / best / 1e9);
+            }
         }
     }
 

@@ -11,6 +11,14 @@
 //! - `daemon`: the worker process around them: gRPC service, membership, one task at a time.
 //!
 //! No network code lives above the communicators.
+//!
+//! Every binary that links the worker (the daemons, the CLI's embedded farm, the benches) uses
+//! mimalloc: candle allocates a fresh tensor per operation, tens of megabytes each on a long
+//! clip, and glibc's malloc hands large blocks back to the kernel on free, so every operation
+//! page-faulted its output in again (a tenth of the tiny model's forward).
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod daemon;
 pub mod families;

@@ -1,7 +1,7 @@
 //! The generic model parts in candle, shared by every model family (`crate::families`):
 //! checkpoint loading and the weight backend (`loader`), the defaults a checkpoint states
 //! (`stated_defaults`), the built-in toy checkpoint (`builtin`), model-family detection (`family`),
-//! tokenizer, umT5 text encoder, the attention core, the CPU kernels' element-wise math (`cpu_math`), schedulers, initial noise, the resumable
+//! tokenizer, umT5 text encoder, the attention core, the linear layer with its fused CPU product (`linear`), the CPU kernels' element-wise math (`cpu_math`), schedulers, initial noise, the resumable
 //! denoising loop, co-denoising the windows of a long clip (`windows`), frames, the render request and result types with the `VideoPipeline` trait
 //! (`render`), and the reference-fixture checks.
 //! No network code lives here.
@@ -14,6 +14,7 @@ pub mod cpu_math;
 pub mod denoiser;
 pub mod device;
 pub mod family;
+pub mod linear;
 pub mod loader;
 pub mod noise;
 pub mod reference;

@@ -8,8 +8,9 @@
 //! see [`WanAttention::norm_qk`]), Ulysses exchanges tokens for heads around the core, and
 //! ring attention calls the core on blocks of keys and merges them with the log-sum-exp.
 
+use crate::model::linear::{linear, Linear};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::rope::RopeTables;
 use crate::model::attention::{attention, merge_heads, split_heads, AttentionOptions};

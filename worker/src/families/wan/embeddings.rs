@@ -2,8 +2,9 @@
 //! `condition_embedder` (sinusoidal timestep → `time_embedder` → `time_proj` modulation, and the
 //! `text_embedder` projection of the text encoder's states).
 
+use crate::model::linear::{linear, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// `patch_embedding`: a Conv3d whose kernel equals its stride, computed as "cut the latent into
 /// patches, flatten each, one matmul" (no overlapping windows, so no generic convolution needed).

@@ -11,8 +11,9 @@
 
 use std::ops::Range;
 
+use crate::model::linear::{linear, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::families::wan::transformer::Config;
 use crate::model::cpu_math::gelu;

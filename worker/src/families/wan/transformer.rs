@@ -5,8 +5,9 @@
 //! projection → un-patchified velocity `(B, C_out, F, H, W)`. Norms and modulation run in f32 as
 //! in the reference; the rest runs in the dtype of the `VarBuilder`.
 
+use crate::model::linear::{linear, Linear};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::attention::WanAttention;

@@ -1,0 +1,192 @@
+//! A linear layer (`y = x Wᵀ + b`, weights in the checkpoint's `(out, in)` layout), with the bias
+//! taken into the matrix product on the CPU.
+//!
+//! candle's `Linear` multiplies, then adds the bias as a second operation: a fresh output of the
+//! whole size, read again and written again (the mid model's FFN input projection is 22 MB per
+//! call), and candle's matmul splits one product over both threads, each streaming the same
+//! packed weights. Here (CPU, f32) the output rows start as copies of the bias, the `gemm` crate
+//! accumulates the product into them, and each thread takes a contiguous run of rows whole: at the
+//! mid model's shapes 217-335 GFLOP/s became what the README's benchmark section states. Other
+//! devices and dtypes run candle's own `Linear`, and the two agree within f32 rounding.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+/// Rows below which a product is not split between threads.
+const MIN_ROWS_PER_THREAD: usize = 64;
+
+/// `y = x Wᵀ + b` over the last dimension of `x`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    /// `weight` is `(out, in)`, `bias` `(out,)`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            inner: candle_nn::Linear::new(weight, bias),
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+/// A layer with a bias, its tensors at `vb`'s `weight` and `bias` (what `candle_nn::linear` reads).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = vb.get(out_dim, "bias")?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = self.inner.weight();
+        let fused = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && weight.dtype() == DType::F32
+            && self.inner.bias().is_none_or(|b| b.dtype() == DType::F32);
+        if !fused {
+            return self.inner.forward(x);
+        }
+        let (out_dim, in_dim) = weight.dims2()?;
+        let dims = x.dims();
+        if dims.last() != Some(&in_dim) {
+            candle_core::bail!(
+                "linear: input {:?} does not end in the layer's {in_dim} input features",
+                dims
+            );
+        }
+        let rows = x.elem_count() / in_dim;
+        let x2 = x.contiguous()?.reshape((rows, in_dim))?;
+        // a layer without a bias adds zeros: the same kernel, one `(out,)` row of them
+        let bias = match self.inner.bias() {
+            Some(b) => b.clone(),
+            None => Tensor::zeros(out_dim, DType::F32, x.device())?,
+        };
+        let y = x2.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &BiasedProduct)?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("checked above") = out_dim;
+        y.reshape(shape)
+    }
+}
+
+/// `x (rows × in) · Wᵀ + b` into a new `rows × out` f32 matrix.
+struct BiasedProduct;
+
+impl CustomOp3 for BiasedProduct {
+    fn name(&self) -> &'static str {
+        "biased-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            f32_slice(x, x_layout)?,
+            f32_slice(w, w_layout)?,
+            f32_slice(b, b_layout)?,
+        );
+        let (rows, in_dim) = x_layout.shape().dims2()?;
+        let out_dim = b.len();
+        if w.len() != out_dim * in_dim {
+            candle_core::bail!("biased product: weight is not {out_dim} × {in_dim}");
+        }
+        let mut out = vec![0f32; rows * out_dim];
+        let threads = rayon::current_num_threads()
+            .min(rows / MIN_ROWS_PER_THREAD)
+            .max(1);
+        let rows_per_thread = rows.div_ceil(threads).max(1);
+        out.par_chunks_mut(rows_per_thread * out_dim)
+            .zip(x.par_chunks(rows_per_thread * in_dim))
+            .for_each(|(out, x)| {
+                for row in out.chunks_exact_mut(out_dim) {
+                    row.copy_from_slice(b);
+                }
+                let m = out.len() / out_dim;
+                // SAFETY: `out` is `m × out_dim` row-major and this thread's own; `x` is
+                // `m × in_dim` row-major; `w` is `out_dim × in_dim` row-major, read as its
+                // transpose (`in_dim × out_dim`, column stride `in_dim`).
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        out_dim,
+                        in_dim,
+                        out.as_mut_ptr(),
+                        1,
+                        out_dim as isize,
+                        true,
+                        x.as_ptr(),
+                        1,
+                        in_dim as isize,
+                        w.as_ptr(),
+                        in_dim as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
+    }
+}
+
+/// The values of a contiguous f32 operand.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => candle_core::bail!("biased product: contiguous f32 operands only"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::compare::relative_l2;
+    use candle_core::Device;
+
+    /// Against candle's `Linear` (matmul, then the bias), on 2D and 3D inputs, with and without
+    /// a bias, with few rows (one thread) and many (split), and on a transposed input.
+    #[test]
+    fn the_fused_layer_equals_candles() -> Result<()> {
+        let dev = Device::Cpu;
+        for (shape, in_dim, out_dim, with_bias) in [
+            (vec![3usize, 5], 5usize, 7usize, true),
+            (vec![2, 301, 40], 40, 72, true),
+            (vec![1000, 33], 33, 17, false),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev)?;
+            let w = Tensor::randn(0f32, 0.2, (out_dim, in_dim), &dev)?;
+            let b = with_bias
+                .then(|| Tensor::randn(0f32, 1.0, out_dim, &dev))
+                .transpose()?;
+            let ours = Linear::new(w.clone(), b.clone()).forward(&x)?;
+            let candles = candle_nn::Linear::new(w, b).forward(&x)?;
+            assert_eq!(ours.dims(), candles.dims());
+            assert!(relative_l2(&ours, &candles)? < 1e-6, "{shape:?}");
+        }
+        let x = Tensor::randn(0f32, 1.0, (16, 200), &dev)?.t()?;
+        let w = Tensor::randn(0f32, 0.2, (8, 16), &dev)?;
+        let layer = Linear::new(w.clone(), None);
+        let want = candle_nn::Linear::new(w, None).forward(&x)?;
+        assert!(relative_l2(&layer.forward(&x)?, &want)? < 1e-6);
+        Ok(())
+    }
+}
