@@ -11,6 +11,7 @@ pub mod builtin;
 pub mod compare;
 pub mod cpu_attention;
 pub mod cpu_math;
+pub mod cpu_norm;
 pub mod denoiser;
 pub mod device;
 pub mod family;

@@ -7,7 +7,7 @@
 
 use crate::model::linear::{linear, Linear};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::attention::WanAttention;
@@ -15,6 +15,7 @@ use super::embeddings::{ConditionEmbedder, Conditioning, PatchEmbedding};
 use super::rope::{RopeTables, WanRope};
 use crate::model::attention::AttentionOptions;
 use crate::model::cpu_math::gelu;
+use crate::model::cpu_norm::{gated_add, norm_scale_shift};
 
 /// `transformer/config.json`. Unknown fields are ignored; defaults are diffusers' (the 14B model).
 #[derive(Debug, Clone, Deserialize)]
@@ -100,24 +101,6 @@ impl Config {
     }
 }
 
-/// LayerNorm without learned parameters (`norm1`, `norm3`, `norm_out`), in f32.
-pub(crate) fn plain_layer_norm(
-    dim: usize,
-    eps: f64,
-    device: &candle_core::Device,
-) -> Result<LayerNorm> {
-    Ok(LayerNorm::new(
-        Tensor::ones(dim, DType::F32, device)?,
-        Tensor::zeros(dim, DType::F32, device)?,
-        eps,
-    ))
-}
-
-/// `x · (1 + scale) + shift` on f32 `(B, L, dim)` with `(B, 1, dim)` modulation.
-pub(crate) fn modulate(x: &Tensor, one_plus_scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(one_plus_scale)?.broadcast_add(shift)
-}
-
 /// `ffn`: `net.0.proj` → GELU (tanh) → `net.2`.
 #[derive(Debug, Clone)]
 pub struct FeedForward {
@@ -149,9 +132,9 @@ impl FeedForward {
 /// whose residual arithmetic must stay the same op for op.
 #[derive(Debug, Clone)]
 pub(crate) struct BlockResiduals {
-    norm1: LayerNorm,
-    norm2: Option<LayerNorm>,
-    norm3: LayerNorm,
+    /// `norm2`'s weight and bias (`cross_attn_norm`); `norm1` and `norm3` have none.
+    norm2: Option<(Tensor, Tensor)>,
+    eps: f64,
     scale_shift_table: Tensor,
 }
 
@@ -161,20 +144,22 @@ impl BlockResiduals {
         let dim = cfg.dim();
         let f32_vb = vb.to_dtype(DType::F32);
         let norm2 = if cfg.cross_attn_norm {
-            Some(candle_nn::layer_norm(dim, cfg.eps, f32_vb.pp("norm2"))?)
+            let norm = f32_vb.pp("norm2");
+            Some((norm.get(dim, "weight")?, norm.get(dim, "bias")?))
         } else {
             None
         };
         Ok(Self {
-            norm1: plain_layer_norm(dim, cfg.eps, vb.device())?,
             norm2,
-            norm3: plain_layer_norm(dim, cfg.eps, vb.device())?,
+            eps: cfg.eps,
             scale_shift_table: f32_vb.get((1, 6, dim), "scale_shift_table")?,
         })
     }
 
     /// One block around its sublayers: `x` `(B, L, dim)`, `modulation` `(B, 6, dim)` f32; each
     /// sublayer maps its (normed) input in the dtype of `x` to an output of the same shape.
+    /// The norms (`norm1`, `norm2`, `norm3`: layer norms in f32) and their modulation are one
+    /// fused step each, as are the gated residuals ([`crate::model::cpu_norm`]).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
@@ -184,27 +169,30 @@ impl BlockResiduals {
         ffn: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let dtype = x.dtype();
+        let eps = self.eps;
         let m = modulation.broadcast_add(&self.scale_shift_table)?;
         let part = |i: usize| m.narrow(1, i, 1);
         let (shift_msa, scale_msa, gate_msa) = (part(0)?, (part(1)? + 1.0)?, part(2)?);
         let (c_shift, c_scale, c_gate) = (part(3)?, (part(4)? + 1.0)?, part(5)?);
 
         let xf = x.to_dtype(DType::F32)?;
-        let h = modulate(&self.norm1.forward(&xf)?, &scale_msa, &shift_msa)?.to_dtype(dtype)?;
+        let h = norm_scale_shift(&xf, &scale_msa, &shift_msa, eps)?.to_dtype(dtype)?;
         let attn = self_attention(&h)?;
-        let xf = (xf + attn.to_dtype(DType::F32)?.broadcast_mul(&gate_msa)?)?;
+        let xf = gated_add(&xf, &attn.to_dtype(DType::F32)?, &gate_msa)?;
         let x = xf.to_dtype(dtype)?;
 
         let h = match &self.norm2 {
-            Some(norm) => norm.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?,
+            Some((weight, bias)) => {
+                norm_scale_shift(&x.to_dtype(DType::F32)?, weight, bias, eps)?.to_dtype(dtype)?
+            }
             None => x.clone(),
         };
         let x = (&x + cross_attention(&h)?)?;
 
         let xf = x.to_dtype(DType::F32)?;
-        let h = modulate(&self.norm3.forward(&xf)?, &c_scale, &c_shift)?.to_dtype(dtype)?;
+        let h = norm_scale_shift(&xf, &c_scale, &c_shift, eps)?.to_dtype(dtype)?;
         let ff = ffn(&h)?;
-        (xf + ff.to_dtype(DType::F32)?.broadcast_mul(&c_gate)?)?.to_dtype(dtype)
+        gated_add(&xf, &ff.to_dtype(DType::F32)?, &c_gate)?.to_dtype(dtype)
     }
 }
 
@@ -270,7 +258,8 @@ impl WanTransformerBlock {
 pub(crate) struct TransformerEnds {
     patch_embedding: PatchEmbedding,
     condition_embedder: ConditionEmbedder,
-    norm_out: LayerNorm,
+    /// The output norm's epsilon (a layer norm without learned parameters).
+    eps: f64,
     /// `(1, 2, dim)` f32: shift and scale of the output norm, added to the time embedding.
     scale_shift_table: Tensor,
     proj_out: Linear,
@@ -294,7 +283,7 @@ impl TransformerEnds {
                 config.text_dim,
                 vb.pp("condition_embedder"),
             )?,
-            norm_out: plain_layer_norm(dim, config.eps, vb.device())?,
+            eps: config.eps,
             scale_shift_table: vb
                 .to_dtype(DType::F32)
                 .get((1, 2, dim), "scale_shift_table")?,
@@ -335,8 +324,8 @@ impl TransformerEnds {
     pub(crate) fn head(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let table = self.scale_shift_table.broadcast_add(&temb.unsqueeze(1)?)?;
         let (shift, scale) = (table.narrow(1, 0, 1)?, (table.narrow(1, 1, 1)? + 1.0)?);
-        let xf = self.norm_out.forward(&x.to_dtype(DType::F32)?)?;
-        let x = modulate(&xf, &scale, &shift)?.to_dtype(self.dtype())?;
+        let x = norm_scale_shift(&x.to_dtype(DType::F32)?, &scale, &shift, self.eps)?
+            .to_dtype(self.dtype())?;
         self.proj_out.forward(&x)
     }
 }
