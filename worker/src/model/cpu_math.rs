@@ -60,9 +60,22 @@ impl Isa {
     }
 }
 
+/// The polynomial of [`exp2`]'s 2^f on [−½, ½], lowest degree first: degree 5 with 2^0 = 1
+/// exactly, fitted for the least largest relative error (9.1e-8 in exact arithmetic, 1.9e-7
+/// evaluated in f32: as good as the degree-6 Taylor series it replaced, one multiply-add
+/// cheaper).
+pub(crate) const EXP2_POLY: [f32; 6] = [
+    1.0,
+    0.693_147,
+    0.240_222_42,
+    0.055_507_336,
+    0.009_671_513,
+    0.001_326_472_7,
+];
+
 /// 2^x for x in [−126, 126] (clamped to it), relative error about 2e-7: x = n + f with n the
-/// nearest integer and |f| ≤ 1/2, 2^f by its Taylor series to degree 6, 2^n into the exponent
-/// bits. Branch-free, so a loop of it vectorises.
+/// nearest integer and |f| ≤ 1/2, 2^f by [`EXP2_POLY`], 2^n into the exponent bits.
+/// Branch-free, so a loop of it vectorises.
 #[inline(always)]
 pub(crate) fn exp2(x: f32) -> f32 {
     // round to nearest by adding and taking away 1.5 · 2^23 (no libm call, so it vectorises)
@@ -71,22 +84,13 @@ pub(crate) fn exp2(x: f32) -> f32 {
     let shifted = x + ROUND; // n sits in the low bits of the mantissa
     let n = shifted - ROUND;
     let f = x - n;
-    const C: [f32; 7] = [
-        1.0,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
-    ];
-    let p = C[6]
-        .mul_add(f, C[5])
-        .mul_add(f, C[4])
-        .mul_add(f, C[3])
-        .mul_add(f, C[2])
-        .mul_add(f, C[1])
-        .mul_add(f, C[0]);
+    let c = EXP2_POLY;
+    let p = c[5]
+        .mul_add(f, c[4])
+        .mul_add(f, c[3])
+        .mul_add(f, c[2])
+        .mul_add(f, c[1])
+        .mul_add(f, c[0]);
     // n's two's complement from the bits, not `n as i32`: Rust's saturating float-to-int cast
     // is a compare and branch per lane, which kept this loop scalar
     let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());

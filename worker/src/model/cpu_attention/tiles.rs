@@ -13,7 +13,7 @@
 use std::arch::x86_64::*;
 
 use super::{Dims, Inputs, Scratch};
-use crate::model::cpu_math::exp2;
+use crate::model::cpu_math::{exp2, EXP2_POLY};
 
 /// Keys per panel: one register's lanes.
 pub(super) const PANEL: usize = 16;
@@ -270,25 +270,16 @@ unsafe fn panel_scores<const QI: usize, const KP: usize>(
     s
 }
 
-/// [`exp2`] of 16 lanes, the same arithmetic (so the same bits): the clamp, x = n + f with n the
-/// nearest integer, the polynomial in f, then 2^n by `vscalefps`. Only the lower clamp: the
-/// scores minus their maximum are never above 0.
+/// [`exp2`] of 16 lanes, the same arithmetic (so the same bits) for x in [−126, 0]: x = n + f
+/// with n the nearest integer, the polynomial in f, then 2^n by `vscalefps`. No clamp: the scores
+/// minus their maximum are never above 0, and below −126 `vscalefps` goes to 0 on its own (−∞,
+/// the missing keys' score, gives NaN, which the caller masks).
 #[target_feature(enable = "avx512f")]
 fn exp2_lanes(x: __m512) -> __m512 {
-    const C: [f32; 7] = [
-        1.0,
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
-    ];
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-126.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
     let f = _mm512_sub_ps(x, n);
-    let mut p = _mm512_set1_ps(C[6]);
-    for &c in C[..6].iter().rev() {
+    let mut p = _mm512_set1_ps(EXP2_POLY[5]);
+    for &c in EXP2_POLY[..5].iter().rev() {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
     }
     _mm512_scalef_ps(p, n)
@@ -303,24 +294,33 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             return;
         }
+        let lanes_exp2 = |xs: &[f32]| -> Vec<f32> {
+            xs.chunks(PANEL)
+                .flat_map(|chunk| {
+                    let mut lanes = [0f32; PANEL];
+                    lanes[..chunk.len()].copy_from_slice(chunk);
+                    let mut got = [0f32; PANEL];
+                    // SAFETY: the CPU has AVX-512F (checked above).
+                    unsafe {
+                        _mm512_storeu_ps(
+                            got.as_mut_ptr(),
+                            exp2_lanes(_mm512_loadu_ps(lanes.as_ptr())),
+                        )
+                    };
+                    got.into_iter().take(chunk.len())
+                })
+                .collect()
+        };
         let xs: Vec<f32> = (0..=64_000)
-            .map(|i| -130.0 + 130.0 * i as f32 / 64_000.0)
-            .chain([f32::NEG_INFINITY, -0.5, 0.5, -1.5, -2.5])
+            .map(|i| -126.0 + 126.0 * i as f32 / 64_000.0)
+            .chain([-0.5, -1.5, -2.5, -125.5])
             .collect();
-        for chunk in xs.chunks(PANEL) {
-            let mut lanes = [0f32; PANEL];
-            lanes[..chunk.len()].copy_from_slice(chunk);
-            let mut got = [0f32; PANEL];
-            // SAFETY: the CPU has AVX-512F (checked above).
-            unsafe {
-                _mm512_storeu_ps(
-                    got.as_mut_ptr(),
-                    exp2_lanes(_mm512_loadu_ps(lanes.as_ptr())),
-                )
-            };
-            for (x, g) in lanes.iter().zip(got) {
-                assert_eq!(g.to_bits(), exp2(*x).to_bits(), "2^{x}");
-            }
+        for (x, got) in xs.iter().zip(lanes_exp2(&xs)) {
+            assert_eq!(got.to_bits(), exp2(*x).to_bits(), "2^{x}");
+        }
+        // below the scalar's clamp: towards 0, never above 2^−126
+        for got in lanes_exp2(&[-126.5, -140.0, -1e4, -1e30]) {
+            assert!((0.0..=exp2(-126.0)).contains(&got), "{got:e}");
         }
     }
 }
