@@ -405,12 +405,12 @@ def load_vae(args):
 
 def encode_dataset(args) -> None:
     vae = load_vae(args)
-    clips = world.dataset(args.data_seed, args.clips, "train")
+    clips = world.dataset(args.data_seed, args.clips, "train", args.frames, args.wrap)
     latents = []
     start = time.time()
     with torch.no_grad():
         for i in range(0, len(clips), 8):
-            x = torch.stack([to_tensor(c.render()) for c in clips[i : i + 8]])
+            x = torch.stack([to_tensor(c.render(args.frames)) for c in clips[i : i + 8]])
             latents.append(vae._encode(x)[:, :Z_DIM].half())
             if (i // 8) % 10 == 0:
                 log(f"encoded {i + len(latents[-1])}/{len(clips)} {time.time() - start:.0f}s")
@@ -427,20 +427,24 @@ def encode_dataset(args) -> None:
 # Transformer: rectified flow
 
 
-def object_latent_mask(clip: world.Clip) -> torch.Tensor:
-    """1 on the latent cells (9 frames × 8 × 8) the object covers in the frames each latent frame
-    encodes (frame 0 alone, then groups of 4), with a margin of one cell; 0 elsewhere."""
-    centres = clip.centres(world.FRAMES)
-    t = (world.FRAMES - 1) // 4 + 1
+def object_latent_mask(clip: world.Clip, frames: int) -> torch.Tensor:
+    """1 on the latent cells (latent frames × 8 × 8) the object covers in the frames each latent
+    frame encodes (frame 0 alone, then groups of 4), with a margin of one cell; 0 elsewhere."""
+    centres = clip.centres(frames)
+    t = (frames - 1) // 4 + 1
     cells = world.SIZE // 8
     grid = (torch.arange(cells) + 0.5) * 8
     gy, gx = torch.meshgrid(grid, grid, indexing="ij")
     mask = torch.zeros(1, t, cells, cells)
     for k in range(t):
-        frames = [0] if k == 0 else range(4 * k - 3, 4 * k + 1)
-        for f in frames:
+        span = [0] if k == 0 else range(4 * k - 3, 4 * k + 1)
+        for f in span:
             cx, cy = centres[f]
-            near = (gx - cx).pow(2) + (gy - cy).pow(2) <= (clip.radius + 8) ** 2
+            dx, dy = gx - cx, gy - cy
+            if clip.wrap:
+                dx = (dx + world.SIZE / 2) % world.SIZE - world.SIZE / 2
+                dy = (dy + world.SIZE / 2) % world.SIZE - world.SIZE / 2
+            near = dx.pow(2) + dy.pow(2) <= (clip.radius + 8) ** 2
             mask[0, k] = torch.maximum(mask[0, k], near.float())
     return mask
 
@@ -464,9 +468,10 @@ def train_transformer(args) -> None:
 
     weights = None
     if args.object_weight != 1.0:
-        clips = world.dataset(args.data_seed, len(captions), "train")
+        clips = world.dataset(args.data_seed, len(captions), "train", args.frames, args.wrap)
         assert [c.caption for c in clips] == captions, "--data-seed/--clips differ from encode's"
-        weights = torch.stack([object_latent_mask(c) for c in clips]) * (args.object_weight - 1) + 1
+        weights = torch.stack([object_latent_mask(c, args.frames) for c in clips])
+        weights = weights * (args.object_weight - 1) + 1
     first_step, trainer = 0, None
     if args.continue_run:
         saved = sorted(
@@ -578,7 +583,7 @@ def export(args) -> None:
     index = json.load(open(index_path))
     index["_longtake"] = {  # the defaults longtake serves this model with; diffusers ignores it
         "name": "toy", "default_width": world.SIZE, "default_height": world.SIZE,
-        "default_frames": world.FRAMES, "default_fps": world.FPS, "default_steps": args.infer_steps,
+        "default_frames": args.frames, "default_fps": world.FPS, "default_steps": args.infer_steps,
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
     }
     json.dump(index, open(index_path, "w"), indent=2)
@@ -597,13 +602,13 @@ def sample(args) -> None:
     os.makedirs(os.path.join(args.work, "samples"), exist_ok=True)
     for split in ("train", "held_out"):
         for i in range(args.samples):
-            clip = world.sample_clip(rng, split)
+            clip = world.sample_clip(rng, split, args.frames, wrap=args.wrap)
             g = torch.Generator().manual_seed(i)
             frames = pipe(clip.caption, negative_prompt="", height=world.SIZE, width=world.SIZE,
-                          num_frames=world.FRAMES, num_inference_steps=args.infer_steps,
+                          num_frames=args.frames, num_inference_steps=args.infer_steps,
                           guidance_scale=args.guidance, max_sequence_length=MAX_SEQUENCE_LENGTH,
                           generator=g, output_type="np").frames[0]
-            strip = np.concatenate([frames[k] for k in (0, world.FRAMES // 2, world.FRAMES - 1)], 1)
+            strip = np.concatenate([frames[k] for k in (0, args.frames // 2, args.frames - 1)], 1)
             name = f"{split}-{i}-" + clip.caption.replace(" ", "_") + ".png"
             Image.fromarray((strip * 255).round().astype(np.uint8)).resize(
                 (strip.shape[1] * 2, strip.shape[0] * 2), 0).save(os.path.join(args.work, "samples", name))
@@ -630,6 +635,11 @@ def main() -> None:
     p.add_argument("--vae-decoder-steps", type=int, default=400)
     p.add_argument("--data-seed", type=int, default=7, help="the training set's world seed")
     p.add_argument("--clips", type=int, default=4000, help="training clips to encode")
+    p.add_argument("--frames", type=int, default=world.FRAMES,
+                   help="frames per training clip (encode, transformer) and the exported default "
+                        "(the model's native window); 4k + 1")
+    p.add_argument("--wrap", action="store_true",
+                   help="the wrapping world (world.py): straight movers wrap around the frame")
     p.add_argument("--steps", type=int, default=20000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--layers", type=int, default=TRANSFORMER_CONFIG["num_layers"],

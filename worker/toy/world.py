@@ -4,6 +4,12 @@ with a caption from a fixed grammar. A bench/training tool, never part of the ru
 Grammar: ``a {color} {shape} moving {direction} on a {background} background`` and, for the
 ``bouncing`` direction, ``a {color} {shape} bouncing on a {background} background``.
 
+Two worlds: the shipped model's (``wrap=False``: a straight mover stays inside the frame for the
+clip's length) and the wrapping one (``wrap=True``: the frame is a torus, a straight mover leaves
+by one edge and comes back by the opposite one, so that it keeps its direction for as long as a
+clip lasts; what a long clip of several windows needs to show one motion across them). Bouncing
+objects bounce in both.
+
 Everything is a pure function of a seed, so a data set is rebuilt exactly from its seed. The
 palette below is the one the Rust checker (``longtake inspect``) compares against: keep the two in
 step (``cli/src/inspect/world.rs``).
@@ -67,6 +73,7 @@ class Clip:
     radius: float
     start: tuple[float, float]  # centre (x, y) at frame 0
     velocity: tuple[float, float]  # pixels per frame
+    wrap: bool = False  # the torus world: straight movers wrap around the frame's edges
 
     @property
     def caption(self) -> str:
@@ -74,7 +81,8 @@ class Clip:
 
     def centres(self, frames: int) -> np.ndarray:
         """The object's centre at each frame, shape (frames, 2); bouncing reflects at the edges so
-        the whole object stays inside."""
+        the whole object stays inside. In the wrapping world a straight mover's centre is not
+        reduced modulo the frame here (the track stays continuous); `render` wraps it."""
         lo, hi = self.radius, SIZE - self.radius
         out = np.empty((frames, 2))
         (x, y), (vx, vy) = self.start, self.velocity
@@ -105,7 +113,12 @@ class Clip:
         fg = np.array(COLORS[self.color], dtype=np.float32)
         video = np.empty((frames - first, SIZE, SIZE, 3), dtype=np.uint8)
         for i, (cx, cy) in enumerate(self.centres(frames)[first:]):
-            inside = shape_mask(self.shape, gx - cx, gy - cy, self.radius)
+            dx, dy = gx - cx, gy - cy
+            if self.wrap:
+                # the nearest copy of the centre on the torus
+                dx = (dx + SIZE / 2) % SIZE - SIZE / 2
+                dy = (dy + SIZE / 2) % SIZE - SIZE / 2
+            inside = shape_mask(self.shape, dx, dy, self.radius)
             cover = inside.reshape(SIZE, ss, SIZE, ss).mean(axis=(1, 3))[..., None]
             video[i] = np.round(bg * (1 - cover) + fg * cover).astype(np.uint8)
         return video
@@ -140,9 +153,10 @@ def combinations(split: str) -> list[tuple[str, str, str]]:
 
 
 def sample_clip(rng: np.random.Generator, split: str = "train", frames: int = FRAMES,
-                radius: tuple[float, float] = RADIUS) -> Clip:
+                radius: tuple[float, float] = RADIUS, wrap: bool = False) -> Clip:
     """One random clip of `split` whose object (of a radius drawn from `radius`) stays inside the
-    frame for `frames` frames."""
+    frame for `frames` frames (in the wrapping world a straight mover starts anywhere along its
+    way and wraps around, wholly inside the frame across it)."""
     triples = combinations(split)
     color, shape, direction = triples[rng.integers(len(triples))]
     backgrounds = [b for b in BACKGROUNDS if compatible(color, b)]
@@ -155,9 +169,16 @@ def sample_clip(rng: np.random.Generator, split: str = "train", frames: int = FR
             angle = rng.uniform(0, 2 * math.pi)
             velocity = (speed * math.cos(angle), speed * math.sin(angle))
             start = (rng.uniform(lo, hi), rng.uniform(lo, hi))
-            clip = Clip(color, shape, direction, background, r, start, velocity)
+            clip = Clip(color, shape, direction, background, r, start, velocity, wrap)
             if clip.reflections(frames) > 0:
                 return clip
+    elif wrap:
+        # anywhere along its way (it wraps there), wholly inside across it
+        speed = rng.uniform(*STRAIGHT_SPEED)
+        along, across = rng.uniform(0, SIZE), rng.uniform(lo, hi)
+        start = (along, across) if direction in ("left", "right") else (across, along)
+        velocity = {"right": (speed, 0.0), "left": (-speed, 0.0), "down": (0.0, speed),
+                    "up": (0.0, -speed)}[direction]
     else:
         speed = rng.uniform(*STRAIGHT_SPEED)
         travel = speed * (frames - 1)
@@ -174,12 +195,13 @@ def sample_clip(rng: np.random.Generator, split: str = "train", frames: int = FR
             start, velocity = (across, along), (0.0, speed)
         else:  # up
             start, velocity = (across, hi - (along - lo)), (0.0, -speed)
-    return Clip(color, shape, direction, background, r, start, velocity)
+    return Clip(color, shape, direction, background, r, start, velocity, wrap)
 
 
-def dataset(seed: int, count: int, split: str = "train", frames: int = FRAMES) -> list[Clip]:
+def dataset(seed: int, count: int, split: str = "train", frames: int = FRAMES,
+            wrap: bool = False) -> list[Clip]:
     rng = np.random.default_rng(seed)
-    return [sample_clip(rng, split, frames) for _ in range(count)]
+    return [sample_clip(rng, split, frames, wrap=wrap) for _ in range(count)]
 
 
 def vocabulary() -> list[str]:
@@ -198,13 +220,15 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--count", type=int, default=4)
     p.add_argument("--out", default="world-samples")
+    p.add_argument("--frames", type=int, default=FRAMES)
+    p.add_argument("--wrap", action="store_true", help="the wrapping world")
     a = p.parse_args()
     import os
 
     os.makedirs(a.out, exist_ok=True)
-    for i, clip in enumerate(dataset(a.seed, a.count)):
-        v = clip.render()
-        strip = np.concatenate([v[k] for k in (0, FRAMES // 2, FRAMES - 1)], axis=1)
+    for i, clip in enumerate(dataset(a.seed, a.count, frames=a.frames, wrap=a.wrap)):
+        v = clip.render(a.frames)
+        strip = np.concatenate([v[k] for k in (0, a.frames // 2, a.frames - 1)], axis=1)
         Image.fromarray(strip).resize((strip.shape[1] * 3, strip.shape[0] * 3), 0).save(
             f"{a.out}/{i:02d}.png"
         )
