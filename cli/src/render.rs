@@ -182,7 +182,10 @@ fn report_seams(out: &Path, spec: &RenderSpec) {
         groups: spec.groups.max(1),
         noise: Default::default(),
     };
-    match longtake_cli::inspect::seams_of(out, windows) {
+    // the shipped toy model's world has borders; a model of the wrapping world does not state
+    // its world yet (`longtake inspect --torus` measures its clips)
+    let topology = longtake_cli::inspect::Topology::Plane;
+    match longtake_cli::inspect::seams_of(out, windows, topology) {
         Ok(Some(report)) => println!(
             "seams: {} window boundaries; worst against inside the windows (picture, object \
              centroid, colour, area): {} (each seam: longtake inspect {} --window {} \

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::frame::Frame;
 use super::motion::{self, Motion};
-use super::segment::{largest_blob, Blob, FrameBackground};
+use super::segment::{largest_blob, Blob, FrameBackground, Topology};
 use super::stats::{mean, median, median_rgb, std_dev};
 use super::world::{distance, nearest, nearest_faded, Named, Shape, BACKGROUNDS, OBJECT_COLORS};
 
@@ -131,8 +131,9 @@ impl FrameObject {
     }
 }
 
-/// Measures `frames`, which must all have one size.
-pub fn measure(frames: &[Frame]) -> Result<Measurements, CheckError> {
+/// Measures `frames`, which must all have one size, on a picture plane of `topology` (a torus
+/// joins a blob across the edges and follows a track past them).
+pub fn measure(frames: &[Frame], topology: Topology) -> Result<Measurements, CheckError> {
     let first = frames.first().ok_or(CheckError::NoFrames)?;
     let (width, height) = (first.width(), first.height());
     for (index, frame) in frames.iter().enumerate() {
@@ -156,7 +157,7 @@ pub fn measure(frames: &[Frame]) -> Result<Measurements, CheckError> {
         .zip(&backgrounds)
         .enumerate()
         .map(|(index, (frame, background))| {
-            let blob = largest_blob(frame, background.rgb, threshold);
+            let blob = largest_blob(frame, background.rgb, threshold, topology);
             FrameObject {
                 index,
                 found: blob.as_ref().is_some_and(|b| b.area as f64 >= min_area),
@@ -172,6 +173,7 @@ pub fn measure(frames: &[Frame]) -> Result<Measurements, CheckError> {
         .iter()
         .filter_map(|f| f.object().map(|b| (f.index, b.centroid)))
         .collect();
+    let track = topology.unwrap_track(&track, width, height);
     let motion =
         motion::analyse(&track, half_extent(&found), width, height).map(|motion| MotionFigures {
             speed: motion.speed(),

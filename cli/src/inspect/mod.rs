@@ -31,6 +31,7 @@ use longtake_proto::spec::job::default_overlap;
 use longtake_proto::spec::WindowSettings;
 pub use read::{read_clip, ClipError};
 pub use seams::{seam_report, SeamReport};
+pub use segment::Topology;
 pub use verdict::Verdict;
 pub use world::{Caption, CaptionError};
 
@@ -80,13 +81,13 @@ pub fn toy_windows() -> WindowSettings {
 pub const TOY_WINDOW: u32 = 5;
 
 impl Report {
-    /// Measures `frames` and judges them against `caption`.
+    /// Measures `frames` (of the shipped toy world: a plane) and judges them against `caption`.
     pub fn of_frames(
         clip: PathBuf,
         caption: Caption,
         frames: &[Frame],
     ) -> Result<Self, CheckError> {
-        Self::with_windows(clip, caption, frames, toy_windows())
+        Self::with_windows(clip, caption, frames, toy_windows(), Topology::Plane)
     }
 
     /// [`Self::of_frames`] with the seams of a clip cut with `windows` (a cut that is not valid
@@ -96,10 +97,11 @@ impl Report {
         caption: Caption,
         frames: &[Frame],
         windows: WindowSettings,
+        topology: Topology,
     ) -> Result<Self, CheckError> {
-        let measurements = measure(frames)?;
+        let measurements = measure(frames, topology)?;
         let verdict = Verdict::judge(&caption, &measurements);
-        let seams = seam_report(frames, &measurements.per_frame, windows)
+        let seams = seam_report(frames, &measurements.per_frame, windows, topology)
             .ok()
             .flatten();
         Ok(Self {
@@ -117,21 +119,27 @@ impl Report {
 /// Parses `caption`, reads the clip at `path` and reports on it. The caption is parsed first, so
 /// a caption outside the grammar fails before any decoding.
 pub fn inspect(path: &Path, caption: &str) -> Result<Report, InspectError> {
-    inspect_with_windows(path, caption, toy_windows())
+    inspect_with_windows(path, caption, toy_windows(), Topology::Plane)
 }
 
 /// The seams of the clip at `path` cut with `windows`, with no caption to judge it by (the
 /// object is what stands out from the background): what `longtake render` reports after a
 /// clip of several windows. `Ok(None)` for a clip of one window.
-pub fn seams_of(path: &Path, windows: WindowSettings) -> Result<Option<SeamReport>, InspectError> {
+pub fn seams_of(
+    path: &Path,
+    windows: WindowSettings,
+    topology: Topology,
+) -> Result<Option<SeamReport>, InspectError> {
     let frames = read_clip(path)?;
-    let measurements = measure(&frames).map_err(|source| InspectError::Check {
+    let measurements = measure(&frames, topology).map_err(|source| InspectError::Check {
         path: path.to_path_buf(),
         source,
     })?;
-    Ok(seam_report(&frames, &measurements.per_frame, windows)
-        .ok()
-        .flatten())
+    Ok(
+        seam_report(&frames, &measurements.per_frame, windows, topology)
+            .ok()
+            .flatten(),
+    )
 }
 
 /// [`inspect`] with the seams of a clip cut with `windows`.
@@ -139,13 +147,14 @@ pub fn inspect_with_windows(
     path: &Path,
     caption: &str,
     windows: WindowSettings,
+    topology: Topology,
 ) -> Result<Report, InspectError> {
     let caption: Caption = caption.parse()?;
     let frames = read_clip(path)?;
-    Report::with_windows(path.to_path_buf(), caption, &frames, windows).map_err(|source| {
-        InspectError::Check {
+    Report::with_windows(path.to_path_buf(), caption, &frames, windows, topology).map_err(
+        |source| InspectError::Check {
             path: path.to_path_buf(),
             source,
-        }
-    })
+        },
+    )
 }

@@ -26,6 +26,7 @@ use super::checker::{half_extent, FrameObject};
 use super::frame::Frame;
 use super::motion::{analyse, ObservedDirection};
 use super::segment::Blob;
+use super::segment::Topology;
 use super::stats::{mean, quantile};
 use super::world::distance;
 
@@ -119,6 +120,7 @@ pub fn seam_report(
     frames: &[Frame],
     per_frame: &[FrameObject],
     settings: WindowSettings,
+    topology: Topology,
 ) -> Result<Option<SeamReport>, WindowError> {
     let latent = latent_frames(frames.len());
     let plan = WindowPlan::new(latent, settings)?;
@@ -126,7 +128,15 @@ pub fn seam_report(
         return Ok(None);
     }
     let transitions: Vec<Change> = (0..frames.len() - 1)
-        .map(|i| change(&frames[i], &frames[i + 1], &per_frame[i], &per_frame[i + 1]))
+        .map(|i| {
+            change(
+                &frames[i],
+                &frames[i + 1],
+                &per_frame[i],
+                &per_frame[i + 1],
+                topology,
+            )
+        })
         .collect();
     let pack = WAN_TEMPORAL_PACK as usize;
     let seam_frames: Vec<([usize; 2], Range<usize>)> = plan
@@ -182,6 +192,7 @@ pub fn seam_report(
                 .collect();
             let track: Vec<(usize, [f64; 2])> =
                 found.iter().map(|(i, o)| (*i, o.centroid)).collect();
+            let track = topology.unwrap_track(&track, width, height);
             let blobs: Vec<&Blob> = found.iter().map(|(_, o)| *o).collect();
             analyse(&track, half_extent(&blobs), width, height).map(|m| m.direction)
         })
@@ -207,7 +218,7 @@ fn latent_frames(frames: usize) -> u32 {
     (frames - 1).div_ceil(WAN_TEMPORAL_PACK) + 1
 }
 
-fn change(a: &Frame, b: &Frame, oa: &FrameObject, ob: &FrameObject) -> Change {
+fn change(a: &Frame, b: &Frame, oa: &FrameObject, ob: &FrameObject, topology: Topology) -> Change {
     let picture = a
         .rgb()
         .iter()
@@ -219,7 +230,8 @@ fn change(a: &Frame, b: &Frame, oa: &FrameObject, ob: &FrameObject) -> Change {
     Change {
         picture,
         centroid_jump: both.map(|(p, q)| {
-            let (dx, dy) = (p.centroid[0] - q.centroid[0], p.centroid[1] - q.centroid[1]);
+            let dx = topology.delta(p.centroid[0], q.centroid[0], a.width());
+            let dy = topology.delta(p.centroid[1], q.centroid[1], a.height());
             dx.hypot(dy)
         }),
         color: both.map(|(p, q)| distance(p.core_rgb, q.core_rgb)),
@@ -281,8 +293,8 @@ mod tests {
     #[test]
     fn a_seamless_clip_changes_at_its_seams_as_inside_its_windows() {
         let frames = long_scene().render();
-        let measured = measure(&frames).unwrap();
-        let report = seam_report(&frames, &measured.per_frame, toy_windows())
+        let measured = measure(&frames, Topology::Plane).unwrap();
+        let report = seam_report(&frames, &measured.per_frame, toy_windows(), Topology::Plane)
             .unwrap()
             .expect("three windows, two seams");
         assert_eq!(report.seams.len(), 2);
@@ -299,8 +311,8 @@ mod tests {
     fn a_jump_or_a_colour_shift_at_a_seam_stands_out() {
         let scene = long_scene();
         let report_of = |frames: &[Frame]| {
-            let measured = measure(frames).unwrap();
-            seam_report(frames, &measured.per_frame, toy_windows())
+            let measured = measure(frames, Topology::Plane).unwrap();
+            seam_report(frames, &measured.per_frame, toy_windows(), Topology::Plane)
                 .unwrap()
                 .unwrap()
         };
@@ -339,8 +351,8 @@ mod tests {
         let frames: Vec<Frame> = (0..49)
             .map(|i| if i < 25 { &there[i] } else { &back[i] }.clone())
             .collect();
-        let measured = measure(&frames).unwrap();
-        let report = seam_report(&frames, &measured.per_frame, toy_windows())
+        let measured = measure(&frames, Topology::Plane).unwrap();
+        let report = seam_report(&frames, &measured.per_frame, toy_windows(), Topology::Plane)
             .unwrap()
             .unwrap();
         use ObservedDirection::*;
@@ -355,9 +367,9 @@ mod tests {
     fn a_clip_of_one_window_has_no_seams() {
         let frames =
             Scene::new([240, 220, 40], [0, 0, 0], Shape::Square, Direction::Right).render();
-        let measured = measure(&frames).unwrap();
+        let measured = measure(&frames, Topology::Plane).unwrap();
         assert_eq!(
-            seam_report(&frames, &measured.per_frame, toy_windows()),
+            seam_report(&frames, &measured.per_frame, toy_windows(), Topology::Plane),
             Ok(None)
         );
     }

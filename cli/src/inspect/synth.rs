@@ -17,6 +17,9 @@ pub struct Scene {
     /// Pixels per frame.
     pub velocity: [f64; 2],
     pub bouncing: bool,
+    /// The wrapping world's torus: the object leaves by one edge and is drawn coming back by the
+    /// opposite one.
+    pub wrap: bool,
     pub width: usize,
     pub height: usize,
     pub frames: usize,
@@ -47,6 +50,7 @@ impl Scene {
             start: [0.0, 0.0],
             velocity,
             bouncing: direction == Direction::Bouncing,
+            wrap: false,
             width: 64,
             height: 64,
             frames: 17,
@@ -128,11 +132,23 @@ impl Scene {
     fn draw(&self, [cx, cy]: [f64; 2]) -> Frame {
         const SS: usize = 4;
         let mut frame = Frame::filled(self.width, self.height, self.background);
-        // Only pixels near the object can be covered.
+        // Only pixels near the object can be covered (on the torus, any may be).
         let span = |c: f64, limit: usize| {
+            if self.wrap {
+                return 0..limit;
+            }
             let lo = (c - self.radius - 1.0).floor().max(0.0) as usize;
             let hi = ((c + self.radius + 1.0).ceil().max(0.0) as usize).min(limit);
             lo..hi
+        };
+        // the offset from the centre, on the torus to its nearest copy
+        let offset = |d: f64, size: usize| {
+            if self.wrap {
+                let size = size as f64;
+                (d + size / 2.0).rem_euclid(size) - size / 2.0
+            } else {
+                d
+            }
         };
         for y in span(cy, self.height) {
             for x in span(cx, self.width) {
@@ -141,7 +157,9 @@ impl Scene {
                     for sx in 0..SS {
                         let px = x as f64 + (sx as f64 + 0.5) / SS as f64;
                         let py = y as f64 + (sy as f64 + 0.5) / SS as f64;
-                        covered += usize::from(self.inside(px - cx, py - cy));
+                        covered += usize::from(
+                            self.inside(offset(px - cx, self.width), offset(py - cy, self.height)),
+                        );
                     }
                 }
                 let cover = covered as f64 / (SS * SS) as f64;

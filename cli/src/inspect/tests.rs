@@ -92,11 +92,40 @@ fn every_colour_on_every_background_passes_with_its_own_caption() {
     }
 }
 
+/// The wrapping world: a straight mover crosses the right edge and comes back at the left. On
+/// the torus it is one object moving right all the way, at its speed and without a jump; read
+/// as a plane, its centroid leaps across the frame where it is split in two.
+#[test]
+fn a_mover_across_the_torus_edge_keeps_its_track() {
+    let mut scene = Scene::new([220, 40, 40], [0, 0, 0], Shape::Square, Direction::Right);
+    scene.wrap = true;
+    scene.frames = 33;
+    scene.start = [30.0, 32.0];
+    let frames = scene.render();
+    let torus = measure(&frames, Topology::Torus).unwrap();
+    let motion = torus.motion.as_ref().unwrap();
+    assert_eq!(
+        motion.motion.direction,
+        motion::ObservedDirection::Right,
+        "{motion:?}"
+    );
+    assert!(
+        (motion.motion.velocity[0] - 1.75).abs() < 0.01,
+        "{motion:?}"
+    );
+    assert!((motion.motion.dx - 56.0).abs() < 0.5, "{motion:?}");
+    assert!(torus.consistency.max_centroid_jump.unwrap() < 2.0);
+    let object = torus.object.as_ref().unwrap();
+    assert_eq!(object.nearest_shape, Shape::Square);
+    let plane = measure(&frames, Topology::Plane).unwrap();
+    assert!(plane.consistency.max_centroid_jump.unwrap() > 20.0);
+}
+
 #[test]
 fn the_shape_is_measured_by_how_much_of_its_box_it_fills() {
     for shape in Shape::ALL {
         let scene = Scene::new([220, 40, 40], [0, 0, 0], shape, Direction::Right);
-        let measured = measure(&scene.render()).unwrap();
+        let measured = measure(&scene.render(), Topology::Plane).unwrap();
         let object = measured.object.unwrap();
         assert_eq!(object.nearest_shape, shape, "{shape:?}: {object:?}");
         assert!(
@@ -217,7 +246,7 @@ fn a_static_object_matches_no_direction() {
         .enumerate()
         .map(|(i, f)| add_noise(&blur(f, 1), 10.0, i as u64))
         .collect();
-    let measured = measure(&frames).unwrap();
+    let measured = measure(&frames, Topology::Plane).unwrap();
     let motion = measured.motion.as_ref().unwrap();
     assert_eq!(
         motion.motion.direction,
@@ -259,7 +288,7 @@ fn an_object_that_leaves_the_frame_is_reported() {
         Direction::Right,
     );
     scene.start = [40.0, 32.0];
-    let measured = measure(&scene.render()).unwrap();
+    let measured = measure(&scene.render(), Topology::Plane).unwrap();
     let motion = measured.motion.unwrap();
     assert!(!motion.stays_inside, "{motion:?}");
     assert_eq!(motion.motion.direction, motion::ObservedDirection::Right);
@@ -289,14 +318,17 @@ fn other_frame_sizes_are_measured_in_their_own_pixels() {
 fn differently_sized_frames_are_refused() {
     let frames = vec![Frame::filled(8, 8, [0; 3]), Frame::filled(8, 6, [0; 3])];
     assert_eq!(
-        measure(&frames).unwrap_err(),
+        measure(&frames, Topology::Plane).unwrap_err(),
         CheckError::SizeChanges {
             index: 1,
             got: "8x6".into(),
             expected: "8x8".into()
         }
     );
-    assert_eq!(measure(&[]).unwrap_err(), CheckError::NoFrames);
+    assert_eq!(
+        measure(&[], Topology::Plane).unwrap_err(),
+        CheckError::NoFrames
+    );
 }
 
 #[test]
