@@ -14,7 +14,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 use rayon::prelude::*;
 
-use crate::model::cpu_math::{exp2, Isa};
+use crate::model::cpu_math::{exp2, product, Isa};
 
 #[cfg(target_arch = "x86_64")]
 mod tiles;
@@ -280,26 +280,15 @@ fn block(
         // SAFETY: every pointer spans the matrix its strides describe (checked above by the
         // slices' lengths), and nothing else writes `scores` meanwhile.
         unsafe {
-            gemm::gemm(
-                rows,
-                n,
-                d,
+            product(
+                (rows, n, d),
                 scores.as_mut_ptr(),
-                1,
-                n as isize,
+                n,
                 false,
                 queries.as_ptr(),
-                1,
-                d as isize,
+                d,
                 keys.as_ptr(),
-                d as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                (1, d),
             );
         }
         for r in 0..rows {
@@ -316,26 +305,15 @@ fn block(
         // out (rows × d) += probabilities (rows × n) · values (n × d)
         // SAFETY: as above; `out` is this work item's own rows.
         unsafe {
-            gemm::gemm(
-                rows,
-                d,
-                n,
+            product(
+                (rows, d, n),
                 out.as_mut_ptr(),
-                1,
-                d as isize,
+                d,
                 true,
                 scores.as_ptr(),
-                1,
-                n as isize,
+                n,
                 values.as_ptr(),
-                1,
-                d as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                (d, 1),
             );
         }
         start += n;

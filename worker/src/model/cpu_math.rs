@@ -136,6 +136,59 @@ struct Gelu {
     isa: Isa,
 }
 
+/// The values of a contiguous f32 operand of a CPU kernel (`what` names the kernel in the error).
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
+        _ => candle_core::bail!("{what}: the CPU kernel needs contiguous f32 operands"),
+    }
+}
+
+/// `dst (m × n) = lhs (m × k) · rhs (k × n)`, or `+=` when `accumulate`, on this thread, through
+/// the `gemm` crate: `dst` and `lhs` row-major with row strides `dst_rs` and `lhs_rs`, `rhs` with
+/// row and column strides `rhs_rs`, `rhs_cs` (a transposed operand is a matter of strides).
+///
+/// # Safety
+/// Every pointer must span the matrix its dimensions and strides describe, and no one else may
+/// touch `dst` meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
 /// Elements per rayon task: large enough to amortise the task, small enough to spread.
 const CHUNK: usize = 16 * 1024;
 
@@ -145,11 +198,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(src), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("gelu: the fused kernel needs contiguous f32");
-        };
-        let src = &src[start..end];
+        let src = contiguous_f32(storage, layout, "gelu")?;
         let mut dst = vec![0f32; src.len()];
         dst.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))

@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::model::cpu_math::Isa;
+use crate::model::cpu_math::{contiguous_f32, Isa};
 
 /// `layer_norm(x) · scale + shift` over the last dimension, the norm without learned parameters:
 /// `x` `(B, L, D)`; `scale` and `shift` `(B, 1, D)` (per sample) or `(D,)` (shared).
@@ -104,9 +104,9 @@ impl CustomOp3 for Rows {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1)?;
-        let second = f32_slice(s2, l2)?;
-        let third = f32_slice(s3, l3)?;
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let second = contiguous_f32(s2, l2, self.name())?;
+        let third = contiguous_f32(s3, l3, self.name())?;
         let (_, l, d) = l1.shape().dims3()?;
         debug_assert_eq!(l, self.l);
         let isa = Isa::detect();
@@ -142,13 +142,6 @@ impl CustomOp3 for Rows {
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => candle_core::bail!("row-wise op: contiguous f32 operands only"),
     }
 }
 

@@ -13,6 +13,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::model::cpu_math::{contiguous_f32, product};
+
 /// Rows below which a product is not split between threads.
 const MIN_ROWS_PER_THREAD: usize = 64;
 
@@ -96,9 +98,9 @@ impl CustomOp3 for BiasedProduct {
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (
-            f32_slice(x, x_layout)?,
-            f32_slice(w, w_layout)?,
-            f32_slice(b, b_layout)?,
+            contiguous_f32(x, x_layout, "linear")?,
+            contiguous_f32(w, w_layout, "linear")?,
+            contiguous_f32(b, b_layout, "linear")?,
         );
         let (rows, in_dim) = x_layout.shape().dims2()?;
         let out_dim = b.len();
@@ -121,38 +123,19 @@ impl CustomOp3 for BiasedProduct {
                 // `m × in_dim` row-major; `w` is `out_dim × in_dim` row-major, read as its
                 // transpose (`in_dim × out_dim`, column stride `in_dim`).
                 unsafe {
-                    gemm::gemm(
-                        m,
-                        out_dim,
-                        in_dim,
+                    product(
+                        (m, out_dim, in_dim),
                         out.as_mut_ptr(),
-                        1,
-                        out_dim as isize,
+                        out_dim,
                         true,
                         x.as_ptr(),
-                        1,
-                        in_dim as isize,
+                        in_dim,
                         w.as_ptr(),
-                        in_dim as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        (1, in_dim),
                     );
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
-    }
-}
-
-/// The values of a contiguous f32 operand.
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => candle_core::bail!("biased product: contiguous f32 operands only"),
     }
 }
 

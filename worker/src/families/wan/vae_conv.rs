@@ -23,6 +23,7 @@ use rayon::prelude::*;
 
 use super::vae_blocks::{Pass, Slot, SlotCounter};
 use super::vae_split::RowSplit;
+use crate::model::cpu_math::product;
 
 /// The weights of one convolution, laid out for the device that runs it.
 #[derive(Debug, Clone)]
@@ -511,26 +512,15 @@ fn shifted_products(
                 // block's rows are a part of the M rows checked), `dst` is this block's
                 // rows × N with row stride N, and no other task holds it.
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        n,
-                        k,
+                    product(
+                        (rows, n, k),
                         dst.as_mut_ptr(),
-                        1,
-                        n as isize,
+                        n,
                         i > 0,
                         lhs.as_ptr(),
-                        1,
-                        lhs_step as isize,
+                        lhs_step,
                         rhs.as_ptr(),
-                        1,
-                        n as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        (n, 1),
                     );
                 }
             }
