@@ -14,6 +14,7 @@ use candle_nn::VarBuilder;
 
 use super::rope::RopeTables;
 use crate::model::attention::{attention, merge_heads, split_heads, AttentionOptions};
+use crate::model::cpu_norm::rms_norm;
 
 /// Rotates interleaved channel pairs of `(B, H, L, D)` queries or keys; in f32 like the reference.
 pub fn apply_rope(x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
@@ -80,8 +81,8 @@ impl WanAttention {
     pub fn norm_qk(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
         let eps = self.eps as f32;
         Ok((
-            candle_nn::ops::rms_norm(q, &self.norm_q, eps)?,
-            candle_nn::ops::rms_norm(k, &self.norm_k, eps)?,
+            rms_norm(q, &self.norm_q, eps)?,
+            rms_norm(k, &self.norm_k, eps)?,
         ))
     }
 

@@ -17,6 +17,7 @@ use candle_nn::VarBuilder;
 
 use crate::families::wan::transformer::Config;
 use crate::model::cpu_math::gelu;
+use crate::model::cpu_norm::rms_norm;
 use crate::model::loader::{Shard, ShardPlan};
 use crate::parallel::group::Group;
 use crate::parallel::layout::shard_range;
@@ -103,7 +104,7 @@ impl RowParallelLinear {
 
 /// RMS norm over the full model width of `x`, of which this rank holds the features that
 /// `weight` (its slice of the norm scale) covers; `full_dim` is the whole width. Runs in f32.
-/// With one rank it is candle's `rms_norm`, exactly the single-process computation.
+/// With one rank it is [`rms_norm`], exactly the single-process computation.
 pub fn sharded_rms_norm_pair(
     (q, k): (&Tensor, &Tensor),
     (q_weight, k_weight): (&Tensor, &Tensor),
@@ -113,8 +114,8 @@ pub fn sharded_rms_norm_pair(
 ) -> Result<(Tensor, Tensor)> {
     if tp.size() == 1 {
         return Ok((
-            candle_nn::ops::rms_norm(q, q_weight, eps as f32)?,
-            candle_nn::ops::rms_norm(k, k_weight, eps as f32)?,
+            rms_norm(q, q_weight, eps as f32)?,
+            rms_norm(k, k_weight, eps as f32)?,
         ));
     }
     let (qf, kf) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?);
