@@ -81,22 +81,21 @@ fn rowwise(x: &Tensor, second: &Tensor, third: &Tensor, op: RowOp) -> Result<Ten
     match op {
         RowOp::NormScaleShift { .. } => {
             let (scale, shift) = (per_sample(second)?, per_sample(third)?);
-            x.apply_op3_no_bwd(&scale, &shift, &Rows { op, l })
+            x.apply_op3_no_bwd(&scale, &shift, &Rows { op })
         }
         RowOp::GatedAdd => {
             let gate = per_sample(third)?;
             if second.dims() != [b, l, d] {
                 candle_core::bail!("gated add: y {:?} is not {:?}", second.dims(), [b, l, d]);
             }
-            x.apply_op3_no_bwd(second, &gate, &Rows { op, l })
+            x.apply_op3_no_bwd(second, &gate, &Rows { op })
         }
     }
 }
 
-/// The op over rows of `l` tokens per sample.
+/// The op over the rows of a `(B, L, D)` input; the per-sample vectors are picked by row / L.
 struct Rows {
     op: RowOp,
-    l: usize,
 }
 
 /// Rows per rayon task.
@@ -123,7 +122,6 @@ impl CustomOp3 for Rows {
         let second = contiguous_f32(s2, l2, self.name())?;
         let third = contiguous_f32(s3, l3, self.name())?;
         let (_, l, d) = l1.shape().dims3()?;
-        debug_assert_eq!(l, self.l);
         let isa = Isa::detect();
         let mut out = vec![0f32; x.len()];
         // per-sample vectors: (n, 1, d) with n = B or 1
