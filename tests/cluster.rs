@@ -943,7 +943,7 @@ fn a_long_clip_on_two_worker_groups_equals_the_single_process_render() {
     assert!(
         rendered
             .stdout
-            .contains("seams: 2 window boundaries; worst against inside the windows"),
+            .contains("seams: 2 window boundaries; each seam's largest change against each stretch inside the windows"),
         "a clip of three windows reports its seams: {}",
         rendered.stdout
     );

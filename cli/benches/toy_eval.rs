@@ -5,29 +5,28 @@
 //! the right colour, direction and background, for seen and held-out captions apart.
 //!
 //! `cargo bench -p longtake-cli --bench toy_eval -- [--count N] [--seed S] [--steps N]
-//! [--guidance G] [--model DIR] [--out DIR] [--torus]` (`--out` also writes each render as PNG
-//! frames; `--torus` judges a model of the wrapping world, whose edges join).
+//! [--guidance G] [--model DIR] [--out DIR]` (`--out` also writes each render as PNG frames).
+//! Renders are judged in the world the model states it was trained on (`_longtake.world`).
 //! `cargo test` does not run it; `cli/tests/toy.rs` checks a few captions on every test run.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use longtake_cli::inspect::{toy_windows, Caption, Frame, Report, Topology};
+use longtake_cli::inspect::{toy_windows, Caption, Frame, Report, Topology, ToyWorld};
 use longtake_coordinator::encode::PngSequenceWriter;
 use longtake_worker::families::wan::pipeline::WanPipeline;
 use longtake_worker::model::builtin;
 use longtake_worker::model::render::RenderSpec;
 
 const USAGE: &str = "usage: toy_eval [--count N] [--seed S] [--steps N] [--guidance G] \
-[--model DIR] [--out DIR] [--torus]
+[--model DIR] [--out DIR]
   --count     captions to render, half seen in training and half held out (default 50)
   --seed      picks the captions and the first render seed (default 1)
   --steps     denoising steps (default: the model's)
   --guidance  classifier-free guidance scale (default 5)
   --model     a checkpoint directory (default: the built-in toy model)
-  --out       also write each render's frames as PNG under DIR/NN/
-  --torus     the model is of the wrapping world (worker/toy/world.py --wrap): its frame's edges join";
+  --out       also write each render's frames as PNG under DIR/NN/";
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -38,7 +37,6 @@ struct Args {
     guidance: f64,
     model: Option<PathBuf>,
     out: Option<PathBuf>,
-    topology: Topology,
 }
 
 fn parse_args() -> Result<Args> {
@@ -49,7 +47,6 @@ fn parse_args() -> Result<Args> {
         guidance: 5.0,
         model: None,
         out: None,
-        topology: Topology::Plane,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,7 +61,6 @@ fn parse_args() -> Result<Args> {
             "--guidance" => args.guidance = value()?.parse()?,
             "--model" => args.model = Some(value()?.into()),
             "--out" => args.out = Some(value()?.into()),
-            "--torus" => args.topology = Topology::Torus,
             "--bench" => {}
             _ => return Err(format!("unknown argument {flag}\n{USAGE}").into()),
         }
@@ -121,9 +117,11 @@ fn main() -> Result<()> {
     };
     let pipeline = WanPipeline::load(&dir, &Device::Cpu, DType::F32)?;
     let info = pipeline.info().clone();
+    let world = info.world.unwrap_or(ToyWorld::Bordered);
     println!(
-        "{}: {}x{}, {} frames, {} steps, guidance {}",
+        "{} ({} world): {}x{}, {} frames, {} steps, guidance {}",
         info.name,
+        world.name(),
         info.default_width,
         info.default_height,
         info.default_frames,
@@ -170,7 +168,7 @@ fn main() -> Result<()> {
             caption,
             &frames,
             toy_windows(),
-            args.topology,
+            Topology::of_world(world, [caption.direction]),
         )?;
         let held_out = caption.held_out();
         if held_out {

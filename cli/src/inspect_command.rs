@@ -36,10 +36,12 @@ pub struct InspectArgs {
     /// ... and the least overlap of its windows [default: a third of the window].
     #[arg(long, value_name = "N")]
     overlap: Option<u32>,
-    /// The clip is of the wrapping world (`worker/toy/world.py --wrap`): the frame's edges join,
-    /// an object across one is one object and a straight mover's track continues past it.
-    #[arg(long)]
-    torus: bool,
+    /// The world the model was trained on: bordered (the shipped toy model's) or wrapping
+    /// (`worker/toy/world.py --wrap`: a straight mover leaves by one edge and comes back by the
+    /// other, so its clips are measured on a torus; a bouncing object stays inside in both)
+    /// [default: bordered].
+    #[arg(long, value_name = "WORLD", default_value = "bordered")]
+    world: inspect::ToyWorld,
 }
 
 /// Exit status 0 when colour, direction and background all match the caption, 1 otherwise.
@@ -60,12 +62,7 @@ pub fn run(args: InspectArgs) -> Result<i32> {
             e.problem()
         )
     })?;
-    let topology = if args.torus {
-        inspect::Topology::Torus
-    } else {
-        inspect::Topology::Plane
-    };
-    let report = inspect::inspect_with_windows(&args.clip, &args.caption, windows, topology)?;
+    let report = inspect::inspect_with_windows(&args.clip, &args.caption, windows, args.world)?;
     if let Some(path) = &args.strip {
         let frames = inspect::read_clip(&args.clip)?;
         let strip = inspect::strip::strip(&frames, args.strip_frames, args.strip_scale)

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use longtake_proto::{
     job_event, CancelRequest, Job, JobEvent, JobRequest, JobState, ListRequest, ListWorkersRequest,
-    OutputFormat, SubmitRequest,
+    OutputFormat, SubmitRequest, Worker,
 };
 
 use crate::client::{Client, CoordinatorArg};
@@ -349,15 +349,20 @@ pub async fn download(client: &mut Client, id: &str, mut dest: Destination) -> R
     }
 }
 
-pub async fn workers(args: WorkersArgs) -> Result<i32> {
-    let mut client = connect(&args.coordinator).await?;
-    let workers = client
+/// The workers the coordinator knows, with the models each serves.
+pub async fn list_workers(client: &mut Client) -> Result<Vec<Worker>> {
+    Ok(client
         .cluster
         .list_workers(ListWorkersRequest {})
         .await
         .map_err(|s| client.error(s))?
         .into_inner()
-        .workers;
+        .workers)
+}
+
+pub async fn workers(args: WorkersArgs) -> Result<i32> {
+    let mut client = connect(&args.coordinator).await?;
+    let workers = list_workers(&mut client).await?;
     if args.json {
         let all: Vec<_> = workers.iter().map(views::worker_json).collect();
         println!("{}", serde_json::Value::Array(all));

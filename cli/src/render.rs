@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use longtake_cli::inspect::{Caption, Topology, ToyWorld};
 use longtake_proto::spec::WindowSettings;
 use longtake_proto::{JobEvent, RenderSpec};
 use longtake_worker::daemon::models;
@@ -164,14 +165,30 @@ async fn submit_watch_fetch(
         got.bytes,
         start.elapsed().as_secs_f64()
     );
-    report_seams(&args.out, &spec);
+    let world = model_world(&mut client, &spec.model).await;
+    report_seams(&args.out, &spec, world);
     Ok(())
+}
+
+/// The procedural world the workers say `model` was trained on; bordered when none says (a
+/// model of real video, or workers from before the field), which measures on a plane.
+async fn model_world(client: &mut Client, model: &str) -> ToyWorld {
+    let Ok(workers) = jobs::list_workers(client).await else {
+        return ToyWorld::Bordered;
+    };
+    workers
+        .iter()
+        .flat_map(|w| &w.models)
+        .filter(|m| m.name == model)
+        .find_map(|m| m.world.parse().ok())
+        .unwrap_or(ToyWorld::Bordered)
 }
 
 /// After a clip of several windows, one line on its seams (the change across each window
 /// boundary against the change inside windows) and how to see them all. A clip of one window
-/// (its spec shows no window settings) has none.
-fn report_seams(out: &Path, spec: &RenderSpec) {
+/// (its spec shows no window settings) has none. The clip is measured in the model's world,
+/// on a torus where every prompt is a toy-world caption of a straight mover that wraps.
+fn report_seams(out: &Path, spec: &RenderSpec, world: ToyWorld) {
     if spec.window_latent_frames == 0 {
         return;
     }
@@ -182,15 +199,20 @@ fn report_seams(out: &Path, spec: &RenderSpec) {
         groups: spec.groups.max(1),
         noise: Default::default(),
     };
-    // the shipped toy model's world has borders; a model of the wrapping world does not state
-    // its world yet (`longtake inspect --torus` measures its clips)
-    let topology = longtake_cli::inspect::Topology::Plane;
+    let prompts =
+        std::iter::once(&spec.prompt).chain(spec.prompt_timeline.iter().map(|c| &c.prompt));
+    let directions: Option<Vec<_>> = prompts
+        .map(|p| p.parse::<Caption>().ok().map(|c| c.direction))
+        .collect();
+    let topology = Topology::of_world(world, directions.unwrap_or_default());
     match longtake_cli::inspect::seams_of(out, windows, topology) {
         Ok(Some(report)) => println!(
-            "seams: {} window boundaries; worst against inside the windows (picture, object \
-             centroid, colour, area): {} (each seam: longtake inspect {} --window {} \
-             --overlap {} --caption ...)",
+            "seams: {} window boundaries; each seam's largest change against each stretch \
+             inside the windows (picture, object centroid, colour, area): {}; worst seam against \
+             the inside's mean and 95th percentile: {} (each seam: longtake inspect {} --window \
+             {} --overlap {} --caption ...)",
             report.seams.len(),
+            report.like_for_like(),
             report.worst(),
             out.display(),
             windows.latent_frames,

@@ -585,6 +585,7 @@ def export(args) -> None:
         "name": "toy", "default_width": world.SIZE, "default_height": world.SIZE,
         "default_frames": args.frames, "default_fps": world.FPS, "default_steps": args.infer_steps,
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "world": "wrapping" if args.wrap else "bordered",  # the clip checker measures in it
     }
     json.dump(index, open(index_path, "w"), indent=2)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)

@@ -29,6 +29,7 @@ pub use checker::{measure, CheckError, Measurements};
 pub use frame::Frame;
 use longtake_proto::spec::job::default_overlap;
 use longtake_proto::spec::WindowSettings;
+pub use longtake_worker::model::render::ToyWorld;
 pub use read::{read_clip, ClipError};
 pub use seams::{seam_report, SeamReport};
 pub use segment::Topology;
@@ -119,7 +120,7 @@ impl Report {
 /// Parses `caption`, reads the clip at `path` and reports on it. The caption is parsed first, so
 /// a caption outside the grammar fails before any decoding.
 pub fn inspect(path: &Path, caption: &str) -> Result<Report, InspectError> {
-    inspect_with_windows(path, caption, toy_windows(), Topology::Plane)
+    inspect_with_windows(path, caption, toy_windows(), ToyWorld::Bordered)
 }
 
 /// The seams of the clip at `path` cut with `windows`, with no caption to judge it by (the
@@ -142,14 +143,15 @@ pub fn seams_of(
     )
 }
 
-/// [`inspect`] with the seams of a clip cut with `windows`.
+/// [`inspect`] with the seams of a clip cut with `windows`, of a model trained on `world`.
 pub fn inspect_with_windows(
     path: &Path,
     caption: &str,
     windows: WindowSettings,
-    topology: Topology,
+    world: ToyWorld,
 ) -> Result<Report, InspectError> {
     let caption: Caption = caption.parse()?;
+    let topology = Topology::of_world(world, [caption.direction]);
     let frames = read_clip(path)?;
     Report::with_windows(path.to_path_buf(), caption, &frames, windows, topology).map_err(
         |source| InspectError::Check {

@@ -187,6 +187,13 @@ impl fmt::Display for Report {
                 )?;
             }
             writeln!(f, "             worst seam: {}", seams.worst())?;
+            writeln!(
+                f,
+                "             like for like, each span's largest change, {} seams against {} stretches inside windows: {}",
+                seams.seam_spans.count,
+                seams.inside_spans.count,
+                seams.like_for_like()
+            )?;
             writeln!(f, "motion per window {}", seams.directions())?;
         }
         write!(

@@ -5,8 +5,10 @@
 
 use serde::Serialize;
 
+use longtake_worker::model::render::ToyWorld;
+
 use super::frame::Frame;
-use super::world::distance;
+use super::world::{distance, Direction};
 
 /// A core pixel is at least this share as far from the background as the blob's 90th
 /// percentile pixel (a percentile, not the farthest, so one noisy pixel does not set the bar).
@@ -62,6 +64,21 @@ pub enum Topology {
 }
 
 impl Topology {
+    /// Where clips of `world` whose object moves in `directions` (one per prompt of the clip)
+    /// are measured: on a torus only when every prompt's object wraps, i.e. moves straight in
+    /// the wrapping world. A bouncing object stays inside the frame in both worlds, and joining
+    /// the edges there would merge a large object touching one side with stray pixels on the
+    /// other.
+    pub fn of_world(world: ToyWorld, directions: impl IntoIterator<Item = Direction>) -> Self {
+        let mut directions = directions.into_iter().peekable();
+        let all_straight =
+            directions.peek().is_some() && directions.all(|d| Direction::STRAIGHT.contains(&d));
+        match world {
+            ToyWorld::Wrapping if all_straight => Topology::Torus,
+            _ => Topology::Plane,
+        }
+    }
+
     /// The displacement `to − from` along an axis of `size` pixels: on the torus the shorter way
     /// round, in `[−size/2, size/2)`.
     pub fn delta(self, from: f64, to: f64, size: usize) -> f64 {

@@ -121,6 +121,29 @@ fn a_mover_across_the_torus_edge_keeps_its_track() {
     assert!(plane.consistency.max_centroid_jump.unwrap() > 20.0);
 }
 
+/// Only a wrapping world's straight movers are measured on the torus: a bouncing object stays
+/// inside the frame, in a clip of one prompt or of a timeline, and the bordered world has edges.
+#[test]
+fn the_world_and_the_prompts_choose_the_topology() {
+    use Direction::{Bouncing, Left, Right, Up};
+    let cases = [
+        (ToyWorld::Wrapping, vec![Right], Topology::Torus),
+        (ToyWorld::Wrapping, vec![Right, Left, Up], Topology::Torus),
+        (ToyWorld::Wrapping, vec![Bouncing], Topology::Plane),
+        (ToyWorld::Wrapping, vec![Right, Bouncing], Topology::Plane),
+        (ToyWorld::Wrapping, vec![], Topology::Plane),
+        (ToyWorld::Bordered, vec![Right], Topology::Plane),
+        (ToyWorld::Bordered, vec![Bouncing], Topology::Plane),
+    ];
+    for (world, directions, want) in cases {
+        assert_eq!(
+            Topology::of_world(world, directions.clone()),
+            want,
+            "{world:?} {directions:?}"
+        );
+    }
+}
+
 #[test]
 fn the_shape_is_measured_by_how_much_of_its_box_it_fills() {
     for shape in Shape::ALL {

@@ -144,6 +144,11 @@ impl ServedModel {
             attention_heads: facts.attention_heads as u32,
             ffn_dim: facts.ffn_dim as u32,
             max_prompt_tokens: facts.info.max_sequence_length as u32,
+            world: facts
+                .info
+                .world
+                .map(|w| w.name().to_string())
+                .unwrap_or_default(),
         };
         Ok(Self {
             source,

@@ -175,6 +175,43 @@ pub struct PipelineInfo {
     pub default_steps: usize,
     /// Prompts are cut or zero-padded to this many tokens.
     pub max_sequence_length: usize,
+    /// The procedural world a toy model was trained on (`_longtake.world`); `None` for a model
+    /// of real video.
+    pub world: Option<ToyWorld>,
+}
+
+/// The procedural worlds of `worker/toy/world.py`; the clip checker measures a toy model's clips
+/// in the world it was trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToyWorld {
+    /// The frame has borders: objects stay inside it.
+    Bordered,
+    /// The frame's edges join for straight movers (`world.py --wrap`); bouncing objects still
+    /// bounce off its sides.
+    Wrapping,
+}
+
+impl ToyWorld {
+    pub const ALL: [ToyWorld; 2] = [ToyWorld::Bordered, ToyWorld::Wrapping];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ToyWorld::Bordered => "bordered",
+            ToyWorld::Wrapping => "wrapping",
+        }
+    }
+}
+
+impl std::str::FromStr for ToyWorld {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| format!("unknown world {s:?}: use bordered or wrapping"))
+    }
 }
 
 /// A model of the flow (velocity) the sampler integrates: Wan's transformer in one process, or

@@ -7,6 +7,9 @@
 //!               "default_fps": 16, "default_steps": 40, "max_sequence_length": 16}
 //! ```
 //!
+//! A toy model also names the procedural world it was trained on (`"world": "bordered"` or
+//! `"wrapping"`), so the clip checker measures its clips in that world.
+//!
 //! Every field is optional and falls back to the family's defaults; unknown fields are ignored
 //! (a newer checkpoint may state more than this build reads); a field of the wrong type or an
 //! impossible value is an error naming `model_index.json` and the field.
@@ -17,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use super::loader::{Checkpoint, LoadError};
-use super::render::PipelineInfo;
+use super::render::{PipelineInfo, ToyWorld};
 
 /// The key of the section in `model_index.json`.
 pub const SECTION: &str = "_longtake";
@@ -36,6 +39,8 @@ pub struct StatedDefaults {
     /// The prompt length in tokens the model was trained with (prompts are cut or zero-padded
     /// to it; a model trained on 16 tokens must not be given 512).
     pub max_sequence_length: Option<usize>,
+    /// The procedural world a toy model was trained on: `"bordered"` or `"wrapping"`.
+    pub world: Option<ToyWorld>,
 }
 
 impl StatedDefaults {
@@ -107,6 +112,7 @@ impl StatedDefaults {
             default_fps: positive("default_fps")?,
             default_steps: positive("default_steps")?,
             max_sequence_length: positive("max_sequence_length")?,
+            world: read::<ToyWorld>(field("world")).map_err(|e| invalid("world", e.to_string()))?,
         })
     }
 
@@ -122,6 +128,7 @@ impl StatedDefaults {
             max_sequence_length: self
                 .max_sequence_length
                 .unwrap_or(family.max_sequence_length),
+            world: self.world.or(family.world),
         }
     }
 }
@@ -144,6 +151,7 @@ mod tests {
             default_fps: 16,
             default_steps: 50,
             max_sequence_length: 512,
+            world: None,
         }
     }
 
@@ -167,7 +175,7 @@ mod tests {
     fn stated_fields_replace_the_familys_and_unknown_ones_are_ignored() {
         let stated = parse(json!({"_longtake": {
             "name": "toy", "default_width": 64, "default_frames": 33,
-            "max_sequence_length": 16, "trained_on": "procedural videos"
+            "max_sequence_length": 16, "trained_on": "procedural videos", "world": "wrapping"
         }}))
         .unwrap();
         let info = stated.over(family());
@@ -178,6 +186,7 @@ mod tests {
                 default_width: 64,
                 default_frames: 33,
                 max_sequence_length: 16,
+                world: Some(ToyWorld::Wrapping),
                 ..family()
             }
         );
@@ -214,6 +223,10 @@ mod tests {
             (
                 json!({"_longtake": {"name": " "}}),
                 "_longtake.name: must not be empty",
+            ),
+            (
+                json!({"_longtake": {"world": "round"}}),
+                "_longtake.world: unknown variant `round`, expected `bordered` or `wrapping`",
             ),
         ];
         for (index, want) in cases {

@@ -53,6 +53,7 @@ pub fn checkpoint_info(checkpoint: &Checkpoint) -> std::result::Result<PipelineI
         default_fps: WAN21_DEFAULT_FPS as usize,
         default_steps: 50,
         max_sequence_length: WAN_MAX_SEQUENCE_LENGTH,
+        world: None,
     };
     Ok(StatedDefaults::of(checkpoint)?.over(wan21))
 }
@@ -67,6 +68,7 @@ pub fn tiny_info() -> PipelineInfo {
         default_fps: WAN21_DEFAULT_FPS as usize,
         default_steps: 10,
         max_sequence_length: 64,
+        world: None,
     }
 }
 
