@@ -4,12 +4,15 @@
 # (each worker on one core: RAYON_NUM_THREADS=1, pinned with taskset), renders the clip, and
 # prints the job's time split, what ffprobe reads and the peak RSS (VmHWM) of every process.
 # The README's "Long clips" table comes from `cli/benches/minute_farm.sh 10x1 10x2 60x1 60x2 90x2`.
-# CHECKPOINT_EVERY (default 1) is the coordinator's --checkpoint-every.
+# CHECKPOINT_EVERY (default 1) is the coordinator's --checkpoint-every; MODEL=NAME=DIR serves a
+# checkpoint directory instead of the built-in toy model (e.g.
+# MODEL=toy-wrap33=worker/toy/runs/wrap33-step2000).
 # Needs: a release build (cargo build --release -p longtake-cli), etcd, ffprobe, taskset; ports
 # 23791/23801 (etcd) and 50071 (coordinator) free.
 set -u
 B=${LONGTAKE:-$(dirname "$0")/../../target/release/longtake}
 PROMPT=${PROMPT:-"a red circle bouncing on a blue background"}
+MODEL=${MODEL:-toy}
 [ $# -gt 0 ] || { echo "usage: $0 SECONDSxGROUPS..." >&2; exit 2; }
 hwm() { awk '/VmHWM/ {printf "%.1f MB", $2 / 1024}' /proc/$1/status; }
 for run in "$@"; do
@@ -24,12 +27,12 @@ for run in "$@"; do
   W=()
   for g in $(seq 1 $groups); do
     RAYON_NUM_THREADS=1 taskset -c $(( (g - 1) % $(nproc) )) $B serve worker --etcd http://127.0.0.1:23791 \
-      --listen 127.0.0.1:0 --id w$g --model toy > $D/w$g.log 2>&1 &
+      --listen 127.0.0.1:0 --id w$g --model "$MODEL" > $D/w$g.log 2>&1 &
     W+=($!)
   done
   sleep 3
   echo "== ${secs} s, ${groups} group(s)"
-  $B render --coordinator http://127.0.0.1:50071 --prompt "$PROMPT" --seconds $secs --groups $groups \
+  $B render --coordinator http://127.0.0.1:50071 --model "${MODEL%%=*}" --prompt "$PROMPT" --seconds $secs --groups $groups \
     --out $D/clip.mp4 > $D/render.log 2>&1 || cat $D/render.log
   grep -E "^time:|^done:|^seams:|^exchanged" $D/render.log
   echo "ffprobe: $(ffprobe -v error -count_frames -select_streams v:0 -show_entries stream=nb_read_frames \
