@@ -85,7 +85,7 @@ pub struct SpecArgs {
     pub prompt_at: Vec<PromptCue>,
     /// Where a long clip's initial noise comes from: independent (every latent frame its own)
     /// or rescheduled (FreeNoise: later windows start from the first window's noise, shuffled)
-    /// [default: independent].
+    /// [default: rescheduled].
     #[arg(long, value_parser = parse_noise)]
     pub noise: Option<NoiseSchedule>,
 }

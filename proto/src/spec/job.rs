@@ -869,15 +869,15 @@ mod tests {
             .resolve(&model())
             .unwrap();
         assert_eq!(again, resolved);
-        assert_eq!(wire.noise, "independent");
-        let freenoise = SpecRequest::try_from(&RenderSpec {
-            noise: "rescheduled".into(),
+        assert_eq!(wire.noise, "rescheduled");
+        let independent = SpecRequest::try_from(&RenderSpec {
+            noise: "independent".into(),
             ..long.clone()
         })
         .unwrap()
         .resolve(&model())
         .unwrap();
-        assert_eq!(freenoise.windows.noise, NoiseSchedule::Rescheduled);
+        assert_eq!(independent.windows.noise, NoiseSchedule::Independent);
         assert_eq!(
             SpecRequest::try_from(&RenderSpec {
                 noise: "fresh".into(),

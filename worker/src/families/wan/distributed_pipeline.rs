@@ -774,29 +774,30 @@ mod tests {
             }
         }
 
-        // FreeNoise-style noise: the groups draw their frames' noise from the same shuffles
-        let rescheduled = |groups| {
+        // the other noise schedule (the plans above draw FreeNoise-style rescheduled noise, the
+        // default): every frame its own noise, the same on every group
+        let independent = |groups| {
             let mut spec = spec(groups, &plain);
             if let Some(w) = spec.windows.as_mut() {
-                w.noise = longtake_proto::spec::NoiseSchedule::Rescheduled;
+                w.noise = longtake_proto::spec::NoiseSchedule::Independent;
             }
             spec
         };
         let expected = single
-            .render_with_options(&rescheduled(1), RenderOptions::default(), &mut |_| {})?
+            .render_with_options(&independent(1), RenderOptions::default(), &mut |_| {})?
             .latents;
         assert!(relative_l2(&expected, &plain_reference.latents)? > 1e-3);
         let on_groups = run_ranks(2, |_, job| {
             let pipe =
                 DistributedPipeline::for_job(source, &dev, DType::F32, Layout::SINGLE, job, 2)?;
             Ok(pipe
-                .render_with_options(&rescheduled(2), RenderOptions::default(), &mut |_| {})?
+                .render_with_options(&independent(2), RenderOptions::default(), &mut |_| {})?
                 .latents)
         })?;
         assert_eq!(
             bits(&on_groups[0])?,
             bits(&expected)?,
-            "rescheduled noise on 2 groups"
+            "independent noise on 2 groups"
         );
         Ok(())
     }
