@@ -6,7 +6,7 @@
 # The README's "Long clips" table comes from `cli/benches/minute_farm.sh 10x1 10x2 60x1 60x2 90x2`.
 # CHECKPOINT_EVERY (default 1) is the coordinator's --checkpoint-every; MODEL=NAME=DIR serves a
 # checkpoint directory instead of the built-in toy model (e.g.
-# MODEL=toy-wrap33=worker/toy/runs/wrap33-step2000).
+# MODEL=toy-wrap33=worker/toy/runs/wrap33-step4500).
 # Needs: a release build (cargo build --release -p longtake-cli), etcd, ffprobe, taskset; ports
 # 23791/23801 (etcd) and 50071 (coordinator) free.
 set -u
