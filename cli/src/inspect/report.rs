@@ -194,6 +194,14 @@ impl fmt::Display for Report {
                 seams.inside_spans.count,
                 seams.like_for_like()
             )?;
+            writeln!(
+                f,
+                "             glitches (a leap over {} px, colour over {}, area over {:.0}%, or the object lost): {}",
+                super::seams::GLITCH_LEAP_PX,
+                super::seams::GLITCH_COLOR,
+                super::seams::GLITCH_AREA * 100.0,
+                seams.glitches
+            )?;
             writeln!(f, "motion per window {}", seams.directions())?;
         }
         write!(

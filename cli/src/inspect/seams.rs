@@ -90,6 +90,48 @@ pub struct SeamReport {
     /// centroid jump, colour, area).
     pub like_for_like_median: [Option<f64>; 4],
     pub like_for_like_worst: [Option<f64>; 4],
+    /// Glitches (see [`Change::is_glitch`]) at the seams and inside the windows.
+    pub glitches: Glitches,
+}
+
+/// How many frame transitions glitch, at the seams and away from them, out of how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Glitches {
+    pub at_seams: usize,
+    pub seam_transitions: usize,
+    pub inside: usize,
+    pub inside_transitions: usize,
+}
+
+impl std::fmt::Display for Glitches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} transitions at seams, {} of {} inside windows",
+            self.at_seams, self.seam_transitions, self.inside, self.inside_transitions
+        )
+    }
+}
+
+/// A leap of the object's centroid over this many pixels in one frame: several times the toy
+/// world's fastest motion (3 px/frame).
+pub const GLITCH_LEAP_PX: f64 = 12.0;
+/// A change of the object's core colour over this RGB distance in one frame.
+pub const GLITCH_COLOR: f64 = 50.0;
+/// A change of the object's area by over this share in one frame.
+pub const GLITCH_AREA: f64 = 0.35;
+
+impl Change {
+    /// Whether the object leaps, changes colour or area abruptly, or is lost or found, in this
+    /// one transition: what a viewer sees as a glitch, wherever it falls.
+    pub fn is_glitch(&self) -> bool {
+        match (self.centroid_jump, self.color, self.area) {
+            (Some(jump), Some(color), Some(area)) => {
+                jump > GLITCH_LEAP_PX || color > GLITCH_COLOR || area > GLITCH_AREA
+            }
+            _ => true,
+        }
+    }
 }
 
 /// The largest change of each of several spans of transitions, summarised: the median span's
@@ -216,6 +258,18 @@ pub fn seam_report(
             .map(|run| summarise(run, largest))
             .collect::<Vec<_>>(),
     );
+    let seam_transitions: Vec<&Change> = transitions
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| at_seam(*i))
+        .map(|(_, c)| c)
+        .collect();
+    let glitches = Glitches {
+        at_seams: seam_transitions.iter().filter(|c| c.is_glitch()).count(),
+        seam_transitions: seam_transitions.len(),
+        inside: inside.iter().filter(|c| c.is_glitch()).count(),
+        inside_transitions: inside.len(),
+    };
     let inside_mean = summarise(&inside, mean);
     let inside_p95 = summarise(&inside, |v| quantile(v, 0.95));
     let seams: Vec<Seam> = seam_frames
@@ -267,6 +321,7 @@ pub fn seam_report(
         like_for_like_worst: ratios(&seam_spans.worst, &inside_spans.worst),
         seam_spans,
         inside_spans,
+        glitches,
     }))
 }
 
@@ -436,6 +491,14 @@ mod tests {
             "before, between and after the seams"
         );
         assert_eq!(report.seam_spans.count, 2);
+        // the leap there and back: two glitching transitions, both inside
+        let clean_glitches = report_of(&clean).glitches;
+        assert_eq!((clean_glitches.at_seams, clean_glitches.inside), (0, 0));
+        assert_eq!((report.glitches.at_seams, report.glitches.inside), (0, 2));
+        assert_eq!(
+            report.glitches.seam_transitions + report.glitches.inside_transitions,
+            frames.len() - 1
+        );
     }
 
     #[test]
