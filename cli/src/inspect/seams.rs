@@ -237,33 +237,27 @@ pub fn seam_report(
             .iter()
             .any(|(_, r)| r.contains(&i) && r.contains(&(i + 1)))
     };
-    let inside: Vec<&Change> = transitions
+    let marked: Vec<(bool, &Change)> = transitions
         .iter()
         .enumerate()
-        .filter(|(i, _)| !at_seam(*i))
-        .map(|(_, c)| c)
+        .map(|(i, c)| (at_seam(i), c))
         .collect();
-    // the stretches between seams: runs of consecutive transitions away from every seam
-    let mut stretches: Vec<Vec<&Change>> = Vec::new();
-    for (i, c) in transitions.iter().enumerate() {
-        match (at_seam(i), stretches.last_mut()) {
-            (true, _) => {}
-            (false, Some(run)) if i > 0 && !at_seam(i - 1) => run.push(c),
-            (false, _) => stretches.push(vec![c]),
-        }
-    }
-    let inside_spans = Spans::of(
-        &stretches
+    let changes_where = |seam: bool| -> Vec<&Change> {
+        marked
             .iter()
-            .map(|run| summarise(run, largest))
+            .filter(|(at, _)| *at == seam)
+            .map(|(_, c)| *c)
+            .collect()
+    };
+    let (seam_transitions, inside) = (changes_where(true), changes_where(false));
+    // the stretches between seams: runs of consecutive transitions away from every seam
+    let inside_spans = Spans::of(
+        &marked
+            .split(|(at, _)| *at)
+            .filter(|run| !run.is_empty())
+            .map(|run| summarise(&run.iter().map(|(_, c)| *c).collect::<Vec<_>>(), largest))
             .collect::<Vec<_>>(),
     );
-    let seam_transitions: Vec<&Change> = transitions
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| at_seam(*i))
-        .map(|(_, c)| c)
-        .collect();
     let glitches = Glitches {
         at_seams: seam_transitions.iter().filter(|c| c.is_glitch()).count(),
         seam_transitions: seam_transitions.len(),
@@ -399,6 +393,14 @@ mod tests {
     use crate::inspect::toy_windows;
     use crate::inspect::world::{Direction, Shape};
 
+    /// The seam report of a clip of several toy windows on the plane.
+    fn report_of(frames: &[Frame]) -> SeamReport {
+        let measured = measure(frames, Topology::Plane).unwrap();
+        seam_report(frames, &measured.per_frame, toy_windows(), Topology::Plane)
+            .unwrap()
+            .unwrap()
+    }
+
     /// A bouncing square over 49 frames (13 latent frames: 3 toy windows).
     fn long_scene() -> Scene {
         let mut scene = Scene::new(
@@ -431,12 +433,6 @@ mod tests {
     #[test]
     fn a_jump_or_a_colour_shift_at_a_seam_stands_out() {
         let scene = long_scene();
-        let report_of = |frames: &[Frame]| {
-            let measured = measure(frames, Topology::Plane).unwrap();
-            seam_report(frames, &measured.per_frame, toy_windows(), Topology::Plane)
-                .unwrap()
-                .unwrap()
-        };
         let clean = scene.render();
         let seam = report_of(&clean).seams[1].frames.clone();
         let cut = (seam.start + seam.end) / 2;
@@ -469,12 +465,6 @@ mod tests {
     fn a_glitch_inside_a_window_is_not_laid_on_the_seams() {
         let scene = long_scene();
         let clean = scene.render();
-        let report_of = |frames: &[Frame]| {
-            let measured = measure(frames, Topology::Plane).unwrap();
-            seam_report(frames, &measured.per_frame, toy_windows(), Topology::Plane)
-                .unwrap()
-                .unwrap()
-        };
         let seams = report_of(&clean).seams;
         // the middle of the stretch between the two seams
         let glitch = (seams[0].frames.end + seams[1].frames.start) / 2;
