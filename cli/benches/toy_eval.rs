@@ -2,10 +2,15 @@
 //! world (half of them colour × shape × motion combinations held out of its training) with the
 //! single-process pipeline at the model's defaults, one seed per caption, and judges each render
 //! with `longtake inspect`'s checker. Prints one line per render, then the share of renders with
-//! the right colour, direction and background, for seen and held-out captions apart.
+//! the right colour, direction and background, for seen and held-out captions apart, and the
+//! model's own glitch rate: the frame transitions where the object leaps, changes colour or area
+//! abruptly, or is lost (`Change::is_glitch`, what the seam report of a long clip counts at its
+//! seams and inside its windows). One native clip has no seams, so this rate is the yardstick
+//! for a long clip's: seams that glitch no more often than the model's own clips add nothing.
 //!
 //! `cargo bench -p longtake-cli --bench toy_eval -- [--count N] [--seed S] [--steps N]
-//! [--guidance G] [--model DIR] [--out DIR]` (`--out` also writes each render as PNG frames).
+//! [--guidance G] [--model DIR] [--caption TEXT] [--out DIR]` (`--caption` renders that caption
+//! at N seeds instead; `--out` also writes each render as PNG frames).
 //! Renders are judged in the world the model states it was trained on (`_longtake.world`).
 //! `cargo test` does not run it; `cli/tests/toy.rs` checks a few captions on every test run.
 
@@ -13,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use longtake_cli::inspect::seams::transitions;
 use longtake_cli::inspect::{toy_windows, Caption, Frame, Report, Topology, ToyWorld};
 use longtake_coordinator::encode::PngSequenceWriter;
 use longtake_worker::families::wan::pipeline::WanPipeline;
@@ -20,12 +26,13 @@ use longtake_worker::model::builtin;
 use longtake_worker::model::render::RenderSpec;
 
 const USAGE: &str = "usage: toy_eval [--count N] [--seed S] [--steps N] [--guidance G] \
-[--model DIR] [--out DIR]
+[--model DIR] [--caption TEXT] [--out DIR]
   --count     captions to render, half seen in training and half held out (default 50)
   --seed      picks the captions and the first render seed (default 1)
   --steps     denoising steps (default: the model's)
   --guidance  classifier-free guidance scale (default 5)
   --model     a checkpoint directory (default: the built-in toy model)
+  --caption   render this caption at N seeds instead of N captions
   --out       also write each render's frames as PNG under DIR/NN/";
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -36,6 +43,7 @@ struct Args {
     steps: Option<usize>,
     guidance: f64,
     model: Option<PathBuf>,
+    caption: Option<Caption>,
     out: Option<PathBuf>,
 }
 
@@ -46,6 +54,7 @@ fn parse_args() -> Result<Args> {
         steps: None,
         guidance: 5.0,
         model: None,
+        caption: None,
         out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -60,6 +69,7 @@ fn parse_args() -> Result<Args> {
             "--steps" => args.steps = Some(value()?.parse()?),
             "--guidance" => args.guidance = value()?.parse()?,
             "--model" => args.model = Some(value()?.into()),
+            "--caption" => args.caption = Some(value()?.parse()?),
             "--out" => args.out = Some(value()?.into()),
             "--bench" => {}
             _ => return Err(format!("unknown argument {flag}\n{USAGE}").into()),
@@ -75,11 +85,15 @@ struct Tally {
     direction: usize,
     background: usize,
     all: usize,
+    glitches: usize,
+    transitions: usize,
 }
 
 impl Tally {
-    fn add(&mut self, report: &Report) {
+    fn add(&mut self, report: &Report, glitches: usize, transitions: usize) {
         let v = &report.verdict;
+        self.glitches += glitches;
+        self.transitions += transitions;
         self.renders += 1;
         self.color += usize::from(v.color_right);
         self.direction += usize::from(v.direction_right);
@@ -90,12 +104,16 @@ impl Tally {
     fn line(&self, name: &str) -> String {
         let pct = |n: usize| 100.0 * n as f64 / self.renders.max(1) as f64;
         format!(
-            "{name:9} {:3} renders: colour {:5.1}%  direction {:5.1}%  background {:5.1}%  all three {:5.1}%",
+            "{name:9} {:3} renders: colour {:5.1}%  direction {:5.1}%  background {:5.1}%  all three {:5.1}%  \
+             glitches {} of {} transitions ({:.2}%)",
             self.renders,
             pct(self.color),
             pct(self.direction),
             pct(self.background),
-            pct(self.all)
+            pct(self.all),
+            self.glitches,
+            self.transitions,
+            100.0 * self.glitches as f64 / self.transitions.max(1) as f64
         )
     }
 }
@@ -130,10 +148,11 @@ fn main() -> Result<()> {
     );
     let (mut seen, mut held) = (Tally::default(), Tally::default());
     let started = Instant::now();
-    for (i, caption) in Caption::evaluation_set(args.count, args.seed)
-        .into_iter()
-        .enumerate()
-    {
+    let captions = match args.caption {
+        Some(caption) => vec![caption; args.count],
+        None => Caption::evaluation_set(args.count, args.seed),
+    };
+    for (i, caption) in captions.into_iter().enumerate() {
         let spec = RenderSpec {
             prompt: caption.to_string(),
             negative_prompt: String::new(),
@@ -163,23 +182,26 @@ fn main() -> Result<()> {
             }
             writer.finish()?;
         }
+        let topology = Topology::of_world(world, [caption.direction]);
         let report = Report::with_windows(
             PathBuf::from(format!("render {i}")),
             caption,
             &frames,
             toy_windows(),
-            Topology::of_world(world, [caption.direction]),
+            topology,
         )?;
+        let changes = transitions(&frames, &report.measurements.per_frame, topology);
+        let glitches = changes.iter().filter(|c| c.is_glitch()).count();
         let held_out = caption.held_out();
         if held_out {
-            held.add(&report);
+            held.add(&report, glitches, changes.len());
         } else {
-            seen.add(&report);
+            seen.add(&report, glitches, changes.len());
         }
         let v = &report.verdict;
         let mark = |ok: bool| if ok { "ok " } else { "NO " };
         println!(
-            "{i:2} {} colour {} direction {} ({:8}) background {} {caption}",
+            "{i:2} {} colour {} direction {} ({:8}) background {} glitches {glitches:2} {caption}",
             if held_out { "held" } else { "seen" },
             mark(v.color_right),
             mark(v.direction_right),
@@ -198,6 +220,8 @@ fn main() -> Result<()> {
         total.direction += t.direction;
         total.background += t.background;
         total.all += t.all;
+        total.glitches += t.glitches;
+        total.transitions += t.transitions;
     }
     println!("{}", seen.line("seen"));
     println!("{}", held.line("held out"));

@@ -208,17 +208,7 @@ pub fn seam_report(
     if plan.is_single_window() || frames.len() < 2 {
         return Ok(None);
     }
-    let transitions: Vec<Change> = (0..frames.len() - 1)
-        .map(|i| {
-            change(
-                &frames[i],
-                &frames[i + 1],
-                &per_frame[i],
-                &per_frame[i + 1],
-                topology,
-            )
-        })
-        .collect();
+    let transitions = transitions(frames, per_frame, topology);
     let pack = WAN_TEMPORAL_PACK as usize;
     let seam_frames: Vec<([usize; 2], Range<usize>)> = plan
         .windows()
@@ -324,6 +314,16 @@ pub fn seam_report(
 fn latent_frames(frames: usize) -> u32 {
     let frames = frames.max(1) as u32;
     (frames - 1).div_ceil(WAN_TEMPORAL_PACK) + 1
+}
+
+/// Every frame-to-frame transition of a clip (`per_frame`: the checker's object in each frame):
+/// transition `i` is frame `i` → `i + 1`.
+pub fn transitions(frames: &[Frame], per_frame: &[FrameObject], topology: Topology) -> Vec<Change> {
+    frames
+        .windows(2)
+        .zip(per_frame.windows(2))
+        .map(|(f, o)| change(&f[0], &f[1], &o[0], &o[1], topology))
+        .collect()
 }
 
 fn change(a: &Frame, b: &Frame, oa: &FrameObject, ob: &FrameObject, topology: Topology) -> Change {
