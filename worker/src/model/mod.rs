@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod builtin;
 pub mod compare;
+pub mod cpu_amx;
 pub mod cpu_attention;
 pub mod cpu_math;
 pub mod cpu_norm;
