@@ -69,21 +69,30 @@ pub struct PackedWeights {
 const TILE: usize = 512;
 
 impl PackedWeights {
-    /// `w` is `n × k` row-major; `k` and `n` are multiples of 32.
+    /// `w` is `n × k` row-major (a linear layer's `(out, in)`); `k` and `n` are multiples of 32.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        assert!(
-            tiles_cover(k, n) && w.len() == n * k,
-            "AMX weights {n} × {k}"
-        );
+        assert!(w.len() == n * k, "AMX weights {n} × {k}");
+        Self::build(k, n, |i, c| w[c * k + i])
+    }
+
+    /// `rhs` is `k × n` row-major (a convolution tap's `(C_in, C_out)`); `k` and `n` are
+    /// multiples of 32.
+    pub fn pack_columns(rhs: &[f32], k: usize, n: usize) -> Self {
+        assert!(rhs.len() == k * n, "AMX weights {k} × {n}");
+        Self::build(k, n, |i, c| rhs[i * n + c])
+    }
+
+    /// From `value(i, c)`, the right operand's row `i` (of `k`) and column `c` (of `n`).
+    fn build(k: usize, n: usize, value: impl Fn(usize, usize) -> f32) -> Self {
+        assert!(tiles_cover(k, n), "AMX weights {k} × {n}: not whole tiles");
         let steps = k / K_STEP;
         let mut tiles = vec![0u16; 2 * n * k];
         for panel in 0..n / 16 {
             for step in 0..steps {
                 let at = (panel * steps + step) * 2 * TILE;
                 for c in 0..16 {
-                    let row = &w[(panel * 16 + c) * k + step * K_STEP..][..K_STEP];
-                    for (i, &x) in row.iter().enumerate() {
-                        let (hi, lo) = split(x);
+                    for i in 0..K_STEP {
+                        let (hi, lo) = split(value(step * K_STEP + i, panel * 16 + c));
                         let slot = (i / 2) * 32 + c * 2 + i % 2;
                         tiles[at + slot] = hi;
                         tiles[at + TILE + slot] = lo;
@@ -106,18 +115,25 @@ impl PackedWeights {
 /// `out (m × n) += x (m × k) · Wᵀ` on the calling thread; `out` holds its starting values (the
 /// bias) and `m` is any number of rows.
 pub fn accumulate(out: &mut [f32], x: &[f32], weights: &PackedWeights) {
+    accumulate_rows(out, x, weights.k, weights);
+}
+
+/// `out (m × n) += lhs · rhs`, row `r` of the left operand being the `k` values of `lhs` from
+/// `r · step` (rows overlap when `step < k`, as a convolution's shifted views do), on the calling
+/// thread.
+pub fn accumulate_rows(out: &mut [f32], lhs: &[f32], step: usize, weights: &PackedWeights) {
     let (k, n) = (weights.k, weights.n);
-    let m = x.len() / k;
+    let m = out.len() / n;
     assert!(
-        x.len() == m * k && out.len() == m * n,
-        "AMX product {m} × {k} × {n}"
+        out.len() == m * n && (m == 0 || lhs.len() >= (m - 1) * step + k),
+        "AMX product of {m} rows × {k} × {n}: operands out of bounds"
     );
     assert!(available(), "AMX product without the tile state");
     let mut left = vec![0u16; 2 * BLOCK * k];
     let mut tail: Vec<f32> = Vec::new();
     for first in (0..m).step_by(BLOCK) {
         let rows = BLOCK.min(m - first);
-        pack_rows(&x[first * k..(first + rows) * k], k, &mut left);
+        pack_rows(&lhs[first * step..], rows, step, k, &mut left);
         if rows == BLOCK {
             // SAFETY: `left` is a packed block of 32 rows, `out` from row `first` on holds 32
             // rows of `n`, `weights` is laid out for `k × n`; `available()` held above.
@@ -134,14 +150,16 @@ pub fn accumulate(out: &mut [f32], x: &[f32], weights: &PackedWeights) {
     }
 }
 
-/// Up to 32 rows of `x (rows × k)` split into bf16 parts, as two 16-row halves: for each half and
-/// each 32-deep step of `k`, the `hi` tile then the `lo` tile (16 rows × 32). Missing rows are 0.
-fn pack_rows(x: &[f32], k: usize, packed: &mut [u16]) {
+/// Up to 32 rows of the left operand (row `r`: `lhs[r · step..][..k]`) split into bf16 parts, as
+/// two 16-row halves: for each half and each 32-deep step of `k`, the `hi` tile then the `lo`
+/// tile (16 rows × 32). Missing rows are 0.
+fn pack_rows(lhs: &[f32], rows: usize, step: usize, k: usize, packed: &mut [u16]) {
     let steps = k / K_STEP;
-    if x.len() < BLOCK * k {
+    if rows < BLOCK {
         packed.fill(0);
     }
-    for (r, row) in x.chunks_exact(k).enumerate() {
+    for r in 0..rows {
+        let row = &lhs[r * step..][..k];
         let (half, r) = (r / 16, r % 16);
         for (step, run) in row.chunks_exact(K_STEP).enumerate() {
             let at = (half * steps + step) * 2 * TILE + r * K_STEP;

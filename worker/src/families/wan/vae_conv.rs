@@ -16,6 +16,7 @@
 //! along the channels.
 
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -23,16 +24,38 @@ use rayon::prelude::*;
 
 use super::vae_blocks::{Pass, Slot, SlotCounter};
 use super::vae_split::RowSplit;
+use crate::model::cpu_amx::{self, PackedWeights};
 use crate::model::cpu_math::product;
 
 /// The weights of one convolution, laid out for the device that runs it.
 #[derive(Debug, Clone)]
 enum Kernel {
-    /// `(kernel_t, k, k, C_in, C_out)` and the bias, f32 on the host, for [`ShiftedProducts`].
-    Host { weight: Vec<f32>, bias: Vec<f32> },
+    /// `(kernel_t, k, k, C_in, C_out)` and the bias, f32 on the host, for [`ShiftedProducts`];
+    /// each tap's weights laid out for AMX tiles where the CPU has them and the shape fits.
+    Host {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        tiles: Option<Tiles>,
+    },
     /// `(C_out, kernel_t · C_in, k, k)`, the taps stacked tap-major along the input channels,
     /// and the bias as `(1, C_out, 1, 1)`.
     Conv2d { weight: Tensor, bias: Tensor },
+}
+
+/// The right operands of a convolution's taps laid out for AMX tiles, in the order of its taps.
+type Tiles = Arc<Vec<PackedWeights>>;
+
+/// `weight` cut into `taps` right operands of `k × n` (row-major, one after the other), laid
+/// out for AMX tiles; `None` where the CPU has no AMX or the shape does not fit the tiles.
+fn tap_tiles(weight: &[f32], taps: usize, k: usize, n: usize) -> Option<Tiles> {
+    if !(cpu_amx::available() && cpu_amx::fits(k, n)) || weight.len() != taps * k * n {
+        return None;
+    }
+    let packed = weight
+        .chunks_exact(k * n)
+        .map(|tap| PackedWeights::pack_columns(tap, k, n))
+        .collect();
+    Some(Arc::new(packed))
 }
 
 /// A convolution over frames, `kernel_t` frames deep and `k × k` wide, stride 1.
@@ -54,9 +77,16 @@ impl FrameConv {
         }
         let kernel = if device.is_cpu() {
             let host = |t: Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            let weight = host(weight.permute((2, 3, 4, 1, 0))?.contiguous()?)?;
+            // a 3×3 kernel's taps are (t, y), each reading three pixels' channels (module docs)
+            let tiles = match k {
+                1 => tap_tiles(&weight, kernel_t, in_dim, out_dim),
+                _ => tap_tiles(&weight, kernel_t * 3, 3 * in_dim, out_dim),
+            };
             Kernel::Host {
-                weight: host(weight.permute((2, 3, 4, 1, 0))?.contiguous()?)?,
+                weight,
                 bias: host(bias)?,
+                tiles,
             }
         } else {
             let w = weight
@@ -91,11 +121,17 @@ impl FrameConv {
         }
     }
 
-    /// The CPU operation of this convolution with the host `weight` and `bias` of its kernel.
-    fn host_op<'a>(&self, weight: &'a [f32], bias: &'a [f32], halo: bool) -> ShiftedProducts<'a> {
+    /// The CPU operation of this convolution with the host `weight`, `bias` and `tiles` of its
+    /// kernel.
+    fn host_op<'a>(
+        &self,
+        (weight, bias, tiles): (&'a [f32], &'a [f32], Option<&'a [PackedWeights]>),
+        halo: bool,
+    ) -> ShiftedProducts<'a> {
         ShiftedProducts {
             weight,
             bias,
+            tiles,
             kernel_t: self.kernel_t,
             k: self.k,
             out_dim: self.out_dim,
@@ -112,8 +148,12 @@ impl FrameConv {
         split: Option<&RowSplit<'_>>,
     ) -> Result<Tensor> {
         match &self.kernel {
-            Kernel::Host { weight, bias } if self.k == 3 && split.is_none() => {
-                let op = self.host_op(weight, bias, false);
+            Kernel::Host {
+                weight,
+                bias,
+                tiles,
+            } if self.k == 3 && split.is_none() => {
+                let op = self.host_op((weight, bias, tiles.as_deref().map(Vec::as_slice)), false);
                 let host = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
                 host(history)?
                     .apply_op2_no_bwd(&host(x)?, &op)?
@@ -139,9 +179,13 @@ impl FrameConv {
             candle_core::bail!("a band with halo rows needs at least 3 rows, got {h_in}");
         }
         match &self.kernel {
-            Kernel::Host { weight, bias } => {
+            Kernel::Host {
+                weight,
+                bias,
+                tiles,
+            } => {
                 let dtype = padded.dtype();
-                let op = self.host_op(weight, bias, halo);
+                let op = self.host_op((weight, bias, tiles.as_deref().map(Vec::as_slice)), halo);
                 padded
                     .to_dtype(DType::F32)?
                     .contiguous()?
@@ -174,6 +218,8 @@ struct ShiftedProducts<'a> {
     /// `(kernel_t, k, k, C_in, C_out)`.
     weight: &'a [f32],
     bias: &'a [f32],
+    /// `weight`'s taps laid out for AMX tiles, where it has them.
+    tiles: Option<&'a [PackedWeights]>,
     kernel_t: usize,
     k: usize,
     out_dim: usize,
@@ -206,7 +252,7 @@ impl ShiftedProducts<'_> {
                     )
                 })
                 .collect();
-            shifted_products(&mut out, cout, src, c, c, &taps);
+            shifted_products(&mut out, cout, src, c, c, &taps, self.tiles);
             self.add_bias(&mut out);
             return (out, Shape::from((t, h_in, w, cout)));
         }
@@ -223,7 +269,7 @@ impl ShiftedProducts<'_> {
                 ((dt * plane + dy * wp) * c, weight)
             })
             .collect();
-        shifted_products(&mut grid, cout, &padded.data, c, 3 * c, &taps);
+        shifted_products(&mut grid, cout, &padded.data, c, 3 * c, &taps, self.tiles);
         // Copied out without the padding columns (and rows between frames), bias added.
         let fill = |out: &mut [MaybeUninit<f32>]| {
             out.par_chunks_mut(w * cout)
@@ -403,6 +449,8 @@ impl Padded {
 struct UpsampledProducts<'a> {
     /// `(a, b, dy, dx, C_in, C_out)`: [`phase_weights`].
     phases: &'a [f32],
+    /// The phases' eight taps `(a, b, dy)` laid out for AMX tiles, where it has them.
+    tiles: Option<&'a [PackedWeights]>,
     bias: &'a [f32],
     out_dim: usize,
     halo: bool,
@@ -447,7 +495,8 @@ impl UpsampledProducts<'_> {
                     (((a + dy) * wp + b) * c, weight)
                 })
                 .collect();
-            shifted_products(grid, cout, &padded.data, c, 2 * c, &taps);
+            let tiles = self.tiles.map(|t| &t[phase * 2..phase * 2 + 2]);
+            shifted_products(grid, cout, &padded.data, c, 2 * c, &taps, tiles);
         }
         let phase = |i: usize| &grids[i * grid_len..(i + 1) * grid_len];
         // Output row 2y + a interleaves phases (a, 0) and (a, 1) of input row y.
@@ -474,7 +523,8 @@ impl UpsampledProducts<'_> {
 
 /// `dst (M, N) = Σ lhs_tap · rhs_tap` over the `taps` `(offset, rhs)`: row `r` of `lhs_tap` is
 /// the `K` values of `lhs` from `offset + r · lhs_step` (rows overlap when `lhs_step < K`),
-/// `rhs` is row-major `(K, N)`, and so is `dst`.
+/// `rhs` is row-major `(K, N)`, and so is `dst`. With `tiles` (each tap's `rhs` laid out for
+/// AMX), the products run on the tiles.
 ///
 /// The rows are cut into blocks that the threads take whole, every tap of a block in turn, so
 /// that the block's sums stay in the core's cache across the taps; gemm's own threading splits
@@ -487,6 +537,7 @@ fn shifted_products(
     lhs_step: usize,
     k: usize,
     taps: &[(usize, &[f32])],
+    tiles: Option<&[PackedWeights]>,
 ) {
     let m = dst.len() / n;
     if m == 0 {
@@ -506,6 +557,14 @@ fn shifted_products(
         .enumerate()
         .for_each(|(b, dst)| {
             let rows = dst.len() / n;
+            if let Some(tiles) = tiles {
+                dst.fill(0.0);
+                for ((offset, _), tile) in taps.iter().zip(tiles) {
+                    let lhs = &lhs[offset + b * block * lhs_step..];
+                    cpu_amx::accumulate_rows(dst, lhs, lhs_step, tile);
+                }
+                return;
+            }
             for (i, (offset, rhs)) in taps.iter().enumerate() {
                 let lhs = &lhs[offset + b * block * lhs_step..];
                 // SAFETY: the asserts above keep every read of `lhs` and `rhs` in bounds (this
@@ -683,15 +742,20 @@ impl Conv2d {
 #[derive(Debug, Clone)]
 pub(crate) struct UpsampleConv2d {
     conv: FrameConv,
-    /// On the CPU, the 2×2 kernels of the four output phases ([`UpsampledProducts`]).
-    phases: Option<Vec<f32>>,
+    /// On the CPU, the 2×2 kernels of the four output phases ([`UpsampledProducts`]), and
+    /// their eight taps laid out for AMX tiles where the CPU has them.
+    phases: Option<(Vec<f32>, Option<Tiles>)>,
 }
 
 impl UpsampleConv2d {
     pub(crate) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         let conv = Conv2d::new(in_dim, out_dim, 3, vb)?.conv;
         let phases = match &conv.kernel {
-            Kernel::Host { weight, .. } => Some(phase_weights(weight, in_dim, out_dim)),
+            Kernel::Host { weight, .. } => {
+                let phases = phase_weights(weight, in_dim, out_dim);
+                let tiles = tap_tiles(&phases, 8, 2 * in_dim, out_dim);
+                Some((phases, tiles))
+            }
             Kernel::Conv2d { .. } => None,
         };
         Ok(Self { conv, phases })
@@ -701,13 +765,14 @@ impl UpsampleConv2d {
     /// rank's rows of it.
     pub(crate) fn forward(&self, x: &Tensor, split: Option<&RowSplit<'_>>) -> Result<Tensor> {
         match (&self.phases, &self.conv.kernel) {
-            (Some(phases), Kernel::Host { bias, .. }) => {
+            (Some((phases, tiles)), Kernel::Host { bias, .. }) => {
                 let input = match split {
                     Some(split) => split.with_halo(x)?,
                     None => x.clone(),
                 };
                 let op = UpsampledProducts {
                     phases,
+                    tiles: tiles.as_deref().map(Vec::as_slice),
                     bias,
                     out_dim: self.conv.out_dim,
                     halo: split.is_some(),
@@ -737,77 +802,89 @@ mod tests {
     use super::*;
     use crate::model::compare::relative_l2;
 
+    /// Against the backend's conv2d, at a few channels (`gemm`) and at 128 → 32 (AMX tiles where
+    /// the CPU has them: f32 accuracy from bf16 parts, within 2e-5).
     #[test]
     fn shifted_products_match_the_backend_conv2d() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (5, 7, 6, 4), &dev).unwrap();
-        for (kt, k) in [(3, 3), (1, 3), (3, 1), (1, 1)] {
-            let weight = Tensor::randn(0f32, 1., (5, 4, kt, k, k), &dev).unwrap();
-            let bias = Tensor::randn(0f32, 1., 5, &dev).unwrap();
-            let host = FrameConv::new(weight.clone(), bias.clone(), &dev).unwrap();
-            let stacked = weight
-                .permute((0, 2, 1, 3, 4))
-                .unwrap()
-                .reshape((5, kt * 4, k, k))
-                .unwrap();
-            let backend = FrameConv {
-                kernel: Kernel::Conv2d {
-                    weight: stacked.contiguous().unwrap(),
-                    bias: bias.reshape((1, 5, 1, 1)).unwrap(),
-                },
-                ..host.clone()
-            };
-            assert!(matches!(host.kernel, Kernel::Host { .. }));
-            let want = backend.forward(&x).unwrap();
-            assert_eq!(want.dims(), &[6 - kt, 7, 6, 5]);
-            let got = host.forward(&x).unwrap();
-            let err = relative_l2(&got, &want).unwrap();
-            assert!(err < 1e-6, "kt {kt} k {k}: {err:.3e}");
-            if k == 3 {
-                // Rows 1..6 with rows 0 and 6 as halo: the inner rows of the whole convolution.
-                for conv in [&host, &backend] {
-                    let got = conv.forward_rows(&x, true).unwrap();
-                    let err = relative_l2(&got, &want.narrow(1, 1, 5).unwrap()).unwrap();
-                    assert!(err < 1e-6, "halo kt {kt}: {err:.3e}");
+        for (cin, cout) in [(4, 5), (128, 32)] {
+            let x = Tensor::randn(0f32, 1., (5, 7, 6, cin), &dev).unwrap();
+            for (kt, k) in [(3, 3), (1, 3), (3, 1), (1, 1)] {
+                let weight = Tensor::randn(0f32, 1., (cout, cin, kt, k, k), &dev).unwrap();
+                let bias = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+                let host = FrameConv::new(weight.clone(), bias.clone(), &dev).unwrap();
+                let on_tiles = matches!(&host.kernel, Kernel::Host { tiles: Some(_), .. });
+                assert_eq!(on_tiles, cpu_amx::available() && cin == 128);
+                let tolerance = if on_tiles { 2e-5 } else { 1e-6 };
+                let stacked = weight
+                    .permute((0, 2, 1, 3, 4))
+                    .unwrap()
+                    .reshape((cout, kt * cin, k, k))
+                    .unwrap();
+                let backend = FrameConv {
+                    kernel: Kernel::Conv2d {
+                        weight: stacked.contiguous().unwrap(),
+                        bias: bias.reshape((1, cout, 1, 1)).unwrap(),
+                    },
+                    ..host.clone()
+                };
+                let want = backend.forward(&x).unwrap();
+                assert_eq!(want.dims(), &[6 - kt, 7, 6, cout]);
+                let got = host.forward(&x).unwrap();
+                let err = relative_l2(&got, &want).unwrap();
+                assert!(err < tolerance, "{cin}→{cout} kt {kt} k {k}: {err:.3e}");
+                if k == 3 {
+                    // Rows 1..6 with rows 0 and 6 as halo: the inner rows of the whole.
+                    for conv in [&host, &backend] {
+                        let got = conv.forward_rows(&x, true).unwrap();
+                        let err = relative_l2(&got, &want.narrow(1, 1, 5).unwrap()).unwrap();
+                        assert!(err < tolerance, "halo kt {kt}: {err:.3e}");
+                    }
                 }
             }
         }
     }
 
+    /// At a few channels (`gemm`) and at 64 → 32 (AMX tiles where the CPU has them).
     #[test]
     fn the_upsampling_convolution_equals_upsampling_then_convolving() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (2, 5, 4, 3), &dev).unwrap();
-        let weight = Tensor::randn(0f32, 1., (6, 3, 3, 3), &dev).unwrap();
-        let bias = Tensor::randn(0f32, 1., 6, &dev).unwrap();
-        let vb = VarBuilder::from_tensors(
-            [("weight".to_string(), weight), ("bias".to_string(), bias)].into(),
-            DType::F32,
-            &dev,
-        );
-        let conv = UpsampleConv2d::new(3, 6, vb).unwrap();
-        assert!(conv.phases.is_some());
-        let explicit = UpsampleConv2d {
-            phases: None,
-            ..conv.clone()
-        };
-        let want = explicit.forward(&x, None).unwrap();
-        assert_eq!(want.dims(), &[2, 10, 8, 6]);
-        let got = conv.forward(&x, None).unwrap();
-        let err = relative_l2(&got, &want).unwrap();
-        assert!(err < 1e-6, "{err:.3e}");
-        // Input rows 1..4 with rows 0 and 4 as halo: output rows 2..8 of the whole.
-        let op = UpsampledProducts {
-            phases: conv.phases.as_ref().unwrap(),
-            bias: match &conv.conv.kernel {
-                Kernel::Host { bias, .. } => bias,
-                Kernel::Conv2d { .. } => unreachable!(),
-            },
-            out_dim: 6,
-            halo: true,
-        };
-        let got = x.apply_op1_no_bwd(&op).unwrap();
-        let err = relative_l2(&got, &want.narrow(1, 2, 6).unwrap()).unwrap();
-        assert!(err < 1e-6, "halo: {err:.3e}");
+        for (cin, cout) in [(3, 6), (64, 32)] {
+            let x = Tensor::randn(0f32, 1., (2, 5, 4, cin), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 1., (cout, cin, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+            let vb = VarBuilder::from_tensors(
+                [("weight".to_string(), weight), ("bias".to_string(), bias)].into(),
+                DType::F32,
+                &dev,
+            );
+            let conv = UpsampleConv2d::new(cin, cout, vb).unwrap();
+            let (phases, tiles) = conv.phases.as_ref().unwrap();
+            assert_eq!(tiles.is_some(), cpu_amx::available() && cin == 64);
+            let tolerance = if tiles.is_some() { 2e-5 } else { 1e-6 };
+            let explicit = UpsampleConv2d {
+                phases: None,
+                ..conv.clone()
+            };
+            let want = explicit.forward(&x, None).unwrap();
+            assert_eq!(want.dims(), &[2, 10, 8, cout]);
+            let got = conv.forward(&x, None).unwrap();
+            let err = relative_l2(&got, &want).unwrap();
+            assert!(err < tolerance, "{cin}→{cout}: {err:.3e}");
+            // Input rows 1..4 with rows 0 and 4 as halo: output rows 2..8 of the whole.
+            let op = UpsampledProducts {
+                phases,
+                tiles: tiles.as_deref().map(Vec::as_slice),
+                bias: match &conv.conv.kernel {
+                    Kernel::Host { bias, .. } => bias,
+                    Kernel::Conv2d { .. } => unreachable!(),
+                },
+                out_dim: cout,
+                halo: true,
+            };
+            let got = x.apply_op1_no_bwd(&op).unwrap();
+            let err = relative_l2(&got, &want.narrow(1, 2, 6).unwrap()).unwrap();
+            assert!(err < tolerance, "halo: {err:.3e}");
+        }
     }
 }
