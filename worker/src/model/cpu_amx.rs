@@ -19,6 +19,8 @@
 //! is false and callers keep their f32 path. Shapes whose inner and output sizes are not
 //! multiples of 32 keep it too.
 
+use std::mem::MaybeUninit;
+
 /// Rows and columns of a block of the output computed in the tiles at once (2 × 2 tiles).
 const BLOCK: usize = 32;
 /// The inner dimension one tile instruction consumes (16 pairs of bf16).
@@ -112,16 +114,40 @@ impl PackedWeights {
     }
 }
 
-/// `out (m × n) += x (m × k) · Wᵀ` on the calling thread; `out` holds its starting values (the
-/// bias) and `m` is any number of rows.
-pub fn accumulate(out: &mut [f32], x: &[f32], weights: &PackedWeights) {
-    accumulate_rows(out, x, weights.k, weights);
+/// What the output's sums start from.
+#[derive(Clone, Copy)]
+pub enum Start<'a> {
+    /// The values in the output (accumulate into them).
+    Out,
+    /// Zero (the output is only written).
+    Zero,
+    /// This `(n,)` row in every row of the output (the output is only written).
+    Bias(&'a [f32]),
 }
 
-/// `out (m × n) += lhs · rhs`, row `r` of the left operand being the `k` values of `lhs` from
-/// `r · step` (rows overlap when `step < k`, as a convolution's shifted views do), on the calling
-/// thread.
-pub fn accumulate_rows(out: &mut [f32], lhs: &[f32], step: usize, weights: &PackedWeights) {
+/// `out (m × n) = bias + x (m × k) · Wᵀ` on the calling thread, writing every value of `out`
+/// (never reading it: it may be uninitialised).
+pub fn biased(out: &mut [MaybeUninit<f32>], x: &[f32], weights: &PackedWeights, bias: &[f32]) {
+    assert_eq!(
+        bias.len(),
+        weights.n,
+        "AMX product: the bias is not one per output"
+    );
+    // SAFETY: with `Start::Bias` every value of `out` is written and none is read.
+    let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()) };
+    product_rows(out, x, weights.k, weights, Start::Bias(bias));
+}
+
+/// `out (m × n) = start + lhs · rhs`, row `r` of the left operand being the `k` values of `lhs`
+/// from `r · step` (rows overlap when `step < k`, as a convolution's shifted views do), on the
+/// calling thread.
+pub fn product_rows(
+    out: &mut [f32],
+    lhs: &[f32],
+    step: usize,
+    weights: &PackedWeights,
+    start: Start<'_>,
+) {
     let (k, n) = (weights.k, weights.n);
     let m = out.len() / n;
     assert!(
@@ -134,18 +160,21 @@ pub fn accumulate_rows(out: &mut [f32], lhs: &[f32], step: usize, weights: &Pack
     for first in (0..m).step_by(BLOCK) {
         let rows = BLOCK.min(m - first);
         pack_rows(&lhs[first * step..], rows, step, k, &mut left);
+        let out = &mut out[first * n..];
         if rows == BLOCK {
-            // SAFETY: `left` is a packed block of 32 rows, `out` from row `first` on holds 32
-            // rows of `n`, `weights` is laid out for `k × n`; `available()` held above.
-            unsafe { imp::block_row(&mut out[first * n..], n, &left, weights) };
+            // SAFETY: `left` is a packed block of 32 rows, `out` holds 32 rows of `n`,
+            // `weights` is laid out for `k × n`, a bias has `n` values; `available()` held.
+            unsafe { imp::block_row(out.as_mut_ptr(), n, &left, weights, start) };
         } else {
             // the last rows: through 32 rows of scratch (the packed left block is zero-padded)
             tail.clear();
-            tail.extend_from_slice(&out[first * n..]);
+            if let Start::Out = start {
+                tail.extend_from_slice(out);
+            }
             tail.resize(BLOCK * n, 0.0);
             // SAFETY: as above, on the 32-row scratch.
-            unsafe { imp::block_row(&mut tail, n, &left, weights) };
-            out[first * n..].copy_from_slice(&tail[..rows * n]);
+            unsafe { imp::block_row(tail.as_mut_ptr(), n, &left, weights, start) };
+            out.copy_from_slice(&tail[..rows * n]);
         }
     }
 }
@@ -201,7 +230,7 @@ fn split_each(values: &[f32], hi: &mut [u16], lo: &mut [u16]) {
 mod imp {
     use std::arch::asm;
 
-    use super::{PackedWeights, BLOCK, K_STEP, PANELS_PER_SWEEP, TILE};
+    use super::{PackedWeights, Start, BLOCK, K_STEP, PANELS_PER_SWEEP, TILE};
 
     /// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 rows × 64 bytes.
     #[repr(C, align(64))]
@@ -245,19 +274,21 @@ mod imp {
         result == 0
     }
 
-    /// One 32-row block of the output, every column: `out (32 × n, row stride n) += left ·
-    /// weights`, `left` packed by `pack_rows`.
+    /// One 32-row block of the output, every column: `out (32 × n, row stride n) = start +
+    /// left · weights`, `left` packed by `pack_rows`.
     ///
     /// # Safety
-    /// The tile state is granted (`enable()` returned true); `out` holds at least 32 rows of `n`;
-    /// `left` holds `2 × 32 × k` values; `weights` is laid out for `k × n`.
+    /// The tile state is granted (`enable()` returned true); `out` points to at least 32 rows of
+    /// `n` (initialised where `start` is `Out`); `left` holds `2 × 32 × k` values; `weights` is
+    /// laid out for `k × n`; a bias holds `n` values.
     pub(super) unsafe fn block_row(
-        out: &mut [f32],
+        out: *mut f32,
         n: usize,
         left: &[u16],
         weights: &PackedWeights,
+        start: Start<'_>,
     ) {
-        debug_assert!(out.len() >= BLOCK * n && left.len() >= 2 * BLOCK * weights.k);
+        debug_assert!(left.len() >= 2 * BLOCK * weights.k);
         let mut config = TileConfig {
             palette: 1,
             start_row: 0,
@@ -277,15 +308,31 @@ mod imp {
         let right = weights.tiles.as_ptr();
         for sweep in (0..panels).step_by(PANELS_PER_SWEEP) {
             for panel in (sweep..(sweep + PANELS_PER_SWEEP).min(panels)).step_by(2) {
-                let c00 = out.as_mut_ptr().add(panel * 16);
+                let c00 = out.add(panel * 16);
                 let c01 = c00.add(16);
                 let c10 = c00.add(16 * n);
                 let c11 = c10.add(16);
-                asm!(
-                    "tileloadd tmm0, [{c00} + {s}*1]", "tileloadd tmm1, [{c01} + {s}*1]",
-                    "tileloadd tmm2, [{c10} + {s}*1]", "tileloadd tmm3, [{c11} + {s}*1]",
-                    c00 = in(reg) c00, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
-                    s = in(reg) row_bytes, options(nostack, readonly));
+                match start {
+                    Start::Out => asm!(
+                        "tileloadd tmm0, [{c00} + {s}*1]", "tileloadd tmm1, [{c01} + {s}*1]",
+                        "tileloadd tmm2, [{c10} + {s}*1]", "tileloadd tmm3, [{c11} + {s}*1]",
+                        c00 = in(reg) c00, c01 = in(reg) c01, c10 = in(reg) c10,
+                        c11 = in(reg) c11, s = in(reg) row_bytes, options(nostack, readonly)),
+                    Start::Zero => asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm1",
+                        "tilezero tmm2",
+                        "tilezero tmm3",
+                        options(nostack, nomem)
+                    ),
+                    // a stride of 0 loads the same 16 values into every row of the tile
+                    Start::Bias(bias) => asm!(
+                        "tileloadd tmm0, [{b0} + {s}*1]", "tileloadd tmm1, [{b1} + {s}*1]",
+                        "tileloadd tmm2, [{b0} + {s}*1]", "tileloadd tmm3, [{b1} + {s}*1]",
+                        b0 = in(reg) bias.as_ptr().add(panel * 16),
+                        b1 = in(reg) bias.as_ptr().add(panel * 16 + 16),
+                        s = in(reg) 0usize, options(nostack, readonly)),
+                }
                 for step in 0..steps {
                     // (left part, right part) of the three products: hi·hi, hi·lo, lo·hi
                     for (a, b) in [(0, 0), (0, 1), (1, 0)] {
@@ -315,7 +362,7 @@ mod imp {
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod imp {
-    use super::PackedWeights;
+    use super::{PackedWeights, Start};
 
     pub(super) fn enable() -> bool {
         false
@@ -325,7 +372,7 @@ mod imp {
         super::split_each(values, hi, lo)
     }
 
-    pub(super) unsafe fn block_row(_: &mut [f32], _: usize, _: &[u16], _: &PackedWeights) {
+    pub(super) unsafe fn block_row(_: *mut f32, _: usize, _: &[u16], _: &PackedWeights, _: Start) {
         unreachable!("AMX product on a CPU without AMX")
     }
 }
@@ -351,8 +398,9 @@ mod tests {
         assert!(worst < 1.0 / 65536.0, "split error {worst:e}");
     }
 
-    /// Against a product in f64, with a bias, over row counts that leave a partial last block
-    /// and widths of one sweep and of several. On a CPU without AMX it says so and checks the
+    /// Against a product in f64, with a bias (started from it, and added to an output holding
+    /// it), over row counts that leave a partial last block and widths of one sweep and of
+    /// several. On a CPU without AMX it says so and checks the
     /// packing only.
     #[test]
     fn tiles_give_the_f32_product() {
@@ -373,8 +421,14 @@ mod tests {
                 eprintln!("no AMX on this CPU: the tile product is not exercised");
                 return;
             }
-            let mut out: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
-            accumulate(&mut out, &x, &packed);
+            // from the bias, and added to an output that holds it: the same values
+            let mut out = vec![MaybeUninit::uninit(); m * n];
+            biased(&mut out, &x, &packed, &bias);
+            // SAFETY: `biased` wrote every value.
+            let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+            let mut added: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
+            product_rows(&mut added, &x, k, &packed, Start::Out);
+            assert_eq!(out, added);
             let (mut err, mut norm) = (0f64, 0f64);
             for i in 0..m {
                 for j in 0..n {

@@ -11,6 +11,7 @@
 //! layer's weights split and laid out once, on first use). Other devices and dtypes run candle's
 //! own `Linear`, and the two agree within f32 rounding (AMX: relative L2 about 4e-6).
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
@@ -18,7 +19,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::model::cpu_amx::{self, PackedWeights};
-use crate::model::cpu_math::{contiguous_f32, product};
+use crate::model::cpu_math::{contiguous_f32, product, written};
 
 /// Rows below which a product is not split between threads.
 const MIN_ROWS_PER_THREAD: usize = 64;
@@ -133,20 +134,27 @@ impl CustomOp3 for BiasedProduct<'_> {
         if w.len() != out_dim * in_dim {
             candle_core::bail!("biased product: weight is not {out_dim} × {in_dim}");
         }
-        let mut out = vec![0f32; rows * out_dim];
         let threads = rayon::current_num_threads()
             .min(rows / MIN_ROWS_PER_THREAD)
             .max(1);
         let rows_per_thread = rows.div_ceil(threads).max(1);
+        if let Some(packed) = self.packed {
+            // the tiles start from the bias and write every output value
+            let fill = |out: &mut [MaybeUninit<f32>]| {
+                out.par_chunks_mut(rows_per_thread * out_dim)
+                    .zip(x.par_chunks(rows_per_thread * in_dim))
+                    .for_each(|(out, x)| cpu_amx::biased(out, x, packed, b));
+            };
+            // SAFETY: the chunks cover the output and `biased` writes each of theirs whole.
+            let out = unsafe { written(rows * out_dim, fill) };
+            return Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))));
+        }
+        let mut out = vec![0f32; rows * out_dim];
         out.par_chunks_mut(rows_per_thread * out_dim)
             .zip(x.par_chunks(rows_per_thread * in_dim))
             .for_each(|(out, x)| {
                 for row in out.chunks_exact_mut(out_dim) {
                     row.copy_from_slice(b);
-                }
-                if let Some(packed) = self.packed {
-                    cpu_amx::accumulate(out, x, packed);
-                    return;
                 }
                 let m = out.len() / out_dim;
                 // SAFETY: `out` is `m × out_dim` row-major and this thread's own; `x` is

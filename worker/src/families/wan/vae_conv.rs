@@ -24,8 +24,8 @@ use rayon::prelude::*;
 
 use super::vae_blocks::{Pass, Slot, SlotCounter};
 use super::vae_split::RowSplit;
-use crate::model::cpu_amx::{self, PackedWeights};
-use crate::model::cpu_math::product;
+use crate::model::cpu_amx::{self, PackedWeights, Start};
+use crate::model::cpu_math::{product, written};
 
 /// The weights of one convolution, laid out for the device that runs it.
 #[derive(Debug, Clone)]
@@ -322,22 +322,6 @@ fn zeroed(len: usize) -> Vec<f32> {
     zeros
 }
 
-/// A new vector of `len` values that `fill` writes, never zeroed: the outputs are written whole,
-/// and a zeroing pass over tens of megabytes per convolution showed in the decode's time.
-///
-/// # Safety
-/// `fill` must write every element.
-unsafe fn written(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut values: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
-    // SAFETY: `MaybeUninit` values need no initialisation, and the capacity is `len`.
-    unsafe { values.set_len(len) };
-    fill(&mut values);
-    let mut values = std::mem::ManuallyDrop::new(values);
-    // SAFETY: every element is initialised (the caller's promise), `MaybeUninit<f32>` has the
-    // layout of `f32`, and the allocation is handed over whole.
-    unsafe { Vec::from_raw_parts(values.as_mut_ptr().cast::<f32>(), len, values.capacity()) }
-}
-
 /// The large temporaries of the CPU convolutions (the padded input, the product grid), kept per
 /// thread from one convolution to the next: fresh buffers of this size are new pages each time,
 /// and the page faults and the kernel's zeroing of them cost more than the copies themselves.
@@ -558,10 +542,10 @@ fn shifted_products(
         .for_each(|(b, dst)| {
             let rows = dst.len() / n;
             if let Some(tiles) = tiles {
-                dst.fill(0.0);
-                for ((offset, _), tile) in taps.iter().zip(tiles) {
+                for (i, ((offset, _), tile)) in taps.iter().zip(tiles).enumerate() {
                     let lhs = &lhs[offset + b * block * lhs_step..];
-                    cpu_amx::accumulate_rows(dst, lhs, lhs_step, tile);
+                    let start = if i == 0 { Start::Zero } else { Start::Out };
+                    cpu_amx::product_rows(dst, lhs, lhs_step, tile, start);
                 }
                 return;
             }
