@@ -121,7 +121,9 @@ pub enum Start<'a> {
     Out,
     /// Zero (the output is only written).
     Zero,
-    /// This `(n,)` row in every row of the output (the output is only written).
+    /// This `(n,)` row added to every row of the sums (the output is only written). Added after
+    /// the sums, as `sum + bias`: what a layer whose product and bias are apart (a tensor-parallel
+    /// row shard's) computes, so that the two agree bit for bit.
     Bias(&'a [f32]),
 }
 
@@ -165,6 +167,7 @@ pub fn product_rows(
             // SAFETY: `left` is a packed block of 32 rows, `out` holds 32 rows of `n`,
             // `weights` is laid out for `k × n`, a bias has `n` values; `available()` held.
             unsafe { imp::block_row(out.as_mut_ptr(), n, &left, weights, start) };
+            add_bias(&mut out[..BLOCK * n], start);
         } else {
             // the last rows: through 32 rows of scratch (the packed left block is zero-padded)
             tail.clear();
@@ -175,6 +178,18 @@ pub fn product_rows(
             // SAFETY: as above, on the 32-row scratch.
             unsafe { imp::block_row(tail.as_mut_ptr(), n, &left, weights, start) };
             out.copy_from_slice(&tail[..rows * n]);
+            add_bias(out, start);
+        }
+    }
+}
+
+/// The bias of `Start::Bias` added to each row of a block of sums, while it is in the cache.
+fn add_bias(block: &mut [f32], start: Start<'_>) {
+    if let Start::Bias(bias) = start {
+        for row in block.chunks_exact_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
         }
     }
 }
@@ -318,20 +333,14 @@ mod imp {
                         "tileloadd tmm2, [{c10} + {s}*1]", "tileloadd tmm3, [{c11} + {s}*1]",
                         c00 = in(reg) c00, c01 = in(reg) c01, c10 = in(reg) c10,
                         c11 = in(reg) c11, s = in(reg) row_bytes, options(nostack, readonly)),
-                    Start::Zero => asm!(
+                    // a bias is added to the finished sums (`product_rows`)
+                    Start::Zero | Start::Bias(_) => asm!(
                         "tilezero tmm0",
                         "tilezero tmm1",
                         "tilezero tmm2",
                         "tilezero tmm3",
                         options(nostack, nomem)
                     ),
-                    // a stride of 0 loads the same 16 values into every row of the tile
-                    Start::Bias(bias) => asm!(
-                        "tileloadd tmm0, [{b0} + {s}*1]", "tileloadd tmm1, [{b1} + {s}*1]",
-                        "tileloadd tmm2, [{b0} + {s}*1]", "tileloadd tmm3, [{b1} + {s}*1]",
-                        b0 = in(reg) bias.as_ptr().add(panel * 16),
-                        b1 = in(reg) bias.as_ptr().add(panel * 16 + 16),
-                        s = in(reg) 0usize, options(nostack, readonly)),
                 }
                 for step in 0..steps {
                     // (left part, right part) of the three products: hi·hi, hi·lo, lo·hi
@@ -421,15 +430,21 @@ mod tests {
                 eprintln!("no AMX on this CPU: the tile product is not exercised");
                 return;
             }
-            // from the bias, and added to an output that holds it: the same values
+            // the sums then the bias, bit for bit what a product and a bias apart give
             let mut out = vec![MaybeUninit::uninit(); m * n];
             biased(&mut out, &x, &packed, &bias);
             // SAFETY: `biased` wrote every value.
             let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+            let mut apart = vec![f32::NAN; m * n];
+            product_rows(&mut apart, &x, k, &packed, Start::Zero);
+            for (row, want) in apart.chunks_exact(n).zip(out.chunks_exact(n)) {
+                let sum: Vec<f32> = row.iter().zip(&bias).map(|(v, b)| v + b).collect();
+                assert_eq!(sum, want);
+            }
+            // and added to an output holding the bias
             let mut added: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
             product_rows(&mut added, &x, k, &packed, Start::Out);
-            assert_eq!(out, added);
-            let (mut err, mut norm) = (0f64, 0f64);
+            let (mut err, mut norm, mut err_added) = (0f64, 0f64, 0f64);
             for i in 0..m {
                 for j in 0..n {
                     let want = f64::from(bias[j])
@@ -437,11 +452,51 @@ mod tests {
                             .map(|l| f64::from(x[i * k + l]) * f64::from(w[j * k + l]))
                             .sum::<f64>();
                     err += (f64::from(out[i * n + j]) - want).powi(2);
+                    err_added += (f64::from(added[i * n + j]) - want).powi(2);
                     norm += want * want;
                 }
             }
-            let rel = (err / norm).sqrt();
-            assert!(rel < 2e-5, "{m} × {k} × {n}: relative L2 {rel:e}");
+            for (name, err) in [("from the bias", err), ("added", err_added)] {
+                let rel = (err / norm).sqrt();
+                assert!(rel < 2e-5, "{m} × {k} × {n} {name}: relative L2 {rel:e}");
+            }
+        }
+    }
+
+    /// A row's values do not depend on which rows share its block (a group of ranks cuts the
+    /// rows differently from the single process, which must agree with it bit for bit).
+    #[test]
+    fn rows_do_not_depend_on_their_block() {
+        if !available() {
+            return;
+        }
+        let (m, k, n) = (70, 128, 64);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| (i * 104729 % 1000) as f32 / 5000.0 - 0.1)
+            .collect();
+        let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+        let packed = PackedWeights::pack(&w, n, k);
+        let mut whole = vec![MaybeUninit::uninit(); m * n];
+        biased(&mut whole, &x, &packed, &bias);
+        let whole: Vec<u32> = whole
+            .iter()
+            .map(|v| unsafe { v.assume_init() }.to_bits())
+            .collect();
+        for cut in [1, 5, 16, 32, 37] {
+            let mut a = vec![MaybeUninit::uninit(); cut * n];
+            biased(&mut a, &x[..cut * k], &packed, &bias);
+            let mut b = vec![MaybeUninit::uninit(); (m - cut) * n];
+            biased(&mut b, &x[cut * k..], &packed, &bias);
+            let parts: Vec<u32> = a
+                .iter()
+                .chain(&b)
+                .map(|v| unsafe { v.assume_init() }.to_bits())
+                .collect();
+            let differ = parts.iter().zip(&whole).filter(|(p, q)| p != q).count();
+            assert_eq!(differ, 0, "cut {cut}: {differ} values differ");
         }
     }
 }
