@@ -135,9 +135,8 @@ pub fn biased(out: &mut [MaybeUninit<f32>], x: &[f32], weights: &PackedWeights, 
         weights.n,
         "AMX product: the bias is not one per output"
     );
-    // SAFETY: with `Start::Bias` every value of `out` is written and none is read.
-    let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()) };
-    product_rows(out, x, weights.k, weights, Start::Bias(bias));
+    // SAFETY: `Start::Bias` reads nothing of `out`.
+    unsafe { rows_into(out, x, weights.k, weights, Start::Bias(bias)) };
 }
 
 /// `out (m × n) = start + lhs · rhs`, row `r` of the left operand being the `k` values of `lhs`
@@ -145,6 +144,26 @@ pub fn biased(out: &mut [MaybeUninit<f32>], x: &[f32], weights: &PackedWeights, 
 /// calling thread.
 pub fn product_rows(
     out: &mut [f32],
+    lhs: &[f32],
+    step: usize,
+    weights: &PackedWeights,
+    start: Start<'_>,
+) {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, `out` is initialised (what `Start::Out`
+    // reads), and `rows_into` writes only values.
+    let out = unsafe {
+        std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<f32>>(), out.len())
+    };
+    // SAFETY: as above.
+    unsafe { rows_into(out, lhs, step, weights, start) };
+}
+
+/// [`product_rows`] into `out`, which is read only where `start` is `Out`.
+///
+/// # Safety
+/// With `Start::Out`, every value of `out` is initialised.
+unsafe fn rows_into(
+    out: &mut [MaybeUninit<f32>],
     lhs: &[f32],
     step: usize,
     weights: &PackedWeights,
@@ -162,24 +181,29 @@ pub fn product_rows(
     for first in (0..m).step_by(BLOCK) {
         let rows = BLOCK.min(m - first);
         pack_rows(&lhs[first * step..], rows, step, k, &mut left);
-        let out = &mut out[first * n..];
+        let out = &mut out[first * n..(first + rows) * n];
         if rows == BLOCK {
-            // SAFETY: `left` is a packed block of 32 rows, `out` holds 32 rows of `n`,
-            // `weights` is laid out for `k × n`, a bias has `n` values; `available()` held.
-            unsafe { imp::block_row(out.as_mut_ptr(), n, &left, weights, start) };
-            add_bias(&mut out[..BLOCK * n], start);
+            // SAFETY: `left` is a packed block of 32 rows, `out` holds 32 rows of `n` (read only
+            // with `Start::Out`, when the caller has initialised them), `weights` is laid out
+            // for `k × n`; `available()` held.
+            unsafe { imp::block_row(out.as_mut_ptr().cast(), n, &left, weights, start) };
         } else {
             // the last rows: through 32 rows of scratch (the packed left block is zero-padded)
             tail.clear();
             if let Start::Out = start {
-                tail.extend_from_slice(out);
+                // SAFETY: initialised with `Start::Out` (the caller's promise).
+                tail.extend(out.iter().map(|v| unsafe { v.assume_init() }));
             }
             tail.resize(BLOCK * n, 0.0);
             // SAFETY: as above, on the 32-row scratch.
             unsafe { imp::block_row(tail.as_mut_ptr(), n, &left, weights, start) };
-            out.copy_from_slice(&tail[..rows * n]);
-            add_bias(out, start);
+            for (o, t) in out.iter_mut().zip(&tail) {
+                o.write(*t);
+            }
         }
+        // SAFETY: every value of the block was written just above.
+        let block = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), out.len()) };
+        add_bias(block, start);
     }
 }
 
