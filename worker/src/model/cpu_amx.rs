@@ -127,6 +127,47 @@ pub enum Start<'a> {
     Bias(&'a [f32]),
 }
 
+/// The left operand of a product: f32 values, split into bf16 parts block by block as they are
+/// laid out for the tiles, or values split once beforehand ([`split_values`]), for an operand
+/// whose values many rows read (a convolution's overlapping rows and taps read each input value
+/// up to 27 times).
+#[derive(Clone, Copy)]
+pub enum Left<'a> {
+    Values(&'a [f32]),
+    Split { hi: &'a [u16], lo: &'a [u16] },
+}
+
+impl<'a> Left<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Left::Values(values) => values.len(),
+            Left::Split { hi, .. } => hi.len(),
+        }
+    }
+
+    /// The operand from value `at` on.
+    pub fn from(self, at: usize) -> Self {
+        match self {
+            Left::Values(values) => Left::Values(&values[at..]),
+            Left::Split { hi, lo } => Left::Split {
+                hi: &hi[at..],
+                lo: &lo[at..],
+            },
+        }
+    }
+}
+
+/// `values` split into bf16 parts `hi` and `lo` (as long as `values`), for [`Left::Split`]; on
+/// the calling thread.
+pub fn split_values(values: &[f32], hi: &mut [u16], lo: &mut [u16]) {
+    assert!(available(), "AMX split without the tile state");
+    assert!(
+        hi.len() == values.len() && lo.len() == values.len(),
+        "AMX split: lengths differ"
+    );
+    imp::split_run(values, hi, lo);
+}
+
 /// `out (m × n) = bias + x (m × k) · Wᵀ` on the calling thread, writing every value of `out`
 /// (never reading it: it may be uninitialised).
 pub fn biased(out: &mut [MaybeUninit<f32>], x: &[f32], weights: &PackedWeights, bias: &[f32]) {
@@ -136,7 +177,7 @@ pub fn biased(out: &mut [MaybeUninit<f32>], x: &[f32], weights: &PackedWeights, 
         "AMX product: the bias is not one per output"
     );
     // SAFETY: `Start::Bias` reads nothing of `out`.
-    unsafe { rows_into(out, x, weights.k, weights, Start::Bias(bias)) };
+    unsafe { rows_into(out, Left::Values(x), weights.k, weights, Start::Bias(bias)) };
 }
 
 /// `out (m × n) = start + lhs · rhs`, row `r` of the left operand being the `k` values of `lhs`
@@ -144,7 +185,7 @@ pub fn biased(out: &mut [MaybeUninit<f32>], x: &[f32], weights: &PackedWeights, 
 /// calling thread.
 pub fn product_rows(
     out: &mut [f32],
-    lhs: &[f32],
+    lhs: Left<'_>,
     step: usize,
     weights: &PackedWeights,
     start: Start<'_>,
@@ -164,7 +205,7 @@ pub fn product_rows(
 /// With `Start::Out`, every value of `out` is initialised.
 unsafe fn rows_into(
     out: &mut [MaybeUninit<f32>],
-    lhs: &[f32],
+    lhs: Left<'_>,
     step: usize,
     weights: &PackedWeights,
     start: Start<'_>,
@@ -180,7 +221,7 @@ unsafe fn rows_into(
     let mut tail: Vec<f32> = Vec::new();
     for first in (0..m).step_by(BLOCK) {
         let rows = BLOCK.min(m - first);
-        pack_rows(&lhs[first * step..], rows, step, k, &mut left);
+        pack_rows(lhs.from(first * step), rows, step, k, &mut left);
         let out = &mut out[first * n..(first + rows) * n];
         if rows == BLOCK {
             // SAFETY: `left` is a packed block of 32 rows, `out` holds 32 rows of `n` (read only
@@ -221,18 +262,25 @@ fn add_bias(block: &mut [f32], start: Start<'_>) {
 /// Up to 32 rows of the left operand (row `r`: `lhs[r · step..][..k]`) split into bf16 parts, as
 /// two 16-row halves: for each half and each 32-deep step of `k`, the `hi` tile then the `lo`
 /// tile (16 rows × 32). Missing rows are 0.
-fn pack_rows(lhs: &[f32], rows: usize, step: usize, k: usize, packed: &mut [u16]) {
+fn pack_rows(lhs: Left<'_>, rows: usize, step: usize, k: usize, packed: &mut [u16]) {
     let steps = k / K_STEP;
     if rows < BLOCK {
         packed.fill(0);
     }
     for r in 0..rows {
-        let row = &lhs[r * step..][..k];
-        let (half, r) = (r / 16, r % 16);
-        for (step, run) in row.chunks_exact(K_STEP).enumerate() {
-            let at = (half * steps + step) * 2 * TILE + r * K_STEP;
+        let (half, row) = (r / 16, r % 16);
+        for s in 0..steps {
+            let at = (half * steps + s) * 2 * TILE + row * K_STEP;
             let (hi, lo) = packed[at..at + TILE + K_STEP].split_at_mut(TILE);
-            imp::split_run(run, &mut hi[..K_STEP], &mut lo[..K_STEP]);
+            let (hi, lo) = (&mut hi[..K_STEP], &mut lo[..K_STEP]);
+            let from = r * step + s * K_STEP;
+            match lhs {
+                Left::Values(values) => imp::split_run(&values[from..][..K_STEP], hi, lo),
+                Left::Split { hi: h, lo: l } => {
+                    hi.copy_from_slice(&h[from..][..K_STEP]);
+                    lo.copy_from_slice(&l[from..][..K_STEP]);
+                }
+            }
         }
     }
 }
@@ -460,14 +508,21 @@ mod tests {
             // SAFETY: `biased` wrote every value.
             let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
             let mut apart = vec![f32::NAN; m * n];
-            product_rows(&mut apart, &x, k, &packed, Start::Zero);
+            product_rows(&mut apart, Left::Values(&x), k, &packed, Start::Zero);
+            // the same from values split beforehand, bit for bit
+            let (mut hi, mut lo) = (vec![0u16; x.len()], vec![0u16; x.len()]);
+            split_values(&x, &mut hi, &mut lo);
+            let mut from_split = vec![f32::NAN; m * n];
+            let split = Left::Split { hi: &hi, lo: &lo };
+            product_rows(&mut from_split, split, k, &packed, Start::Zero);
+            assert_eq!(apart, from_split);
             for (row, want) in apart.chunks_exact(n).zip(out.chunks_exact(n)) {
                 let sum: Vec<f32> = row.iter().zip(&bias).map(|(v, b)| v + b).collect();
                 assert_eq!(sum, want);
             }
             // and added to an output holding the bias
             let mut added: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
-            product_rows(&mut added, &x, k, &packed, Start::Out);
+            product_rows(&mut added, Left::Values(&x), k, &packed, Start::Out);
             let (mut err, mut norm, mut err_added) = (0f64, 0f64, 0f64);
             for i in 0..m {
                 for j in 0..n {

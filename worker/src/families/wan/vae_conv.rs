@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use super::vae_blocks::{Pass, Slot, SlotCounter};
 use super::vae_split::RowSplit;
-use crate::model::cpu_amx::{self, PackedWeights, Start};
+use crate::model::cpu_amx::{self, Left, PackedWeights, Start};
 use crate::model::cpu_math::{product, written};
 
 /// The weights of one convolution, laid out for the device that runs it.
@@ -534,6 +534,17 @@ fn shifted_products(
         );
         assert_eq!(rhs.len(), k * n, "rhs is not K × N");
     }
+    // For the tiles, every input value split into bf16 parts once, not once per row and tap that
+    // reads it.
+    let (mut hi, mut lo) = (Vec::new(), Vec::new());
+    if tiles.is_some() {
+        (hi, lo) = (vec![0u16; lhs.len()], vec![0u16; lhs.len()]);
+        lhs.par_chunks(SPLIT_CHUNK)
+            .zip(hi.par_chunks_mut(SPLIT_CHUNK))
+            .zip(lo.par_chunks_mut(SPLIT_CHUNK))
+            .for_each(|((values, hi), lo)| cpu_amx::split_values(values, hi, lo));
+    }
+    let split = tiles.map(|_| Left::Split { hi: &hi, lo: &lo });
     let block = m
         .div_ceil(8 * rayon::current_num_threads())
         .clamp(128, 2048);
@@ -541,9 +552,9 @@ fn shifted_products(
         .enumerate()
         .for_each(|(b, dst)| {
             let rows = dst.len() / n;
-            if let Some(tiles) = tiles {
+            if let Some((tiles, split)) = tiles.zip(split) {
                 for (i, ((offset, _), tile)) in taps.iter().zip(tiles).enumerate() {
-                    let lhs = &lhs[offset + b * block * lhs_step..];
+                    let lhs = split.from(offset + b * block * lhs_step);
                     let start = if i == 0 { Start::Zero } else { Start::Out };
                     cpu_amx::product_rows(dst, lhs, lhs_step, tile, start);
                 }
@@ -569,6 +580,9 @@ fn shifted_products(
             }
         });
 }
+
+/// Values per task when an operand is split into bf16 parts for the tiles.
+const SPLIT_CHUNK: usize = 1 << 16;
 
 /// `(N, H, W, C)`.
 type Dims4 = (usize, usize, usize, usize);
