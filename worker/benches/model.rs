@@ -81,25 +81,29 @@ fn main() -> BenchResult {
         )?;
     }
 
-    if wanted("attention") {
-        // The attention core alone on the tiny model's self-attention shape (B=2 × 4 heads,
-        // 5,376 tokens, head dim 16) and the mid model's (B=2 × 8 heads, 1,344 tokens, 64): the
-        // fused CPU kernel beside the score-matrix path it replaced on the CPU.
-        for (name, heads, tokens, d) in [("tiny", 4, 5376, 16), ("mid", 8, 1344, 64)] {
-            let qkv = || Tensor::randn(0f32, 1.0, (2, heads, tokens, d), &device);
-            let (q, k, v) = (qkv()?, qkv()?, qkv()?);
-            time(&format!("attention_{name} fused"), 5, || {
+    // The attention core alone on the tiny model's self-attention shape (B=2 × 4 heads, 5,376
+    // tokens, head dim 16) and the mid model's (B=2 × 8 heads, 1,344 tokens, 64): the fused CPU
+    // kernel beside the score-matrix path it replaced on the CPU (a filter such as
+    // "attention_mid fused" runs one of them).
+    for (name, heads, tokens, d) in [("tiny", 4, 5376, 16), ("mid", 8, 1344, 64)] {
+        let fused = format!("attention_{name} fused");
+        let chunked = format!("attention_{name} score matrix (chunked)");
+        if !wanted(&fused) && !wanted(&chunked) {
+            continue;
+        }
+        let qkv = || Tensor::randn(0f32, 1.0, (2, heads, tokens, d), &device);
+        let (q, k, v) = (qkv()?, qkv()?, qkv()?);
+        if wanted(&fused) {
+            time(&fused, 5, || {
                 attention::attention(&q, &k, &v, &AttentionOptions::default())?;
                 Ok(())
             })?;
-            time(
-                &format!("attention_{name} score matrix (chunked)"),
-                3,
-                || {
-                    attention::attention_chunked(&q, &k, &v, &AttentionOptions::default())?;
-                    Ok(())
-                },
-            )?;
+        }
+        if wanted(&chunked) {
+            time(&chunked, 3, || {
+                attention::attention_chunked(&q, &k, &v, &AttentionOptions::default())?;
+                Ok(())
+            })?;
         }
     }
 

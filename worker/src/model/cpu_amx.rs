@@ -287,7 +287,7 @@ fn pack_rows(lhs: Left<'_>, rows: usize, step: usize, k: usize, packed: &mut [u1
 
 /// `x` as `hi + lo`, each rounded to the nearest bf16 (ties to even).
 #[inline(always)]
-fn split(x: f32) -> (u16, u16) {
+pub(crate) fn split(x: f32) -> (u16, u16) {
     let hi = to_bf16(x);
     (hi, to_bf16(x - f32::from_bits(u32::from(hi) << 16)))
 }
@@ -312,6 +312,9 @@ fn split_each(values: &[f32], hi: &mut [u16], lo: &mut [u16]) {
         (*h, *l) = split(x);
     }
 }
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub(crate) use imp::{configure_full_tiles, release_tiles};
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
@@ -342,6 +345,33 @@ mod imp {
         // SAFETY: reached only through `accumulate`, after `available()`: the CPU has AMX, so
         // AVX-512F and BW too.
         unsafe { wide(values, hi, lo) }
+    }
+
+    /// Loads the tile configuration every kernel here uses: eight tiles of 16 rows × 64 bytes.
+    ///
+    /// # Safety
+    /// The tile state is granted (`enable()` returned true).
+    pub(crate) unsafe fn configure_full_tiles() {
+        let mut config = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            bytes_per_row: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            config.bytes_per_row[t] = 64;
+            config.rows[t] = 16;
+        }
+        asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
+    }
+
+    /// Gives the tile state back (the next kernel configures it again).
+    ///
+    /// # Safety
+    /// As for [`configure_full_tiles`].
+    pub(crate) unsafe fn release_tiles() {
+        asm!("tilerelease", options(nostack, nomem));
     }
 
     pub(super) fn enable() -> bool {
@@ -376,18 +406,7 @@ mod imp {
         start: Start<'_>,
     ) {
         debug_assert!(left.len() >= 2 * BLOCK * weights.k);
-        let mut config = TileConfig {
-            palette: 1,
-            start_row: 0,
-            reserved: [0; 14],
-            bytes_per_row: [0; 16],
-            rows: [0; 16],
-        };
-        for t in 0..8 {
-            config.bytes_per_row[t] = 64;
-            config.rows[t] = 16;
-        }
-        asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
+        configure_full_tiles();
         let steps = weights.k / K_STEP;
         let panels = n / 16;
         let row_bytes = n * 4;
@@ -437,7 +456,7 @@ mod imp {
                     s = in(reg) row_bytes, options(nostack));
             }
         }
-        asm!("tilerelease", options(nostack, nomem));
+        release_tiles();
     }
 }
 

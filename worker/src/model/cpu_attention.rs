@@ -16,6 +16,8 @@ use rayon::prelude::*;
 
 use crate::model::cpu_math::{exp2, product, Isa};
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod tiles;
 
@@ -53,7 +55,25 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, path: Path) -> Result<(Tensor, Tens
     if matches!(path, Path::Tiles) && !tiles::takes(d) {
         candle_core::bail!("attention: the tile kernel does not take head dimension {d}");
     }
-    // per head, the keys as the path reads them
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if matches!(path, Path::Amx) && !amx::takes(d) {
+        candle_core::bail!("attention: the AMX kernel does not take head dimension {d}");
+    }
+    // per head, for AMX the keys and values split and packed, for the others the keys as the
+    // path reads them
+    let (split, head_split) = match path {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Path::Amx => {
+            let per_head = amx::HeadLayout::new(lk, d).len();
+            let mut packed = vec![0u16; b * h * per_head];
+            packed
+                .par_chunks_mut(per_head)
+                .zip(ks.par_chunks(lk * d).zip(vs.par_chunks(lk * d)))
+                .for_each(|(out, (k, v))| amx::pack_head(k, v, lk, d, out));
+            (packed, per_head)
+        }
+        _ => (Vec::new(), 0),
+    };
     let (keys, head_keys) = match path {
         #[cfg(target_arch = "x86_64")]
         Path::Tiles => {
@@ -65,6 +85,8 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, path: Path) -> Result<(Tensor, Tens
                 .for_each(|(out, k)| tiles::pack_keys(k, lk, d, out));
             (packed, per_head)
         }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Path::Amx => (Vec::new(), 0),
         Path::Products(_) => (ks, lk * d),
     };
     // the softmax in base 2: exp(s) = 2^(s · log2 e), the factor folded into the queries' scale
@@ -85,12 +107,13 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, path: Path) -> Result<(Tensor, Tens
             let q = &qs[(head * lq + row0) * d..][..rows * d];
             let k = &keys[head * head_keys..][..head_keys];
             let v = &vs[head * lk * d..][..lk * d];
+            let split = &split[head * head_split..][..head_split];
             // SAFETY: each (head, block) writes its own disjoint rows of `out` and `lse`, which
             // outlive this parallel loop.
             let (o, l) = unsafe { out_ptr.rows(head * lq + row0, rows, d) };
             run(
                 path,
-                Inputs { q, k, v },
+                Inputs { q, k, v, split },
                 o,
                 l,
                 Dims { rows, lk, d, scale },
@@ -134,12 +157,14 @@ impl SharedOut {
 }
 
 /// One work item's queries (`rows × d`) and its head's keys (`lk × d`, or packed for the tile
-/// kernel) and values (`lk × d`).
+/// kernel) and values (`lk × d`), or for the AMX kernel its head's keys and values split and
+/// packed (`split`; empty for the other paths).
 #[derive(Clone, Copy)]
 struct Inputs<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
+    split: &'a [u16],
 }
 
 #[derive(Clone, Copy)]
@@ -151,8 +176,8 @@ struct Dims {
     scale: f32,
 }
 
-/// Per-thread buffers: a block of scores, the work item's scaled queries, running maxima, sums
-/// and (for the tile kernel) output accumulators.
+/// Per-thread buffers: a block of scores, the work item's scaled queries, running maxima, sums,
+/// (for the tile kernels) output accumulators and (for AMX) the split queries and probabilities.
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
@@ -160,6 +185,11 @@ struct Scratch {
     max: Vec<f32>,
     sum: Vec<f32>,
     acc: Vec<f32>,
+    #[cfg_attr(
+        not(all(target_arch = "x86_64", target_os = "linux")),
+        allow(dead_code)
+    )]
+    halves: Vec<u16>,
 }
 
 /// How a call's blocks are computed.
@@ -171,11 +201,18 @@ enum Path {
     /// The AVX-512 tile kernel ([`tiles`]), for head dimensions of whole registers.
     #[cfg(target_arch = "x86_64")]
     Tiles,
+    /// Both products on AMX tiles ([`amx`]), where the process has them.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    Amx,
 }
 
 impl Path {
     /// The fastest path this CPU has for head dimension `d`.
     fn best(d: usize) -> Self {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if amx::takes(d) && d >= amx::FASTER_FROM {
+            return Path::Amx;
+        }
         let isa = Isa::detect();
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 && tiles::takes(d) {
@@ -192,6 +229,10 @@ impl Path {
         #[cfg(target_arch = "x86_64")]
         if Isa::detect() == Isa::Avx512 && tiles::takes(d) {
             all.push(Path::Tiles);
+        }
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if amx::takes(d) {
+            all.push(Path::Amx);
         }
         let _ = d;
         all
@@ -217,6 +258,8 @@ fn run(
         Path::Products(Isa::Avx512) => unsafe { block_avx512(inputs, out, lse, dims, scratch) },
         #[cfg(target_arch = "x86_64")]
         Path::Tiles => unsafe { tiles::block(inputs, out, lse, dims, scratch) },
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Path::Amx => unsafe { amx::block(inputs.q, inputs.split, out, lse, dims, scratch) },
     }
 }
 
@@ -249,7 +292,7 @@ unsafe fn block_avx512(
 /// `q`: `rows × d`; `k`, `v`: `lk × d`; `out`: `rows × d`; `lse`: `rows`.
 #[inline(always)]
 fn block(
-    Inputs { q, k, v }: Inputs<'_>,
+    Inputs { q, k, v, .. }: Inputs<'_>,
     out: &mut [f32],
     lse: &mut [f32],
     dims: Dims,
@@ -411,13 +454,20 @@ mod tests {
             for path in Path::available(d) {
                 let (got, lse) = fused(&q, &k, &v, path)?;
                 let err = relative_l2(&got, &want)?;
-                // the f32 rounding of sums over up to 128 channels, on either side
+                // the f32 rounding of sums over up to 128 channels, on either side; on AMX
+                // tiles the bf16×3 products' (16 bits of each operand), on scores of up to ±20
+                let (bound, lse_bound) = match path {
+                    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+                    Path::Amx => (3e-5, 1e-5),
+                    _ => (2e-6, 1e-6),
+                };
                 assert!(
-                    err < 2e-6,
+                    err < bound,
                     "{path:?} {:?}: relative L2 {err:e}",
                     (b, h, lq, lk, d)
                 );
-                assert!(relative_l2(&lse, &want_lse)? < 1e-6);
+                let lse_err = relative_l2(&lse, &want_lse)?;
+                assert!(lse_err < lse_bound, "{path:?}: log-sum-exp {lse_err:e}");
             }
         }
         Ok(())

@@ -74,7 +74,9 @@ pub(super) unsafe fn block(
 /// block's panels and values are reused from cache by every tile.
 #[target_feature(enable = "avx512f")]
 unsafe fn tiled<const DR: usize, const QI: usize, const KP: usize>(
-    Inputs { q, k: panels, v }: Inputs<'_>,
+    Inputs {
+        q, k: panels, v, ..
+    }: Inputs<'_>,
     out: &mut [f32],
     lse: &mut [f32],
     Dims { rows, lk, d, scale }: Dims,
@@ -87,6 +89,7 @@ unsafe fn tiled<const DR: usize, const QI: usize, const KP: usize>(
         max,
         sum,
         acc,
+        ..
     } = scratch;
     // the queries scaled, the last tile padded with zero queries (their outputs are dropped)
     queries.clear();
@@ -275,7 +278,7 @@ unsafe fn panel_scores<const QI: usize, const KP: usize>(
 /// minus their maximum are never above 0, and below −126 `vscalefps` goes to 0 on its own (−∞,
 /// the missing keys' score, gives NaN, which the caller masks).
 #[target_feature(enable = "avx512f")]
-fn exp2_lanes(x: __m512) -> __m512 {
+pub(super) fn exp2_lanes(x: __m512) -> __m512 {
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
     let f = _mm512_sub_ps(x, n);
     let mut p = _mm512_set1_ps(EXP2_POLY[5]);
