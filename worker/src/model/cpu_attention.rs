@@ -259,7 +259,7 @@ fn run(
         #[cfg(target_arch = "x86_64")]
         Path::Tiles => unsafe { tiles::block(inputs, out, lse, dims, scratch) },
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        Path::Amx => unsafe { amx::block(inputs.q, inputs.split, out, lse, dims, scratch) },
+        Path::Amx => unsafe { amx::block(inputs, out, lse, dims, scratch) },
     }
 }
 
