@@ -27,13 +27,22 @@ static ALLOCATOR: Allocator = Allocator;
 /// gives it back after this delay (arenas' pages after ten times it).
 const KEEP_FREED_MEMORY_MS: std::ffi::c_long = 10_000;
 
-/// mimalloc's `mi_option_purge_delay` (its `mi_option_e` in `mimalloc.h` of the version
-/// `libmimalloc-sys` builds; the Rust bindings do not name it).
+/// mimalloc's `mi_option_purge_delay` (its place in `mi_option_e` of the `mimalloc.h` that
+/// `libmimalloc-sys` builds, mimalloc 3.3.2, which the worker's `Cargo.toml` pins; the Rust
+/// bindings do not name it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// The mimalloc version that place is read from.
+#[cfg(test)]
+const MIMALLOC_VERSION: std::ffi::c_int = 30302;
 
-/// mimalloc, its purge delay set at the process's first allocation (a library has no hook before
-/// `main` that every binary keeps: a constructor in `.init_array` was dropped by the linker with
-/// the unreferenced object that held it).
+/// mimalloc, its purge delay set and transparent huge pages turned off for the process at its
+/// first allocation. Huge pages: mimalloc asks for them on its arenas (`MADV_HUGEPAGE`), and
+/// where the kernel compacts memory to find them on a fault (`defrag` `madvise`, Debian's and
+/// this machine's default) a one-shot Wan2.1-size VAE decode spent 3.1 s of system time on it
+/// and ran in 4.5 s, against 0.8 s and 3.3 s without them; the transformer's forward ran no
+/// faster with them (710-800 ms against 730-740 ms, the machine's noise). Done at the first
+/// allocation because a library has no hook before `main` that every binary keeps (a constructor
+/// in `.init_array` was dropped by the linker with the unreferenced object that held it).
 struct Allocator;
 
 static PURGE_DELAY_SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -46,6 +55,11 @@ impl Allocator {
             // SAFETY: setting an option is a store to mimalloc's option table (no allocation),
             // valid at any time; two threads racing here store the same value.
             unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, KEEP_FREED_MEMORY_MS) };
+            #[cfg(target_os = "linux")]
+            // SAFETY: PR_SET_THP_DISABLE only sets a flag of this process's memory map.
+            unsafe {
+                libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0)
+            };
             PURGE_DELAY_SET.store(true, Relaxed);
         }
     }
@@ -87,8 +101,18 @@ mod tests {
     /// binary).
     #[test]
     fn freed_memory_is_kept_for_the_delay() {
+        // SAFETY: reading mimalloc's version.
+        let version = unsafe { libmimalloc_sys::mi_version() };
+        assert_eq!(
+            version,
+            super::MIMALLOC_VERSION,
+            "another mimalloc: check MI_OPTION_PURGE_DELAY against its mimalloc.h"
+        );
         // SAFETY: reading an option.
         let delay = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
         assert_eq!(delay, super::KEEP_FREED_MEMORY_MS);
+        // SAFETY: reading this process's flag.
+        let thp_disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(thp_disabled, 1);
     }
 }
