@@ -15,4 +15,5 @@ pub mod transformer;
 pub mod vae;
 mod vae_blocks;
 mod vae_conv;
+pub mod vae_encoder;
 pub mod vae_split;

@@ -47,6 +47,8 @@ pub struct Config {
     pub latents_std: Vec<f64>,
     /// Wan2.2's residual up blocks; not supported.
     pub is_residual: bool,
+    /// The video's channels the encoder takes.
+    pub in_channels: usize,
     pub out_channels: usize,
     /// Wan2.2's pixel patching; only `null` / 1 is supported.
     pub patch_size: Option<usize>,
@@ -65,6 +67,7 @@ impl Default for Config {
             latents_mean: WAN21_LATENTS_MEAN.to_vec(),
             latents_std: WAN21_LATENTS_STD.to_vec(),
             is_residual: false,
+            in_channels: 3,
             out_channels: 3,
             patch_size: None,
         }

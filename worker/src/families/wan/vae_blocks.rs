@@ -1,6 +1,7 @@
-//! The building blocks of the Wan2.1 VAE decoder above the convolutions (those are in
-//! `vae_conv`): the cache slots of causal layers, the channel RMS norm, residual blocks, the
-//! single-head attention of the mid block and the spatial / spatio-temporal upsamplers.
+//! The building blocks of the Wan2.1 VAE above the convolutions (those are in `vae_conv`): the
+//! cache slots of causal layers, the channel RMS norm, residual blocks, the single-head attention
+//! of the mid blocks, the decoder's spatial / spatio-temporal upsamplers and the encoder's
+//! downsamplers.
 //!
 //! Every block works on one video laid out channels-last, `(T, H, W, C)`: the frames are the
 //! batch of the 2D operations, so that the temporal taps of a causal 3D convolution are slices
@@ -362,6 +363,105 @@ impl Upsample {
             }
         }
         self.resample.forward(&x, pass.split)
+    }
+}
+
+/// `WanResample` in its two encoder modes: zero padding on the right and bottom, then a 3×3
+/// convolution of stride 2 (`downsample2d`), followed for `downsample3d` by a time convolution of
+/// three frames and stride 2 over the previous chunk's last frame and this chunk's.
+#[derive(Debug, Clone)]
+pub(crate) struct Downsample {
+    /// `(C, C, 3, 3)` and `(C, 1, 1)`, for candle's strided convolution over `(N, C, H, W)`.
+    weight: Tensor,
+    bias: Tensor,
+    time: Option<TimeDownsample>,
+}
+
+/// The `(3, 1, 1)`, stride-2, unpadded time convolution of `downsample3d`: per pixel, three
+/// consecutive frames' channels side by side times one `(3C, C)` matrix.
+#[derive(Debug, Clone)]
+struct TimeDownsample {
+    /// `(3C, C)`: row `tap · C + c_in`, column `c_out`.
+    weight: Tensor,
+    bias: Tensor,
+    /// Holds the last frame of the previous chunk, after the spatial step.
+    slot: usize,
+}
+
+impl Downsample {
+    pub(crate) fn new(
+        dim: usize,
+        temporal: bool,
+        vb: VarBuilder,
+        slots: &mut SlotCounter,
+    ) -> Result<Self> {
+        let conv = vb.pp("resample.1");
+        let weight = conv.get((dim, dim, 3, 3), "weight")?;
+        let bias = conv.get(dim, "bias")?.reshape((1, dim, 1, 1))?;
+        let time = if temporal {
+            let conv = vb.pp("time_conv");
+            let weight = conv
+                .get((dim, dim, 3, 1, 1), "weight")?
+                .reshape((dim, dim, 3))?
+                .permute((2, 1, 0))?
+                .reshape((3 * dim, dim))?
+                .contiguous()?;
+            Some(TimeDownsample {
+                weight,
+                bias: conv.get(dim, "bias")?,
+                slot: slots.next(),
+            })
+        } else {
+            None
+        };
+        Ok(Self { weight, bias, time })
+    }
+
+    /// `x` `(T, H, W, C)` → `(T', ⌈H/2⌉, ⌈W/2⌉, C)`; `T' = T` but in `downsample3d` after the
+    /// video's first chunk, where it is `⌊(T − 2) / 2⌋ + 1` (four frames become two, two one).
+    pub(crate) fn forward(&self, x: &Tensor, pass: &mut Pass<'_, '_>) -> Result<Tensor> {
+        let y = x
+            .pad_with_zeros(1, 0, 1)?
+            .pad_with_zeros(2, 0, 1)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .conv2d(&self.weight, 0, 2, 1, 1)?
+            .broadcast_add(&self.bias)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
+        let Some(time) = &self.time else {
+            return Ok(y);
+        };
+        let t = y.dim(0)?;
+        let last = y.narrow(0, t - 1, 1)?.copy()?;
+        let previous = std::mem::replace(&mut pass.slots[time.slot], Slot::Frames(last));
+        match previous {
+            // The video's first chunk is not downsampled in time (diffusers keeps it as is).
+            Slot::Empty | Slot::Started => Ok(y),
+            Slot::Frames(previous) => time.forward(&Tensor::cat(&[&previous, &y], 0)?),
+        }
+    }
+}
+
+impl TimeDownsample {
+    /// `x` `(N, H, W, C)` → `(⌊(N − 3) / 2⌋ + 1, H, W, C)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, h, w, c) = x.dims4()?;
+        if n < 3 {
+            candle_core::bail!("a stride-2 time convolution of 3 frames got {n} frames");
+        }
+        let frames = (0..=(n - 3) / 2)
+            .map(|j| {
+                let taps = x
+                    .narrow(0, 2 * j, 3)?
+                    .permute((1, 2, 0, 3))?
+                    .reshape((h * w, 3 * c))?;
+                taps.matmul(&self.weight)?
+                    .broadcast_add(&self.bias)?
+                    .reshape((1, h, w, c))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&frames, 0)
     }
 }
 
