@@ -21,6 +21,7 @@ use super::video;
 use crate::families::wan::pipeline::WanPipeline;
 use crate::families::wan::transformer::{self as wan_transformer, WanTransformer3DModel};
 use crate::families::wan::vae::{self as wan_vae, WanVaeDecoder};
+use crate::families::wan::vae_encoder::WanVaeEncoder;
 
 /// Tolerance on the relative L2 error of a single module in f32.
 pub const MODULE_TOLERANCE: f64 = 1e-4;
@@ -240,11 +241,12 @@ pub fn check_fixture(dir: &Path, device: &Device, dtype: DType) -> Vec<CaseResul
         return vec![CaseResult::failed("model family", 0.0, why)];
     }
     let tolerances = Tolerances::for_dtype(dtype);
-    let cases: [Case; 7] = [
+    let cases: [Case; 8] = [
         ("tokenizer", 0.0, Fixture::tokenizer),
         ("text_encoder", MODULE_TOLERANCE, Fixture::text_encoder),
         ("transformer", tolerances.module, Fixture::transformer),
         ("vae_decode", tolerances.module, Fixture::vae_decode),
+        ("vae_encode", tolerances.module, Fixture::vae_encode),
         (
             "scheduler_unipc",
             MODULE_TOLERANCE,
@@ -449,6 +451,39 @@ impl Fixture {
             relative_l2(&ours, &reference).map_err(msg)?,
             self.tolerances.module,
         )])
+    }
+
+    /// The encoder's mean and log-variance, where the fixture has an encoder case (those made
+    /// for image-to-video; a text-to-video fixture has none, and nothing is checked).
+    fn vae_encode(&self) -> CaseOutcome {
+        if !self.dir.join("cases/vae_encode.safetensors").is_file() {
+            return Ok(Vec::new());
+        }
+        let case = self.case("vae_encode.safetensors")?;
+        let component = self.checkpoint()?.component("vae").map_err(msg)?;
+        let config: wan_vae::Config = component.config().map_err(msg)?;
+        let encoder = WanVaeEncoder::new(
+            &config,
+            component
+                .var_builder(self.dtype, &self.device)
+                .map_err(msg)?,
+        )
+        .map_err(msg)?;
+        let ours = encoder
+            .encode(&self.model_input(&case, "video")?)
+            .map_err(msg)?;
+        [
+            ("vae_encode mean", &ours.mean, "mean"),
+            ("vae_encode logvar", &ours.logvar, "logvar"),
+        ]
+        .into_iter()
+        .map(|(name, got, reference)| {
+            let reference = self.tensor(&case, reference)?;
+            let err =
+                relative_l2(&got.to_dtype(DType::F32).map_err(msg)?, &reference).map_err(msg)?;
+            Ok(CaseResult::measured(name, err, self.tolerances.module))
+        })
+        .collect()
     }
 
     fn scheduler_case(
