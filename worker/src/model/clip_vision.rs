@@ -145,7 +145,7 @@ impl ClipVisionEncoder {
         } else {
             vb
         };
-        if config.patch_size == 0 || config.image_size % config.patch_size != 0 {
+        if config.patch_size == 0 || !config.image_size.is_multiple_of(config.patch_size) {
             candle_core::bail!(
                 "image_encoder/config.json: image_size {} is not a whole number of patches of {}",
                 config.image_size,

@@ -40,6 +40,35 @@ pub struct WanAttention {
     eps: f64,
     heads: usize,
     options: AttentionOptions,
+    /// Image-to-video's cross-attention: the image tokens' own key and value projections.
+    image: Option<ImageKv>,
+}
+
+/// `add_k_proj`, `add_v_proj` and `norm_added_k` of an image-to-video cross-attention.
+#[derive(Debug, Clone)]
+struct ImageKv {
+    add_k_proj: Linear,
+    add_v_proj: Linear,
+    norm_added_k: Tensor,
+}
+
+/// The text encoder's context length, which diffusers hard-codes to split the image tokens off
+/// the cross-attention's context: the image tokens are those before the last 512 (with Python's
+/// slicing when the context is shorter: see [`image_tokens`]).
+const TEXT_CONTEXT: usize = 512;
+
+/// How many of a context of `len` tokens diffusers' `WanAttnProcessor` takes as image tokens
+/// (`context[:, :len - 512]`, the rest the text's). A real pipeline pads the prompt to 512
+/// tokens, so this is the image encoder's 257; with a shorter context Python's negative slice
+/// bounds apply (the fixtures' 16 text tokens: no image tokens, the projected image is attended
+/// through `to_k` / `to_v` with the text), and this follows them, so that a checkpoint gives
+/// diffusers' results.
+pub(crate) fn image_tokens(len: usize) -> usize {
+    if len >= TEXT_CONTEXT {
+        len - TEXT_CONTEXT
+    } else {
+        (2 * len).saturating_sub(TEXT_CONTEXT)
+    }
 }
 
 impl WanAttention {
@@ -56,6 +85,27 @@ impl WanAttention {
             eps,
             heads,
             options: AttentionOptions::for_device(vb.device()),
+            image: None,
+        })
+    }
+
+    /// The cross-attention of an image-to-video block: [`Self::new`] and the image tokens' key
+    /// and value projections from `image_dim` wide inputs (`added_kv_proj_dim`).
+    pub fn with_image(
+        dim: usize,
+        heads: usize,
+        eps: f64,
+        image_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let image = ImageKv {
+            add_k_proj: linear(image_dim, dim, vb.pp("add_k_proj"))?,
+            add_v_proj: linear(image_dim, dim, vb.pp("add_v_proj"))?,
+            norm_added_k: vb.get(dim, "norm_added_k.weight")?,
+        };
+        Ok(Self {
+            image: Some(image),
+            ..Self::new(dim, heads, eps, vb)?
         })
     }
 
@@ -114,14 +164,35 @@ impl WanAttention {
     }
 
     /// Cross-attention of `x` `(B, L, dim)` to the embedded text `(B, Lt, dim)`; no rotation.
+    /// For image-to-video the context's first tokens are the image's ([`image_tokens`]): the
+    /// queries attend to them through their own key and value projections too, and the two
+    /// results are summed before the output projection.
     pub fn cross_attention(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let len = context.dim(1)?;
+        let image_len = match self.image {
+            Some(_) => image_tokens(len),
+            None => 0,
+        };
+        let text = context.narrow(1, image_len, len - image_len)?;
         let q = self.project_q(x)?;
-        let (k, v) = self.project_kv(context)?;
+        let (k, v) = self.project_kv(&text)?;
         let (q, k) = self.norm_qk(&q, &k)?;
         let q = split_heads(&q, self.heads)?;
         let k = split_heads(&k, self.heads)?;
         let v = split_heads(&v, self.heads)?;
-        let out = attention(&q, &k, &v, &self.options)?;
+        let mut out = attention(&q, &k, &v, &self.options)?;
+        if let (Some(image), true) = (&self.image, image_len > 0) {
+            let tokens = context.narrow(1, 0, image_len)?;
+            let k = rms_norm(
+                &image.add_k_proj.forward(&tokens)?,
+                &image.norm_added_k,
+                self.eps as f32,
+            )?;
+            let v = image.add_v_proj.forward(&tokens)?;
+            let k = split_heads(&k, self.heads)?;
+            let v = split_heads(&v, self.heads)?;
+            out = (out + attention(&q, &k, &v, &self.options)?)?;
+        }
         self.project_out(&merge_heads(&out)?)
     }
 }

@@ -232,6 +232,12 @@ impl DistributedWanTransformer {
         vb: VarBuilder,
     ) -> Result<Self> {
         config.validate()?;
+        if config.takes_image() {
+            candle_core::bail!(
+                "an image-to-video transformer runs in one process only for now (its image \
+                 cross-attention is not sharded): render it without a parallel layout"
+            );
+        }
         layout
             .validate(&config.layout_limits(layout.cfg > 1))
             .map_err(candle_core::Error::wrap)?;
@@ -356,7 +362,7 @@ impl DistributedWanTransformer {
             sin: sequence.take(&rope.sin, 0)?,
         };
 
-        let (x, cond) = self.ends.embed(&x, &timestep, &text)?;
+        let (x, cond) = self.ends.embed(&x, &timestep, &text, None)?;
         let mut x = sequence.take(&x, 1)?;
         let ctx = BlockContext {
             modulation: &cond.modulation,

@@ -102,6 +102,46 @@ impl TwoLayer {
     }
 }
 
+/// `image_embedder` (diffusers' `WanImageEmbedding`): the image encoder's hidden states through a
+/// layer norm, a feed-forward to the model width (exact GELU) and a second layer norm; the norms
+/// in f32 whatever the model dtype, as diffusers' `FP32LayerNorm`.
+#[derive(Debug, Clone)]
+struct ImageEmbedding {
+    norm1: candle_nn::LayerNorm,
+    proj_in: Linear,
+    proj_out: Linear,
+    norm2: candle_nn::LayerNorm,
+}
+
+/// `nn.LayerNorm`'s default epsilon, which `FP32LayerNorm` keeps.
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+impl ImageEmbedding {
+    fn new(image_dim: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+        let f32_vb = vb.to_dtype(DType::F32);
+        Ok(Self {
+            norm1: candle_nn::layer_norm(image_dim, LAYER_NORM_EPS, f32_vb.pp("norm1"))?,
+            proj_in: linear(image_dim, image_dim, vb.pp("ff.net.0.proj"))?,
+            proj_out: linear(image_dim, dim, vb.pp("ff.net.2"))?,
+            norm2: candle_nn::layer_norm(dim, LAYER_NORM_EPS, f32_vb.pp("norm2"))?,
+        })
+    }
+
+    fn forward(&self, image: &Tensor) -> Result<Tensor> {
+        let dtype = image.dtype();
+        let h = self
+            .norm1
+            .forward(&image.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)?;
+        let h = self
+            .proj_out
+            .forward(&self.proj_in.forward(&h)?.gelu_erf()?)?;
+        self.norm2
+            .forward(&h.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)
+    }
+}
+
 /// Output of the condition embedder.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
@@ -109,7 +149,8 @@ pub struct Conditioning {
     pub temb: Tensor,
     /// `(B, 6, dim)` in f32: the per-block modulation (shift, scale, gate for attention and FFN).
     pub modulation: Tensor,
-    /// `(B, Lt, dim)` in the model dtype: the projected text for cross-attention.
+    /// `(B, Lt, dim)` in the model dtype: the projected text for cross-attention; for
+    /// image-to-video the projected image tokens first, then the text's (diffusers' order).
     pub context: Tensor,
 }
 
@@ -119,12 +160,20 @@ pub struct ConditionEmbedder {
     time_embedder: TwoLayer,
     time_proj: Linear,
     text_embedder: TwoLayer,
+    image_embedder: Option<ImageEmbedding>,
     freq_dim: usize,
     dim: usize,
 }
 
 impl ConditionEmbedder {
-    pub fn new(dim: usize, freq_dim: usize, text_dim: usize, vb: VarBuilder) -> Result<Self> {
+    /// `image_dim`: an image-to-video transformer's image encoder width (`image_embedder`).
+    pub fn new(
+        dim: usize,
+        freq_dim: usize,
+        text_dim: usize,
+        image_dim: Option<usize>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         // The reference keeps the time embedder in f32 whatever the model dtype.
         let time_vb = vb.pp("time_embedder").to_dtype(DType::F32);
         Ok(Self {
@@ -136,13 +185,22 @@ impl ConditionEmbedder {
                 candle_nn::Activation::GeluPytorchTanh,
                 vb.pp("text_embedder"),
             )?,
+            image_embedder: image_dim
+                .map(|image_dim| ImageEmbedding::new(image_dim, dim, vb.pp("image_embedder")))
+                .transpose()?,
             freq_dim,
             dim,
         })
     }
 
-    /// `timestep` `(B,)`, `text` `(B, Lt, text_dim)` in the model dtype.
-    pub fn forward(&self, timestep: &Tensor, text: &Tensor) -> Result<Conditioning> {
+    /// `timestep` `(B,)`, `text` `(B, Lt, text_dim)` and, for image-to-video, `image`
+    /// `(B, Li, image_dim)`, in the model dtype.
+    pub fn forward(
+        &self,
+        timestep: &Tensor,
+        text: &Tensor,
+        image: Option<&Tensor>,
+    ) -> Result<Conditioning> {
         let dtype = text.dtype();
         let b = timestep.dim(0)?;
         let sinusoid = timestep_embedding(timestep, self.freq_dim)?;
@@ -153,7 +211,18 @@ impl ConditionEmbedder {
             .forward(&candle_nn::ops::silu(&temb)?)?
             .reshape((b, 6, self.dim))?
             .to_dtype(DType::F32)?;
-        let context = self.text_embedder.forward(text)?;
+        let text = self.text_embedder.forward(text)?;
+        let context = match (&self.image_embedder, image) {
+            (Some(embedder), Some(image)) => Tensor::cat(&[&embedder.forward(image)?, &text], 1)?,
+            (None, None) => text,
+            (Some(_), None) => candle_core::bail!(
+                "an image-to-video transformer needs the image embedding \
+                 (encoder_hidden_states_image) with the text"
+            ),
+            (None, Some(_)) => candle_core::bail!(
+                "an image embedding was given to a text-to-video transformer (no image_embedder)"
+            ),
+        };
         Ok(Conditioning {
             temb: temb.to_dtype(DType::F32)?,
             modulation,

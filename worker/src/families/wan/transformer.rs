@@ -33,8 +33,13 @@ pub struct Config {
     pub cross_attn_norm: bool,
     pub qk_norm: Option<String>,
     pub eps: f64,
+    /// Image-to-video: the image encoder's width, which `condition_embedder.image_embedder`
+    /// projects to the model's.
     pub image_dim: Option<usize>,
+    /// Image-to-video: the input width of each cross-attention's `add_k_proj` / `add_v_proj`.
     pub added_kv_proj_dim: Option<usize>,
+    /// Wan2.1's first-last-frame model's image position embedding; not supported.
+    pub pos_embed_seq_len: Option<usize>,
     pub rope_max_seq_len: usize,
 }
 
@@ -55,6 +60,7 @@ impl Default for Config {
             eps: 1e-6,
             image_dim: None,
             added_kv_proj_dim: None,
+            pos_embed_seq_len: None,
             rope_max_seq_len: 1024,
         }
     }
@@ -80,12 +86,25 @@ impl Config {
         }
     }
 
+    /// Whether this is an image-to-video transformer (image embedder, image cross-attention).
+    pub fn takes_image(&self) -> bool {
+        self.image_dim.is_some()
+    }
+
     /// Rejects configurations this implementation does not run, with a message saying why.
     pub fn validate(&self) -> Result<()> {
-        if self.image_dim.is_some() || self.added_kv_proj_dim.is_some() {
+        if self.image_dim.is_some() != self.added_kv_proj_dim.is_some() {
             candle_core::bail!(
-                "this transformer config has image conditioning (image_dim / added_kv_proj_dim: an \
-                 image-to-video checkpoint); only text-to-video Wan2.1 checkpoints are supported"
+                "this transformer config sets only one of image_dim ({:?}) and added_kv_proj_dim \
+                 ({:?}); an image-to-video transformer has both, a text-to-video one neither",
+                self.image_dim,
+                self.added_kv_proj_dim
+            );
+        }
+        if let Some(len) = self.pos_embed_seq_len {
+            candle_core::bail!(
+                "pos_embed_seq_len {len}: the first-last-frame image position embedding \
+                 (Wan2.1-FLF2V) is not supported"
             );
         }
         match self.qk_norm.as_deref() {
@@ -212,7 +231,12 @@ impl WanTransformerBlock {
         Ok(Self {
             residuals: BlockResiduals::new(cfg, &vb)?,
             attn1: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn1"))?,
-            attn2: WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?,
+            attn2: match cfg.added_kv_proj_dim {
+                Some(image_dim) => {
+                    WanAttention::with_image(dim, heads, cfg.eps, image_dim, vb.pp("attn2"))?
+                }
+                None => WanAttention::new(dim, heads, cfg.eps, vb.pp("attn2"))?,
+            },
             ffn: FeedForward::new(dim, cfg.ffn_dim, vb.pp("ffn"))?,
         })
     }
@@ -281,6 +305,7 @@ impl TransformerEnds {
                 dim,
                 config.freq_dim,
                 config.text_dim,
+                config.image_dim,
                 vb.pp("condition_embedder"),
             )?,
             eps: config.eps,
@@ -302,20 +327,22 @@ impl TransformerEnds {
     }
 
     /// The patch tokens `(B, tokens, dim)` of `hidden_states` and the conditioning of
-    /// `timestep` and `text`, in the model dtype.
+    /// `timestep` and `text` (and, for image-to-video, the image embedding), in the model dtype.
     pub(crate) fn embed(
         &self,
         hidden_states: &Tensor,
         timestep: &Tensor,
         text: &Tensor,
+        image: Option<&Tensor>,
     ) -> Result<(Tensor, Conditioning)> {
         let dtype = self.dtype();
         let x = self
             .patch_embedding
             .forward(&hidden_states.to_dtype(dtype)?)?;
-        let cond = self
-            .condition_embedder
-            .forward(timestep, &text.to_dtype(dtype)?)?;
+        let image = image.map(|image| image.to_dtype(dtype)).transpose()?;
+        let cond =
+            self.condition_embedder
+                .forward(timestep, &text.to_dtype(dtype)?, image.as_ref())?;
         Ok((x, cond))
     }
 
@@ -436,7 +463,28 @@ impl WanTransformer3DModel {
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
         Ok(self
-            .run(hidden_states, timestep, encoder_hidden_states, false)?
+            .run(hidden_states, timestep, encoder_hidden_states, None, false)?
+            .output)
+    }
+
+    /// [`Self::forward`] of an image-to-video transformer: `encoder_hidden_states_image`
+    /// `(B, Li, image_dim)` is the image encoder's embedding of the conditioning frame
+    /// (`hidden_states` then carries the condition's 20 channels after the latents' 16).
+    pub fn forward_with_image(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        encoder_hidden_states_image: &Tensor,
+    ) -> Result<Tensor> {
+        Ok(self
+            .run(
+                hidden_states,
+                timestep,
+                encoder_hidden_states,
+                Some(encoder_hidden_states_image),
+                false,
+            )?
             .output)
     }
 
@@ -447,7 +495,7 @@ impl WanTransformer3DModel {
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<ForwardTrace> {
-        self.run(hidden_states, timestep, encoder_hidden_states, true)
+        self.run(hidden_states, timestep, encoder_hidden_states, None, true)
     }
 
     fn run(
@@ -455,13 +503,14 @@ impl WanTransformer3DModel {
         hidden_states: &Tensor,
         timestep: &Tensor,
         text: &Tensor,
+        image: Option<&Tensor>,
         keep_blocks: bool,
     ) -> Result<ForwardTrace> {
         let (b, f, h, w) = check_batch(hidden_states, timestep, text)?;
         let grid = self.token_grid(f, h, w);
         let rope = self.ends.rope().tables(grid, hidden_states.device())?;
 
-        let (mut x, cond) = self.ends.embed(hidden_states, timestep, text)?;
+        let (mut x, cond) = self.ends.embed(hidden_states, timestep, text, image)?;
         let mut block_outputs = Vec::new();
         for (index, block) in self.blocks.iter().enumerate() {
             let _span = longtake_proto::telemetry::block_span(index).entered();
@@ -631,17 +680,108 @@ mod tests {
         Ok(())
     }
 
+    /// Every fixture of an image-to-video transformer (`wan-i2v-tiny`): the output against
+    /// diffusers' for the latents with the condition's channels and the image embedding.
     #[test]
-    fn image_conditioning_is_rejected() {
-        let cfg = Config {
-            image_dim: Some(1280),
-            added_kv_proj_dim: Some(5120),
-            ..small_config()
-        };
-        let err = WanTransformer3DModel::new(&cfg, seeded_var_builder(0, DType::F32, &Device::Cpu))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("image-to-video"), "{err}");
+    fn image_to_video_matches_reference_cases() -> TestResult {
+        let dev = Device::Cpu;
+        let mut checked = 0;
+        for case in crate::model::reference::all_fixture_dirs() {
+            let Ok(component) =
+                Checkpoint::open(case.join("pipeline")).and_then(|c| c.component("transformer"))
+            else {
+                continue;
+            };
+            let config: Config = component.config()?;
+            if !config.takes_image() {
+                continue;
+            }
+            let model =
+                WanTransformer3DModel::new(&config, component.var_builder(DType::F32, &dev)?)?;
+            let refs = SafetensorsWeights::open_file(case.join("cases/transformer.safetensors"))?;
+            let ours = model.forward_with_image(
+                &refs.load("hidden_states", &dev)?,
+                &refs.load("timestep", &dev)?,
+                &refs.load("encoder_hidden_states", &dev)?,
+                &refs.load("encoder_hidden_states_image", &dev)?,
+            )?;
+            let err = relative_l2(&ours, &refs.load("output", &dev)?)?;
+            println!(
+                "{}: image-to-video transformer relative L2 {err:.3e}",
+                case.display()
+            );
+            assert!(err <= TOLERANCE, "{}: {err:e}", case.display());
+            // without the image the model refuses, naming what is missing
+            let missing = model
+                .forward(
+                    &refs.load("hidden_states", &dev)?,
+                    &refs.load("timestep", &dev)?,
+                    &refs.load("encoder_hidden_states", &dev)?,
+                )
+                .unwrap_err()
+                .to_string();
+            assert!(missing.contains("needs the image embedding"), "{missing}");
+            checked += 1;
+        }
+        assert!(checked > 0, "no fixture has an image-to-video transformer");
+        Ok(())
+    }
+
+    /// With a full 512-token text context (a real pipeline's), the image tokens before it go
+    /// through the image projections: the output differs from the same tokens attended as text,
+    /// and the split follows diffusers' rule at and below 512 tokens.
+    #[test]
+    fn image_tokens_are_split_off_as_diffusers_does() {
+        use super::super::attention::WanAttention;
+        let dev = Device::Cpu;
+        assert_eq!(
+            [600, 512, 300, 257, 33].map(super::super::attention::image_tokens),
+            [88, 0, 88, 2, 0]
+        );
+        let vb = seeded_var_builder(4, DType::F32, &dev);
+        let plain = WanAttention::new(8, 2, 1e-6, vb.pp("a")).unwrap();
+        let imaged = WanAttention::with_image(8, 2, 1e-6, 8, vb.pp("a")).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 5, 8), &dev).unwrap();
+        let context = Tensor::randn(0f32, 1.0, (1, 515, 8), &dev).unwrap();
+        let with_image = imaged.cross_attention(&x, &context).unwrap();
+        let as_text = plain
+            .cross_attention(&x, &context.narrow(1, 3, 512).unwrap())
+            .unwrap();
+        // the image branch adds to the text branch: equal only if it contributed nothing
+        assert!(relative_l2(&with_image, &as_text).unwrap() > 1e-3);
+        // a context of exactly 512 tokens has no image tokens: the text branch alone
+        let text_only = imaged
+            .cross_attention(&x, &context.narrow(1, 3, 512).unwrap())
+            .unwrap();
+        assert_eq!(relative_l2(&text_only, &as_text).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn half_image_conditioning_and_first_last_frame_are_rejected() {
+        for (cfg, needle) in [
+            (
+                Config {
+                    image_dim: Some(1280),
+                    ..small_config()
+                },
+                "only one of image_dim",
+            ),
+            (
+                Config {
+                    image_dim: Some(1280),
+                    added_kv_proj_dim: Some(5120),
+                    pos_embed_seq_len: Some(514),
+                    ..small_config()
+                },
+                "FLF2V",
+            ),
+        ] {
+            let err =
+                WanTransformer3DModel::new(&cfg, seeded_var_builder(0, DType::F32, &Device::Cpu))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(needle), "{err}");
+        }
     }
 
     #[test]

@@ -138,7 +138,7 @@ impl WanVaeEncoder {
                 video.dims()
             );
         }
-        if frames == 0 || (frames - 1) % CHUNK_FRAMES != 0 {
+        if frames == 0 || !(frames - 1).is_multiple_of(CHUNK_FRAMES) {
             candle_core::bail!(
                 "the VAE encoder takes 1 + 4k frames (1, 5, 9, ...), got {frames}: trim the clip \
                  to such a count"
