@@ -8,6 +8,7 @@ pub mod attention;
 pub mod distributed;
 pub mod distributed_pipeline;
 pub mod embeddings;
+pub mod image_to_video;
 pub mod pipeline;
 pub mod rope;
 pub mod tensor_parallel;

@@ -165,9 +165,8 @@ impl Config {
         }
     }
 
-    /// `latents · std + mean` per channel of `(B, z_dim, F, H, W)`: what the pipeline hands the
-    /// decoder (diffusers writes it as `latents / (1 / std) + mean`).
-    pub fn unnormalize_latents(&self, latents: &Tensor) -> Result<Tensor> {
+    /// The per-channel mean and deviation, shaped to broadcast against `latents`.
+    fn latent_stats(&self, latents: &Tensor) -> Result<(Tensor, Tensor)> {
         let channels = latents.dim(1)?;
         if channels != self.z_dim
             || self.latents_mean.len() != channels
@@ -187,9 +186,21 @@ impl Config {
                 .to_dtype(latents.dtype())?
                 .reshape(shape.as_slice())
         };
-        latents
-            .broadcast_mul(&stat(&self.latents_std)?)?
-            .broadcast_add(&stat(&self.latents_mean)?)
+        Ok((stat(&self.latents_mean)?, stat(&self.latents_std)?))
+    }
+
+    /// `latents · std + mean` per channel of `(B, z_dim, F, H, W)`: what the pipeline hands the
+    /// decoder (diffusers writes it as `latents / (1 / std) + mean`).
+    pub fn unnormalize_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let (mean, std) = self.latent_stats(latents)?;
+        latents.broadcast_mul(&std)?.broadcast_add(&mean)
+    }
+
+    /// `(latents − mean) · (1 / std)` per channel: the inverse, as diffusers' image-to-video
+    /// pipeline normalises the encoded first frame (by the reciprocal, as it does).
+    pub fn normalize_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let (mean, std) = self.latent_stats(latents)?;
+        latents.broadcast_sub(&mean)?.broadcast_mul(&std.recip()?)
     }
 }
 
