@@ -155,6 +155,7 @@ impl ClipVisionEncoder {
         let activation = Activation::parse(&config.hidden_act)?;
         let dim = config.hidden_size;
         let embeddings = vb.pp("embeddings");
+        // in f32 whatever the model dtype: candle's CPU convolution takes no half precision
         let patch_embedding = candle_nn::conv2d_no_bias(
             config.num_channels,
             dim,
@@ -163,7 +164,7 @@ impl ClipVisionEncoder {
                 stride: config.patch_size,
                 ..Default::default()
             },
-            embeddings.pp("patch_embedding"),
+            embeddings.pp("patch_embedding").to_dtype(DType::F32),
         )?;
         let positions = (config.image_size / config.patch_size).pow(2) + 1;
         let layers = (0..config.num_hidden_layers.saturating_sub(1))
@@ -199,7 +200,8 @@ impl ClipVisionEncoder {
         let dtype = self.class_embedding.dtype();
         let patches = self
             .patch_embedding
-            .forward(&pixel_values.to_dtype(dtype)?)?
+            .forward(&pixel_values.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)?
             .flatten_from(2)?
             .transpose(1, 2)?;
         let class = self

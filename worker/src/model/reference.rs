@@ -10,14 +10,21 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::clip_vision::{self, ClipVisionEncoder};
 use super::compare::relative_l2;
+use super::denoiser::{Conditioning, Denoiser};
 use super::family::ModelFamily;
 use super::loader::{read_json, Checkpoint, SafetensorsWeights};
+use super::render::CancelToken;
 use super::render::RenderSpec;
 use super::scheduler::{self, SchedulerKind};
+use super::text::PromptEncoder;
 use super::tokenizer::PromptTokenizer;
 use super::umt5::{self, UMT5EncoderModel};
 use super::video;
+use crate::families::wan::image_to_video::{
+    first_frame_condition, ImageConditioned, ImageProcessorConfig,
+};
 use crate::families::wan::pipeline::WanPipeline;
 use crate::families::wan::transformer::{self as wan_transformer, WanTransformer3DModel};
 use crate::families::wan::vae::{self as wan_vae, WanVaeDecoder};
@@ -189,12 +196,40 @@ pub fn toy_checkpoint_dir() -> PathBuf {
 pub fn test_fixture_dirs() -> Vec<PathBuf> {
     all_fixture_dirs()
         .into_iter()
-        .filter(|dir| {
-            Checkpoint::open(dir.join("pipeline"))
-                .and_then(|c| ModelFamily::of(&c))
-                .is_ok()
-        })
+        .filter(|dir| fixture_kind(dir).is_ok())
         .collect()
+}
+
+/// What a fixture directory holds, as far as its checks go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FixtureKind {
+    /// A family this build renders (Wan2.1 text-to-video).
+    Rendered,
+    /// Wan2.1 image-to-video (`WanImageToVideoPipeline`, the Wan2.1 VAE): its model parts and
+    /// its whole run are checked here; rendering from a picture is not wired to the farm yet.
+    ImageToVideo,
+}
+
+/// The kind of the fixture in `dir`, or why none of its cases can run.
+fn fixture_kind(dir: &Path) -> Result<FixtureKind, String> {
+    let checkpoint = Checkpoint::open(dir.join("pipeline")).map_err(msg)?;
+    let refused = match ModelFamily::of(&checkpoint) {
+        Ok(_) => return Ok(FixtureKind::Rendered),
+        Err(why) => why.to_string(),
+    };
+    let class = checkpoint
+        .index()
+        .get("_class_name")
+        .and_then(serde_json::Value::as_str);
+    let wan21_vae = checkpoint
+        .component("vae")
+        .and_then(|vae| vae.config::<wan_vae::Config>())
+        .is_ok_and(|config| config.validate().is_ok());
+    if class == Some("WanImageToVideoPipeline") && wan21_vae {
+        Ok(FixtureKind::ImageToVideo)
+    } else {
+        Err(refused)
+    }
 }
 
 /// The fixture directories the test suite checks: the fixtures in each entry of
@@ -237,11 +272,22 @@ type Case = (&'static str, f64, fn(&Fixture) -> CaseOutcome);
 pub fn check_fixture(dir: &Path, device: &Device, dtype: DType) -> Vec<CaseResult> {
     // A fixture of a family this build does not run fails as one named case, not as a list of
     // cases that each stumble on a missing file.
-    if let Err(why) = Checkpoint::open(dir.join("pipeline")).and_then(|c| ModelFamily::of(&c)) {
-        return vec![CaseResult::failed("model family", 0.0, why)];
-    }
+    let kind = match fixture_kind(dir) {
+        Ok(kind) => kind,
+        Err(why) => return vec![CaseResult::failed("model family", 0.0, why)],
+    };
     let tolerances = Tolerances::for_dtype(dtype);
-    let cases: [Case; 8] = [
+    let image_to_video: [Case; 4] = [
+        ("vae_encode", tolerances.module, Fixture::vae_encode),
+        ("image_encoder", tolerances.module, Fixture::image_encoder),
+        (
+            "transformer",
+            tolerances.module,
+            Fixture::transformer_with_image,
+        ),
+        ("pipeline", tolerances.pipeline, Fixture::image_to_video),
+    ];
+    let text_to_video: [Case; 8] = [
         ("tokenizer", 0.0, Fixture::tokenizer),
         ("text_encoder", MODULE_TOLERANCE, Fixture::text_encoder),
         ("transformer", tolerances.module, Fixture::transformer),
@@ -259,6 +305,10 @@ pub fn check_fixture(dir: &Path, device: &Device, dtype: DType) -> Vec<CaseResul
         ),
         ("pipeline", tolerances.pipeline, Fixture::pipeline),
     ];
+    let cases: &[Case] = match kind {
+        FixtureKind::Rendered => &text_to_video,
+        FixtureKind::ImageToVideo => &image_to_video,
+    };
     let fixture = Fixture {
         dir: dir.to_path_buf(),
         device: device.clone(),
@@ -266,7 +316,7 @@ pub fn check_fixture(dir: &Path, device: &Device, dtype: DType) -> Vec<CaseResul
         tolerances,
     };
     let mut results = Vec::new();
-    for (name, tolerance, run) in cases {
+    for &(name, tolerance, run) in cases {
         match run(&fixture) {
             Ok(r) => results.extend(r),
             Err(why) => results.push(CaseResult::failed(name, tolerance, why)),
@@ -427,6 +477,183 @@ impl Fixture {
         )])
     }
 
+    /// An image-to-video transformer's output for the latents with the condition's channels
+    /// and the image embedding.
+    fn transformer_with_image(&self) -> CaseOutcome {
+        let case = self.case("transformer.safetensors")?;
+        let ours = self
+            .transformer_model()?
+            .forward_with_image(
+                &self.model_input(&case, "hidden_states")?,
+                &self.tensor(&case, "timestep")?,
+                &self.model_input(&case, "encoder_hidden_states")?,
+                &self.model_input(&case, "encoder_hidden_states_image")?,
+            )
+            .map_err(msg)?;
+        Ok(vec![CaseResult::measured(
+            "transformer",
+            relative_l2(&ours, &self.tensor(&case, "output")?).map_err(msg)?,
+            self.tolerances.module,
+        )])
+    }
+
+    fn image_encoder_model(&self) -> Result<ClipVisionEncoder, String> {
+        let component = self.checkpoint()?.component("image_encoder").map_err(msg)?;
+        let config: clip_vision::Config = component.config().map_err(msg)?;
+        ClipVisionEncoder::new(
+            &config,
+            component
+                .var_builder(self.dtype, &self.device)
+                .map_err(msg)?,
+        )
+        .map_err(msg)
+    }
+
+    /// The CLIP tower's penultimate hidden states for preprocessed pixels.
+    fn image_encoder(&self) -> CaseOutcome {
+        let case = self.case("image_encoder.safetensors")?;
+        let ours = self
+            .image_encoder_model()?
+            .penultimate_hidden_states(&self.tensor(&case, "pixel_values")?)
+            .map_err(msg)?;
+        Ok(vec![CaseResult::measured(
+            "image_encoder",
+            relative_l2(&ours, &self.tensor(&case, "image_embeds")?).map_err(msg)?,
+            self.tolerances.module,
+        )])
+    }
+
+    fn vae_encoder_model(&self) -> Result<(wan_vae::Config, WanVaeEncoder), String> {
+        let component = self.checkpoint()?.component("vae").map_err(msg)?;
+        let config: wan_vae::Config = component.config().map_err(msg)?;
+        let encoder = WanVaeEncoder::new(
+            &config,
+            component
+                .var_builder(self.dtype, &self.device)
+                .map_err(msg)?,
+        )
+        .map_err(msg)?;
+        Ok((config, encoder))
+    }
+
+    /// The whole image-to-video run: the prompts' embeddings, the picture's CLIP embedding and
+    /// first-frame condition computed here, the denoising from the case's noise (each step's
+    /// latents), and the decoded video.
+    fn image_to_video(&self) -> CaseOutcome {
+        let spec = PipelineCase::read(&self.dir).map_err(msg)?;
+        let render = spec.render();
+        let case = self.case("pipeline.safetensors")?;
+        let checkpoint = self.checkpoint()?;
+        let module = self.tolerances.module;
+        let mut results = Vec::new();
+        let mut measure = |name: &'static str, ours: &Tensor, reference: &str, tolerance: f64| {
+            let err = relative_l2(ours, &self.tensor(&case, reference)?).map_err(msg)?;
+            results.push(CaseResult::measured(name, err, tolerance));
+            Ok::<_, String>(())
+        };
+
+        let text = PromptEncoder::load(
+            &checkpoint,
+            spec.max_sequence_length,
+            DType::F32,
+            &self.device,
+        )
+        .map_err(msg)?;
+        let both = text
+            .encode(&[&render.prompt, &render.negative_prompt])
+            .map_err(msg)?;
+        let (cond, uncond) = (
+            both.narrow(0, 0, 1).map_err(msg)?,
+            both.narrow(0, 1, 1).map_err(msg)?,
+        );
+        measure(
+            "pipeline/prompt_embeds",
+            &cond,
+            "prompt_embeds",
+            MODULE_TOLERANCE,
+        )?;
+        measure(
+            "pipeline/negative_embeds",
+            &uncond,
+            "negative_prompt_embeds",
+            MODULE_TOLERANCE,
+        )?;
+
+        let image = self.tensor(&case, "image")?;
+        let processor: ImageProcessorConfig = read_json(
+            &self
+                .pipeline_dir()
+                .join("image_processor/preprocessor_config.json"),
+        )
+        .map_err(msg)?;
+        let pixels = processor.pixel_values(&image).map_err(msg)?;
+        let image_embeds = self
+            .image_encoder_model()?
+            .penultimate_hidden_states(&pixels)
+            .map_err(msg)?;
+        measure(
+            "pipeline/image_embeds",
+            &image_embeds,
+            "image_embeds",
+            module,
+        )?;
+
+        let (vae_config, encoder) = self.vae_encoder_model()?;
+        let condition =
+            first_frame_condition(&encoder, &vae_config, &image, render.frames).map_err(msg)?;
+        measure("pipeline/condition", &condition, "condition", module)?;
+
+        let transformer = self.transformer_model()?;
+        let model = ImageConditioned {
+            transformer: &transformer,
+            condition: condition.to_dtype(self.dtype).map_err(msg)?,
+            image_embeds: image_embeds.to_dtype(self.dtype).map_err(msg)?,
+        };
+        let scheduler_config: serde_json::Value =
+            read_json(&self.pipeline_dir().join("scheduler/scheduler_config.json")).map_err(msg)?;
+        let scheduler =
+            scheduler::build(&scheduler_config, None, render.steps, render.shift).map_err(msg)?;
+        let mut denoiser = Denoiser::new(
+            scheduler,
+            self.tensor(&case, "initial_latents")?,
+            self.dtype,
+        )
+        .map_err(msg)?;
+        let conditioning = Conditioning::new(
+            &cond.to_dtype(self.dtype).map_err(msg)?,
+            &uncond.to_dtype(self.dtype).map_err(msg)?,
+            render.guidance_scale,
+        )
+        .map_err(msg)?;
+        denoiser
+            .run_to_end(
+                &model,
+                &conditioning,
+                &CancelToken::default(),
+                &mut |_| {},
+                &mut |_| Ok(()),
+            )
+            .map_err(msg)?;
+        let latents = denoiser.into_latents();
+        measure(
+            "pipeline/final_latents",
+            &latents,
+            "final_latents",
+            self.tolerances.pipeline,
+        )?;
+        let decoder = self.vae_model()?;
+        let decoded = decoder
+            .decode(
+                &vae_config
+                    .unnormalize_latents(&latents.to_dtype(self.dtype).map_err(msg)?)
+                    .map_err(msg)?,
+            )
+            .map_err(msg)?;
+        let video = video::video_to_unit_frames(&decoded).map_err(msg)?;
+        measure("pipeline/video", &video, "video", self.tolerances.pipeline)?;
+        Ok(results)
+    }
+
     fn vae_model(&self) -> Result<WanVaeDecoder, String> {
         let component = self.checkpoint()?.component("vae").map_err(msg)?;
         let config: wan_vae::Config = component.config().map_err(msg)?;
@@ -460,15 +687,7 @@ impl Fixture {
             return Ok(Vec::new());
         }
         let case = self.case("vae_encode.safetensors")?;
-        let component = self.checkpoint()?.component("vae").map_err(msg)?;
-        let config: wan_vae::Config = component.config().map_err(msg)?;
-        let encoder = WanVaeEncoder::new(
-            &config,
-            component
-                .var_builder(self.dtype, &self.device)
-                .map_err(msg)?,
-        )
-        .map_err(msg)?;
+        let (_, encoder) = self.vae_encoder_model()?;
         let ours = encoder
             .encode(&self.model_input(&case, "video")?)
             .map_err(msg)?;

@@ -371,7 +371,9 @@ impl Upsample {
 /// three frames and stride 2 over the previous chunk's last frame and this chunk's.
 #[derive(Debug, Clone)]
 pub(crate) struct Downsample {
-    /// `(C, C, 3, 3)` and `(C, 1, 1)`, for candle's strided convolution over `(N, C, H, W)`.
+    /// `(C, C, 3, 3)` and `(C, 1, 1)`, f32, for candle's strided convolution over
+    /// `(N, C, H, W)` (computed in f32 whatever the model dtype: candle's CPU convolution takes
+    /// no half precision).
     weight: Tensor,
     bias: Tensor,
     time: Option<TimeDownsample>,
@@ -395,7 +397,7 @@ impl Downsample {
         vb: VarBuilder,
         slots: &mut SlotCounter,
     ) -> Result<Self> {
-        let conv = vb.pp("resample.1");
+        let conv = vb.pp("resample.1").to_dtype(DType::F32);
         let weight = conv.get((dim, dim, 3, 3), "weight")?;
         let bias = conv.get(dim, "bias")?.reshape((1, dim, 1, 1))?;
         let time = if temporal {
@@ -421,6 +423,7 @@ impl Downsample {
     /// video's first chunk, where it is `⌊(T − 2) / 2⌋ + 1` (four frames become two, two one).
     pub(crate) fn forward(&self, x: &Tensor, pass: &mut Pass<'_, '_>) -> Result<Tensor> {
         let y = x
+            .to_dtype(DType::F32)?
             .pad_with_zeros(1, 0, 1)?
             .pad_with_zeros(2, 0, 1)?
             .permute((0, 3, 1, 2))?
@@ -428,6 +431,7 @@ impl Downsample {
             .conv2d(&self.weight, 0, 2, 1, 1)?
             .broadcast_add(&self.bias)?
             .permute((0, 2, 3, 1))?
+            .to_dtype(x.dtype())?
             .contiguous()?;
         let Some(time) = &self.time else {
             return Ok(y);

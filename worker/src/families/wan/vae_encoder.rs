@@ -53,6 +53,8 @@ pub struct WanVaeEncoder {
     quant_conv: CausalConv3d,
     /// How many cache slots one encode needs.
     slot_count: usize,
+    /// The weights' dtype, which the video is cast to.
+    dtype: DType,
 }
 
 impl WanVaeEncoder {
@@ -119,6 +121,7 @@ impl WanVaeEncoder {
             conv_out,
             quant_conv,
             slot_count: slots.count(),
+            dtype: vb.dtype(),
         })
     }
 
@@ -165,7 +168,10 @@ impl WanVaeEncoder {
     /// One video `(C, F, H, W)` → its moments `(2 z_dim, F', H', W')`.
     fn encode_one(&self, video: &Tensor) -> Result<Tensor> {
         let frames = video.dim(1)?;
-        let x = video.permute((1, 2, 3, 0))?.contiguous()?;
+        let x = video
+            .to_dtype(self.dtype)?
+            .permute((1, 2, 3, 0))?
+            .contiguous()?;
         let mut slots = vec![Slot::Empty; self.slot_count];
         let mut pass = Pass {
             slots: &mut slots,
