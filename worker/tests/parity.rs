@@ -6,10 +6,14 @@
 //! the repository's own `tests/fixtures`. Finding none is a failure, not a skip.
 
 use candle_core::{DType, Device};
-use longtake_worker::model::reference::{check_fixture, test_fixture_dirs};
+use longtake_worker::model::reference::{check_fixture, parity_fixture_dirs};
 
 fn every_case_passes_in(dtype: DType) {
-    let dirs = test_fixture_dirs();
+    let dirs = parity_fixture_dirs();
+    assert!(
+        dirs.iter().any(|dir| dir.ends_with("wan-i2v-tiny")),
+        "the image-to-video fixture is missing from {dirs:?}"
+    );
     let mut report = Vec::new();
     let mut failed = 0;
     for dir in &dirs {

@@ -16,7 +16,7 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::apply_rope;
+use super::attention::{apply_rope, image_tokens};
 use super::rope::RopeTables;
 use super::tensor_parallel::{tensor_parallel_plan, TpAttention, TpFeedForward};
 use super::transformer::{check_batch, unpatchify, BlockResiduals, Config, TransformerEnds};
@@ -127,7 +127,7 @@ impl DistributedBlock {
         Ok(Self {
             residuals: BlockResiduals::new(cfg, &vb)?,
             attn1: TpAttention::new(cfg, tp, tp_rank, vb.pp("attn1"))?,
-            attn2: TpAttention::new(cfg, tp, tp_rank, vb.pp("attn2"))?,
+            attn2: TpAttention::cross(cfg, tp, tp_rank, vb.pp("attn2"))?,
             ffn: TpFeedForward::new(cfg, tp, tp_rank, vb.pp("ffn"))?,
         })
     }
@@ -179,19 +179,39 @@ impl DistributedBlock {
         attn.project_out(&merge_heads(&out)?, &groups.tp)
     }
 
+    /// `WanAttention::cross_attention` on this rank's tokens and heads: the image tokens (for
+    /// image-to-video) split off the context by the same rule.
     fn cross_attention(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
         let attn = &self.attn2;
         let tp = &ctx.groups.tp;
+        let len = ctx.context.dim(1)?;
+        let image_len = if attn.takes_image() {
+            image_tokens(len)
+        } else {
+            0
+        };
+        let text = ctx.context.narrow(1, image_len, len - image_len)?;
         let q = attn.project_q(x)?;
-        let (k, v) = attn.project_kv(ctx.context)?;
+        let (k, v) = attn.project_kv(&text)?;
         let (q, k) = attn.norm_qk(&q, &k, tp)?;
         let heads = attn.local_heads();
-        let out = attention(
-            &split_heads(&q, heads)?,
+        let q = split_heads(&q, heads)?;
+        let mut out = attention(
+            &q,
             &split_heads(&k, heads)?,
             &split_heads(&v, heads)?,
             ctx.options,
         )?;
+        if image_len > 0 {
+            let (k, v) = attn.project_image_kv(&ctx.context.narrow(1, 0, image_len)?, tp)?;
+            let image = attention(
+                &q,
+                &split_heads(&k, heads)?,
+                &split_heads(&v, heads)?,
+                ctx.options,
+            )?;
+            out = (out + image)?;
+        }
         attn.project_out(&merge_heads(&out)?, tp)
     }
 }
@@ -232,12 +252,6 @@ impl DistributedWanTransformer {
         vb: VarBuilder,
     ) -> Result<Self> {
         config.validate()?;
-        if config.takes_image() {
-            candle_core::bail!(
-                "an image-to-video transformer runs in one process only for now (its image \
-                 cross-attention is not sharded): render it without a parallel layout"
-            );
-        }
         layout
             .validate(&config.layout_limits(layout.cfg > 1))
             .map_err(candle_core::Error::wrap)?;
@@ -336,6 +350,33 @@ impl DistributedWanTransformer {
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
+        self.run(hidden_states, timestep, encoder_hidden_states, None)
+    }
+
+    /// [`Self::forward`] of an image-to-video transformer, with the image embedding
+    /// `(B, Li, image_dim)` (split between the CFG ranks like the text).
+    pub fn forward_with_image(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        encoder_hidden_states_image: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(
+            hidden_states,
+            timestep,
+            encoder_hidden_states,
+            Some(encoder_hidden_states_image),
+        )
+    }
+
+    fn run(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        image: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, f, h, w) = check_batch(hidden_states, timestep, encoder_hidden_states)?;
         if b < self.layout.cfg {
             candle_core::bail!(
@@ -362,7 +403,8 @@ impl DistributedWanTransformer {
             sin: sequence.take(&rope.sin, 0)?,
         };
 
-        let (x, cond) = self.ends.embed(&x, &timestep, &text, None)?;
+        let image = image.map(branch).transpose()?;
+        let (x, cond) = self.ends.embed(&x, &timestep, &text, image.as_ref())?;
         let mut x = sequence.take(&x, 1)?;
         let ctx = BlockContext {
             modulation: &cond.modulation,

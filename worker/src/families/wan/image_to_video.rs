@@ -14,6 +14,7 @@
 use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
 
+use super::distributed::DistributedWanTransformer;
 use super::transformer::WanTransformer3DModel;
 use super::vae::Config as VaeConfig;
 use super::vae_encoder::WanVaeEncoder;
@@ -139,11 +140,48 @@ pub fn first_frame_condition(
     Tensor::cat(&[&mask, &latent], 1)
 }
 
+/// A transformer that takes the image embedding beside the text: the single-process model and
+/// a rank of a parallel layout.
+pub trait ImageFlowModel {
+    /// The flow for `x` (latents and condition channels), with the image embedding `image`.
+    fn predict_with_image(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        image: &Tensor,
+    ) -> Result<Tensor>;
+}
+
+impl ImageFlowModel for WanTransformer3DModel {
+    fn predict_with_image(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        image: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with_image(x, t, context, image)
+    }
+}
+
+impl ImageFlowModel for DistributedWanTransformer {
+    fn predict_with_image(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        image: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_with_image(x, t, context, image)
+    }
+}
+
 /// An image-to-video transformer with its render's condition and image embedding: the flow
 /// model the denoiser steps. Each call's batch (cond and uncond under guidance) gets the same
 /// condition channels and image embedding, as diffusers gives both branches.
 pub struct ImageConditioned<'a> {
-    pub transformer: &'a WanTransformer3DModel,
+    pub transformer: &'a dyn ImageFlowModel,
     /// `(1, 20, F', H', W')`, from [`first_frame_condition`].
     pub condition: Tensor,
     /// `(1, Li, image_dim)`, the CLIP tower's penultimate hidden states.
@@ -159,7 +197,7 @@ impl FlowModel for ImageConditioned<'_> {
             .repeat((batch, 1, 1, 1, 1))?;
         let image = self.image_embeds.repeat((batch, 1, 1))?;
         self.transformer
-            .forward_with_image(&Tensor::cat(&[x, &condition], 1)?, t, context, &image)
+            .predict_with_image(&Tensor::cat(&[x, &condition], 1)?, t, context, &image)
     }
 }
 
@@ -168,6 +206,161 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+
+    /// Image-to-video under `cfg = 2`, `tp = 2` and `ulysses = 2` (each rank a thread, joined by
+    /// a loopback mesh) gives the single process's frames within one 8-bit level: the fixture's
+    /// run from its noise, prompt embeddings, image embedding and condition.
+    #[test]
+    fn image_to_video_under_layouts_gives_the_single_process_frames() {
+        use crate::families::wan::vae::WanVaeDecoder;
+        use crate::model::denoiser::{Conditioning, Denoiser};
+        use crate::model::loader::{read_json, Checkpoint, SafetensorsWeights};
+        use crate::model::render::CancelToken;
+        use crate::model::{scheduler, video};
+        use crate::parallel::testing::{layout, run_ranks};
+
+        let dev = Device::Cpu;
+        let dir = crate::model::reference::parity_fixture_dirs()
+            .into_iter()
+            .find(|dir| dir.ends_with("wan-i2v-tiny"))
+            .expect("the wan-i2v-tiny fixture");
+        let checkpoint = Checkpoint::open(dir.join("pipeline")).unwrap();
+        let case = SafetensorsWeights::open_file(dir.join("cases/pipeline.safetensors")).unwrap();
+        let load = |name: &str| case.load(name, &dev).unwrap();
+        let spec: serde_json::Value = read_json(&dir.join("cases/pipeline.json")).unwrap();
+        let steps = spec["num_inference_steps"].as_u64().unwrap() as usize;
+        let scheduler_config: serde_json::Value =
+            read_json(&dir.join("pipeline/scheduler/scheduler_config.json")).unwrap();
+        let conditioning = Conditioning::new(
+            &load("prompt_embeds"),
+            &load("negative_prompt_embeds"),
+            spec["guidance_scale"].as_f64().unwrap(),
+        )
+        .unwrap();
+        let transformer = checkpoint.component("transformer").unwrap();
+        let vae = checkpoint.component("vae").unwrap();
+        let vae_config: VaeConfig = vae.config().unwrap();
+        let decoder =
+            WanVaeDecoder::new(&vae_config, vae.var_builder(DType::F32, &dev).unwrap()).unwrap();
+        // the run of one flow model, to 8-bit frames
+        let frames_of = |model: &dyn ImageFlowModel| -> Vec<u8> {
+            let conditioned = ImageConditioned {
+                transformer: model,
+                condition: load("condition"),
+                image_embeds: load("image_embeds"),
+            };
+            let scheduler = scheduler::build(&scheduler_config, None, steps, None).unwrap();
+            let mut denoiser =
+                Denoiser::new(scheduler, load("initial_latents"), DType::F32).unwrap();
+            denoiser
+                .run_to_end(
+                    &conditioned,
+                    &conditioning,
+                    &CancelToken::default(),
+                    &mut |_| {},
+                    &mut |_| Ok(()),
+                )
+                .unwrap();
+            let latents = vae_config
+                .unnormalize_latents(&denoiser.into_latents())
+                .unwrap();
+            let frames = video::video_to_unit_frames(&decoder.decode(&latents).unwrap()).unwrap();
+            let values: Vec<f32> = frames.flatten_all().unwrap().to_vec1().unwrap();
+            values
+                .iter()
+                .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+                .collect()
+        };
+        let single = WanTransformer3DModel::new(
+            &transformer.config().unwrap(),
+            transformer.var_builder(DType::F32, &dev).unwrap(),
+        )
+        .unwrap();
+        let expected = frames_of(&single);
+        // (tp, ulysses, ring, cfg)
+        for shape in [(1, 1, 1, 2), (2, 1, 1, 1), (1, 2, 1, 1)] {
+            let layout = layout(shape);
+            let frames = run_ranks(layout.world_size(), |_, world| {
+                let model =
+                    DistributedWanTransformer::load(&transformer, DType::F32, &dev, layout, world)?;
+                Ok(frames_of(&model))
+            })
+            .unwrap();
+            for (rank, frames) in frames.iter().enumerate() {
+                let worst = frames
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| a.abs_diff(*b))
+                    .max()
+                    .unwrap();
+                println!("{layout} rank {rank}: largest difference {worst} levels");
+                assert!(worst <= 1, "{layout} rank {rank}: {worst} levels");
+            }
+        }
+    }
+
+    /// The image branch of the cross-attention (a full 512-token text context, so that the
+    /// image tokens before it go through `add_k_proj` / `add_v_proj`) under `tp = 2`, `cfg = 2`
+    /// and `ulysses = 2` equals the single process: the fixtures' short prompts leave it empty.
+    #[test]
+    fn the_image_branch_under_layouts_equals_the_single_process() {
+        use crate::families::wan::tensor_parallel::tensor_parallel_plan;
+        use crate::families::wan::transformer::Config;
+        use crate::model::compare::relative_l2;
+        use crate::model::loader::{SafetensorsWeights, Weights};
+        use crate::parallel::testing::{layout, run_ranks};
+
+        let dev = Device::Cpu;
+        let config = Config {
+            num_attention_heads: 4,
+            attention_head_dim: 8,
+            in_channels: 36,
+            text_dim: 8,
+            freq_dim: 16,
+            ffn_dim: 32,
+            num_layers: 2,
+            image_dim: Some(12),
+            added_kv_proj_dim: Some(32),
+            ..Config::default()
+        };
+        let (weights, recorded) = Weights::seeded(5).recorded();
+        let single =
+            WanTransformer3DModel::new(&config, weights.var_builder(DType::F32, &dev)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        candle_core::safetensors::save(&recorded.take(), &path).unwrap();
+        let normal = |stream: u64, shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::from_vec(crate::model::noise::gaussian(9, stream, 0, n), shape, &dev).unwrap()
+        };
+        let x = normal(0, &[2, 36, 2, 4, 4]);
+        let t = Tensor::new(&[600f32, 600.0], &dev).unwrap();
+        let text = normal(1, &[2, 512, 8]);
+        let image = normal(2, &[2, 3, 12]);
+        let expected = single.forward_with_image(&x, &t, &text, &image).unwrap();
+        // the image counts: another image moves the output
+        let text_only = single
+            .forward_with_image(&x, &t, &text, &image.zeros_like().unwrap())
+            .unwrap();
+        assert!(relative_l2(&text_only, &expected).unwrap() > 1e-3);
+        for shape in [(2, 1, 1, 1), (1, 1, 1, 2), (1, 2, 1, 1)] {
+            let layout = layout(shape);
+            let outputs = run_ranks(layout.world_size(), |_, world| {
+                let tp_rank = layout.coords(world.rank()).tp;
+                let vb = Weights::files(SafetensorsWeights::open(&[path.clone()])?)
+                    .sharded(tensor_parallel_plan(&config, layout.tp, tp_rank))
+                    .var_builder(DType::F32, &dev);
+                let model = DistributedWanTransformer::new(&config, layout, world, vb)?;
+                Ok(model.forward_with_image(&x, &t, &text, &image)?)
+            })
+            .unwrap();
+            for (rank, out) in outputs.iter().enumerate() {
+                let err = relative_l2(out, &expected).unwrap();
+                println!("{layout} rank {rank}: relative L2 {err:.3e}");
+                assert!(err < 1e-5, "{layout} rank {rank}: {err:e}");
+            }
+        }
+    }
 
     /// A picture the preprocessing would have to resize is refused with the size to give.
     #[test]

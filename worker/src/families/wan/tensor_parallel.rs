@@ -69,10 +69,19 @@ pub fn tensor_parallel_plan(config: &Config, tp: usize, tp_rank: usize) -> Shard
             .strip_prefix("attn1.")
             .or_else(|| suffix.strip_prefix("attn2."))?;
         match attn {
-            "to_q.weight" | "to_q.bias" | "to_k.weight" | "to_k.bias" | "to_v.weight"
-            | "to_v.bias" | "norm_q.weight" | "norm_k.weight" => {
-                Some(Shard::rows(features.clone(), width))
-            }
+            "to_q.weight"
+            | "to_q.bias"
+            | "to_k.weight"
+            | "to_k.bias"
+            | "to_v.weight"
+            | "to_v.bias"
+            | "norm_q.weight"
+            | "norm_k.weight"
+            | "add_k_proj.weight"
+            | "add_k_proj.bias"
+            | "add_v_proj.weight"
+            | "add_v_proj.bias"
+            | "norm_added_k.weight" => Some(Shard::rows(features.clone(), width)),
             "to_out.0.weight" => Some(Shard::cols(features.clone(), width)),
             _ => None,
         }
@@ -100,6 +109,25 @@ impl RowParallelLinear {
         let partial = self.partial.forward(x)?;
         tp.all_reduce_sum(&partial)?.broadcast_add(&self.bias)
     }
+}
+
+/// [`sharded_rms_norm_pair`] for one tensor (an image-to-video cross-attention's image keys).
+pub fn sharded_rms_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    full_dim: usize,
+    eps: f64,
+    tp: &Group,
+) -> Result<Tensor> {
+    if tp.size() == 1 {
+        return rms_norm(x, weight, eps as f32);
+    }
+    let xf = x.to_dtype(DType::F32)?;
+    let total = tp.all_reduce_sum(&xf.sqr()?.sum_keepdim(D::Minus1)?)?;
+    let inv_rms = ((total / full_dim as f64)? + eps)?.sqrt()?.recip()?;
+    xf.broadcast_mul(&inv_rms)?
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .to_dtype(x.dtype())
 }
 
 /// RMS norm over the full model width of `x`, of which this rank holds the features that
@@ -155,6 +183,9 @@ pub struct TpAttention {
     eps: f64,
     dim: usize,
     local_heads: usize,
+    /// An image-to-video cross-attention's image key and value projections (this rank's heads)
+    /// and the image keys' norm scale.
+    image: Option<(Linear, Linear, Tensor)>,
 }
 
 impl TpAttention {
@@ -172,7 +203,38 @@ impl TpAttention {
             eps: config.eps,
             dim,
             local_heads: head_range(config, tp, tp_rank).len(),
+            image: None,
         })
+    }
+
+    /// The cross-attention (`attn2`): [`Self::new`] and, for an image-to-video transformer,
+    /// this rank's heads of the image key and value projections.
+    pub fn cross(config: &Config, tp: usize, tp_rank: usize, vb: VarBuilder) -> Result<Self> {
+        let mut attention = Self::new(config, tp, tp_rank, vb.clone())?;
+        if let Some(image_dim) = config.added_kv_proj_dim {
+            let local = feature_range(config, tp, tp_rank).len();
+            attention.image = Some((
+                linear(image_dim, local, vb.pp("add_k_proj"))?,
+                linear(image_dim, local, vb.pp("add_v_proj"))?,
+                vb.get(local, "norm_added_k.weight")?,
+            ));
+        }
+        Ok(attention)
+    }
+
+    /// Whether this is an image-to-video cross-attention.
+    pub fn takes_image(&self) -> bool {
+        self.image.is_some()
+    }
+
+    /// Keys (normalised across all heads, exact under tensor parallelism) and values of this
+    /// rank's heads for the image tokens.
+    pub fn project_image_kv(&self, tokens: &Tensor, tp: &Group) -> Result<(Tensor, Tensor)> {
+        let Some((add_k, add_v, norm)) = &self.image else {
+            candle_core::bail!("image keys asked of an attention without image projections");
+        };
+        let k = sharded_rms_norm(&add_k.forward(tokens)?, norm, self.dim, self.eps, tp)?;
+        Ok((k, add_v.forward(tokens)?))
     }
 
     /// The heads this rank holds.
