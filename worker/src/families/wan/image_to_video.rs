@@ -347,7 +347,7 @@ mod tests {
             let layout = layout(shape);
             let outputs = run_ranks(layout.world_size(), |_, world| {
                 let tp_rank = layout.coords(world.rank()).tp;
-                let vb = Weights::files(SafetensorsWeights::open(&[path.clone()])?)
+                let vb = Weights::files(SafetensorsWeights::open(std::slice::from_ref(&path))?)
                     .sharded(tensor_parallel_plan(&config, layout.tp, tp_rank))
                     .var_builder(DType::F32, &dev);
                 let model = DistributedWanTransformer::new(&config, layout, world, vb)?;
