@@ -22,6 +22,7 @@ pub mod loader;
 pub mod noise;
 pub mod reference;
 pub mod render;
+pub mod resample;
 pub mod scheduler;
 pub mod stated_defaults;
 pub mod text;

@@ -23,7 +23,7 @@ use super::tokenizer::PromptTokenizer;
 use super::umt5::{self, UMT5EncoderModel};
 use super::video;
 use crate::families::wan::image_to_video::{
-    first_frame_condition, ImageConditioned, ImageProcessorConfig,
+    first_frame, first_frame_condition, ImageConditioned, ImageProcessorConfig,
 };
 use crate::families::wan::pipeline::WanPipeline;
 use crate::families::wan::transformer::{self as wan_transformer, WanTransformer3DModel};
@@ -608,8 +608,9 @@ impl Fixture {
         )?;
 
         let (vae_config, encoder) = self.vae_encoder_model()?;
+        let frame = first_frame(&image, render.height, render.width).map_err(msg)?;
         let condition =
-            first_frame_condition(&encoder, &vae_config, &image, render.frames).map_err(msg)?;
+            first_frame_condition(&encoder, &vae_config, &frame, render.frames).map_err(msg)?;
         measure("pipeline/condition", &condition, "condition", module)?;
 
         let transformer = self.transformer_model()?;

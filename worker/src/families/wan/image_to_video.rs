@@ -19,6 +19,7 @@ use super::transformer::WanTransformer3DModel;
 use super::vae::Config as VaeConfig;
 use super::vae_encoder::WanVaeEncoder;
 use crate::model::render::FlowModel;
+use crate::model::resample::{resize, Filter};
 
 /// Latent frames' worth of video frames the mask marks per latent frame (the VAE's time factor).
 const MASK_CHANNELS: usize = 4;
@@ -54,27 +55,30 @@ pub struct CropSize {
 }
 
 impl ImageProcessorConfig {
-    /// The CLIP input of a picture `(H, W, 3)` in [0, 1]: `(1, 3, crop_h, crop_w)`, centre-cropped
-    /// (the crop's top-left corner at `((H − h) / 2, (W − w) / 2)`, rounded down, as transformers
-    /// does) and normalised by the configured mean and deviation.
-    ///
-    /// A picture whose short side is not already the CLIP size needs the processor's bicubic
-    /// resize, which this build does not do yet: it is refused, naming the size to give.
+    /// The CLIP input of a picture `(H, W, 3)` of 8-bit values scaled to [0, 1]: `(1, 3, crop_h,
+    /// crop_w)`. As transformers' `CLIPImageProcessor` does: the short side resized to the
+    /// configured size (Pillow's bicubic, the long side `⌊size · long / short⌋`), centre-cropped
+    /// (the crop's top-left corner at `((H − h) / 2, (W − w) / 2)`, rounded down) and normalised
+    /// by the configured mean and deviation.
     pub fn pixel_values(&self, image: &Tensor) -> Result<Tensor> {
         let (height, width, channels) = image.dims3()?;
         if channels != 3 {
             candle_core::bail!("the picture has {channels} channels; RGB (3) is needed");
         }
         let short = height.min(width);
-        if self.do_resize && short != self.size.shortest_edge {
-            candle_core::bail!(
-                "the picture is {width}×{height}; the image encoder's preprocessing resizes its \
-                 short side to {} (bicubic), which this build does not do yet: give a picture \
-                 whose short side is {} pixels",
-                self.size.shortest_edge,
-                self.size.shortest_edge
-            );
-        }
+        let size = self.size.shortest_edge;
+        let image = if self.do_resize && short != size {
+            let long = size * height.max(width) / short;
+            let target = if height <= width {
+                (size, long)
+            } else {
+                (long, size)
+            };
+            resized(image, target, Filter::Bicubic)?
+        } else {
+            image.clone()
+        };
+        let (height, width, _) = image.dims3()?;
         let (crop_h, crop_w) = (self.crop_size.height, self.crop_size.width);
         let cropped = if self.do_center_crop {
             if crop_h > height || crop_w > width {
@@ -105,8 +109,32 @@ impl ImageProcessorConfig {
     }
 }
 
+/// A picture `(H, W, 3)` of 8-bit values scaled to [0, 1] resized to `(height, width)` as Pillow
+/// does (a copy when the size does not change).
+pub fn resized(image: &Tensor, (height, width): (usize, usize), filter: Filter) -> Result<Tensor> {
+    let dims = image.dims3()?;
+    if (dims.0, dims.1) == (height, width) {
+        return Ok(image.clone());
+    }
+    let bytes: Vec<u8> = (image.to_dtype(DType::F32)? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1()?;
+    let out = resize(&bytes, dims, (height, width), filter);
+    (Tensor::from_vec(out, (height, width, dims.2), image.device())?.to_dtype(DType::F32)? / 255.0)?
+        .to_dtype(image.dtype())
+}
+
+/// The picture as the video's first frame: resized to the video's `(height, width)` with
+/// Lanczos, as diffusers' video processor does before the VAE encodes it.
+pub fn first_frame(image: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+    resized(image, (height, width), Filter::Lanczos)
+}
+
 /// The condition of a render of `frames` video frames from the picture `image` `(H, W, 3)` in
-/// [0, 1] (already the video's size): `(1, 20, F', H/8, W/8)`, the first-frame mask then the
+/// [0, 1] (already the video's size: [`first_frame`]): `(1, 20, F', H/8, W/8)`, the first-frame mask then the
 /// normalised latent mean of `[picture, zero frames...]`.
 pub fn first_frame_condition(
     encoder: &WanVaeEncoder,
@@ -362,9 +390,10 @@ mod tests {
         }
     }
 
-    /// A picture the preprocessing would have to resize is refused with the size to give.
+    /// A picture of another size is resized (bicubic, short side to the CLIP size, long side
+    /// in proportion) and centre-cropped, giving the bits of resizing it first.
     #[test]
-    fn a_picture_needing_a_resize_is_named() {
+    fn pictures_are_resized_and_cropped_as_transformers_does() {
         let processor = ImageProcessorConfig {
             do_resize: true,
             size: ShortestEdge { shortest_edge: 224 },
@@ -377,16 +406,31 @@ mod tests {
             image_mean: [0.5; 3],
             image_std: [0.5; 3],
         };
-        let image = Tensor::zeros((480, 832, 3), DType::F32, &Device::Cpu).unwrap();
-        let err = processor.pixel_values(&image).unwrap_err().to_string();
-        assert!(
-            err.contains("832×480") && err.contains("224 pixels"),
-            "{err}"
-        );
-        let image = Tensor::zeros((224, 300, 3), DType::F32, &Device::Cpu).unwrap();
+        let dev = Device::Cpu;
+        // a landscape picture: 480 × 832 → 224 × 388, cropped to its middle 224 columns
+        let values: Vec<f32> = (0..480 * 832 * 3)
+            .map(|i| ((i * 37 + i / 2496 * 11) % 256) as f32 / 255.0)
+            .collect();
+        let image = Tensor::from_vec(values, (480, 832, 3), &dev).unwrap();
+        let pixels = processor.pixel_values(&image).unwrap();
+        assert_eq!(pixels.dims(), [1, 3, 224, 224]);
+        let first = resized(&image, (224, 388), Filter::Bicubic).unwrap();
+        let direct = processor.pixel_values(&first).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            values.iter().map(|v| v.to_bits()).collect()
+        };
+        assert_eq!(bits(&pixels), bits(&direct));
+        // a portrait one keeps its orientation
+        let portrait = Tensor::zeros((300, 200, 3), DType::F32, &dev).unwrap();
         assert_eq!(
-            processor.pixel_values(&image).unwrap().dims(),
+            processor.pixel_values(&portrait).unwrap().dims(),
             [1, 3, 224, 224]
         );
+        let err = processor
+            .pixel_values(&Tensor::zeros((8, 8, 4), DType::F32, &dev).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("4 channels"), "{err}");
     }
 }
