@@ -82,10 +82,15 @@ fn main() -> BenchResult {
     }
 
     // The attention core alone on the tiny model's self-attention shape (B=2 × 4 heads, 5,376
-    // tokens, head dim 16) and the mid model's (B=2 × 8 heads, 1,344 tokens, 64): the fused CPU
-    // kernel beside the score-matrix path it replaced on the CPU (a filter such as
+    // tokens, head dim 16), the mid model's (B=2 × 8 heads, 1,344 tokens, 64) and the mid width
+    // in heads of 32 (the toy model's head dimension, where the AMX kernel takes over): the fused
+    // CPU kernel beside the score-matrix path it replaced on the CPU (a filter such as
     // "attention_mid fused" runs one of them).
-    for (name, heads, tokens, d) in [("tiny", 4, 5376, 16), ("mid", 8, 1344, 64)] {
+    for (name, heads, tokens, d) in [
+        ("tiny", 4, 5376, 16),
+        ("mid", 8, 1344, 64),
+        ("d32", 16, 1344, 32),
+    ] {
         let fused = format!("attention_{name} fused");
         let chunked = format!("attention_{name} score matrix (chunked)");
         if !wanted(&fused) && !wanted(&chunked) {

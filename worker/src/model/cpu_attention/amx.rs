@@ -51,8 +51,9 @@ pub(super) fn takes(d: usize) -> bool {
 
 /// The smallest head dimension at which the tiles beat the AVX-512 kernel: at 16 (the built-in
 /// tiny model's) a score has 32 multiply-adds to the softmax's exponential and split, and the
-/// tiles' loads and stores around them cost what the products saved (attention alone: 74 ms
-/// against 70 on the tiny model's shape; at 64, 20 against 28).
+/// tiles' loads and stores around them cost what the products saved (`cargo bench -p
+/// longtake-worker --bench model attention`: 74 ms against 70 on the tiny model's shape; at 32,
+/// the toy model's, 27-28 against 31-32; at 64, 20 against 28).
 pub(super) const FASTER_FROM: usize = 32;
 
 /// Where a head's tiles lie in its packed run of bf16 values.
