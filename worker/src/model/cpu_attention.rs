@@ -14,7 +14,11 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 use rayon::prelude::*;
 
-use crate::model::cpu_math::{exp2, product, Isa};
+use std::mem::MaybeUninit;
+
+use candle_core::{CpuStorage, Storage};
+
+use crate::model::cpu_math::{exp2, product, written, Isa};
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod amx;
@@ -47,10 +51,8 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, path: Path) -> Result<(Tensor, Tens
     if lk == 0 {
         candle_core::bail!("attention over no keys");
     }
-    let flat =
-        |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
-    let (qs, vs) = (flat(q)?, flat(v)?);
-    let ks = flat(k)?;
+    let (q_values, k_values, v_values) = (Values::of(q)?, Values::of(k)?, Values::of(v)?);
+    let (qs, ks, vs) = (q_values.get(), k_values.get(), v_values.get());
     #[cfg(target_arch = "x86_64")]
     if matches!(path, Path::Tiles) && !tiles::takes(d) {
         candle_core::bail!("attention: the tile kernel does not take head dimension {d}");
@@ -59,8 +61,8 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, path: Path) -> Result<(Tensor, Tens
     if matches!(path, Path::Amx) && !amx::takes(d) {
         candle_core::bail!("attention: the AMX kernel does not take head dimension {d}");
     }
-    // per head, for AMX the keys and values split and packed, for the others the keys as the
-    // path reads them
+    // per head, for AMX the keys and values split and packed, for the tile kernel the keys in
+    // panels, for the products the keys as they are
     let (split, head_split) = match path {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         Path::Amx => {
@@ -74,7 +76,7 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, path: Path) -> Result<(Tensor, Tens
         }
         _ => (Vec::new(), 0),
     };
-    let (keys, head_keys) = match path {
+    let panels = match path {
         #[cfg(target_arch = "x86_64")]
         Path::Tiles => {
             let per_head = lk.div_ceil(tiles::PANEL) * d * tiles::PANEL;
@@ -83,43 +85,56 @@ fn fused(q: &Tensor, k: &Tensor, v: &Tensor, path: Path) -> Result<(Tensor, Tens
                 .par_chunks_mut(per_head)
                 .zip(ks.par_chunks(lk * d))
                 .for_each(|(out, k)| tiles::pack_keys(k, lk, d, out));
-            (packed, per_head)
+            packed
         }
+        _ => Vec::new(),
+    };
+    let (keys, head_keys): (&[f32], usize) = match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Tiles => (&panels, panels.len() / (b * h)),
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        Path::Amx => (Vec::new(), 0),
+        Path::Amx => (&[], 0),
         Path::Products(_) => (ks, lk * d),
     };
     // the softmax in base 2: exp(s) = 2^(s · log2 e), the factor folded into the queries' scale
     let scale = std::f32::consts::LOG2_E / (d as f32).sqrt();
-    let mut out = vec![0f32; b * h * lq * d];
-    let mut lse = vec![0f32; b * h * lq];
     // a block of queries never crosses heads
     let blocks_per_head = lq.div_ceil(QUERY_BLOCK);
     let items: Vec<(usize, usize)> = (0..b * h)
         .flat_map(|head| (0..blocks_per_head).map(move |blk| (head, blk)))
         .collect();
-    let out_ptr = SharedOut(out.as_mut_ptr(), lse.as_mut_ptr());
-    items
-        .par_iter()
-        .for_each_init(Scratch::default, |scratch, &(head, blk)| {
-            let row0 = blk * QUERY_BLOCK;
-            let rows = QUERY_BLOCK.min(lq - row0);
-            let q = &qs[(head * lq + row0) * d..][..rows * d];
-            let k = &keys[head * head_keys..][..head_keys];
-            let v = &vs[head * lk * d..][..lk * d];
-            let split = &split[head * head_split..][..head_split];
-            // SAFETY: each (head, block) writes its own disjoint rows of `out` and `lse`, which
-            // outlive this parallel loop.
-            let (o, l) = unsafe { out_ptr.rows(head * lq + row0, rows, d) };
-            run(
-                path,
-                Inputs { q, k, v, split },
-                o,
-                l,
-                Dims { rows, lk, d, scale },
-                scratch,
-            );
-        });
+    let mut lse = Vec::new();
+    let fill = |out: &mut [MaybeUninit<f32>], lse: &mut [MaybeUninit<f32>]| {
+        let out_ptr = SharedOut(out.as_mut_ptr(), lse.as_mut_ptr());
+        items
+            .par_iter()
+            .for_each_init(Scratch::default, |scratch, &(head, blk)| {
+                let row0 = blk * QUERY_BLOCK;
+                let rows = QUERY_BLOCK.min(lq - row0);
+                let q = &qs[(head * lq + row0) * d..][..rows * d];
+                let k = &keys[head * head_keys..][..head_keys];
+                let v = &vs[head * lk * d..][..lk * d];
+                let split = &split[head * head_split..][..head_split];
+                // SAFETY: each (head, block) writes its own disjoint rows of `out` and `lse`,
+                // which outlive this parallel loop.
+                let (o, l) = unsafe { out_ptr.rows(head * lq + row0, rows, d) };
+                run(
+                    path,
+                    Inputs { q, k, v, split },
+                    o,
+                    l,
+                    Dims { rows, lk, d, scale },
+                    scratch,
+                );
+            });
+    };
+    // SAFETY: the work items cover every row of both outputs, and every path writes each value
+    // of its rows (`run`).
+    let out = unsafe {
+        written(b * h * lq * d, |out| {
+            lse = written(b * h * lq, |lse| fill(out, lse));
+        })
+    };
     let device = q.device();
     let out = Tensor::from_vec(out, (b, h, lq, d), device)?.to_dtype(q.dtype())?;
     let lse = Tensor::from_vec(lse, (b, h, lq), device)?;
@@ -132,9 +147,45 @@ pub fn serves(device: &Device) -> bool {
     device.is_cpu()
 }
 
+/// A tensor's f32 values: its own storage when it is a contiguous f32 CPU tensor (no copy),
+/// else a copy.
+enum Values<'a> {
+    Borrowed(
+        Box<dyn std::ops::Deref<Target = Storage> + 'a>,
+        usize,
+        usize,
+    ),
+    Owned(Vec<f32>),
+}
+
+impl<'a> Values<'a> {
+    fn of(t: &'a Tensor) -> Result<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(_)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(Values::Borrowed(Box::new(storage), start, end));
+        }
+        drop(storage);
+        Ok(Values::Owned(
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        ))
+    }
+
+    fn get(&self) -> &[f32] {
+        match self {
+            Values::Borrowed(storage, start, end) => match &***storage {
+                Storage::Cpu(CpuStorage::F32(values)) => &values[*start..*end],
+                _ => unreachable!("borrowed only from f32 CPU storage"),
+            },
+            Values::Owned(values) => values,
+        }
+    }
+}
+
 /// The output and log-sum-exp buffers, written by many threads at disjoint rows.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32, *mut f32);
+struct SharedOut(*mut MaybeUninit<f32>, *mut MaybeUninit<f32>);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
@@ -148,7 +199,7 @@ impl SharedOut {
         first: usize,
         rows: usize,
         d: usize,
-    ) -> (&'a mut [f32], &'a mut [f32]) {
+    ) -> (&'a mut [MaybeUninit<f32>], &'a mut [MaybeUninit<f32>]) {
         (
             std::slice::from_raw_parts_mut(self.0.add(first * d), rows * d),
             std::slice::from_raw_parts_mut(self.1.add(first), rows),
@@ -239,23 +290,44 @@ impl Path {
     }
 }
 
-/// One work item through `path`.
+/// One work item through `path`, writing every value of `out` and `lse`.
 fn run(
     path: Path,
     inputs: Inputs<'_>,
-    out: &mut [f32],
-    lse: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
+    lse: &mut [MaybeUninit<f32>],
     dims: Dims,
     scratch: &mut Scratch,
 ) {
+    // The products accumulate into their output: it starts at zero.
+    let zeroed = |out: &mut [MaybeUninit<f32>], lse: &mut [MaybeUninit<f32>]| {
+        out.fill(MaybeUninit::new(0.0));
+        lse.fill(MaybeUninit::new(0.0));
+        // SAFETY: both were just initialised, and `MaybeUninit<f32>` has `f32`'s layout.
+        unsafe {
+            (
+                std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()),
+                std::slice::from_raw_parts_mut(lse.as_mut_ptr().cast::<f32>(), lse.len()),
+            )
+        }
+    };
     // SAFETY (all): the instruction set comes from `Isa::detect`, so the CPU has the features;
     // the tile path is taken only for the head dimensions it takes.
     match path {
-        Path::Products(Isa::Portable) => block(inputs, out, lse, dims, scratch),
+        Path::Products(Isa::Portable) => {
+            let (out, lse) = zeroed(out, lse);
+            block(inputs, out, lse, dims, scratch)
+        }
         #[cfg(target_arch = "x86_64")]
-        Path::Products(Isa::Avx2Fma) => unsafe { block_avx2(inputs, out, lse, dims, scratch) },
+        Path::Products(Isa::Avx2Fma) => {
+            let (out, lse) = zeroed(out, lse);
+            unsafe { block_avx2(inputs, out, lse, dims, scratch) }
+        }
         #[cfg(target_arch = "x86_64")]
-        Path::Products(Isa::Avx512) => unsafe { block_avx512(inputs, out, lse, dims, scratch) },
+        Path::Products(Isa::Avx512) => {
+            let (out, lse) = zeroed(out, lse);
+            unsafe { block_avx512(inputs, out, lse, dims, scratch) }
+        }
         #[cfg(target_arch = "x86_64")]
         Path::Tiles => unsafe { tiles::block(inputs, out, lse, dims, scratch) },
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]

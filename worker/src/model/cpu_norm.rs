@@ -11,7 +11,9 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::model::cpu_math::{contiguous_f32, Isa};
+use std::mem::MaybeUninit;
+
+use crate::model::cpu_math::{contiguous_f32, written, Isa};
 
 /// `layer_norm(x) · scale + shift` over the last dimension, the norm without learned parameters:
 /// `x` `(B, L, D)`; `scale` and `shift` `(B, 1, D)` (per sample) or `(D,)` (shared).
@@ -123,7 +125,6 @@ impl CustomOp3 for Rows {
         let third = contiguous_f32(s3, l3, self.name())?;
         let (_, l, d) = l1.shape().dims3()?;
         let isa = Isa::detect();
-        let mut out = vec![0f32; x.len()];
         // per-sample vectors: (n, 1, d) with n = B or 1
         let vector = |v: &[f32], row: usize| -> usize {
             let samples = v.len() / d;
@@ -133,27 +134,31 @@ impl CustomOp3 for Rows {
                 (row / l) * d
             }
         };
-        out.par_chunks_mut(ROWS_PER_TASK * d)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let first_row = task * ROWS_PER_TASK;
-                for (i, out) in out.chunks_exact_mut(d).enumerate() {
-                    let row = first_row + i;
-                    let x = &x[row * d..][..d];
-                    match self.op {
-                        RowOp::NormScaleShift { eps } => {
-                            let a = &second[vector(second, row)..][..d];
-                            let b = &third[vector(third, row)..][..d];
-                            norm_row(isa, x, a, b, eps, out);
-                        }
-                        RowOp::GatedAdd => {
-                            let y = &second[row * d..][..d];
-                            let g = &third[vector(third, row)..][..d];
-                            gated_row(isa, x, y, g, out);
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut(ROWS_PER_TASK * d)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    let first_row = task * ROWS_PER_TASK;
+                    for (i, out) in out.chunks_exact_mut(d).enumerate() {
+                        let row = first_row + i;
+                        let x = &x[row * d..][..d];
+                        match self.op {
+                            RowOp::NormScaleShift { eps } => {
+                                let a = &second[vector(second, row)..][..d];
+                                let b = &third[vector(third, row)..][..d];
+                                norm_row(isa, x, a, b, eps, out);
+                            }
+                            RowOp::GatedAdd => {
+                                let y = &second[row * d..][..d];
+                                let g = &third[vector(third, row)..][..d];
+                                gated_row(isa, x, y, g, out);
+                            }
                         }
                     }
-                }
-            });
+                })
+        };
+        // SAFETY: the chunks cover the output, and each row kernel writes its row whole.
+        let out = unsafe { written(x.len(), fill) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -179,14 +184,17 @@ impl CustomOp2 for RmsRows {
         let w = contiguous_f32(s2, l2, self.name())?;
         let d = w.len();
         let isa = Isa::detect();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(ROWS_PER_TASK * d)
-            .zip(x.par_chunks(ROWS_PER_TASK * d))
-            .for_each(|(out, x)| {
-                for (out, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                    rms_row(isa, x, w, self.eps, out);
-                }
-            });
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut(ROWS_PER_TASK * d)
+                .zip(x.par_chunks(ROWS_PER_TASK * d))
+                .for_each(|(out, x)| {
+                    for (out, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                        rms_row(isa, x, w, self.eps, out);
+                    }
+                })
+        };
+        // SAFETY: the chunks cover the output, and each row kernel writes its row whole.
+        let out = unsafe { written(x.len(), fill) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -208,28 +216,28 @@ fn lanes_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 #[inline(always)]
-fn norm_row_portable(x: &[f32], a: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+fn norm_row_portable(x: &[f32], a: &[f32], b: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
     let n = x.len() as f32;
     let mean = lanes_sum(x, |v| v) / n;
     let var = lanes_sum(x, |v| (v - mean) * (v - mean)) / n;
     let inv = 1.0 / (var + eps).sqrt();
     for (((o, &x), &a), &b) in out.iter_mut().zip(x).zip(a).zip(b) {
-        *o = (x - mean) * inv * a + b;
+        o.write((x - mean) * inv * a + b);
     }
 }
 
 #[inline(always)]
-fn rms_row_portable(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+fn rms_row_portable(x: &[f32], w: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
     let inv = 1.0 / (lanes_sum(x, |v| v * v) / x.len() as f32 + eps).sqrt();
     for ((o, &x), &w) in out.iter_mut().zip(x).zip(w) {
-        *o = x * inv * w;
+        o.write(x * inv * w);
     }
 }
 
 #[inline(always)]
-fn gated_row_portable(x: &[f32], y: &[f32], g: &[f32], out: &mut [f32]) {
+fn gated_row_portable(x: &[f32], y: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
     for (((o, &x), &y), &g) in out.iter_mut().zip(x).zip(y).zip(g) {
-        *o = x + y * g;
+        o.write(x + y * g);
     }
 }
 
@@ -266,21 +274,21 @@ compiled_for_each_isa!(
     norm_row_portable,
     norm_row_avx2,
     norm_row_avx512,
-    (x: &[f32], a: &[f32], b: &[f32], eps: f32, out: &mut [f32])
+    (x: &[f32], a: &[f32], b: &[f32], eps: f32, out: &mut [MaybeUninit<f32>])
 );
 compiled_for_each_isa!(
     rms_row,
     rms_row_portable,
     rms_row_avx2,
     rms_row_avx512,
-    (x: &[f32], w: &[f32], eps: f32, out: &mut [f32])
+    (x: &[f32], w: &[f32], eps: f32, out: &mut [MaybeUninit<f32>])
 );
 compiled_for_each_isa!(
     gated_row,
     gated_row_portable,
     gated_row_avx2,
     gated_row_avx512,
-    (x: &[f32], y: &[f32], g: &[f32], out: &mut [f32])
+    (x: &[f32], y: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>])
 );
 
 #[cfg(test)]
@@ -328,12 +336,18 @@ mod tests {
         let x: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let a: Vec<f32> = (0..100).map(|i| 1.0 + i as f32 * 0.01).collect();
         let b: Vec<f32> = (0..100).map(|i| i as f32 * -0.02).collect();
-        let mut want = vec![0f32; 100];
-        norm_row_portable(&x, &a, &b, 1e-6, &mut want);
+        let row = |isa: Option<Isa>| -> Vec<f32> {
+            // SAFETY: a row kernel writes its whole row.
+            unsafe {
+                written(100, |out| match isa {
+                    None => norm_row_portable(&x, &a, &b, 1e-6, out),
+                    Some(isa) => norm_row(isa, &x, &a, &b, 1e-6, out),
+                })
+            }
+        };
+        let want = row(None);
         for isa in Isa::available() {
-            let mut got = vec![0f32; 100];
-            norm_row(isa, &x, &a, &b, 1e-6, &mut got);
-            for (g, w) in got.iter().zip(&want) {
+            for (g, w) in row(Some(isa)).iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "{isa:?}");
             }
         }

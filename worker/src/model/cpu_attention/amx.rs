@@ -20,6 +20,7 @@
 
 use std::arch::asm;
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::tiles::exp2_lanes;
 use super::{Dims, Inputs, Scratch};
@@ -157,8 +158,8 @@ pub(super) unsafe fn block(
     Inputs {
         q, split: packed, ..
     }: Inputs<'_>,
-    out: &mut [f32],
-    lse: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
+    lse: &mut [MaybeUninit<f32>],
     Dims { rows, lk, d, scale }: Dims,
     scratch: &mut Scratch,
 ) {
@@ -263,10 +264,10 @@ pub(super) unsafe fn block(
     for r in 0..rows {
         let inv = 1.0 / sum[r];
         for (o, a) in out[r * d..][..d].iter_mut().zip(&acc[r * d..][..d]) {
-            *o = a * inv;
+            o.write(a * inv);
         }
         // back to the natural log
-        lse[r] = (max[r] + sum[r].log2()) * std::f32::consts::LN_2;
+        lse[r].write((max[r] + sum[r].log2()) * std::f32::consts::LN_2);
     }
 }
 

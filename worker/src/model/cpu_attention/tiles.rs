@@ -11,6 +11,7 @@
 //! into every query's accumulators.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::{Dims, Inputs, Scratch};
 use crate::model::cpu_math::{exp2, EXP2_POLY};
@@ -49,8 +50,8 @@ pub(super) fn pack_keys(k: &[f32], lk: usize, d: usize, out: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn block(
     inputs: Inputs<'_>,
-    out: &mut [f32],
-    lse: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
+    lse: &mut [MaybeUninit<f32>],
     dims: Dims,
     scratch: &mut Scratch,
 ) {
@@ -77,8 +78,8 @@ unsafe fn tiled<const DR: usize, const QI: usize, const KP: usize>(
     Inputs {
         q, k: panels, v, ..
     }: Inputs<'_>,
-    out: &mut [f32],
-    lse: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
+    lse: &mut [MaybeUninit<f32>],
     Dims { rows, lk, d, scale }: Dims,
     scratch: &mut Scratch,
 ) {
@@ -124,10 +125,10 @@ unsafe fn tiled<const DR: usize, const QI: usize, const KP: usize>(
     for r in 0..rows {
         let inv = 1.0 / sum[r];
         for (o, a) in out[r * d..][..d].iter_mut().zip(&acc[r * d..][..d]) {
-            *o = a * inv;
+            o.write(a * inv);
         }
         // back to the natural log
-        lse[r] = (max[r] + sum[r].log2()) * std::f32::consts::LN_2;
+        lse[r].write((max[r] + sum[r].log2()) * std::f32::consts::LN_2);
     }
 }
 
