@@ -154,6 +154,7 @@ fn main() -> Result<()> {
     };
     for (i, caption) in captions.into_iter().enumerate() {
         let spec = RenderSpec {
+            input: None,
             prompt: caption.to_string(),
             negative_prompt: String::new(),
             frames: info.default_frames,

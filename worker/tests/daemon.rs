@@ -47,6 +47,7 @@ async fn reference(steps: u32) -> TestResult<pipeline::Video> {
     tokio::task::spawn_blocking(move || -> TestResult<_> {
         let pipeline = WanPipeline::tiny(&Device::Cpu, DType::F32)?;
         let spec = pipeline::RenderSpec {
+            input: None,
             prompt: "a wolf howls at the moon".into(),
             negative_prompt: String::new(),
             frames: 9,
@@ -658,6 +659,7 @@ async fn a_checkpoint_model_is_loaded_once_and_renders_like_the_pipeline() -> Te
     let expected = tokio::task::spawn_blocking(move || -> TestResult<_> {
         let pipeline = WanPipeline::load(&reference_dir, &Device::Cpu, DType::F32)?;
         let spec = pipeline::RenderSpec {
+            input: None,
             prompt: "a wolf howls at the moon".into(),
             negative_prompt: String::new(),
             frames: 9,

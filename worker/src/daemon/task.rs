@@ -163,6 +163,7 @@ fn resolve_spec(request: &SpecRequest, model: &ServedModel) -> Result<JobSpec, T
 /// The pipeline's input for a resolved spec (an empty scheduler: the checkpoint's).
 pub fn render_spec(job: &JobSpec) -> RenderSpec {
     RenderSpec {
+        input: None,
         prompt: job.prompt.clone(),
         negative_prompt: job.negative_prompt.clone(),
         frames: job.frames as usize,

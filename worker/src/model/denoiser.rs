@@ -598,6 +598,7 @@ mod tests {
 
     fn tiny_spec(kind: SchedulerKind, steps: usize) -> RenderSpec {
         RenderSpec {
+            input: None,
             prompt: "a wolf howling at the moon".into(),
             negative_prompt: "blurry".into(),
             frames: 5,

@@ -17,6 +17,7 @@ pub mod cpu_norm;
 pub mod denoiser;
 pub mod device;
 pub mod family;
+pub mod held_frames;
 pub mod linear;
 pub mod loader;
 pub mod noise;

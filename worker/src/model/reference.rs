@@ -91,6 +91,7 @@ impl PipelineCase {
     /// unused.
     pub(crate) fn render(&self) -> RenderSpec {
         RenderSpec {
+            input: None,
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             frames: self.num_frames,

@@ -90,6 +90,18 @@ pub struct RenderSpec {
     /// The prompt changing during the clip (`prompt` until the first cue); each window takes
     /// the prompt in force at its centre.
     pub timeline: PromptTimeline,
+    /// What the clip starts from besides noise; `None`: text-to-video.
+    pub input: Option<RenderInput>,
+}
+
+/// Frames a render starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RenderInput {
+    /// The last 4k+1 frames of a clip this render continues (video extension). They are the
+    /// render's first frames: their latents are held to the clip's at every step
+    /// ([`HeldFrames`](super::held_frames::HeldFrames)), and the new frames follow them, so
+    /// `RenderSpec::frames` counts both.
+    Continues(Video),
 }
 
 /// A progress report from a render.

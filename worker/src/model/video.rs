@@ -100,6 +100,30 @@ pub fn video_to_rgb8(video: &Tensor) -> candle_core::Result<(Vec<u8>, usize, usi
     Ok((bytes, f, h, w))
 }
 
+/// Packed RGB bytes (`frames × height × width × 3`, as [`video_to_rgb8`] makes them) as a
+/// video `(1, 3, F, H, W)` in [-1, 1], f32: what the VAE encoder takes.
+pub fn rgb8_to_video(
+    rgb: &[u8],
+    frames: usize,
+    height: usize,
+    width: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let expected = frames * height * width * 3;
+    if rgb.len() != expected {
+        bail!(
+            "{} bytes of RGB for {frames} frames of {width}×{height}: expected {expected}",
+            rgb.len()
+        );
+    }
+    Tensor::from_slice(rgb, (frames, height, width, 3), device)?
+        .to_dtype(DType::F32)?
+        .affine(2.0 / 255.0, -1.0)?
+        .permute((3, 0, 1, 2))?
+        .unsqueeze(0)?
+        .contiguous()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +275,17 @@ mod tests {
                 )
             );
         }
+    }
+
+    #[test]
+    fn rgb_bytes_go_back_to_the_video_they_came_from() -> candle_core::Result<()> {
+        let device = Device::Cpu;
+        let rgb: Vec<u8> = (0..2 * 3 * 4 * 3).map(|i| (i * 7 % 256) as u8).collect();
+        let video = rgb8_to_video(&rgb, 2, 3, 4, &device)?;
+        assert_eq!(video.dims(), &[1, 3, 2, 3, 4]);
+        assert_eq!(video_to_rgb8(&video)?, (rgb.clone(), 2, 3, 4));
+        assert!(rgb8_to_video(&rgb[1..], 2, 3, 4, &device).is_err());
+        Ok(())
     }
 
     #[test]

@@ -427,6 +427,7 @@ mod tests {
     fn tiny_seeded_model_under_every_layout_matches_single_process() -> TestResult {
         let dev = Device::Cpu;
         let spec = RenderSpec {
+            input: None,
             prompt: "a wolf".into(),
             negative_prompt: String::new(),
             frames: 5,
@@ -484,6 +485,7 @@ mod tests {
         let single = WanPipeline::load(&checkpoint, &dev, DType::F32)?;
         let info = single.info().clone();
         let spec = RenderSpec {
+            input: None,
             prompt: "a yellow square bouncing on a black background".into(),
             negative_prompt: String::new(),
             frames: info.default_frames,
@@ -548,6 +550,7 @@ mod tests {
         let checkpoint = crate::model::reference::toy_checkpoint_dir();
         let single = WanPipeline::load(&checkpoint, &dev, DType::F32)?;
         let spec = RenderSpec {
+            input: None,
             prompt: "a red circle bouncing on a gray background".into(),
             negative_prompt: String::new(),
             frames: 61,
@@ -616,6 +619,7 @@ mod tests {
             16,
         );
         let spec = |groups, timeline: &PromptTimeline| RenderSpec {
+            input: None,
             prompt: "a blue triangle moving right on a white background".into(),
             negative_prompt: String::new(),
             frames: 101,
@@ -816,6 +820,7 @@ mod tests {
         let steps = 4;
         let stops = [1, 3];
         let spec = RenderSpec {
+            input: None,
             prompt: "a red circle moving right on a black background".into(),
             negative_prompt: String::new(),
             frames: 101,
@@ -909,6 +914,7 @@ mod tests {
     fn a_state_saved_in_one_layout_resumes_in_every_other() -> TestResult {
         let dev = Device::Cpu;
         let spec = RenderSpec {
+            input: None,
             prompt: "a wolf howling at the moon".into(),
             negative_prompt: "blurry".into(),
             frames: 5,
@@ -980,6 +986,7 @@ mod tests {
             .enumerate()
         {
             let spec = RenderSpec {
+                input: None,
                 prompt: "a wolf howling at the moon".into(),
                 negative_prompt: "blurry".into(),
                 frames: 5,

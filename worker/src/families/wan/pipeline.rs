@@ -23,14 +23,16 @@ use longtake_proto::spec::{
 
 use super::transformer::{self as wan_transformer, WanTransformer3DModel};
 use super::vae::{self as wan_vae, DecoderCache, WanVaeDecoder};
+use super::vae_encoder::WanVaeEncoder;
 use super::vae_split::RowSplit;
 use crate::model::denoiser::{AfterStep, Conditioning, Denoiser, DenoiserError, DenoiserState};
 use crate::model::family::{ModelFamily, PipelineSource};
-use crate::model::loader::{seeded_var_builder, Checkpoint, LoadError};
+use crate::model::held_frames::HeldFrames;
+use crate::model::loader::{seeded_var_builder, Checkpoint, Component, LoadError};
 use crate::model::noise::{self, LatentShape};
 use crate::model::render::{
     component, CancelToken, FlowModel, ModelFacts, PipelineError, PipelineInfo, Progress,
-    RenderOptions, RenderSpec, Rendered, Result, Video, VideoPipeline,
+    RenderInput, RenderOptions, RenderSpec, Rendered, Result, Video, VideoPipeline,
 };
 use crate::model::scheduler::{self, Scheduler};
 use crate::model::stated_defaults::StatedDefaults;
@@ -180,10 +182,57 @@ pub struct WanPipeline {
     transformer_config: wan_transformer::Config,
     vae: Option<WanVaeDecoder>,
     vae_config: wan_vae::Config,
+    /// Where the VAE encoder's weights are, and the encoder once a render needed it (extending
+    /// a clip): text-to-video renders never load it.
+    vae_encoder: LazyEncoder,
     scheduler_config: serde_json::Value,
     device: Device,
     dtype: DType,
     cancel: CancelToken,
+}
+
+/// The VAE encoder of a pipeline, built on first use.
+struct LazyEncoder {
+    weights: EncoderWeights,
+    built: std::sync::Mutex<Option<std::sync::Arc<WanVaeEncoder>>>,
+}
+
+enum EncoderWeights {
+    /// The checkpoint's `vae/` component.
+    Checkpoint(Component),
+    /// The built-in tiny model's seeded weights.
+    Seeded,
+}
+
+impl LazyEncoder {
+    fn new(weights: EncoderWeights) -> Self {
+        Self {
+            weights,
+            built: Default::default(),
+        }
+    }
+
+    fn get(
+        &self,
+        config: &wan_vae::Config,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<std::sync::Arc<WanVaeEncoder>> {
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(encoder) = built.as_ref() {
+            return Ok(encoder.clone());
+        }
+        let vb = match &self.weights {
+            EncoderWeights::Checkpoint(vae) => vae.var_builder(dtype, device)?,
+            EncoderWeights::Seeded => {
+                seeded_var_builder(TINY_WEIGHT_SEED, dtype, device).pp("tiny_vae")
+            }
+        };
+        let encoder =
+            std::sync::Arc::new(component("vae encoder", WanVaeEncoder::new(config, vb))?);
+        *built = Some(encoder.clone());
+        Ok(encoder)
+    }
 }
 
 /// The seed of the built-in tiny model's weights.
@@ -303,6 +352,7 @@ impl WanPipeline {
             transformer_config,
             vae,
             vae_config,
+            vae_encoder: LazyEncoder::new(EncoderWeights::Checkpoint(vae_dir)),
             scheduler_config,
             device: device.clone(),
             dtype,
@@ -365,6 +415,7 @@ impl WanPipeline {
             transformer_config,
             vae,
             vae_config,
+            vae_encoder: LazyEncoder::new(EncoderWeights::Seeded),
             scheduler_config,
             device: device.clone(),
             dtype,
@@ -510,6 +561,66 @@ impl WanPipeline {
         });
         WindowPlan::new(shape.frames as u32, settings)
             .map_err(|e| PipelineError::Spec(format!("spec.{}: {}", e.field(), e.problem())))
+    }
+
+    /// The latents a render that continues a clip ([`RenderInput::Continues`]) holds as its
+    /// first latent frames: the clip's last frames encoded by the VAE encoder (its mean,
+    /// normalised), f32 `(1, C, k, H/8, W/8)`; `None` for a render that continues nothing.
+    /// Refuses frames of another size than the spec's, a count the encoder cannot take, and
+    /// more frames than leave the first window anything new to render.
+    pub fn held_latents(&self, spec: &RenderSpec, plan: &WindowPlan) -> Result<Option<Tensor>> {
+        let Some(RenderInput::Continues(clip)) = &spec.input else {
+            return Ok(None);
+        };
+        if (clip.width, clip.height) != (spec.width, spec.height) {
+            return Err(PipelineError::Spec(format!(
+                "the clip to continue is {}×{}, the render {}×{}: render at the clip's size",
+                clip.width, clip.height, spec.width, spec.height
+            )));
+        }
+        let temporal = video::VAE_SCALE_TEMPORAL;
+        if clip.frames == 0 || !(clip.frames - 1).is_multiple_of(temporal) {
+            return Err(PipelineError::Spec(format!(
+                "{} frames of the clip to continue: the VAE encoder takes 1 + 4k",
+                clip.frames
+            )));
+        }
+        let held = (clip.frames - 1) / temporal + 1;
+        let window = plan.settings().latent_frames as usize;
+        let total = self.latent_shape(spec)?.frames;
+        if held >= window.min(total) {
+            return Err(PipelineError::Spec(format!(
+                "{held} latent frames of the clip to continue leave nothing new in a first \
+                 window of {} latent frames",
+                window.min(total)
+            )));
+        }
+        let encoder = self
+            .vae_encoder
+            .get(&self.vae_config, self.dtype, &self.device)?;
+        let frames = video::rgb8_to_video(
+            &clip.rgb,
+            clip.frames,
+            clip.height,
+            clip.width,
+            &self.device,
+        )?;
+        let mean = component("vae encoder", encoder.encode(&frames))?.mean;
+        let latents = component("vae encoder", self.vae_config.normalize_latents(&mean))?;
+        Ok(Some(latents.to_dtype(DType::F32)?))
+    }
+
+    /// `model` holding the first latent frames of `spec`'s clip on their path to `held`
+    /// ([`HeldFrames`]), from the frames' own initial noise.
+    fn holding<'m>(
+        &self,
+        model: &'m dyn FlowModel,
+        spec: &RenderSpec,
+        plan: &WindowPlan,
+        held: &Tensor,
+    ) -> Result<HeldFrames<'m>> {
+        let noise = self.initial_noise(spec, plan, 0..held.dim(2)?)?;
+        component("transformer", HeldFrames::new(model, held, &noise))
     }
 
     /// The transformer, unless this pipeline was loaded without it.
@@ -708,6 +819,7 @@ impl WanPipeline {
             }
             Some(state) => self.resume_denoiser(spec, state)?,
         };
+        let held = self.held_latents(spec, &plan)?;
         let text_start = Instant::now();
         let per_window = self.window_conditioning(spec, &plan)?;
         let text = text_start.elapsed();
@@ -729,6 +841,14 @@ impl WanPipeline {
             )?;
             &windowed
         };
+        let holding;
+        let model: &dyn FlowModel = match &held {
+            Some(held) => {
+                holding = self.holding(model, spec, &plan, held)?;
+                &holding
+            }
+            None => model,
+        };
         self.run_denoiser(
             model,
             &mut denoiser,
@@ -736,7 +856,7 @@ impl WanPipeline {
             progress,
             after_step,
         )?;
-        let latents = denoiser.into_latents();
+        let latents = with_held(denoiser.into_latents(), held.as_ref())?;
         let video = if decode.here() {
             progress(Progress::Decoding);
             let start = Instant::now();
@@ -809,15 +929,28 @@ impl WanPipeline {
             GroupWindowedFlow::new(model, &plan, peers, &self.device)
                 .and_then(|f| f.with_window_conditioning(&per_window)),
         )?;
+        // The clip's first frames, which a clip it continues holds, are the first group's.
+        let held = match frames.start {
+            0 => self.held_latents(spec, &plan)?,
+            _ => None,
+        };
+        let holding;
+        let flow: &dyn FlowModel = match &held {
+            Some(held) => {
+                holding = self.holding(&flow, spec, &plan, held)?;
+                &holding
+            }
+            None => &flow,
+        };
         let conditioning = first_window(&per_window)?;
         self.run_denoiser(
-            &flow,
+            flow,
             &mut denoiser,
             (conditioning, text),
             progress,
             after_step,
         )?;
-        let local = denoiser.into_latents();
+        let local = with_held(denoiser.into_latents(), held.as_ref())?;
         let owned_frames = plan.group_owned_frames(group);
         let skip = owned_frames.start - frames.start;
         let owned = local.narrow(2, skip, owned_frames.len())?.contiguous()?;
@@ -1105,6 +1238,17 @@ fn segment_warmup(plan: &WindowPlan, group: usize) -> usize {
 
 /// A decoded video tensor `(1, 3, frames, H, W)` in [-1, 1] as RGB bytes, the clip's frames
 /// from `first_frame` on.
+/// The final latents with the held frames set to the known latents exactly (the held path
+/// ends there up to the model dtype's rounding): the decoder's context is the clip's own.
+fn with_held(latents: Tensor, held: Option<&Tensor>) -> Result<Tensor> {
+    let Some(held) = held else {
+        return Ok(latents);
+    };
+    let k = held.dim(2)?;
+    let rest = latents.narrow(2, k, latents.dim(2)? - k)?;
+    Ok(Tensor::cat(&[held, &rest], 2)?)
+}
+
 fn to_video(video: &Tensor, first_frame: usize) -> Result<Video> {
     let (rgb, frames, height, width) = video::video_to_rgb8(video)?;
     Ok(Video {
@@ -1178,6 +1322,7 @@ mod tests {
         let embedded = WanPipeline::from_source(PipelineSource::Toy, &dev, DType::F32)?;
         assert_eq!(embedded.info(), &info);
         let spec = RenderSpec {
+            input: None,
             prompt: "a red circle moving left on a blue background".into(),
             negative_prompt: String::new(),
             frames: 5,
@@ -1192,6 +1337,92 @@ mod tests {
             timeline: Default::default(),
         };
         assert!(committed.render(&spec, &mut |_| {})? == embedded.render(&spec, &mut |_| {})?);
+        Ok(())
+    }
+
+    /// A render that continues a clip holds the clip's last frames: its final latents start
+    /// with their encoding exactly, and its first frames decode back to them (the toy VAE's
+    /// round trip); a count the encoder cannot take, another size, or a clip that fills the
+    /// first window is refused by name.
+    #[test]
+    fn a_render_that_continues_a_clip_starts_with_its_frames() -> Result<()> {
+        let dev = Device::Cpu;
+        let pipe = WanPipeline::from_source(PipelineSource::Toy, &dev, DType::F32)?;
+        let clip = RenderSpec {
+            input: None,
+            prompt: "a red circle moving right on a black background".into(),
+            negative_prompt: String::new(),
+            frames: 17,
+            width: 64,
+            height: 64,
+            steps: 8,
+            guidance_scale: 5.0,
+            shift: None,
+            scheduler: None,
+            seed: 3,
+            windows: None,
+            timeline: Default::default(),
+        };
+        let original = pipe.render(&clip, &mut |_| {})?;
+        let frame_bytes = 64 * 64 * 3;
+        let last = |n: usize| Video {
+            rgb: original.rgb[(17 - n) * frame_bytes..].to_vec(),
+            first_frame: 0,
+            frames: n,
+            height: 64,
+            width: 64,
+        };
+        let extension = RenderSpec {
+            input: Some(RenderInput::Continues(last(5))),
+            seed: 4,
+            ..clip.clone()
+        };
+        let rendered =
+            pipe.render_with_options(&extension, RenderOptions::default(), &mut |_| {})?;
+        let plan = pipe.window_plan(&extension)?;
+        let held = pipe.held_latents(&extension, &plan)?.expect("held latents");
+        assert_eq!(held.dim(2)?, 2);
+        let start = rendered.latents.narrow(2, 0, 2)?;
+        assert_eq!(
+            (start - &held)?.abs()?.max_all()?.to_scalar::<f32>()?,
+            0.0,
+            "the held frames end at the clip's latents"
+        );
+        let video = rendered.video.expect("decoded");
+        let mean_error = |a: &[u8], b: &[u8]| {
+            a.iter()
+                .zip(b)
+                .map(|(&x, &y)| (x as f64 - y as f64).abs())
+                .sum::<f64>()
+                / a.len() as f64
+        };
+        let round_trip = mean_error(&video.rgb[..5 * frame_bytes], &last(5).rgb);
+        assert!(
+            round_trip < 8.0,
+            "held frames decode {round_trip} levels off the clip's"
+        );
+
+        for (input, problem) in [
+            (last(4), "1 + 4k"),
+            (last(17), "leave nothing new"),
+            (
+                Video {
+                    rgb: vec![0; 5 * 32 * 32 * 3],
+                    first_frame: 0,
+                    frames: 5,
+                    height: 32,
+                    width: 32,
+                },
+                "render at the clip's size",
+            ),
+        ] {
+            let spec = RenderSpec {
+                input: Some(RenderInput::Continues(input)),
+                ..clip.clone()
+            };
+            let e = pipe.render(&spec, &mut |_| {}).unwrap_err().to_string();
+            assert!(e.contains(problem), "{e}");
+        }
         Ok(())
     }
 
@@ -1213,6 +1444,7 @@ mod tests {
             })
         };
         let plain = RenderSpec {
+            input: None,
             prompt: "a green square moving up on a black background".into(),
             negative_prompt: String::new(),
             frames: 13,
@@ -1274,6 +1506,7 @@ mod tests {
         let dev = Device::Cpu;
         let pipe = WanPipeline::from_source(PipelineSource::Toy, &dev, DType::F32)?;
         let spec = RenderSpec {
+            input: None,
             prompt: "a yellow square bouncing on a blue background".into(),
             negative_prompt: String::new(),
             frames: 97, // 25 latent frames, 3 windows
@@ -1344,6 +1577,7 @@ mod tests {
         let pipe = WanPipeline::from_source(PipelineSource::Toy, &dev, DType::F32)?;
         for (frames, groups) in [(33, 1), (97, 1), (97, 2)] {
             let spec = RenderSpec {
+                input: None,
                 prompt: "a yellow square bouncing on a blue background".into(),
                 negative_prompt: String::new(),
                 frames,
@@ -1418,6 +1652,7 @@ mod tests {
             "a red circle moving left on a gray background",
         );
         let spec = |prompt: &str, cue: Option<(f64, &str)>, latent_window| RenderSpec {
+            input: None,
             prompt: prompt.into(),
             negative_prompt: String::new(),
             frames: 13, // 4 latent frames; video frame 6 is the centre
