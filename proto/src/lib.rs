@@ -8,6 +8,7 @@
 //! coordinator and the
 //! worker build on it; it links no model code.
 
+pub mod media;
 pub mod membership;
 pub mod metrics;
 pub mod serving;
