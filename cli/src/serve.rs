@@ -173,6 +173,10 @@ pub struct CoordinatorArgs {
     /// Longest job name, in characters.
     #[arg(long)]
     pub max_name_chars: Option<u32>,
+    /// Largest input file (a picture to animate, a clip to extend) a job may be submitted with,
+    /// in bytes [default: 48 MiB; at most 56 MiB, as a task carries it in one message].
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..=56 << 20))]
+    pub max_input_bytes: Option<u64>,
     /// Checkpoint a job's denoiser state after every this many steps; a job whose worker is
     /// lost, or whose coordinator restarts, resumes from the last one (0: never; jobs of several
     /// worker groups are not checkpointed yet).
@@ -230,6 +234,7 @@ impl CoordinatorArgs {
             max_ranks: self.max_ranks.unwrap_or(default.max_ranks),
             max_prompt_cues: self.max_prompt_cues.unwrap_or(default.max_prompt_cues),
             max_name_chars: self.max_name_chars.unwrap_or(default.max_name_chars),
+            max_input_bytes: self.max_input_bytes.unwrap_or(default.max_input_bytes),
         }
     }
 }

@@ -187,6 +187,7 @@ impl SpecArgs {
         let layout = self.layout()?;
         let (width, height) = self.size.unwrap_or((0, 0));
         let spec = RenderSpec {
+            input: None,
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             model: self.model.clone(),

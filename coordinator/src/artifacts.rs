@@ -1,11 +1,15 @@
 //! Where finished outputs live: `<artifact_dir>/<job id>/<name>.mp4`, or `<name>/` holding
 //! `frame_00000.png`, ... for a PNG sequence (`<name>` is the job's name made file-safe, or
-//! `output`), and how `FetchOutput` reads them back in 1 MiB chunks.
+//! `output`), and how `FetchOutput` reads them back in 1 MiB chunks. Beside the output: the
+//! job's checkpoints, and the input file it was submitted with (`.input.png` or `.input.mp4`),
+//! staged under `.incoming/` while the submission is checked and moved in before the job is
+//! stored.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+use longtake_proto::spec::InputKind;
 use longtake_proto::{OutputChunk, OutputFormat};
 
 use crate::record::{is_job_id, JobRecord};
@@ -42,6 +46,28 @@ fn checkpoint_of(name: &str) -> Option<(u32, u32)> {
     Some((group.parse().ok()?, step.parse().ok()?))
 }
 
+/// The input file's name in its job's directory, before its extension (a name no output takes).
+const INPUT_NAME: &str = ".input";
+
+/// Where uploads wait, under the artifact directory, until their job is stored.
+const INCOMING: &str = ".incoming";
+
+/// An uploaded input file not yet any job's: removed when dropped unless
+/// [`Artifacts::place_input`] moved it into its job's directory.
+#[derive(Debug)]
+pub struct StagedInput {
+    path: PathBuf,
+    placed: bool,
+}
+
+impl Drop for StagedInput {
+    fn drop(&mut self) {
+        if !self.placed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Size of the `data` of one `OutputChunk`.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
@@ -61,9 +87,59 @@ impl Artifacts {
         std::fs::write(&probe, b"")
             .and_then(|()| std::fs::remove_file(&probe))
             .map_err(|e| io::Error::new(e.kind(), format!("cannot write files in it: {e}")))?;
+        // uploads of submissions a stopped coordinator never finished checking
+        match std::fs::remove_dir_all(dir.join(INCOMING)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Where `job_id`'s input file of `kind` is kept.
+    pub fn input_path(&self, job_id: &str, kind: InputKind) -> io::Result<PathBuf> {
+        let extension = match kind {
+            InputKind::Image => "png",
+            InputKind::Clip => "mp4",
+        };
+        Ok(self
+            .job_dir(job_id)?
+            .join(format!("{INPUT_NAME}.{extension}")))
+    }
+
+    /// Writes an uploaded input file where it waits for its job (readable by this user only).
+    pub fn stage_input(&self, bytes: &[u8]) -> io::Result<StagedInput> {
+        let incoming = self.dir.join(INCOMING);
+        private_dir(&incoming)?;
+        let mut name = [0u8; 16];
+        getrandom::fill(&mut name).map_err(|e| io::Error::other(e.to_string()))?;
+        let name: String = name.iter().map(|b| format!("{b:02x}")).collect();
+        let staged = StagedInput {
+            path: incoming.join(name),
+            placed: false,
+        };
+        {
+            let mut file = File::create(&staged.path)?;
+            set_mode(&staged.path, 0o600)?;
+            std::io::Write::write_all(&mut file, bytes)?;
+            file.sync_all()?;
+        }
+        Ok(staged)
+    }
+
+    /// Moves a staged input into `job_id`'s directory as its input of `kind`.
+    pub fn place_input(
+        &self,
+        mut staged: StagedInput,
+        job_id: &str,
+        kind: InputKind,
+    ) -> io::Result<PathBuf> {
+        let path = self.input_path(job_id, kind)?;
+        self.create_job_dir(job_id)?;
+        std::fs::rename(&staged.path, &path)?;
+        staged.placed = true;
+        Ok(path)
     }
 
     /// Makes the directory a job's output goes in (0700, like the artifact directory).

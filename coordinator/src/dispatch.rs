@@ -10,7 +10,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use longtake_proto::spec::JobSpec;
+use longtake_proto::media::Mp4Clip;
+use longtake_proto::spec::{InputKind, JobSpec};
 use longtake_proto::telemetry;
 use longtake_proto::tls::{Tls, WORKER_NAME};
 use longtake_proto::worker_service_client::WorkerServiceClient;
@@ -18,6 +19,7 @@ use longtake_proto::{
     task_event, AbortRequest, FrameBatch, OutputFormat, RenderSpec, ReserveRequest, Step,
     TaskEvent, TaskRequest, TimeSplit, Worker, MAX_MESSAGE_BYTES,
 };
+use prost::bytes::Bytes;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -60,6 +62,9 @@ pub struct Attempt {
     pub workers: Vec<Worker>,
     /// Where the encoder writes the clip (or the PNG directory).
     pub output: PathBuf,
+    /// The job's input file (`spec.input`), handed to every rank; an extended clip's frames
+    /// also start the output.
+    pub input: Option<PathBuf>,
     pub start_timeout: Duration,
     /// The checkpoint of an earlier attempt each worker group continues from, in group order
     /// (empty: none, every group starts from the spec's noise).
@@ -93,8 +98,20 @@ async fn run_attempt(
     mut control: mpsc::UnboundedReceiver<Control>,
     reporter: &dyn Reporter,
 ) -> Outcome {
+    let input = match &attempt.input {
+        Some(path) => match tokio::fs::read(path).await {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(e) => {
+                return Outcome::Failed(format!(
+                    "the job's input file {} cannot be read ({e}): submit the job again",
+                    path.display()
+                ))
+            }
+        },
+        None => Bytes::new(),
+    };
     let started = tokio::select! {
-        started = tokio::time::timeout(attempt.start_timeout, start(&attempt)) => match started {
+        started = tokio::time::timeout(attempt.start_timeout, start(&attempt, &input)) => match started {
             Ok(started) => started,
             Err(_) => Err(Outcome::StartFailed {
                 reason: format!(
@@ -121,7 +138,7 @@ async fn run_attempt(
         }
     };
     reporter.running().await;
-    let outcome = follow(&attempt, streams, &mut control, reporter).await;
+    let outcome = follow(&attempt, &input, streams, &mut control, reporter).await;
     if !matches!(outcome, Outcome::Done { .. }) {
         let reason = match &outcome {
             Outcome::Cancelled(r) | Outcome::Failed(r) | Outcome::Lost(r) => r.clone(),
@@ -162,7 +179,7 @@ fn new_mesh_secret() -> Vec<u8> {
 }
 
 /// Reserves every rank, then starts every task.
-async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
+async fn start(a: &Attempt, input: &Bytes) -> Result<(Vec<Client>, Streams), Outcome> {
     let world = a.workers.len() as u32;
     let mut clients = Vec::with_capacity(a.workers.len());
     let mut mesh = Vec::with_capacity(a.workers.len());
@@ -221,6 +238,7 @@ async fn start(a: &Attempt) -> Result<(Vec<Client>, Streams), Outcome> {
                 .unwrap_or_default(),
             checkpoint_every: a.checkpoint_every,
             mesh_secret: mesh_secret.clone(),
+            input: input.clone(),
         });
         // the attempt's span: each rank's task joins the job's trace
         telemetry::inject(&tracing::Span::current(), request.metadata_mut());
@@ -266,16 +284,28 @@ const LEFT_GRACE: Duration = Duration::from_secs(5);
 
 async fn follow(
     a: &Attempt,
+    input: &Bytes,
     streams: Streams,
     control: &mut mpsc::UnboundedReceiver<Control>,
     reporter: &dyn Reporter,
 ) -> Outcome {
+    let mut encoder = Encoder::new(a);
+    // An extension's output starts with the clip it extends; the workers' frames follow it.
+    if a.spec
+        .input
+        .as_ref()
+        .is_some_and(|i| i.kind == InputKind::Clip)
+    {
+        if let Err(reason) = encoder.push_clip(input.clone()).await {
+            return Outcome::Failed(reason);
+        }
+    }
     let (tx, mut rx) = mpsc::channel::<(usize, Item)>(64);
     // Frames written so far. Each worker group's first rank streams the segment it decoded; a
     // segment is read from its stream only once the frames before it are written, and a batch
     // only once the one before it is, so the clip is encoded in order and what is not encoded
     // yet waits in its worker (the stream's flow control), not here.
-    let (written_tx, written_rx) = tokio::sync::watch::channel(0u32);
+    let (written_tx, written_rx) = tokio::sync::watch::channel(encoder.written);
     let mut forwarders = tokio::task::JoinSet::new();
     for (rank, mut stream) in streams.into_iter().enumerate() {
         let tx = tx.clone();
@@ -318,13 +348,12 @@ async fn follow(
     }
     drop(tx);
 
-    let frames_total = a.spec.frames;
+    let frames_total = a.spec.output_frames();
     let mut finished = vec![false; a.workers.len()];
     let mut timings = vec![TimeSplit::default(); a.workers.len()];
     let mut step = 0u32;
     let mut total = a.spec.steps;
     let mut decoding = false;
-    let mut encoder = Encoder::new(a);
     // Per worker group, the bytes its first rank sent to other groups in its last step.
     let group_size = a.spec.layout.world_size();
     let mut exchange = vec![0u64; a.spec.windows.groups as usize];
@@ -475,9 +504,48 @@ impl Encoder {
             encoding: Duration::ZERO,
             stitching: Duration::ZERO,
             job_id: a.job_id.clone(),
-            frames: a.spec.frames as usize,
+            frames: a.spec.output_frames() as usize,
             span: None,
         }
+    }
+
+    /// Writes the frames of the clip an extension extends (the MP4 in `clip`), the output's
+    /// first frames.
+    async fn push_clip(&mut self, clip: Bytes) -> Result<(), String> {
+        let start = Instant::now();
+        let (output, format, fps) = (self.output.clone(), self.format, self.fps);
+        let span = self
+            .span
+            .get_or_insert_with(|| telemetry::encode_span(&self.job_id, self.frames))
+            .clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
+            let clip = Mp4Clip::open(&clip).map_err(|e| format!("the clip to extend: {e}"))?;
+            let facts = clip.facts();
+            let mut sink = encode::open_writer(
+                &output,
+                Some(format),
+                facts.width,
+                facts.height,
+                fps,
+                Quality::default(),
+            )
+            .map_err(|e| e.to_string())?;
+            clip.decode(
+                |rgb| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                    Ok(sink.push_frame(&rgb)?)
+                },
+            )
+            .map_err(|e| format!("the clip to extend: {e}"))?;
+            Ok::<_, String>(sink)
+        })
+        .await
+        .map_err(|e| format!("the encoder panicked: {e}"))?;
+        self.encoding += start.elapsed();
+        let sink = result.map_err(|e| format!("encoding the output: {e}"))?;
+        self.written = sink.frames_written() as u32;
+        self.sink = Some(sink);
+        Ok(())
     }
 
     async fn push(&mut self, batch: FrameBatch) -> Result<(), String> {

@@ -306,6 +306,11 @@ impl JobTable {
     }
 
     /// Accepts a job: checks the spec, gives it an id and queues it.
+    /// What specs this table accepts.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     pub fn submit(
         &mut self,
         spec: &RenderSpec,

@@ -23,6 +23,7 @@ pub mod access;
 pub mod artifacts;
 pub mod dispatch;
 pub mod encode;
+pub mod input;
 pub mod jobs;
 pub mod leadership;
 pub mod metrics;

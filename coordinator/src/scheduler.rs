@@ -13,14 +13,14 @@ use longtake_proto::membership::{Membership, MembershipEvent};
 use longtake_proto::{job_event, now_ms, Decoding, Encoding, JobEvent, RenderSpec, Step, Worker};
 use tokio::sync::{broadcast, mpsc, watch, Mutex, Notify};
 
-use crate::artifacts::Artifacts;
+use crate::artifacts::{Artifacts, StagedInput};
 use crate::dispatch::{self, Attempt, Reporter};
 use crate::jobs::{AttemptHandle, Change, JobTable, Submitted, TableError};
 use crate::metrics::Metrics;
 use crate::placement::{self, Decision};
 use crate::record::{CheckpointRef, JobPhase, JobRecord};
 use crate::{CoordinatorConfig, CoordinatorError, JobStore};
-use longtake_proto::spec::ModelDescription;
+use longtake_proto::spec::{InputKind, Limits, ModelDescription};
 
 const TICK: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -138,6 +138,11 @@ impl Scheduler {
         &self.inner.artifacts
     }
 
+    /// What specs this farm accepts.
+    pub async fn limits(&self) -> Limits {
+        self.inner.table.lock().await.limits().clone()
+    }
+
     /// Queues a job, or with a request id an earlier submission already queued, returns its
     /// job.
     pub async fn submit(
@@ -148,6 +153,24 @@ impl Scheduler {
         request_id: &str,
         owner: &str,
         trace_parent: &str,
+    ) -> Result<JobRecord, SubmitError> {
+        self.submit_with_input(spec, priority, name, request_id, owner, trace_parent, None)
+            .await
+    }
+
+    /// [`Self::submit`] of a job whose input file (read into `spec.input`) waits in `input`:
+    /// moved into the job's directory before the job is stored, so a job is never queued
+    /// without it; removed when the job is not accepted.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit_with_input(
+        &self,
+        spec: &RenderSpec,
+        priority: i32,
+        name: &str,
+        request_id: &str,
+        owner: &str,
+        trace_parent: &str,
+        input: Option<(StagedInput, InputKind)>,
     ) -> Result<JobRecord, SubmitError> {
         let mut table = self.inner.table.lock().await;
         let change = match table.submit(spec, priority, name, request_id, owner, now_ms())? {
@@ -160,9 +183,18 @@ impl Scheduler {
             }
             Submitted::Existing(job) => return Ok(job),
         };
+        let id = change.job.id.clone();
+        if let Some((staged, kind)) = input {
+            if let Err(e) = self.inner.artifacts.place_input(staged, &id, kind) {
+                table.forget(&id);
+                let _ = self.inner.artifacts.clear(&id);
+                return Err(SubmitError::Input(e));
+            }
+        }
         // nothing a user submitted is lost: the job is accepted only once it is stored
         if let Err(e) = self.inner.store.put(&change.job).await {
-            table.forget(&change.job.id);
+            table.forget(&id);
+            let _ = self.inner.artifacts.clear(&id);
             return Err(SubmitError::Store(e));
         }
         let job = change.job.clone();
@@ -233,6 +265,8 @@ pub enum SubmitError {
     Invalid(#[from] TableError),
     #[error("the job could not be stored, so it was not accepted: {0}")]
     Store(#[from] crate::StoreError),
+    #[error("the job's input file could not be stored, so it was not accepted: {0}")]
+    Input(std::io::Error),
 }
 
 #[async_trait::async_trait]
@@ -397,18 +431,25 @@ impl Inner {
                             .and_then(|_| self.artifacts.output_path(&assignment.job));
                         let (job_id, number) = (id.clone(), assignment.attempt);
                         let trace_parent = assignment.job.trace_parent.clone();
-                        let attempt = output.map(|output| Attempt {
-                            output,
-                            trace_parent,
-                            job_id: id.clone(),
-                            attempt: assignment.attempt,
-                            spec: assignment.spec,
-                            workers,
-                            start_timeout: self.config.start_timeout,
-                            resume_state,
-                            checkpoint_every: self.config.checkpoint_every,
-                            tls: self.config.tls.clone(),
-                        });
+                        let input = match &assignment.spec.input {
+                            Some(input) => self.artifacts.input_path(&id, input.kind).map(Some),
+                            None => Ok(None),
+                        };
+                        let attempt = output.and_then(|output| Ok((output, input?))).map(
+                            |(output, input)| Attempt {
+                                output,
+                                input,
+                                trace_parent,
+                                job_id: id.clone(),
+                                attempt: assignment.attempt,
+                                spec: assignment.spec,
+                                workers,
+                                start_timeout: self.config.start_timeout,
+                                resume_state,
+                                checkpoint_every: self.config.checkpoint_every,
+                                tls: self.config.tls.clone(),
+                            },
+                        );
                         let inner = Arc::clone(self);
                         lock(&self.attempts).spawn(async move {
                             let reporter = AttemptReporter {

@@ -12,18 +12,20 @@ use std::sync::Arc;
 
 use longtake_proto::cluster_service_server::ClusterService;
 use longtake_proto::render_service_server::RenderService;
+use longtake_proto::spec::{InputKind, JobInput, SpecRequest};
+use longtake_proto::submit_part;
 use longtake_proto::telemetry;
 use longtake_proto::{
     CancelRequest, Job, JobEvent, JobRequest, JobState, ListReply, ListRequest, ListWorkersReply,
-    ListWorkersRequest, OutputChunk, SubmitReply, SubmitRequest,
+    ListWorkersRequest, OutputChunk, SubmitPart, SubmitReply, SubmitRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::{Access, Caller};
-use crate::artifacts;
+use crate::artifacts::{self, StagedInput};
 use crate::jobs::TableError;
 use crate::record::{JobPhase, JobRecord};
 use crate::scheduler::{Scheduler, SubmitError};
@@ -83,6 +85,58 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Queues the job of `r` with `spec` (and its input file), logging who submitted it.
+    async fn accept(
+        &self,
+        caller: &Caller,
+        from: &str,
+        r: &SubmitRequest,
+        spec: &longtake_proto::RenderSpec,
+        trace_parent: &str,
+        input: Option<(StagedInput, InputKind)>,
+    ) -> Result<Response<SubmitReply>, Status> {
+        let submitted = self
+            .scheduler
+            .submit_with_input(
+                spec,
+                r.priority,
+                &r.name,
+                &r.request_id,
+                &caller.owner,
+                trace_parent,
+                input,
+            )
+            .await;
+        match submitted {
+            Ok(job) => {
+                tracing::info!(
+                    target: AUDIT,
+                    caller = %caller,
+                    action = "submit",
+                    job = %job.id,
+                    peer = %from,
+                    request_id = %r.request_id,
+                );
+                Ok(Response::new(SubmitReply {
+                    job: Some(Job::from(&job)),
+                }))
+            }
+            Err(SubmitError::Invalid(e)) => Err(table_status(e)),
+            Err(e @ (SubmitError::Store(_) | SubmitError::Input(_))) => {
+                Err(Status::unavailable(e.to_string()))
+            }
+        }
+    }
+}
+
+/// The submitting command's trace context: every attempt of the job joins it.
+fn submission_trace<T>(request: &Request<T>) -> String {
+    let submission = tracing::info_span!("submit");
+    telemetry::adopt(&submission, telemetry::extract(request.metadata()));
+    telemetry::traceparent(&submission)
+}
+
 /// The metadata key of the API token (`Bearer TOKEN`).
 pub const AUTHORIZATION: &str = "authorization";
 
@@ -126,40 +180,105 @@ impl RenderService for Service {
     ) -> Result<Response<SubmitReply>, Status> {
         let caller = self.caller(&request, "submit")?;
         let from = peer(&request);
-        // the submitting command's trace: every attempt of the job joins it
-        let submission = tracing::info_span!("submit");
-        telemetry::adopt(&submission, telemetry::extract(request.metadata()));
-        let trace_parent = telemetry::traceparent(&submission);
+        let trace_parent = submission_trace(&request);
         let r = request.into_inner();
-        let spec = r.spec.unwrap_or_default();
-        match self
-            .scheduler
-            .submit(
-                &spec,
-                r.priority,
-                &r.name,
-                &r.request_id,
-                &caller.owner,
-                &trace_parent,
-            )
-            .await
-        {
-            Ok(job) => {
-                tracing::info!(
-                    target: AUDIT,
-                    caller = %caller,
-                    action = "submit",
-                    job = %job.id,
-                    peer = %from,
-                    request_id = %r.request_id,
-                );
-                Ok(Response::new(SubmitReply {
-                    job: Some(Job::from(&job)),
-                }))
-            }
-            Err(SubmitError::Invalid(e)) => Err(table_status(e)),
-            Err(e @ SubmitError::Store(_)) => Err(Status::unavailable(e.to_string())),
+        let spec = r.spec.clone().unwrap_or_default();
+        if spec.input.is_some() {
+            return Err(Status::invalid_argument(
+                "spec.input: a job with an input file is submitted with SubmitWithInput, which \
+                 carries the file",
+            ));
         }
+        self.accept(&caller, &from, &r, &spec, &trace_parent, None)
+            .await
+    }
+
+    async fn submit_with_input(
+        &self,
+        request: Request<Streaming<SubmitPart>>,
+    ) -> Result<Response<SubmitReply>, Status> {
+        let caller = self.caller(&request, "submit")?;
+        let from = peer(&request);
+        let trace_parent = submission_trace(&request);
+        let mut parts = request.into_inner();
+        let first = parts.message().await?.and_then(|p| p.part);
+        let Some(submit_part::Part::Request(r)) = first else {
+            return Err(Status::invalid_argument(
+                "SubmitWithInput: the first part must be the SubmitRequest, the file's bytes \
+                 after it",
+            ));
+        };
+        let mut spec = r.spec.clone().unwrap_or_default();
+        let kind =
+            match JobInput::from_proto(spec.input.as_ref()) {
+                Ok(Some(input)) => input.kind,
+                Ok(None) => return Err(Status::invalid_argument(
+                    "spec.input: unset: say what the file is (a picture or a clip to extend); a \
+                     job without a file is submitted with Submit",
+                )),
+                Err(e) => return Err(Status::invalid_argument(format!("spec.input: {e}"))),
+            };
+        // a spec that breaks a rule is refused before its file is taken
+        SpecRequest::try_from(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let limit = self.scheduler.limits().await.max_input_bytes;
+        let mut bytes = Vec::new();
+        while let Some(part) = parts.message().await? {
+            match part.part {
+                Some(submit_part::Part::Data(data)) => {
+                    if (bytes.len() + data.len()) as u64 > limit {
+                        tracing::warn!(
+                            target: AUDIT,
+                            caller = %caller,
+                            action = "submit",
+                            peer = %from,
+                            "refused: input over {limit} bytes"
+                        );
+                        return Err(Status::invalid_argument(format!(
+                            "input: the {} is over this farm's limit of {limit} bytes (the \
+                             coordinator's --max-input-bytes)",
+                            kind.name()
+                        )));
+                    }
+                    bytes.extend_from_slice(&data);
+                }
+                Some(submit_part::Part::Request(_)) => {
+                    return Err(Status::invalid_argument(
+                        "SubmitWithInput: a second SubmitRequest; one job per call",
+                    ))
+                }
+                None => {}
+            }
+        }
+        if bytes.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "input: no bytes of the {} arrived",
+                kind.name()
+            )));
+        }
+        let artifacts = self.scheduler.artifacts().clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let input = crate::input::read(kind, &bytes)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let staged = artifacts.stage_input(&bytes).map_err(|e| {
+                Status::unavailable(format!(
+                    "the input file could not be stored, so the job was not accepted: {e}"
+                ))
+            })?;
+            Ok::<_, Status>((input, staged))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading the input failed: {e}")))?;
+        let (input, staged) = read?;
+        spec.input = Some(input.to_proto());
+        self.accept(
+            &caller,
+            &from,
+            &r,
+            &spec,
+            &trace_parent,
+            Some((staged, kind)),
+        )
+        .await
     }
 
     async fn get(&self, request: Request<JobRequest>) -> Result<Response<Job>, Status> {

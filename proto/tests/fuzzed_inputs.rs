@@ -43,6 +43,7 @@ prop_compose! {
         cues in proptest::collection::vec((float(), text()), 0..4), noise in text(),
     ) -> RenderSpec {
         RenderSpec {
+            input: None,
             prompt, negative_prompt, model, frames, width, height, steps, guidance_scale,
             shift, scheduler, seed, fps, format, layout, groups,
             window_latent_frames: window, overlap_latent_frames: overlap, fusion,

@@ -7,6 +7,7 @@
 //! which parses to the same `JobSpec` again: what the coordinator stores and hands to workers.
 
 use super::frames::{self, WAN_TEMPORAL_PACK};
+use super::input::{held_latent_frames, size_for_picture, InputKind, JobInput};
 use super::layout::{Layout, LayoutLimits};
 use super::scheduler::SchedulerKind;
 use super::timeline::{self, PromptTimeline, TimelineError};
@@ -55,6 +56,9 @@ pub struct Limits {
     pub max_prompt_cues: u32,
     /// A job's name, in characters.
     pub max_name_chars: u32,
+    /// A job's input file (a picture, or a clip to extend), in bytes. A task carries its job's
+    /// input in one message, so this stays under [`crate::MAX_MESSAGE_BYTES`].
+    pub max_input_bytes: u64,
 }
 
 impl Default for Limits {
@@ -70,6 +74,8 @@ impl Default for Limits {
             // a change of prompt every window of a minute of the toy model, with room
             max_prompt_cues: 64,
             max_name_chars: 200,
+            // a minute of 480p H.264 at a studio's review bitrate (~5 Mbit/s) is ~38 MB
+            max_input_bytes: 48 << 20,
         }
     }
 }
@@ -160,6 +166,8 @@ pub struct SpecRequest {
     pub noise: Option<NoiseSchedule>,
     /// The prompt changing during the clip (checked: times increasing, prompts not blank).
     pub prompt_timeline: Vec<PromptCue>,
+    /// What the render starts from besides its prompt (`None`: noise).
+    pub input: Option<JobInput>,
 }
 
 /// The overlap of a window of `window` latent frames when a spec sets none: a third of it.
@@ -189,12 +197,22 @@ pub struct JobSpec {
     pub windows: WindowSettings,
     /// The prompt changing during the clip (every cue inside it).
     pub prompt_timeline: Vec<PromptCue>,
+    /// What the render starts from besides its prompt (`None`: noise); read by the coordinator.
+    /// For a clip, `frames` counts the new frames only.
+    pub input: Option<JobInput>,
 }
 
 impl SpecRequest {
     /// Whether the render uses classifier-free guidance (a scale above 1).
     pub fn guided(&self) -> bool {
         self.guidance_scale > 1.0
+    }
+
+    /// Whether the render extends a clip (its frames are then the new frames only).
+    pub fn extends(&self) -> bool {
+        self.input
+            .as_ref()
+            .is_some_and(|i| i.kind == InputKind::Clip)
     }
 
     /// Checks the request against a farm's limits.
@@ -253,27 +271,59 @@ impl SpecRequest {
                 format!("model {} has no default {field}; set it", model.name),
             )),
         };
-        let width = fill("width", self.width, model.default_width)?;
-        let height = fill("height", self.height, model.default_height)?;
-        let steps = fill("steps", self.steps, model.default_steps)?;
-        let frame_count = self.frames.unwrap_or(match model.default_frames {
-            0 => WAN21_DEFAULT_FRAMES,
-            stated => stated,
-        });
-        let fps = self.fps.unwrap_or(match model.default_fps {
+        if let Some(input) = self.input.as_ref().filter(|i| !i.is_read()) {
+            return Err(bad(
+                "input",
+                format!(
+                    "the {} has not been read: submit it with SubmitWithInput",
+                    input.kind.name()
+                ),
+            ));
+        }
+        let (mut default_width, mut default_height) = (model.default_width, model.default_height);
+        let mut default_fps = match model.default_fps {
             0 => WAN21_DEFAULT_FPS,
             stated => stated,
-        });
+        };
+        let mut default_frames = match model.default_frames {
+            0 => WAN21_DEFAULT_FRAMES,
+            stated => stated,
+        };
+        match &self.input {
+            Some(clip) if clip.kind == InputKind::Clip => {
+                (default_width, default_height, default_fps) = (clip.width, clip.height, clip.fps);
+                // new frames: the model's clip after its first frame
+                default_frames -= 1;
+            }
+            Some(picture) => {
+                (default_width, default_height) = size_for_picture(
+                    (picture.width, picture.height),
+                    (
+                        default_width.max(SIZE_MULTIPLE),
+                        default_height.max(SIZE_MULTIPLE),
+                    ),
+                    SIZE_MULTIPLE,
+                );
+            }
+            None => {}
+        }
+        let width = fill("width", self.width, default_width)?;
+        let height = fill("height", self.height, default_height)?;
+        let steps = fill("steps", self.steps, model.default_steps)?;
+        let frame_count = self.frames.unwrap_or(default_frames);
+        let fps = self.fps.unwrap_or(default_fps);
         check_size("width", width)?;
         check_size("height", height)?;
-        // A model's own default must follow the frame rule too: a worker advertising a count
-        // its VAE cannot make is named here, not deep in the render.
-        frames::check(frame_count, WAN_TEMPORAL_PACK).map_err(|e| {
-            bad(
-                "frames",
-                format!("model {}'s default frame count: {e}", model.name),
-            )
-        })?;
+        if !self.extends() {
+            // A model's own default must follow the frame rule too: a worker advertising a
+            // count its VAE cannot make is named here, not deep in the render.
+            frames::check(frame_count, WAN_TEMPORAL_PACK).map_err(|e| {
+                bad(
+                    "frames",
+                    format!("model {}'s default frame count: {e}", model.name),
+                )
+            })?;
+        }
         if model.attention_heads != 0 && model.ffn_dim != 0 {
             let limits = LayoutLimits {
                 heads: model.attention_heads as usize,
@@ -296,15 +346,26 @@ impl SpecRequest {
             groups: self.groups,
             noise: self.noise.unwrap_or_default(),
         };
+        let held = held_video_frames(self.input.as_ref(), &windows);
+        if self.extends() && held == 0 {
+            return Err(bad(
+                "window_latent_frames",
+                format!(
+                    "windows of {window} latent frame(s) leave no room for the clip's last \
+                     frames: an extension needs at least 2"
+                ),
+            ));
+        }
         // The cut itself: a window plan the clip cannot have is named here, at submission.
         WindowPlan::new(
-            frames::latent_frames(frame_count, WAN_TEMPORAL_PACK),
+            frames::latent_frames(frame_count + held, WAN_TEMPORAL_PACK),
             windows,
         )
         .map_err(|e| bad(e.field(), e.problem()))?;
-        timeline::check_cues_fit(&self.prompt_timeline, frame_count, fps)
+        timeline::check_cues_fit(&self.prompt_timeline, frame_count + held, fps)
             .map_err(timeline_error)?;
         Ok(JobSpec {
+            input: self.input.clone(),
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             model: self.model.clone(),
@@ -347,9 +408,37 @@ impl JobSpec {
         SpecRequest::from(self).check_limits(limits)
     }
 
-    /// Latent frames of the clip.
+    /// Latent frames of the clip the workers render (an extension's held frames included).
     pub fn latent_frames(&self) -> u32 {
-        frames::latent_frames(self.frames, WAN_TEMPORAL_PACK)
+        frames::latent_frames(self.rendered_frames(), WAN_TEMPORAL_PACK)
+    }
+
+    /// The frames the workers render: `frames`, after the clip's last frames an extension holds
+    /// ([`Self::held_frames`]).
+    pub fn rendered_frames(&self) -> u32 {
+        self.frames + self.held_frames()
+    }
+
+    /// How many of the extended clip's last frames the render holds as its first (4k + 1; 0
+    /// when it extends nothing): the workers render them again and send the frames after them.
+    pub fn held_frames(&self) -> u32 {
+        held_video_frames(self.input.as_ref(), &self.windows)
+    }
+
+    /// Frames of the output: an extended clip's own and the new ones, or the rendered clip.
+    pub fn output_frames(&self) -> u32 {
+        match &self.input {
+            Some(clip) if clip.kind == InputKind::Clip => clip.frames + self.frames,
+            _ => self.frames,
+        }
+    }
+
+    /// The output frame the workers' rendered frame `rendered` is (`None` for a held frame,
+    /// which the output takes from the clip itself).
+    pub fn output_frame(&self, rendered: u32) -> Option<u32> {
+        let held = self.held_frames();
+        let clip_frames = self.output_frames() - self.frames;
+        rendered.checked_sub(held).map(|new| clip_frames + new)
     }
 
     /// The clip's latent cells (latent frames × rows × columns, the VAE's 8× spatial
@@ -410,6 +499,7 @@ impl From<&JobSpec> for SpecRequest {
             fusion: windowed.then_some(spec.windows.fusion),
             noise: windowed.then_some(spec.windows.noise),
             prompt_timeline: spec.prompt_timeline.clone(),
+            input: spec.input.clone(),
         }
     }
 }
@@ -426,14 +516,47 @@ impl TryFrom<&RenderSpec> for SpecRequest {
             "" => DEFAULT_MODEL.to_string(),
             _ => spec.model.clone(),
         };
+        let input = JobInput::from_proto(spec.input.as_ref()).map_err(|e| bad("input", e))?;
+        let extends = input.as_ref().is_some_and(|i| i.kind == InputKind::Clip);
         // Zero frames or fps: the model's defaults, filled in by `resolve`.
         let frame_count = (spec.frames != 0).then_some(spec.frames);
-        if let Some(count) = frame_count {
-            frames::check(count, WAN_TEMPORAL_PACK).map_err(|e| bad("frames", e.to_string()))?;
+        match frame_count {
+            Some(count) if extends => {
+                if !count.is_multiple_of(WAN_TEMPORAL_PACK) {
+                    let nearest = (count / WAN_TEMPORAL_PACK).max(1) * WAN_TEMPORAL_PACK;
+                    return Err(bad(
+                        "frames",
+                        format!(
+                            "an extension renders new frames in fours (4, 8, 12, ...): {count} \
+                             is not one; try {nearest}"
+                        ),
+                    ));
+                }
+            }
+            Some(count) => {
+                frames::check(count, WAN_TEMPORAL_PACK).map_err(|e| bad("frames", e.to_string()))?
+            }
+            None => {}
         }
         let fps = (spec.fps != 0).then_some(spec.fps);
         let width = optional_size("width", spec.width)?;
         let height = optional_size("height", spec.height)?;
+        if let Some(clip) = input.as_ref().filter(|i| extends && i.is_read()) {
+            clip.check_clip_fits(width, height, fps)
+                .map_err(|(field, message)| bad(field, message))?;
+            if !(clip.width.is_multiple_of(SIZE_MULTIPLE)
+                && clip.height.is_multiple_of(SIZE_MULTIPLE))
+            {
+                return Err(bad(
+                    "input",
+                    format!(
+                        "the clip is {}×{}: an extension renders at the clip's size, whose \
+                         sides must be multiples of {SIZE_MULTIPLE}; crop or scale it first",
+                        clip.width, clip.height
+                    ),
+                ));
+            }
+        }
         let steps = (spec.steps != 0).then_some(spec.steps);
         if !spec.guidance_scale.is_finite() || spec.guidance_scale < 0.0 {
             return Err(bad(
@@ -497,6 +620,7 @@ impl TryFrom<&RenderSpec> for SpecRequest {
             fusion,
             noise,
             prompt_timeline: spec.prompt_timeline.clone(),
+            input,
         })
     }
 }
@@ -535,6 +659,7 @@ impl From<&SpecRequest> for RenderSpec {
                 .unwrap_or_default(),
             prompt_timeline: spec.prompt_timeline.clone(),
             noise: spec.noise.map(|n| n.name().to_string()).unwrap_or_default(),
+            input: spec.input.as_ref().map(JobInput::to_proto),
         }
     }
 }
@@ -542,6 +667,24 @@ impl From<&SpecRequest> for RenderSpec {
 impl From<&JobSpec> for RenderSpec {
     fn from(spec: &JobSpec) -> Self {
         RenderSpec::from(&SpecRequest::from(spec))
+    }
+}
+
+/// The video frames of `input`'s clip an extension under `windows` holds (0 without a clip).
+fn held_video_frames(input: Option<&JobInput>, windows: &WindowSettings) -> u32 {
+    match input {
+        Some(clip) if clip.kind == InputKind::Clip => {
+            match held_latent_frames(
+                windows.latent_frames,
+                windows.overlap,
+                clip.frames,
+                WAN_TEMPORAL_PACK,
+            ) {
+                0 => 0,
+                held => (held - 1) * WAN_TEMPORAL_PACK + 1,
+            }
+        }
+        _ => 0,
     }
 }
 

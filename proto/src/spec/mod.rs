@@ -6,10 +6,11 @@
 //! a rule.
 //!
 //! The windows of a long clip and the worker groups that run them (`windows`) and its prompt
-//! timeline (`timeline`) are part of the spec too; conditioning inputs extend [`JobSpec`] and
-//! its checks next.
+//! timeline (`timeline`) are part of the spec too, and so is what a render starts from besides
+//! its prompt (`input`: a picture, or a clip to extend).
 
 pub mod frames;
+pub mod input;
 pub mod job;
 pub mod layout;
 pub mod scheduler;
@@ -17,6 +18,7 @@ pub mod timeline;
 pub mod windows;
 
 pub use frames::FrameCountError;
+pub use input::{InputKind, JobInput};
 pub use job::{
     check_job_name, JobSpec, Limits, ModelDescription, SpecError, SpecRequest, DEFAULT_MODEL,
     SIZE_MULTIPLE, WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES,

@@ -192,6 +192,7 @@ impl Control {
             &request.peers,
             &request.mesh_secret,
         )
+        .and_then(|plan| plan.with_input(&request.input))
         .map(|plan| TaskPlan {
             resume_state: request.resume_state,
             checkpoint_every: request.checkpoint_every,

@@ -21,10 +21,12 @@ use super::models::{Models, ServedModel};
 use crate::families::{load_distributed_pipeline, load_pipeline};
 use crate::model::denoiser::{Denoiser, DenoiserState};
 use crate::model::render::{
-    CancelToken, PipelineError, Progress, RenderOptions, RenderSpec, Video, VideoPipeline,
+    CancelToken, PipelineError, Progress, RenderInput, RenderOptions, RenderSpec, Video,
+    VideoPipeline,
 };
 use crate::parallel::{MeshSecret, TcpMesh, TcpMeshConfig, Timeouts};
-use longtake_proto::spec::{JobSpec, Layout, ModelDescription, SpecError, SpecRequest};
+use longtake_proto::media::{decode_png, Mp4Clip};
+use longtake_proto::spec::{InputKind, JobSpec, Layout, ModelDescription, SpecError, SpecRequest};
 
 /// Largest RGB payload of one [`FrameBatch`] (whole frames; at least one per batch). The
 /// coordinator holds one batch at a time, so this bounds its memory for a clip of any length
@@ -49,6 +51,8 @@ pub enum TaskError {
     Mesh(#[from] crate::parallel::CommError),
     #[error("{0}")]
     Pipeline(#[from] PipelineError),
+    #[error("input: {0}")]
+    Input(String),
 }
 
 /// What one task runs, checked against this worker's models.
@@ -71,6 +75,8 @@ pub struct TaskPlan {
     /// The first rank of each worker group sends its group's checkpoint after every this many
     /// steps (0: none).
     pub checkpoint_every: u32,
+    /// The job's spec, resolved.
+    pub job: JobSpec,
 }
 
 impl TaskPlan {
@@ -104,6 +110,7 @@ impl TaskPlan {
             )));
         }
         let render = render_spec(&job);
+        let job = job.clone();
         let mesh_secret = if world_size == 1 {
             None
         } else {
@@ -130,7 +137,59 @@ impl TaskPlan {
             mesh_secret,
             resume_state: Vec::new(),
             checkpoint_every: 0,
+            job,
         })
+    }
+
+    /// The plan with the frames the job's input file (`bytes`, as submitted) gives its render:
+    /// an extended clip's last frames, which the render holds, or the picture it starts from.
+    /// Refuses a file that is missing or unreadable, or that does not fit the spec.
+    pub fn with_input(mut self, bytes: &[u8]) -> Result<Self, TaskError> {
+        let Some(input) = &self.job.input else {
+            return Ok(self);
+        };
+        if bytes.is_empty() {
+            return Err(TaskError::Input(format!(
+                "the job starts from a {} but the task came without it",
+                input.kind.name()
+            )));
+        }
+        let input_error = |e: longtake_proto::media::MediaError| {
+            TaskError::Input(format!("the {}: {e}", input.kind.name()))
+        };
+        let frames = match input.kind {
+            InputKind::Clip => {
+                let held = self.job.held_frames() as usize;
+                let clip = Mp4Clip::open(bytes).map_err(input_error)?;
+                let facts = clip.facts();
+                let frames = clip.last_frames(held).map_err(input_error)?;
+                if frames.len() != held {
+                    return Err(TaskError::Input(format!(
+                        "the clip has {} frames; the extension holds its last {held}",
+                        frames.len()
+                    )));
+                }
+                RenderInput::Continues(Video {
+                    rgb: frames.concat(),
+                    first_frame: 0,
+                    frames: held,
+                    height: facts.height as usize,
+                    width: facts.width as usize,
+                })
+            }
+            InputKind::Image => {
+                let picture = decode_png(bytes).map_err(input_error)?;
+                RenderInput::FirstFrame(Video {
+                    rgb: picture.rgb,
+                    first_frame: 0,
+                    frames: 1,
+                    height: picture.height as usize,
+                    width: picture.width as usize,
+                })
+            }
+        };
+        self.spec.input = Some(frames);
+        Ok(self)
     }
 }
 
@@ -166,7 +225,7 @@ pub fn render_spec(job: &JobSpec) -> RenderSpec {
         input: None,
         prompt: job.prompt.clone(),
         negative_prompt: job.negative_prompt.clone(),
-        frames: job.frames as usize,
+        frames: job.rendered_frames() as usize,
         width: job.width as usize,
         height: job.height as usize,
         steps: job.steps as usize,
@@ -488,6 +547,7 @@ impl TaskRunner {
             }
             Progress::Frames(video) => {
                 let start = Instant::now();
+                let video = numbered_in_output(video, &plan.job);
                 send_frames(&video, abort, &mut *emit.borrow_mut());
                 timings.send_s += start.elapsed().as_secs_f64();
             }
@@ -496,6 +556,23 @@ impl TaskRunner {
         (emit.borrow_mut())(event(task_event::Event::Timings(timings)));
         Ok(())
     }
+}
+
+/// Rendered frames as frames of the job's output: an extension's held frames (the clip's own
+/// last frames, which the output has from the clip) left out, the new ones after the clip's.
+fn numbered_in_output(mut video: Video, job: &JobSpec) -> Video {
+    let held = job.held_frames() as usize;
+    if held == 0 {
+        return video;
+    }
+    let skip = held.saturating_sub(video.first_frame).min(video.frames);
+    let frame_bytes = video.width * video.height * 3;
+    video.rgb.drain(..skip * frame_bytes);
+    video.frames -= skip;
+    video.first_frame = job
+        .output_frame((video.first_frame + skip) as u32)
+        .unwrap_or_default() as usize;
+    video
 }
 
 /// The frames this rank decoded (the whole clip on rank 0, or a worker group's segment on the

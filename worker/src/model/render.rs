@@ -102,6 +102,9 @@ pub enum RenderInput {
     /// ([`HeldFrames`](super::held_frames::HeldFrames)), and the new frames follow them, so
     /// `RenderSpec::frames` counts both.
     Continues(Video),
+    /// A picture the clip starts from (image-to-video): its first frame, resized to the
+    /// render's size.
+    FirstFrame(Video),
 }
 
 /// A progress report from a render.

@@ -569,8 +569,17 @@ impl WanPipeline {
     /// Refuses frames of another size than the spec's, a count the encoder cannot take, and
     /// more frames than leave the first window anything new to render.
     pub fn held_latents(&self, spec: &RenderSpec, plan: &WindowPlan) -> Result<Option<Tensor>> {
-        let Some(RenderInput::Continues(clip)) = &spec.input else {
-            return Ok(None);
+        let clip = match &spec.input {
+            None => return Ok(None),
+            Some(RenderInput::Continues(clip)) => clip,
+            Some(RenderInput::FirstFrame(_)) => {
+                return Err(PipelineError::Spec(format!(
+                    "model {} is a text-to-video model: it takes no picture (image-to-video \
+                     needs an image-to-video model, e.g. Wan2.1 I2V); extend a clip, or render \
+                     from the prompt alone",
+                    self.info.name
+                )))
+            }
         };
         if (clip.width, clip.height) != (spec.width, spec.height) {
             return Err(PipelineError::Spec(format!(
