@@ -792,6 +792,159 @@ mod tests {
             .to_string()
     }
 
+    /// A 64×64 clip of `frames` frames at 16 fps, as the coordinator read it.
+    fn clip(frames: u32) -> crate::Input {
+        JobInput {
+            bytes: 1000,
+            sha256: "ab".repeat(32),
+            width: 64,
+            height: 64,
+            frames,
+            fps: 16,
+            ..JobInput::unread(InputKind::Clip)
+        }
+        .to_proto()
+    }
+
+    /// An extension renders the clip's last frames again, held, before its new ones: the
+    /// workers' clip is longer than `frames`, the output is the clip and the new frames, and
+    /// it renders at the clip's size and rate.
+    #[test]
+    fn an_extension_counts_new_frames_after_the_clip() {
+        let extend = RenderSpec {
+            frames: 32,
+            width: 0,
+            height: 0,
+            fps: 0,
+            input: Some(clip(81)),
+            ..spec()
+        };
+        let job = SpecRequest::try_from(&extend)
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        assert_eq!((job.width, job.height, job.fps), (64, 64, 16));
+        // windows of 9 latent frames (the model's 33 frames), overlap 3: 3 held, 9 frames
+        assert_eq!(job.held_frames(), 9);
+        assert_eq!(job.rendered_frames(), 41);
+        assert_eq!(job.latent_frames(), 11);
+        assert_eq!(job.output_frames(), 113);
+        assert_eq!(job.output_frame(8), None);
+        assert_eq!(job.output_frame(9), Some(81));
+        assert_eq!(job.output_frame(40), Some(112));
+        // the spec round-trips with its input
+        assert_eq!(
+            SpecRequest::try_from(&RenderSpec::from(&job))
+                .unwrap()
+                .resolve(&model())
+                .unwrap(),
+            job
+        );
+        // new frames default to the model's clip after its first frame
+        let default = SpecRequest::try_from(&RenderSpec {
+            frames: 0,
+            ..extend.clone()
+        })
+        .unwrap()
+        .resolve(&model())
+        .unwrap();
+        assert_eq!(default.frames, 32);
+
+        for (spec, start) in [
+            (
+                RenderSpec {
+                    frames: 33,
+                    ..extend.clone()
+                },
+                "spec.frames: an extension renders new frames in fours",
+            ),
+            (
+                RenderSpec {
+                    width: 128,
+                    ..extend.clone()
+                },
+                "spec.width: 128 differs from the clip's 64",
+            ),
+            (
+                RenderSpec {
+                    fps: 24,
+                    ..extend.clone()
+                },
+                "spec.fps: 24 differs from the clip's 16",
+            ),
+            (
+                RenderSpec {
+                    input: Some(crate::Input {
+                        width: 60,
+                        ..clip(81)
+                    }),
+                    ..extend.clone()
+                },
+                "spec.input: the clip is 60×64",
+            ),
+        ] {
+            assert!(err(spec).starts_with(start), "{start}");
+        }
+        let unread = RenderSpec {
+            input: Some(JobInput::unread(InputKind::Clip).to_proto()),
+            ..extend.clone()
+        };
+        let e = SpecRequest::try_from(&unread)
+            .unwrap()
+            .resolve(&model())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("submit it with SubmitWithInput"), "{e}");
+        let one_frame_windows = RenderSpec {
+            window_latent_frames: 1,
+            ..extend
+        };
+        let e = SpecRequest::try_from(&one_frame_windows)
+            .unwrap()
+            .resolve(&model())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("spec.window_latent_frames"), "{e}");
+    }
+
+    /// A render from a picture takes the picture's aspect over the model's default area unless
+    /// the spec sets a size; its frames follow the frame rule as any render's.
+    #[test]
+    fn a_picture_sets_the_size_a_spec_leaves_unset() {
+        let picture = JobInput {
+            bytes: 10,
+            sha256: "cd".repeat(32),
+            width: 1024,
+            height: 512,
+            frames: 1,
+            fps: 0,
+            ..JobInput::unread(InputKind::Image)
+        }
+        .to_proto();
+        let from_picture = RenderSpec {
+            width: 0,
+            height: 0,
+            input: Some(picture),
+            ..spec()
+        };
+        let job = SpecRequest::try_from(&from_picture)
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        assert_eq!((job.width, job.height), (64, 32));
+        assert_eq!((job.rendered_frames(), job.output_frames()), (9, 9));
+        let sized = RenderSpec {
+            width: 64,
+            height: 64,
+            ..from_picture
+        };
+        let job = SpecRequest::try_from(&sized)
+            .unwrap()
+            .resolve(&model())
+            .unwrap();
+        assert_eq!((job.width, job.height), (64, 64));
+    }
+
     fn model() -> ModelDescription {
         ModelDescription {
             name: "toy".into(),
