@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use longtake_proto::{
-    job_event, CancelRequest, Job, JobEvent, JobRequest, JobState, ListRequest, ListWorkersRequest,
-    OutputFormat, SubmitRequest, Worker,
+    job_event, submit_part, CancelRequest, Job, JobEvent, JobRequest, JobState, ListRequest,
+    ListWorkersRequest, OutputFormat, SubmitPart, SubmitRequest, Worker,
 };
 
 use crate::client::{Client, CoordinatorArg};
@@ -133,6 +133,39 @@ pub async fn submit_spec(
             name: job.name.clone(),
             request_id: job.request_id.clone(),
         })
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    reply
+        .job
+        .ok_or_else(|| anyhow::anyhow!("the coordinator accepted the job but sent no record of it"))
+}
+
+/// Submits `spec` with its input file (`bytes`: a picture or a clip, as `spec.input` says),
+/// streamed to the coordinator in 1 MiB parts.
+pub async fn submit_spec_with_input(
+    client: &mut Client,
+    spec: longtake_proto::RenderSpec,
+    job: &JobArgs,
+    bytes: &[u8],
+) -> Result<Job> {
+    const PART_BYTES: usize = 1 << 20;
+    let request = SubmitPart {
+        part: Some(submit_part::Part::Request(SubmitRequest {
+            spec: Some(spec),
+            priority: job.priority,
+            name: job.name.clone(),
+            request_id: job.request_id.clone(),
+        })),
+    };
+    let parts: Vec<SubmitPart> = std::iter::once(request)
+        .chain(bytes.chunks(PART_BYTES).map(|chunk| SubmitPart {
+            part: Some(submit_part::Part::Data(chunk.to_vec())),
+        }))
+        .collect();
+    let reply = client
+        .render
+        .submit_with_input(tokio_stream::iter(parts))
         .await
         .map_err(|s| client.error(s))?
         .into_inner();

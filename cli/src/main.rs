@@ -43,6 +43,10 @@ enum Command {
     /// Render a clip: submit, watch, download to --out (MP4 or a PNG sequence). Without
     /// --coordinator / LONGTAKE_COORDINATOR it runs a farm in this process.
     Render(Box<render::RenderArgs>),
+    /// Extend a clip: render --seconds more after its last frame (the model holds the clip's
+    /// last frames as the start of its first window), download the clip followed by the new
+    /// frames to --out, and report the join.
+    Extend(Box<render::ExtendArgs>),
     /// Queue a render on a farm and print its job id.
     Submit(Box<jobs::SubmitArgs>),
     /// Show a job.
@@ -120,6 +124,7 @@ fn main() {
 fn command_name(command: &Command) -> &'static str {
     match command {
         Command::Render(_) => "render",
+        Command::Extend(_) => "extend",
         Command::Submit(_) => "submit",
         Command::Status(_) => "status",
         Command::Watch(_) => "watch",
@@ -137,6 +142,7 @@ fn command_name(command: &Command) -> &'static str {
 async fn run(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Render(args) => render::run(*args).await,
+        Command::Extend(args) => render::extend(*args).await,
         Command::Submit(args) => jobs::submit(*args).await,
         Command::Status(args) => jobs::status(args).await,
         Command::Watch(args) => jobs::watch(args).await,

@@ -5,10 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use longtake_cli::inspect::{Caption, Topology, ToyWorld};
-use longtake_proto::spec::WindowSettings;
+use longtake_proto::media::{decode_png, ClipFacts, Mp4Clip};
+use longtake_proto::spec::input::held_latent_frames;
+use longtake_proto::spec::{InputKind, JobInput, WindowSettings};
 use longtake_proto::{JobEvent, RenderSpec};
 use longtake_worker::daemon::models;
 
@@ -49,11 +51,119 @@ pub struct RenderArgs {
     /// cuda].
     #[arg(long)]
     pub dtype: Option<String>,
+    /// A PNG picture the clip starts from (image-to-video, with a model that takes one); the
+    /// size follows the picture's aspect over the model's default area unless --size is given.
+    #[arg(long, value_name = "FRAME.png")]
+    pub image: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ExtendArgs {
+    /// The clip to extend: an H.264 MP4 (longtake's own output, or any whose sides are
+    /// multiples of 16). The new frames render at its size and frame rate; --seconds and
+    /// --frames count the new frames only.
+    #[arg(long, value_name = "CLIP.mp4")]
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub render: RenderArgs,
+}
+
+/// An input file read here before it is sent, so an unreadable one fails before anything
+/// starts (the coordinator reads it again: it trusts no client).
+struct Upload {
+    kind: InputKind,
+    bytes: Vec<u8>,
+    /// The clip's, for an extension.
+    clip: Option<ClipFacts>,
+}
+
+impl Upload {
+    fn read(path: &Path, kind: InputKind) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read the {} {}", kind.name(), path.display()))?;
+        let clip = match kind {
+            InputKind::Image => {
+                decode_png(&bytes).with_context(|| format!("--image {}", path.display()))?;
+                None
+            }
+            InputKind::Clip => Some(
+                Mp4Clip::open(&bytes)
+                    .with_context(|| format!("--input {}", path.display()))?
+                    .facts(),
+            ),
+        };
+        Ok(Self { kind, bytes, clip })
+    }
+
+    fn input(&self) -> longtake_proto::Input {
+        JobInput::unread(self.kind).to_proto()
+    }
 }
 
 pub async fn run(args: RenderArgs) -> Result<i32> {
     let format = download::format_for(&args.out, args.spec.format.map(|f| f.proto()))?;
-    let built = args.spec.build(format)?;
+    let mut built = args.spec.build(format)?;
+    let upload = match &args.image {
+        Some(path) => Some(Upload::read(path, InputKind::Image)?),
+        None => None,
+    };
+    if let Some(upload) = &upload {
+        built.spec.input = Some(upload.input());
+    }
+    render_built(args, built, upload).await
+}
+
+/// `longtake extend`: the new frames counted from --seconds at the clip's rate (rounded up to
+/// a multiple of 4, as the VAE packs frames) or from --frames.
+pub async fn extend(args: ExtendArgs) -> Result<i32> {
+    let ExtendArgs { input, render } = args;
+    if render.image.is_some() {
+        bail!("--image is for `render`: an extension continues --input, the clip");
+    }
+    let upload = Upload::read(&input, InputKind::Clip)?;
+    let clip = upload.clip.expect("a clip's facts");
+    let format = download::format_for(&render.out, render.spec.format.map(|f| f.proto()))?;
+    let mut built = render.spec.build(format)?;
+    let pack = longtake_proto::spec::frames::WAN_TEMPORAL_PACK;
+    let requested = match (render.spec.frames, render.spec.seconds) {
+        (Some(n), _) => Some(n as u32),
+        (None, Some(s)) => Some(longtake_proto::spec::frames::for_duration(s, clip.fps)),
+        (None, None) => None,
+    };
+    built.notes.clear();
+    built.spec.frames = match requested {
+        Some(n) => {
+            let frames = n.div_ceil(pack).max(1) * pack;
+            if frames != n {
+                built.notes.push(format!(
+                    "note: an extension renders new frames in fours; {n} frames rounded up to \
+                     {frames}"
+                ));
+            }
+            frames
+        }
+        None => 0,
+    };
+    // the clip's rate and size unless asked for (the coordinator refuses others, naming them)
+    built.spec.fps = render.spec.fps.unwrap_or(0);
+    built.spec.input = Some(upload.input());
+    eprintln!(
+        "extending {}: {} frames, {}x{}, {} fps",
+        input.display(),
+        clip.frames,
+        clip.width,
+        clip.height,
+        clip.fps
+    );
+    render_built(render, built, Some(upload)).await
+}
+
+async fn render_built(
+    args: RenderArgs,
+    built: crate::spec_args::Built,
+    upload: Option<Upload>,
+) -> Result<i32> {
+    let format = download::format_for(&args.out, args.spec.format.map(|f| f.proto()))?;
     let url = args.coordinator.url();
     // The embedded farm has no tokens or TLS: they are for a farm named by --coordinator.
     let target = match url {
@@ -106,7 +216,8 @@ pub async fn run(args: RenderArgs) -> Result<i32> {
         }
     };
     let target = target.unwrap_or_else(|| Target::plain(&url));
-    let outcome = submit_watch_fetch(&target, built.spec, &args, dest, &mut farm).await;
+    let outcome =
+        submit_watch_fetch(&target, built.spec, &args, upload.as_ref(), dest, &mut farm).await;
     if let Some(farm) = farm {
         farm.shutdown().await;
     }
@@ -117,6 +228,7 @@ async fn submit_watch_fetch(
     target: &Target,
     spec: RenderSpec,
     args: &RenderArgs,
+    upload: Option<&Upload>,
     dest: Destination,
     farm: &mut Option<Farm>,
 ) -> Result<()> {
@@ -129,7 +241,13 @@ async fn submit_watch_fetch(
             return Err(err);
         }
     };
-    let job = match jobs::submit_spec(&mut client, spec, &args.job).await {
+    let submitted = match upload {
+        Some(upload) => {
+            jobs::submit_spec_with_input(&mut client, spec, &args.job, &upload.bytes).await
+        }
+        None => jobs::submit_spec(&mut client, spec, &args.job).await,
+    };
+    let job = match submitted {
         Ok(job) => job,
         Err(err) => {
             dest.discard();
@@ -155,10 +273,22 @@ async fn submit_watch_fetch(
     let done = jobs::get(&mut client, &job.id).await?;
     // A finished job's record holds the spec as it ran, the model's defaults filled in.
     let spec = done.spec.unwrap_or_default();
+    let extended = spec
+        .input
+        .as_ref()
+        .filter(|i| i.kind == longtake_proto::InputKind::Clip as i32)
+        .map(|clip| clip.frames);
+    let frames = match extended {
+        Some(clip_frames) => format!(
+            "{} frames (the clip's {clip_frames}, {} new)",
+            clip_frames + spec.frames,
+            spec.frames
+        ),
+        None => format!("{} frames", spec.frames),
+    };
     println!(
-        "wrote {}: {} frames, {}x{}, {} fps, {} bytes, in {:.1} s",
+        "wrote {}: {frames}, {}x{}, {} fps, {} bytes, in {:.1} s",
         args.out.display(),
-        spec.frames,
         spec.width,
         spec.height,
         spec.fps,
@@ -166,7 +296,7 @@ async fn submit_watch_fetch(
         start.elapsed().as_secs_f64()
     );
     let world = model_world(&mut client, &spec.model).await;
-    report_seams(&args.out, &spec, world);
+    report_seams(&args.out, &spec, world, extended);
     Ok(())
 }
 
@@ -188,8 +318,8 @@ async fn model_world(client: &mut Client, model: &str) -> ToyWorld {
 /// boundary against the change inside windows) and how to see them all. A clip of one window
 /// (its spec shows no window settings) has none. The clip is measured in the model's world,
 /// on a torus where every prompt is a toy-world caption of a straight mover that wraps.
-fn report_seams(out: &Path, spec: &RenderSpec, world: ToyWorld) {
-    if spec.window_latent_frames == 0 {
+fn report_seams(out: &Path, spec: &RenderSpec, world: ToyWorld, extended: Option<u32>) {
+    if spec.window_latent_frames == 0 && extended.is_none() {
         return;
     }
     let windows = WindowSettings {
@@ -205,8 +335,35 @@ fn report_seams(out: &Path, spec: &RenderSpec, world: ToyWorld) {
         .map(|p| p.parse::<Caption>().ok().map(|c| c.direction))
         .collect();
     let topology = Topology::of_world(world, directions.unwrap_or_default());
-    match longtake_cli::inspect::seams_of(out, windows, topology) {
-        Ok(Some(report)) => println!(
+    // An extension's windows start at the clip's last frames it held, before the join.
+    let join = extended.map(|clip_frames| {
+        let held = match spec.window_latent_frames {
+            0 => 0,
+            window => {
+                let pack = longtake_proto::spec::frames::WAN_TEMPORAL_PACK;
+                let latents = held_latent_frames(window, windows.overlap, clip_frames, pack);
+                (latents.max(1) - 1) * pack + 1
+            }
+        };
+        (clip_frames as usize, held as usize)
+    });
+    let (seams, join) = match longtake_cli::inspect::seams_and_join_of(out, windows, topology, join)
+    {
+        Ok(reports) => reports,
+        Err(err) => {
+            eprintln!("note: no seam report for {}: {err}", out.display());
+            return;
+        }
+    };
+    if let Some(join) = join {
+        println!(
+            "join at frame {} (the clip's last frame → the first new one): {}",
+            join.join,
+            join.summary()
+        );
+    }
+    if let Some(report) = seams {
+        println!(
             "seams: {} window boundaries; each seam's largest change against each stretch \
              inside the windows (picture, object centroid, colour, area): {}; worst seam against \
              the inside's mean and 95th percentile: {} (each seam: longtake inspect {} --window \
@@ -217,9 +374,7 @@ fn report_seams(out: &Path, spec: &RenderSpec, world: ToyWorld) {
             out.display(),
             windows.latent_frames,
             windows.overlap
-        ),
-        Ok(None) => {}
-        Err(err) => eprintln!("note: no seam report for {}: {err}", out.display()),
+        );
     }
 }
 

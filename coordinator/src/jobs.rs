@@ -612,7 +612,7 @@ impl JobTable {
         // other source to learn the size or steps the farm chose.
         job.spec = JobSpecs::Resolved {
             request,
-            resolved: resolved.clone(),
+            resolved: Box::new(resolved.clone()),
         };
         job.message.clear();
         let body = job_event::Event::Planned(planned(job));

@@ -106,7 +106,8 @@ pub enum JobSpecs {
     /// workers serve (what the last attempt ran, and what clients are shown).
     Resolved {
         request: SpecRequest,
-        resolved: JobSpec,
+        /// Boxed: a job's record is mostly moved whole, and this is its largest part.
+        resolved: Box<JobSpec>,
     },
     /// A stored spec this coordinator could not read back (another version wrote it, or a hand
     /// edit): kept as stored so it can still be shown and written back, never run (the job has
@@ -136,7 +137,7 @@ impl JobSpecs {
     pub fn to_render_spec(&self) -> RenderSpec {
         match self {
             Self::Submitted(request) => RenderSpec::from(request),
-            Self::Resolved { resolved, .. } => RenderSpec::from(resolved),
+            Self::Resolved { resolved, .. } => RenderSpec::from(resolved.as_ref()),
             Self::Unreadable(raw) => raw.clone(),
         }
     }
@@ -412,7 +413,7 @@ mod tests {
             .unwrap();
         record.spec = JobSpecs::Resolved {
             request,
-            resolved: resolved.clone(),
+            resolved: Box::new(resolved.clone()),
         };
         record.plan = Some(Plan::single(
             vec!["w2".into(), "w1".into()],

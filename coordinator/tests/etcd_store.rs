@@ -86,7 +86,10 @@ async fn store_contract(store: &dyn JobStore) -> Vec<JobRecord> {
             vec!["w1".into(), "w2".into()],
             resolved.layout,
         )),
-        spec: JobSpecs::Resolved { request, resolved },
+        spec: JobSpecs::Resolved {
+            request,
+            resolved: Box::new(resolved),
+        },
         checkpoint: Some(CheckpointRef { step: 2, groups: 1 }),
         steps_done: 2,
         steps_total: 3,

@@ -31,7 +31,7 @@ use longtake_proto::spec::job::default_overlap;
 use longtake_proto::spec::WindowSettings;
 pub use longtake_worker::model::render::ToyWorld;
 pub use read::{read_clip, ClipError};
-pub use seams::{seam_report, SeamReport};
+pub use seams::{join_report, seam_report, JoinReport, SeamReport};
 pub use segment::Topology;
 pub use verdict::Verdict;
 pub use world::{Caption, CaptionError};
@@ -131,16 +131,47 @@ pub fn seams_of(
     windows: WindowSettings,
     topology: Topology,
 ) -> Result<Option<SeamReport>, InspectError> {
+    Ok(seams_and_join_of(path, windows, topology, None)?.0)
+}
+
+/// [`seams_of`] for the clip at `path` whose frames from `join` on were rendered after the
+/// frames before it (an extension: its windows start `held` frames before the join, at the
+/// clip's last frames it held), with the [`JoinReport`] of the join. `join` `None`: the whole
+/// clip was rendered, as [`seams_of`].
+pub fn seams_and_join_of(
+    path: &Path,
+    windows: WindowSettings,
+    topology: Topology,
+    join: Option<(usize, usize)>,
+) -> Result<(Option<SeamReport>, Option<JoinReport>), InspectError> {
     let frames = read_clip(path)?;
     let measurements = measure(&frames, topology).map_err(|source| InspectError::Check {
         path: path.to_path_buf(),
         source,
     })?;
-    Ok(
-        seam_report(&frames, &measurements.per_frame, windows, topology)
+    let per_frame = &measurements.per_frame;
+    let Some((join, held)) = join else {
+        let seams = seam_report(&frames, per_frame, windows, topology)
             .ok()
-            .flatten(),
+            .flatten();
+        return Ok((seams, None));
+    };
+    let rendered = join.saturating_sub(held).min(frames.len());
+    let seams = seam_report(
+        &frames[rendered..],
+        &per_frame[rendered..],
+        windows,
+        topology,
     )
+    .ok()
+    .flatten()
+    .map(|mut report| {
+        for seam in &mut report.seams {
+            seam.frames = seam.frames.start + rendered..seam.frames.end + rendered;
+        }
+        report
+    });
+    Ok((seams, join_report(&frames, per_frame, join, topology)))
 }
 
 /// [`inspect`] with the seams of a clip cut with `windows`, of a model trained on `world`.

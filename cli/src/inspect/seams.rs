@@ -309,6 +309,68 @@ pub fn seam_report(
     }))
 }
 
+/// Where an extended clip's new frames join the clip it extends: the change across the join
+/// against the change inside the clip before it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JoinReport {
+    /// The first new frame.
+    pub join: usize,
+    /// Video frames whose transitions count for the join (one frame either side of it).
+    pub frames: Range<usize>,
+    /// The largest of the transitions across the join, figure by figure.
+    pub largest: Change,
+    /// Over the clip's own transitions, away from the join: the 95th percentile and the
+    /// largest.
+    pub clip_p95: Change,
+    pub clip_largest: Change,
+    /// `largest` over `clip_p95` and over `clip_largest` (picture, centroid jump, colour,
+    /// area); `None` where a figure is missing.
+    pub jump_ratio: [Option<f64>; 4],
+    pub worst_ratio: [Option<f64>; 4],
+}
+
+impl JoinReport {
+    /// `×0.91 ×1.20 ×0.80 ×1.05 of the clip's 95th percentile (×0.5 ... of its largest)`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} of the clip's 95th percentile, {} of its largest change",
+            ratio_list(self.jump_ratio),
+            ratio_list(self.worst_ratio)
+        )
+    }
+}
+
+/// The join at video frame `join` of a clip (`per_frame`: the checker's object in each frame);
+/// `None` when the clip has too few frames before or after it.
+pub fn join_report(
+    frames: &[Frame],
+    per_frame: &[FrameObject],
+    join: usize,
+    topology: Topology,
+) -> Option<JoinReport> {
+    if join < 3 || join + 1 >= frames.len() {
+        return None;
+    }
+    let transitions = transitions(frames, per_frame, topology);
+    let span = join - 2..join + 2;
+    let across: Vec<&Change> = (span.start..span.end - 1)
+        .map(|i| &transitions[i])
+        .collect();
+    let clip: Vec<&Change> = transitions[..span.start].iter().collect();
+    let largest_across = summarise(&across, largest);
+    let clip_p95 = summarise(&clip, |v| quantile(v, 0.95));
+    let clip_largest = summarise(&clip, largest);
+    Some(JoinReport {
+        join,
+        frames: span,
+        jump_ratio: ratios(&largest_across, &clip_p95),
+        worst_ratio: ratios(&largest_across, &clip_largest),
+        largest: largest_across,
+        clip_p95,
+        clip_largest,
+    })
+}
+
 /// Latent frames of a clip of `frames` video frames (`4k+1`; a clip of another count is
 /// counted as the next `4k+1` would be).
 fn latent_frames(frames: usize) -> u32 {
@@ -393,7 +455,44 @@ mod tests {
     use crate::inspect::toy_windows;
     use crate::inspect::world::{Direction, Shape};
 
-    /// The seam report of a clip of several toy windows on the plane.
+    /// A clip continued smoothly joins like any stretch of it; one whose object jumps and
+    /// changes colour at the join shows it there.
+    #[test]
+    fn a_join_is_measured_against_the_clip_before_it() {
+        let mut scene = Scene::new([220, 40, 40], [0, 0, 0], Shape::Circle, Direction::Right);
+        scene.frames = 49;
+        scene.velocity = [0.8, 0.0];
+        scene.center_path();
+        let smooth = scene.render();
+        let report = |frames: &[Frame]| {
+            let measured = measure(frames, Topology::Plane).unwrap();
+            join_report(frames, &measured.per_frame, 33, Topology::Plane).unwrap()
+        };
+        let even = report(&smooth);
+        assert_eq!(even.frames, 31..35);
+        assert!(
+            even.jump_ratio.iter().flatten().all(|&r| r < 2.0),
+            "{}",
+            even.summary()
+        );
+        let mut cut = smooth.clone();
+        let other = Scene {
+            start: [scene.start[0] - 20.0, scene.start[1] + 16.0],
+            color: [40, 220, 40],
+            ..scene.clone()
+        }
+        .render();
+        cut[33..].clone_from_slice(&other[33..]);
+        let jumped = report(&cut);
+        let [_, centroid, color, _] = jumped.jump_ratio;
+        assert!(
+            centroid.unwrap() > 2.0 && color.unwrap() > 2.0,
+            "{}",
+            jumped.summary()
+        );
+    }
+
+    /// The seam report of a clip of several toy windows on the plane.    /// The seam report of a clip of several toy windows on the plane.
     fn report_of(frames: &[Frame]) -> SeamReport {
         let measured = measure(frames, Topology::Plane).unwrap();
         seam_report(frames, &measured.per_frame, toy_windows(), Topology::Plane)

@@ -332,7 +332,10 @@ fn from_v2(stored: StoredJob) -> LoadedJob {
     let spec = SpecRequest::try_from(&stored.spec).and_then(|request| {
         let resolved = stored.resolved.as_ref().map(resolved_spec).transpose()?;
         Ok(match resolved {
-            Some(resolved) => JobSpecs::Resolved { request, resolved },
+            Some(resolved) => JobSpecs::Resolved {
+                request,
+                resolved: Box::new(resolved),
+            },
             None => JobSpecs::Submitted(request),
         })
     });
@@ -399,9 +402,10 @@ impl From<&JobRecord> for StoredJob {
     fn from(record: &JobRecord) -> Self {
         let (spec, resolved) = match &record.spec {
             JobSpecs::Submitted(request) => (RenderSpec::from(request), None),
-            JobSpecs::Resolved { request, resolved } => {
-                (RenderSpec::from(request), Some(RenderSpec::from(resolved)))
-            }
+            JobSpecs::Resolved { request, resolved } => (
+                RenderSpec::from(request),
+                Some(RenderSpec::from(resolved.as_ref())),
+            ),
             JobSpecs::Unreadable(raw) => (raw.clone(), None),
         };
         StoredJob {
@@ -560,7 +564,7 @@ mod tests {
             }),
             spec: JobSpecs::Resolved {
                 request: submitted,
-                resolved,
+                resolved: Box::new(resolved),
             },
             attempts: 2,
             checkpoint: Some(CheckpointRef { step: 2, groups: 1 }),

@@ -521,22 +521,20 @@ impl TryFrom<&RenderSpec> for SpecRequest {
         // Zero frames or fps: the model's defaults, filled in by `resolve`.
         let frame_count = (spec.frames != 0).then_some(spec.frames);
         match frame_count {
-            Some(count) if extends => {
-                if !count.is_multiple_of(WAN_TEMPORAL_PACK) {
-                    let nearest = (count / WAN_TEMPORAL_PACK).max(1) * WAN_TEMPORAL_PACK;
-                    return Err(bad(
-                        "frames",
-                        format!(
-                            "an extension renders new frames in fours (4, 8, 12, ...): {count} \
-                             is not one; try {nearest}"
-                        ),
-                    ));
-                }
+            Some(count) if extends && !count.is_multiple_of(WAN_TEMPORAL_PACK) => {
+                let nearest = (count / WAN_TEMPORAL_PACK).max(1) * WAN_TEMPORAL_PACK;
+                return Err(bad(
+                    "frames",
+                    format!(
+                        "an extension renders new frames in fours (4, 8, 12, ...): {count} is \
+                         not one; try {nearest}"
+                    ),
+                ));
             }
-            Some(count) => {
+            Some(count) if !extends => {
                 frames::check(count, WAN_TEMPORAL_PACK).map_err(|e| bad("frames", e.to_string()))?
             }
-            None => {}
+            _ => {}
         }
         let fps = (spec.fps != 0).then_some(spec.fps);
         let width = optional_size("width", spec.width)?;
