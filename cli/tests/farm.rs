@@ -14,11 +14,14 @@ use longtake_cli::local::{LocalFarm, Served};
 use longtake_coordinator::encode::{open_writer, Quality, VideoFormat};
 use longtake_coordinator::{Coordinator, CoordinatorConfig, JobStore};
 use longtake_proto::cluster_service_client::ClusterServiceClient;
+use longtake_proto::media::{MediaError, Mp4Clip};
 use longtake_proto::membership::{InProcessMembership, Membership};
 use longtake_proto::render_service_client::RenderServiceClient;
+use longtake_proto::spec::Limits;
 use longtake_proto::{
-    job_event, CancelRequest, Job, JobEvent, JobRequest, JobState, ListRequest, ListWorkersRequest,
-    OutputFormat, RenderSpec, SubmitRequest, WorkerState,
+    job_event, submit_part, CancelRequest, Input, InputKind, Job, JobEvent, JobRequest, JobState,
+    ListRequest, ListWorkersRequest, OutputFormat, RenderSpec, SubmitPart, SubmitRequest,
+    WorkerState,
 };
 use longtake_worker::daemon::{self, DaemonConfig, ModelSource};
 
@@ -90,6 +93,20 @@ impl Farm {
             .await
             .unwrap();
         (coordinator, served.url().to_string(), Running(served))
+    }
+
+    /// A coordinator over this farm's job store with `limits`.
+    async fn coordinator_limited(&self, limits: Limits) -> (String, Running) {
+        let config = CoordinatorConfig {
+            limits,
+            ..CoordinatorConfig::new(self.artifacts.path().to_path_buf())
+        };
+        let (_, served) = self
+            .local
+            .coordinator_with(config, self.local.membership.clone())
+            .await
+            .unwrap();
+        (served.url().to_string(), Running(served))
     }
 
     async fn worker(&self, id: &str) -> Running {
@@ -940,4 +957,271 @@ fn tiny_render_spec(spec: &RenderSpec) -> longtake_worker::model::render::Render
     use longtake_worker::daemon::{task, ModelSource};
     let tiny = ServedModel::open(ModelSource::Tiny).expect("the tiny model");
     task::render_spec(&task::job_spec(spec, &tiny).expect("a valid spec"))
+}
+
+/// A 64×64 clip of `frames` frames at 16 fps: a bar sweeping right over a gradient.
+fn input_clip(frames: usize) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("input.mp4");
+    let mut sink = open_writer(
+        &path,
+        Some(VideoFormat::Mp4),
+        64,
+        64,
+        16,
+        Quality::default(),
+    )
+    .unwrap();
+    for f in 0..frames {
+        let mut rgb = Vec::with_capacity(64 * 64 * 3);
+        for y in 0..64usize {
+            for x in 0..64usize {
+                let bar = (x + 64 - 4 * f % 64) % 64 < 8;
+                rgb.extend_from_slice(&if bar {
+                    [230, 60, 40]
+                } else {
+                    [(x * 3) as u8, (y * 2) as u8, 90]
+                });
+            }
+        }
+        sink.push_frame(&rgb).unwrap();
+    }
+    sink.finish().unwrap();
+    std::fs::read(path).unwrap()
+}
+
+/// Every frame of an MP4, decoded.
+fn decoded(mp4: &[u8]) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    Mp4Clip::open(mp4)
+        .unwrap()
+        .decode(|rgb| {
+            frames.push(rgb);
+            Ok::<_, MediaError>(())
+        })
+        .unwrap();
+    frames
+}
+
+/// Submits `spec` with `file` as its input, in 1000-byte parts.
+async fn submit_with_input(
+    c: &mut RenderServiceClient<Channel>,
+    spec: RenderSpec,
+    file: &[u8],
+) -> Result<Job, tonic::Status> {
+    let request = SubmitPart {
+        part: Some(submit_part::Part::Request(SubmitRequest {
+            spec: Some(spec),
+            name: "extended".into(),
+            ..Default::default()
+        })),
+    };
+    let parts: Vec<SubmitPart> = std::iter::once(request)
+        .chain(file.chunks(1000).map(|chunk| SubmitPart {
+            part: Some(submit_part::Part::Data(chunk.to_vec())),
+        }))
+        .collect();
+    Ok(c.submit_with_input(tokio_stream::iter(parts))
+        .await?
+        .into_inner()
+        .job
+        .unwrap())
+}
+
+/// An extension's spec on the tiny model: `new` frames after the clip.
+fn extension(new: u32) -> RenderSpec {
+    RenderSpec {
+        frames: new,
+        fps: 0,
+        width: 0,
+        height: 0,
+        input: Some(Input {
+            kind: InputKind::Clip as i32,
+            ..Default::default()
+        }),
+        ..spec(2)
+    }
+}
+
+/// The output the single process makes of an extension: the clip's frames as decoded, then the
+/// tiny pipeline's new frames after it held the clip's last frames, written by the encoder the
+/// coordinator uses.
+fn reference_extension(spec: &RenderSpec, clip: &[u8], out: &Path) {
+    use longtake_worker::families::wan::pipeline::WanPipeline;
+    use longtake_worker::model::render::{RenderInput, Video};
+    let mut spec = spec.clone();
+    spec.input = Some(
+        longtake_coordinator::input::read(longtake_proto::spec::InputKind::Clip, clip)
+            .unwrap()
+            .to_proto(),
+    );
+    let frames = decoded(clip);
+    let mut render = tiny_render_spec(&spec);
+    let held = render.frames - spec.frames as usize;
+    render.input = Some(RenderInput::Continues(Video {
+        rgb: frames[frames.len() - held..].concat(),
+        first_frame: 0,
+        frames: held,
+        height: 64,
+        width: 64,
+    }));
+    let pipeline = WanPipeline::tiny(&candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let video = pipeline.render(&render, &mut |_| {}).unwrap();
+    let mut sink =
+        open_writer(out, Some(VideoFormat::Mp4), 64, 64, 16, Quality::default()).unwrap();
+    for frame in frames.iter() {
+        sink.push_frame(frame).unwrap();
+    }
+    for frame in video.rgb.chunks_exact(64 * 64 * 3).skip(held) {
+        sink.push_frame(frame).unwrap();
+    }
+    sink.finish().unwrap();
+}
+
+/// An extension through the farm: the clip uploaded with the job, its frames first in the
+/// output, then the new frames, the bytes of the single-process render of the same extension;
+/// in one worker group and co-denoised by two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_extension_is_the_clip_then_the_single_process_new_frames() {
+    let farm = Farm::new();
+    let (_coordinator, url, served) = farm.coordinator().await;
+    let workers = [farm.worker("w1").await, farm.worker("w2").await];
+    let mut c = client(&url).await;
+    let clip = input_clip(13);
+    let two_groups = RenderSpec {
+        groups: 2,
+        window_latent_frames: 3,
+        overlap_latent_frames: Some(1),
+        ..extension(16)
+    };
+    for spec in [extension(8), two_groups] {
+        let job = submit_with_input(&mut c, spec.clone(), &clip)
+            .await
+            .unwrap();
+        let input = job.spec.as_ref().unwrap().input.clone().unwrap();
+        assert_eq!(
+            (input.width, input.height, input.frames, input.fps),
+            (64, 64, 13, 16)
+        );
+        assert_eq!(input.bytes, clip.len() as u64);
+        let job = wait_state(&mut c, &job.id, JobState::Done).await;
+        let out = farm.artifacts.path().join(format!("{}.mp4", job.id));
+        fetch(&mut c, &job.id, &out).await;
+        let frames = decoded(&std::fs::read(&out).unwrap());
+        assert_eq!(frames.len(), 13 + spec.frames as usize);
+        let reference = farm
+            .artifacts
+            .path()
+            .join(format!("{}-reference.mp4", job.id));
+        reference_extension(&spec, &clip, &reference);
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(&reference).unwrap(),
+            "the farm's extension differs from the single process's ({} group(s))",
+            spec.groups.max(1)
+        );
+        // the input is kept with the job's artifacts
+        let kept = farm.artifacts.path().join(&job.id).join(".input.mp4");
+        assert_eq!(std::fs::read(kept).unwrap(), clip);
+    }
+    for worker in workers {
+        worker.stop().await;
+    }
+    served.stop().await;
+}
+
+/// Bad inputs are named and nothing of them is kept: an oversized upload (refused as it
+/// streams), an unreadable clip, a clip of another frame rate than the spec, a file sent with
+/// the plain Submit; the farm stays up and an extension queued before a restart still runs
+/// after it, from the file kept with its job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_inputs_are_named_and_a_queued_extension_survives_a_restart() {
+    let farm = Farm::new();
+    let clip = input_clip(9);
+    let (url, served) = farm
+        .coordinator_limited(Limits {
+            max_input_bytes: clip.len() as u64 - 1,
+            ..Limits::default()
+        })
+        .await;
+    let mut c = client(&url).await;
+    let e = submit_with_input(&mut c, extension(4), &clip)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .starts_with("input: the clip is over this farm's limit of"),
+        "{}",
+        e.message()
+    );
+    served.stop().await;
+
+    let (url, served) = farm.coordinator_limited(Limits::default()).await;
+    let mut c = client(&url).await;
+    for (spec, file, message) in [
+        (
+            extension(4),
+            b"not an mp4".to_vec(),
+            "input: the clip is not a readable MP4",
+        ),
+        (
+            RenderSpec {
+                fps: 24,
+                ..extension(4)
+            },
+            clip.clone(),
+            "spec.fps: 24 differs from the clip's 16",
+        ),
+        (
+            extension(6),
+            clip.clone(),
+            "spec.frames: an extension renders new frames in fours",
+        ),
+        (
+            RenderSpec {
+                input: None,
+                ..extension(4)
+            },
+            clip.clone(),
+            "spec.input: unset",
+        ),
+    ] {
+        let e = submit_with_input(&mut c, spec, &file).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().starts_with(message), "{}", e.message());
+    }
+    let e = c
+        .submit(SubmitRequest {
+            spec: Some(extension(4)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e
+        .message()
+        .starts_with("spec.input: a job with an input file is submitted with SubmitWithInput"));
+    // nothing of the refused uploads is kept
+    let kept: Vec<_> = std::fs::read_dir(farm.artifacts.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name != ".incoming")
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    let incoming = farm.artifacts.path().join(".incoming");
+    assert!(!incoming.exists() || std::fs::read_dir(&incoming).unwrap().next().is_none());
+
+    // queued with no worker, then the coordinator restarts: the job and its file are kept
+    let queued = submit_with_input(&mut c, extension(4), &clip)
+        .await
+        .unwrap();
+    served.stop().await;
+    let (url, served) = farm.coordinator_limited(Limits::default()).await;
+    let worker = farm.worker("w1").await;
+    let mut c = client(&url).await;
+    let done = wait_state(&mut c, &queued.id, JobState::Done).await;
+    let out = farm.artifacts.path().join("after-restart.mp4");
+    fetch(&mut c, &done.id, &out).await;
+    assert_eq!(decoded(&std::fs::read(&out).unwrap()).len(), 13);
+    worker.stop().await;
+    served.stop().await;
 }
