@@ -956,6 +956,80 @@ fn a_long_clip_on_two_worker_groups_equals_the_single_process_render() {
     );
 }
 
+/// `longtake extend` on the farm: the clip uploaded with the job, the output the clip followed
+/// by the new frames, co-denoised by two worker groups within one level of the embedded single
+/// process, the join reported; a clip of another frame rate than asked is refused by name.
+#[test]
+fn an_extended_clip_on_two_worker_groups_equals_the_single_process_extension() {
+    let mut farm = Farm::start();
+    for id in ["w1", "w2"] {
+        farm.start_worker(id, &["--model", "toy"]);
+    }
+    let caption = "a red circle moving right on a black background";
+    let base = |frames: &str| -> Vec<String> {
+        [
+            "--model", "toy", "--prompt", caption, "--frames", frames, "--steps", "3", "--seed",
+            "5",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let clip = farm.path("clip.mp4");
+    let mut args = base("17");
+    args.extend(["--out".to_string(), clip.display().to_string()]);
+    embedded_render(&strs(&args));
+
+    let extend = |out: &std::path::Path, groups: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "extend".to_string(),
+            "--input".into(),
+            clip.display().to_string(),
+        ];
+        args.extend(base("32"));
+        args.extend(["--window", "5", "--format", "png", "--out"].map(String::from));
+        args.push(out.display().to_string());
+        args.extend(groups.iter().map(|s| s.to_string()));
+        args
+    };
+    let on_groups = farm.path("extended-groups");
+    let run = farm
+        .cli(&strs(&extend(&on_groups, &["--groups", "2"])))
+        .ok();
+    assert!(
+        run.stdout.contains("wrote ") && run.stdout.contains("49 frames (the clip's 17, 32 new)"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.stdout.contains("join at frame 17"),
+        "{}",
+        run.describe()
+    );
+    let reference = farm.path("extended-reference");
+    let mut cmd = support::cli::longtake();
+    cmd.env_remove("LONGTAKE_COORDINATOR");
+    support::cli::Run::of(cmd, &strs(&extend(&reference, &[]))).ok();
+    let (frames, expected) = (png_frames(&on_groups), png_frames(&reference));
+    assert_eq!((frames.len(), expected.len()), (49, 49));
+    let worst = max_diff(&frames, &expected);
+    assert!(
+        worst <= 1,
+        "an extension on two groups: max |diff| {worst} levels from the single process"
+    );
+
+    let mut wrong_rate = extend(&farm.path("never"), &[]);
+    wrong_rate.extend(["--fps", "24"].map(String::from));
+    let refused = farm.cli(&strs(&wrong_rate));
+    assert_ne!(refused.code, Some(0), "{}", refused.describe());
+    assert!(
+        refused
+            .error_line()
+            .contains("spec.fps: 24 differs from the clip's 16"),
+        "{}",
+        refused.describe()
+    );
+}
+
 #[test]
 fn a_restarted_coordinator_keeps_its_jobs_and_runs_the_queue() {
     let mut farm = Farm::with_workers(&["w1"]);
