@@ -1,7 +1,8 @@
 //! The model families this worker runs, one folder each: its configuration and modules, its
 //! distributed form under a parallel layout, and its pipelines. Here the worker picks a family's
 //! pipeline by the checkpoint's `model_index.json` ([`ModelFamily`]); a new family is a new
-//! folder and a match arm in each function below.
+//! folder and a match arm in each function below. Wan2.1's text-to-video and image-to-video
+//! checkpoints share one pipeline, which loads the image encoder where the checkpoint has one.
 
 pub mod wan;
 
@@ -16,7 +17,9 @@ use crate::parallel::Communicator;
 /// parse) and says what a worker advertises about it.
 pub fn describe(source: PipelineSource<'_>) -> Result<ModelFacts> {
     match ModelFamily::of_source(source)? {
-        ModelFamily::Wan21TextToVideo => wan::pipeline::describe(source),
+        ModelFamily::Wan21TextToVideo | ModelFamily::Wan21ImageToVideo => {
+            wan::pipeline::describe(source)
+        }
     }
 }
 
@@ -28,9 +31,9 @@ pub fn load_pipeline(
     dtype: DType,
 ) -> Result<Box<dyn VideoPipeline>> {
     match ModelFamily::of_source(source)? {
-        ModelFamily::Wan21TextToVideo => Ok(Box::new(wan::pipeline::WanPipeline::from_source(
-            source, device, dtype,
-        )?)),
+        ModelFamily::Wan21TextToVideo | ModelFamily::Wan21ImageToVideo => Ok(Box::new(
+            wan::pipeline::WanPipeline::from_source(source, device, dtype)?,
+        )),
     }
 }
 
@@ -45,7 +48,7 @@ pub fn load_distributed_pipeline(
     world: Box<dyn Communicator>,
 ) -> Result<Box<dyn VideoPipeline>> {
     match ModelFamily::of_source(source)? {
-        ModelFamily::Wan21TextToVideo => Ok(Box::new(
+        ModelFamily::Wan21TextToVideo | ModelFamily::Wan21ImageToVideo => Ok(Box::new(
             wan::distributed_pipeline::DistributedPipeline::for_job(
                 source, device, dtype, layout, world, groups,
             )?,

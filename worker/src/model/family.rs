@@ -39,6 +39,9 @@ impl<'a> PipelineSource<'a> {
 pub enum ModelFamily {
     /// Wan2.1 text-to-video (`WanPipeline` with one transformer and the Wan2.1 VAE).
     Wan21TextToVideo,
+    /// Wan2.1 image-to-video (`WanImageToVideoPipeline`: a CLIP image encoder and its
+    /// processor, a 36-channel transformer with image cross-attention, the Wan2.1 VAE).
+    Wan21ImageToVideo,
 }
 
 impl ModelFamily {
@@ -58,19 +61,13 @@ impl ModelFamily {
             what: what.to_string(),
         };
         let class = index.get("_class_name").and_then(Value::as_str);
-        match class {
-            Some("WanPipeline") => {}
-            Some("WanImageToVideoPipeline") => {
-                return Err(unsupported(
-                    "a Wan image-to-video pipeline (WanImageToVideoPipeline: CLIP image encoder, \
-                     36-channel transformer; its parts and whole run are checked by `longtake \
-                     check-reference`, rendering from a picture is not wired yet)",
-                ))
-            }
+        let family = match class {
+            Some("WanPipeline") => ModelFamily::Wan21TextToVideo,
+            Some("WanImageToVideoPipeline") => ModelFamily::Wan21ImageToVideo,
             Some(other) => return Err(unsupported(&format!("pipeline class {other:?}"))),
             // Hand-assembled checkpoints may leave the class out; the components decide then.
-            None => {}
-        }
+            None => ModelFamily::Wan21TextToVideo,
+        };
         let set = |key: &str| match index.get(key) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
             // An absent component is written `[null, null]`.
@@ -87,7 +84,12 @@ impl ModelFamily {
                 "Wan2.2 TI2V (expand_timesteps: one timestep per latent token, the Wan2.2 VAE)",
             ));
         }
-        Ok(ModelFamily::Wan21TextToVideo)
+        Ok(family)
+    }
+
+    /// Whether the family's renders start from a picture.
+    pub fn takes_picture(self) -> bool {
+        self == ModelFamily::Wan21ImageToVideo
     }
 }
 
@@ -96,9 +98,9 @@ mod tests {
     use super::*;
     use crate::model::reference::all_fixture_dirs;
 
-    /// Every fixture directory is either a family this build runs or refused at load with what
-    /// it is: none is left out without a word (the image-to-video fixtures are refused for
-    /// rendering and still in the parity runs: `reference::test_fixture_dirs`).
+    /// Every fixture directory is either a family this build runs (Wan2.1 text-to-video and
+    /// image-to-video) or refused at load with what it is (Wan2.2): none is left out without a
+    /// word.
     #[test]
     fn every_fixture_is_run_or_refused_by_name() {
         let mut supported = 0;
@@ -117,12 +119,10 @@ mod tests {
                         "{message}"
                     );
                     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-                    let expected = if name.starts_with("wan22") {
-                        "Wan2.2"
-                    } else {
-                        "image-to-video"
-                    };
-                    assert!(message.contains(expected), "{name}: {message}");
+                    assert!(
+                        name.starts_with("wan22") && message.contains("Wan2.2"),
+                        "{name}: {message}"
+                    );
                     let checkpoint = dir.join("pipeline");
                     let load = crate::families::load_pipeline(
                         PipelineSource::Checkpoint(&checkpoint),
@@ -136,6 +136,9 @@ mod tests {
                 }
             }
         }
-        assert!(supported >= 2, "wan-tiny and wan-wide at least");
+        assert!(
+            supported >= 3,
+            "wan-tiny, wan-wide and wan-i2v-tiny at least"
+        );
     }
 }

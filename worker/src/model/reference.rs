@@ -191,18 +191,19 @@ pub fn toy_checkpoint_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("toy/model")
 }
 
-/// The fixture directories of [`all_fixture_dirs`] whose model family this build runs: what
-/// the parity and layout tests run on. The others are checked to be refused by name
+/// The text-to-video fixture directories of [`all_fixture_dirs`]: what the text-to-video
+/// parity and layout tests run on. The image-to-video ones are in [`parity_fixture_dirs`]; the
+/// others are checked to be refused by name
 /// (`family::tests::every_fixture_is_run_or_refused_by_name`).
 pub fn test_fixture_dirs() -> Vec<PathBuf> {
     all_fixture_dirs()
         .into_iter()
-        .filter(|dir| fixture_kind(dir) == Ok(FixtureKind::Rendered))
+        .filter(|dir| fixture_kind(dir) == Ok(FixtureKind::TextToVideo))
         .collect()
 }
 
 /// Every fixture [`check_fixture`] runs: those of [`test_fixture_dirs`] and the image-to-video
-/// ones (whose parts and whole run it checks, though they are not rendered yet).
+/// ones.
 pub fn parity_fixture_dirs() -> Vec<PathBuf> {
     all_fixture_dirs()
         .into_iter()
@@ -213,32 +214,20 @@ pub fn parity_fixture_dirs() -> Vec<PathBuf> {
 /// What a fixture directory holds, as far as its checks go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FixtureKind {
-    /// A family this build renders (Wan2.1 text-to-video).
-    Rendered,
+    /// Wan2.1 text-to-video.
+    TextToVideo,
     /// Wan2.1 image-to-video (`WanImageToVideoPipeline`, the Wan2.1 VAE): its model parts and
-    /// its whole run are checked here; rendering from a picture is not wired to the farm yet.
+    /// its whole run.
     ImageToVideo,
 }
 
-/// The kind of the fixture in `dir`, or why none of its cases can run.
+/// The kind of the fixture in `dir`, or why none of its cases can run (its family is refused).
 fn fixture_kind(dir: &Path) -> Result<FixtureKind, String> {
     let checkpoint = Checkpoint::open(dir.join("pipeline")).map_err(msg)?;
-    let refused = match ModelFamily::of(&checkpoint) {
-        Ok(_) => return Ok(FixtureKind::Rendered),
-        Err(why) => why.to_string(),
-    };
-    let class = checkpoint
-        .index()
-        .get("_class_name")
-        .and_then(serde_json::Value::as_str);
-    let wan21_vae = checkpoint
-        .component("vae")
-        .and_then(|vae| vae.config::<wan_vae::Config>())
-        .is_ok_and(|config| config.validate().is_ok());
-    if class == Some("WanImageToVideoPipeline") && wan21_vae {
-        Ok(FixtureKind::ImageToVideo)
-    } else {
-        Err(refused)
+    match ModelFamily::of(&checkpoint) {
+        Ok(ModelFamily::Wan21TextToVideo) => Ok(FixtureKind::TextToVideo),
+        Ok(ModelFamily::Wan21ImageToVideo) => Ok(FixtureKind::ImageToVideo),
+        Err(why) => Err(why.to_string()),
     }
 }
 
@@ -316,7 +305,7 @@ pub fn check_fixture(dir: &Path, device: &Device, dtype: DType) -> Vec<CaseResul
         ("pipeline", tolerances.pipeline, Fixture::pipeline),
     ];
     let cases: &[Case] = match kind {
-        FixtureKind::Rendered => &text_to_video,
+        FixtureKind::TextToVideo => &text_to_video,
         FixtureKind::ImageToVideo => &image_to_video,
     };
     let fixture = Fixture {

@@ -236,6 +236,19 @@ pub trait FlowModel {
     /// embeddings `context` `(B, Lt, text_dim)`.
     fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor>;
 
+    /// The flow under an image embedding `image` `(B, Li, image_dim)` as well: an
+    /// image-to-video transformer, whose `x` carries the condition's channels after the
+    /// latents. A model that takes no image says so.
+    fn predict_with_image(
+        &self,
+        _x: &Tensor,
+        _t: &Tensor,
+        _context: &Tensor,
+        _image: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("this transformer takes no image (it is not an image-to-video model)")
+    }
+
     /// Called with the final latents when the loop has taken its last step. A model run by
     /// several ranks checks there that they all ended with the same latents; one process has
     /// nothing to check.

@@ -36,6 +36,16 @@ impl FlowModel for DistributedWanTransformer {
     fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         self.forward(x, t, context)
     }
+
+    fn predict_with_image(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        image: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_with_image(x, t, context, image)
+    }
 }
 
 /// A [`DistributedWanTransformer`] that checks that every rank holds the same latents before
@@ -46,6 +56,17 @@ impl FlowModel for CheckedFlow<'_> {
     fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         check_in_sync(self.0.world(), x, "latents")?;
         self.0.forward(x, t, context)
+    }
+
+    fn predict_with_image(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        image: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        check_in_sync(self.0.world(), x, "latents")?;
+        self.0.forward_with_image(x, t, context, image)
     }
 
     fn check_final_latents(&self, latents: &Tensor) -> candle_core::Result<()> {
@@ -333,6 +354,98 @@ mod tests {
     };
 
     const TOLERANCE: f64 = 1e-4;
+
+    /// A render from a picture (the image-to-video fixture's checkpoint, a picture of another
+    /// size than the clip) under `cfg = 2`, `tp = 2` and `ulysses = 2` gives the single
+    /// process's frames within one 8-bit level; the picture changes the clip; a render of the
+    /// image-to-video model without a picture, and one longer than its window, are refused by
+    /// name.
+    #[test]
+    fn a_render_from_a_picture_under_layouts_gives_the_single_process_frames() -> TestResult {
+        use crate::model::render::RenderInput;
+        let dev = Device::Cpu;
+        let dir = crate::model::reference::parity_fixture_dirs()
+            .into_iter()
+            .find(|dir| dir.ends_with("wan-i2v-tiny"))
+            .expect("the wan-i2v-tiny fixture");
+        let case = PipelineCase::read(&dir)?;
+        let checkpoint = dir.join("pipeline");
+        let picture = |shift: usize| Video {
+            rgb: (0..40 * 24)
+                .flat_map(|i| {
+                    let (x, y) = (i % 40, i / 40);
+                    [(x * 6 + shift) as u8, (y * 10) as u8, ((x + y) * 3) as u8]
+                })
+                .collect(),
+            first_frame: 0,
+            frames: 1,
+            height: 24,
+            width: 40,
+        };
+        let spec = RenderSpec {
+            input: Some(RenderInput::FirstFrame(picture(0))),
+            ..case.render()
+        };
+        let single = WanPipeline::load(&checkpoint, &dev, DType::F32)?
+            .with_max_sequence_length(case.max_sequence_length);
+        let expected = single.render(&spec, &mut |_| {})?;
+        let other = RenderSpec {
+            input: Some(RenderInput::FirstFrame(picture(90))),
+            ..spec.clone()
+        };
+        assert!(
+            single.render(&other, &mut |_| {})? != expected,
+            "the picture is ignored"
+        );
+        for (spec, problem) in [
+            (
+                RenderSpec {
+                    input: None,
+                    ..spec.clone()
+                },
+                "it renders from a picture",
+            ),
+            (
+                RenderSpec {
+                    frames: spec.frames + 8,
+                    windows: Some(longtake_proto::spec::WindowSettings {
+                        latent_frames: 2,
+                        overlap: 1,
+                        fusion: Default::default(),
+                        groups: 1,
+                        noise: Default::default(),
+                    }),
+                    ..spec.clone()
+                },
+                "one window for now",
+            ),
+        ] {
+            let e = single.render(&spec, &mut |_| {}).unwrap_err().to_string();
+            assert!(e.contains(problem), "{e}");
+        }
+        for layout in ["cfg=2", "tp=2", "ulysses=2"] {
+            let layout: Layout = layout.parse()?;
+            let videos = run_ranks(layout.world_size(), |_, world| {
+                let pipe = DistributedPipeline::load(&checkpoint, &dev, DType::F32, layout, world)?
+                    .with_max_sequence_length(case.max_sequence_length);
+                Ok(pipe.render(&spec, &mut |_| {})?)
+            })?;
+            let video = videos[0].as_ref().expect("rank 0 writes the video");
+            let worst = video
+                .rgb
+                .iter()
+                .zip(&expected.rgb)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            println!("image-to-video under {layout}: max |diff| {worst} levels");
+            assert!(
+                worst <= 1,
+                "{layout}: {worst} levels from the single process"
+            );
+        }
+        Ok(())
+    }
 
     /// The whole pipeline on each fixture checkpoint under every layout it takes (wan-tiny and
     /// wan-wide: all of them; wan-tiny-alt: its listed ones, the others refused by `validate`

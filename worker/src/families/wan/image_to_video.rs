@@ -14,11 +14,9 @@
 use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
 
-use super::distributed::DistributedWanTransformer;
-use super::transformer::WanTransformer3DModel;
 use super::vae::Config as VaeConfig;
 use super::vae_encoder::WanVaeEncoder;
-use crate::model::render::FlowModel;
+use crate::model::render::{FlowModel, GroupExchange};
 use crate::model::resample::{resize, Filter};
 
 /// Latent frames' worth of video frames the mask marks per latent frame (the VAE's time factor).
@@ -168,48 +166,11 @@ pub fn first_frame_condition(
     Tensor::cat(&[&mask, &latent], 1)
 }
 
-/// A transformer that takes the image embedding beside the text: the single-process model and
-/// a rank of a parallel layout.
-pub trait ImageFlowModel {
-    /// The flow for `x` (latents and condition channels), with the image embedding `image`.
-    fn predict_with_image(
-        &self,
-        x: &Tensor,
-        t: &Tensor,
-        context: &Tensor,
-        image: &Tensor,
-    ) -> Result<Tensor>;
-}
-
-impl ImageFlowModel for WanTransformer3DModel {
-    fn predict_with_image(
-        &self,
-        x: &Tensor,
-        t: &Tensor,
-        context: &Tensor,
-        image: &Tensor,
-    ) -> Result<Tensor> {
-        self.forward_with_image(x, t, context, image)
-    }
-}
-
-impl ImageFlowModel for DistributedWanTransformer {
-    fn predict_with_image(
-        &self,
-        x: &Tensor,
-        t: &Tensor,
-        context: &Tensor,
-        image: &Tensor,
-    ) -> Result<Tensor> {
-        self.forward_with_image(x, t, context, image)
-    }
-}
-
 /// An image-to-video transformer with its render's condition and image embedding: the flow
 /// model the denoiser steps. Each call's batch (cond and uncond under guidance) gets the same
 /// condition channels and image embedding, as diffusers gives both branches.
 pub struct ImageConditioned<'a> {
-    pub transformer: &'a dyn ImageFlowModel,
+    pub transformer: &'a dyn FlowModel,
     /// `(1, 20, F', H', W')`, from [`first_frame_condition`].
     pub condition: Tensor,
     /// `(1, Li, image_dim)`, the CLIP tower's penultimate hidden states.
@@ -227,6 +188,14 @@ impl FlowModel for ImageConditioned<'_> {
         self.transformer
             .predict_with_image(&Tensor::cat(&[x, &condition], 1)?, t, context, &image)
     }
+
+    fn check_final_latents(&self, latents: &Tensor) -> Result<()> {
+        self.transformer.check_final_latents(latents)
+    }
+
+    fn group_exchange(&self) -> GroupExchange {
+        self.transformer.group_exchange()
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +203,8 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::families::wan::distributed::DistributedWanTransformer;
+    use crate::families::wan::transformer::WanTransformer3DModel;
 
     /// Image-to-video under `cfg = 2`, `tp = 2` and `ulysses = 2` (each rank a thread, joined by
     /// a loopback mesh) gives the single process's frames within one 8-bit level: the fixture's
@@ -271,7 +242,7 @@ mod tests {
         let decoder =
             WanVaeDecoder::new(&vae_config, vae.var_builder(DType::F32, &dev).unwrap()).unwrap();
         // the run of one flow model, to 8-bit frames
-        let frames_of = |model: &dyn ImageFlowModel| -> Vec<u8> {
+        let frames_of = |model: &dyn FlowModel| -> Vec<u8> {
             let conditioned = ImageConditioned {
                 transformer: model,
                 condition: load("condition"),

@@ -21,10 +21,12 @@ use longtake_proto::spec::{
     NoiseSchedule, WindowPlan, WindowSettings, WAN21_DEFAULT_FPS, WAN21_DEFAULT_FRAMES,
 };
 
+use super::image_to_video::{self, ImageConditioned, ImageProcessorConfig};
 use super::transformer::{self as wan_transformer, WanTransformer3DModel};
 use super::vae::{self as wan_vae, DecoderCache, WanVaeDecoder};
 use super::vae_encoder::WanVaeEncoder;
 use super::vae_split::RowSplit;
+use crate::model::clip_vision::{self, ClipVisionEncoder};
 use crate::model::denoiser::{AfterStep, Conditioning, Denoiser, DenoiserError, DenoiserState};
 use crate::model::family::{ModelFamily, PipelineSource};
 use crate::model::held_frames::HeldFrames;
@@ -158,6 +160,16 @@ impl FlowModel for WanTransformer3DModel {
     fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         self.forward(x, t, context)
     }
+
+    fn predict_with_image(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        image: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.forward_with_image(x, t, context, image)
+    }
 }
 
 /// Which of the heavy parts a pipeline loads. A rank of a parallel job brings its own share of
@@ -185,10 +197,18 @@ pub struct WanPipeline {
     /// Where the VAE encoder's weights are, and the encoder once a render needed it (extending
     /// a clip): text-to-video renders never load it.
     vae_encoder: LazyEncoder,
+    /// An image-to-video checkpoint's CLIP tower and preprocessing; `None` for text-to-video.
+    picture: Option<PictureEncoder>,
     scheduler_config: serde_json::Value,
     device: Device,
     dtype: DType,
     cancel: CancelToken,
+}
+
+/// What an image-to-video checkpoint encodes its picture with.
+struct PictureEncoder {
+    clip: ClipVisionEncoder,
+    processor: ImageProcessorConfig,
 }
 
 /// The VAE encoder of a pipeline, built on first use.
@@ -276,6 +296,13 @@ fn check_checkpoint(dir: &Path) -> std::result::Result<wan_transformer::Config, 
     for weighted in ["text_encoder", "vae"] {
         ckpt.component(weighted)?.weight_files()?;
     }
+    if ModelFamily::of(&ckpt)?.takes_picture() {
+        let encoder = ckpt.component("image_encoder")?;
+        encoder.weight_files()?;
+        encoder.config::<clip_vision::Config>()?;
+        ckpt.component("image_processor")?
+            .json::<ImageProcessorConfig>("preprocessor_config.json")?;
+    }
     ckpt.component("scheduler")?;
     let transformer = ckpt.component("transformer")?;
     transformer.weight_files()?;
@@ -311,7 +338,7 @@ impl WanPipeline {
         parts: Parts,
     ) -> Result<Self> {
         let ckpt = Checkpoint::open(dir.as_ref())?;
-        ModelFamily::of(&ckpt)?;
+        let family = ModelFamily::of(&ckpt)?;
         let info = checkpoint_info(&ckpt)?;
         let tokenizer_dir = ckpt.component("tokenizer")?;
         let tokenizer = PromptTokenizer::from_file(tokenizer_dir.dir().join("tokenizer.json"))?;
@@ -344,6 +371,20 @@ impl WanPipeline {
             )
         })?;
 
+        let picture = if family.takes_picture() {
+            let clip_dir = ckpt.component("image_encoder")?;
+            let clip_config: clip_vision::Config = clip_dir.config()?;
+            let clip = component(
+                "image_encoder",
+                ClipVisionEncoder::new(&clip_config, clip_dir.var_builder(dtype, device)?),
+            )?;
+            let processor = ckpt
+                .component("image_processor")?
+                .json("preprocessor_config.json")?;
+            Some(PictureEncoder { clip, processor })
+        } else {
+            None
+        };
         let scheduler_config = ckpt.component("scheduler")?.json("scheduler_config.json")?;
         Ok(Self {
             text: PromptEncoder::new(tokenizer, encoder, info.max_sequence_length),
@@ -353,6 +394,7 @@ impl WanPipeline {
             vae,
             vae_config,
             vae_encoder: LazyEncoder::new(EncoderWeights::Checkpoint(vae_dir)),
+            picture,
             scheduler_config,
             device: device.clone(),
             dtype,
@@ -416,6 +458,7 @@ impl WanPipeline {
             vae,
             vae_config,
             vae_encoder: LazyEncoder::new(EncoderWeights::Seeded),
+            picture: None,
             scheduler_config,
             device: device.clone(),
             dtype,
@@ -570,17 +613,16 @@ impl WanPipeline {
     /// more frames than leave the first window anything new to render.
     pub fn held_latents(&self, spec: &RenderSpec, plan: &WindowPlan) -> Result<Option<Tensor>> {
         let clip = match &spec.input {
-            None => return Ok(None),
             Some(RenderInput::Continues(clip)) => clip,
-            Some(RenderInput::FirstFrame(_)) => {
-                return Err(PipelineError::Spec(format!(
-                    "model {} is a text-to-video model: it takes no picture (image-to-video \
-                     needs an image-to-video model, e.g. Wan2.1 I2V); extend a clip, or render \
-                     from the prompt alone",
-                    self.info.name
-                )))
-            }
+            None | Some(RenderInput::FirstFrame(_)) => return Ok(None),
         };
+        if self.picture.is_some() {
+            return Err(PipelineError::Spec(format!(
+                "model {} is an image-to-video model: extending a clip with it is not supported \
+                 yet; extend with a text-to-video model",
+                self.info.name
+            )));
+        }
         if (clip.width, clip.height) != (spec.width, spec.height) {
             return Err(PipelineError::Spec(format!(
                 "the clip to continue is {}×{}, the render {}×{}: render at the clip's size",
@@ -617,6 +659,87 @@ impl WanPipeline {
         let mean = component("vae encoder", encoder.encode(&frames))?.mean;
         let latents = component("vae encoder", self.vae_config.normalize_latents(&mean))?;
         Ok(Some(latents.to_dtype(DType::F32)?))
+    }
+
+    /// What an image-to-video render conditions on besides the text: the first-frame condition
+    /// `(1, 20, F', H/8, W/8)` and the picture's CLIP embedding `(1, Li, image_dim)`, in the
+    /// model's dtype; `None` for a text-to-video render. A picture given to a text-to-video
+    /// model, a render of an image-to-video model without one, and a picture render longer
+    /// than one window are refused by name.
+    pub fn picture_condition(
+        &self,
+        spec: &RenderSpec,
+        plan: &WindowPlan,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let name = &self.info.name;
+        let (picture, encoder) = match (&spec.input, &self.picture) {
+            (Some(RenderInput::FirstFrame(picture)), Some(encoder)) => (picture, encoder),
+            (Some(RenderInput::FirstFrame(_)), None) => {
+                return Err(PipelineError::Spec(format!(
+                    "model {name} is a text-to-video model: it takes no picture (rendering from \
+                     a picture needs an image-to-video model, e.g. Wan2.1 I2V); render from the \
+                     prompt alone"
+                )))
+            }
+            (_, Some(_)) if !matches!(spec.input, Some(RenderInput::Continues(_))) => {
+                return Err(PipelineError::Spec(format!(
+                    "model {name} is an image-to-video model: it renders from a picture \
+                     (--image)"
+                )))
+            }
+            _ => return Ok(None),
+        };
+        if !plan.is_single_window() {
+            return Err(PipelineError::Spec(format!(
+                "a render from a picture is one window for now ({} latent frames, {} frames); \
+                 ask for at most that many",
+                plan.settings().latent_frames,
+                first_video_frame(
+                    plan.settings().latent_frames as usize,
+                    video::VAE_SCALE_TEMPORAL
+                )
+            )));
+        }
+        if picture.frames != 1 {
+            return Err(PipelineError::Spec(format!(
+                "a render starts from one picture, not {} frames",
+                picture.frames
+            )));
+        }
+        let image =
+            (video::rgb8_to_video(&picture.rgb, 1, picture.height, picture.width, &self.device)?
+                .squeeze(0)?
+                .squeeze(1)?
+                .permute((1, 2, 0))?
+                .affine(0.5, 0.5)?)
+            .contiguous()?;
+        let pixels = component("image_processor", encoder.processor.pixel_values(&image))?;
+        let embeds = component(
+            "image_encoder",
+            encoder
+                .clip
+                .penultimate_hidden_states(&pixels.to_dtype(self.dtype)?),
+        )?;
+        let vae_encoder = self
+            .vae_encoder
+            .get(&self.vae_config, self.dtype, &self.device)?;
+        let frame = component(
+            "image_processor",
+            image_to_video::first_frame(&image, spec.height, spec.width),
+        )?;
+        let condition = component(
+            "vae encoder",
+            image_to_video::first_frame_condition(
+                &vae_encoder,
+                &self.vae_config,
+                &frame,
+                spec.frames,
+            ),
+        )?;
+        Ok(Some((
+            condition.to_dtype(self.dtype)?,
+            embeds.to_dtype(self.dtype)?,
+        )))
     }
 
     /// `model` holding the first latent frames of `spec`'s clip on their path to `held`
@@ -838,6 +961,19 @@ impl WanPipeline {
             Some(hook) => hook,
             None => &mut no_hook,
         };
+        let picture = self.picture_condition(spec, &plan)?;
+        let conditioned;
+        let model: &dyn FlowModel = match picture {
+            Some((condition, image_embeds)) => {
+                conditioned = ImageConditioned {
+                    transformer: model,
+                    condition,
+                    image_embeds,
+                };
+                &conditioned
+            }
+            None => model,
+        };
         // A clip of one window runs the model itself: exactly the plain render.
         let windowed;
         let model: &dyn FlowModel = if plan.is_single_window() {
@@ -920,6 +1056,8 @@ impl WanPipeline {
                 plan.group_count()
             )));
         }
+        // a render from a picture is one window (refused here by name)
+        self.picture_condition(spec, &plan)?;
         let frames = plan.group_frames(group);
         let mut denoiser = match &resume {
             None => self.denoiser(spec, self.initial_noise(spec, &plan, frames.clone())?)?,
