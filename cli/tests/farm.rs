@@ -1225,3 +1225,123 @@ async fn bad_inputs_are_named_and_a_queued_extension_survives_a_restart() {
     worker.stop().await;
     served.stop().await;
 }
+
+/// A render from a picture through the farm: the picture uploaded with the job, rendered by
+/// the image-to-video fixture's checkpoint on two workers under `cfg=2`, equal within one level
+/// to the single process; a picture to a text-to-video model fails naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_render_from_a_picture_on_two_ranks_equals_the_single_process() {
+    use longtake_worker::families::wan::pipeline::WanPipeline;
+    use longtake_worker::model::render::{RenderInput, Video};
+    let fixture = longtake_worker::model::reference::parity_fixture_dirs()
+        .into_iter()
+        .find(|dir| dir.ends_with("wan-i2v-tiny"))
+        .expect("the wan-i2v-tiny fixture")
+        .join("pipeline");
+    let farm = Farm::new();
+    let (_coordinator, url, served) = farm.coordinator().await;
+    let mut workers = Vec::new();
+    for id in ["w1", "w2"] {
+        let config = DaemonConfig {
+            models: vec![
+                ModelSource::Checkpoint {
+                    name: "i2v".into(),
+                    dir: fixture.clone(),
+                },
+                ModelSource::Tiny,
+            ],
+            ..DaemonConfig::new(id, "127.0.0.1")
+        };
+        workers.push(Running(farm.local.worker(config).await.unwrap()));
+    }
+    let mut c = client(&url).await;
+    // a 40×24 picture: the render takes its aspect over the size asked for
+    let rgb: Vec<u8> = (0..40 * 24)
+        .flat_map(|i| [(i % 40 * 6) as u8, (i / 40 * 10) as u8, 120])
+        .collect();
+    let mut png = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut png, 40, 24);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&rgb).unwrap();
+    }
+    let spec = RenderSpec {
+        model: "i2v".into(),
+        frames: 9,
+        width: 48,
+        height: 32,
+        steps: 3,
+        layout: "cfg=2".into(),
+        format: OutputFormat::Png as i32,
+        input: Some(Input {
+            kind: InputKind::Image as i32,
+            ..Default::default()
+        }),
+        ..spec(3)
+    };
+    let job = submit_with_input(&mut c, spec.clone(), &png).await.unwrap();
+    let job = wait_state(&mut c, &job.id, JobState::Done).await;
+    let dir = farm.artifacts.path().join("picture-render");
+    fetch_files(&mut c, &job.id, &dir).await;
+    let frames = media::png_frames(&dir);
+    assert_eq!(frames.len(), 9);
+
+    let pipeline =
+        WanPipeline::load(&fixture, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let resolved = RenderSpec {
+        input: Some(
+            longtake_coordinator::input::read(longtake_proto::spec::InputKind::Image, &png)
+                .unwrap()
+                .to_proto(),
+        ),
+        ..spec.clone()
+    };
+    let served_model =
+        longtake_worker::daemon::models::ServedModel::open(ModelSource::Checkpoint {
+            name: "i2v".into(),
+            dir: fixture.clone(),
+        })
+        .unwrap();
+    let job_spec = longtake_worker::daemon::task::job_spec(&resolved, &served_model).unwrap();
+    let mut render = longtake_worker::daemon::task::render_spec(&job_spec);
+    render.input = Some(RenderInput::FirstFrame(Video {
+        rgb,
+        first_frame: 0,
+        frames: 1,
+        height: 24,
+        width: 40,
+    }));
+    let video = pipeline.render(&render, &mut |_| {}).unwrap();
+    let expected: Vec<Vec<u8>> = video
+        .rgb
+        .chunks_exact(48 * 32 * 3)
+        .map(<[u8]>::to_vec)
+        .collect();
+    let worst = media::max_diff(&frames, &expected);
+    assert!(
+        worst <= 1,
+        "cfg=2 on the farm: {worst} levels from the single process"
+    );
+
+    // the text-to-video tiny model takes no picture: the job fails saying so
+    let t2v = RenderSpec {
+        model: "tiny".into(),
+        layout: String::new(),
+        ..spec
+    };
+    let job = submit_with_input(&mut c, t2v, &png).await.unwrap();
+    let failed = wait_state(&mut c, &job.id, JobState::Failed).await;
+    assert!(
+        failed
+            .message
+            .contains("model tiny is a text-to-video model: it takes no picture"),
+        "{}",
+        failed.message
+    );
+    for worker in workers {
+        worker.stop().await;
+    }
+    served.stop().await;
+}

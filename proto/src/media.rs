@@ -31,6 +31,19 @@ pub enum MediaError {
     },
     #[error("the MP4's video track has no frames")]
     Empty,
+    #[error("larger than longtake reads ({width}×{height}; at most {MAX_SIDE} pixels a side)")]
+    TooLarge { width: u32, height: u32 },
+}
+
+/// The largest side of a picture or clip read here: twice 4K's width, so a file whose header
+/// claims more is refused before anything is allocated for it.
+pub const MAX_SIDE: u32 = 8192;
+
+fn check_size(width: u32, height: u32) -> Result<(), MediaError> {
+    if width > MAX_SIDE || height > MAX_SIDE {
+        return Err(MediaError::TooLarge { width, height });
+    }
+    Ok(())
 }
 
 /// A picture, RGB8 row-major.
@@ -57,6 +70,8 @@ pub fn decode_png(bytes: &[u8]) -> Result<Picture, MediaError> {
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info()?;
+    let header = reader.info();
+    check_size(header.width, header.height)?;
     let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
     let info = reader.next_frame(&mut buf)?;
     buf.truncate(info.buffer_size());
@@ -114,6 +129,7 @@ impl<'a> Mp4Clip<'a> {
         if frames == 0 {
             return Err(MediaError::Empty);
         }
+        check_size(u32::from(avc1.width), u32::from(avc1.height))?;
         let facts = ClipFacts {
             width: u32::from(avc1.width),
             height: u32::from(avc1.height),
@@ -284,6 +300,19 @@ mod tests {
         assert_eq!(picture.rgb, vec![1, 2, 3, 4, 5, 6]);
         let grey = png_of(1, 2, png::ColorType::Grayscale, &[9, 200]);
         assert_eq!(decode_png(&grey).unwrap().rgb, vec![9, 9, 9, 200, 200, 200]);
+    }
+
+    #[test]
+    fn a_picture_larger_than_longtake_reads_is_refused_from_its_header() {
+        // the header claims 9000×9000; the data is never read
+        let mut encoder_out = Vec::new();
+        let mut encoder = png::Encoder::new(&mut encoder_out, 9000, 1);
+        encoder.set_color(png::ColorType::Grayscale);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&[0; 9000]).unwrap();
+        writer.finish().unwrap();
+        let e = decode_png(&encoder_out).unwrap_err().to_string();
+        assert_eq!(e, "larger than longtake reads (9000×1; at most 8192 pixels a side)");
     }
 
     #[test]
