@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use longtake_proto::spec::InputKind;
 use longtake_proto::{
     job_event, submit_part, CancelRequest, Job, JobEvent, JobRequest, JobState, ListRequest,
     ListWorkersRequest, OutputFormat, SubmitPart, SubmitRequest, Worker,
@@ -12,6 +13,7 @@ use longtake_proto::{
 
 use crate::client::{Client, CoordinatorArg};
 use crate::download::{Destination, Received};
+use crate::inputs::Upload;
 use crate::progress::JobDisplay;
 use crate::spec_args::SpecArgs;
 use crate::views;
@@ -27,6 +29,13 @@ pub struct SubmitArgs {
     pub json: bool,
     #[command(flatten)]
     pub coordinator: CoordinatorArg,
+    /// A PNG picture the clip starts from (see `render --image`).
+    #[arg(long, value_name = "FRAME.png", conflicts_with = "extend")]
+    pub image: Option<PathBuf>,
+    /// An H.264 MP4 clip to extend (see `extend --input`): --seconds and --frames count the
+    /// new frames.
+    #[arg(long, value_name = "CLIP.mp4")]
+    pub extend: Option<PathBuf>,
 }
 
 /// How a job is queued: shared by `submit` and `render`.
@@ -105,12 +114,25 @@ pub async fn submit(args: SubmitArgs) -> Result<i32> {
         .format
         .map(|f| f.proto())
         .unwrap_or(OutputFormat::Mp4);
-    let built = args.spec.build(format)?;
+    let mut built = args.spec.build(format)?;
+    let upload = match (&args.image, &args.extend) {
+        (Some(path), _) => Some(Upload::read(path, InputKind::Image)?),
+        (None, Some(path)) => Some(Upload::read(path, InputKind::Clip)?),
+        (None, None) => None,
+    };
+    if let Some(upload) = &upload {
+        upload.attach(&mut built, &args.spec)?;
+    }
     let mut client = connect(&args.coordinator).await?;
     for note in &built.notes {
         eprintln!("{note}");
     }
-    let job = submit_spec(&mut client, built.spec, &args.job).await?;
+    let job = match &upload {
+        Some(upload) => {
+            submit_spec_with_input(&mut client, built.spec, &args.job, upload.bytes()).await?
+        }
+        None => submit_spec(&mut client, built.spec, &args.job).await?,
+    };
     if args.json {
         println!("{}", views::job_json(&job));
     } else {

@@ -12,6 +12,7 @@ mod check_reference;
 mod client;
 mod download;
 mod embedded;
+mod inputs;
 mod inspect_command;
 mod jobs;
 mod progress;

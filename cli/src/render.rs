@@ -5,18 +5,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use longtake_cli::inspect::{Caption, Topology, ToyWorld};
-use longtake_proto::media::{decode_png, ClipFacts, Mp4Clip};
 use longtake_proto::spec::input::held_latent_frames;
-use longtake_proto::spec::{InputKind, JobInput, WindowSettings};
+use longtake_proto::spec::{InputKind, WindowSettings};
 use longtake_proto::{JobEvent, RenderSpec};
 use longtake_worker::daemon::models;
 
 use crate::client::{Client, CoordinatorArg, Target};
 use crate::download::{self, Destination};
 use crate::embedded::{Farm, FarmOptions};
+use crate::inputs::Upload;
 use crate::jobs::{self, JobArgs};
 use crate::progress::JobDisplay;
 use crate::spec_args::SpecArgs;
@@ -68,38 +68,6 @@ pub struct ExtendArgs {
     pub render: RenderArgs,
 }
 
-/// An input file read here before it is sent, so an unreadable one fails before anything
-/// starts (the coordinator reads it again: it trusts no client).
-struct Upload {
-    kind: InputKind,
-    bytes: Vec<u8>,
-    /// The clip's, for an extension.
-    clip: Option<ClipFacts>,
-}
-
-impl Upload {
-    fn read(path: &Path, kind: InputKind) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read the {} {}", kind.name(), path.display()))?;
-        let clip = match kind {
-            InputKind::Image => {
-                decode_png(&bytes).with_context(|| format!("--image {}", path.display()))?;
-                None
-            }
-            InputKind::Clip => Some(
-                Mp4Clip::open(&bytes)
-                    .with_context(|| format!("--input {}", path.display()))?
-                    .facts(),
-            ),
-        };
-        Ok(Self { kind, bytes, clip })
-    }
-
-    fn input(&self) -> longtake_proto::Input {
-        JobInput::unread(self.kind).to_proto()
-    }
-}
-
 pub async fn run(args: RenderArgs) -> Result<i32> {
     let format = download::format_for(&args.out, args.spec.format.map(|f| f.proto()))?;
     let mut built = args.spec.build(format)?;
@@ -108,53 +76,21 @@ pub async fn run(args: RenderArgs) -> Result<i32> {
         None => None,
     };
     if let Some(upload) = &upload {
-        built.spec.input = Some(upload.input());
+        upload.attach(&mut built, &args.spec)?;
     }
     render_built(args, built, upload).await
 }
 
-/// `longtake extend`: the new frames counted from --seconds at the clip's rate (rounded up to
-/// a multiple of 4, as the VAE packs frames) or from --frames.
+/// `longtake extend`: the clip read and attached, the new frames counted at its rate.
 pub async fn extend(args: ExtendArgs) -> Result<i32> {
     let ExtendArgs { input, render } = args;
     if render.image.is_some() {
         bail!("--image is for `render`: an extension continues --input, the clip");
     }
     let upload = Upload::read(&input, InputKind::Clip)?;
-    let clip = upload.clip.expect("a clip's facts");
     let format = download::format_for(&render.out, render.spec.format.map(|f| f.proto()))?;
     let mut built = render.spec.build(format)?;
-    let pack = longtake_proto::spec::frames::WAN_TEMPORAL_PACK;
-    let requested = match (render.spec.frames, render.spec.seconds) {
-        (Some(n), _) => Some(n as u32),
-        (None, Some(s)) => Some(longtake_proto::spec::frames::for_duration(s, clip.fps)),
-        (None, None) => None,
-    };
-    built.notes.clear();
-    built.spec.frames = match requested {
-        Some(n) => {
-            let frames = n.div_ceil(pack).max(1) * pack;
-            if frames != n {
-                built.notes.push(format!(
-                    "note: an extension renders new frames in fours; {n} frames rounded up to \
-                     {frames}"
-                ));
-            }
-            frames
-        }
-        None => 0,
-    };
-    // the clip's rate and size unless asked for (the coordinator refuses others, naming them)
-    built.spec.fps = render.spec.fps.unwrap_or(0);
-    built.spec.input = Some(upload.input());
-    eprintln!(
-        "extending {}: {} frames, {}x{}, {} fps",
-        input.display(),
-        clip.frames,
-        clip.width,
-        clip.height,
-        clip.fps
-    );
+    upload.attach(&mut built, &render.spec)?;
     render_built(render, built, Some(upload)).await
 }
 
@@ -243,7 +179,7 @@ async fn submit_watch_fetch(
     };
     let submitted = match upload {
         Some(upload) => {
-            jobs::submit_spec_with_input(&mut client, spec, &args.job, &upload.bytes).await
+            jobs::submit_spec_with_input(&mut client, spec, &args.job, upload.bytes()).await
         }
         None => jobs::submit_spec(&mut client, spec, &args.job).await,
     };

@@ -312,7 +312,10 @@ mod tests {
         writer.write_image_data(&[0; 9000]).unwrap();
         writer.finish().unwrap();
         let e = decode_png(&encoder_out).unwrap_err().to_string();
-        assert_eq!(e, "larger than longtake reads (9000×1; at most 8192 pixels a side)");
+        assert_eq!(
+            e,
+            "larger than longtake reads (9000×1; at most 8192 pixels a side)"
+        );
     }
 
     #[test]
