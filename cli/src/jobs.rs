@@ -8,7 +8,7 @@ use clap::Args;
 use longtake_proto::spec::InputKind;
 use longtake_proto::{
     job_event, submit_part, CancelRequest, Job, JobEvent, JobRequest, JobState, ListRequest,
-    ListWorkersRequest, OutputFormat, SubmitPart, SubmitRequest, Worker,
+    ListWorkersRequest, OutputFormat, SubmitPart, SubmitReply, SubmitRequest, Worker,
 };
 
 use crate::client::{Client, CoordinatorArg};
@@ -158,9 +158,7 @@ pub async fn submit_spec(
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
-    reply
-        .job
-        .ok_or_else(|| anyhow::anyhow!("the coordinator accepted the job but sent no record of it"))
+    accepted(reply)
 }
 
 /// Submits `spec` with its input file (`bytes`: a picture or a clip, as `spec.input` says),
@@ -191,6 +189,11 @@ pub async fn submit_spec_with_input(
         .await
         .map_err(|s| client.error(s))?
         .into_inner();
+    accepted(reply)
+}
+
+/// The job a submission's reply records.
+fn accepted(reply: SubmitReply) -> Result<Job> {
     reply
         .job
         .ok_or_else(|| anyhow::anyhow!("the coordinator accepted the job but sent no record of it"))

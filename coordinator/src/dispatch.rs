@@ -512,40 +512,19 @@ impl Encoder {
     /// Writes the frames of the clip an extension extends (the MP4 in `clip`), the output's
     /// first frames.
     async fn push_clip(&mut self, clip: Bytes) -> Result<(), String> {
-        let start = Instant::now();
-        let (output, format, fps) = (self.output.clone(), self.format, self.fps);
-        let span = self
-            .span
-            .get_or_insert_with(|| telemetry::encode_span(&self.job_id, self.frames))
-            .clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let _span = span.entered();
+        self.write(move |_, place| {
             let clip = Mp4Clip::open(&clip).map_err(|e| format!("the clip to extend: {e}"))?;
             let facts = clip.facts();
-            let mut sink = encode::open_writer(
-                &output,
-                Some(format),
-                facts.width,
-                facts.height,
-                fps,
-                Quality::default(),
-            )
-            .map_err(|e| e.to_string())?;
+            let mut sink = place.open(facts.width, facts.height)?;
             clip.decode(
                 |rgb| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                     Ok(sink.push_frame(&rgb)?)
                 },
             )
             .map_err(|e| format!("the clip to extend: {e}"))?;
-            Ok::<_, String>(sink)
+            Ok(sink)
         })
         .await
-        .map_err(|e| format!("the encoder panicked: {e}"))?;
-        self.encoding += start.elapsed();
-        let sink = result.map_err(|e| format!("encoding the output: {e}"))?;
-        self.written = sink.frames_written() as u32;
-        self.sink = Some(sink);
-        Ok(())
     }
 
     async fn push(&mut self, batch: FrameBatch) -> Result<(), String> {
@@ -566,9 +545,35 @@ impl Encoder {
                 batch.height
             ));
         }
-        let (output, format, fps) = (self.output.clone(), self.format, self.fps);
-        let sink = self.sink.take();
         self.stitching += start.elapsed();
+        self.write(move |sink, place| {
+            let mut sink = match sink {
+                Some(sink) => sink,
+                None => place.open(batch.width, batch.height)?,
+            };
+            for frame in batch.rgb.chunks_exact(frame_bytes.max(1)) {
+                sink.push_frame(frame).map_err(|e| e.to_string())?;
+            }
+            Ok(sink)
+        })
+        .await
+    }
+
+    /// Runs `write` on the blocking pool, inside the encode span, with the clip's writer
+    /// (`None` before the first frames: `write` opens it where `WriterPlace` says), counting its
+    /// time as encoding.
+    async fn write(
+        &mut self,
+        write: impl FnOnce(Option<Box<dyn FrameSink>>, &WriterPlace) -> Result<Box<dyn FrameSink>, String>
+            + Send
+            + 'static,
+    ) -> Result<(), String> {
+        let place = WriterPlace {
+            output: self.output.clone(),
+            format: self.format,
+            fps: self.fps,
+        };
+        let sink = self.sink.take();
         let start = Instant::now();
         let span = self
             .span
@@ -576,22 +581,7 @@ impl Encoder {
             .clone();
         let result = tokio::task::spawn_blocking(move || {
             let _span = span.entered();
-            let mut sink = match sink {
-                Some(sink) => sink,
-                None => encode::open_writer(
-                    &output,
-                    Some(format),
-                    batch.width,
-                    batch.height,
-                    fps,
-                    Quality::default(),
-                )
-                .map_err(|e| e.to_string())?,
-            };
-            for frame in batch.rgb.chunks_exact(frame_bytes.max(1)) {
-                sink.push_frame(frame).map_err(|e| e.to_string())?;
-            }
-            Ok::<_, String>(sink)
+            write(sink, &place)
         })
         .await
         .map_err(|e| format!("the encoder panicked: {e}"))?;
@@ -642,6 +632,27 @@ impl Encoder {
             Ok(Err(e)) => Outcome::Failed(format!("encoding the output: {e}")),
             Err(e) => Outcome::Failed(format!("the encoder panicked: {e}")),
         }
+    }
+}
+
+/// Where and how the clip's writer is opened.
+struct WriterPlace {
+    output: PathBuf,
+    format: VideoFormat,
+    fps: u32,
+}
+
+impl WriterPlace {
+    fn open(&self, width: u32, height: u32) -> Result<Box<dyn FrameSink>, String> {
+        encode::open_writer(
+            &self.output,
+            Some(self.format),
+            width,
+            height,
+            self.fps,
+            Quality::default(),
+        )
+        .map_err(|e| e.to_string())
     }
 }
 
