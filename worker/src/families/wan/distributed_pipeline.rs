@@ -356,8 +356,8 @@ mod tests {
     const TOLERANCE: f64 = 1e-4;
 
     /// A render from a picture (the image-to-video fixture's checkpoint, a picture of another
-    /// size than the clip) under `cfg = 2`, `tp = 2` and `ulysses = 2` gives the single
-    /// process's frames within one 8-bit level; the picture changes the clip; a render of the
+    /// size than the clip) under `cfg = 2`, `tp = 2`, `ulysses = 2`, `ring = 2` and
+    /// `cfg = 2, tp = 2` gives the single process's frames within one 8-bit level; the picture changes the clip; a render of the
     /// image-to-video model without a picture, and one longer than its window, are refused by
     /// name.
     #[test]
@@ -423,7 +423,7 @@ mod tests {
             let e = single.render(&spec, &mut |_| {}).unwrap_err().to_string();
             assert!(e.contains(problem), "{e}");
         }
-        for layout in ["cfg=2", "tp=2", "ulysses=2"] {
+        for layout in ["cfg=2", "tp=2", "ulysses=2", "ring=2", "cfg=2,tp=2"] {
             let layout: Layout = layout.parse()?;
             let videos = run_ranks(layout.world_size(), |_, world| {
                 let pipe = DistributedPipeline::load(&checkpoint, &dev, DType::F32, layout, world)?
