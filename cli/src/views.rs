@@ -198,6 +198,9 @@ pub fn job_details(job: &Job) -> String {
                 format!(", layout {}", spec.layout)
             }
         );
+        if let Some(input) = &spec.input {
+            let _ = writeln!(out, "input:     {}", input_text(input));
+        }
         let _ = writeln!(out, "prompt:    {}", printable(&spec.prompt));
         for cue in &spec.prompt_timeline {
             let _ = writeln!(
@@ -218,6 +221,29 @@ pub fn job_details(job: &Job) -> String {
         let _ = writeln!(out, "split:     {}", time_split_text(split));
     }
     out
+}
+
+/// A job's input file as `status` shows it: `a clip to extend: 81 frames, 64x64, 16 fps;
+/// 23909 bytes, sha256 ab12…` (what the coordinator read of it).
+fn input_text(input: &longtake_proto::Input) -> String {
+    let read = format!(
+        "{} bytes, sha256 {}",
+        input.bytes,
+        printable(input.sha256.get(..16).unwrap_or(&input.sha256))
+    );
+    match longtake_proto::InputKind::try_from(input.kind) {
+        Ok(longtake_proto::InputKind::Clip) => format!(
+            "a clip to extend: {} frames, {}x{}, {} fps; {read}",
+            input.frames, input.width, input.height, input.fps
+        ),
+        Ok(longtake_proto::InputKind::Image) => {
+            format!(
+                "a picture to start from: {}x{}; {read}",
+                input.width, input.height
+            )
+        }
+        _ => format!("kind {} (unknown to this CLI)", input.kind),
+    }
 }
 
 /// Where a finished job's time went, in one line: the workers' phases (each the slowest rank's)
@@ -421,6 +447,28 @@ mod tests {
         }
         assert!(job_details(&hostile).contains("name:      shot\\u{1b}[2J"));
         assert_eq!(printable("plain text"), "plain text");
+    }
+
+    #[test]
+    fn a_job_shows_the_file_it_starts_from() {
+        let extension = Job {
+            spec: Some(RenderSpec {
+                input: Some(longtake_proto::Input {
+                    kind: longtake_proto::InputKind::Clip as i32,
+                    bytes: 23909,
+                    sha256: "0123456789abcdef0123".into(),
+                    width: 64,
+                    height: 64,
+                    frames: 81,
+                    fps: 16,
+                }),
+                ..job().spec.unwrap()
+            }),
+            ..job()
+        };
+        assert!(job_details(&extension).contains(
+            "input:     a clip to extend: 81 frames, 64x64, 16 fps; 23909 bytes, sha256 0123456789abcdef\n"
+        ));
     }
 
     #[test]
