@@ -454,6 +454,7 @@ mod tests {
         let extension = Job {
             spec: Some(RenderSpec {
                 input: Some(longtake_proto::Input {
+                    held_frames: 0,
                     kind: longtake_proto::InputKind::Clip as i32,
                     bytes: 23909,
                     sha256: "0123456789abcdef0123".into(),

@@ -1325,6 +1325,56 @@ async fn a_render_from_a_picture_on_two_ranks_equals_the_single_process() {
         "cfg=2 on the farm: {worst} levels from the single process"
     );
 
+    // extending a clip with the image-to-video model: it starts from the clip's last frame;
+    // the output is the clip, then the frames after that one
+    let clip = input_clip(9);
+    let extension = RenderSpec {
+        model: "i2v".into(),
+        steps: 3,
+        layout: String::new(),
+        ..extension(8)
+    };
+    let job = submit_with_input(&mut c, extension, &clip).await.unwrap();
+    let job = wait_state(&mut c, &job.id, JobState::Done).await;
+    let out = farm.artifacts.path().join("i2v-extension.mp4");
+    fetch(&mut c, &job.id, &out).await;
+    let frames = decoded(&std::fs::read(&out).unwrap());
+    assert_eq!(frames.len(), 17);
+    let clip_frames = decoded(&clip);
+    let job_spec =
+        longtake_worker::daemon::task::job_spec(&job.spec.unwrap(), &served_model).unwrap();
+    assert_eq!(job_spec.held_frames(), 1);
+    let mut render = longtake_worker::daemon::task::render_spec(&job_spec);
+    render.input = Some(RenderInput::FirstFrame(Video {
+        rgb: clip_frames[8].clone(),
+        first_frame: 0,
+        frames: 1,
+        height: 64,
+        width: 64,
+    }));
+    let video = pipeline.render(&render, &mut |_| {}).unwrap();
+    let expected = farm.artifacts.path().join("i2v-extension-reference.mp4");
+    let mut sink = open_writer(
+        &expected,
+        Some(VideoFormat::Mp4),
+        64,
+        64,
+        16,
+        Quality::default(),
+    )
+    .unwrap();
+    for frame in clip_frames.iter() {
+        sink.push_frame(frame).unwrap();
+    }
+    for frame in video.rgb.chunks_exact(64 * 64 * 3).skip(1) {
+        sink.push_frame(frame).unwrap();
+    }
+    sink.finish().unwrap();
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&expected).unwrap(),
+        "the image-to-video extension differs from the single process's"
+    );
+
     // the text-to-video tiny model takes no picture: the job fails saying so
     let t2v = RenderSpec {
         model: "tiny".into(),

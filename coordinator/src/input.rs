@@ -45,6 +45,7 @@ pub fn read(kind: InputKind, bytes: &[u8]) -> Result<JobInput, InputError> {
         }
     };
     Ok(JobInput {
+        held_frames: 0,
         kind,
         bytes: bytes.len() as u64,
         sha256,

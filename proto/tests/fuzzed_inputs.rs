@@ -63,6 +63,7 @@ prop_compose! {
         attention_heads in number(), ffn_dim in number(),
     ) -> ModelDescription {
         ModelDescription {
+            takes_picture: None,
             name: "m".into(), default_width, default_height, default_steps, default_frames,
             default_fps, attention_heads, ffn_dim,
         }

@@ -43,6 +43,8 @@ pub struct JobInput {
     pub frames: u32,
     /// 0 for a picture.
     pub fps: u32,
+    /// A clip: its last frames the render holds as its first (0 until the job is placed).
+    pub held_frames: u32,
 }
 
 impl JobInput {
@@ -56,6 +58,7 @@ impl JobInput {
             height: 0,
             frames: 0,
             fps: 0,
+            held_frames: 0,
         }
     }
 
@@ -86,6 +89,7 @@ impl JobInput {
             height: input.height,
             frames: input.frames,
             fps: input.fps,
+            held_frames: input.held_frames,
         }))
     }
 
@@ -98,6 +102,7 @@ impl JobInput {
             height: self.height,
             frames: self.frames,
             fps: self.fps,
+            held_frames: self.held_frames,
         }
     }
 

@@ -6,7 +6,7 @@
 //! against the model's shape. A `JobSpec` converts back into a `RenderSpec` with every field set,
 //! which parses to the same `JobSpec` again: what the coordinator stores and hands to workers.
 
-use super::frames::{self, WAN_TEMPORAL_PACK};
+use super::frames::{self, first_video_frame, WAN_TEMPORAL_PACK};
 use super::input::{held_latent_frames, size_for_picture, InputKind, JobInput};
 use super::layout::{Layout, LayoutLimits};
 use super::scheduler::SchedulerKind;
@@ -117,6 +117,9 @@ pub struct ModelDescription {
     pub attention_heads: u32,
     /// Hidden width of the feed-forward layers; 0 when not known.
     pub ffn_dim: u32,
+    /// Whether its renders start from a picture (image-to-video); `None` when not known (a
+    /// stored spec read back, resolved against no model).
+    pub takes_picture: Option<bool>,
 }
 
 impl From<&ModelInfo> for ModelDescription {
@@ -130,6 +133,7 @@ impl From<&ModelInfo> for ModelDescription {
             default_fps: info.default_fps,
             attention_heads: info.attention_heads,
             ffn_dim: info.ffn_dim,
+            takes_picture: Some(info.takes_picture),
         }
     }
 }
@@ -280,6 +284,30 @@ impl SpecRequest {
                 ),
             ));
         }
+        let picture_model = model.takes_picture == Some(true);
+        match (&self.input, model.takes_picture) {
+            (Some(picture), Some(false)) if picture.kind == InputKind::Image => {
+                return Err(bad(
+                    "input",
+                    format!(
+                        "model {} is a text-to-video model: it takes no picture (rendering from \
+                         a picture needs an image-to-video model, e.g. Wan2.1 I2V)",
+                        model.name
+                    ),
+                ))
+            }
+            (None, Some(true)) => {
+                return Err(bad(
+                    "input",
+                    format!(
+                        "model {} is an image-to-video model: it renders from a picture (--image) \
+                         or extends a clip",
+                        model.name
+                    ),
+                ))
+            }
+            _ => {}
+        }
         let (mut default_width, mut default_height) = (model.default_width, model.default_height);
         let mut default_fps = match model.default_fps {
             0 => WAN21_DEFAULT_FPS,
@@ -346,7 +374,21 @@ impl SpecRequest {
             groups: self.groups,
             noise: self.noise.unwrap_or_default(),
         };
-        let held = held_video_frames(self.input.as_ref(), &windows);
+        // A clip's held frames are settled once, when the job is first placed, by the model.
+        let input = self.input.clone().map(|mut input| {
+            if input.kind == InputKind::Clip && input.held_frames == 0 {
+                input.held_frames = if picture_model {
+                    1
+                } else {
+                    held_video_frames(Some(&input), &windows)
+                };
+            }
+            input
+        });
+        let held = input
+            .as_ref()
+            .filter(|i| i.kind == InputKind::Clip)
+            .map_or(0, |i| i.held_frames);
         if self.extends() && held == 0 {
             return Err(bad(
                 "window_latent_frames",
@@ -362,10 +404,22 @@ impl SpecRequest {
             windows,
         )
         .map_err(|e| bad(e.field(), e.problem()))?;
+        let rendered_latents = frames::latent_frames(frame_count + held, WAN_TEMPORAL_PACK);
+        if picture_model && rendered_latents > window {
+            let most = first_video_frame(window as usize, WAN_TEMPORAL_PACK as usize) as u32 - held;
+            return Err(bad(
+                "frames",
+                format!(
+                    "model {} is an image-to-video model: it renders one window for now, {most} \
+                     frames at most",
+                    model.name
+                ),
+            ));
+        }
         timeline::check_cues_fit(&self.prompt_timeline, frame_count + held, fps)
             .map_err(timeline_error)?;
         Ok(JobSpec {
-            input: self.input.clone(),
+            input,
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             model: self.model.clone(),
@@ -419,10 +473,14 @@ impl JobSpec {
         self.frames + self.held_frames()
     }
 
-    /// How many of the extended clip's last frames the render holds as its first (4k + 1; 0
-    /// when it extends nothing): the workers render them again and send the frames after them.
+    /// How many of the extended clip's last frames the render holds as its first (4k + 1 for a
+    /// text-to-video model, 1 for an image-to-video model; 0 when it extends nothing): the
+    /// workers render them again and send the frames after them.
     pub fn held_frames(&self) -> u32 {
-        held_video_frames(self.input.as_ref(), &self.windows)
+        match &self.input {
+            Some(clip) if clip.kind == InputKind::Clip => clip.held_frames,
+            _ => 0,
+        }
     }
 
     /// Frames of the output: an extended clip's own and the new ones, or the rendered clip.
@@ -905,6 +963,94 @@ mod tests {
         assert!(e.starts_with("spec.window_latent_frames"), "{e}");
     }
 
+    /// An image-to-video model extends a clip from its last frame (one held frame, kept when the
+    /// stored spec is resolved again against no model), renders one window, needs a picture or
+    /// a clip; a text-to-video model takes no picture.
+    #[test]
+    fn the_model_decides_what_an_input_does() {
+        let picture_model = ModelDescription {
+            takes_picture: Some(true),
+            ..model()
+        };
+        let extend = RenderSpec {
+            frames: 32,
+            width: 0,
+            height: 0,
+            fps: 0,
+            input: Some(clip(81)),
+            ..spec()
+        };
+        let job = SpecRequest::try_from(&extend)
+            .unwrap()
+            .resolve(&picture_model)
+            .unwrap();
+        assert_eq!((job.held_frames(), job.rendered_frames()), (1, 33));
+        assert_eq!(job.output_frame(1), Some(81));
+        let unknown = ModelDescription {
+            name: "toy".into(),
+            ..Default::default()
+        };
+        let again = SpecRequest::try_from(&RenderSpec::from(&job))
+            .unwrap()
+            .resolve(&unknown)
+            .unwrap();
+        assert_eq!(again.held_frames(), 1, "settled when first placed");
+        let text_model = ModelDescription {
+            takes_picture: Some(false),
+            ..model()
+        };
+        let held = SpecRequest::try_from(&extend)
+            .unwrap()
+            .resolve(&text_model)
+            .unwrap()
+            .held_frames();
+        assert_eq!(held, 9);
+
+        let resolve = |spec: RenderSpec, model: &ModelDescription| {
+            SpecRequest::try_from(&spec)
+                .unwrap()
+                .resolve(model)
+                .unwrap_err()
+                .to_string()
+        };
+        let picture = JobInput {
+            bytes: 10,
+            sha256: "cd".repeat(32),
+            width: 64,
+            height: 64,
+            frames: 1,
+            ..JobInput::unread(InputKind::Image)
+        }
+        .to_proto();
+        let from_picture = RenderSpec {
+            input: Some(picture),
+            ..spec()
+        };
+        let e = resolve(from_picture.clone(), &text_model);
+        assert!(
+            e.starts_with("spec.input: model toy is a text-to-video model"),
+            "{e}"
+        );
+        let e = resolve(spec(), &picture_model);
+        assert!(
+            e.starts_with("spec.input: model toy is an image-to-video model"),
+            "{e}"
+        );
+        let e = resolve(
+            RenderSpec {
+                frames: 41,
+                ..from_picture
+            },
+            &picture_model,
+        );
+        assert!(
+            e.starts_with(
+                "spec.frames: model toy is an image-to-video model: it renders one window"
+            ),
+            "{e}"
+        );
+    }
+
     /// A render from a picture takes the picture's aspect over the model's default area unless
     /// the spec sets a size; its frames follow the frame rule as any render's.
     #[test]
@@ -945,6 +1091,7 @@ mod tests {
 
     fn model() -> ModelDescription {
         ModelDescription {
+            takes_picture: None,
             name: "toy".into(),
             default_width: 64,
             default_height: 48,

@@ -149,6 +149,7 @@ impl ServedModel {
                 .world
                 .map(|w| w.name().to_string())
                 .unwrap_or_default(),
+            takes_picture: facts.takes_picture,
         };
         Ok(Self {
             source,

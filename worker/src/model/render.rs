@@ -271,6 +271,8 @@ pub struct ModelFacts {
     pub info: PipelineInfo,
     pub attention_heads: usize,
     pub ffn_dim: usize,
+    /// An image-to-video model: its renders start from a picture.
+    pub takes_picture: bool,
 }
 
 impl ModelFacts {

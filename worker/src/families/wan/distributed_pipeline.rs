@@ -397,6 +397,12 @@ mod tests {
             single.render(&other, &mut |_| {})? != expected,
             "the picture is ignored"
         );
+        // extending a clip: the image-to-video model starts from the clip's last frame
+        let extension = RenderSpec {
+            input: Some(RenderInput::Continues(picture(0))),
+            ..spec.clone()
+        };
+        assert!(single.render(&extension, &mut |_| {})? == expected);
         for (spec, problem) in [
             (
                 RenderSpec {

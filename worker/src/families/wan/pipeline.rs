@@ -275,7 +275,12 @@ pub fn describe(source: PipelineSource<'_>) -> Result<ModelFacts> {
             (checkpoint_info(&Checkpoint::open(dir)?)?, transformer)
         }
     };
+    let takes_picture = match source.checkpoint_dir()? {
+        Some(dir) => ModelFamily::of(&Checkpoint::open(dir)?)?.takes_picture(),
+        None => false,
+    };
     Ok(ModelFacts {
+        takes_picture,
         info,
         attention_heads: transformer.num_attention_heads,
         ffn_dim: transformer.ffn_dim,
@@ -617,11 +622,8 @@ impl WanPipeline {
             None | Some(RenderInput::FirstFrame(_)) => return Ok(None),
         };
         if self.picture.is_some() {
-            return Err(PipelineError::Spec(format!(
-                "model {} is an image-to-video model: extending a clip with it is not supported \
-                 yet; extend with a text-to-video model",
-                self.info.name
-            )));
+            // an image-to-video model conditions on the clip's last frame instead
+            return Ok(None);
         }
         if (clip.width, clip.height) != (spec.width, spec.height) {
             return Err(PipelineError::Spec(format!(
@@ -674,6 +676,8 @@ impl WanPipeline {
         let name = &self.info.name;
         let (picture, encoder) = match (&spec.input, &self.picture) {
             (Some(RenderInput::FirstFrame(picture)), Some(encoder)) => (picture, encoder),
+            // extending a clip: its last frame is the render's first
+            (Some(RenderInput::Continues(last)), Some(encoder)) => (last, encoder),
             (Some(RenderInput::FirstFrame(_)), None) => {
                 return Err(PipelineError::Spec(format!(
                     "model {name} is a text-to-video model: it takes no picture (rendering from \
@@ -681,10 +685,10 @@ impl WanPipeline {
                      prompt alone"
                 )))
             }
-            (_, Some(_)) if !matches!(spec.input, Some(RenderInput::Continues(_))) => {
+            (None, Some(_)) => {
                 return Err(PipelineError::Spec(format!(
                     "model {name} is an image-to-video model: it renders from a picture \
-                     (--image)"
+                     (--image) or extends a clip"
                 )))
             }
             _ => return Ok(None),
@@ -702,7 +706,8 @@ impl WanPipeline {
         }
         if picture.frames != 1 {
             return Err(PipelineError::Spec(format!(
-                "a render starts from one picture, not {} frames",
+                "an image-to-video render starts from one frame (the picture, or the last frame \
+                 of the clip it extends), not {}",
                 picture.frames
             )));
         }
