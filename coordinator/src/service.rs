@@ -9,6 +9,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use longtake_proto::cluster_service_server::ClusterService;
 use longtake_proto::render_service_server::RenderService;
@@ -19,7 +20,7 @@ use longtake_proto::{
     CancelRequest, Job, JobEvent, JobRequest, JobState, ListReply, ListRequest, ListWorkersReply,
     ListWorkersRequest, OutputChunk, SubmitPart, SubmitReply, SubmitRequest,
 };
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -33,14 +34,28 @@ use crate::scheduler::{Scheduler, SubmitError};
 /// Chunks or events in flight to one client before the sender waits.
 const STREAM_BUFFER: usize = 16;
 
+/// Uploads taken at once: each is held in memory (up to the farm's input limit) while it is
+/// read, so this bounds what uploads can take.
+const UPLOADS_AT_ONCE: usize = 4;
+
+/// How long an upload waits for its turn, and how long it may take once taken: a client that
+/// stalls mid-file does not hold a slot for good.
+const UPLOAD_WAIT: Duration = Duration::from_secs(60);
+const UPLOAD_TIME: Duration = Duration::from_secs(600);
+
 pub struct Service {
     scheduler: Scheduler,
     access: Arc<Access>,
+    uploads: Arc<Semaphore>,
 }
 
 impl Service {
     pub fn new(scheduler: Scheduler, access: Arc<Access>) -> Self {
-        Self { scheduler, access }
+        Self {
+            scheduler,
+            access,
+            uploads: Arc::new(Semaphore::new(UPLOADS_AT_ONCE)),
+        }
     }
 
     /// The caller `request` comes from, or UNAUTHENTICATED saying what is missing.
@@ -221,34 +236,55 @@ impl RenderService for Service {
         // a spec that breaks a rule is refused before its file is taken
         SpecRequest::try_from(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let limit = self.scheduler.limits().await.max_input_bytes;
-        let mut bytes = Vec::new();
-        while let Some(part) = parts.message().await? {
-            match part.part {
-                Some(submit_part::Part::Data(data)) => {
-                    if (bytes.len() + data.len()) as u64 > limit {
-                        tracing::warn!(
-                            target: AUDIT,
-                            caller = %caller,
-                            action = "submit",
-                            peer = %from,
-                            "refused: input over {limit} bytes"
-                        );
-                        return Err(Status::invalid_argument(format!(
-                            "input: the {} is over this farm's limit of {limit} bytes (the \
-                             coordinator's --max-input-bytes)",
-                            kind.name()
-                        )));
+        let _turn = tokio::time::timeout(UPLOAD_WAIT, self.uploads.acquire())
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "the coordinator is taking {UPLOADS_AT_ONCE} uploads already; send the job \
+                     again in a moment"
+                ))
+            })?
+            .map_err(|_| Status::unavailable("the coordinator is stopping"))?;
+        let taken = tokio::time::timeout(UPLOAD_TIME, async {
+            let mut bytes = Vec::new();
+            while let Some(part) = parts.message().await? {
+                match part.part {
+                    Some(submit_part::Part::Data(data)) => {
+                        if (bytes.len() + data.len()) as u64 > limit {
+                            tracing::warn!(
+                                target: AUDIT,
+                                caller = %caller,
+                                action = "submit",
+                                peer = %from,
+                                "refused: input over {limit} bytes"
+                            );
+                            return Err(Status::invalid_argument(format!(
+                                "input: the {} is over this farm's limit of {limit} bytes (the \
+                                 coordinator's --max-input-bytes)",
+                                kind.name()
+                            )));
+                        }
+                        bytes.extend_from_slice(&data);
                     }
-                    bytes.extend_from_slice(&data);
+                    Some(submit_part::Part::Request(_)) => {
+                        return Err(Status::invalid_argument(
+                            "SubmitWithInput: a second SubmitRequest; one job per call",
+                        ))
+                    }
+                    None => {}
                 }
-                Some(submit_part::Part::Request(_)) => {
-                    return Err(Status::invalid_argument(
-                        "SubmitWithInput: a second SubmitRequest; one job per call",
-                    ))
-                }
-                None => {}
             }
-        }
+            Ok(bytes)
+        })
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "input: the {} did not arrive within {} s; send the job again",
+                kind.name(),
+                UPLOAD_TIME.as_secs()
+            ))
+        })?;
+        let bytes = taken?;
         if bytes.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "input: no bytes of the {} arrived",
