@@ -6,7 +6,7 @@
 //! against the model's shape. A `JobSpec` converts back into a `RenderSpec` with every field set,
 //! which parses to the same `JobSpec` again: what the coordinator stores and hands to workers.
 
-use super::frames::{self, first_video_frame, WAN_TEMPORAL_PACK};
+use super::frames::{self, WAN_TEMPORAL_PACK};
 use super::input::{held_latent_frames, size_for_picture, InputKind, JobInput};
 use super::layout::{Layout, LayoutLimits};
 use super::scheduler::SchedulerKind;
@@ -404,18 +404,6 @@ impl SpecRequest {
             windows,
         )
         .map_err(|e| bad(e.field(), e.problem()))?;
-        let rendered_latents = frames::latent_frames(frame_count + held, WAN_TEMPORAL_PACK);
-        if picture_model && rendered_latents > window {
-            let most = first_video_frame(window as usize, WAN_TEMPORAL_PACK as usize) as u32 - held;
-            return Err(bad(
-                "frames",
-                format!(
-                    "model {} is an image-to-video model: it renders one window for now, {most} \
-                     frames at most",
-                    model.name
-                ),
-            ));
-        }
         timeline::check_cues_fit(&self.prompt_timeline, frame_count + held, fps)
             .map_err(timeline_error)?;
         Ok(JobSpec {
@@ -964,8 +952,8 @@ mod tests {
     }
 
     /// An image-to-video model extends a clip from its last frame (one held frame, kept when the
-    /// stored spec is resolved again against no model), renders one window, needs a picture or
-    /// a clip; a text-to-video model takes no picture.
+    /// stored spec is resolved again against no model), needs a picture or a clip, and renders
+    /// a clip longer than a window as windows; a text-to-video model takes no picture.
     #[test]
     fn the_model_decides_what_an_input_does() {
         let picture_model = ModelDescription {
@@ -1036,19 +1024,15 @@ mod tests {
             e.starts_with("spec.input: model toy is an image-to-video model"),
             "{e}"
         );
-        let e = resolve(
-            RenderSpec {
-                frames: 41,
-                ..from_picture
-            },
-            &picture_model,
-        );
-        assert!(
-            e.starts_with(
-                "spec.frames: model toy is an image-to-video model: it renders one window"
-            ),
-            "{e}"
-        );
+        // longer than a window: co-denoised as any long clip, the picture in the first window
+        let long = SpecRequest::try_from(&RenderSpec {
+            frames: 41,
+            ..from_picture
+        })
+        .unwrap()
+        .resolve(&picture_model)
+        .unwrap();
+        assert!(long.is_windowed(), "{long:?}");
     }
 
     /// A render from a picture takes the picture's aspect over the model's default area unless

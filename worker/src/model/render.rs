@@ -236,6 +236,21 @@ pub trait FlowModel {
     /// embeddings `context` `(B, Lt, text_dim)`.
     fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> candle_core::Result<Tensor>;
 
+    /// The flow on latent frames `frames` of the clip (`x` holds exactly those): the flow of a
+    /// window of a long clip. The same as [`Self::predict`] for a model whose condition does
+    /// not depend on where a window sits; an image-to-video model takes its condition's
+    /// frames there.
+    fn predict_frames(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        frames: std::ops::Range<usize>,
+    ) -> candle_core::Result<Tensor> {
+        let _ = frames;
+        self.predict(x, t, context)
+    }
+
     /// The flow under an image embedding `image` `(B, Li, image_dim)` as well: an
     /// image-to-video transformer, whose `x` carries the condition's channels after the
     /// latents. A model that takes no image says so.

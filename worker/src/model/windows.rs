@@ -138,7 +138,7 @@ impl<'a> WindowedFlow<'a> {
         let window = x.narrow(2, w.start - offset, w.len)?.contiguous()?;
         let flow = self
             .model
-            .predict(&window, t, context)?
+            .predict_frames(&window, t, context, w.start..w.start + w.len)?
             .to_dtype(DType::F32)?;
         flow.broadcast_mul(&self.weights[index])
     }

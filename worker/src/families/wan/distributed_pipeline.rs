@@ -357,9 +357,9 @@ mod tests {
 
     /// A render from a picture (the image-to-video fixture's checkpoint, a picture of another
     /// size than the clip) under `cfg = 2`, `tp = 2`, `ulysses = 2`, `ring = 2` and
-    /// `cfg = 2, tp = 2` gives the single process's frames within one 8-bit level; the picture changes the clip; a render of the
-    /// image-to-video model without a picture, and one longer than its window, are refused by
-    /// name.
+    /// `cfg = 2, tp = 2` gives the single process's frames within one 8-bit level; the picture
+    /// changes the clip; a render of the image-to-video model without a picture is refused by
+    /// name; a clip longer than a window on two worker groups gives the single process's frames.
     #[test]
     fn a_render_from_a_picture_under_layouts_gives_the_single_process_frames() -> TestResult {
         use crate::model::render::RenderInput;
@@ -403,29 +403,13 @@ mod tests {
             ..spec.clone()
         };
         assert!(single.render(&extension, &mut |_| {})? == expected);
-        for (spec, problem) in [
-            (
-                RenderSpec {
-                    input: None,
-                    ..spec.clone()
-                },
-                "it renders from a picture",
-            ),
-            (
-                RenderSpec {
-                    frames: spec.frames + 8,
-                    windows: Some(longtake_proto::spec::WindowSettings {
-                        latent_frames: 2,
-                        overlap: 1,
-                        fusion: Default::default(),
-                        groups: 1,
-                        noise: Default::default(),
-                    }),
-                    ..spec.clone()
-                },
-                "one window for now",
-            ),
-        ] {
+        for (spec, problem) in [(
+            RenderSpec {
+                input: None,
+                ..spec.clone()
+            },
+            "it renders from a picture",
+        )] {
             let e = single.render(&spec, &mut |_| {}).unwrap_err().to_string();
             assert!(e.contains(problem), "{e}");
         }
@@ -447,6 +431,58 @@ mod tests {
             println!("image-to-video under {layout}: max |diff| {worst} levels");
             assert!(
                 worst <= 1,
+                "{layout}: {worst} levels from the single process"
+            );
+        }
+        // longer than a window: co-denoised, the picture conditioning the first window; two
+        // worker groups (each encoding the condition only up to its last frame) give the single
+        // process's frames, one rank each bit for bit, `cfg=2` each within one level
+        let long = |groups| RenderSpec {
+            frames: spec.frames + 8,
+            windows: Some(longtake_proto::spec::WindowSettings {
+                latent_frames: 3,
+                overlap: 1,
+                fusion: Default::default(),
+                groups,
+                noise: Default::default(),
+            }),
+            ..spec.clone()
+        };
+        assert_eq!(single.window_plan(&long(1))?.windows().len(), 2);
+        let expected = single.render(&long(1), &mut |_| {})?;
+        assert!(
+            single.render(
+                &RenderSpec {
+                    input: Some(RenderInput::FirstFrame(picture(90))),
+                    ..long(1)
+                },
+                &mut |_| {}
+            )? != expected,
+            "the picture is ignored"
+        );
+        let source = PipelineSource::Checkpoint(&checkpoint);
+        for (layout, most) in [("", 0), ("cfg=2", 1)] {
+            let layout: Layout = layout.parse()?;
+            let videos = run_ranks(2 * layout.world_size(), |_, job| {
+                let pipe = DistributedPipeline::for_job(source, &dev, DType::F32, layout, job, 2)?
+                    .with_max_sequence_length(case.max_sequence_length);
+                Ok(pipe.render(&long(2), &mut |_| {})?)
+            })?;
+            // each group's first rank has its segment; joined, the clip
+            let mut joined = Vec::new();
+            for video in videos.iter().flatten() {
+                joined.extend_from_slice(&video.rgb);
+            }
+            assert_eq!(joined.len(), expected.rgb.len(), "{layout}: the whole clip");
+            let worst = joined
+                .iter()
+                .zip(&expected.rgb)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            println!("image-to-video in 2 groups of {layout}: max |diff| {worst} levels");
+            assert!(
+                worst <= most,
                 "{layout}: {worst} levels from the single process"
             );
         }

@@ -171,7 +171,8 @@ pub fn first_frame_condition(
 /// condition channels and image embedding, as diffusers gives both branches.
 pub struct ImageConditioned<'a> {
     pub transformer: &'a dyn FlowModel,
-    /// `(1, 20, F', H', W')`, from [`first_frame_condition`].
+    /// `(1, 20, F', H', W')`, from [`first_frame_condition`]: the clip's first `F'` latent
+    /// frames (at least those of every window the model is asked for).
     pub condition: Tensor,
     /// `(1, Li, image_dim)`, the CLIP tower's penultimate hidden states.
     pub image_embeds: Tensor,
@@ -179,9 +180,29 @@ pub struct ImageConditioned<'a> {
 
 impl FlowModel for ImageConditioned<'_> {
     fn predict(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let batch = x.dim(0)?;
+        self.predict_frames(x, t, context, 0..x.dim(2)?)
+    }
+
+    /// A window of a long clip takes the condition's frames where it sits: the first window the
+    /// picture's latent and the mask that marks it given, a later one the encoded blank frames
+    /// that follow it, nothing marked given.
+    fn predict_frames(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        frames: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        let (batch, _, len, _, _) = x.dims5()?;
+        let held = self.condition.dim(2)?;
+        if frames.len() != len || frames.end > held {
+            candle_core::bail!(
+                "latent frames {frames:?} ({len} in the latents) are not in the condition's {held}"
+            );
+        }
         let condition = self
             .condition
+            .narrow(2, frames.start, len)?
             .to_dtype(x.dtype())?
             .repeat((batch, 1, 1, 1, 1))?;
         let image = self.image_embeds.repeat((batch, 1, 1))?;
@@ -296,6 +317,76 @@ mod tests {
                 assert!(worst <= 1, "{layout} rank {rank}: {worst} levels");
             }
         }
+    }
+
+    /// A long clip's windows each take the condition of their own latent frames: a transformer
+    /// that returns its input's condition channels, co-denoised in windows, gives back the
+    /// whole clip's condition on every frame (the windows' weights sum to one), the mask set on
+    /// the first frame only; a window outside the condition is refused.
+    #[test]
+    fn every_window_takes_the_condition_of_its_own_frames() -> Result<()> {
+        use crate::model::windows::WindowedFlow;
+        use longtake_proto::spec::{Fusion, WindowPlan, WindowSettings};
+
+        /// Returns the first 16 condition channels (the mask's 4 and 12 of the latent's).
+        struct Echo;
+        impl FlowModel for Echo {
+            fn predict(&self, _x: &Tensor, _t: &Tensor, _c: &Tensor) -> Result<Tensor> {
+                candle_core::bail!("an image-to-video model is asked with the image")
+            }
+            fn predict_with_image(
+                &self,
+                x: &Tensor,
+                _t: &Tensor,
+                _c: &Tensor,
+                _image: &Tensor,
+            ) -> Result<Tensor> {
+                x.narrow(1, 16, 16)
+            }
+        }
+        let device = Device::Cpu;
+        let frames = 11;
+        let mask = Tensor::cat(
+            &[
+                Tensor::ones((1, 4, 1, 2, 2), DType::F32, &device)?,
+                Tensor::zeros((1, 4, frames - 1, 2, 2), DType::F32, &device)?,
+            ],
+            2,
+        )?;
+        // the latent part: each frame's value its index
+        let index = Tensor::arange(0f32, frames as f32, &device)?.reshape((1, 1, frames, 1, 1))?;
+        let latent = index.broadcast_as((1, 16, frames, 2, 2))?.contiguous()?;
+        let condition = Tensor::cat(&[&mask, &latent], 1)?;
+        let conditioned = ImageConditioned {
+            transformer: &Echo,
+            condition: condition.clone(),
+            image_embeds: Tensor::zeros((1, 3, 8), DType::F32, &device)?,
+        };
+        let plan = WindowPlan::new(
+            frames as u32,
+            WindowSettings {
+                latent_frames: 5,
+                overlap: 2,
+                fusion: Fusion::Linear,
+                groups: 1,
+                noise: Default::default(),
+            },
+        )
+        .unwrap();
+        assert!(plan.windows().len() >= 3, "{plan}");
+        let windowed = WindowedFlow::new(&conditioned, &plan, &device)?;
+        let x = Tensor::zeros((2, 16, frames, 2, 2), DType::F32, &device)?;
+        let t = Tensor::zeros(2, DType::F32, &device)?;
+        let flow = windowed.predict(&x, &t, &t)?;
+        let want = condition.narrow(1, 0, 16)?.repeat((2, 1, 1, 1, 1))?;
+        let worst = (flow - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(worst < 1e-5, "{worst}");
+        let e = conditioned
+            .predict_frames(&x.narrow(2, 0, 5)?, &t, &t, 8..13)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not in the condition"), "{e}");
+        Ok(())
     }
 
     /// The image branch of the cross-attention (a full 512-token text context, so that the

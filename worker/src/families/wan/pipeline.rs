@@ -664,14 +664,16 @@ impl WanPipeline {
     }
 
     /// What an image-to-video render conditions on besides the text: the first-frame condition
-    /// `(1, 20, F', H/8, W/8)` and the picture's CLIP embedding `(1, Li, image_dim)`, in the
-    /// model's dtype; `None` for a text-to-video render. A picture given to a text-to-video
-    /// model, a render of an image-to-video model without one, and a picture render longer
-    /// than one window are refused by name.
+    /// of the clip's first `latent_frames` latent frames `(1, 20, F', H/8, W/8)` (the VAE
+    /// encoder is causal, so a prefix is the whole clip's condition cut short: a worker group
+    /// encodes only up to its last frame) and the picture's CLIP embedding `(1, Li,
+    /// image_dim)`, in the model's dtype; `None` for a text-to-video render. A picture given to
+    /// a text-to-video model and a render of an image-to-video model without one are refused by
+    /// name.
     pub fn picture_condition(
         &self,
         spec: &RenderSpec,
-        plan: &WindowPlan,
+        latent_frames: usize,
     ) -> Result<Option<(Tensor, Tensor)>> {
         let name = &self.info.name;
         let (picture, encoder) = match (&spec.input, &self.picture) {
@@ -693,17 +695,6 @@ impl WanPipeline {
             }
             _ => return Ok(None),
         };
-        if !plan.is_single_window() {
-            return Err(PipelineError::Spec(format!(
-                "a render from a picture is one window for now ({} latent frames, {} frames); \
-                 ask for at most that many",
-                plan.settings().latent_frames,
-                first_video_frame(
-                    plan.settings().latent_frames as usize,
-                    video::VAE_SCALE_TEMPORAL
-                )
-            )));
-        }
         if picture.frames != 1 {
             return Err(PipelineError::Spec(format!(
                 "an image-to-video render starts from one frame (the picture, or the last frame \
@@ -738,7 +729,7 @@ impl WanPipeline {
                 &vae_encoder,
                 &self.vae_config,
                 &frame,
-                spec.frames,
+                first_video_frame(latent_frames, video::VAE_SCALE_TEMPORAL),
             ),
         )?;
         Ok(Some((
@@ -966,17 +957,15 @@ impl WanPipeline {
             Some(hook) => hook,
             None => &mut no_hook,
         };
-        let picture = self.picture_condition(spec, &plan)?;
-        let conditioned;
-        let model: &dyn FlowModel = match picture {
-            Some((condition, image_embeds)) => {
-                conditioned = ImageConditioned {
+        let conditioned =
+            self.picture_condition(spec, plan.latent_frames())?
+                .map(|(condition, image_embeds)| ImageConditioned {
                     transformer: model,
                     condition,
                     image_embeds,
-                };
-                &conditioned
-            }
+                });
+        let model: &dyn FlowModel = match &conditioned {
+            Some(conditioned) => conditioned,
             None => model,
         };
         // A clip of one window runs the model itself: exactly the plain render.
@@ -1061,8 +1050,6 @@ impl WanPipeline {
                 plan.group_count()
             )));
         }
-        // a render from a picture is one window (refused here by name)
-        self.picture_condition(spec, &plan)?;
         let frames = plan.group_frames(group);
         let mut denoiser = match &resume {
             None => self.denoiser(spec, self.initial_noise(spec, &plan, frames.clone())?)?,
@@ -1076,6 +1063,18 @@ impl WanPipeline {
         let text_start = Instant::now();
         let per_window = self.window_conditioning(spec, &plan)?;
         let text = text_start.elapsed();
+        // a render from a picture: the condition of the group's frames and those before them
+        let conditioned =
+            self.picture_condition(spec, frames.end)?
+                .map(|(condition, image_embeds)| ImageConditioned {
+                    transformer: model,
+                    condition,
+                    image_embeds,
+                });
+        let model: &dyn FlowModel = match &conditioned {
+            Some(conditioned) => conditioned,
+            None => model,
+        };
         let flow = component(
             "transformer",
             GroupWindowedFlow::new(model, &plan, peers, &self.device)
