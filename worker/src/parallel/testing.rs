@@ -80,6 +80,16 @@ pub(crate) fn bits(t: &Tensor) -> TestResult<Vec<u32>> {
         .collect())
 }
 
+/// The largest difference in 8-bit levels between two runs' frames (the same length: checked).
+pub(crate) fn largest_level_difference(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len(), "frames of different lengths");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
 /// What a model takes of [`LAYOUTS`]: stated per fixture, never worked out from the model by the
 /// filter under test, so that a layout that should run and does not is a failure.
 pub(crate) enum Takes {

@@ -349,8 +349,8 @@ mod tests {
     use crate::model::render::Video;
     use crate::model::scheduler::SchedulerKind;
     use crate::parallel::testing::{
-        assert_every_layout_fixture_present, assert_refused, bits, fixture_takes, run_ranks, Takes,
-        TestResult, LAYOUTS,
+        assert_every_layout_fixture_present, assert_refused, bits, fixture_takes,
+        largest_level_difference, run_ranks, Takes, TestResult, LAYOUTS,
     };
 
     const TOLERANCE: f64 = 1e-4;
@@ -420,13 +420,7 @@ mod tests {
                 Ok(pipe.render(&spec, &mut |_| {})?)
             })?;
             let video = videos[0].as_ref().expect("rank 0 writes the video");
-            let worst = video
-                .rgb
-                .iter()
-                .zip(&expected.rgb)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap_or(0);
+            let worst = largest_level_difference(&video.rgb, &expected.rgb);
             println!("image-to-video under {layout}: max |diff| {worst} levels");
             assert!(
                 worst <= 1,
@@ -473,12 +467,7 @@ mod tests {
                 joined.extend_from_slice(&video.rgb);
             }
             assert_eq!(joined.len(), expected.rgb.len(), "{layout}: the whole clip");
-            let worst = joined
-                .iter()
-                .zip(&expected.rgb)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap_or(0);
+            let worst = largest_level_difference(&joined, &expected.rgb);
             println!("image-to-video in 2 groups of {layout}: max |diff| {worst} levels");
             assert!(
                 worst <= most,
@@ -681,13 +670,7 @@ mod tests {
                 (video.frames, video.height, video.width),
                 (expected.frames, expected.height, expected.width)
             );
-            let worst = video
-                .rgb
-                .iter()
-                .zip(&expected.rgb)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap_or(0);
+            let worst = largest_level_difference(&video.rgb, &expected.rgb);
             println!("toy: {layout}: largest difference {worst} levels");
             assert!(worst <= 1, "toy: {layout}: frames differ by {worst} levels");
         }
@@ -916,9 +899,9 @@ mod tests {
                     "the same latents decode to the same frames"
                 );
                 let whole = &reference.video.as_ref().expect("decoded").rgb;
-                let most = rgb.iter().zip(whole).map(|(x, y)| x.abs_diff(*y)).max();
+                let most = largest_level_difference(&rgb, whole);
                 assert!(
-                    matches!(most, Some(0..=1)),
+                    most <= 1,
                     "segments decoded after a warm-up are within a level of the whole decode: {most:?}"
                 );
             }

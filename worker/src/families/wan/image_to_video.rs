@@ -237,7 +237,7 @@ mod tests {
         use crate::model::loader::{read_json, Checkpoint, SafetensorsWeights};
         use crate::model::render::CancelToken;
         use crate::model::{scheduler, video};
-        use crate::parallel::testing::{layout, run_ranks};
+        use crate::parallel::testing::{largest_level_difference, layout, run_ranks};
 
         let dev = Device::Cpu;
         let dir = crate::model::reference::parity_fixture_dirs()
@@ -307,12 +307,7 @@ mod tests {
             })
             .unwrap();
             for (rank, frames) in frames.iter().enumerate() {
-                let worst = frames
-                    .iter()
-                    .zip(&expected)
-                    .map(|(a, b)| a.abs_diff(*b))
-                    .max()
-                    .unwrap();
+                let worst = largest_level_difference(frames, &expected);
                 println!("{layout} rank {rank}: largest difference {worst} levels");
                 assert!(worst <= 1, "{layout} rank {rank}: {worst} levels");
             }

@@ -738,6 +738,23 @@ impl WanPipeline {
         )))
     }
 
+    /// `model` conditioned on `spec`'s picture over the clip's first `latent_frames` latent
+    /// frames ([`Self::picture_condition`]); `None` for a text-to-video render.
+    fn picture_conditioned<'m>(
+        &self,
+        model: &'m dyn FlowModel,
+        spec: &RenderSpec,
+        latent_frames: usize,
+    ) -> Result<Option<ImageConditioned<'m>>> {
+        Ok(self
+            .picture_condition(spec, latent_frames)?
+            .map(|(condition, image_embeds)| ImageConditioned {
+                transformer: model,
+                condition,
+                image_embeds,
+            }))
+    }
+
     /// `model` holding the first latent frames of `spec`'s clip on their path to `held`
     /// ([`HeldFrames`]), from the frames' own initial noise.
     fn holding<'m>(
@@ -957,17 +974,8 @@ impl WanPipeline {
             Some(hook) => hook,
             None => &mut no_hook,
         };
-        let conditioned =
-            self.picture_condition(spec, plan.latent_frames())?
-                .map(|(condition, image_embeds)| ImageConditioned {
-                    transformer: model,
-                    condition,
-                    image_embeds,
-                });
-        let model: &dyn FlowModel = match &conditioned {
-            Some(conditioned) => conditioned,
-            None => model,
-        };
+        let conditioned = self.picture_conditioned(model, spec, plan.latent_frames())?;
+        let model: &dyn FlowModel = conditioned.as_ref().map_or(model, |c| c);
         // A clip of one window runs the model itself: exactly the plain render.
         let windowed;
         let model: &dyn FlowModel = if plan.is_single_window() {
@@ -1064,17 +1072,8 @@ impl WanPipeline {
         let per_window = self.window_conditioning(spec, &plan)?;
         let text = text_start.elapsed();
         // a render from a picture: the condition of the group's frames and those before them
-        let conditioned =
-            self.picture_condition(spec, frames.end)?
-                .map(|(condition, image_embeds)| ImageConditioned {
-                    transformer: model,
-                    condition,
-                    image_embeds,
-                });
-        let model: &dyn FlowModel = match &conditioned {
-            Some(conditioned) => conditioned,
-            None => model,
-        };
+        let conditioned = self.picture_conditioned(model, spec, frames.end)?;
+        let model: &dyn FlowModel = conditioned.as_ref().map_or(model, |c| c);
         let flow = component(
             "transformer",
             GroupWindowedFlow::new(model, &plan, peers, &self.device)
