@@ -64,6 +64,22 @@ pub struct Scheduler {
     inner: Arc<Inner>,
 }
 
+/// A job asked for: its spec, and how and by whom it is queued.
+#[derive(Debug, Clone, Copy)]
+pub struct Submission<'a> {
+    pub spec: &'a RenderSpec,
+    pub priority: i32,
+    /// The job's name for people (may be empty).
+    pub name: &'a str,
+    /// The client's id for this submission: a retry with the same id gets the job already
+    /// queued (may be empty: no deduplication).
+    pub request_id: &'a str,
+    /// Who owns the job: the caller named by its token.
+    pub owner: &'a str,
+    /// The W3C `traceparent` the job's spans continue (may be empty).
+    pub trace_parent: &'a str,
+}
+
 impl Scheduler {
     pub async fn start(
         config: CoordinatorConfig,
@@ -144,34 +160,22 @@ impl Scheduler {
     }
 
     /// Queues a job, or with a request id an earlier submission already queued, returns its
-    /// job.
+    /// job. Its input file (read into the spec's `input`), waiting in `input`, is moved into the
+    /// job's directory before the job is stored, so a job is never queued without it; it is
+    /// removed when the job is not accepted.
     pub async fn submit(
         &self,
-        spec: &RenderSpec,
-        priority: i32,
-        name: &str,
-        request_id: &str,
-        owner: &str,
-        trace_parent: &str,
-    ) -> Result<JobRecord, SubmitError> {
-        self.submit_with_input(spec, priority, name, request_id, owner, trace_parent, None)
-            .await
-    }
-
-    /// [`Self::submit`] of a job whose input file (read into `spec.input`) waits in `input`:
-    /// moved into the job's directory before the job is stored, so a job is never queued
-    /// without it; removed when the job is not accepted.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn submit_with_input(
-        &self,
-        spec: &RenderSpec,
-        priority: i32,
-        name: &str,
-        request_id: &str,
-        owner: &str,
-        trace_parent: &str,
+        submission: Submission<'_>,
         input: Option<(StagedInput, InputKind)>,
     ) -> Result<JobRecord, SubmitError> {
+        let Submission {
+            spec,
+            priority,
+            name,
+            request_id,
+            owner,
+            trace_parent,
+        } = submission;
         let mut table = self.inner.table.lock().await;
         let change = match table.submit(spec, priority, name, request_id, owner, now_ms())? {
             Submitted::New(mut change) => {

@@ -29,7 +29,7 @@ use crate::access::{Access, Caller};
 use crate::artifacts::{self, StagedInput};
 use crate::jobs::TableError;
 use crate::record::{JobPhase, JobRecord};
-use crate::scheduler::{Scheduler, SubmitError};
+use crate::scheduler::{Scheduler, Submission, SubmitError};
 
 /// Chunks or events in flight to one client before the sender waits.
 const STREAM_BUFFER: usize = 16;
@@ -113,13 +113,15 @@ impl Service {
     ) -> Result<Response<SubmitReply>, Status> {
         let submitted = self
             .scheduler
-            .submit_with_input(
-                spec,
-                r.priority,
-                &r.name,
-                &r.request_id,
-                &caller.owner,
-                trace_parent,
+            .submit(
+                Submission {
+                    spec,
+                    priority: r.priority,
+                    name: &r.name,
+                    request_id: &r.request_id,
+                    owner: &caller.owner,
+                    trace_parent,
+                },
                 input,
             )
             .await;
