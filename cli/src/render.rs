@@ -61,7 +61,7 @@ pub struct RenderArgs {
 pub struct ExtendArgs {
     /// The clip to extend: an H.264 MP4 (longtake's own output, or any whose sides are
     /// multiples of 16). The new frames render at its size and frame rate; --seconds and
-    /// --frames count the new frames only.
+    /// --frames count the new frames only, and --prompt-at times count from the clip's end.
     #[arg(long, value_name = "CLIP.mp4")]
     pub input: PathBuf,
     #[command(flatten)]

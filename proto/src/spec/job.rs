@@ -404,7 +404,8 @@ impl SpecRequest {
             windows,
         )
         .map_err(|e| bad(e.field(), e.problem()))?;
-        timeline::check_cues_fit(&self.prompt_timeline, frame_count + held, fps)
+        // an extension's cues count its new frames only
+        timeline::check_cues_fit(&self.prompt_timeline, frame_count, fps)
             .map_err(timeline_error)?;
         Ok(JobSpec {
             input,
@@ -508,9 +509,10 @@ impl JobSpec {
         self.latent_frames() > self.windows.latent_frames
     }
 
-    /// The prompt timeline in video frames.
+    /// The prompt timeline in the rendered frames: an extension's cues count from the clip's
+    /// end (its first new frame), after the frames it holds.
     pub fn timeline(&self) -> PromptTimeline {
-        PromptTimeline::new(&self.prompt_timeline, self.fps)
+        PromptTimeline::new(&self.prompt_timeline, self.fps).after(self.held_frames() as usize)
     }
 
     /// Ranks the job needs: its groups times each group's layout.
@@ -851,8 +853,8 @@ mod tests {
     }
 
     /// An extension renders the clip's last frames again, held, before its new ones: the
-    /// workers' clip is longer than `frames`, the output is the clip and the new frames, and
-    /// it renders at the clip's size and rate.
+    /// workers' clip is longer than `frames`, the output is the clip and the new frames, it
+    /// renders at the clip's size and rate, and its prompt cues count from the clip's end.
     #[test]
     fn an_extension_counts_new_frames_after_the_clip() {
         let extend = RenderSpec {
@@ -876,6 +878,39 @@ mod tests {
         assert_eq!(job.output_frame(8), None);
         assert_eq!(job.output_frame(9), Some(81));
         assert_eq!(job.output_frame(40), Some(112));
+        // its cues count from the clip's end: 1 s is the 17th new frame, rendered frame 25;
+        // a cue past the last new frame (31 at 16 fps: 1.94 s) is refused
+        let cue = |at_seconds: f64| PromptCue {
+            at_seconds,
+            prompt: "a red circle moving left".into(),
+        };
+        let story = SpecRequest::try_from(&RenderSpec {
+            prompt_timeline: vec![cue(1.0)],
+            ..extend.clone()
+        })
+        .unwrap()
+        .resolve(&model())
+        .unwrap();
+        let timeline = story.timeline();
+        assert_eq!(
+            (
+                timeline.prompt_index_at(24.0),
+                timeline.prompt_index_at(25.0)
+            ),
+            (0, 1)
+        );
+        let late = SpecRequest::try_from(&RenderSpec {
+            prompt_timeline: vec![cue(2.0)],
+            ..extend.clone()
+        })
+        .unwrap()
+        .resolve(&model())
+        .unwrap_err()
+        .to_string();
+        assert!(
+            late.contains("past the clip's last frame at 1.94 s"),
+            "{late}"
+        );
         // the spec round-trips with its input
         assert_eq!(
             SpecRequest::try_from(&RenderSpec::from(&job))

@@ -147,6 +147,15 @@ impl PromptTimeline {
         }
     }
 
+    /// The same cues for a render whose first `frames` frames come before time 0: an extension
+    /// counts its cues from the clip's end, after the clip's frames it holds.
+    pub fn after(mut self, frames: usize) -> Self {
+        for (first, _) in &mut self.cues {
+            *first += frames;
+        }
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
         self.cues.is_empty()
     }
