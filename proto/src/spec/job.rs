@@ -838,6 +838,18 @@ mod tests {
             .to_string()
     }
 
+    /// 32 new frames after an 81-frame clip, at the clip's size and rate.
+    fn extension() -> RenderSpec {
+        RenderSpec {
+            frames: 32,
+            width: 0,
+            height: 0,
+            fps: 0,
+            input: Some(clip(81)),
+            ..spec()
+        }
+    }
+
     /// A 64×64 clip of `frames` frames at 16 fps, as the coordinator read it.
     fn clip(frames: u32) -> crate::Input {
         JobInput {
@@ -857,14 +869,7 @@ mod tests {
     /// renders at the clip's size and rate, and its prompt cues count from the clip's end.
     #[test]
     fn an_extension_counts_new_frames_after_the_clip() {
-        let extend = RenderSpec {
-            frames: 32,
-            width: 0,
-            height: 0,
-            fps: 0,
-            input: Some(clip(81)),
-            ..spec()
-        };
+        let extend = extension();
         let job = SpecRequest::try_from(&extend)
             .unwrap()
             .resolve(&model())
@@ -995,14 +1000,7 @@ mod tests {
             takes_picture: Some(true),
             ..model()
         };
-        let extend = RenderSpec {
-            frames: 32,
-            width: 0,
-            height: 0,
-            fps: 0,
-            input: Some(clip(81)),
-            ..spec()
-        };
+        let extend = extension();
         let job = SpecRequest::try_from(&extend)
             .unwrap()
             .resolve(&picture_model)
