@@ -1227,8 +1227,9 @@ async fn bad_inputs_are_named_and_a_queued_extension_survives_a_restart() {
 }
 
 /// A render from a picture through the farm: the picture uploaded with the job, rendered by
-/// the image-to-video fixture's checkpoint on two workers under `cfg=2`, equal within one level
-/// to the single process; a picture to a text-to-video model fails naming why.
+/// the image-to-video fixture's checkpoint on two workers under `cfg=2`, and longer than a
+/// window by two worker groups, each equal within one level to the single process; a picture
+/// to a text-to-video model fails naming why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_render_from_a_picture_on_two_ranks_equals_the_single_process() {
     use longtake_worker::families::wan::pipeline::WanPipeline;
@@ -1323,6 +1324,42 @@ async fn a_render_from_a_picture_on_two_ranks_equals_the_single_process() {
     assert!(
         worst <= 1,
         "cfg=2 on the farm: {worst} levels from the single process"
+    );
+
+    // longer than a window (2 windows of 3 latent frames), co-denoised by two worker groups
+    let long = RenderSpec {
+        frames: 17,
+        layout: String::new(),
+        window_latent_frames: 3,
+        overlap_latent_frames: Some(1),
+        groups: 2,
+        ..spec.clone()
+    };
+    let job = submit_with_input(&mut c, long.clone(), &png).await.unwrap();
+    let job = wait_state(&mut c, &job.id, JobState::Done).await;
+    let dir = farm.artifacts.path().join("long-picture-render");
+    fetch_files(&mut c, &job.id, &dir).await;
+    let frames = media::png_frames(&dir);
+    assert_eq!(frames.len(), 17);
+    let job_spec =
+        longtake_worker::daemon::task::job_spec(&job.spec.unwrap(), &served_model).unwrap();
+    assert!(job_spec.is_windowed());
+    let mut single = longtake_worker::daemon::task::render_spec(&job_spec);
+    single.windows = single
+        .windows
+        .map(|w| longtake_proto::spec::WindowSettings { groups: 1, ..w });
+    single.input = render.input.clone();
+    let expected: Vec<Vec<u8>> = pipeline
+        .render(&single, &mut |_| {})
+        .unwrap()
+        .rgb
+        .chunks_exact(48 * 32 * 3)
+        .map(<[u8]>::to_vec)
+        .collect();
+    let worst = media::max_diff(&frames, &expected);
+    assert!(
+        worst <= 1,
+        "two groups on the farm: {worst} levels from the single process"
     );
 
     // extending a clip with the image-to-video model: it starts from the clip's last frame;
