@@ -253,18 +253,24 @@ async fn fetch_files(c: &mut RenderServiceClient<Channel>, id: &str, dir: &Path)
     }
 }
 
-/// The frames of the single-process tiny pipeline for `spec`, as RGB bytes per frame.
-fn single_process_frames(spec: &RenderSpec) -> Vec<Vec<u8>> {
-    use longtake_worker::families::wan::pipeline::WanPipeline;
-    let pipeline = WanPipeline::tiny(&candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
-    let video = pipeline
-        .render(&tiny_render_spec(spec), &mut |_| {})
-        .unwrap();
+/// A rendered video's frames, as RGB bytes per frame.
+fn frames_of(video: &longtake_worker::model::render::Video) -> Vec<Vec<u8>> {
     video
         .rgb
         .chunks_exact(video.width * video.height * 3)
         .map(<[u8]>::to_vec)
         .collect()
+}
+
+/// The frames of the single-process tiny pipeline for `spec`, as RGB bytes per frame.
+fn single_process_frames(spec: &RenderSpec) -> Vec<Vec<u8>> {
+    use longtake_worker::families::wan::pipeline::WanPipeline;
+    let pipeline = WanPipeline::tiny(&candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    frames_of(
+        &pipeline
+            .render(&tiny_render_spec(spec), &mut |_| {})
+            .unwrap(),
+    )
 }
 
 /// The same spec rendered by the single-process pipeline and encoded by the same writer.
@@ -1314,13 +1320,10 @@ async fn a_render_from_a_picture_on_two_ranks_equals_the_single_process() {
         height: 24,
         width: 40,
     }));
-    let video = pipeline.render(&render, &mut |_| {}).unwrap();
-    let expected: Vec<Vec<u8>> = video
-        .rgb
-        .chunks_exact(48 * 32 * 3)
-        .map(<[u8]>::to_vec)
-        .collect();
-    let worst = media::max_diff(&frames, &expected);
+    let worst = media::max_diff(
+        &frames,
+        &frames_of(&pipeline.render(&render, &mut |_| {}).unwrap()),
+    );
     assert!(
         worst <= 1,
         "cfg=2 on the farm: {worst} levels from the single process"
@@ -1335,7 +1338,7 @@ async fn a_render_from_a_picture_on_two_ranks_equals_the_single_process() {
         groups: 2,
         ..spec.clone()
     };
-    let job = submit_with_input(&mut c, long.clone(), &png).await.unwrap();
+    let job = submit_with_input(&mut c, long, &png).await.unwrap();
     let job = wait_state(&mut c, &job.id, JobState::Done).await;
     let dir = farm.artifacts.path().join("long-picture-render");
     fetch_files(&mut c, &job.id, &dir).await;
@@ -1349,14 +1352,10 @@ async fn a_render_from_a_picture_on_two_ranks_equals_the_single_process() {
         .windows
         .map(|w| longtake_proto::spec::WindowSettings { groups: 1, ..w });
     single.input = render.input.clone();
-    let expected: Vec<Vec<u8>> = pipeline
-        .render(&single, &mut |_| {})
-        .unwrap()
-        .rgb
-        .chunks_exact(48 * 32 * 3)
-        .map(<[u8]>::to_vec)
-        .collect();
-    let worst = media::max_diff(&frames, &expected);
+    let worst = media::max_diff(
+        &frames,
+        &frames_of(&pipeline.render(&single, &mut |_| {}).unwrap()),
+    );
     assert!(
         worst <= 1,
         "two groups on the farm: {worst} levels from the single process"
